@@ -1,0 +1,192 @@
+"""``Tether``: one trust domain's control plane, in process, over one store."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from tether._errors import Conflict, UsageError
+from tether.audit import Auditor, VerifyReport
+from tether.core._clock import Clock, SystemClock
+from tether.core._intent import Intent
+from tether.core._policy import PolicySnapshot
+from tether.core._risk import Control, risk_tags
+from tether.core._spiffe_id import parse_trust_domain
+from tether.identity import Attestor, IdentityRegistry, SVIDs
+from tether.policy import PolicyService
+from tether.store import IdentityRow, SQLiteStore, Store, TaskRow
+from tether.tasks import (
+    Authorizer,
+    OpenedTask,
+    Receipt,
+    TaskService,
+    Template,
+    load_template_file,
+    parse_template,
+)
+from tether.tokens import CA_USE, JWT_USE, KeyRing, Sealer, load_kek
+
+DB_FILE = "tether.db"
+
+
+class Tether:
+    """The control plane of one trust domain.
+
+    Open it with :meth:`init` (new trust domain), :meth:`open` (existing home)
+    or :meth:`ephemeral` (in memory, for tests and benchmarks).
+    """
+
+    def __init__(self, store: Store, sealer: Sealer, *, clock: Clock | None = None,
+                 checkpoint_every: int = 64) -> None:
+        trust_domain = store.get_meta("trust_domain")
+        if trust_domain is None:
+            raise UsageError("this store holds no trust domain: run 'tether init'")
+        self.store = store
+        self.clock: Clock = clock or SystemClock()
+        self.trust_domain = trust_domain
+        self.keys = KeyRing(store, sealer, trust_domain)
+        self.audit = Auditor(store, self.keys, self.clock, checkpoint_every=checkpoint_every)
+        self.identities = IdentityRegistry(store, self.audit, self.clock, trust_domain)
+        self.attestation = Attestor(store, self.keys, self.identities, self.audit, self.clock)
+        self.policies = PolicyService(store, self.audit, self.clock)
+        self.tasks = TaskService(store, self.keys, self.identities, self.policies, self.audit,
+                                 self.clock)
+        self.authorizer = Authorizer(store, self.keys, self.policies, self.audit, self.clock)
+
+    def __repr__(self) -> str:
+        return f"Tether(trust_domain={self.trust_domain!r})"
+
+    # -- lifecycle ------------------------------------------------------------------
+    @staticmethod
+    def _bootstrap(store: Store, sealer: Sealer, trust_domain: str, clock: Clock) -> None:
+        if store.get_meta("trust_domain") is not None:
+            raise Conflict("a trust domain already exists here")
+        with store.transaction():
+            store.set_meta("trust_domain", parse_trust_domain(trust_domain))
+            keyring = KeyRing(store, sealer, trust_domain)
+            jwt_key = keyring.create(JWT_USE, clock.now())
+            ca_key = keyring.create(CA_USE, clock.now())
+            Auditor(store, keyring, clock).append(
+                "trust_domain.init", effect="allow", chain=[f"spiffe://{trust_domain}"],
+                detail={"jwt_kid": jwt_key.kid, "ca_kid": ca_key.kid},
+                risk_tags=list(risk_tags(Control.TRUST_DOMAIN, Control.AUDIT)),
+            )
+
+    @classmethod
+    def init(cls, home: str | Path, trust_domain: str, *, clock: Clock | None = None) -> Tether:
+        path = Path(home)
+        parse_trust_domain(trust_domain)
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if (path / DB_FILE).exists():
+            raise Conflict(f"{path} already holds a trust domain")
+        sealer = Sealer(load_kek(path, create=True))
+        store = SQLiteStore(path / DB_FILE)
+        cls._bootstrap(store, sealer, trust_domain, clock or SystemClock())
+        return cls(store, sealer, clock=clock)
+
+    @classmethod
+    def open(cls, home: str | Path, *, clock: Clock | None = None) -> Tether:
+        path = Path(home)
+        if not (path / DB_FILE).exists():
+            raise UsageError(f"no Tether home at {path}: run 'tether init --trust-domain NAME'")
+        sealer = Sealer(load_kek(path))
+        return cls(SQLiteStore(path / DB_FILE), sealer, clock=clock)
+
+    @classmethod
+    def ephemeral(cls, trust_domain: str, *, clock: Clock | None = None,
+                  checkpoint_every: int = 64) -> Tether:
+        """A throwaway trust domain in memory (SQLite ``:memory:``, random KEK)."""
+        store = SQLiteStore(":memory:")
+        sealer = Sealer(secrets.token_bytes(32))
+        cls._bootstrap(store, sealer, trust_domain, clock or SystemClock())
+        return cls(store, sealer, clock=clock, checkpoint_every=checkpoint_every)
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- identities ---------------------------------------------------------------------
+    def register_identity(self, spiffe_id: str, *, kind: str, owner: str,
+                          description: str = "") -> IdentityRow:
+        return self.identities.register(spiffe_id, kind=kind, owner=owner,
+                                        description=description)
+
+    def disable_identity(self, spiffe_id: str) -> tuple[IdentityRow, list[str]]:
+        """Offboard: disable the identity and revoke every task and token it holds."""
+        with self.store.transaction():
+            row = self.identities.mark_disabled(spiffe_id)
+            revoked = self.tasks.revoke_for_agent(spiffe_id, reason="identity disabled")
+            self.audit.append(
+                "identity.disable", chain=[spiffe_id], effect="allow",
+                detail={"revoked_tasks": revoked},
+                risk_tags=list(risk_tags(Control.OFFBOARDING, Control.CASCADING_REVOCATION)),
+            )
+        return row, revoked
+
+    def create_join_token(self, spiffe_id: str, *, ttl: float = 600.0) -> str:
+        return self.attestation.create_join_token(spiffe_id, ttl=ttl)
+
+    def attest(self, join_token: str, public_key: ec.EllipticCurvePublicKey, *,
+               audience: list[str] | None = None) -> SVIDs:
+        return self.attestation.attest(join_token, public_key, audience=audience)
+
+    # -- templates and policies ------------------------------------------------------------
+    def add_template(self, source: str | Path | dict[str, Any]) -> Template:
+        template = (parse_template(source) if isinstance(source, dict)
+                    else load_template_file(source))
+        body = json.dumps({"name": template.name, "description": template.description,
+                           "params": msgspec.to_builtins(template.params),
+                           "intent": template.intent,
+                           "max_ttl_seconds": template.max_ttl_seconds}, sort_keys=True)
+        with self.store.transaction():
+            self.store.put_template(template.name, body, self.clock.now())
+            self.audit.append("template.add", effect="allow", detail={"name": template.name},
+                              risk_tags=list(risk_tags(Control.INTENT_BINDING, Control.AUDIT)))
+        return template
+
+    def list_templates(self) -> list[Template]:
+        return [parse_template(json.loads(body)) for _, body in self.store.list_templates()]
+
+    def load_policies(self, directory: str | Path) -> PolicySnapshot:
+        return self.policies.load_dir(directory)
+
+    # -- tasks and decisions -------------------------------------------------------------
+    def open_task(self, agent_id: str, *, proof_jwk: dict[str, Any], template: str | None = None,
+                  params: dict[str, Any] | None = None,
+                  intent: Intent | None = None) -> OpenedTask:
+        self.tasks.expire()
+        return self.tasks.open(agent_id, proof_jwk=proof_jwk, template=template, params=params,
+                               intent=intent)
+
+    def end_task(self, task_id: str) -> TaskRow:
+        return self.tasks.end(task_id)
+
+    def show_task(self, task_id: str) -> TaskRow:
+        self.tasks.expire()
+        return self.tasks.get(task_id)
+
+    def authorize(self, *, token: str | None, proof: str | None, tool: str,
+                  args: dict[str, Any], task_id: str | None = None) -> Receipt:
+        return self.authorizer.authorize(token=token, proof=proof, tool=tool, args=args,
+                                         task_id=task_id)
+
+    # -- keys, bundles, audit ---------------------------------------------------------------
+    def rotate_keys(self, use: str = JWT_USE) -> str:
+        with self.store.transaction():
+            row = self.keys.rotate(use, self.clock.now())
+            self.audit.append("keys.rotate", effect="allow", detail={"use": use, "kid": row.kid},
+                              risk_tags=list(risk_tags(Control.TRUST_DOMAIN, Control.AUDIT)))
+        return row.kid
+
+    def jwks(self) -> dict[str, Any]:
+        return self.keys.jwks(self.clock.now())
+
+    def spiffe_bundle(self) -> dict[str, Any]:
+        return self.keys.spiffe_bundle(self.clock.now())
+
+    def verify_audit(self) -> VerifyReport:
+        return self.audit.verify()

@@ -1,0 +1,436 @@
+"""The ``tether`` command line (typer + rich).
+
+Every verb takes ``--json`` (one JSON object on stdout) and ``--home DIR``
+(default ``$TETHER_HOME``, else ``./.tether``). Errors are one line on stderr
+and a non-zero exit: 1 for a refusal or failure, 2 for bad usage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tether._errors import TetherError, UsageError
+from tether._tether import Tether
+from tether.core._intent import decode_intent
+from tether.core._verify import strict_json
+from tether.tokens import ProofKey
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Tether: intent-bound authority for AI agents.")
+identity_app = typer.Typer(no_args_is_help=True, help="Register, inspect and offboard identities.")
+template_app = typer.Typer(no_args_is_help=True, help="Intent templates agents open tasks from.")
+policy_app = typer.Typer(no_args_is_help=True, help="Cedar policies.")
+task_app = typer.Typer(no_args_is_help=True, help="Open, inspect and end tasks.")
+audit_app = typer.Typer(no_args_is_help=True, help="The receipt chain.")
+keys_app = typer.Typer(no_args_is_help=True, help="Signing keys of the trust domain.")
+app.add_typer(identity_app, name="identity")
+app.add_typer(template_app, name="template")
+app.add_typer(policy_app, name="policy")
+app.add_typer(task_app, name="task")
+app.add_typer(audit_app, name="audit")
+app.add_typer(keys_app, name="keys")
+
+out = Console(highlight=False, soft_wrap=True)
+_global_home: list[Path] = []
+
+
+@app.callback()
+def _root(
+    home: Annotated[Path | None, typer.Option("--home", help="Tether home (default "
+                                              "$TETHER_HOME, else ./.tether).")] = None,
+) -> None:
+    _global_home.clear()
+    if home is not None:
+        _global_home.append(home)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option("--home", help="Tether home (default $TETHER_HOME, else ./.tether).",
+                 show_default=False),
+]
+
+
+def home_dir(home: Path | None) -> Path:
+    if home is not None:
+        return home
+    if _global_home:
+        return _global_home[0]
+    return Path(os.environ.get("TETHER_HOME") or ".tether")
+
+
+def emit(value: dict[str, Any], as_json: bool, human: Callable[[], None] | None = None) -> None:
+    if as_json or human is None:
+        sys.stdout.write(json.dumps(value, sort_keys=True, default=str) + "\n")
+    else:
+        human()
+
+
+def _open(home: Path | None) -> Tether:
+    return Tether.open(home_dir(home))
+
+
+# -- init, bundle, keys -----------------------------------------------------------------
+@app.command()
+def init(
+    trust_domain: Annotated[str, typer.Option("--trust-domain", help="e.g. acme.example")],
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Create a trust domain: signing key, X.509 CA, sealed at rest."""
+    tether = Tether.init(home_dir(home), trust_domain)
+    keys = tether.jwks()["keys"]
+    result = {"trust_domain": tether.trust_domain, "home": str(home_dir(home)),
+              "jwt_kid": keys[0]["kid"]}
+    emit(result, as_json, lambda: out.print(
+        f"[green]✓[/] trust domain [bold]{tether.trust_domain}[/] created in {home_dir(home)}"))
+
+
+@app.command()
+def bundle(
+    fmt: Annotated[str, typer.Option("--format", help="spiffe or jwks")] = "spiffe",
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Export the trust bundle (SPIFFE bundle, or the JWKS of the JWT keys)."""
+    tether = _open(home)
+    if fmt not in ("spiffe", "jwks"):
+        raise UsageError("--format must be spiffe or jwks")
+    emit(tether.spiffe_bundle() if fmt == "spiffe" else tether.jwks(), True)
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    use: Annotated[str, typer.Option("--use", help="jwt-svid or x509-ca")] = "jwt-svid",
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Rotate a signing key; the old one keeps verifying until what it signed expires."""
+    if use not in ("jwt-svid", "x509-ca"):
+        raise UsageError("--use must be jwt-svid or x509-ca")
+    kid = _open(home).rotate_keys(use)
+    emit({"use": use, "kid": kid}, as_json, lambda: out.print(f"[green]✓[/] new {use} key {kid}"))
+
+
+# -- identities ------------------------------------------------------------------------
+def _identity_dict(row: Any) -> dict[str, Any]:
+    return {"spiffe_id": row.spiffe_id, "kind": row.kind, "owner": row.owner,
+            "description": row.description, "status": row.status, "created_at": row.created_at,
+            "disabled_at": row.disabled_at}
+
+
+@identity_app.command("register")
+def identity_register(
+    spiffe_id: str,
+    kind: Annotated[str, typer.Option("--kind", help="agent, tool, service or human")],
+    owner: Annotated[str, typer.Option("--owner", help="email of the accountable human")],
+    description: Annotated[str, typer.Option("--description")] = "",
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Register an identity by SPIFFE ID."""
+    row = _open(home).register_identity(spiffe_id, kind=kind, owner=owner,
+                                        description=description)
+    emit(_identity_dict(row), as_json,
+         lambda: out.print(f"[green]✓[/] {row.kind} {row.spiffe_id} (owner {row.owner})"))
+
+
+@identity_app.command("list")
+def identity_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """List identities."""
+    rows = [_identity_dict(r) for r in _open(home).identities.list()]
+
+    def human() -> None:
+        table = Table("SPIFFE ID", "kind", "owner", "status")
+        for r in rows:
+            table.add_row(r["spiffe_id"], r["kind"], r["owner"], r["status"])
+        out.print(table)
+
+    emit({"identities": rows}, as_json, human)
+
+
+@identity_app.command("show")
+def identity_show(spiffe_id: str, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Show one identity."""
+    row = _identity_dict(_open(home).identities.get(spiffe_id))
+    emit(row, as_json, lambda: out.print_json(json.dumps(row)))
+
+
+@identity_app.command("disable")
+def identity_disable(spiffe_id: str, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Offboard an identity: disable it and revoke every task and token it holds."""
+    row, revoked = _open(home).disable_identity(spiffe_id)
+    result = {**_identity_dict(row), "revoked_tasks": revoked}
+    emit(result, as_json, lambda: out.print(
+        f"[yellow]✓[/] {spiffe_id} disabled; {len(revoked)} task(s) revoked"))
+
+
+@identity_app.command("join-token")
+def identity_join_token(
+    spiffe_id: str,
+    ttl: Annotated[float, typer.Option("--ttl", help="seconds")] = 600.0,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Mint a one-time join token a workload exchanges for its SVIDs."""
+    token = _open(home).create_join_token(spiffe_id, ttl=ttl)
+    emit({"spiffe_id": spiffe_id, "join_token": token, "ttl": ttl}, as_json,
+         lambda: out.print(token))
+
+
+@app.command()
+def attest(
+    join_token: Annotated[str, typer.Option("--join-token")],
+    out_dir: Annotated[Path, typer.Option("--out", help="where to write the SVID files")],
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Redeem a join token: a fresh key pair, a JWT-SVID and an X.509-SVID bound to it."""
+    key = ProofKey()
+    svids = _open(home).attest(join_token, key.public_key)
+    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _write_private(out_dir / "svid.key", key.to_pem())
+    (out_dir / "svid.pem").write_text(svids.x509_svid_pem)
+    (out_dir / "svid.jwt").write_text(svids.jwt_svid + "\n")
+    result = {"spiffe_id": svids.spiffe_id, "expires_at": svids.expires_at,
+              "files": sorted(str(p) for p in out_dir.iterdir())}
+    emit(result, as_json, lambda: out.print(
+        f"[green]✓[/] SVIDs for {svids.spiffe_id} written to {out_dir}"))
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+# -- templates and policies ---------------------------------------------------------------
+@template_app.command("add")
+def template_add(file: Path, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Add or replace an intent template (TOML or JSON)."""
+    template = _open(home).add_template(file)
+    emit({"name": template.name, "params": sorted(template.params)}, as_json,
+         lambda: out.print(f"[green]✓[/] template {template.name}"))
+
+
+@template_app.command("list")
+def template_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """List intent templates."""
+    templates = [{"name": t.name, "description": t.description, "params": sorted(t.params)}
+                 for t in _open(home).list_templates()]
+
+    def human() -> None:
+        table = Table("name", "params", "description")
+        for t in templates:
+            table.add_row(t["name"], ", ".join(t["params"]), t["description"])
+        out.print(table)
+
+    emit({"templates": templates}, as_json, human)
+
+
+@policy_app.command("load")
+def policy_load(directory: Path, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Validate and load every *.cedar file of DIRECTORY as the live policy set."""
+    snapshot = _open(home).load_policies(directory)
+    emit({"digest": snapshot.digest, "policies": list(snapshot.policy_ids)}, as_json,
+         lambda: out.print(f"[green]✓[/] {len(snapshot.policies)} policies loaded "
+                           f"({snapshot.digest[:19]}…)"))
+
+
+@policy_app.command("list")
+def policy_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """List the live policies."""
+    snapshot = _open(home).policies.snapshot()
+    rows = [{"id": p.id, "effect": p.effect, "file": p.file, "line": p.line,
+             "approval": p.approval} for p in snapshot.policies]
+
+    def human() -> None:
+        table = Table("id", "effect", "where")
+        for r in rows:
+            effect = "forbid (approval)" if r["approval"] else r["effect"]
+            table.add_row(r["id"], effect, f"{r['file']}:{r['line']}")
+        out.print(table)
+
+    emit({"digest": snapshot.digest, "policies": rows}, as_json, human)
+
+
+# -- tasks and decisions -------------------------------------------------------------------
+def _task_file(home: Path | None, task_id: str) -> Path:
+    if not task_id.replace("_", "").isalnum():
+        raise UsageError(f"malformed task id {task_id[:80]!r}")
+    return home_dir(home) / "tasks" / f"{task_id}.json"
+
+
+def _parse_params(params: list[str]) -> dict[str, str]:
+    result = {}
+    for item in params:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--param wants key=value, got {item!r}")
+        result[key] = value
+    return result
+
+
+@task_app.command("open")
+def task_open(
+    agent: Annotated[str, typer.Option("--agent", help="the agent's SPIFFE ID")],
+    template: Annotated[str | None, typer.Option("--template")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", help="k=v (repeatable)")] = None,
+    intent: Annotated[str | None, typer.Option("--intent", help="inline JSON or @file")] = None,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Open a task (template + params, or an explicit intent) and mint its task token."""
+    if (template is None) == (intent is None):
+        raise UsageError("give exactly one of --template or --intent")
+    explicit = None
+    if intent is not None:
+        text = Path(intent[1:]).read_text() if intent.startswith("@") else intent
+        try:
+            strict_json(text)
+        except ValueError as exc:
+            raise UsageError(f"--intent is not valid JSON: {exc}") from None
+        explicit = decode_intent(text)
+    tether = _open(home)
+    key = ProofKey()
+    opened = tether.open_task(agent, proof_jwk=key.jwk, template=template,
+                              params=_parse_params(param or []), intent=explicit)
+    path = _task_file(home, opened.task_id)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _write_private(path, json.dumps({"token": opened.token,
+                                     "proof_key": key.to_pem().decode()}).encode())
+    result = {"task_id": opened.task_id, "token": opened.token, "expires_at": opened.expires_at}
+    emit(result, as_json, lambda: out.print(
+        f"[green]✓[/] task {opened.task_id} open until "
+        f"{time.strftime('%H:%M:%S', time.localtime(opened.expires_at))}"))
+
+
+def _task_dict(row: Any) -> dict[str, Any]:
+    return {"task_id": row.task_id, "agent": row.agent_id, "template": row.template,
+            "status": row.status, "calls_used": row.calls_used, "opened_at": row.opened_at,
+            "expires_at": row.expires_at, "ended_at": row.ended_at, "end_reason": row.end_reason,
+            "intent_digest": row.intent_digest, "intent": json.loads(row.intent_json)}
+
+
+@task_app.command("show")
+def task_show(task_id: str, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Show a task: status, intent, budget used."""
+    row = _task_dict(_open(home).show_task(task_id))
+    emit(row, as_json, lambda: out.print_json(json.dumps(row)))
+
+
+@task_app.command("end")
+def task_end(task_id: str, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """End a task; its token is revoked."""
+    row = _task_dict(_open(home).end_task(task_id))
+    emit(row, as_json, lambda: out.print(f"[green]✓[/] task {task_id} {row['status']}"))
+
+
+@app.command()
+def authorize(
+    task: Annotated[str, typer.Option("--task", help="task id (from 'task open')")],
+    tool: Annotated[str, typer.Option("--tool")],
+    args: Annotated[str, typer.Option("--args", help="arguments as a JSON object")] = "{}",
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Decide one tool call of a task. Exits 0 whatever the effect."""
+    try:
+        call_args = strict_json(args)
+    except ValueError as exc:
+        raise UsageError(f"--args is not valid JSON: {exc}") from None
+    if not isinstance(call_args, dict):
+        raise UsageError("--args must be a JSON object")
+    path = _task_file(home, task)
+    token, proof = None, None
+    tether = _open(home)
+    if path.exists():
+        held = json.loads(path.read_text())
+        token = held["token"]
+        key = ProofKey.from_pem(held["proof_key"].encode())
+        proof = key.prove(token, tool, call_args, now=tether.clock.now())
+    receipt = tether.authorize(token=token, proof=proof, tool=tool, args=call_args, task_id=task)
+    result = receipt.to_dict()
+
+    def human() -> None:
+        colour = {"allow": "green", "deny": "red"}.get(result["effect"], "yellow")
+        out.print(f"[{colour}]{result['effect']}[/] {tool}: "
+                  + "; ".join(r["message"] for r in result["reasons"]))
+
+    emit(result, as_json, human)
+
+
+# -- audit ------------------------------------------------------------------------------
+@audit_app.command("verify")
+def audit_verify(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Verify the receipt chain and its signed checkpoints."""
+    report = _open(home).verify_audit()
+    result = {"ok": report.ok, "records": report.records, "checkpoints": report.checkpoints,
+              "first_bad": report.first_bad, "problem": report.problem}
+    emit(result, as_json, lambda: out.print(
+        f"[green]✓[/] {report.records} receipts, {report.checkpoints} checkpoints verified"
+        if report.ok else f"[red]✗[/] position {report.first_bad}: {report.problem}"))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@audit_app.command("tail")
+def audit_tail(
+    limit: Annotated[int, typer.Option("-n", "--limit")] = 20,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """The newest receipts."""
+    records = _open(home).audit.tail(max(1, min(limit, 10_000)))
+
+    def human() -> None:
+        table = Table("#", "kind", "effect", "tool", "reason")
+        for r in records:
+            reasons = r.get("reasons") or []
+            table.add_row(str(r["seq"]), r["kind"], r.get("effect", ""), r.get("tool", ""),
+                          reasons[0]["message"] if reasons else "")
+        out.print(table)
+
+    emit({"records": records}, as_json, human)
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Sign the current head of the chain now."""
+    cp = _open(home).audit.checkpoint()
+    result = {"seq": cp.seq if cp else None, "hash": cp.hash if cp else None}
+    emit(result, as_json, lambda: out.print(f"checkpoint at {result['seq']}"))
+
+
+def main() -> None:
+    """Entry point: one clear line on stderr for any error, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except TetherError as exc:
+        sys.stderr.write(f"tether: error: {exc.message}\n")
+        raise SystemExit(2 if isinstance(exc, UsageError) else 1) from None
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:
+        sys.stderr.write("tether: aborted\n")
+        raise SystemExit(1) from None
+    except typer.TyperException as exc:
+        message = getattr(exc, "format_message", lambda: str(exc))()
+        code = int(getattr(exc, "exit_code", 2))
+        sys.stderr.write(f"tether: {'usage' if code == 2 else 'error'}: {message}\n")
+        raise SystemExit(code) from None
+    except Exception as exc:
+        sys.stderr.write(f"tether: internal error: {type(exc).__name__}: {exc}\n")
+        raise SystemExit(70) from None
+
+

@@ -1,0 +1,240 @@
+"""Intents: what a task declares it will do, and the capability match.
+
+An intent is data, not code: purpose text, capabilities (tool-name patterns,
+each with optional argument constraints), a data ceiling, the egress it may
+reach, a budget, a lifetime and, optionally, the user it acts for. Its digest
+(canonical JSON, SHA-256) is carried in the task token and on every receipt,
+so what was authorised and what was declared can always be compared.
+
+Capabilities are expressed in the task token as RFC 9396
+``authorization_details`` of type ``tether:tool``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from enum import StrEnum
+from functools import lru_cache
+from typing import Any
+
+import msgspec
+
+from tether._errors import InvalidIntent
+from tether.core._canonical import digest
+
+AUTHORIZATION_DETAILS_TYPE = "tether:tool"
+MAX_CAPABILITIES = 256
+MAX_PATTERN_LENGTH = 256
+MAX_TTL_SECONDS = 24 * 3600
+MAX_PURPOSE_LENGTH = 2000
+
+
+class Sensitivity(StrEnum):
+    PUBLIC = "public"
+    INTERNAL = "internal"
+    CONFIDENTIAL = "confidential"
+    SECRET = "secret"  # noqa: S105 - a label, not a credential
+
+    @property
+    def rank(self) -> int:
+        return _SENSITIVITY_RANK[self]
+
+
+_SENSITIVITY_RANK = {
+    Sensitivity.PUBLIC: 0,
+    Sensitivity.INTERNAL: 1,
+    Sensitivity.CONFIDENTIAL: 2,
+    Sensitivity.SECRET: 3,
+}
+
+Scalar = str | int | float | bool
+
+
+class ArgConstraint(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Constraints on one argument. Every constraint given must hold.
+
+    A constrained argument must be present unless ``optional`` is set: a call
+    that omits it cannot be shown to satisfy the constraint.
+    """
+
+    equals: Scalar | None = None
+    one_of: tuple[Scalar, ...] | None = None
+    pattern: str | None = None
+    prefix: str | None = None
+    min: float | None = None
+    max: float | None = None
+    max_length: int | None = None
+    optional: bool = False
+
+
+class Capability(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """A tool-name pattern (shell-style glob) and its argument constraints."""
+
+    tool: str
+    args: dict[str, ArgConstraint] = {}
+
+
+class Budget(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    max_calls: int = 20
+
+
+class Intent(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    purpose: str
+    capabilities: tuple[Capability, ...]
+    data_ceiling: Sensitivity = Sensitivity.INTERNAL
+    egress: tuple[str, ...] = ()
+    budget: Budget = Budget()
+    ttl_seconds: int = 600
+    on_behalf_of: str | None = None
+
+
+def parse_intent(raw: Any) -> Intent:
+    """Build and validate an :class:`Intent` from decoded JSON (or raise InvalidIntent)."""
+    try:
+        intent = msgspec.convert(raw, Intent)
+    except msgspec.ValidationError as exc:
+        raise InvalidIntent(f"invalid intent: {exc}") from None
+    validate_intent(intent)
+    return intent
+
+
+def decode_intent(data: bytes | str) -> Intent:
+    try:
+        intent = msgspec.json.decode(data, type=Intent)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise InvalidIntent(f"invalid intent JSON: {exc}") from None
+    validate_intent(intent)
+    return intent
+
+
+def validate_intent(intent: Intent) -> None:
+    if not intent.purpose.strip() or len(intent.purpose) > MAX_PURPOSE_LENGTH:
+        raise InvalidIntent(f"purpose must be 1-{MAX_PURPOSE_LENGTH} characters")
+    if not intent.capabilities:
+        raise InvalidIntent("an intent needs at least one capability")
+    if len(intent.capabilities) > MAX_CAPABILITIES:
+        raise InvalidIntent(f"at most {MAX_CAPABILITIES} capabilities")
+    if not 1 <= intent.ttl_seconds <= MAX_TTL_SECONDS:
+        raise InvalidIntent(f"ttl_seconds must be between 1 and {MAX_TTL_SECONDS}")
+    if intent.budget.max_calls < 0:
+        raise InvalidIntent("budget.max_calls must not be negative")
+    for cap in intent.capabilities:
+        if not cap.tool or len(cap.tool) > MAX_PATTERN_LENGTH:
+            raise InvalidIntent(f"tool pattern must be 1-{MAX_PATTERN_LENGTH} characters")
+        for name, constraint in cap.args.items():
+            if constraint.pattern is not None:
+                try:
+                    re.compile(constraint.pattern)
+                except re.error as exc:
+                    raise InvalidIntent(
+                        f"capability {cap.tool!r}: argument {name!r}: bad pattern: {exc}"
+                    ) from None
+
+
+def intent_digest(intent: Intent) -> str:
+    return digest(msgspec.to_builtins(intent))
+
+
+def intent_to_builtins(intent: Intent) -> dict[str, Any]:
+    result: dict[str, Any] = msgspec.to_builtins(intent)
+    return result
+
+
+def authorization_details(intent: Intent) -> list[dict[str, Any]]:
+    """The intent's capabilities as RFC 9396 ``authorization_details``."""
+    details: list[dict[str, Any]] = []
+    for cap in intent.capabilities:
+        entry: dict[str, Any] = {"type": AUTHORIZATION_DETAILS_TYPE, "actions": [cap.tool]}
+        if cap.args:
+            entry["constraints"] = msgspec.to_builtins(cap.args)
+        details.append(entry)
+    return details
+
+
+@lru_cache(maxsize=4096)
+def _glob(pattern: str) -> re.Pattern[str]:
+    return re.compile(fnmatch.translate(pattern))
+
+
+@lru_cache(maxsize=4096)
+def _regex(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_argument(name: str, constraint: ArgConstraint, args: dict[str, Any]) -> str | None:
+    """``None`` if the argument satisfies ``constraint``, else why not."""
+    if name not in args:
+        return None if constraint.optional else f"argument {name!r} is required by the intent"
+    value = args[name]
+    if constraint.equals is not None and not _same(value, constraint.equals):
+        return f"argument {name!r} must equal {constraint.equals!r}"
+    if constraint.one_of is not None and not any(_same(value, v) for v in constraint.one_of):
+        return f"argument {name!r}={_show(value)} is not one of {list(constraint.one_of)!r}"
+    if constraint.pattern is not None and (
+        not isinstance(value, str) or _regex(constraint.pattern).fullmatch(value) is None
+    ):
+        return f"argument {name!r}={_show(value)} does not match {constraint.pattern!r}"
+    if constraint.prefix is not None and (
+        not isinstance(value, str) or not value.startswith(constraint.prefix)
+    ):
+        return f"argument {name!r}={_show(value)} does not start with {constraint.prefix!r}"
+    if constraint.min is not None or constraint.max is not None:
+        if not _is_number(value) or not math.isfinite(value):
+            return f"argument {name!r} must be a finite number"
+        if constraint.min is not None and value < constraint.min:
+            return f"argument {name!r}={value} is below the intent's minimum {constraint.min}"
+        if constraint.max is not None and value > constraint.max:
+            return f"argument {name!r}={value} exceeds the intent's maximum {constraint.max}"
+    if constraint.max_length is not None and (
+        not isinstance(value, str | list) or len(value) > constraint.max_length
+    ):
+        return f"argument {name!r} is longer than {constraint.max_length}"
+    return None
+
+
+def _same(value: Any, expected: Scalar) -> bool:
+    # bool is an int in Python; never let True satisfy 1.
+    if isinstance(value, bool) or isinstance(expected, bool):
+        return isinstance(value, bool) and isinstance(expected, bool) and value is expected
+    return bool(type(value) is type(expected) and value == expected) or (
+        _is_number(value) and _is_number(expected) and value == expected
+    )
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class CapabilityMatch(msgspec.Struct, frozen=True):
+    """Result of matching a call against an intent's capabilities."""
+
+    matched: Capability | None
+    reason: str | None  # set when matched is None
+
+
+def match_capability(intent: Intent, tool: str, args: dict[str, Any]) -> CapabilityMatch:
+    """Find the first capability that covers ``tool`` with ``args``."""
+    first_failure: str | None = None
+    for cap in intent.capabilities:
+        if _glob(cap.tool).fullmatch(tool) is None:
+            continue
+        failure = None
+        for name, constraint in cap.args.items():
+            failure = check_argument(name, constraint, args)
+            if failure is not None:
+                break
+        if failure is None:
+            return CapabilityMatch(matched=cap, reason=None)
+        first_failure = first_failure or f"{failure} (capability {cap.tool!r})"
+    if first_failure is not None:
+        return CapabilityMatch(matched=None, reason=first_failure)
+    return CapabilityMatch(
+        matched=None, reason=f"tool {tool!r} is not among the capabilities the task declared"
+    )

@@ -1,0 +1,280 @@
+"""Policy snapshots: Cedar policies, validated, pre-parsed and indexed.
+
+A snapshot is built from policy sources (name → Cedar text) and a Cedar schema.
+Building is all-or-nothing: any parse or validation error raises
+:class:`InvalidPolicy` naming the file, the line and the reason, so the caller
+keeps the previous snapshot live.
+
+Plain Cedar evaluates every policy in the set on every request. The snapshot
+indexes policies by their action and resource scope, so one request evaluates
+only the policies whose scope can match it (exact action and resource, plus
+those with an open scope), each bucket a pre-parsed ``cedarpy.PolicySet``
+cached on first use.
+
+A ``forbid`` policy annotated ``@approval("required")`` does not deny: when it
+is the only reason a call would be refused, the decision is
+``approval_required``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import cedarpy
+
+from tether._errors import InvalidPolicy
+from tether.core._canonical import digest
+
+_ANY = "*"
+MAX_POLICY_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRecord:
+    id: str
+    file: str
+    line: int
+    effect: str
+    approval: bool
+    actions: tuple[str, ...]  # exact action ids, or ("*",)
+    resource: tuple[str, str] | None  # exact (type, id), or None for an open scope
+    est: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class CedarOutcome:
+    allowed: bool
+    approval: bool
+    policies: tuple[str, ...]
+    errors: tuple[str, ...]
+
+
+def split_statements(text: str) -> list[tuple[int, str]]:
+    """Split Cedar text into top-level statements with their 1-based start lines.
+
+    Strings and ``//`` comments are skipped; a statement ends at ``;``.
+    """
+    statements: list[tuple[int, str]] = []
+    line, start, start_line = 1, None, 1
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\n":
+            line += 1
+        elif ch == "/" and text.startswith("//", i):
+            end = text.find("\n", i)
+            i = n if end == -1 else end
+            continue
+        elif ch == '"':
+            if start is None:
+                start, start_line = i, line
+            i += 1
+            while i < n and text[i] != '"':
+                if text[i] == "\\":
+                    i += 1
+                elif text[i] == "\n":
+                    line += 1
+                i += 1
+        elif ch == ";":
+            if start is not None:
+                statements.append((start_line, text[start : i + 1]))
+            start = None
+        elif not ch.isspace() and start is None:
+            start, start_line = i, line
+        i += 1
+    if start is not None and text[start:].strip():
+        statements.append((start_line, text[start:]))
+    return statements
+
+
+def _parse_file(name: str, text: str) -> list[PolicyRecord]:
+    statements = split_statements(text)
+    try:
+        est = json.loads(cedarpy.policies_to_json_str(text))
+    except (ValueError, RuntimeError) as exc:
+        for line, statement in statements:
+            try:
+                cedarpy.PolicySet.from_str(statement)
+            except (ValueError, RuntimeError) as inner:
+                raise InvalidPolicy(f"{name}:{line}: {inner}") from None
+        raise InvalidPolicy(f"{name}: {exc}") from None
+    if est.get("templates"):
+        raise InvalidPolicy(f"{name}: policy templates (?principal/?resource) are not supported")
+    records: list[PolicyRecord] = []
+    static = est.get("staticPolicies", {})
+    for index in range(len(static)):
+        policy = static[f"policy{index}"]
+        line = statements[index][0] if index < len(statements) else 0
+        annotations = policy.get("annotations", {})
+        pid = annotations.get("id") or f"{name}:{line}"
+        approval = annotations.get("approval") == "required"
+        if approval and policy["effect"] != "forbid":
+            raise InvalidPolicy(f"{name}:{line}: @approval(\"required\") applies to forbid only")
+        records.append(
+            PolicyRecord(
+                id=pid,
+                file=name,
+                line=line,
+                effect=policy["effect"],
+                approval=approval,
+                actions=_action_scope(policy["action"]),
+                resource=_resource_scope(policy["resource"]),
+                est=policy,
+            )
+        )
+    return records
+
+
+def _action_scope(scope: dict[str, Any]) -> tuple[str, ...]:
+    if scope.get("op") == "==":
+        return (scope["entity"]["id"],)
+    if scope.get("op") == "in" and "entities" in scope:
+        return tuple(e["id"] for e in scope["entities"])
+    if scope.get("op") == "in" and "entity" in scope:
+        return (scope["entity"]["id"],)
+    return (_ANY,)
+
+
+def _resource_scope(scope: dict[str, Any]) -> tuple[str, str] | None:
+    if scope.get("op") == "==" and "entity" in scope:
+        entity = scope["entity"]
+        return (entity["type"], entity["id"])
+    return None
+
+
+@dataclass
+class PolicySnapshot:
+    """An immutable, validated policy set with its index. Evaluation is pure."""
+
+    digest: str
+    sources: dict[str, str]
+    schema: str
+    policies: tuple[PolicyRecord, ...]
+    _exact: dict[tuple[str, str, str], list[PolicyRecord]] = field(default_factory=dict)
+    _open: dict[str, list[PolicyRecord]] = field(default_factory=dict)
+    _buckets: OrderedDict[tuple[str, str, str], tuple[Any, Any]] = field(
+        default_factory=OrderedDict
+    )
+
+    def __post_init__(self) -> None:
+        for record in self.policies:
+            for action in record.actions:
+                if record.resource is None:
+                    self._open.setdefault(action, []).append(record)
+                else:
+                    key = (action, *record.resource)
+                    self._exact.setdefault(key, []).append(record)
+
+    @property
+    def policy_ids(self) -> tuple[str, ...]:
+        return tuple(p.id for p in self.policies)
+
+    def applicable(self, action: str, resource_type: str, resource_id: str) -> list[PolicyRecord]:
+        """The policies whose scope can match this action and resource, in load order."""
+        chosen = (
+            self._exact.get((action, resource_type, resource_id), [])
+            + self._exact.get((_ANY, resource_type, resource_id), [])
+            + self._open.get(action, [])
+            + self._open.get(_ANY, [])
+        )
+        if len(chosen) < 2:
+            return chosen
+        seen: set[int] = set()
+        unique = []
+        for record in chosen:
+            if id(record) not in seen:
+                seen.add(id(record))
+                unique.append(record)
+        return unique
+
+    def _bucket(self, action: str, resource_type: str, resource_id: str) -> tuple[Any, Any]:
+        key = (action, resource_type, resource_id)
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            self._buckets.move_to_end(key)
+            return bucket
+        records = self.applicable(action, resource_type, resource_id)
+        decisive = {p.id: p.est for p in records if not p.approval}
+        approvals = {p.id: p.est for p in records if p.approval}
+        bucket = (_policy_set(decisive), _policy_set(approvals) if approvals else None)
+        self._buckets[key] = bucket
+        if len(self._buckets) > 8192:
+            self._buckets.popitem(last=False)
+        return bucket
+
+    def evaluate(
+        self,
+        principal: dict[str, str],
+        action: str,
+        resource: dict[str, str],
+        context: dict[str, Any],
+        entities: list[dict[str, Any]],
+    ) -> CedarOutcome:
+        """Evaluate one request; raise nothing the caller must not turn into a deny."""
+        decisive, approvals = self._bucket(action, resource["type"], resource["id"])
+        request = {
+            "principal": principal,
+            "action": {"type": "Action", "id": action},
+            "resource": resource,
+            "context": context,
+        }
+        result = cedarpy.is_authorized(request, decisive, entities)
+        errors = tuple(result.diagnostics.errors)
+        reasons = tuple(result.diagnostics.reasons)
+        if errors or not result.allowed or approvals is None:
+            return CedarOutcome(result.allowed and not errors, False, reasons, errors)
+        pending = cedarpy.is_authorized(request, approvals, entities)
+        approval_errors = tuple(pending.diagnostics.errors)
+        fired = tuple(pending.diagnostics.reasons)
+        if approval_errors:
+            return CedarOutcome(False, False, reasons + fired, approval_errors)
+        return CedarOutcome(True, bool(fired), reasons + fired, ())
+
+
+def _policy_set(policies: dict[str, Any]) -> Any:
+    document = {"staticPolicies": policies, "templates": {}, "templateLinks": []}
+    return cedarpy.PolicySet.from_json_str(json.dumps(document))
+
+
+def build_snapshot(sources: dict[str, str], schema: str) -> PolicySnapshot:
+    """Parse, validate against ``schema`` and index ``sources`` (file name → Cedar text)."""
+    try:
+        schema_handle = cedarpy.Schema.from_str(schema)
+    except (ValueError, RuntimeError) as exc:
+        raise InvalidPolicy(f"schema: {exc}") from None
+    records: list[PolicyRecord] = []
+    seen: dict[str, str] = {}
+    for name in sorted(sources):
+        text = sources[name]
+        if len(text.encode()) > MAX_POLICY_BYTES:
+            raise InvalidPolicy(f"{name}: larger than {MAX_POLICY_BYTES} bytes")
+        file_records = _parse_file(name, text)
+        if file_records:
+            result = cedarpy.validate_policies(text, schema_handle)
+            if not result.validation_passed:
+                first = result.errors[0]
+                pid = first.policy_id
+                index = int(pid[6:]) if pid.startswith("policy") and pid[6:].isdigit() else -1
+                line = file_records[index].line if 0 <= index < len(file_records) else 0
+                raise InvalidPolicy(f"{name}:{line}: {first.error}")
+        for record in file_records:
+            if record.id in seen:
+                raise InvalidPolicy(
+                    f"{name}:{record.line}: policy id {record.id!r} is also defined in {seen[record.id]}"
+                )
+            seen[record.id] = f"{record.file}:{record.line}"
+            records.append(record)
+    return PolicySnapshot(
+        digest=digest({"sources": sources, "schema": schema}),
+        sources=dict(sources),
+        schema=schema,
+        policies=tuple(records),
+    )
+
+
+def empty_snapshot(schema: str) -> PolicySnapshot:
+    """A snapshot with no policies: Cedar's default deny refuses everything."""
+    return build_snapshot({}, schema)

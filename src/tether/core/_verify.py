@@ -1,0 +1,345 @@
+"""Verification of task tokens and per-call proofs of possession.
+
+Pure functions over public keys and an injected time: no clock, store or
+network. Both verifiers raise (:class:`TokenRejected`, :class:`ProofRejected`)
+with a specific reason code; they never return a boolean.
+
+Task tokens follow the transaction-token profile (``typ: txntoken+jwt``, ES256,
+``aud`` = the trust domain, ``txn`` = the task id, ``tctx`` with the intent
+digest, ``authorization_details`` per RFC 9396, ``cnf.jkt`` per RFC 9449 §6.1).
+Proofs follow DPoP (RFC 9449 §4): ``typ: dpop+jwt``, the public ``jwk`` in the
+header, ``jti``/``htm``/``htu``/``iat``/``ath``, plus ``call``: the digest of the
+exact tool call, so a captured proof cannot be re-targeted at another call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
+
+from tether._errors import IdentityRejected, ProofRejected, TokenRejected
+from tether.core._canonical import b64url, canonical_json
+from tether.core._spiffe_id import parse_spiffe_id
+
+TASK_TOKEN_TYP = "txntoken+jwt"
+PROOF_TYP = "dpop+jwt"
+ALGORITHMS = ("ES256",)
+MAX_TOKEN_BYTES = 16 * 1024
+MAX_PROOF_BYTES = 4 * 1024
+MAX_JTI_LENGTH = 128
+DEFAULT_LEEWAY = 5.0
+PROOF_WINDOW = 60.0
+_TOKEN_HEADERS = frozenset({"alg", "kid", "typ"})
+_PROOF_HEADERS = frozenset({"alg", "typ", "jwk"})
+_REQUIRED_CLAIMS = ("iss", "sub", "aud", "iat", "nbf", "exp", "jti", "txn", "req_wl", "cnf")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate JSON member {key!r}")
+        result[key] = value
+    return result
+
+
+def strict_json(data: bytes | str) -> Any:
+    """Parse security JSON, refusing duplicate members (STANDARDS.md §0.1)."""
+    return json.loads(data, object_pairs_hook=_no_duplicates)
+
+
+def jwk_thumbprint(jwk: dict[str, Any]) -> str:
+    """RFC 7638 SHA-256 thumbprint of an EC P-256 public JWK."""
+    if jwk.get("kty") != "EC" or jwk.get("crv") != "P-256":
+        raise ProofRejected("proof key must be an EC P-256 JWK", code="proof.key")
+    members = {k: jwk[k] for k in ("crv", "kty", "x", "y")}
+    if not all(isinstance(v, str) for v in members.values()):
+        raise ProofRejected("proof key members must be strings", code="proof.key")
+    return b64url(hashlib.sha256(canonical_json(members)).digest())
+
+
+def token_hash(token: str) -> str:
+    """The ``ath`` value for ``token`` (RFC 9449 §4.2); also how tokens are logged."""
+    return b64url(hashlib.sha256(token.encode("ascii", "replace")).digest())
+
+
+def call_digest(tool: str, args: dict[str, Any]) -> str:
+    return b64url(hashlib.sha256(canonical_json({"tool": tool, "args": args})).digest())
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationKeys:
+    """The public keys of one trust domain that may verify what it signed."""
+
+    trust_domain: str
+    keys: dict[str, ec.EllipticCurvePublicKey]
+
+    @property
+    def issuer(self) -> str:
+        return f"spiffe://{self.trust_domain}"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskClaims:
+    """The verified claims of a task token."""
+
+    token_id: str
+    task_id: str
+    subject: str
+    jkt: str
+    expires_at: float
+    not_before: float
+    intent_digest: str
+    chain: tuple[str, ...]
+    raw: dict[str, Any]
+    token_digest: str
+
+
+def _header(token: str, limit: int, rejected: type[TokenRejected | ProofRejected]) -> Any:
+    kind = "token" if rejected is TokenRejected else "proof"
+    if not isinstance(token, str) or not token:
+        raise rejected(f"{kind} is missing", code=f"{kind}.missing")
+    if len(token) > limit:
+        raise rejected(f"{kind} is larger than {limit} bytes", code=f"{kind}.malformed")
+    if token.count(".") != 2:
+        raise rejected(f"{kind} is not a compact JWS", code=f"{kind}.malformed")
+    try:
+        return jwt.get_unverified_header(token)
+    except jwt.PyJWTError as exc:
+        raise rejected(f"{kind} header is malformed: {exc}", code=f"{kind}.malformed") from None
+
+
+def actor_chain(claims: dict[str, Any]) -> tuple[str, ...]:
+    """The identity chain: the subject, then each nested ``act`` (RFC 8693 §4.1)."""
+    chain = [str(claims.get("sub", ""))]
+    act = claims.get("act")
+    depth = 0
+    while isinstance(act, dict) and depth < 16:
+        chain.append(str(act.get("sub", "")))
+        act = act.get("act")
+        depth += 1
+    return tuple(chain)
+
+
+class TokenVerifier:
+    """Verifies task tokens against one trust domain's keys.
+
+    A verified token's claims are cached by the token's digest until it
+    expires; time, audience and revocation are still checked on every call by
+    the decision core. The cache is bounded.
+    """
+
+    def __init__(
+        self, keys: VerificationKeys, *, leeway: float = DEFAULT_LEEWAY, cache_size: int = 4096
+    ) -> None:
+        self.keys = keys
+        self.leeway = leeway
+        self._cache: OrderedDict[str, TaskClaims] = OrderedDict()
+        self._cache_size = cache_size
+
+    def verify(self, token: str, *, now: float) -> TaskClaims:
+        digest = token_hash(token) if isinstance(token, str) else ""
+        claims = self._cache.get(digest) if digest else None
+        if claims is None:
+            claims = self._verify_signature(token)
+            self._cache[digest] = claims
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        self._check_times(claims, now)
+        return claims
+
+    def _verify_signature(self, token: str) -> TaskClaims:
+        header = _header(token, MAX_TOKEN_BYTES, TokenRejected)
+        if not isinstance(header, dict) or not set(header) <= _TOKEN_HEADERS:
+            raise TokenRejected(
+                "token header carries members other than alg, kid, typ", code="token.header"
+            )
+        alg = header.get("alg")
+        if alg not in ALGORITHMS:
+            raise TokenRejected(
+                f"token algorithm {str(alg)[:20]!r} is not allowed (only ES256)", code="token.alg"
+            )
+        if header.get("typ") != TASK_TOKEN_TYP:
+            raise TokenRejected(f"token typ must be {TASK_TOKEN_TYP!r}", code="token.typ")
+        try:
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError as exc:
+            raise TokenRejected(f"token payload is malformed: {exc}", code="token.malformed") from None
+        self._check_trust_domain(unverified)
+        kid = header.get("kid")
+        key = self.keys.keys.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            raise TokenRejected(
+                f"token key id {str(kid)[:40]!r} is not in the trust bundle", code="token.unknown_kid"
+            )
+        try:
+            payload = jwt.decode(
+                token,
+                key=key,
+                algorithms=list(ALGORITHMS),
+                options={
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                    "verify_aud": False,
+                    "verify_iss": False,
+                },
+            )
+        except jwt.InvalidSignatureError:
+            raise TokenRejected("token signature does not verify", code="token.signature") from None
+        except jwt.PyJWTError as exc:
+            raise TokenRejected(f"token is malformed: {exc}", code="token.malformed") from None
+        return self._claims(token, payload)
+
+    def _check_trust_domain(self, claims: Any) -> None:
+        if not isinstance(claims, dict):
+            raise TokenRejected("token payload is not an object", code="token.malformed")
+        iss, sub = claims.get("iss"), claims.get("sub")
+        if iss != self.keys.issuer:
+            raise TokenRejected(
+                f"token issuer {str(iss)[:80]!r} is not this trust domain", code="token.trust_domain"
+            )
+        try:
+            subject = parse_spiffe_id(str(sub))
+        except IdentityRejected as exc:
+            raise TokenRejected(f"token subject: {exc.message}", code="token.subject") from None
+        if subject.trust_domain != self.keys.trust_domain:
+            raise TokenRejected(
+                f"token subject is in foreign trust domain {subject.trust_domain!r}",
+                code="token.trust_domain",
+            )
+
+    def _claims(self, token: str, payload: dict[str, Any]) -> TaskClaims:
+        missing = [c for c in _REQUIRED_CLAIMS if c not in payload]
+        if missing:
+            raise TokenRejected(f"token lacks claims {missing}", code="token.claims")
+        self._check_trust_domain(payload)
+        aud = payload["aud"]
+        audiences = aud if isinstance(aud, list) else [aud]
+        if self.keys.trust_domain not in audiences:
+            raise TokenRejected(
+                f"token audience {aud!r} is not this trust domain", code="token.audience"
+            )
+        cnf = payload["cnf"]
+        jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
+        tctx = payload.get("tctx")
+        intent = tctx.get("intent_digest") if isinstance(tctx, dict) else None
+        exp, nbf = payload["exp"], payload["nbf"]
+        if not (
+            isinstance(jkt, str)
+            and isinstance(intent, str)
+            and isinstance(payload["txn"], str)
+            and isinstance(payload["jti"], str)
+            and isinstance(exp, int | float)
+            and isinstance(nbf, int | float)
+        ):
+            raise TokenRejected("token claims have the wrong types", code="token.claims")
+        return TaskClaims(
+            token_id=payload["jti"],
+            task_id=payload["txn"],
+            subject=payload["sub"],
+            jkt=jkt,
+            expires_at=float(exp),
+            not_before=float(nbf),
+            intent_digest=intent,
+            chain=actor_chain(payload),
+            raw=payload,
+            token_digest=token_hash(token),
+        )
+
+    def _check_times(self, claims: TaskClaims, now: float) -> None:
+        if now >= claims.expires_at + self.leeway:
+            raise TokenRejected("token has expired", code="token.expired")
+        if now + self.leeway < claims.not_before:
+            raise TokenRejected("token is not yet valid", code="token.not_yet_valid")
+
+
+@dataclass(frozen=True, slots=True)
+class ProofClaims:
+    jti: str
+    issued_at: float
+
+
+class ProofVerifier:
+    """Verifies DPoP-style proofs; caches parsed public keys by thumbprint."""
+
+    def __init__(self, *, window: float = PROOF_WINDOW, leeway: float = DEFAULT_LEEWAY) -> None:
+        self.window = window
+        self.leeway = leeway
+        self._keys: OrderedDict[str, ec.EllipticCurvePublicKey] = OrderedDict()
+
+    def verify(
+        self,
+        proof: str | None,
+        *,
+        token: str,
+        jkt: str,
+        htm: str,
+        htu: str,
+        call: str,
+        now: float,
+    ) -> ProofClaims:
+        if proof is None:
+            raise ProofRejected("no proof of possession accompanies the token", code="proof.missing")
+        header = _header(proof, MAX_PROOF_BYTES, ProofRejected)
+        if not isinstance(header, dict) or not set(header) <= _PROOF_HEADERS:
+            raise ProofRejected("proof header carries unexpected members", code="proof.header")
+        if header.get("typ") != PROOF_TYP:
+            raise ProofRejected(f"proof typ must be {PROOF_TYP!r}", code="proof.typ")
+        if header.get("alg") not in ALGORITHMS:
+            raise ProofRejected("proof algorithm is not allowed (only ES256)", code="proof.alg")
+        jwk = header.get("jwk")
+        if not isinstance(jwk, dict) or "d" in jwk:
+            raise ProofRejected("proof jwk is missing or holds a private key", code="proof.key")
+        thumbprint = jwk_thumbprint(jwk)
+        if not hmac.compare_digest(thumbprint, jkt):
+            raise ProofRejected(
+                "proof is signed by a key other than the one the token is bound to",
+                code="proof.key_mismatch",
+            )
+        key = self._keys.get(thumbprint)
+        if key is None:
+            try:
+                loaded = ECAlgorithm.from_jwk(jwk)
+            except jwt.PyJWTError as exc:
+                raise ProofRejected(f"proof jwk is invalid: {exc}", code="proof.key") from None
+            if not isinstance(loaded, ec.EllipticCurvePublicKey):
+                raise ProofRejected("proof jwk is not a public key", code="proof.key")
+            key = loaded
+            self._keys[thumbprint] = key
+            if len(self._keys) > 4096:
+                self._keys.popitem(last=False)
+        try:
+            claims = jwt.decode(
+                proof,
+                key=key,
+                algorithms=list(ALGORITHMS),
+                options={"verify_exp": False, "verify_nbf": False, "verify_iat": False,
+                         "verify_aud": False, "verify_iss": False},
+            )
+        except jwt.InvalidSignatureError:
+            raise ProofRejected("proof signature does not verify", code="proof.signature") from None
+        except jwt.PyJWTError as exc:
+            raise ProofRejected(f"proof is malformed: {exc}", code="proof.malformed") from None
+        jti, iat = claims.get("jti"), claims.get("iat")
+        if not isinstance(jti, str) or not 16 <= len(jti) <= MAX_JTI_LENGTH:
+            raise ProofRejected("proof jti must be 16-128 characters", code="proof.claims")
+        if not isinstance(iat, int | float) or isinstance(iat, bool):
+            raise ProofRejected("proof lacks a numeric iat", code="proof.claims")
+        if claims.get("htm") != htm or claims.get("htu") != htu:
+            raise ProofRejected("proof is for another request (htm/htu)", code="proof.target")
+        if not hmac.compare_digest(str(claims.get("ath", "")), token_hash(token)):
+            raise ProofRejected("proof is bound to another token (ath)", code="proof.ath")
+        if not hmac.compare_digest(str(claims.get("call", "")), call):
+            raise ProofRejected("proof is for another tool call", code="proof.call")
+        if iat > now + self.leeway or iat < now - self.window:
+            raise ProofRejected("proof is outside its acceptance window", code="proof.stale")
+        return ProofClaims(jti=jti, issued_at=float(iat))

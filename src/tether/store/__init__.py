@@ -1,0 +1,17 @@
+"""Storage: one interface, the embedded SQLite implementation."""
+
+from tether.store._interface import (
+    CheckpointRow,
+    IdentityRow,
+    KeyRow,
+    PolicyRow,
+    RecordRow,
+    Store,
+    TaskRow,
+)
+from tether.store._sqlite import SQLiteStore
+
+__all__ = [
+    "CheckpointRow", "IdentityRow", "KeyRow", "PolicyRow", "RecordRow", "SQLiteStore", "Store",
+    "TaskRow",
+]

@@ -1,0 +1,130 @@
+"""The store interface: every service owns its rows through it.
+
+Implementations: :class:`tether.store.SQLiteStore` (embedded, WAL). Every
+method is a single statement or runs inside :meth:`Store.transaction`, so a
+decision, the budget it spends, the proof id it consumes and its receipt
+commit together or not at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+import msgspec
+
+
+class KeyRow(msgspec.Struct, frozen=True):
+    kid: str
+    use: str  # jwt-svid | x509-ca
+    sealed: bytes
+    public_jwk: str
+    cert_pem: str | None
+    created_at: float
+    retired_at: float | None = None
+    verify_until: float | None = None
+
+
+class IdentityRow(msgspec.Struct, frozen=True):
+    spiffe_id: str
+    kind: str
+    owner: str
+    description: str
+    status: str
+    created_at: float
+    disabled_at: float | None = None
+
+
+class TaskRow(msgspec.Struct, frozen=True):
+    task_id: str
+    agent_id: str
+    parent_task_id: str | None
+    template: str
+    intent_json: str
+    intent_digest: str
+    jkt: str
+    token_id: str
+    status: str
+    calls_used: int
+    opened_at: float
+    expires_at: float
+    ended_at: float | None = None
+    end_reason: str | None = None
+    chain_json: str = "[]"
+
+
+class RecordRow(msgspec.Struct, frozen=True):
+    seq: int
+    prev_hash: str
+    hash: str
+    body: str
+    created_at: float
+
+
+class CheckpointRow(msgspec.Struct, frozen=True):
+    seq: int
+    hash: str
+    signature: str
+    created_at: float
+
+
+class PolicyRow(msgspec.Struct, frozen=True):
+    id: int
+    digest: str
+    sources_json: str
+    schema: str
+    loaded_at: float
+
+
+class Store(Protocol):
+    def transaction(self) -> AbstractContextManager[None]: ...
+    def close(self) -> None: ...
+
+    def get_meta(self, key: str) -> str | None: ...
+    def set_meta(self, key: str, value: str) -> None: ...
+
+    def add_key(self, row: KeyRow) -> None: ...
+    def list_keys(self) -> list[KeyRow]: ...
+    def retire_key(self, kid: str, retired_at: float, verify_until: float) -> None: ...
+
+    def add_identity(self, row: IdentityRow) -> None: ...
+    def get_identity(self, spiffe_id: str) -> IdentityRow | None: ...
+    def list_identities(self) -> list[IdentityRow]: ...
+    def disable_identity(self, spiffe_id: str, at: float) -> bool: ...
+
+    def add_join_token(self, token_hash: str, spiffe_id: str, expires_at: float) -> None: ...
+    def consume_join_token(self, token_hash: str, now: float) -> str | None: ...
+    def record_svid(self, serial: str, spiffe_id: str, kind: str, expires_at: float) -> None: ...
+
+    def put_template(self, name: str, body: str, at: float) -> None: ...
+    def get_template(self, name: str) -> str | None: ...
+    def list_templates(self) -> list[tuple[str, str]]: ...
+
+    def add_policy(self, digest: str, sources_json: str, schema: str, at: float) -> int: ...
+    def active_policy(self) -> PolicyRow | None: ...
+
+    def add_task(self, row: TaskRow) -> None: ...
+    def get_task(self, task_id: str) -> TaskRow | None: ...
+    def list_tasks(self, *, agent_id: str | None = None, status: str | None = None) -> list[
+        TaskRow
+    ]: ...
+    def close_task(self, task_id: str, status: str, reason: str, at: float) -> bool: ...
+    def spend_call(self, task_id: str, max_calls: int) -> bool: ...
+
+    def revoke_token(self, token_id: str, task_id: str, reason: str, at: float) -> None: ...
+    def token_revoked(self, token_id: str) -> bool: ...
+    def record_proof(self, jti: str, expires_at: float) -> bool: ...
+    def proof_seen(self, jti: str) -> bool: ...
+    def purge_proofs(self, before: float) -> int: ...
+
+    def insert_record(self, row: RecordRow) -> None: ...
+    def last_record(self) -> RecordRow | None: ...
+    def iter_records(self) -> Iterator[RecordRow]: ...
+    def tail_records(self, limit: int) -> list[RecordRow]: ...
+    def add_checkpoint(self, row: CheckpointRow) -> None: ...
+    def list_checkpoints(self) -> list[CheckpointRow]: ...
+
+    def execute_unsafe(self, sql: str, params: tuple[Any, ...] = ()) -> None:
+        """Raw statement, for tamper tests and operator repair only."""
+        ...

@@ -1,0 +1,279 @@
+"""The embedded store: SQLite in WAL mode, one file under the Tether home."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tether._errors import Conflict, InfrastructureError
+from tether.store._interface import (
+    CheckpointRow,
+    IdentityRow,
+    KeyRow,
+    PolicyRow,
+    RecordRow,
+    TaskRow,
+)
+
+SCHEMA_VERSION = "1"
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS signing_keys (
+  kid TEXT PRIMARY KEY, use TEXT NOT NULL, sealed BLOB NOT NULL, public_jwk TEXT NOT NULL,
+  cert_pem TEXT, created_at REAL NOT NULL, retired_at REAL, verify_until REAL);
+CREATE TABLE IF NOT EXISTS identities (
+  spiffe_id TEXT PRIMARY KEY, kind TEXT NOT NULL, owner TEXT NOT NULL, description TEXT NOT NULL,
+  status TEXT NOT NULL, created_at REAL NOT NULL, disabled_at REAL);
+CREATE TABLE IF NOT EXISTS join_tokens (
+  token_hash TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, expires_at REAL NOT NULL, used_at REAL);
+CREATE TABLE IF NOT EXISTS svids (
+  serial TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, kind TEXT NOT NULL, expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS templates (name TEXT PRIMARY KEY, body TEXT NOT NULL, updated_at REAL);
+CREATE TABLE IF NOT EXISTS policy_snapshots (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, digest TEXT NOT NULL, sources_json TEXT NOT NULL,
+  schema TEXT NOT NULL, loaded_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (
+  task_id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, parent_task_id TEXT, template TEXT NOT NULL,
+  intent_json TEXT NOT NULL, intent_digest TEXT NOT NULL, jkt TEXT NOT NULL,
+  token_id TEXT NOT NULL, status TEXT NOT NULL, calls_used INTEGER NOT NULL,
+  opened_at REAL NOT NULL, expires_at REAL NOT NULL, ended_at REAL, end_reason TEXT,
+  chain_json TEXT NOT NULL DEFAULT '[]');
+CREATE INDEX IF NOT EXISTS tasks_agent ON tasks (agent_id, status);
+CREATE TABLE IF NOT EXISTS revocations (
+  token_id TEXT PRIMARY KEY, task_id TEXT NOT NULL, reason TEXT NOT NULL, revoked_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS proofs (jti TEXT PRIMARY KEY, expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS audit_records (
+  seq INTEGER PRIMARY KEY, prev_hash TEXT NOT NULL, hash TEXT NOT NULL, body TEXT NOT NULL,
+  created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS audit_checkpoints (
+  seq INTEGER PRIMARY KEY, hash TEXT NOT NULL, signature TEXT NOT NULL, created_at REAL NOT NULL);
+"""
+
+
+class SQLiteStore:
+    """The SQLite implementation of :class:`tether.store.Store`."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        try:
+            self._db = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_DDL)
+        except sqlite3.Error as exc:
+            raise InfrastructureError(f"cannot open store {self.path}: {exc}") from None
+        self._lock = threading.RLock()
+        self._depth = 0
+        if self.get_meta("schema_version") is None:
+            self.set_meta("schema_version", SCHEMA_VERSION)
+
+    # -- plumbing -----------------------------------------------------------------
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self._lock:
+            outer = self._depth == 0
+            if outer:
+                self._run("BEGIN IMMEDIATE")
+            self._depth += 1
+            try:
+                yield
+            except BaseException:
+                self._depth -= 1
+                if outer:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._depth -= 1
+            if outer:
+                self._run("COMMIT")
+
+    def _run(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        try:
+            with self._lock:
+                return self._db.execute(sql, params)
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(f"already exists: {exc}") from None
+        except sqlite3.Error as exc:
+            raise InfrastructureError(f"store error: {exc}") from None
+
+    def _one(self, sql: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = self._run(sql, params).fetchone()
+        return row
+
+    def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = self._run(sql, params).fetchall()
+        return rows
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def execute_unsafe(self, sql: str, params: tuple[Any, ...] = ()) -> None:
+        self._run(sql, params)
+
+    # -- meta -----------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._run("INSERT INTO meta (key, value) VALUES (?, ?) "
+                  "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+
+    # -- keys -----------------------------------------------------------------------
+    def add_key(self, row: KeyRow) -> None:
+        self._run(
+            "INSERT INTO signing_keys VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (row.kid, row.use, row.sealed, row.public_jwk, row.cert_pem, row.created_at,
+             row.retired_at, row.verify_until),
+        )
+
+    def list_keys(self) -> list[KeyRow]:
+        return [KeyRow(*r) for r in self._all("SELECT * FROM signing_keys ORDER BY created_at")]
+
+    def retire_key(self, kid: str, retired_at: float, verify_until: float) -> None:
+        self._run("UPDATE signing_keys SET retired_at = ?, verify_until = ? WHERE kid = ?",
+                  (retired_at, verify_until, kid))
+
+    # -- identities -------------------------------------------------------------------
+    def add_identity(self, row: IdentityRow) -> None:
+        self._run("INSERT INTO identities VALUES (?, ?, ?, ?, ?, ?, ?)",
+                  (row.spiffe_id, row.kind, row.owner, row.description, row.status,
+                   row.created_at, row.disabled_at))
+
+    def get_identity(self, spiffe_id: str) -> IdentityRow | None:
+        row = self._one("SELECT * FROM identities WHERE spiffe_id = ?", (spiffe_id,))
+        return None if row is None else IdentityRow(*row)
+
+    def list_identities(self) -> list[IdentityRow]:
+        return [IdentityRow(*r) for r in self._all("SELECT * FROM identities ORDER BY spiffe_id")]
+
+    def disable_identity(self, spiffe_id: str, at: float) -> bool:
+        cur = self._run("UPDATE identities SET status = 'disabled', disabled_at = ? "
+                        "WHERE spiffe_id = ? AND status = 'active'", (at, spiffe_id))
+        return cur.rowcount == 1
+
+    def add_join_token(self, token_hash: str, spiffe_id: str, expires_at: float) -> None:
+        self._run("INSERT INTO join_tokens VALUES (?, ?, ?, NULL)",
+                  (token_hash, spiffe_id, expires_at))
+
+    def consume_join_token(self, token_hash: str, now: float) -> str | None:
+        row = self._one(
+            "UPDATE join_tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL "
+            "AND expires_at > ? RETURNING spiffe_id", (now, token_hash, now))
+        return None if row is None else str(row[0])
+
+    def record_svid(self, serial: str, spiffe_id: str, kind: str, expires_at: float) -> None:
+        self._run("INSERT INTO svids VALUES (?, ?, ?, ?)", (serial, spiffe_id, kind, expires_at))
+
+    # -- templates and policies ---------------------------------------------------------
+    def put_template(self, name: str, body: str, at: float) -> None:
+        self._run("INSERT INTO templates VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+                  "body = excluded.body, updated_at = excluded.updated_at", (name, body, at))
+
+    def get_template(self, name: str) -> str | None:
+        row = self._one("SELECT body FROM templates WHERE name = ?", (name,))
+        return None if row is None else str(row[0])
+
+    def list_templates(self) -> list[tuple[str, str]]:
+        return [(str(a), str(b)) for a, b in self._all(
+            "SELECT name, body FROM templates ORDER BY name")]
+
+    def add_policy(self, digest: str, sources_json: str, schema: str, at: float) -> int:
+        row = self._one("INSERT INTO policy_snapshots (digest, sources_json, schema, loaded_at) "
+                        "VALUES (?, ?, ?, ?) RETURNING id", (digest, sources_json, schema, at))
+        assert row is not None
+        return int(row[0])
+
+    def active_policy(self) -> PolicyRow | None:
+        row = self._one("SELECT * FROM policy_snapshots ORDER BY id DESC LIMIT 1")
+        return None if row is None else PolicyRow(*row)
+
+    # -- tasks ------------------------------------------------------------------------
+    def add_task(self, row: TaskRow) -> None:
+        self._run(
+            "INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (row.task_id, row.agent_id, row.parent_task_id, row.template, row.intent_json,
+             row.intent_digest, row.jkt, row.token_id, row.status, row.calls_used,
+             row.opened_at, row.expires_at, row.ended_at, row.end_reason, row.chain_json),
+        )
+
+    def get_task(self, task_id: str) -> TaskRow | None:
+        row = self._one("SELECT * FROM tasks WHERE task_id = ?", (task_id,))
+        return None if row is None else TaskRow(*row)
+
+    def list_tasks(self, *, agent_id: str | None = None, status: str | None = None) -> list[
+        TaskRow
+    ]:
+        sql, params = "SELECT * FROM tasks WHERE 1=1", []
+        if agent_id is not None:
+            sql += " AND agent_id = ?"
+            params.append(agent_id)
+        if status is not None:
+            sql += " AND status = ?"
+            params.append(status)
+        return [TaskRow(*r) for r in self._all(sql + " ORDER BY opened_at", tuple(params))]
+
+    def close_task(self, task_id: str, status: str, reason: str, at: float) -> bool:
+        cur = self._run("UPDATE tasks SET status = ?, end_reason = ?, ended_at = ? "
+                        "WHERE task_id = ? AND status = 'open'", (status, reason, at, task_id))
+        return cur.rowcount == 1
+
+    def spend_call(self, task_id: str, max_calls: int) -> bool:
+        cur = self._run("UPDATE tasks SET calls_used = calls_used + 1 WHERE task_id = ? "
+                        "AND status = 'open' AND calls_used < ?", (task_id, max_calls))
+        return cur.rowcount == 1
+
+    # -- revocations and proofs ---------------------------------------------------------
+    def revoke_token(self, token_id: str, task_id: str, reason: str, at: float) -> None:
+        self._run("INSERT INTO revocations VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                  (token_id, task_id, reason, at))
+
+    def token_revoked(self, token_id: str) -> bool:
+        return self._one("SELECT 1 FROM revocations WHERE token_id = ?", (token_id,)) is not None
+
+    def record_proof(self, jti: str, expires_at: float) -> bool:
+        cur = self._run("INSERT INTO proofs VALUES (?, ?) ON CONFLICT DO NOTHING",
+                        (jti, expires_at))
+        return cur.rowcount == 1
+
+    def proof_seen(self, jti: str) -> bool:
+        return self._one("SELECT 1 FROM proofs WHERE jti = ?", (jti,)) is not None
+
+    def purge_proofs(self, before: float) -> int:
+        return self._run("DELETE FROM proofs WHERE expires_at < ?", (before,)).rowcount
+
+    # -- audit ------------------------------------------------------------------------
+    def insert_record(self, row: RecordRow) -> None:
+        self._run("INSERT INTO audit_records VALUES (?, ?, ?, ?, ?)",
+                  (row.seq, row.prev_hash, row.hash, row.body, row.created_at))
+
+    def last_record(self) -> RecordRow | None:
+        row = self._one("SELECT * FROM audit_records ORDER BY seq DESC LIMIT 1")
+        return None if row is None else RecordRow(*row)
+
+    def iter_records(self) -> Iterator[RecordRow]:
+        with self._lock:
+            cursor = self._db.execute("SELECT * FROM audit_records ORDER BY seq")
+            rows = cursor.fetchall()
+        for r in rows:
+            yield RecordRow(*r)
+
+    def tail_records(self, limit: int) -> list[RecordRow]:
+        rows = self._all("SELECT * FROM audit_records ORDER BY seq DESC LIMIT ?", (limit,))
+        return [RecordRow(*r) for r in reversed(rows)]
+
+    def add_checkpoint(self, row: CheckpointRow) -> None:
+        self._run("INSERT INTO audit_checkpoints VALUES (?, ?, ?, ?)",
+                  (row.seq, row.hash, row.signature, row.created_at))
+
+    def list_checkpoints(self) -> list[CheckpointRow]:
+        return [CheckpointRow(*r) for r in self._all(
+            "SELECT * FROM audit_checkpoints ORDER BY seq")]

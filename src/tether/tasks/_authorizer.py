@@ -1,0 +1,155 @@
+"""The in-process enforcement point: decide a call, apply it, leave a receipt.
+
+:func:`tether.core.decide` is pure; this module supplies what it reads (task
+state from the store, keys, the live policy snapshot, the clock) and applies
+what an ``allow`` implies (the proof id is consumed, one call of budget is
+spent) in the same transaction as the receipt. A denied call changes no task
+state; it only leaves its receipt.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+from tether.audit import Auditor
+from tether.core._clock import Clock
+from tether.core._decision import (
+    Call,
+    Decision,
+    Effect,
+    Reason,
+    TaskState,
+    decide,
+)
+from tether.core._intent import Intent, decode_intent
+from tether.core._risk import Control, risk_tags
+from tether.core._verify import PROOF_WINDOW, ProofVerifier, TokenVerifier
+from tether.policy import PolicyService
+from tether.store import Store
+from tether.tokens import KeyRing
+
+
+class Receipt(msgspec.Struct, frozen=True):
+    """A decision and the audit record that holds it."""
+
+    decision: Decision
+    seq: int
+    hash: str
+    latency_us: float
+
+    @property
+    def effect(self) -> Effect:
+        return self.decision.effect
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.decision
+        return {
+            "effect": str(d.effect),
+            "reasons": [{"code": r.code, "message": r.message} for r in d.reasons],
+            "policies": list(d.policies),
+            "risk_tags": list(d.risk_tags),
+            "task_id": d.task_id,
+            "receipt": {"seq": self.seq, "hash": self.hash},
+        }
+
+
+class StoreTaskView:
+    """:class:`tether.core.TaskView` over the store."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._intents: dict[str, Intent] = {}
+
+    def task(self, task_id: str) -> TaskState | None:
+        row = self._store.get_task(task_id)
+        if row is None:
+            return None
+        agent = self._store.get_identity(row.agent_id)
+        intent = self._intents.get(row.intent_digest)
+        if intent is None:
+            intent = self._intents[row.intent_digest] = decode_intent(row.intent_json)
+        return TaskState(
+            task_id=row.task_id, agent_id=row.agent_id,
+            agent_owner=agent.owner if agent else "",
+            agent_kind=agent.kind if agent else "",
+            agent_active=agent is not None and agent.status == "active",
+            template=row.template, status=row.status, intent=intent,
+            intent_digest=row.intent_digest, jkt=row.jkt, expires_at=row.expires_at,
+            calls_used=row.calls_used, token_id=row.token_id,
+        )
+
+    def token_revoked(self, token_id: str) -> bool:
+        return self._store.token_revoked(token_id)
+
+    def proof_seen(self, jti: str) -> bool:
+        return self._store.proof_seen(jti)
+
+
+class Authorizer:
+    def __init__(self, store: Store, keyring: KeyRing, policies: PolicyService,
+                 auditor: Auditor, clock: Clock) -> None:
+        self._store = store
+        self._keyring = keyring
+        self._policies = policies
+        self._auditor = auditor
+        self._clock = clock
+        self._view = StoreTaskView(store)
+        self._proofs = ProofVerifier()
+        self._tokens: TokenVerifier | None = None
+        self._keys_version: tuple[str, ...] = ()
+
+    def _token_verifier(self, now: float) -> TokenVerifier:
+        keys = self._keyring.verification_keys(now)
+        version = tuple(sorted(keys.keys))
+        if self._tokens is None or version != self._keys_version:
+            self._tokens, self._keys_version = TokenVerifier(keys), version
+        return self._tokens
+
+    def authorize(self, *, token: str | None, proof: str | None, tool: str,
+                  args: dict[str, Any], task_id: str | None = None) -> Receipt:
+        started = time.perf_counter()
+        now = self._clock.now()
+        try:
+            decision = decide(
+                token=token, proof=proof, call=Call(tool=tool, args=args), view=self._view,
+                snapshot=self._policies.snapshot(), tokens=self._token_verifier(now),
+                proofs=self._proofs, now=now, task_hint=task_id,
+            )
+        except Exception as exc:  # decide never raises; its inputs' loaders might
+            decision = Decision(effect=Effect.DENY, reasons=(Reason(
+                "internal.error", f"decision inputs unavailable: {type(exc).__name__}: {exc}"),),
+                risk_tags=risk_tags(Control.PER_CALL_POLICY), tool=str(tool)[:256])
+        latency_us = (time.perf_counter() - started) * 1e6
+        with self._store.transaction():
+            if decision.allowed:
+                decision = self._apply(decision, now)
+            record = self._auditor.append(
+                "decision", chain=list(decision.chain), task_id=decision.task_id,
+                intent_digest=decision.intent_digest, tool=decision.tool,
+                args_digest=decision.args_digest, effect=str(decision.effect),
+                reasons=[{"code": r.code, "message": r.message} for r in decision.reasons],
+                policies=list(decision.policies), risk_tags=list(decision.risk_tags),
+                latency_us=round(latency_us, 1), token_digest=decision.token_digest,
+            )
+        return Receipt(decision=decision, seq=record.seq, hash=record.hash,
+                       latency_us=latency_us)
+
+    def _apply(self, decision: Decision, now: float) -> Decision:
+        """Consume the proof and spend budget; a lost race turns the allow into a deny."""
+        assert decision.task_id is not None and decision.proof_jti is not None
+        if not self._store.record_proof(decision.proof_jti, now + PROOF_WINDOW * 2):
+            return msgspec.structs.replace(
+                decision, effect=Effect.DENY,
+                reasons=(Reason("proof.replayed", "proof has been used before"),),
+                risk_tags=risk_tags(Control.SENDER_CONSTRAINED))
+        state = self._view.task(decision.task_id)
+        limit = state.intent.budget.max_calls if state else 0
+        if not self._store.spend_call(decision.task_id, limit):
+            return msgspec.structs.replace(
+                decision, effect=Effect.DENY,
+                reasons=(Reason("budget.calls_exhausted", f"call budget of {limit} is spent"),),
+                risk_tags=risk_tags(Control.INTENT_BINDING))
+        return decision

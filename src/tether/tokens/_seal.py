@@ -1,0 +1,81 @@
+"""Sealing private keys at rest: AES-256-GCM under a key-encryption key (KEK).
+
+The KEK comes from ``TETHER_KEK`` (base64url, 32 bytes) or from a key file
+created with mode 0600 under the Tether home. Sealed blobs are
+``b"tk1" || nonce(12) || ciphertext+tag`` with the key id as associated data,
+so a blob cannot be swapped onto another key's row.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from tether._errors import InfrastructureError, UsageError
+from tether.core._canonical import b64url, b64url_decode
+
+KEK_ENV = "TETHER_KEK"
+KEK_FILE = "kek.key"
+_MAGIC = b"tk1"
+
+
+class Sealer:
+    """Seals and unseals secrets under one KEK. Never exposes the KEK."""
+
+    def __init__(self, kek: bytes) -> None:
+        if len(kek) != 32:
+            raise UsageError("the key-encryption key must be 32 bytes")
+        self._aead = AESGCM(kek)
+
+    def __repr__(self) -> str:
+        return "Sealer(<kek hidden>)"
+
+    def seal(self, plaintext: bytes, *, context: str) -> bytes:
+        nonce = secrets.token_bytes(12)
+        return _MAGIC + nonce + self._aead.encrypt(nonce, plaintext, context.encode())
+
+    def unseal(self, blob: bytes, *, context: str) -> bytes:
+        if not blob.startswith(_MAGIC) or len(blob) < len(_MAGIC) + 12 + 16:
+            raise InfrastructureError(f"sealed blob for {context} is malformed")
+        nonce, body = blob[3:15], blob[15:]
+        try:
+            return self._aead.decrypt(nonce, body, context.encode())
+        except InvalidTag:
+            raise InfrastructureError(
+                f"cannot unseal {context}: wrong key-encryption key or tampered blob"
+            ) from None
+
+
+def load_kek(home: Path, *, create: bool = False) -> bytes:
+    """The KEK from the environment, else from ``home/kek.key`` (created if asked)."""
+    env = os.environ.get(KEK_ENV)
+    if env:
+        try:
+            kek = b64url_decode(env.strip())
+        except ValueError:
+            raise UsageError(f"{KEK_ENV} must be base64url (no padding) of 32 bytes") from None
+        if len(kek) != 32:
+            raise UsageError(f"{KEK_ENV} must decode to 32 bytes")
+        return kek
+    path = home / KEK_FILE
+    if path.exists():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise UsageError(f"{path} must not be readable by group or others (mode {mode:o})")
+        data = path.read_text().strip()
+        try:
+            return b64url_decode(data)
+        except ValueError:
+            raise InfrastructureError(f"{path} is corrupt") from None
+    if not create:
+        raise UsageError(f"no key-encryption key: set {KEK_ENV} or run 'tether init'")
+    kek = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(b64url(kek) + "\n")
+    return kek
