@@ -41,8 +41,14 @@ class Tether:
     or :meth:`ephemeral` (in memory, for tests and benchmarks).
     """
 
-    def __init__(self, store: Store, sealer: Sealer, *, clock: Clock | None = None,
-                 checkpoint_every: int = 64) -> None:
+    def __init__(
+        self,
+        store: Store,
+        sealer: Sealer,
+        *,
+        clock: Clock | None = None,
+        checkpoint_every: int = 64,
+    ) -> None:
         trust_domain = store.get_meta("trust_domain")
         if trust_domain is None:
             raise UsageError("this store holds no trust domain: run 'tether init'")
@@ -54,8 +60,9 @@ class Tether:
         self.identities = IdentityRegistry(store, self.audit, self.clock, trust_domain)
         self.attestation = Attestor(store, self.keys, self.identities, self.audit, self.clock)
         self.policies = PolicyService(store, self.audit, self.clock)
-        self.tasks = TaskService(store, self.keys, self.identities, self.policies, self.audit,
-                                 self.clock)
+        self.tasks = TaskService(
+            store, self.keys, self.identities, self.policies, self.audit, self.clock
+        )
         self.authorizer = Authorizer(store, self.keys, self.policies, self.audit, self.clock)
 
     def __repr__(self) -> str:
@@ -72,7 +79,9 @@ class Tether:
             jwt_key = keyring.create(JWT_USE, clock.now())
             ca_key = keyring.create(CA_USE, clock.now())
             Auditor(store, keyring, clock).append(
-                "trust_domain.init", effect="allow", chain=[f"spiffe://{trust_domain}"],
+                "trust_domain.init",
+                effect="allow",
+                chain=[f"spiffe://{trust_domain}"],
                 detail={"jwt_kid": jwt_key.kid, "ca_kid": ca_key.kid},
                 risk_tags=list(risk_tags(Control.TRUST_DOMAIN, Control.AUDIT)),
             )
@@ -98,8 +107,9 @@ class Tether:
         return cls(SQLiteStore(path / DB_FILE), sealer, clock=clock)
 
     @classmethod
-    def ephemeral(cls, trust_domain: str, *, clock: Clock | None = None,
-                  checkpoint_every: int = 64) -> Tether:
+    def ephemeral(
+        cls, trust_domain: str, *, clock: Clock | None = None, checkpoint_every: int = 64
+    ) -> Tether:
         """A throwaway trust domain in memory (SQLite ``:memory:``, random KEK)."""
         store = SQLiteStore(":memory:")
         sealer = Sealer(secrets.token_bytes(32))
@@ -110,10 +120,10 @@ class Tether:
         self.store.close()
 
     # -- identities ---------------------------------------------------------------------
-    def register_identity(self, spiffe_id: str, *, kind: str, owner: str,
-                          description: str = "") -> IdentityRow:
-        return self.identities.register(spiffe_id, kind=kind, owner=owner,
-                                        description=description)
+    def register_identity(
+        self, spiffe_id: str, *, kind: str, owner: str, description: str = ""
+    ) -> IdentityRow:
+        return self.identities.register(spiffe_id, kind=kind, owner=owner, description=description)
 
     def disable_identity(self, spiffe_id: str) -> tuple[IdentityRow, list[str]]:
         """Offboard: disable the identity and revoke every task and token it holds."""
@@ -121,7 +131,9 @@ class Tether:
             row = self.identities.mark_disabled(spiffe_id)
             revoked = self.tasks.revoke_for_agent(spiffe_id, reason="identity disabled")
             self.audit.append(
-                "identity.disable", chain=[spiffe_id], effect="allow",
+                "identity.disable",
+                chain=[spiffe_id],
+                effect="allow",
                 detail={"revoked_tasks": revoked},
                 risk_tags=list(risk_tags(Control.OFFBOARDING, Control.CASCADING_REVOCATION)),
             )
@@ -130,22 +142,38 @@ class Tether:
     def create_join_token(self, spiffe_id: str, *, ttl: float = 600.0) -> str:
         return self.attestation.create_join_token(spiffe_id, ttl=ttl)
 
-    def attest(self, join_token: str, public_key: ec.EllipticCurvePublicKey, *,
-               audience: list[str] | None = None) -> SVIDs:
+    def attest(
+        self,
+        join_token: str,
+        public_key: ec.EllipticCurvePublicKey,
+        *,
+        audience: list[str] | None = None,
+    ) -> SVIDs:
         return self.attestation.attest(join_token, public_key, audience=audience)
 
     # -- templates and policies ------------------------------------------------------------
     def add_template(self, source: str | Path | dict[str, Any]) -> Template:
-        template = (parse_template(source) if isinstance(source, dict)
-                    else load_template_file(source))
-        body = json.dumps({"name": template.name, "description": template.description,
-                           "params": msgspec.to_builtins(template.params),
-                           "intent": template.intent,
-                           "max_ttl_seconds": template.max_ttl_seconds}, sort_keys=True)
+        template = (
+            parse_template(source) if isinstance(source, dict) else load_template_file(source)
+        )
+        body = json.dumps(
+            {
+                "name": template.name,
+                "description": template.description,
+                "params": msgspec.to_builtins(template.params),
+                "intent": template.intent,
+                "max_ttl_seconds": template.max_ttl_seconds,
+            },
+            sort_keys=True,
+        )
         with self.store.transaction():
             self.store.put_template(template.name, body, self.clock.now())
-            self.audit.append("template.add", effect="allow", detail={"name": template.name},
-                              risk_tags=list(risk_tags(Control.INTENT_BINDING, Control.AUDIT)))
+            self.audit.append(
+                "template.add",
+                effect="allow",
+                detail={"name": template.name},
+                risk_tags=list(risk_tags(Control.INTENT_BINDING, Control.AUDIT)),
+            )
         return template
 
     def list_templates(self) -> list[Template]:
@@ -155,12 +183,19 @@ class Tether:
         return self.policies.load_dir(directory)
 
     # -- tasks and decisions -------------------------------------------------------------
-    def open_task(self, agent_id: str, *, proof_jwk: dict[str, Any], template: str | None = None,
-                  params: dict[str, Any] | None = None,
-                  intent: Intent | None = None) -> OpenedTask:
+    def open_task(
+        self,
+        agent_id: str,
+        *,
+        proof_jwk: dict[str, Any],
+        template: str | None = None,
+        params: dict[str, Any] | None = None,
+        intent: Intent | None = None,
+    ) -> OpenedTask:
         self.tasks.expire()
-        return self.tasks.open(agent_id, proof_jwk=proof_jwk, template=template, params=params,
-                               intent=intent)
+        return self.tasks.open(
+            agent_id, proof_jwk=proof_jwk, template=template, params=params, intent=intent
+        )
 
     def end_task(self, task_id: str) -> TaskRow:
         return self.tasks.end(task_id)
@@ -169,17 +204,29 @@ class Tether:
         self.tasks.expire()
         return self.tasks.get(task_id)
 
-    def authorize(self, *, token: str | None, proof: str | None, tool: str,
-                  args: dict[str, Any], task_id: str | None = None) -> Receipt:
-        return self.authorizer.authorize(token=token, proof=proof, tool=tool, args=args,
-                                         task_id=task_id)
+    def authorize(
+        self,
+        *,
+        token: str | None,
+        proof: str | None,
+        tool: str,
+        args: dict[str, Any],
+        task_id: str | None = None,
+    ) -> Receipt:
+        return self.authorizer.authorize(
+            token=token, proof=proof, tool=tool, args=args, task_id=task_id
+        )
 
     # -- keys, bundles, audit ---------------------------------------------------------------
     def rotate_keys(self, use: str = JWT_USE) -> str:
         with self.store.transaction():
             row = self.keys.rotate(use, self.clock.now())
-            self.audit.append("keys.rotate", effect="allow", detail={"use": use, "kid": row.kid},
-                              risk_tags=list(risk_tags(Control.TRUST_DOMAIN, Control.AUDIT)))
+            self.audit.append(
+                "keys.rotate",
+                effect="allow",
+                detail={"use": use, "kid": row.kid},
+                risk_tags=list(risk_tags(Control.TRUST_DOMAIN, Control.AUDIT)),
+            )
         return row.kid
 
     def jwks(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import jwt
 import msgspec
+from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
 from tether.core._canonical import canonical_json
@@ -65,8 +66,9 @@ class Auditor:
             body = {"seq": seq, "at": round(now, 6), "kind": kind}
             body.update({k: v for k, v in fields.items() if v is not None})
             text = canonical_json(body).decode()
-            row = RecordRow(seq=seq, prev_hash=prev, hash=record_hash(prev, text), body=text,
-                            created_at=now)
+            row = RecordRow(
+                seq=seq, prev_hash=prev, hash=record_hash(prev, text), body=text, created_at=now
+            )
             self._store.insert_record(row)
             if seq % self.checkpoint_every == 0:
                 self._checkpoint(row)
@@ -85,10 +87,12 @@ class Auditor:
     def _checkpoint(self, row: RecordRow) -> CheckpointRow:
         key_row, key = self._keyring.active(JWT_USE)
         claims = {"seq": row.seq, "hash": row.hash, "td": self._keyring.trust_domain}
-        signature = jwt.encode(claims, key, algorithm="ES256",
-                               headers={"kid": key_row.kid, "typ": CHECKPOINT_TYP})
-        cp = CheckpointRow(seq=row.seq, hash=row.hash, signature=signature,
-                           created_at=self._clock.now())
+        signature = jwt.encode(
+            claims, key, algorithm="ES256", headers={"kid": key_row.kid, "typ": CHECKPOINT_TYP}
+        )
+        cp = CheckpointRow(
+            seq=row.seq, hash=row.hash, signature=signature, created_at=self._clock.now()
+        )
         self._store.add_checkpoint(cp)
         return cp
 
@@ -106,8 +110,9 @@ class Auditor:
             if not isinstance(body, dict) or body.get("seq") != row.seq:
                 return self._bad(count, row.seq, f"record {row.seq} carries another position")
             if row.prev_hash != prev:
-                return self._bad(count, row.seq,
-                                 f"record {row.seq} does not follow record {row.seq - 1}")
+                return self._bad(
+                    count, row.seq, f"record {row.seq} does not follow record {row.seq - 1}"
+                )
             if record_hash(prev, row.body) != row.hash:
                 return self._bad(count, row.seq, f"record {row.seq} was altered")
             prev, expected, count = row.hash, expected + 1, count + 1
@@ -120,24 +125,28 @@ class Auditor:
                 return self._bad(count, cp.seq, problem, len(checkpoints))
             if cp.seq not in hashes:
                 return self._bad(
-                    count, expected,
+                    count,
+                    expected,
                     f"chain truncated: checkpoint {cp.seq} signs a record that is gone "
                     f"(the chain ends at {expected - 1})",
                     len(checkpoints),
                 )
             if hashes[cp.seq] != cp.hash:
-                return self._bad(count, cp.seq, f"record {cp.seq} differs from its checkpoint",
-                                 len(checkpoints))
+                return self._bad(
+                    count, cp.seq, f"record {cp.seq} differs from its checkpoint", len(checkpoints)
+                )
         return VerifyReport(ok=True, records=count, checkpoints=len(checkpoints))
 
     def _check_checkpoint(self, cp: CheckpointRow, keys: dict[str, Any]) -> str | None:
         try:
             header = jwt.get_unverified_header(cp.signature)
-            row = keys.get(header.get("kid"))
+            row = keys.get(str(header.get("kid")))
             if row is None or header.get("typ") != CHECKPOINT_TYP:
                 return f"checkpoint {cp.seq} is signed by an unknown key"
-            claims = jwt.decode(cp.signature, key=ECAlgorithm.from_jwk(row.public_jwk),
-                                algorithms=["ES256"])
+            public = ECAlgorithm.from_jwk(row.public_jwk)
+            if not isinstance(public, ec.EllipticCurvePublicKey):
+                return f"checkpoint {cp.seq} names a key that is not a public key"
+            claims = jwt.decode(cp.signature, key=public, algorithms=["ES256"])
         except jwt.PyJWTError:
             return f"checkpoint {cp.seq} signature does not verify"
         if claims.get("seq") != cp.seq or claims.get("hash") != cp.hash:
@@ -146,8 +155,9 @@ class Auditor:
 
     @staticmethod
     def _bad(count: int, position: int, problem: str, checkpoints: int = 0) -> VerifyReport:
-        return VerifyReport(ok=False, records=count, checkpoints=checkpoints, first_bad=position,
-                            problem=problem)
+        return VerifyReport(
+            ok=False, records=count, checkpoints=checkpoints, first_bad=position, problem=problem
+        )
 
     def tail(self, limit: int = 20) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = []

@@ -25,8 +25,12 @@ from tether.core._intent import decode_intent
 from tether.core._verify import strict_json
 from tether.tokens import ProofKey
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Tether: intent-bound authority for AI agents.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Tether: intent-bound authority for AI agents.",
+)
 identity_app = typer.Typer(no_args_is_help=True, help="Register, inspect and offboard identities.")
 template_app = typer.Typer(no_args_is_help=True, help="Intent templates agents open tasks from.")
 policy_app = typer.Typer(no_args_is_help=True, help="Cedar policies.")
@@ -46,18 +50,22 @@ _global_home: list[Path] = []
 
 @app.callback()
 def _root(
-    home: Annotated[Path | None, typer.Option("--home", help="Tether home (default "
-                                              "$TETHER_HOME, else ./.tether).")] = None,
+    home: Annotated[
+        Path | None,
+        typer.Option("--home", help="Tether home (default $TETHER_HOME, else ./.tether)."),
+    ] = None,
 ) -> None:
     _global_home.clear()
     if home is not None:
         _global_home.append(home)
 
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 HomeOpt = Annotated[
     Path | None,
-    typer.Option("--home", help="Tether home (default $TETHER_HOME, else ./.tether).",
-                 show_default=False),
+    typer.Option(
+        "--home", help="Tether home (default $TETHER_HOME, else ./.tether).", show_default=False
+    ),
 ]
 
 
@@ -90,10 +98,18 @@ def init(
     """Create a trust domain: signing key, X.509 CA, sealed at rest."""
     tether = Tether.init(home_dir(home), trust_domain)
     keys = tether.jwks()["keys"]
-    result = {"trust_domain": tether.trust_domain, "home": str(home_dir(home)),
-              "jwt_kid": keys[0]["kid"]}
-    emit(result, as_json, lambda: out.print(
-        f"[green]✓[/] trust domain [bold]{tether.trust_domain}[/] created in {home_dir(home)}"))
+    result = {
+        "trust_domain": tether.trust_domain,
+        "home": str(home_dir(home)),
+        "jwt_kid": keys[0]["kid"],
+    }
+    emit(
+        result,
+        as_json,
+        lambda: out.print(
+            f"[green]✓[/] trust domain [bold]{tether.trust_domain}[/] created in {home_dir(home)}"
+        ),
+    )
 
 
 @app.command()
@@ -124,9 +140,15 @@ def keys_rotate(
 
 # -- identities ------------------------------------------------------------------------
 def _identity_dict(row: Any) -> dict[str, Any]:
-    return {"spiffe_id": row.spiffe_id, "kind": row.kind, "owner": row.owner,
-            "description": row.description, "status": row.status, "created_at": row.created_at,
-            "disabled_at": row.disabled_at}
+    return {
+        "spiffe_id": row.spiffe_id,
+        "kind": row.kind,
+        "owner": row.owner,
+        "description": row.description,
+        "status": row.status,
+        "created_at": row.created_at,
+        "disabled_at": row.disabled_at,
+    }
 
 
 @identity_app.command("register")
@@ -139,10 +161,12 @@ def identity_register(
     home: HomeOpt = None,
 ) -> None:
     """Register an identity by SPIFFE ID."""
-    row = _open(home).register_identity(spiffe_id, kind=kind, owner=owner,
-                                        description=description)
-    emit(_identity_dict(row), as_json,
-         lambda: out.print(f"[green]✓[/] {row.kind} {row.spiffe_id} (owner {row.owner})"))
+    row = _open(home).register_identity(spiffe_id, kind=kind, owner=owner, description=description)
+    emit(
+        _identity_dict(row),
+        as_json,
+        lambda: out.print(f"[green]✓[/] {row.kind} {row.spiffe_id} (owner {row.owner})"),
+    )
 
 
 @identity_app.command("list")
@@ -171,8 +195,11 @@ def identity_disable(spiffe_id: str, as_json: JsonOpt = False, home: HomeOpt = N
     """Offboard an identity: disable it and revoke every task and token it holds."""
     row, revoked = _open(home).disable_identity(spiffe_id)
     result = {**_identity_dict(row), "revoked_tasks": revoked}
-    emit(result, as_json, lambda: out.print(
-        f"[yellow]✓[/] {spiffe_id} disabled; {len(revoked)} task(s) revoked"))
+    emit(
+        result,
+        as_json,
+        lambda: out.print(f"[yellow]✓[/] {spiffe_id} disabled; {len(revoked)} task(s) revoked"),
+    )
 
 
 @identity_app.command("join-token")
@@ -184,8 +211,9 @@ def identity_join_token(
 ) -> None:
     """Mint a one-time join token a workload exchanges for its SVIDs."""
     token = _open(home).create_join_token(spiffe_id, ttl=ttl)
-    emit({"spiffe_id": spiffe_id, "join_token": token, "ttl": ttl}, as_json,
-         lambda: out.print(token))
+    emit(
+        {"spiffe_id": spiffe_id, "join_token": token, "ttl": ttl}, as_json, lambda: out.print(token)
+    )
 
 
 @app.command()
@@ -202,10 +230,16 @@ def attest(
     _write_private(out_dir / "svid.key", key.to_pem())
     (out_dir / "svid.pem").write_text(svids.x509_svid_pem)
     (out_dir / "svid.jwt").write_text(svids.jwt_svid + "\n")
-    result = {"spiffe_id": svids.spiffe_id, "expires_at": svids.expires_at,
-              "files": sorted(str(p) for p in out_dir.iterdir())}
-    emit(result, as_json, lambda: out.print(
-        f"[green]✓[/] SVIDs for {svids.spiffe_id} written to {out_dir}"))
+    result = {
+        "spiffe_id": svids.spiffe_id,
+        "expires_at": svids.expires_at,
+        "files": sorted(str(p) for p in out_dir.iterdir()),
+    }
+    emit(
+        result,
+        as_json,
+        lambda: out.print(f"[green]✓[/] SVIDs for {svids.spiffe_id} written to {out_dir}"),
+    )
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -219,20 +253,25 @@ def _write_private(path: Path, data: bytes) -> None:
 def template_add(file: Path, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """Add or replace an intent template (TOML or JSON)."""
     template = _open(home).add_template(file)
-    emit({"name": template.name, "params": sorted(template.params)}, as_json,
-         lambda: out.print(f"[green]✓[/] template {template.name}"))
+    emit(
+        {"name": template.name, "params": sorted(template.params)},
+        as_json,
+        lambda: out.print(f"[green]✓[/] template {template.name}"),
+    )
 
 
 @template_app.command("list")
 def template_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """List intent templates."""
-    templates = [{"name": t.name, "description": t.description, "params": sorted(t.params)}
-                 for t in _open(home).list_templates()]
+    templates = [
+        {"name": t.name, "description": t.description, "params": sorted(t.params)}
+        for t in _open(home).list_templates()
+    ]
 
     def human() -> None:
         table = Table("name", "params", "description")
         for t in templates:
-            table.add_row(t["name"], ", ".join(t["params"]), t["description"])
+            table.add_row(str(t["name"]), ", ".join(t["params"]), str(t["description"]))
         out.print(table)
 
     emit({"templates": templates}, as_json, human)
@@ -242,23 +281,29 @@ def template_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
 def policy_load(directory: Path, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """Validate and load every *.cedar file of DIRECTORY as the live policy set."""
     snapshot = _open(home).load_policies(directory)
-    emit({"digest": snapshot.digest, "policies": list(snapshot.policy_ids)}, as_json,
-         lambda: out.print(f"[green]✓[/] {len(snapshot.policies)} policies loaded "
-                           f"({snapshot.digest[:19]}…)"))
+    emit(
+        {"digest": snapshot.digest, "policies": list(snapshot.policy_ids)},
+        as_json,
+        lambda: out.print(
+            f"[green]✓[/] {len(snapshot.policies)} policies loaded ({snapshot.digest[:19]}…)"
+        ),
+    )
 
 
 @policy_app.command("list")
 def policy_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """List the live policies."""
     snapshot = _open(home).policies.snapshot()
-    rows = [{"id": p.id, "effect": p.effect, "file": p.file, "line": p.line,
-             "approval": p.approval} for p in snapshot.policies]
+    rows = [
+        {"id": p.id, "effect": p.effect, "file": p.file, "line": p.line, "approval": p.approval}
+        for p in snapshot.policies
+    ]
 
     def human() -> None:
         table = Table("id", "effect", "where")
         for r in rows:
-            effect = "forbid (approval)" if r["approval"] else r["effect"]
-            table.add_row(r["id"], effect, f"{r['file']}:{r['line']}")
+            effect = "forbid (approval)" if r["approval"] else str(r["effect"])
+            table.add_row(str(r["id"]), effect, f"{r['file']}:{r['line']}")
         out.print(table)
 
     emit({"digest": snapshot.digest, "policies": rows}, as_json, human)
@@ -303,23 +348,43 @@ def task_open(
         explicit = decode_intent(text)
     tether = _open(home)
     key = ProofKey()
-    opened = tether.open_task(agent, proof_jwk=key.jwk, template=template,
-                              params=_parse_params(param or []), intent=explicit)
+    opened = tether.open_task(
+        agent,
+        proof_jwk=key.jwk,
+        template=template,
+        params=_parse_params(param or []),
+        intent=explicit,
+    )
     path = _task_file(home, opened.task_id)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _write_private(path, json.dumps({"token": opened.token,
-                                     "proof_key": key.to_pem().decode()}).encode())
+    _write_private(
+        path, json.dumps({"token": opened.token, "proof_key": key.to_pem().decode()}).encode()
+    )
     result = {"task_id": opened.task_id, "token": opened.token, "expires_at": opened.expires_at}
-    emit(result, as_json, lambda: out.print(
-        f"[green]✓[/] task {opened.task_id} open until "
-        f"{time.strftime('%H:%M:%S', time.localtime(opened.expires_at))}"))
+    emit(
+        result,
+        as_json,
+        lambda: out.print(
+            f"[green]✓[/] task {opened.task_id} open until "
+            f"{time.strftime('%H:%M:%S', time.localtime(opened.expires_at))}"
+        ),
+    )
 
 
 def _task_dict(row: Any) -> dict[str, Any]:
-    return {"task_id": row.task_id, "agent": row.agent_id, "template": row.template,
-            "status": row.status, "calls_used": row.calls_used, "opened_at": row.opened_at,
-            "expires_at": row.expires_at, "ended_at": row.ended_at, "end_reason": row.end_reason,
-            "intent_digest": row.intent_digest, "intent": json.loads(row.intent_json)}
+    return {
+        "task_id": row.task_id,
+        "agent": row.agent_id,
+        "template": row.template,
+        "status": row.status,
+        "calls_used": row.calls_used,
+        "opened_at": row.opened_at,
+        "expires_at": row.expires_at,
+        "ended_at": row.ended_at,
+        "end_reason": row.end_reason,
+        "intent_digest": row.intent_digest,
+        "intent": json.loads(row.intent_json),
+    }
 
 
 @task_app.command("show")
@@ -364,8 +429,10 @@ def authorize(
 
     def human() -> None:
         colour = {"allow": "green", "deny": "red"}.get(result["effect"], "yellow")
-        out.print(f"[{colour}]{result['effect']}[/] {tool}: "
-                  + "; ".join(r["message"] for r in result["reasons"]))
+        out.print(
+            f"[{colour}]{result['effect']}[/] {tool}: "
+            + "; ".join(r["message"] for r in result["reasons"])
+        )
 
     emit(result, as_json, human)
 
@@ -375,11 +442,22 @@ def authorize(
 def audit_verify(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """Verify the receipt chain and its signed checkpoints."""
     report = _open(home).verify_audit()
-    result = {"ok": report.ok, "records": report.records, "checkpoints": report.checkpoints,
-              "first_bad": report.first_bad, "problem": report.problem}
-    emit(result, as_json, lambda: out.print(
-        f"[green]✓[/] {report.records} receipts, {report.checkpoints} checkpoints verified"
-        if report.ok else f"[red]✗[/] position {report.first_bad}: {report.problem}"))
+    result = {
+        "ok": report.ok,
+        "records": report.records,
+        "checkpoints": report.checkpoints,
+        "first_bad": report.first_bad,
+        "problem": report.problem,
+    }
+    emit(
+        result,
+        as_json,
+        lambda: out.print(
+            f"[green]✓[/] {report.records} receipts, {report.checkpoints} checkpoints verified"
+            if report.ok
+            else f"[red]✗[/] position {report.first_bad}: {report.problem}"
+        ),
+    )
     if not report.ok:
         raise typer.Exit(1)
 
@@ -397,8 +475,13 @@ def audit_tail(
         table = Table("#", "kind", "effect", "tool", "reason")
         for r in records:
             reasons = r.get("reasons") or []
-            table.add_row(str(r["seq"]), r["kind"], r.get("effect", ""), r.get("tool", ""),
-                          reasons[0]["message"] if reasons else "")
+            table.add_row(
+                str(r["seq"]),
+                r["kind"],
+                r.get("effect", ""),
+                r.get("tool", ""),
+                reasons[0]["message"] if reasons else "",
+            )
         out.print(table)
 
     emit({"records": records}, as_json, human)
@@ -415,7 +498,9 @@ def audit_checkpoint(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
 def main() -> None:
     """Entry point: one clear line on stderr for any error, never a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            raise SystemExit(code)
     except TetherError as exc:
         sys.stderr.write(f"tether: error: {exc.message}\n")
         raise SystemExit(2 if isinstance(exc, UsageError) else 1) from None
@@ -425,12 +510,11 @@ def main() -> None:
         sys.stderr.write("tether: aborted\n")
         raise SystemExit(1) from None
     except typer.TyperException as exc:
-        message = getattr(exc, "format_message", lambda: str(exc))()
+        formatter = getattr(exc, "format_message", None)
+        message = formatter() if callable(formatter) else str(exc)
         code = int(getattr(exc, "exit_code", 2))
         sys.stderr.write(f"tether: {'usage' if code == 2 else 'error'}: {message}\n")
         raise SystemExit(code) from None
     except Exception as exc:
         sys.stderr.write(f"tether: internal error: {type(exc).__name__}: {exc}\n")
         raise SystemExit(70) from None
-
-

@@ -219,15 +219,17 @@ def _decide(
     out: dict[str, Any],
 ) -> Decision:
     if not isinstance(call.tool, str) or not 0 < len(call.tool) <= MAX_TOOL_NAME:
-        raise _Refusal("call.malformed", "tool name must be 1-256 characters",
-                       Control.PER_CALL_POLICY)
+        raise _Refusal(
+            "call.malformed", "tool name must be 1-256 characters", Control.PER_CALL_POLICY
+        )
     out["tool"] = call.tool
     if not isinstance(call.args, dict):
         raise _Refusal("call.malformed", "arguments must be a JSON object", Control.PER_CALL_POLICY)
     args_json = msgspec.json.encode(call.args)
     if len(args_json) > MAX_ARGS_BYTES:
-        raise _Refusal("call.oversized", f"arguments exceed {MAX_ARGS_BYTES} bytes",
-                       Control.PER_CALL_POLICY)
+        raise _Refusal(
+            "call.oversized", f"arguments exceed {MAX_ARGS_BYTES} bytes", Control.PER_CALL_POLICY
+        )
     out["args_digest"] = digest(call.args)
 
     # 1. The token: signature, times, audience, trust domain.
@@ -242,52 +244,71 @@ def _decide(
         token_digest=claims.token_digest,
     )
     if task_hint is not None and task_hint != claims.task_id:
-        raise _Refusal("token.task_mismatch",
-                       f"token belongs to task {claims.task_id}, not {task_hint}",
-                       Control.TASK_TOKEN)
+        raise _Refusal(
+            "token.task_mismatch",
+            f"token belongs to task {claims.task_id}, not {task_hint}",
+            Control.TASK_TOKEN,
+        )
 
     # 2. Liveness: revocation, the task, the agent.
     state = view.task(claims.task_id)
     if state is None:
         raise _Refusal("task.unknown", f"task {claims.task_id} is not known", Control.TASK_TOKEN)
     if state.agent_id != claims.subject:
-        raise _Refusal("token.task_mismatch", "token subject is not the task's agent",
-                       Control.TASK_TOKEN)
+        raise _Refusal(
+            "token.task_mismatch", "token subject is not the task's agent", Control.TASK_TOKEN
+        )
     if not state.agent_active:
-        raise _Refusal("identity.disabled", f"agent {state.agent_id} is disabled",
-                       Control.OFFBOARDING, Control.TASK_TOKEN)
+        raise _Refusal(
+            "identity.disabled",
+            f"agent {state.agent_id} is disabled",
+            Control.OFFBOARDING,
+            Control.TASK_TOKEN,
+        )
     if state.status != "open":
-        raise _Refusal(f"task.{state.status}", f"task {state.task_id} is {state.status}",
-                       Control.TASK_TOKEN)
+        raise _Refusal(
+            f"task.{state.status}", f"task {state.task_id} is {state.status}", Control.TASK_TOKEN
+        )
     if view.token_revoked(claims.token_id) or state.token_id != claims.token_id:
-        raise _Refusal("token.revoked", "token has been revoked", Control.TASK_TOKEN,
-                       Control.CASCADING_REVOCATION)
+        raise _Refusal(
+            "token.revoked",
+            "token has been revoked",
+            Control.TASK_TOKEN,
+            Control.CASCADING_REVOCATION,
+        )
     if now >= state.expires_at:
         raise _Refusal("task.expired", f"task {state.task_id} has expired", Control.TASK_TOKEN)
     if state.intent_digest != claims.intent_digest or state.jkt != claims.jkt:
-        raise _Refusal("token.task_mismatch", "token does not match its task's intent or key",
-                       Control.INTENT_BINDING)
+        raise _Refusal(
+            "token.task_mismatch",
+            "token does not match its task's intent or key",
+            Control.INTENT_BINDING,
+        )
 
     # 3. Proof of possession of the bound key, for this exact call.
     proved = proofs.verify(
-        proof, token=token, jkt=claims.jkt, htm=htm, htu=htu,
-        call=call_digest(call.tool, call.args), now=now,
+        proof,
+        token=token,
+        jkt=claims.jkt,
+        htm=htm,
+        htu=htu,
+        call=call_digest(call.tool, call.args),
+        now=now,
     )
     out["proof_jti"] = proved.jti
     if view.proof_seen(proved.jti):
-        raise _Refusal("proof.replayed", "proof has been used before",
-                       Control.SENDER_CONSTRAINED)
+        raise _Refusal("proof.replayed", "proof has been used before", Control.SENDER_CONSTRAINED)
 
     # 4. The intent's capabilities.
     match = match_capability(state.intent, call.tool, call.args)
     if match.matched is None:
         code = "intent.argument" if "argument" in (match.reason or "") else "intent.no_capability"
-        raise _Refusal(code, match.reason or "not in intent", Control.INTENT_BINDING,
-                       Control.PER_CALL_POLICY)
+        raise _Refusal(
+            code, match.reason or "not in intent", Control.INTENT_BINDING, Control.PER_CALL_POLICY
+        )
 
     # 5. Cedar.
-    principal, entities = principal_entities(state.agent_id, state.agent_owner,
-                                             state.agent_kind)
+    principal, entities = principal_entities(state.agent_id, state.agent_owner, state.agent_kind)
     cedar_args = {k: _cedar_value(v) for k, v in call.args.items() if v is not None}
     context = {
         "task_id": state.task_id,
@@ -301,40 +322,66 @@ def _decide(
         "args": cedar_args,
     }
     outcome = snapshot.evaluate(
-        principal, "call_tool", {"type": "Tool", "id": call.tool}, context,
-        entities + [{"uid": {"type": "Tool", "id": call.tool}, "attrs": {}, "parents": []}],
+        principal,
+        "call_tool",
+        {"type": "Tool", "id": call.tool},
+        context,
+        [*entities, {"uid": {"type": "Tool", "id": call.tool}, "attrs": {}, "parents": []}],
     )
     if outcome.errors:
-        raise _Refusal("policy.error", "policy evaluation failed: " + "; ".join(outcome.errors),
-                       Control.PER_CALL_POLICY, policies=outcome.policies)
+        raise _Refusal(
+            "policy.error",
+            "policy evaluation failed: " + "; ".join(outcome.errors),
+            Control.PER_CALL_POLICY,
+            policies=outcome.policies,
+        )
     if not outcome.allowed:
         if outcome.policies:
-            raise _Refusal("policy.forbid", "forbidden by policy " + ", ".join(outcome.policies),
-                           Control.PER_CALL_POLICY, policies=outcome.policies)
-        raise _Refusal("policy.no_permit", "no policy permits this call",
-                       Control.PER_CALL_POLICY)
+            raise _Refusal(
+                "policy.forbid",
+                "forbidden by policy " + ", ".join(outcome.policies),
+                Control.PER_CALL_POLICY,
+                policies=outcome.policies,
+            )
+        raise _Refusal("policy.no_permit", "no policy permits this call", Control.PER_CALL_POLICY)
 
     # 6. Budget.
     if state.calls_used >= state.intent.budget.max_calls:
-        raise _Refusal("budget.calls_exhausted",
-                       f"call budget of {state.intent.budget.max_calls} is spent",
-                       Control.INTENT_BINDING, policies=outcome.policies)
+        raise _Refusal(
+            "budget.calls_exhausted",
+            f"call budget of {state.intent.budget.max_calls} is spent",
+            Control.INTENT_BINDING,
+            policies=outcome.policies,
+        )
 
-    controls = (Control.TASK_TOKEN, Control.SENDER_CONSTRAINED, Control.INTENT_BINDING,
-                Control.PER_CALL_POLICY)
+    controls = (
+        Control.TASK_TOKEN,
+        Control.SENDER_CONSTRAINED,
+        Control.INTENT_BINDING,
+        Control.PER_CALL_POLICY,
+    )
     if outcome.approval:
         return Decision(
             effect=Effect.APPROVAL_REQUIRED,
-            reasons=(Reason("policy.approval", "a human must approve this call (policy "
-                            + ", ".join(p for p in outcome.policies) + ")"),),
+            reasons=(
+                Reason(
+                    "policy.approval",
+                    "a human must approve this call (policy "
+                    + ", ".join(p for p in outcome.policies)
+                    + ")",
+                ),
+            ),
             policies=outcome.policies,
             risk_tags=risk_tags(*controls, Control.APPROVAL),
             **out,
         )
     return Decision(
         effect=Effect.ALLOW,
-        reasons=(Reason("allow", f"within intent capability {match.matched.tool!r} and permitted "
-                        "by policy"),),
+        reasons=(
+            Reason(
+                "allow", f"within intent capability {match.matched.tool!r} and permitted by policy"
+            ),
+        ),
         policies=outcome.policies,
         risk_tags=risk_tags(*controls),
         **out,

@@ -112,7 +112,7 @@ def _parse_file(name: str, text: str) -> list[PolicyRecord]:
         pid = annotations.get("id") or f"{name}:{line}"
         approval = annotations.get("approval") == "required"
         if approval and policy["effect"] != "forbid":
-            raise InvalidPolicy(f"{name}:{line}: @approval(\"required\") applies to forbid only")
+            raise InvalidPolicy(f'{name}:{line}: @approval("required") applies to forbid only')
         records.append(
             PolicyRecord(
                 id=pid,
@@ -263,7 +263,8 @@ def build_snapshot(sources: dict[str, str], schema: str) -> PolicySnapshot:
         for record in file_records:
             if record.id in seen:
                 raise InvalidPolicy(
-                    f"{name}:{record.line}: policy id {record.id!r} is also defined in {seen[record.id]}"
+                    f"{name}:{record.line}: policy id {record.id!r} is also defined "
+                    f"in {seen[record.id]}"
                 )
             seen[record.id] = f"{record.file}:{record.line}"
             records.append(record)

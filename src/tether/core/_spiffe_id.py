@@ -9,6 +9,7 @@ spelling everywhere it is stored, compared or signed).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from spiffe import SpiffeId as _SpiffeId
@@ -19,6 +20,8 @@ MAX_ID_BYTES = 2048
 MAX_TRUST_DOMAIN_BYTES = 255
 _SCHEME = "spiffe://"
 _TD_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-_")
+# The whole ID, anchored with fullmatch: "$" alone would accept a trailing newline.
+_SHAPE = re.compile(r"spiffe://[a-z0-9._-]+(?:/[A-Za-z0-9._-]+)*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,11 @@ def parse_spiffe_id(value: str, *, workload: bool = True) -> SpiffeID:
         raise IdentityRejected(
             f"malformed SPIFFE ID {value[:80]!r}: {exc}", code="spiffe_id.malformed"
         ) from None
+    if _SHAPE.fullmatch(value) is None and parsed.path:
+        raise IdentityRejected(
+            f"malformed SPIFFE ID {value[:80]!r}",
+            code="spiffe_id.malformed",
+        )
     if workload and not parsed.path:
         raise IdentityRejected(
             f"SPIFFE ID {value[:80]!r} has no path: a workload ID needs one",

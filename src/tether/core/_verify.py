@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ from tether._errors import IdentityRejected, ProofRejected, TokenRejected
 from tether.core._canonical import b64url, canonical_json
 from tether.core._spiffe_id import parse_spiffe_id
 
-TASK_TOKEN_TYP = "txntoken+jwt"
+TASK_TOKEN_TYP = "txntoken+jwt"  # noqa: S105 - a name, not a secret
 PROOF_TYP = "dpop+jwt"
 ALGORITHMS = ("ES256",)
 MAX_TOKEN_BYTES = 16 * 1024
@@ -172,13 +173,16 @@ class TokenVerifier:
         try:
             unverified = jwt.decode(token, options={"verify_signature": False})
         except jwt.PyJWTError as exc:
-            raise TokenRejected(f"token payload is malformed: {exc}", code="token.malformed") from None
+            raise TokenRejected(
+                f"token payload is malformed: {exc}", code="token.malformed"
+            ) from None
         self._check_trust_domain(unverified)
         kid = header.get("kid")
         key = self.keys.keys.get(kid) if isinstance(kid, str) else None
         if key is None:
             raise TokenRejected(
-                f"token key id {str(kid)[:40]!r} is not in the trust bundle", code="token.unknown_kid"
+                f"token key id {str(kid)[:40]!r} is not in the trust bundle",
+                code="token.unknown_kid",
             )
         try:
             payload = jwt.decode(
@@ -205,7 +209,8 @@ class TokenVerifier:
         iss, sub = claims.get("iss"), claims.get("sub")
         if iss != self.keys.issuer:
             raise TokenRejected(
-                f"token issuer {str(iss)[:80]!r} is not this trust domain", code="token.trust_domain"
+                f"token issuer {str(iss)[:80]!r} is not this trust domain",
+                code="token.trust_domain",
             )
         try:
             subject = parse_spiffe_id(str(sub))
@@ -288,7 +293,9 @@ class ProofVerifier:
         now: float,
     ) -> ProofClaims:
         if proof is None:
-            raise ProofRejected("no proof of possession accompanies the token", code="proof.missing")
+            raise ProofRejected(
+                "no proof of possession accompanies the token", code="proof.missing"
+            )
         header = _header(proof, MAX_PROOF_BYTES, ProofRejected)
         if not isinstance(header, dict) or not set(header) <= _PROOF_HEADERS:
             raise ProofRejected("proof header carries unexpected members", code="proof.header")
@@ -322,8 +329,13 @@ class ProofVerifier:
                 proof,
                 key=key,
                 algorithms=list(ALGORITHMS),
-                options={"verify_exp": False, "verify_nbf": False, "verify_iat": False,
-                         "verify_aud": False, "verify_iss": False},
+                options={
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                    "verify_aud": False,
+                    "verify_iss": False,
+                },
             )
         except jwt.InvalidSignatureError:
             raise ProofRejected("proof signature does not verify", code="proof.signature") from None
@@ -332,7 +344,7 @@ class ProofVerifier:
         jti, iat = claims.get("jti"), claims.get("iat")
         if not isinstance(jti, str) or not 16 <= len(jti) <= MAX_JTI_LENGTH:
             raise ProofRejected("proof jti must be 16-128 characters", code="proof.claims")
-        if not isinstance(iat, int | float) or isinstance(iat, bool):
+        if not isinstance(iat, int | float) or isinstance(iat, bool) or not math.isfinite(iat):
             raise ProofRejected("proof lacks a numeric iat", code="proof.claims")
         if claims.get("htm") != htm or claims.get("htu") != htu:
             raise ProofRejected("proof is for another request (htm/htu)", code="proof.target")

@@ -1,8 +1,15 @@
 """Workload identities: registry, attestation and SVIDs."""
 
-from tether.identity._attestation import SVIDs, Attestor
+from tether.identity._attestation import Attestor, SVIDs
 from tether.identity._registry import IdentityKind, IdentityRegistry
 from tether.identity._svid import issue_jwt_svid, issue_x509_svid, pem_chain
 
-__all__ = ["Attestor", "IdentityKind", "IdentityRegistry", "SVIDs", "issue_jwt_svid",
-           "issue_x509_svid", "pem_chain"]
+__all__ = [
+    "Attestor",
+    "IdentityKind",
+    "IdentityRegistry",
+    "SVIDs",
+    "issue_jwt_svid",
+    "issue_x509_svid",
+    "pem_chain",
+]

@@ -24,7 +24,7 @@ from tether.identity._svid import DEFAULT_SVID_TTL, issue_jwt_svid, issue_x509_s
 from tether.store import Store
 from tether.tokens._keys import KeyRing
 
-JOIN_TOKEN_PREFIX = "tjt_"
+JOIN_TOKEN_PREFIX = "tjt_"  # noqa: S105 - a name, not a secret
 DEFAULT_JOIN_TTL = 600.0
 MAX_JOIN_TTL = 24 * 3600.0
 
@@ -41,8 +41,14 @@ def _hash(token: str) -> str:
 
 
 class Attestor:
-    def __init__(self, store: Store, keyring: KeyRing, registry: IdentityRegistry,
-                 auditor: Auditor, clock: Clock) -> None:
+    def __init__(
+        self,
+        store: Store,
+        keyring: KeyRing,
+        registry: IdentityRegistry,
+        auditor: Auditor,
+        clock: Clock,
+    ) -> None:
         self._store = store
         self._keyring = keyring
         self._registry = registry
@@ -59,41 +65,66 @@ class Attestor:
         with self._store.transaction():
             self._store.add_join_token(_hash(token), identity.spiffe_id, self._clock.now() + ttl)
             self._auditor.append(
-                "attestation.join_token", chain=[identity.spiffe_id], effect="allow",
-                detail={"ttl": ttl}, risk_tags=list(risk_tags(Control.WORKLOAD_IDENTITY)),
+                "attestation.join_token",
+                chain=[identity.spiffe_id],
+                effect="allow",
+                detail={"ttl": ttl},
+                risk_tags=list(risk_tags(Control.WORKLOAD_IDENTITY)),
             )
         return token
 
     def attest(
-        self, join_token: str, public_key: ec.EllipticCurvePublicKey, *,
-        audience: list[str] | None = None, ttl: float = DEFAULT_SVID_TTL,
+        self,
+        join_token: str,
+        public_key: ec.EllipticCurvePublicKey,
+        *,
+        audience: list[str] | None = None,
+        ttl: float = DEFAULT_SVID_TTL,
     ) -> SVIDs:
         now = self._clock.now()
         tags = list(risk_tags(Control.WORKLOAD_IDENTITY))
+        spiffe_id = self._store.consume_join_token(_hash(join_token), now)
+        if spiffe_id is None:
+            self._auditor.append(
+                "attestation.attest",
+                effect="deny",
+                risk_tags=tags,
+                reasons=[
+                    {
+                        "code": "attestation.join_token",
+                        "message": "join token is unknown, used or expired",
+                    }
+                ],
+            )
+            raise AttestationRejected(
+                "join token is unknown, used or expired", code="attestation.join_token"
+            )
         with self._store.transaction():
-            spiffe_id = self._store.consume_join_token(_hash(join_token), now)
-            if spiffe_id is None:
-                self._auditor.append(
-                    "attestation.attest", effect="deny", risk_tags=tags,
-                    reasons=[{"code": "attestation.join_token",
-                              "message": "join token is unknown, used or expired"}],
-                )
-                raise AttestationRejected("join token is unknown, used or expired",
-                                          code="attestation.join_token")
             identity = self._registry.get(spiffe_id)
             if identity.status != "active":
                 raise IdentityRejected(f"{spiffe_id} is disabled", code="identity.disabled")
             parsed = parse_spiffe_id(spiffe_id)
             jwt_svid, jti, expires_at = issue_jwt_svid(
-                self._keyring, parsed, audience=audience or [f"spiffe://{parsed.trust_domain}"],
-                now=now, ttl=ttl, bound_key=public_key,
+                self._keyring,
+                parsed,
+                audience=audience or [f"spiffe://{parsed.trust_domain}"],
+                now=now,
+                ttl=ttl,
+                bound_key=public_key,
             )
             leaf, ca = issue_x509_svid(self._keyring, parsed, public_key, now=now, ttl=ttl)
             self._store.record_svid(jti, spiffe_id, "jwt", expires_at)
             self._store.record_svid(format(leaf.serial_number, "x"), spiffe_id, "x509", expires_at)
             self._auditor.append(
-                "attestation.attest", chain=[spiffe_id], effect="allow", risk_tags=tags,
+                "attestation.attest",
+                chain=[spiffe_id],
+                effect="allow",
+                risk_tags=tags,
                 detail={"method": "join_token", "expires_at": expires_at},
             )
-        return SVIDs(spiffe_id=spiffe_id, jwt_svid=jwt_svid,
-                     x509_svid_pem=pem_chain(leaf, ca), expires_at=expires_at)
+        return SVIDs(
+            spiffe_id=spiffe_id,
+            jwt_svid=jwt_svid,
+            x509_svid_pem=pem_chain(leaf, ca),
+            expires_at=expires_at,
+        )

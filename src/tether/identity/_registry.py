@@ -33,6 +33,19 @@ class IdentityRegistry:
     def register(
         self, spiffe_id: str, *, kind: str, owner: str, description: str = ""
     ) -> IdentityRow:
+        try:
+            return self._register(spiffe_id, kind=kind, owner=owner, description=description)
+        except (IdentityRejected, Conflict) as exc:
+            self._auditor.append(
+                "identity.register",
+                chain=[str(spiffe_id)[:256]],
+                effect="deny",
+                reasons=[{"code": exc.code, "message": exc.message}],
+                risk_tags=list(risk_tags(Control.WORKLOAD_IDENTITY, Control.AUDIT)),
+            )
+            raise
+
+    def _register(self, spiffe_id: str, *, kind: str, owner: str, description: str) -> IdentityRow:
         parsed = parse_spiffe_id(spiffe_id)
         if parsed.trust_domain != self.trust_domain:
             raise IdentityRejected(
@@ -50,15 +63,21 @@ class IdentityRegistry:
         if len(description) > MAX_DESCRIPTION:
             raise IdentityRejected("description is too long", code="identity.description")
         row = IdentityRow(
-            spiffe_id=str(parsed), kind=kind, owner=owner, description=description,
-            status="active", created_at=self._clock.now(),
+            spiffe_id=str(parsed),
+            kind=kind,
+            owner=owner,
+            description=description,
+            status="active",
+            created_at=self._clock.now(),
         )
         with self._store.transaction():
             if self._store.get_identity(row.spiffe_id) is not None:
                 raise Conflict(f"identity {row.spiffe_id} is already registered")
             self._store.add_identity(row)
             self._auditor.append(
-                "identity.register", chain=[row.spiffe_id], effect="allow",
+                "identity.register",
+                chain=[row.spiffe_id],
+                effect="allow",
                 detail={"kind": row.kind, "owner": owner},
                 risk_tags=list(risk_tags(Control.WORKLOAD_IDENTITY, Control.AUDIT)),
             )

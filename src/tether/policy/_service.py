@@ -45,14 +45,17 @@ class PolicyService:
         schema = schema_path.read_text() if schema_path.exists() else default_schema()
         return self.load(sources, schema, origin=str(path))
 
-    def load(self, sources: dict[str, str], schema: str | None = None, *,
-             origin: str = "api") -> PolicySnapshot:
+    def load(
+        self, sources: dict[str, str], schema: str | None = None, *, origin: str = "api"
+    ) -> PolicySnapshot:
         schema = schema if schema is not None else default_schema()
         try:
             snapshot = build_snapshot(sources, schema)
         except InvalidPolicy as exc:
             self._auditor.append(
-                "policy.load", effect="deny", reasons=[{"code": exc.code, "message": exc.message}],
+                "policy.load",
+                effect="deny",
+                reasons=[{"code": exc.code, "message": exc.message}],
                 detail={"origin": origin, "files": sorted(sources)},
                 risk_tags=list(risk_tags(Control.PER_CALL_POLICY, Control.AUDIT)),
             )
@@ -62,9 +65,15 @@ class PolicyService:
                 snapshot.digest, json.dumps(sources, sort_keys=True), schema, self._clock.now()
             )
             self._auditor.append(
-                "policy.load", effect="allow", policies=list(snapshot.policy_ids)[:1000],
-                detail={"origin": origin, "digest": snapshot.digest,
-                        "count": len(snapshot.policies), "snapshot_id": snapshot_id},
+                "policy.load",
+                effect="allow",
+                policies=list(snapshot.policy_ids)[:1000],
+                detail={
+                    "origin": origin,
+                    "digest": snapshot.digest,
+                    "count": len(snapshot.policies),
+                    "snapshot_id": snapshot_id,
+                },
                 risk_tags=list(risk_tags(Control.PER_CALL_POLICY, Control.AUDIT)),
             )
         self._snapshot, self._snapshot_id = snapshot, snapshot_id

@@ -12,6 +12,12 @@ from tether.store._interface import (
 from tether.store._sqlite import SQLiteStore
 
 __all__ = [
-    "CheckpointRow", "IdentityRow", "KeyRow", "PolicyRow", "RecordRow", "SQLiteStore", "Store",
+    "CheckpointRow",
+    "IdentityRow",
+    "KeyRow",
+    "PolicyRow",
+    "RecordRow",
+    "SQLiteStore",
+    "Store",
     "TaskRow",
 ]

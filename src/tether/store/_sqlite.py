@@ -118,35 +118,60 @@ class SQLiteStore:
     def execute_unsafe(self, sql: str, params: tuple[Any, ...] = ()) -> None:
         self._run(sql, params)
 
+    def execute_fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return self._all(sql, params)
+
     # -- meta -----------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
         row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
         return None if row is None else str(row[0])
 
     def set_meta(self, key: str, value: str) -> None:
-        self._run("INSERT INTO meta (key, value) VALUES (?, ?) "
-                  "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+        self._run(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
 
     # -- keys -----------------------------------------------------------------------
     def add_key(self, row: KeyRow) -> None:
         self._run(
             "INSERT INTO signing_keys VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (row.kid, row.use, row.sealed, row.public_jwk, row.cert_pem, row.created_at,
-             row.retired_at, row.verify_until),
+            (
+                row.kid,
+                row.use,
+                row.sealed,
+                row.public_jwk,
+                row.cert_pem,
+                row.created_at,
+                row.retired_at,
+                row.verify_until,
+            ),
         )
 
     def list_keys(self) -> list[KeyRow]:
         return [KeyRow(*r) for r in self._all("SELECT * FROM signing_keys ORDER BY created_at")]
 
     def retire_key(self, kid: str, retired_at: float, verify_until: float) -> None:
-        self._run("UPDATE signing_keys SET retired_at = ?, verify_until = ? WHERE kid = ?",
-                  (retired_at, verify_until, kid))
+        self._run(
+            "UPDATE signing_keys SET retired_at = ?, verify_until = ? WHERE kid = ?",
+            (retired_at, verify_until, kid),
+        )
 
     # -- identities -------------------------------------------------------------------
     def add_identity(self, row: IdentityRow) -> None:
-        self._run("INSERT INTO identities VALUES (?, ?, ?, ?, ?, ?, ?)",
-                  (row.spiffe_id, row.kind, row.owner, row.description, row.status,
-                   row.created_at, row.disabled_at))
+        self._run(
+            "INSERT INTO identities VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.spiffe_id,
+                row.kind,
+                row.owner,
+                row.description,
+                row.status,
+                row.created_at,
+                row.disabled_at,
+            ),
+        )
 
     def get_identity(self, spiffe_id: str) -> IdentityRow | None:
         row = self._one("SELECT * FROM identities WHERE spiffe_id = ?", (spiffe_id,))
@@ -156,18 +181,24 @@ class SQLiteStore:
         return [IdentityRow(*r) for r in self._all("SELECT * FROM identities ORDER BY spiffe_id")]
 
     def disable_identity(self, spiffe_id: str, at: float) -> bool:
-        cur = self._run("UPDATE identities SET status = 'disabled', disabled_at = ? "
-                        "WHERE spiffe_id = ? AND status = 'active'", (at, spiffe_id))
+        cur = self._run(
+            "UPDATE identities SET status = 'disabled', disabled_at = ? "
+            "WHERE spiffe_id = ? AND status = 'active'",
+            (at, spiffe_id),
+        )
         return cur.rowcount == 1
 
     def add_join_token(self, token_hash: str, spiffe_id: str, expires_at: float) -> None:
-        self._run("INSERT INTO join_tokens VALUES (?, ?, ?, NULL)",
-                  (token_hash, spiffe_id, expires_at))
+        self._run(
+            "INSERT INTO join_tokens VALUES (?, ?, ?, NULL)", (token_hash, spiffe_id, expires_at)
+        )
 
     def consume_join_token(self, token_hash: str, now: float) -> str | None:
         row = self._one(
             "UPDATE join_tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL "
-            "AND expires_at > ? RETURNING spiffe_id", (now, token_hash, now))
+            "AND expires_at > ? RETURNING spiffe_id",
+            (now, token_hash, now),
+        )
         return None if row is None else str(row[0])
 
     def record_svid(self, serial: str, spiffe_id: str, kind: str, expires_at: float) -> None:
@@ -175,20 +206,27 @@ class SQLiteStore:
 
     # -- templates and policies ---------------------------------------------------------
     def put_template(self, name: str, body: str, at: float) -> None:
-        self._run("INSERT INTO templates VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
-                  "body = excluded.body, updated_at = excluded.updated_at", (name, body, at))
+        self._run(
+            "INSERT INTO templates VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+            "body = excluded.body, updated_at = excluded.updated_at",
+            (name, body, at),
+        )
 
     def get_template(self, name: str) -> str | None:
         row = self._one("SELECT body FROM templates WHERE name = ?", (name,))
         return None if row is None else str(row[0])
 
     def list_templates(self) -> list[tuple[str, str]]:
-        return [(str(a), str(b)) for a, b in self._all(
-            "SELECT name, body FROM templates ORDER BY name")]
+        return [
+            (str(a), str(b)) for a, b in self._all("SELECT name, body FROM templates ORDER BY name")
+        ]
 
     def add_policy(self, digest: str, sources_json: str, schema: str, at: float) -> int:
-        row = self._one("INSERT INTO policy_snapshots (digest, sources_json, schema, loaded_at) "
-                        "VALUES (?, ?, ?, ?) RETURNING id", (digest, sources_json, schema, at))
+        row = self._one(
+            "INSERT INTO policy_snapshots (digest, sources_json, schema, loaded_at) "
+            "VALUES (?, ?, ?, ?) RETURNING id",
+            (digest, sources_json, schema, at),
+        )
         assert row is not None
         return int(row[0])
 
@@ -200,18 +238,32 @@ class SQLiteStore:
     def add_task(self, row: TaskRow) -> None:
         self._run(
             "INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (row.task_id, row.agent_id, row.parent_task_id, row.template, row.intent_json,
-             row.intent_digest, row.jkt, row.token_id, row.status, row.calls_used,
-             row.opened_at, row.expires_at, row.ended_at, row.end_reason, row.chain_json),
+            (
+                row.task_id,
+                row.agent_id,
+                row.parent_task_id,
+                row.template,
+                row.intent_json,
+                row.intent_digest,
+                row.jkt,
+                row.token_id,
+                row.status,
+                row.calls_used,
+                row.opened_at,
+                row.expires_at,
+                row.ended_at,
+                row.end_reason,
+                row.chain_json,
+            ),
         )
 
     def get_task(self, task_id: str) -> TaskRow | None:
         row = self._one("SELECT * FROM tasks WHERE task_id = ?", (task_id,))
         return None if row is None else TaskRow(*row)
 
-    def list_tasks(self, *, agent_id: str | None = None, status: str | None = None) -> list[
-        TaskRow
-    ]:
+    def list_tasks(
+        self, *, agent_id: str | None = None, status: str | None = None
+    ) -> list[TaskRow]:
         sql, params = "SELECT * FROM tasks WHERE 1=1", []
         if agent_id is not None:
             sql += " AND agent_id = ?"
@@ -222,26 +274,35 @@ class SQLiteStore:
         return [TaskRow(*r) for r in self._all(sql + " ORDER BY opened_at", tuple(params))]
 
     def close_task(self, task_id: str, status: str, reason: str, at: float) -> bool:
-        cur = self._run("UPDATE tasks SET status = ?, end_reason = ?, ended_at = ? "
-                        "WHERE task_id = ? AND status = 'open'", (status, reason, at, task_id))
+        cur = self._run(
+            "UPDATE tasks SET status = ?, end_reason = ?, ended_at = ? "
+            "WHERE task_id = ? AND status = 'open'",
+            (status, reason, at, task_id),
+        )
         return cur.rowcount == 1
 
     def spend_call(self, task_id: str, max_calls: int) -> bool:
-        cur = self._run("UPDATE tasks SET calls_used = calls_used + 1 WHERE task_id = ? "
-                        "AND status = 'open' AND calls_used < ?", (task_id, max_calls))
+        cur = self._run(
+            "UPDATE tasks SET calls_used = calls_used + 1 WHERE task_id = ? "
+            "AND status = 'open' AND calls_used < ?",
+            (task_id, max_calls),
+        )
         return cur.rowcount == 1
 
     # -- revocations and proofs ---------------------------------------------------------
     def revoke_token(self, token_id: str, task_id: str, reason: str, at: float) -> None:
-        self._run("INSERT INTO revocations VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                  (token_id, task_id, reason, at))
+        self._run(
+            "INSERT INTO revocations VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (token_id, task_id, reason, at),
+        )
 
     def token_revoked(self, token_id: str) -> bool:
         return self._one("SELECT 1 FROM revocations WHERE token_id = ?", (token_id,)) is not None
 
     def record_proof(self, jti: str, expires_at: float) -> bool:
-        cur = self._run("INSERT INTO proofs VALUES (?, ?) ON CONFLICT DO NOTHING",
-                        (jti, expires_at))
+        cur = self._run(
+            "INSERT INTO proofs VALUES (?, ?) ON CONFLICT DO NOTHING", (jti, expires_at)
+        )
         return cur.rowcount == 1
 
     def proof_seen(self, jti: str) -> bool:
@@ -252,8 +313,10 @@ class SQLiteStore:
 
     # -- audit ------------------------------------------------------------------------
     def insert_record(self, row: RecordRow) -> None:
-        self._run("INSERT INTO audit_records VALUES (?, ?, ?, ?, ?)",
-                  (row.seq, row.prev_hash, row.hash, row.body, row.created_at))
+        self._run(
+            "INSERT INTO audit_records VALUES (?, ?, ?, ?, ?)",
+            (row.seq, row.prev_hash, row.hash, row.body, row.created_at),
+        )
 
     def last_record(self) -> RecordRow | None:
         row = self._one("SELECT * FROM audit_records ORDER BY seq DESC LIMIT 1")
@@ -271,9 +334,12 @@ class SQLiteStore:
         return [RecordRow(*r) for r in reversed(rows)]
 
     def add_checkpoint(self, row: CheckpointRow) -> None:
-        self._run("INSERT INTO audit_checkpoints VALUES (?, ?, ?, ?)",
-                  (row.seq, row.hash, row.signature, row.created_at))
+        self._run(
+            "INSERT INTO audit_checkpoints VALUES (?, ?, ?, ?)",
+            (row.seq, row.hash, row.signature, row.created_at),
+        )
 
     def list_checkpoints(self) -> list[CheckpointRow]:
-        return [CheckpointRow(*r) for r in self._all(
-            "SELECT * FROM audit_checkpoints ORDER BY seq")]
+        return [
+            CheckpointRow(*r) for r in self._all("SELECT * FROM audit_checkpoints ORDER BY seq")
+        ]

@@ -10,6 +10,16 @@ from tether.tasks._templates import (
     render,
 )
 
-__all__ = ["ADHOC_TEMPLATE", "Authorizer", "OpenedTask", "ParamSpec", "Receipt",
-           "StoreTaskView", "TaskService", "Template", "load_template_file", "parse_template",
-           "render"]
+__all__ = [
+    "ADHOC_TEMPLATE",
+    "Authorizer",
+    "OpenedTask",
+    "ParamSpec",
+    "Receipt",
+    "StoreTaskView",
+    "TaskService",
+    "Template",
+    "load_template_file",
+    "parse_template",
+    "render",
+]

@@ -72,13 +72,19 @@ class StoreTaskView:
         if intent is None:
             intent = self._intents[row.intent_digest] = decode_intent(row.intent_json)
         return TaskState(
-            task_id=row.task_id, agent_id=row.agent_id,
+            task_id=row.task_id,
+            agent_id=row.agent_id,
             agent_owner=agent.owner if agent else "",
             agent_kind=agent.kind if agent else "",
             agent_active=agent is not None and agent.status == "active",
-            template=row.template, status=row.status, intent=intent,
-            intent_digest=row.intent_digest, jkt=row.jkt, expires_at=row.expires_at,
-            calls_used=row.calls_used, token_id=row.token_id,
+            template=row.template,
+            status=row.status,
+            intent=intent,
+            intent_digest=row.intent_digest,
+            jkt=row.jkt,
+            expires_at=row.expires_at,
+            calls_used=row.calls_used,
+            token_id=row.token_id,
         )
 
     def token_revoked(self, token_id: str) -> bool:
@@ -89,8 +95,14 @@ class StoreTaskView:
 
 
 class Authorizer:
-    def __init__(self, store: Store, keyring: KeyRing, policies: PolicyService,
-                 auditor: Auditor, clock: Clock) -> None:
+    def __init__(
+        self,
+        store: Store,
+        keyring: KeyRing,
+        policies: PolicyService,
+        auditor: Auditor,
+        clock: Clock,
+    ) -> None:
         self._store = store
         self._keyring = keyring
         self._policies = policies
@@ -108,48 +120,78 @@ class Authorizer:
             self._tokens, self._keys_version = TokenVerifier(keys), version
         return self._tokens
 
-    def authorize(self, *, token: str | None, proof: str | None, tool: str,
-                  args: dict[str, Any], task_id: str | None = None) -> Receipt:
+    def authorize(
+        self,
+        *,
+        token: str | None,
+        proof: str | None,
+        tool: str,
+        args: dict[str, Any],
+        task_id: str | None = None,
+    ) -> Receipt:
         started = time.perf_counter()
         now = self._clock.now()
         try:
             decision = decide(
-                token=token, proof=proof, call=Call(tool=tool, args=args), view=self._view,
-                snapshot=self._policies.snapshot(), tokens=self._token_verifier(now),
-                proofs=self._proofs, now=now, task_hint=task_id,
+                token=token,
+                proof=proof,
+                call=Call(tool=tool, args=args),
+                view=self._view,
+                snapshot=self._policies.snapshot(),
+                tokens=self._token_verifier(now),
+                proofs=self._proofs,
+                now=now,
+                task_hint=task_id,
             )
         except Exception as exc:  # decide never raises; its inputs' loaders might
-            decision = Decision(effect=Effect.DENY, reasons=(Reason(
-                "internal.error", f"decision inputs unavailable: {type(exc).__name__}: {exc}"),),
-                risk_tags=risk_tags(Control.PER_CALL_POLICY), tool=str(tool)[:256])
+            decision = Decision(
+                effect=Effect.DENY,
+                reasons=(
+                    Reason(
+                        "internal.error",
+                        f"decision inputs unavailable: {type(exc).__name__}: {exc}",
+                    ),
+                ),
+                risk_tags=risk_tags(Control.PER_CALL_POLICY),
+                tool=str(tool)[:256],
+            )
         latency_us = (time.perf_counter() - started) * 1e6
         with self._store.transaction():
             if decision.allowed:
                 decision = self._apply(decision, now)
             record = self._auditor.append(
-                "decision", chain=list(decision.chain), task_id=decision.task_id,
-                intent_digest=decision.intent_digest, tool=decision.tool,
-                args_digest=decision.args_digest, effect=str(decision.effect),
+                "decision",
+                chain=list(decision.chain),
+                task_id=decision.task_id,
+                intent_digest=decision.intent_digest,
+                tool=decision.tool,
+                args_digest=decision.args_digest,
+                effect=str(decision.effect),
                 reasons=[{"code": r.code, "message": r.message} for r in decision.reasons],
-                policies=list(decision.policies), risk_tags=list(decision.risk_tags),
-                latency_us=round(latency_us, 1), token_digest=decision.token_digest,
+                policies=list(decision.policies),
+                risk_tags=list(decision.risk_tags),
+                latency_us=round(latency_us, 1),
+                token_digest=decision.token_digest,
             )
-        return Receipt(decision=decision, seq=record.seq, hash=record.hash,
-                       latency_us=latency_us)
+        return Receipt(decision=decision, seq=record.seq, hash=record.hash, latency_us=latency_us)
 
     def _apply(self, decision: Decision, now: float) -> Decision:
         """Consume the proof and spend budget; a lost race turns the allow into a deny."""
         assert decision.task_id is not None and decision.proof_jti is not None
         if not self._store.record_proof(decision.proof_jti, now + PROOF_WINDOW * 2):
             return msgspec.structs.replace(
-                decision, effect=Effect.DENY,
+                decision,
+                effect=Effect.DENY,
                 reasons=(Reason("proof.replayed", "proof has been used before"),),
-                risk_tags=risk_tags(Control.SENDER_CONSTRAINED))
+                risk_tags=risk_tags(Control.SENDER_CONSTRAINED),
+            )
         state = self._view.task(decision.task_id)
         limit = state.intent.budget.max_calls if state else 0
         if not self._store.spend_call(decision.task_id, limit):
             return msgspec.structs.replace(
-                decision, effect=Effect.DENY,
+                decision,
+                effect=Effect.DENY,
                 reasons=(Reason("budget.calls_exhausted", f"call budget of {limit} is spent"),),
-                risk_tags=risk_tags(Control.INTENT_BINDING))
+                risk_tags=risk_tags(Control.INTENT_BINDING),
+            )
         return decision

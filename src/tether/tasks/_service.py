@@ -34,8 +34,15 @@ class OpenedTask(msgspec.Struct, frozen=True):
 
 
 class TaskService:
-    def __init__(self, store: Store, keyring: KeyRing, registry: IdentityRegistry,
-                 policies: PolicyService, auditor: Auditor, clock: Clock) -> None:
+    def __init__(
+        self,
+        store: Store,
+        keyring: KeyRing,
+        registry: IdentityRegistry,
+        policies: PolicyService,
+        auditor: Auditor,
+        clock: Clock,
+    ) -> None:
         self._store = store
         self._keyring = keyring
         self._registry = registry
@@ -43,11 +50,23 @@ class TaskService:
         self._auditor = auditor
         self._clock = clock
 
-    def _deny(self, kind: str, chain: list[str], code: str, message: str,
-              *controls: Control, **fields: Any) -> None:
-        self._auditor.append(kind, chain=chain, effect="deny",
-                             reasons=[{"code": code, "message": message}],
-                             risk_tags=list(risk_tags(*controls, Control.AUDIT)), **fields)
+    def _deny(
+        self,
+        kind: str,
+        chain: list[str],
+        code: str,
+        message: str,
+        *controls: Control,
+        **fields: Any,
+    ) -> None:
+        self._auditor.append(
+            kind,
+            chain=chain,
+            effect="deny",
+            reasons=[{"code": code, "message": message}],
+            risk_tags=list(risk_tags(*controls, Control.AUDIT)),
+            **fields,
+        )
 
     def open(
         self,
@@ -62,22 +81,30 @@ class TaskService:
         try:
             agent = self._registry.get(str(parse_spiffe_id(agent_id)))
             if agent.kind != "agent":
-                raise IdentityRejected(f"{agent_id} is a {agent.kind}, not an agent",
-                                       code="identity.kind")
+                raise IdentityRejected(
+                    f"{agent_id} is a {agent.kind}, not an agent", code="identity.kind"
+                )
             if agent.status != "active":
                 raise IdentityRejected(f"agent {agent_id} is disabled", code="identity.disabled")
         except (IdentityRejected, NotFound) as exc:
-            self._deny("task.open", [agent_id[:256]], exc.code, exc.message,
-                       Control.WORKLOAD_IDENTITY)
+            self._deny(
+                "task.open", [agent_id[:256]], exc.code, exc.message, Control.WORKLOAD_IDENTITY
+            )
             raise
         if (template is None) == (intent is None):
-            raise AdmissionRejected("give either a template or an explicit intent",
-                                    code="admission.request")
+            raise AdmissionRejected(
+                "give either a template or an explicit intent", code="admission.request"
+            )
         if template is not None:
             body = self._store.get_template(template)
             if body is None:
-                self._deny("task.open", [agent.spiffe_id], "template.unknown",
-                           f"template {template!r} is not defined", Control.INTENT_BINDING)
+                self._deny(
+                    "task.open",
+                    [agent.spiffe_id],
+                    "template.unknown",
+                    f"template {template!r} is not defined",
+                    Control.INTENT_BINDING,
+                )
                 raise NotFound(f"template {template!r} is not defined")
             intent = render(parse_template(json.loads(body)), params or {})
         assert intent is not None
@@ -97,41 +124,86 @@ class TaskService:
             "ttl_seconds": intent.ttl_seconds,
             "tools": sorted({c.tool for c in intent.capabilities}),
         }
-        outcome = snapshot.evaluate(principal, "open_task", resource, context,
-                                    entities + [{"uid": resource, "attrs": {}, "parents": []}])
+        outcome = snapshot.evaluate(
+            principal,
+            "open_task",
+            resource,
+            context,
+            [*entities, {"uid": resource, "attrs": {}, "parents": []}],
+        )
         if outcome.errors or not outcome.allowed or outcome.approval:
-            message = ("admission policy error: " + "; ".join(outcome.errors) if outcome.errors
-                       else "approval required to open this task" if outcome.approval
-                       else "no admission policy lets this agent open " + name)
-            self._deny("task.open", [agent.spiffe_id], "admission.denied", message,
-                       Control.INTENT_BINDING, Control.PER_CALL_POLICY,
-                       policies=list(outcome.policies), intent_digest=digest)
+            message = (
+                "admission policy error: " + "; ".join(outcome.errors)
+                if outcome.errors
+                else "approval required to open this task"
+                if outcome.approval
+                else "no admission policy lets this agent open " + name
+            )
+            self._deny(
+                "task.open",
+                [agent.spiffe_id],
+                "admission.denied",
+                message,
+                Control.INTENT_BINDING,
+                Control.PER_CALL_POLICY,
+                policies=list(outcome.policies),
+                intent_digest=digest,
+            )
             raise AdmissionRejected(message)
 
         task_id = "task_" + uuid.uuid4().hex
         expires_at = now + intent.ttl_seconds
         token, token_id = mint_task_token(
-            self._keyring, task_id=task_id, agent_id=agent.spiffe_id, template=name,
-            intent=intent, intent_digest=digest, jkt=jkt, issued_at=now, expires_at=expires_at,
+            self._keyring,
+            task_id=task_id,
+            agent_id=agent.spiffe_id,
+            template=name,
+            intent=intent,
+            intent_digest=digest,
+            jkt=jkt,
+            issued_at=now,
+            expires_at=expires_at,
         )
         row = TaskRow(
-            task_id=task_id, agent_id=agent.spiffe_id, parent_task_id=None, template=name,
+            task_id=task_id,
+            agent_id=agent.spiffe_id,
+            parent_task_id=None,
+            template=name,
             intent_json=msgspec.json.encode(intent_to_builtins(intent)).decode(),
-            intent_digest=digest, jkt=jkt, token_id=token_id, status="open", calls_used=0,
-            opened_at=now, expires_at=expires_at, chain_json=json.dumps([agent.spiffe_id]),
+            intent_digest=digest,
+            jkt=jkt,
+            token_id=token_id,
+            status="open",
+            calls_used=0,
+            opened_at=now,
+            expires_at=expires_at,
+            chain_json=json.dumps([agent.spiffe_id]),
         )
         with self._store.transaction():
             self._store.add_task(row)
             self._auditor.append(
-                "task.open", chain=[agent.spiffe_id], task_id=task_id, intent_digest=digest,
-                effect="allow", policies=list(outcome.policies),
-                detail={"template": name, "token_id": token_id, "expires_at": expires_at,
-                        "jkt": jkt, "purpose": intent.purpose},
-                risk_tags=list(risk_tags(Control.TASK_TOKEN, Control.INTENT_BINDING,
-                                         Control.SENDER_CONSTRAINED)),
+                "task.open",
+                chain=[agent.spiffe_id],
+                task_id=task_id,
+                intent_digest=digest,
+                effect="allow",
+                policies=list(outcome.policies),
+                detail={
+                    "template": name,
+                    "token_id": token_id,
+                    "expires_at": expires_at,
+                    "jkt": jkt,
+                    "purpose": intent.purpose,
+                },
+                risk_tags=list(
+                    risk_tags(
+                        Control.TASK_TOKEN, Control.INTENT_BINDING, Control.SENDER_CONSTRAINED
+                    )
+                ),
             )
-        return OpenedTask(task_id=task_id, token=token, expires_at=int(expires_at),
-                          intent_digest=digest)
+        return OpenedTask(
+            task_id=task_id, token=token, expires_at=int(expires_at), intent_digest=digest
+        )
 
     def get(self, task_id: str) -> TaskRow:
         row = self._store.get_task(task_id)
@@ -150,14 +222,20 @@ class TaskService:
             closed = self._store.close_task(task_id, status, reason, now)
             self._store.revoke_token(row.token_id, task_id, reason, now)
             if closed:
-                controls = (Control.TASK_TOKEN, Control.CASCADING_REVOCATION)
+                controls: tuple[Control, ...] = (Control.TASK_TOKEN, Control.CASCADING_REVOCATION)
                 if status == "revoked":
                     controls += (Control.OFFBOARDING,)
                 self._auditor.append(
-                    f"task.{'end' if status == 'ended' else status}", chain=[row.agent_id],
-                    task_id=task_id, intent_digest=row.intent_digest, effect="allow",
-                    detail={"reason": reason, "token_id": row.token_id, "calls_used":
-                            row.calls_used},
+                    f"task.{'end' if status == 'ended' else status}",
+                    chain=[row.agent_id],
+                    task_id=task_id,
+                    intent_digest=row.intent_digest,
+                    effect="allow",
+                    detail={
+                        "reason": reason,
+                        "token_id": row.token_id,
+                        "calls_used": row.calls_used,
+                    },
                     risk_tags=list(risk_tags(*controls)),
                 )
         return self.get(task_id)

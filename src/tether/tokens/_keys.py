@@ -51,10 +51,12 @@ def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 def _ca_certificate(
     key: ec.EllipticCurvePrivateKey, trust_domain: str, now: float
 ) -> x509.Certificate:
-    name = x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Tether"),
-        x509.NameAttribute(NameOID.COMMON_NAME, f"{trust_domain} CA"),
-    ])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Tether"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"{trust_domain} CA"),
+        ]
+    )
     start = dt.datetime.fromtimestamp(now - 60, tz=dt.UTC)
     return (
         x509.CertificateBuilder()
@@ -67,14 +69,22 @@ def _ca_certificate(
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
         .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]),
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
+            ),
             critical=False,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -143,7 +153,8 @@ class KeyRing:
     def trusted(self, use: str, now: float) -> list[KeyRow]:
         """Keys of ``use`` that may still verify: active, or retired within their overlap."""
         return [
-            r for r in self._store.list_keys()
+            r
+            for r in self._store.list_keys()
             if r.use == use and (r.retired_at is None or (r.verify_until or 0) > now)
         ]
 
@@ -172,8 +183,13 @@ class KeyRing:
             der = x509.load_pem_x509_certificate(r.cert_pem.encode()).public_bytes(
                 serialization.Encoding.DER
             )
-            keys.append({**json.loads(r.public_jwk), "use": "x509-svid",
-                         "x5c": [base64.b64encode(der).decode()]})
+            keys.append(
+                {
+                    **json.loads(r.public_jwk),
+                    "use": "x509-svid",
+                    "x5c": [base64.b64encode(der).decode()],
+                }
+            )
         for r in self.trusted(JWT_USE, now):
             keys.append({**json.loads(r.public_jwk), "kid": r.kid, "use": "jwt-svid"})
         sequence = len(self._store.list_keys())

@@ -1,0 +1,12 @@
+import argparse
+import sys
+from pathlib import Path
+
+from tether.demo._scenario import run
+
+parser = argparse.ArgumentParser(prog="python -m tether.demo")
+parser.add_argument("--once", action="store_true", help="exit when the scenario ends")
+parser.add_argument("--examples", type=Path, default=Path("examples/demo"))
+parser.add_argument("--home", type=Path, default=None, help="keep the demo's Tether home here")
+options = parser.parse_args()
+sys.exit(run(examples=options.examples, home=options.home, once=options.once))

@@ -1,0 +1,239 @@
+"""The real ``tether`` CLI, driven as a user would: one process per verb."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "demo"
+AGENT = "spiffe://acme.example/agent/bill-payer"
+PAYEE = "DE89370400440532013000"
+
+
+class CLI:
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.env = {**os.environ, "TETHER_HOME": str(home)}
+        self.env.pop("TETHER_KEK", None)
+
+    def run(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(  # noqa: PLW1510 - the exit code is asserted
+            [sys.executable, "-m", "tether", *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=60,
+        )
+        if ok:
+            assert result.returncode == 0, result.stderr
+        return result
+
+    def json(self, *args: str) -> Any:
+        result = self.run(*args, "--json")
+        lines = result.stdout.strip().splitlines()
+        assert len(lines) == 1, result.stdout
+        return json.loads(lines[0])
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> CLI:
+    c = CLI(tmp_path / "home")
+    c.json("init", "--trust-domain", "acme.example")
+    c.json(
+        "identity",
+        "register",
+        AGENT,
+        "--kind",
+        "agent",
+        "--owner",
+        "alice@acme.example",
+        "--description",
+        "Pays bills",
+    )
+    c.json("template", "add", str(EXAMPLES / "templates" / "pay-bill.toml"))
+    c.json("policy", "load", str(EXAMPLES / "policies"))
+    return c
+
+
+def test_full_path_with_a_template(cli: CLI) -> None:
+    opened = cli.json(
+        "task",
+        "open",
+        "--agent",
+        AGENT,
+        "--template",
+        "pay-bill",
+        "--param",
+        f"payee={PAYEE}",
+        "--param",
+        "max_amount=1500",
+    )
+    assert set(opened) == {"task_id", "token", "expires_at"}
+    task = opened["task_id"]
+    key_file = cli.home / "tasks" / f"{task}.json"
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+
+    allow = cli.json("authorize", "--task", task, "--tool", "bank.read_bills", "--args", "{}")
+    assert allow["effect"] == "allow" and allow["policies"] == ["read-bank-data"]
+    assert allow["receipt"]["seq"] > 0 and len(allow["receipt"]["hash"]) == 64
+
+    deny = cli.json("authorize", "--task", task, "--tool", "shell.exec", "--args", '{"cmd": "id"}')
+    assert deny["effect"] == "deny"
+    assert deny["reasons"][0]["code"] == "intent.no_capability"
+
+    held = cli.json(
+        "authorize",
+        "--task",
+        task,
+        "--tool",
+        "bank.send_money",
+        "--args",
+        json.dumps({"recipient": PAYEE, "amount": 1200}),
+    )
+    assert held["effect"] == "approval_required"
+    assert "large-payments-need-a-human" in held["policies"]
+
+    shown = cli.json("task", "show", task)
+    assert shown["status"] == "open" and shown["calls_used"] == 1
+
+    ended = cli.json("task", "end", task)
+    assert ended["status"] == "ended"
+    after = cli.json("authorize", "--task", task, "--tool", "bank.read_bills", "--args", "{}")
+    assert after["effect"] == "deny" and after["reasons"][0]["code"] == "task.ended"
+
+    verify = cli.json("audit", "verify")
+    assert verify["ok"] is True and verify["records"] >= 9
+    tail = cli.json("audit", "tail", "-n", "3")
+    assert [r["kind"] for r in tail["records"]][-1] == "decision"
+
+
+def test_inline_intent(cli: CLI, tmp_path: Path) -> None:
+    (tmp_path / "pol").mkdir()
+    (tmp_path / "pol" / "adhoc.cedar").write_text(
+        'permit (principal, action == Action::"open_task", resource == Template::"adhoc");\n'
+        'permit (principal, action == Action::"call_tool", resource);\n'
+    )
+    cli.json("policy", "load", str(tmp_path / "pol"))
+    intent = {
+        "purpose": "Summarise the ticket",
+        "capabilities": [{"tool": "tickets.read", "args": {"id": {"pattern": "^T-[0-9]+$"}}}],
+        "budget": {"max_calls": 2},
+        "ttl_seconds": 120,
+    }
+    opened = cli.json("task", "open", "--agent", AGENT, "--intent", json.dumps(intent))
+    task = opened["task_id"]
+    good = cli.json(
+        "authorize", "--task", task, "--tool", "tickets.read", "--args", '{"id": "T-42"}'
+    )
+    bad = cli.json(
+        "authorize",
+        "--task",
+        task,
+        "--tool",
+        "tickets.read",
+        "--args",
+        '{"id": "T-42; DROP TABLE"}',
+    )
+    assert good["effect"] == "allow"
+    assert bad["effect"] == "deny" and bad["reasons"][0]["code"] == "intent.argument"
+
+
+def test_lists_and_shows(cli: CLI) -> None:
+    assert cli.json("identity", "list")["identities"][0]["spiffe_id"] == AGENT
+    assert cli.json("identity", "show", AGENT)["owner"] == "alice@acme.example"
+    assert cli.json("template", "list")["templates"][0]["name"] == "pay-bill"
+    policies = cli.json("policy", "list")["policies"]
+    assert {p["id"] for p in policies} >= {"read-bank-data", "large-payments-need-a-human"}
+    bundle = cli.json("bundle")
+    assert {k["use"] for k in bundle["keys"]} == {"jwt-svid", "x509-svid"}
+    jwks = cli.json("bundle", "--format", "jwks")
+    assert all(k["alg"] == "ES256" for k in jwks["keys"])
+
+
+def test_attest_and_disable(cli: CLI, tmp_path: Path) -> None:
+    join = cli.json("identity", "join-token", AGENT, "--ttl", "60")["join_token"]
+    out = tmp_path / "svid"
+    attested = cli.json("attest", "--join-token", join, "--out", str(out))
+    assert attested["spiffe_id"] == AGENT
+    assert oct((out / "svid.key").stat().st_mode & 0o777) == "0o600"
+    replay = cli.run("attest", "--join-token", join, "--out", str(out), ok=False)
+    assert replay.returncode == 1 and "join token" in replay.stderr
+    task = cli.json(
+        "task", "open", "--agent", AGENT, "--template", "pay-bill", "--param", f"payee={PAYEE}"
+    )["task_id"]
+    disabled = cli.json("identity", "disable", AGENT)
+    assert disabled["status"] == "disabled" and disabled["revoked_tasks"] == [task]
+    after = cli.json("authorize", "--task", task, "--tool", "bank.read_bills", "--args", "{}")
+    assert after["reasons"][0]["code"] == "identity.disabled"
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (("identity", "show", "spiffe://acme.example/agent/nobody"), 2, "not registered"),
+        (
+            ("identity", "register", "spiffe://ACME/x", "--kind", "agent", "--owner", "a@b.c"),
+            1,
+            "trust domain",
+        ),
+        (("task", "open", "--agent", AGENT, "--intent", "{not json"), 2, "not valid JSON"),
+        (("task", "open", "--agent", AGENT, "--template", "nope"), 2, "not defined"),
+        (("authorize", "--task", "task_x", "--tool", "a", "--args", "[1]"), 2, "JSON object"),
+        (("policy", "load", "/nonexistent"), 2, "not a directory"),
+        (("frobnicate",), 2, "No such command"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(
+    cli: CLI, args: tuple[str, ...], code: int, needle: str
+) -> None:
+    result = cli.run(*args, ok=False)
+    assert result.returncode == code
+    assert needle in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_home_option_and_uninitialised_home(tmp_path: Path) -> None:
+    c = CLI(tmp_path / "elsewhere")
+    result = c.run("identity", "list", "--home", str(tmp_path / "missing"), ok=False)
+    assert result.returncode == 2 and "tether init" in result.stderr
+    c.json("init", "--trust-domain", "example.org", "--home", str(tmp_path / "h2"))
+    assert (tmp_path / "h2" / "tether.db").exists()
+
+
+def test_authorize_without_held_key_is_denied_with_a_receipt(cli: CLI) -> None:
+    result = cli.json(
+        "authorize", "--task", "task_unknown", "--tool", "bank.read_bills", "--args", "{}"
+    )
+    assert result["effect"] == "deny" and result["reasons"][0]["code"] == "token.missing"
+    assert result["receipt"]["seq"] > 0
+
+
+def test_demo_runs_and_shows_the_whole_path() -> None:
+    result = subprocess.run(  # noqa: PLW1510 - the exit code is asserted
+        [sys.executable, "-m", "tether.demo", "--once", "--examples", str(EXAMPLES)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    for needle in (
+        "allow",
+        "intent.no_capability",
+        "approval_required",
+        "task.ended",
+        "identity.disabled",
+        "audit chain verified",
+        "validates it",
+    ):
+        assert needle in out, needle
