@@ -237,3 +237,17 @@ def test_demo_runs_and_shows_the_whole_path() -> None:
         "validates it",
     ):
         assert needle in out, needle
+
+
+def test_key_rotation_and_checkpoint(cli: CLI) -> None:
+    before = {k["kid"] for k in cli.json("bundle", "--format", "jwks")["keys"]}
+    rotated = cli.json("keys", "rotate")
+    after = {k["kid"] for k in cli.json("bundle", "--format", "jwks")["keys"]}
+    assert after == before | {rotated["kid"]}
+    ca = cli.json("keys", "rotate", "--use", "x509-ca")
+    assert ca["use"] == "x509-ca"
+    x509_entries = [k for k in cli.json("bundle")["keys"] if k["use"] == "x509-svid"]
+    assert len(x509_entries) == 2
+    checkpoint = cli.json("audit", "checkpoint")
+    assert checkpoint["seq"] > 0
+    assert cli.json("audit", "verify")["checkpoints"] >= 1

@@ -65,7 +65,8 @@ class SQLiteStore:
                 self.path, isolation_level=None, check_same_thread=False, timeout=30.0
             )
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a committed receipt survives power loss, not only a process crash.
+            self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_DDL)
         except sqlite3.Error as exc:

@@ -31,6 +31,8 @@ from tether.policy import PolicyService
 from tether.store import Store
 from tether.tokens import KeyRing
 
+PURGE_EVERY = 1024
+
 
 class Receipt(msgspec.Struct, frozen=True):
     """A decision and the audit record that holds it."""
@@ -112,6 +114,7 @@ class Authorizer:
         self._proofs = ProofVerifier()
         self._tokens: TokenVerifier | None = None
         self._keys_version: tuple[str, ...] = ()
+        self._decisions = 0
 
     def _token_verifier(self, now: float) -> TokenVerifier:
         keys = self._keyring.verification_keys(now)
@@ -156,6 +159,9 @@ class Authorizer:
                 tool=str(tool)[:256],
             )
         latency_us = (time.perf_counter() - started) * 1e6
+        self._decisions += 1
+        if self._decisions % PURGE_EVERY == 0:
+            self._store.purge_proofs(now)
         with self._store.transaction():
             if decision.allowed:
                 decision = self._apply(decision, now)
