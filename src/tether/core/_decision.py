@@ -31,9 +31,12 @@ Cedar policy, budget.
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any, Protocol
 
+import cedarpy
 import msgspec
 
 from tether._errors import TetherError
@@ -158,6 +161,14 @@ def principal_entities(
         {"uid": owner_uid, "attrs": {}, "parents": []},
     ]
     return principal, entities
+
+
+@lru_cache(maxsize=4096)
+def _call_entities(agent_id: str, owner: str, kind: str, tool: str) -> cedarpy.Entities:
+    """The entity graph of one (agent, tool) pair, parsed once by Cedar and reused."""
+    _, entities = principal_entities(agent_id, owner, kind)
+    entities.append({"uid": {"type": "Tool", "id": tool}, "attrs": {}, "parents": []})
+    return cedarpy.Entities.from_json_str(json.dumps(entities))
 
 
 def decide(
@@ -308,7 +319,7 @@ def _decide(
         )
 
     # 5. Cedar.
-    principal, entities = principal_entities(state.agent_id, state.agent_owner, state.agent_kind)
+    principal = {"type": "Agent", "id": state.agent_id}
     cedar_args = {k: _cedar_value(v) for k, v in call.args.items() if v is not None}
     context = {
         "task_id": state.task_id,
@@ -326,7 +337,7 @@ def _decide(
         "call_tool",
         {"type": "Tool", "id": call.tool},
         context,
-        [*entities, {"uid": {"type": "Tool", "id": call.tool}, "attrs": {}, "parents": []}],
+        _call_entities(state.agent_id, state.agent_owner, state.agent_kind, call.tool),
     )
     if outcome.errors:
         raise _Refusal(

@@ -197,9 +197,11 @@ class PolicySnapshot:
             self._buckets.move_to_end(key)
             return bucket
         records = self.applicable(action, resource_type, resource_id)
-        decisive = {p.id: p.est for p in records if not p.approval}
-        approvals = {p.id: p.est for p in records if p.approval}
-        bucket = (_policy_set(decisive), _policy_set(approvals) if approvals else None)
+        # One Cedar evaluation per call: approval forbids join the set as permits and
+        # are told apart by id afterwards (see evaluate).
+        policies = {p.id: ({**p.est, "effect": "permit"} if p.approval else p.est) for p in records}
+        approvals = frozenset(p.id for p in records if p.approval)
+        bucket = (_policy_set(policies), approvals)
         self._buckets[key] = bucket
         if len(self._buckets) > 8192:
             self._buckets.popitem(last=False)
@@ -211,27 +213,26 @@ class PolicySnapshot:
         action: str,
         resource: dict[str, str],
         context: dict[str, Any],
-        entities: list[dict[str, Any]],
+        entities: list[dict[str, Any]] | cedarpy.Entities,
     ) -> CedarOutcome:
         """Evaluate one request; raise nothing the caller must not turn into a deny."""
-        decisive, approvals = self._bucket(action, resource["type"], resource["id"])
+        policy_set, approvals = self._bucket(action, resource["type"], resource["id"])
         request = {
             "principal": principal,
             "action": {"type": "Action", "id": action},
             "resource": resource,
             "context": context,
         }
-        result = cedarpy.is_authorized(request, decisive, entities)
+        result = cedarpy.is_authorized(request, policy_set, entities)
         errors = tuple(result.diagnostics.errors)
         reasons = tuple(result.diagnostics.reasons)
-        if errors or not result.allowed or approvals is None:
-            return CedarOutcome(result.allowed and not errors, False, reasons, errors)
-        pending = cedarpy.is_authorized(request, approvals, entities)
-        approval_errors = tuple(pending.diagnostics.errors)
-        fired = tuple(pending.diagnostics.reasons)
-        if approval_errors:
-            return CedarOutcome(False, False, reasons + fired, approval_errors)
-        return CedarOutcome(True, bool(fired), reasons + fired, ())
+        if errors or not result.allowed:
+            # Deny: the reasons are the forbids that fired (none: nothing permitted).
+            return CedarOutcome(False, False, reasons, errors)
+        permits = tuple(r for r in reasons if r not in approvals)
+        if not permits:  # only approval markers matched: nothing actually permits the call
+            return CedarOutcome(False, False, (), ())
+        return CedarOutcome(True, len(permits) < len(reasons), reasons, ())
 
 
 def _policy_set(policies: dict[str, Any]) -> Any:

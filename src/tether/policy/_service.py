@@ -81,12 +81,14 @@ class PolicyService:
 
     def snapshot(self) -> PolicySnapshot:
         """The live snapshot (rebuilt from the store if another process loaded a new one)."""
-        row = self._store.active_policy()
-        if row is None:
+        active_id = self._store.active_policy_id()
+        if active_id is None:
             if self._snapshot is None or self._snapshot_id is not None:
                 self._snapshot, self._snapshot_id = build_snapshot({}, default_schema()), None
             return self._snapshot
-        if self._snapshot is None or self._snapshot_id != row.id:
+        if self._snapshot is None or self._snapshot_id != active_id:
+            row = self._store.active_policy()
+            assert row is not None
             self._snapshot = build_snapshot(json.loads(row.sources_json), row.schema)
             self._snapshot_id = row.id
         return self._snapshot

@@ -231,6 +231,10 @@ class SQLiteStore:
         assert row is not None
         return int(row[0])
 
+    def active_policy_id(self) -> int | None:
+        row = self._one("SELECT max(id) FROM policy_snapshots")
+        return None if row is None or row[0] is None else int(row[0])
+
     def active_policy(self) -> PolicyRow | None:
         row = self._one("SELECT * FROM policy_snapshots ORDER BY id DESC LIMIT 1")
         return None if row is None else PolicyRow(*row)

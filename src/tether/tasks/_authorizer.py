@@ -64,6 +64,7 @@ class StoreTaskView:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._intents: dict[str, Intent] = {}
+        self.last: TaskState | None = None
 
     def task(self, task_id: str) -> TaskState | None:
         row = self._store.get_task(task_id)
@@ -73,7 +74,7 @@ class StoreTaskView:
         intent = self._intents.get(row.intent_digest)
         if intent is None:
             intent = self._intents[row.intent_digest] = decode_intent(row.intent_json)
-        return TaskState(
+        self.last = TaskState(
             task_id=row.task_id,
             agent_id=row.agent_id,
             agent_owner=agent.owner if agent else "",
@@ -88,6 +89,7 @@ class StoreTaskView:
             calls_used=row.calls_used,
             token_id=row.token_id,
         )
+        return self.last
 
     def token_revoked(self, token_id: str) -> bool:
         return self._store.token_revoked(token_id)
@@ -134,6 +136,7 @@ class Authorizer:
     ) -> Receipt:
         started = time.perf_counter()
         now = self._clock.now()
+        self._view.last = None
         try:
             decision = decide(
                 token=token,
@@ -191,7 +194,10 @@ class Authorizer:
                 reasons=(Reason("proof.replayed", "proof has been used before"),),
                 risk_tags=risk_tags(Control.SENDER_CONSTRAINED),
             )
-        state = self._view.task(decision.task_id)
+        last = self._view.last
+        # Reuse the state decide just read; another thread may have replaced it: reload.
+        state = last if last and last.task_id == decision.task_id else None
+        state = state or self._view.task(decision.task_id)
         limit = state.intent.budget.max_calls if state else 0
         if not self._store.spend_call(decision.task_id, limit):
             return msgspec.structs.replace(

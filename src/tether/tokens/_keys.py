@@ -100,6 +100,7 @@ class KeyRing:
         self._sealer = sealer
         self.trust_domain = trust_domain
         self._private: dict[str, ec.EllipticCurvePrivateKey] = {}
+        self._public: dict[str, ec.EllipticCurvePublicKey] = {}
 
     def __repr__(self) -> str:
         return f"KeyRing({self.trust_domain!r}, <private keys hidden>)"
@@ -161,9 +162,12 @@ class KeyRing:
     def verification_keys(self, now: float) -> VerificationKeys:
         keys: dict[str, ec.EllipticCurvePublicKey] = {}
         for row in self.trusted(JWT_USE, now):
-            loaded = ECAlgorithm.from_jwk(row.public_jwk)
-            assert isinstance(loaded, ec.EllipticCurvePublicKey)
-            keys[row.kid] = loaded
+            public = self._public.get(row.kid)
+            if public is None:
+                loaded = ECAlgorithm.from_jwk(row.public_jwk)
+                assert isinstance(loaded, ec.EllipticCurvePublicKey)
+                public = self._public[row.kid] = loaded
+            keys[row.kid] = public
         return VerificationKeys(trust_domain=self.trust_domain, keys=keys)
 
     def jwks(self, now: float) -> dict[str, Any]:
