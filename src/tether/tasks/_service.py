@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from tether._errors import AdmissionRejected, IdentityRejected, NotFound
+from tether._errors import AdmissionRejected, IdentityRejected, InvalidIntent, NotFound
 from tether.audit import Auditor
 from tether.core._clock import Clock
 from tether.core._decision import principal_entities
@@ -106,7 +106,13 @@ class TaskService:
                     Control.INTENT_BINDING,
                 )
                 raise NotFound(f"template {template!r} is not defined")
-            intent = render(parse_template(json.loads(body)), params or {})
+            try:
+                intent = render(parse_template(json.loads(body)), params or {})
+            except InvalidIntent as exc:
+                self._deny(
+                    "task.open", [agent.spiffe_id], exc.code, exc.message, Control.INTENT_BINDING
+                )
+                raise
         assert intent is not None
         name = template or ADHOC_TEMPLATE
         digest = intent_digest(intent)
