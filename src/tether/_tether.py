@@ -11,15 +11,17 @@ import msgspec
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tether._errors import Conflict, UsageError
+from tether.approvals import Approvals
 from tether.audit import Auditor, VerifyReport
 from tether.core._clock import Clock, SystemClock
+from tether.core._decision import DECIDE_HTM, DECIDE_HTU
 from tether.core._intent import Intent
 from tether.core._policy import PolicySnapshot
 from tether.core._risk import Control, risk_tags
 from tether.core._spiffe_id import parse_trust_domain
 from tether.identity import Attestor, IdentityRegistry, SVIDs
 from tether.policy import PolicyService
-from tether.store import IdentityRow, SQLiteStore, Store, TaskRow
+from tether.store import ApprovalRow, IdentityRow, SQLiteStore, Store, TaskRow
 from tether.tasks import (
     Authorizer,
     OpenedTask,
@@ -63,7 +65,10 @@ class Tether:
         self.tasks = TaskService(
             store, self.keys, self.identities, self.policies, self.audit, self.clock
         )
-        self.authorizer = Authorizer(store, self.keys, self.policies, self.audit, self.clock)
+        self.approvals = Approvals(store, self.audit, self.clock)
+        self.authorizer = Authorizer(
+            store, self.keys, self.policies, self.audit, self.clock, self.approvals
+        )
 
     def __repr__(self) -> str:
         return f"Tether(trust_domain={self.trust_domain!r})"
@@ -212,10 +217,16 @@ class Tether:
         tool: str,
         args: dict[str, Any],
         task_id: str | None = None,
+        htm: str = DECIDE_HTM,
+        htu: str = DECIDE_HTU,
     ) -> Receipt:
         return self.authorizer.authorize(
-            token=token, proof=proof, tool=tool, args=args, task_id=task_id
+            token=token, proof=proof, tool=tool, args=args, task_id=task_id, htm=htm, htu=htu
         )
+
+    def decide_approval(self, approval_id: str, *, approve: bool, by: str) -> ApprovalRow:
+        """Approve or deny one pending approval; ``by`` names the human."""
+        return self.approvals.decide(approval_id, approve=approve, by=by)
 
     # -- keys, bundles, audit ---------------------------------------------------------------
     def rotate_keys(self, use: str = JWT_USE) -> str:

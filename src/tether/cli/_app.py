@@ -43,6 +43,8 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(task_app, name="task")
 app.add_typer(audit_app, name="audit")
 app.add_typer(keys_app, name="keys")
+approval_app = typer.Typer(no_args_is_help=True, help="Human approvals of held calls.")
+app.add_typer(approval_app, name="approval")
 
 out = Console(highlight=False, soft_wrap=True)
 _global_home: list[Path] = []
@@ -435,6 +437,72 @@ def authorize(
         )
 
     emit(result, as_json, human)
+
+
+# -- approvals ----------------------------------------------------------------------------
+def _approval_dict(row: Any) -> dict[str, Any]:
+    return {
+        "approval_id": row.approval_id,
+        "task_id": row.task_id,
+        "agent": row.agent_id,
+        "tool": row.tool,
+        "args": json.loads(row.args_json),
+        "args_digest": row.args_digest,
+        "status": row.status,
+        "reasons": json.loads(row.reasons_json),
+        "created_at": row.created_at,
+        "expires_at": row.expires_at,
+        "decided_by": row.decided_by,
+    }
+
+
+@approval_app.command("list")
+def approval_list(
+    status: Annotated[str | None, typer.Option("--status")] = "pending",
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """List approvals (pending by default), each with the call in full."""
+    rows = [_approval_dict(r) for r in _open(home).approvals.list(status)]
+
+    def human() -> None:
+        table = Table("approval", "task", "tool", "args", "status")
+        for r in rows:
+            table.add_row(
+                r["approval_id"], r["task_id"], r["tool"], json.dumps(r["args"]), r["status"]
+            )
+        out.print(table)
+
+    emit({"approvals": rows}, as_json, human)
+
+
+def _decide_approval(
+    approval_id: str, approve: bool, by: str, as_json: bool, home: Path | None
+) -> None:
+    row = _approval_dict(_open(home).decide_approval(approval_id, approve=approve, by=by))
+    emit(row, as_json, lambda: out.print(f"{row['status']}: {approval_id} ({row['tool']})"))
+
+
+@approval_app.command("approve")
+def approval_approve(
+    approval_id: str,
+    by: Annotated[str, typer.Option("--by", help="who approves (email)")],
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Approve one held call; the identical call then goes through once."""
+    _decide_approval(approval_id, True, by, as_json, home)
+
+
+@approval_app.command("deny")
+def approval_deny(
+    approval_id: str,
+    by: Annotated[str, typer.Option("--by", help="who denies (email)")],
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Deny one held call."""
+    _decide_approval(approval_id, False, by, as_json, home)
 
 
 # -- audit ------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Storage: one interface, the embedded SQLite implementation."""
 
 from tether.store._interface import (
+    ApprovalRow,
     CheckpointRow,
+    CredentialRow,
     IdentityRow,
     KeyRow,
     PolicyRow,
@@ -12,7 +14,9 @@ from tether.store._interface import (
 from tether.store._sqlite import SQLiteStore
 
 __all__ = [
+    "ApprovalRow",
     "CheckpointRow",
+    "CredentialRow",
     "IdentityRow",
     "KeyRow",
     "PolicyRow",

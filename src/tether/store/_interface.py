@@ -36,6 +36,35 @@ class IdentityRow(msgspec.Struct, frozen=True):
     disabled_at: float | None = None
 
 
+class CredentialRow(msgspec.Struct, frozen=True):
+    """An admin credential: a hashed secret with a role (admin, owner, approver, auditor)."""
+
+    credential_id: str
+    secret_hash: str
+    role: str
+    owner: str
+    created_at: float
+    disabled_at: float | None = None
+
+
+class ApprovalRow(msgspec.Struct, frozen=True):
+    """A human approval bound to one exact call of one task."""
+
+    approval_id: str
+    task_id: str
+    agent_id: str
+    tool: str
+    args_digest: str
+    args_json: str
+    policy_digest: str
+    reasons_json: str
+    status: str  # pending | approved | denied | used | expired
+    created_at: float
+    expires_at: float
+    decided_by: str | None = None
+    decided_at: float | None = None
+
+
 class TaskRow(msgspec.Struct, frozen=True):
     task_id: str
     agent_id: str
@@ -112,6 +141,19 @@ class Store(Protocol):
     ) -> list[TaskRow]: ...
     def close_task(self, task_id: str, status: str, reason: str, at: float) -> bool: ...
     def spend_call(self, task_id: str, max_calls: int) -> bool: ...
+
+    def add_credential(self, row: CredentialRow) -> None: ...
+    def get_credential(self, credential_id: str) -> CredentialRow | None: ...
+    def list_credentials(self) -> list[CredentialRow]: ...
+
+    def add_approval(self, row: ApprovalRow) -> None: ...
+    def get_approval(self, approval_id: str) -> ApprovalRow | None: ...
+    def list_approvals(self, *, status: str | None = None) -> list[ApprovalRow]: ...
+    def decide_approval(self, approval_id: str, status: str, by: str, at: float) -> bool: ...
+    def find_approval(
+        self, task_id: str, tool: str, args_digest: str, status: str
+    ) -> ApprovalRow | None: ...
+    def use_approval(self, approval_id: str, at: float) -> bool: ...
 
     def revoke_token(self, token_id: str, task_id: str, reason: str, at: float) -> None: ...
     def token_revoked(self, token_id: str) -> bool: ...

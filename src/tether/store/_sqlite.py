@@ -11,7 +11,9 @@ from typing import Any
 
 from tether._errors import Conflict, InfrastructureError
 from tether.store._interface import (
+    ApprovalRow,
     CheckpointRow,
+    CredentialRow,
     IdentityRow,
     KeyRow,
     PolicyRow,
@@ -46,6 +48,15 @@ CREATE TABLE IF NOT EXISTS tasks (
 CREATE INDEX IF NOT EXISTS tasks_agent ON tasks (agent_id, status);
 CREATE TABLE IF NOT EXISTS revocations (
   token_id TEXT PRIMARY KEY, task_id TEXT NOT NULL, reason TEXT NOT NULL, revoked_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS credentials (
+  credential_id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL, role TEXT NOT NULL,
+  owner TEXT NOT NULL, created_at REAL NOT NULL, disabled_at REAL);
+CREATE TABLE IF NOT EXISTS approvals (
+  approval_id TEXT PRIMARY KEY, task_id TEXT NOT NULL, agent_id TEXT NOT NULL, tool TEXT NOT NULL,
+  args_digest TEXT NOT NULL, args_json TEXT NOT NULL, policy_digest TEXT NOT NULL,
+  reasons_json TEXT NOT NULL, status TEXT NOT NULL, created_at REAL NOT NULL,
+  expires_at REAL NOT NULL, decided_by TEXT, decided_at REAL);
+CREATE INDEX IF NOT EXISTS approvals_call ON approvals (task_id, tool, args_digest, status);
 CREATE TABLE IF NOT EXISTS proofs (jti TEXT PRIMARY KEY, expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS audit_records (
   seq INTEGER PRIMARY KEY, prev_hash TEXT NOT NULL, hash TEXT NOT NULL, body TEXT NOT NULL,
@@ -291,6 +302,88 @@ class SQLiteStore:
             "UPDATE tasks SET calls_used = calls_used + 1 WHERE task_id = ? "
             "AND status = 'open' AND calls_used < ?",
             (task_id, max_calls),
+        )
+        return cur.rowcount == 1
+
+    # -- credentials and approvals -----------------------------------------------------
+    def add_credential(self, row: CredentialRow) -> None:
+        self._run(
+            "INSERT INTO credentials VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                row.credential_id,
+                row.secret_hash,
+                row.role,
+                row.owner,
+                row.created_at,
+                row.disabled_at,
+            ),
+        )
+
+    def get_credential(self, credential_id: str) -> CredentialRow | None:
+        row = self._one("SELECT * FROM credentials WHERE credential_id = ?", (credential_id,))
+        return None if row is None else CredentialRow(*row)
+
+    def list_credentials(self) -> list[CredentialRow]:
+        return [
+            CredentialRow(*r) for r in self._all("SELECT * FROM credentials ORDER BY created_at")
+        ]
+
+    def add_approval(self, row: ApprovalRow) -> None:
+        self._run(
+            "INSERT INTO approvals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.approval_id,
+                row.task_id,
+                row.agent_id,
+                row.tool,
+                row.args_digest,
+                row.args_json,
+                row.policy_digest,
+                row.reasons_json,
+                row.status,
+                row.created_at,
+                row.expires_at,
+                row.decided_by,
+                row.decided_at,
+            ),
+        )
+
+    def get_approval(self, approval_id: str) -> ApprovalRow | None:
+        row = self._one("SELECT * FROM approvals WHERE approval_id = ?", (approval_id,))
+        return None if row is None else ApprovalRow(*row)
+
+    def list_approvals(self, *, status: str | None = None) -> list[ApprovalRow]:
+        if status is None:
+            rows = self._all("SELECT * FROM approvals ORDER BY created_at")
+        else:
+            rows = self._all(
+                "SELECT * FROM approvals WHERE status = ? ORDER BY created_at", (status,)
+            )
+        return [ApprovalRow(*r) for r in rows]
+
+    def decide_approval(self, approval_id: str, status: str, by: str, at: float) -> bool:
+        cur = self._run(
+            "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ? "
+            "WHERE approval_id = ? AND status = 'pending' AND expires_at > ?",
+            (status, by, at, approval_id, at),
+        )
+        return cur.rowcount == 1
+
+    def find_approval(
+        self, task_id: str, tool: str, args_digest: str, status: str
+    ) -> ApprovalRow | None:
+        row = self._one(
+            "SELECT * FROM approvals WHERE task_id = ? AND tool = ? AND "
+            "args_digest = ? AND status = ? ORDER BY created_at LIMIT 1",
+            (task_id, tool, args_digest, status),
+        )
+        return None if row is None else ApprovalRow(*row)
+
+    def use_approval(self, approval_id: str, at: float) -> bool:
+        cur = self._run(
+            "UPDATE approvals SET status = 'used' WHERE approval_id = ? AND "
+            "status = 'approved' AND expires_at > ?",
+            (approval_id, at),
         )
         return cur.rowcount == 1
 

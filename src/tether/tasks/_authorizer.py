@@ -14,9 +14,12 @@ from typing import Any
 
 import msgspec
 
+from tether.approvals import Approvals
 from tether.audit import Auditor
 from tether.core._clock import Clock
 from tether.core._decision import (
+    DECIDE_HTM,
+    DECIDE_HTU,
     Call,
     Decision,
     Effect,
@@ -41,6 +44,7 @@ class Receipt(msgspec.Struct, frozen=True):
     seq: int
     hash: str
     latency_us: float
+    approval_id: str | None = None
 
     @property
     def effect(self) -> Effect:
@@ -55,6 +59,7 @@ class Receipt(msgspec.Struct, frozen=True):
             "risk_tags": list(d.risk_tags),
             "task_id": d.task_id,
             "receipt": {"seq": self.seq, "hash": self.hash},
+            "approval_id": self.approval_id,
         }
 
 
@@ -106,7 +111,9 @@ class Authorizer:
         policies: PolicyService,
         auditor: Auditor,
         clock: Clock,
+        approvals: Approvals,
     ) -> None:
+        self._approvals = approvals
         self._store = store
         self._keyring = keyring
         self._policies = policies
@@ -133,21 +140,28 @@ class Authorizer:
         tool: str,
         args: dict[str, Any],
         task_id: str | None = None,
+        htm: str = DECIDE_HTM,
+        htu: str = DECIDE_HTU,
     ) -> Receipt:
         started = time.perf_counter()
         now = self._clock.now()
         self._view.last = None
+        snapshot_digest = ""
         try:
+            snapshot = self._policies.snapshot()
+            snapshot_digest = snapshot.digest
             decision = decide(
                 token=token,
                 proof=proof,
                 call=Call(tool=tool, args=args),
                 view=self._view,
-                snapshot=self._policies.snapshot(),
+                snapshot=snapshot,
                 tokens=self._token_verifier(now),
                 proofs=self._proofs,
                 now=now,
                 task_hint=task_id,
+                htm=htm,
+                htu=htu,
             )
         except Exception as exc:  # decide never raises; its inputs' loaders might
             decision = Decision(
@@ -165,9 +179,12 @@ class Authorizer:
         self._decisions += 1
         if self._decisions % PURGE_EVERY == 0:
             self._store.purge_proofs(now)
+        approval_id = None
         with self._store.transaction():
+            if decision.effect is Effect.APPROVAL_REQUIRED:
+                decision, approval_id = self._approval(decision, args, snapshot_digest)
             if decision.allowed:
-                decision = self._apply(decision, now)
+                decision = self._apply(decision, now, approval_id)
             record = self._auditor.append(
                 "decision",
                 chain=list(decision.chain),
@@ -182,11 +199,58 @@ class Authorizer:
                 latency_us=round(latency_us, 1),
                 token_digest=decision.token_digest,
             )
-        return Receipt(decision=decision, seq=record.seq, hash=record.hash, latency_us=latency_us)
+        return Receipt(
+            decision=decision,
+            seq=record.seq,
+            hash=record.hash,
+            latency_us=latency_us,
+            approval_id=approval_id,
+        )
 
-    def _apply(self, decision: Decision, now: float) -> Decision:
+    def _approval(
+        self, decision: Decision, args: dict[str, Any], policy_digest: str
+    ) -> tuple[Decision, str]:
+        """Let an approved identical call through once, or open a pending approval."""
+        assert decision.task_id and decision.tool and decision.args_digest and decision.agent_id
+        granted = self._approvals.granted(
+            task_id=decision.task_id,
+            tool=decision.tool,
+            args_digest=decision.args_digest,
+            policy_digest=policy_digest,
+        )
+        if granted is not None:
+            allowed = msgspec.structs.replace(
+                decision,
+                effect=Effect.ALLOW,
+                reasons=(
+                    Reason(
+                        "approval.granted",
+                        f"approved by {granted.decided_by} ({granted.approval_id})",
+                    ),
+                ),
+            )
+            return allowed, granted.approval_id
+        pending = self._approvals.request(
+            task_id=decision.task_id,
+            agent_id=decision.agent_id,
+            tool=decision.tool,
+            args_digest=decision.args_digest,
+            args=args,
+            policy_digest=policy_digest,
+            reasons=[{"code": r.code, "message": r.message} for r in decision.reasons],
+        )
+        return decision, pending.approval_id
+
+    def _apply(self, decision: Decision, now: float, approval_id: str | None) -> Decision:
         """Consume the proof and spend budget; a lost race turns the allow into a deny."""
         assert decision.task_id is not None and decision.proof_jti is not None
+        if approval_id is not None and not self._approvals.consume(approval_id):
+            return msgspec.structs.replace(
+                decision,
+                effect=Effect.DENY,
+                reasons=(Reason("approval.used", "the approval has been used already"),),
+                risk_tags=risk_tags(Control.APPROVAL),
+            )
         if not self._store.record_proof(decision.proof_jti, now + PROOF_WINDOW * 2):
             return msgspec.structs.replace(
                 decision,

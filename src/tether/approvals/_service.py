@@ -1,0 +1,120 @@
+"""Human approvals: bound to one exact call, single use, expiring.
+
+An ``approval_required`` decision opens (or finds) a pending approval bound to
+the task, the tool, the digest of the arguments and the digest of the policy
+snapshot that asked for it. An approver approves or denies it; an approved
+approval lets exactly one identical call through, under the same policy
+snapshot, before it expires. Replaying it, or presenting it for another call,
+another task or after a policy change, does not work.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from tether._errors import Conflict, NotFound
+from tether.audit import Auditor
+from tether.core._clock import Clock
+from tether.core._risk import Control, risk_tags
+from tether.store import ApprovalRow, Store
+
+DEFAULT_APPROVAL_TTL = 900.0
+
+
+class Approvals:
+    def __init__(
+        self, store: Store, auditor: Auditor, clock: Clock, ttl: float = DEFAULT_APPROVAL_TTL
+    ) -> None:
+        self._store = store
+        self._auditor = auditor
+        self._clock = clock
+        self.ttl = ttl
+
+    def request(
+        self,
+        *,
+        task_id: str,
+        agent_id: str,
+        tool: str,
+        args_digest: str,
+        args: dict[str, Any],
+        policy_digest: str,
+        reasons: list[dict[str, str]],
+    ) -> ApprovalRow:
+        """The pending approval for this exact call (created if there is none)."""
+        existing = self._store.find_approval(task_id, tool, args_digest, "pending")
+        now = self._clock.now()
+        if existing is not None and existing.expires_at > now:
+            return existing
+        row = ApprovalRow(
+            approval_id="apr_" + uuid.uuid4().hex,
+            task_id=task_id,
+            agent_id=agent_id,
+            tool=tool,
+            args_digest=args_digest,
+            args_json=json.dumps(args, sort_keys=True),
+            policy_digest=policy_digest,
+            reasons_json=json.dumps(reasons),
+            status="pending",
+            created_at=now,
+            expires_at=now + self.ttl,
+        )
+        self._store.add_approval(row)
+        self._auditor.append(
+            "approval.request",
+            chain=[agent_id],
+            task_id=task_id,
+            tool=tool,
+            args_digest=args_digest,
+            effect="approval_required",
+            detail={"approval_id": row.approval_id, "policy_digest": policy_digest},
+            risk_tags=list(risk_tags(Control.APPROVAL)),
+        )
+        return row
+
+    def granted(
+        self, *, task_id: str, tool: str, args_digest: str, policy_digest: str
+    ) -> ApprovalRow | None:
+        """An approved, unexpired approval for exactly this call under this policy."""
+        row = self._store.find_approval(task_id, tool, args_digest, "approved")
+        if row is None or row.expires_at <= self._clock.now():
+            return None
+        if row.policy_digest != policy_digest:
+            return None
+        return row
+
+    def consume(self, approval_id: str) -> bool:
+        return self._store.use_approval(approval_id, self._clock.now())
+
+    def decide(self, approval_id: str, *, approve: bool, by: str) -> ApprovalRow:
+        row = self._store.get_approval(approval_id)
+        if row is None:
+            raise NotFound(f"approval {approval_id} does not exist")
+        status = "approved" if approve else "denied"
+        with self._store.transaction():
+            if not self._store.decide_approval(approval_id, status, by, self._clock.now()):
+                raise Conflict(f"approval {approval_id} is {row.status} or expired, not pending")
+            self._auditor.append(
+                "approval.decide",
+                chain=[by, row.agent_id],
+                task_id=row.task_id,
+                tool=row.tool,
+                args_digest=row.args_digest,
+                effect="allow" if approve else "deny",
+                detail={"approval_id": approval_id, "status": status},
+                risk_tags=list(risk_tags(Control.APPROVAL, Control.AUDIT)),
+            )
+        decided = self._store.get_approval(approval_id)
+        assert decided is not None
+        return decided
+
+    def list(self, status: str | None = None) -> list[ApprovalRow]:
+        return self._store.list_approvals(status=status)
+
+    def get(self, approval_id: str) -> ApprovalRow:
+        row = self._store.get_approval(approval_id)
+        if row is None:
+            raise NotFound(f"approval {approval_id} does not exist")
+        return row
