@@ -19,7 +19,7 @@ from tether.core._intent import Intent
 from tether.core._policy import PolicySnapshot
 from tether.core._risk import Control, risk_tags
 from tether.core._spiffe_id import parse_trust_domain
-from tether.identity import Attestor, IdentityRegistry, SVIDs
+from tether.identity import Attestor, Credentials, IdentityRegistry, SVIDs
 from tether.policy import PolicyService
 from tether.store import ApprovalRow, IdentityRow, SQLiteStore, Store, TaskRow
 from tether.tasks import (
@@ -66,6 +66,7 @@ class Tether:
             store, self.keys, self.identities, self.policies, self.audit, self.clock
         )
         self.approvals = Approvals(store, self.audit, self.clock)
+        self.credentials = Credentials(store, self.audit, self.clock)
         self.authorizer = Authorizer(
             store, self.keys, self.policies, self.audit, self.clock, self.approvals
         )
@@ -192,14 +193,26 @@ class Tether:
         self,
         agent_id: str,
         *,
-        proof_jwk: dict[str, Any],
+        proof_jwk: dict[str, Any] | None = None,
+        jkt: str | None = None,
         template: str | None = None,
         params: dict[str, Any] | None = None,
         intent: Intent | None = None,
+        on_behalf_of: str | None = None,
+        parent_task_id: str | None = None,
     ) -> OpenedTask:
+        """Open a task (a delegated one when ``parent_task_id`` is given)."""
         self.tasks.expire()
+        parent = self.tasks.get(parent_task_id) if parent_task_id is not None else None
         return self.tasks.open(
-            agent_id, proof_jwk=proof_jwk, template=template, params=params, intent=intent
+            agent_id,
+            proof_jwk=proof_jwk,
+            jkt=jkt,
+            template=template,
+            params=params,
+            intent=intent,
+            on_behalf_of=on_behalf_of,
+            parent=parent,
         )
 
     def end_task(self, task_id: str) -> TaskRow:

@@ -34,7 +34,9 @@ from tether.core._policy import CedarOutcome, PolicySnapshot, build_snapshot, em
 from tether.core._risk import Control, risk_tags
 from tether.core._spiffe_id import SpiffeID, parse_spiffe_id, parse_trust_domain
 from tether.core._verify import (
+    ProofClaims,
     ProofVerifier,
+    SvidClaims,
     TaskClaims,
     TokenVerifier,
     VerificationKeys,
@@ -42,6 +44,7 @@ from tether.core._verify import (
     jwk_thumbprint,
     strict_json,
     token_hash,
+    verify_jwt_svid,
 )
 
 __all__ = [
@@ -59,7 +62,9 @@ __all__ = [
     "FrozenClock",
     "Intent",
     "PolicySnapshot",
+    "ProofClaims",
     "ProofVerifier",
+    "SvidClaims",
     "Reason",
     "Sensitivity",
     "SpiffeID",
@@ -89,4 +94,5 @@ __all__ = [
     "sha256_hex",
     "strict_json",
     "token_hash",
+    "verify_jwt_svid",
 ]

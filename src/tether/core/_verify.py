@@ -330,7 +330,7 @@ class ProofVerifier:
         jkt: str,
         htm: str,
         htu: str,
-        call: str,
+        call: str | None,
         now: float,
     ) -> ProofClaims:
         if proof is None:
@@ -383,8 +383,72 @@ class ProofVerifier:
             raise ProofRejected("proof is for another request (htm/htu)", code="proof.target")
         if not hmac.compare_digest(str(claims.get("ath", "")), token_hash(token)):
             raise ProofRejected("proof is bound to another token (ath)", code="proof.ath")
-        if not hmac.compare_digest(str(claims.get("call", "")), call):
+        if call is not None and not hmac.compare_digest(str(claims.get("call", "")), call):
             raise ProofRejected("proof is for another tool call", code="proof.call")
         if iat > now + self.leeway or iat < now - self.window:
             raise ProofRejected("proof is outside its acceptance window", code="proof.stale")
         return ProofClaims(jti=jti, issued_at=float(iat))
+
+
+@dataclass(frozen=True, slots=True)
+class SvidClaims:
+    spiffe_id: str
+    jkt: str | None
+    expires_at: float
+    token_digest: str
+
+
+_SVID_HEADERS = frozenset({"alg", "kid", "typ"})
+
+
+def verify_jwt_svid(
+    token: str, keys: VerificationKeys, *, audience: str, now: float, leeway: float = DEFAULT_LEEWAY
+) -> SvidClaims:
+    """Verify a JWT-SVID of this trust domain (JWT-SVID.md §2-§4) or raise TokenRejected."""
+    header = _header(token, MAX_TOKEN_BYTES, TokenRejected)
+    if not isinstance(header, dict) or not set(header) <= _SVID_HEADERS:
+        raise TokenRejected("JWT-SVID header may carry only alg, kid, typ", code="svid.header")
+    if header.get("alg") not in ALGORITHMS:
+        raise TokenRejected("JWT-SVID algorithm is not allowed", code="svid.alg")
+    if header.get("typ", "JWT") not in ("JWT", "JOSE"):
+        raise TokenRejected("JWT-SVID typ must be JWT or JOSE", code="svid.typ")
+    kid = header.get("kid")
+    key = keys.keys.get(kid) if isinstance(kid, str) else None
+    if key is None:
+        raise TokenRejected("JWT-SVID key id is not in the trust bundle", code="svid.unknown_kid")
+    try:
+        claims = jwt.decode(
+            token,
+            key=key,
+            algorithms=list(ALGORITHMS),
+            audience=audience,
+            options={
+                "require": ["sub", "aud", "exp"],
+                "verify_exp": False,
+                "verify_nbf": False,
+                "verify_iat": False,
+            },
+        )
+    except jwt.InvalidAudienceError:
+        raise TokenRejected("JWT-SVID audience is not this server", code="svid.audience") from None
+    except jwt.InvalidSignatureError:
+        raise TokenRejected("JWT-SVID signature does not verify", code="svid.signature") from None
+    except jwt.PyJWTError as exc:
+        raise TokenRejected(f"JWT-SVID is malformed: {exc}", code="svid.malformed") from None
+    exp = claims["exp"]
+    if not isinstance(exp, int | float) or now >= exp + leeway:
+        raise TokenRejected("JWT-SVID has expired", code="svid.expired")
+    try:
+        subject = parse_spiffe_id(str(claims["sub"]))
+    except IdentityRejected as exc:
+        raise TokenRejected(f"JWT-SVID subject: {exc.message}", code="svid.subject") from None
+    if subject.trust_domain != keys.trust_domain:
+        raise TokenRejected("JWT-SVID is from a foreign trust domain", code="svid.trust_domain")
+    cnf = claims.get("cnf")
+    jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
+    return SvidClaims(
+        spiffe_id=str(subject),
+        jkt=jkt if isinstance(jkt, str) else None,
+        expires_at=float(exp),
+        token_digest=token_hash(token),
+    )

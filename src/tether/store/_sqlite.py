@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS tasks (
   opened_at REAL NOT NULL, expires_at REAL NOT NULL, ended_at REAL, end_reason TEXT,
   chain_json TEXT NOT NULL DEFAULT '[]');
 CREATE INDEX IF NOT EXISTS tasks_agent ON tasks (agent_id, status);
+CREATE INDEX IF NOT EXISTS tasks_parent ON tasks (parent_task_id);
 CREATE TABLE IF NOT EXISTS revocations (
   token_id TEXT PRIMARY KEY, task_id TEXT NOT NULL, reason TEXT NOT NULL, revoked_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS credentials (
@@ -278,9 +279,16 @@ class SQLiteStore:
         return None if row is None else TaskRow(*row)
 
     def list_tasks(
-        self, *, agent_id: str | None = None, status: str | None = None
+        self,
+        *,
+        agent_id: str | None = None,
+        status: str | None = None,
+        parent_task_id: str | None = None,
     ) -> list[TaskRow]:
         sql, params = "SELECT * FROM tasks WHERE 1=1", []
+        if parent_task_id is not None:
+            sql += " AND parent_task_id = ?"
+            params.append(parent_task_id)
         if agent_id is not None:
             sql += " AND agent_id = ?"
             params.append(agent_id)

@@ -12,6 +12,7 @@ from tether._errors import AdmissionRejected, IdentityRejected, InvalidIntent, N
 from tether.audit import Auditor
 from tether.core._clock import Clock
 from tether.core._decision import principal_entities
+from tether.core._delegation import DelegationRejected, check_narrowing
 from tether.core._intent import Intent, decode_intent, intent_digest, intent_to_builtins
 from tether.core._risk import Control, risk_tags
 from tether.core._spiffe_id import parse_spiffe_id
@@ -72,12 +73,25 @@ class TaskService:
         self,
         agent_id: str,
         *,
-        proof_jwk: dict[str, Any],
+        proof_jwk: dict[str, Any] | None = None,
+        jkt: str | None = None,
         template: str | None = None,
         params: dict[str, Any] | None = None,
         intent: Intent | None = None,
+        on_behalf_of: str | None = None,
+        parent: TaskRow | None = None,
     ) -> OpenedTask:
+        """Open a task for ``agent_id``; its token is bound to ``proof_jwk`` (or ``jkt``).
+
+        With ``parent`` the task is a delegation: its intent must be within the
+        parent's (see :func:`tether.core.check_narrowing`) and the parent's
+        identity chain becomes its ``act`` chain.
+        """
         now = self._clock.now()
+        if (proof_jwk is None) == (jkt is None):
+            raise AdmissionRejected(
+                "give exactly one of proof_jwk or jkt", code="admission.request"
+            )
         try:
             agent = self._registry.get(str(parse_spiffe_id(agent_id)))
             if agent.kind != "agent":
@@ -115,8 +129,15 @@ class TaskService:
                 raise
         assert intent is not None
         name = template or ADHOC_TEMPLATE
+        actors: tuple[str, ...] = ()
+        if on_behalf_of is not None:
+            intent = msgspec.structs.replace(intent, on_behalf_of=on_behalf_of)
+        if parent is not None:
+            intent, actors = self._narrow(agent.spiffe_id, parent, intent, now)
         digest = intent_digest(intent)
-        jkt = jwk_thumbprint(proof_jwk)
+        if proof_jwk is not None:
+            jkt = jwk_thumbprint(proof_jwk)
+        assert jkt is not None
 
         # Admission policy: may this agent open this template / intent?
         snapshot = self._policies.snapshot()
@@ -169,11 +190,12 @@ class TaskService:
             jkt=jkt,
             issued_at=now,
             expires_at=expires_at,
+            actors=actors,
         )
         row = TaskRow(
             task_id=task_id,
             agent_id=agent.spiffe_id,
-            parent_task_id=None,
+            parent_task_id=parent.task_id if parent else None,
             template=name,
             intent_json=msgspec.json.encode(intent_to_builtins(intent)).decode(),
             intent_digest=digest,
@@ -183,13 +205,13 @@ class TaskService:
             calls_used=0,
             opened_at=now,
             expires_at=expires_at,
-            chain_json=json.dumps([agent.spiffe_id]),
+            chain_json=json.dumps([agent.spiffe_id, *actors]),
         )
         with self._store.transaction():
             self._store.add_task(row)
             self._auditor.append(
                 "task.open",
-                chain=[agent.spiffe_id],
+                chain=[agent.spiffe_id, *actors],
                 task_id=task_id,
                 intent_digest=digest,
                 effect="allow",
@@ -200,6 +222,8 @@ class TaskService:
                     "expires_at": expires_at,
                     "jkt": jkt,
                     "purpose": intent.purpose,
+                    "parent_task_id": parent.task_id if parent else None,
+                    "on_behalf_of": intent.on_behalf_of,
                 },
                 risk_tags=list(
                     risk_tags(
@@ -210,6 +234,38 @@ class TaskService:
         return OpenedTask(
             task_id=task_id, token=token, expires_at=int(expires_at), intent_digest=digest
         )
+
+    def _narrow(
+        self, agent_id: str, parent: TaskRow, intent: Intent, now: float
+    ) -> tuple[Intent, tuple[str, ...]]:
+        """Check a delegated intent against its parent's; return it and the actor chain."""
+        parent_chain = tuple(json.loads(parent.chain_json))
+        try:
+            if parent.status != "open" or parent.expires_at <= now:
+                raise DelegationRejected(
+                    f"parent task {parent.task_id} is {parent.status}", code="delegation.parent"
+                )
+            parent_intent = decode_intent(parent.intent_json)
+            if intent.on_behalf_of is None and parent_intent.on_behalf_of is not None:
+                intent = msgspec.structs.replace(intent, on_behalf_of=parent_intent.on_behalf_of)
+            check_narrowing(
+                parent_intent,
+                intent,
+                parent_calls_left=parent_intent.budget.max_calls - parent.calls_used,
+                parent_seconds_left=parent.expires_at - now,
+                depth=len(parent_chain),
+            )
+        except DelegationRejected as exc:
+            self._deny(
+                "task.delegate",
+                [agent_id, *parent_chain],
+                exc.code,
+                exc.message,
+                Control.DELEGATION,
+                task_id=parent.task_id,
+            )
+            raise
+        return intent, parent_chain
 
     def get(self, task_id: str) -> TaskRow:
         row = self._store.get_task(task_id)
@@ -227,6 +283,8 @@ class TaskService:
         with self._store.transaction():
             closed = self._store.close_task(task_id, status, reason, now)
             self._store.revoke_token(row.token_id, task_id, reason, now)
+            for child in self._store.list_tasks(parent_task_id=task_id, status="open"):
+                self.end(child.task_id, reason=f"parent task {task_id} {status}", status="revoked")
             if closed:
                 controls: tuple[Control, ...] = (Control.TASK_TOKEN, Control.CASCADING_REVOCATION)
                 if status == "revoked":
