@@ -3,6 +3,14 @@
 import tether
 
 EXPECTED = {
+    "APIError",
+    "ApprovalRequired",
+    "AsyncClient",
+    "AsyncTask",
+    "Client",
+    "Denied",
+    "Task",
+    "Verdict",
     "AdmissionRejected",
     "ArgConstraint",
     "AttestationRejected",

@@ -40,12 +40,30 @@ from tether.core import (
     parse_spiffe_id,
 )
 from tether.identity import SVIDs
+from tether.sdk import (
+    APIError,
+    ApprovalRequired,
+    AsyncClient,
+    AsyncTask,
+    Client,
+    Denied,
+    Task,
+    Verdict,
+)
 from tether.tasks import OpenedTask, Receipt, Template
 from tether.tokens import ProofKey
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "APIError",
+    "ApprovalRequired",
+    "AsyncClient",
+    "AsyncTask",
+    "Client",
+    "Denied",
+    "Task",
+    "Verdict",
     "AdmissionRejected",
     "ArgConstraint",
     "AttestationRejected",

@@ -241,6 +241,27 @@ class Tether:
         """Approve or deny one pending approval; ``by`` names the human."""
         return self.approvals.decide(approval_id, approve=approve, by=by)
 
+    # -- trusted user-token issuers (for token exchange) ---------------------------------------
+    def add_user_issuer(self, issuer: str, *, audience: str, jwks: dict[str, Any]) -> None:
+        """Trust ``issuer``'s user tokens (verified with ``jwks``) as token-exchange subjects."""
+        if not issuer or not audience or not isinstance(jwks.get("keys"), list):
+            raise UsageError("an issuer needs a name, an audience and a JWKS with keys")
+        issuers = self.user_issuers()
+        issuers[issuer] = {"issuer": issuer, "audience": audience, "jwks": jwks}
+        with self.store.transaction():
+            self.store.set_meta("user_issuers", json.dumps(issuers, sort_keys=True))
+            self.audit.append(
+                "issuer.add",
+                effect="allow",
+                detail={"issuer": issuer, "audience": audience},
+                risk_tags=list(risk_tags(Control.TRUST_DOMAIN, Control.AUDIT)),
+            )
+
+    def user_issuers(self) -> dict[str, dict[str, Any]]:
+        raw = self.store.get_meta("user_issuers")
+        issuers: dict[str, dict[str, Any]] = json.loads(raw) if raw else {}
+        return issuers
+
     # -- keys, bundles, audit ---------------------------------------------------------------
     def rotate_keys(self, use: str = JWT_USE) -> str:
         with self.store.transaction():

@@ -43,6 +43,8 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(task_app, name="task")
 app.add_typer(audit_app, name="audit")
 app.add_typer(keys_app, name="keys")
+admin_app = typer.Typer(no_args_is_help=True, help="Admin credentials for humans.")
+app.add_typer(admin_app, name="admin")
 approval_app = typer.Typer(no_args_is_help=True, help="Human approvals of held calls.")
 app.add_typer(approval_app, name="approval")
 
@@ -94,24 +96,29 @@ def _open(home: Path | None) -> Tether:
 @app.command()
 def init(
     trust_domain: Annotated[str, typer.Option("--trust-domain", help="e.g. acme.example")],
+    admin: Annotated[str | None, typer.Option("--admin", help="email of the first admin")] = None,
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
-    """Create a trust domain: signing key, X.509 CA, sealed at rest."""
+    """Create a trust domain: signing key, X.509 CA, sealed at rest; and an admin credential,
+    shown once."""
     tether = Tether.init(home_dir(home), trust_domain)
     keys = tether.jwks()["keys"]
+    _, secret = tether.credentials.create("admin", admin or f"admin@{trust_domain}")
     result = {
         "trust_domain": tether.trust_domain,
         "home": str(home_dir(home)),
         "jwt_kid": keys[0]["kid"],
+        "admin_credential": secret,
     }
-    emit(
-        result,
-        as_json,
-        lambda: out.print(
+
+    def human() -> None:
+        out.print(
             f"[green]✓[/] trust domain [bold]{tether.trust_domain}[/] created in {home_dir(home)}"
-        ),
-    )
+        )
+        out.print(f"admin credential (shown once, stored hashed): {secret}")
+
+    emit(result, as_json, human)
 
 
 @app.command()
@@ -138,6 +145,67 @@ def keys_rotate(
         raise UsageError("--use must be jwt-svid or x509-ca")
     kid = _open(home).rotate_keys(use)
     emit({"use": use, "kid": kid}, as_json, lambda: out.print(f"[green]✓[/] new {use} key {kid}"))
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8700,
+    rate: Annotated[float, typer.Option("--rate", help="requests/s per principal")] = 2000.0,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Serve the HTTP API (and /metrics, /openapi.json) over the home's store."""
+    import uvicorn  # noqa: PLC0415 - keeps every other verb fast to start
+
+    from tether.server import ServerSettings, create_app  # noqa: PLC0415
+
+    tether = _open(home)
+    app = create_app(tether, ServerSettings(rate=rate, burst=rate * 2))
+    sys.stderr.write(f"tether: serving {tether.trust_domain} on http://{host}:{port}\n")
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+@admin_app.command("create")
+def admin_create(
+    role: Annotated[str, typer.Option("--role", help="admin, owner, approver or auditor")],
+    owner: Annotated[str, typer.Option("--owner", help="the human's email")],
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Create an admin credential (shown once, stored hashed)."""
+    row, secret = _open(home).credentials.create(role, owner)
+    emit(
+        {
+            "credential_id": row.credential_id,
+            "role": row.role,
+            "owner": row.owner,
+            "credential": secret,
+        },
+        as_json,
+        lambda: out.print(secret),
+    )
+
+
+@app.command("issuer")
+def issuer_add(
+    issuer: Annotated[str, typer.Option("--issuer", help="the iss of user tokens")],
+    audience: Annotated[str, typer.Option("--audience")],
+    jwks_file: Annotated[Path, typer.Option("--jwks", help="JWKS file of the issuer")],
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Trust a user-token issuer as a token-exchange subject."""
+    try:
+        jwks_doc = strict_json(jwks_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read {jwks_file}: {exc}") from None
+    _open(home).add_user_issuer(issuer, audience=audience, jwks=jwks_doc)
+    emit(
+        {"issuer": issuer, "audience": audience},
+        as_json,
+        lambda: out.print(f"[green]✓[/] trusting user tokens from {issuer}"),
+    )
 
 
 # -- identities ------------------------------------------------------------------------

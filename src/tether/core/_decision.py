@@ -127,7 +127,7 @@ class _Refusal(Exception):
         self.code, self.message, self.controls, self.policies = code, message, controls, policies
 
 
-def _cedar_value(value: Any, depth: int = 0) -> Any:
+def cedar_value(value: Any, depth: int = 0) -> Any:
     """A JSON argument as a Cedar value (None values are dropped by the caller)."""
     if depth > 8:
         raise ValueError("argument nesting deeper than 8")
@@ -140,9 +140,9 @@ def _cedar_value(value: Any, depth: int = 0) -> Any:
             return int(value)
         return {"__extn": {"fn": "decimal", "arg": f"{value:.4f}"}}
     if isinstance(value, list):
-        return [_cedar_value(v, depth + 1) for v in value if v is not None]
+        return [cedar_value(v, depth + 1) for v in value if v is not None]
     if isinstance(value, dict):
-        return {str(k): _cedar_value(v, depth + 1) for k, v in value.items() if v is not None}
+        return {str(k): cedar_value(v, depth + 1) for k, v in value.items() if v is not None}
     raise ValueError(f"unsupported argument type {type(value).__name__}")
 
 
@@ -164,7 +164,7 @@ def principal_entities(
 
 
 @lru_cache(maxsize=4096)
-def _call_entities(agent_id: str, owner: str, kind: str, tool: str) -> cedarpy.Entities:
+def call_entities(agent_id: str, owner: str, kind: str, tool: str) -> cedarpy.Entities:
     """The entity graph of one (agent, tool) pair, parsed once by Cedar and reused."""
     _, entities = principal_entities(agent_id, owner, kind)
     entities.append({"uid": {"type": "Tool", "id": tool}, "attrs": {}, "parents": []})
@@ -320,7 +320,7 @@ def _decide(
 
     # 5. Cedar.
     principal = {"type": "Agent", "id": state.agent_id}
-    cedar_args = {k: _cedar_value(v) for k, v in call.args.items() if v is not None}
+    cedar_args = {k: cedar_value(v) for k, v in call.args.items() if v is not None}
     context = {
         "task_id": state.task_id,
         "template": state.template,
@@ -337,7 +337,7 @@ def _decide(
         "call_tool",
         {"type": "Tool", "id": call.tool},
         context,
-        _call_entities(state.agent_id, state.agent_owner, state.agent_kind, call.tool),
+        call_entities(state.agent_id, state.agent_owner, state.agent_kind, call.tool),
     )
     if outcome.errors:
         raise _Refusal(

@@ -29,7 +29,7 @@ from tether.core._decision import (
 )
 from tether.core._intent import Intent, decode_intent
 from tether.core._risk import Control, risk_tags
-from tether.core._verify import PROOF_WINDOW, ProofVerifier, TokenVerifier
+from tether.core._verify import PROOF_WINDOW, ProofVerifier, TaskClaims, TokenVerifier
 from tether.policy import PolicyService
 from tether.store import Store
 from tether.tokens import KeyRing
@@ -131,6 +131,10 @@ class Authorizer:
         if self._tokens is None or version != self._keys_version:
             self._tokens, self._keys_version = TokenVerifier(keys), version
         return self._tokens
+
+    def verify_token(self, token: str, *, now: float, check_times: bool = True) -> TaskClaims:
+        """Verify a task token's signature, issuer, audience (and times); raise if bad."""
+        return self._token_verifier(now).verify(token, now=now, check_times=check_times)
 
     def authorize(
         self,

@@ -47,6 +47,21 @@ class ProofKey:
             raise ValueError("proof key must be an EC private key")
         return cls(key)
 
+    def prove_request(
+        self, token: str, *, htm: str, htu: str, now: float, jti: str | None = None
+    ) -> str:
+        """A proof for one HTTP request that carries ``token`` (RFC 9449 §4.2)."""
+        claims = {
+            "jti": jti or secrets.token_urlsafe(18),
+            "htm": htm,
+            "htu": htu,
+            "iat": int(now),
+            "ath": token_hash(token),
+        }
+        return jwt.encode(
+            claims, self._key, algorithm="ES256", headers={"typ": PROOF_TYP, "jwk": self.jwk}
+        )
+
     def prove(
         self,
         token: str,

@@ -1,0 +1,338 @@
+"""``tether.Client`` and ``tether.AsyncClient``: the SDK for agents and admins.
+
+Sync and async mirror each other; both build requests with
+:mod:`tether.sdk._requests` and differ only in how they send them.
+
+An agent holds its key (:class:`tether.ProofKey`) and its JWT-SVID. A task is a
+context manager, so it always ends, on success, on an exception and on
+``KeyboardInterrupt``::
+
+    with client.task(template="pay-bill", params={"payee": "DE89..."}) as task:
+        task.authorize("bank.read_bills", {})          # -> Verdict
+        pay = task.guarded(pay_bill)                   # raises Denied / ApprovalRequired
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, ParamSpec, TypeVar
+
+import httpx
+
+from tether.sdk._requests import Outgoing, Requests, Verdict, parse, verdict
+from tether.tokens import ProofKey
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _call_args(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _task_body(
+    template: str | None,
+    params: dict[str, Any] | None,
+    intent: dict[str, Any] | None,
+    parent_task_id: str | None,
+) -> dict[str, Any]:
+    return {
+        "template": template,
+        "params": params or {},
+        "intent": intent,
+        "parent_task_id": parent_task_id,
+    }
+
+
+# -- sync -------------------------------------------------------------------------------------
+class Task:
+    """One open task: its token, bound to the client's key."""
+
+    def __init__(self, client: Client, task_id: str, token: str, expires_at: float) -> None:
+        self.client = client
+        self.task_id = task_id
+        self.token = token
+        self.expires_at = expires_at
+
+    def __repr__(self) -> str:
+        return f"Task({self.task_id!r})"
+
+    def authorize(self, tool: str, args: dict[str, Any] | None = None) -> Verdict:
+        """Ask for a decision on one call; never raises for a deny."""
+        assert self.client.key is not None
+        out = self.client.requests.decision(self.token, self.client.key, tool, args or {})
+        return verdict(self.client.send(out))
+
+    def check(self, tool: str, args: dict[str, Any] | None = None) -> Verdict:
+        """Like :meth:`authorize`, but raises ``Denied`` or ``ApprovalRequired``."""
+        result = self.authorize(tool, args)
+        result.raise_for_effect(tool)
+        return result
+
+    def guarded(self, fn: Callable[P, R], *, name: str | None = None) -> Callable[P, R]:
+        """Wrap a tool function: every call is authorized first, with its arguments."""
+        tool = name or fn.__name__
+
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            self.check(tool, _call_args(fn, args, kwargs))
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    def end(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.client.send(
+            self.client.requests.call("POST", f"/v1/tasks/{self.task_id}/end")
+        )
+        return result
+
+
+class Client:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        key: ProofKey | None = None,
+        svid: str | None = None,
+        admin: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.key = key
+        self.requests = Requests(base_url, key=key, svid=svid, admin=admin)
+        self._http = httpx.Client(transport=transport, timeout=timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def send(self, out: Outgoing) -> Any:
+        response = self._http.request(
+            out.method, out.url, headers=out.headers, json=out.json, data=out.data
+        )
+        body = response.json() if response.content else None
+        return parse(response.status_code, body)
+
+    def get(self, path: str, **params: str) -> Any:
+        return self.send(self.requests.call("GET", path, params=params or None))
+
+    def post(self, path: str, body: Any = None) -> Any:
+        return self.send(self.requests.call("POST", path, json=body))
+
+    # -- workloads -------------------------------------------------------------------------
+    def attest(self, join_token: str, *, audience: list[str] | None = None) -> dict[str, Any]:
+        """Exchange a join token for SVIDs bound to this client's key; keep the JWT-SVID."""
+        if self.key is None:
+            self.key = ProofKey()
+            self.requests.key = self.key
+        svids: dict[str, Any] = self.post(
+            "/v1/attest", {"join_token": join_token, "jwk": self.key.jwk, "audience": audience}
+        )
+        self.requests.svid = svids["jwt_svid"]
+        return svids
+
+    def open_task(
+        self,
+        *,
+        template: str | None = None,
+        params: dict[str, Any] | None = None,
+        intent: dict[str, Any] | None = None,
+        parent_task_id: str | None = None,
+    ) -> Task:
+        body = self.post("/v1/tasks", _task_body(template, params, intent, parent_task_id))
+        return Task(self, body["task_id"], body["token"], body["expires_at"])
+
+    @contextmanager
+    def task(
+        self,
+        *,
+        template: str | None = None,
+        params: dict[str, Any] | None = None,
+        intent: dict[str, Any] | None = None,
+        parent_task_id: str | None = None,
+    ) -> Iterator[Task]:
+        """Open a task and end it on exit, whatever ends the block."""
+        task = self.open_task(
+            template=template, params=params, intent=intent, parent_task_id=parent_task_id
+        )
+        try:
+            yield task
+        finally:
+            task.end()
+
+    # -- admin ------------------------------------------------------------------------------
+    def register_identity(
+        self, spiffe_id: str, *, kind: str, owner: str, description: str = ""
+    ) -> Any:
+        return self.post(
+            "/v1/identities",
+            {"spiffe_id": spiffe_id, "kind": kind, "owner": owner, "description": description},
+        )
+
+    def join_token(self, spiffe_id: str, *, ttl: float = 600.0) -> str:
+        token: str = self.post("/v1/identities/join-token", {"spiffe_id": spiffe_id, "ttl": ttl})[
+            "join_token"
+        ]
+        return token
+
+    def disable_identity(self, spiffe_id: str) -> Any:
+        return self.post("/v1/identities/disable", {"spiffe_id": spiffe_id})
+
+    def load_policies(self, files: dict[str, str], schema: str | None = None) -> Any:
+        return self.post("/v1/policies", {"files": files, "schema": schema})
+
+    def add_template(self, template: dict[str, Any]) -> Any:
+        return self.post("/v1/templates", {"template": template})
+
+    def approvals(self, status: str = "pending") -> list[dict[str, Any]]:
+        approvals: list[dict[str, Any]] = self.get("/v1/approvals", status=status)["approvals"]
+        return approvals
+
+    def approve(self, approval_id: str) -> Any:
+        return self.post(f"/v1/approvals/{approval_id}/approve")
+
+    def deny(self, approval_id: str) -> Any:
+        return self.post(f"/v1/approvals/{approval_id}/deny")
+
+    def audit(self, limit: int = 50) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = self.get("/v1/audit", limit=str(limit))["records"]
+        return records
+
+    def verify_audit(self) -> Any:
+        return self.get("/v1/audit/verify")
+
+    def jwks(self) -> Any:
+        return self.get("/.well-known/jwks.json")
+
+    def spiffe_bundle(self) -> Any:
+        return self.get("/.well-known/spiffe-bundle")
+
+
+# -- async ------------------------------------------------------------------------------------
+class AsyncTask:
+    """The async mirror of :class:`Task`."""
+
+    def __init__(self, client: AsyncClient, task_id: str, token: str, expires_at: float) -> None:
+        self.client = client
+        self.task_id = task_id
+        self.token = token
+        self.expires_at = expires_at
+
+    def __repr__(self) -> str:
+        return f"AsyncTask({self.task_id!r})"
+
+    async def authorize(self, tool: str, args: dict[str, Any] | None = None) -> Verdict:
+        assert self.client.key is not None
+        out = self.client.requests.decision(self.token, self.client.key, tool, args or {})
+        return verdict(await self.client.send(out))
+
+    async def check(self, tool: str, args: dict[str, Any] | None = None) -> Verdict:
+        result = await self.authorize(tool, args)
+        result.raise_for_effect(tool)
+        return result
+
+    def guarded(
+        self, fn: Callable[P, Awaitable[R]], *, name: str | None = None
+    ) -> Callable[P, Awaitable[R]]:
+        tool = name or fn.__name__
+
+        @functools.wraps(fn)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            await self.check(tool, _call_args(fn, args, kwargs))
+            return await fn(*args, **kwargs)
+
+        return wrapper
+
+    async def end(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.client.send(
+            self.client.requests.call("POST", f"/v1/tasks/{self.task_id}/end")
+        )
+        return result
+
+
+class AsyncClient:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        key: ProofKey | None = None,
+        svid: str | None = None,
+        admin: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.key = key
+        self.requests = Requests(base_url, key=key, svid=svid, admin=admin)
+        self._http = httpx.AsyncClient(transport=transport, timeout=timeout)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def send(self, out: Outgoing) -> Any:
+        response = await self._http.request(
+            out.method, out.url, headers=out.headers, json=out.json, data=out.data
+        )
+        body = response.json() if response.content else None
+        return parse(response.status_code, body)
+
+    async def get(self, path: str, **params: str) -> Any:
+        return await self.send(self.requests.call("GET", path, params=params or None))
+
+    async def post(self, path: str, body: Any = None) -> Any:
+        return await self.send(self.requests.call("POST", path, json=body))
+
+    async def attest(self, join_token: str, *, audience: list[str] | None = None) -> dict[str, Any]:
+        if self.key is None:
+            self.key = ProofKey()
+            self.requests.key = self.key
+        svids: dict[str, Any] = await self.post(
+            "/v1/attest", {"join_token": join_token, "jwk": self.key.jwk, "audience": audience}
+        )
+        self.requests.svid = svids["jwt_svid"]
+        return svids
+
+    async def open_task(
+        self,
+        *,
+        template: str | None = None,
+        params: dict[str, Any] | None = None,
+        intent: dict[str, Any] | None = None,
+        parent_task_id: str | None = None,
+    ) -> AsyncTask:
+        body = await self.post("/v1/tasks", _task_body(template, params, intent, parent_task_id))
+        return AsyncTask(self, body["task_id"], body["token"], body["expires_at"])
+
+    @asynccontextmanager
+    async def task(
+        self,
+        *,
+        template: str | None = None,
+        params: dict[str, Any] | None = None,
+        intent: dict[str, Any] | None = None,
+        parent_task_id: str | None = None,
+    ) -> AsyncIterator[AsyncTask]:
+        task = await self.open_task(
+            template=template, params=params, intent=intent, parent_task_id=parent_task_id
+        )
+        try:
+            yield task
+        finally:
+            await task.end()

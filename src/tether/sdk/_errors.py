@@ -1,0 +1,38 @@
+"""What an SDK call raises when a tool call is not allowed."""
+
+from __future__ import annotations
+
+from tether._errors import Rejected, TetherError
+
+
+class Denied(Rejected):
+    """The decision was ``deny``; ``reasons`` says why, ``receipt`` where it is recorded."""
+
+    code = "denied"
+
+    def __init__(self, tool: str, reasons: list[dict[str, str]], receipt: dict[str, object]):
+        first = reasons[0]["message"] if reasons else "denied"
+        super().__init__(f"{tool}: {first}", code=reasons[0]["code"] if reasons else "denied")
+        self.tool = tool
+        self.reasons = reasons
+        self.receipt = receipt
+
+
+class ApprovalRequired(Rejected):
+    """The call waits for a human; ``approval_id`` names the pending approval."""
+
+    code = "approval_required"
+
+    def __init__(self, tool: str, approval_id: str | None, reasons: list[dict[str, str]]):
+        super().__init__(f"{tool}: approval required ({approval_id})")
+        self.tool = tool
+        self.approval_id = approval_id
+        self.reasons = reasons
+
+
+class APIError(TetherError):
+    """The server refused the request (status and RFC 6749-style error code)."""
+
+    def __init__(self, status: int, error: str, description: str) -> None:
+        super().__init__(f"{status} {error}: {description}", code=error)
+        self.status = status

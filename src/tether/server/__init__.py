@@ -1,0 +1,5 @@
+"""The HTTP API: ``tether serve``."""
+
+from tether.server._app import ServerSettings, create_app
+
+__all__ = ["ServerSettings", "create_app"]

@@ -1,0 +1,748 @@
+"""``tether serve``: the control plane over HTTP (Litestar, msgspec bodies).
+
+Same words as the CLI: identities, templates, policies, tasks, decisions,
+approvals, audit, bundles. Standards endpoints: ``/oauth2/token`` (RFC 8693),
+``/oauth2/introspect`` (RFC 7662), ``/oauth2/revoke`` (RFC 7009), the JWKS and
+the SPIFFE bundle under ``/.well-known/``. Each request is authenticated
+(see :mod:`tether.server._auth`), rate limited per principal, logged as one
+JSON line and counted in ``/metrics``.
+
+Handlers call the store directly on the event loop: the embedded SQLite store
+is one connection, so a thread pool would only add hand-offs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
+from litestar import Litestar, Request, Response, get, post
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
+from litestar.enums import RequestEncodingType
+from litestar.exceptions import HTTPException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.params import Body, Parameter
+
+from tether._errors import (
+    Conflict,
+    InfrastructureError,
+    NotFound,
+    Rejected,
+    TetherError,
+    UsageError,
+)
+from tether._tether import Tether
+from tether.core._decision import call_entities, cedar_value
+from tether.core._intent import parse_intent
+from tether.core._policy import build_snapshot
+from tether.core._risk import Control, risk_tags
+from tether.core._verify import jwk_thumbprint
+from tether.policy import default_schema
+from tether.server import _schemas as S
+from tether.server._auth import (
+    Authenticator,
+    Forbidden,
+    Principal,
+    RateLimited,
+    RateLimiter,
+    Unauthorized,
+    request_uri,
+    require,
+    single_header,
+)
+from tether.server._oauth import OAuth, OAuthError
+from tether.server._observe import Metrics, configure_logging, log_request
+from tether.store import ApprovalRow, IdentityRow, TaskRow
+
+MAX_BODY = 1024 * 1024
+_ERRORS = {
+    400: ResponseSpec(data_container=S.ErrorOut, description="Malformed request"),
+    401: ResponseSpec(data_container=S.ErrorOut, description="Not authenticated"),
+    403: ResponseSpec(data_container=S.ErrorOut, description="Not allowed"),
+    404: ResponseSpec(data_container=S.ErrorOut, description="Not found"),
+    409: ResponseSpec(data_container=S.ErrorOut, description="Conflict"),
+    413: ResponseSpec(data_container=S.ErrorOut, description="Body too large"),
+    429: ResponseSpec(data_container=S.ErrorOut, description="Rate limited"),
+    503: ResponseSpec(data_container=S.ErrorOut, description="Store unavailable"),
+}
+
+
+@dataclass
+class ServerSettings:
+    rate: float = 2000.0
+    burst: float = 4000.0
+    log_level: str = "INFO"
+
+
+class Context:
+    """What every handler needs, kept in ``app.state.ctx``."""
+
+    def __init__(self, tether: Tether, settings: ServerSettings) -> None:
+        self.tether = tether
+        self.audience = f"spiffe://{tether.trust_domain}"
+        self.auth = Authenticator(tether, self.audience)
+        self.oauth = OAuth(tether, self.audience)
+        self.limiter = RateLimiter(settings.rate, settings.burst)
+        self.metrics = Metrics()
+
+
+def _ctx(request: Request) -> Context:  # type: ignore[type-arg]
+    ctx: Context = request.app.state.ctx
+    return ctx
+
+
+def authenticated(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # type: ignore[type-arg]
+    """Guard: authenticate before the body is even read; 401 before any 400."""
+    ctx: Context = connection.app.state.ctx
+    principal = ctx.auth.authenticate(connection)  # type: ignore[arg-type]
+    connection.state.principal = principal
+    ctx.limiter.check(f"{principal.kind}:{principal.id}")
+
+
+def _principal(request: Request) -> Principal:  # type: ignore[type-arg]
+    principal: Principal = request.state.principal
+    return principal
+
+
+# -- errors ---------------------------------------------------------------------------
+def _status(exc: Exception) -> int:
+    if isinstance(exc, OAuthError):
+        return exc.status
+    if isinstance(exc, Unauthorized):
+        return 401
+    if isinstance(exc, RateLimited):
+        return 429
+    if isinstance(exc, Forbidden | Rejected):
+        return 403
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, Conflict):
+        return 409
+    if isinstance(exc, UsageError):
+        return 400
+    if isinstance(exc, InfrastructureError):
+        return 503
+    if isinstance(exc, HTTPException):
+        return exc.status_code
+    return 500
+
+
+def _error_response(request: Request, exc: Exception) -> Response[Any]:  # type: ignore[type-arg]
+    status = _status(exc)
+    if isinstance(exc, TetherError):
+        code, message = exc.code, exc.message
+    elif isinstance(exc, HTTPException):
+        code = {
+            400: "invalid_request",
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "request_too_large",
+        }.get(status, "http_error")
+        message = str(exc.detail)
+    else:
+        code, message = "internal_error", "internal error"
+    headers = {}
+    if status == 401:
+        error = "invalid_token" if single_header_safe(request) else "invalid_request"
+        headers["WWW-Authenticate"] = f'DPoP algs="ES256", error="{error}", Bearer realm="tether"'
+    if status == 429:
+        headers["Retry-After"] = "1"
+    ctx = request.app.state.get("ctx")
+    principal = request.state.get("principal") if hasattr(request, "state") else None
+    if ctx is not None and principal is not None and status >= 400:
+        # A refused request from a known principal leaves a receipt.
+        with contextlib.suppress(TetherError):
+            ctx.tether.audit.append(
+                "request.rejected",
+                chain=[principal.name],
+                effect="deny",
+                reasons=[{"code": code, "message": message[:500]}],
+                detail={"method": request.method, "path": request.url.path[:256], "status": status},
+                risk_tags=list(risk_tags(Control.AUDIT)),
+            )
+    body = S.ErrorOut(status_code=status, detail=message, error=code, error_description=message)
+    return Response(content=body, status_code=status, headers=headers)
+
+
+def single_header_safe(request: Request) -> bool:  # type: ignore[type-arg]
+    try:
+        return single_header(request, "authorization") is not None
+    except Unauthorized:
+        return False
+
+
+# -- conversions -------------------------------------------------------------------------
+def _identity(row: IdentityRow) -> S.IdentityOut:
+    return S.IdentityOut(
+        spiffe_id=row.spiffe_id,
+        kind=row.kind,
+        owner=row.owner,
+        description=row.description,
+        status=row.status,
+        created_at=row.created_at,
+        disabled_at=row.disabled_at,
+    )
+
+
+def _task(row: TaskRow) -> S.TaskOut:
+    return S.TaskOut(
+        task_id=row.task_id,
+        agent=row.agent_id,
+        template=row.template,
+        status=row.status,
+        calls_used=row.calls_used,
+        opened_at=row.opened_at,
+        expires_at=row.expires_at,
+        intent_digest=row.intent_digest,
+        intent=json.loads(row.intent_json),
+        chain=json.loads(row.chain_json),
+        parent_task_id=row.parent_task_id,
+        ended_at=row.ended_at,
+        end_reason=row.end_reason,
+    )
+
+
+def _approval(row: ApprovalRow) -> S.ApprovalOut:
+    return S.ApprovalOut(
+        approval_id=row.approval_id,
+        task_id=row.task_id,
+        agent=row.agent_id,
+        tool=row.tool,
+        args=json.loads(row.args_json),
+        args_digest=row.args_digest,
+        status=row.status,
+        reasons=[S.ReasonOut(**r) for r in json.loads(row.reasons_json)],
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        decided_by=row.decided_by,
+    )
+
+
+def _may_manage(principal: Principal, identity: IdentityRow) -> None:
+    if principal.role == "admin":
+        return
+    if principal.role == "owner" and identity.owner == principal.owner:
+        return
+    raise Forbidden(f"{principal.name} does not own {identity.spiffe_id}")
+
+
+# -- public -------------------------------------------------------------------------------
+@get("/healthz", tags=["health"])
+async def healthz(request: Request) -> S.HealthOut:  # type: ignore[type-arg]
+    """Liveness and readiness: the store answers."""
+    tether = _ctx(request).tether
+    tether.store.get_meta("trust_domain")
+    return S.HealthOut(status="ok", trust_domain=tether.trust_domain)
+
+
+@get("/openapi.json", include_in_schema=False)
+async def openapi_json(request: Request) -> dict[str, Any]:  # type: ignore[type-arg]
+    schema: dict[str, Any] = request.app.openapi_schema.to_schema()
+    return schema
+
+
+@get("/.well-known/jwks.json", tags=["bundles"])
+async def jwks(request: Request) -> dict[str, Any]:  # type: ignore[type-arg]
+    """The JWKS of the trust domain's JWT signing keys (rotation shows here)."""
+    return _ctx(request).tether.jwks()
+
+
+@get("/.well-known/spiffe-bundle", tags=["bundles"])
+async def spiffe_bundle(request: Request) -> dict[str, Any]:  # type: ignore[type-arg]
+    """The SPIFFE trust bundle: X.509 authorities and JWT-SVID keys."""
+    return _ctx(request).tether.spiffe_bundle()
+
+
+@get("/.well-known/oauth-authorization-server", tags=["bundles"])
+async def oauth_metadata(request: Request) -> dict[str, Any]:  # type: ignore[type-arg]
+    """RFC 8414 metadata for the token, introspection and revocation endpoints."""
+    base = f"{request.url.scheme}://{request.url.netloc}"
+    return {
+        "issuer": f"spiffe://{_ctx(request).tether.trust_domain}",
+        "token_endpoint": f"{base}/oauth2/token",
+        "introspection_endpoint": f"{base}/oauth2/introspect",
+        "revocation_endpoint": f"{base}/oauth2/revoke",
+        "jwks_uri": f"{base}/.well-known/jwks.json",
+        "grant_types_supported": ["urn:ietf:params:oauth:grant-type:token-exchange"],
+        "dpop_signing_alg_values_supported": ["ES256"],
+        "token_endpoint_auth_methods_supported": ["none"],
+        "introspection_endpoint_auth_methods_supported": ["client_secret_basic"],
+        "revocation_endpoint_auth_methods_supported": ["client_secret_basic"],
+        "authorization_details_types_supported": ["tether:tool"],
+    }
+
+
+@get("/metrics", tags=["health"], media_type="text/plain; version=0.0.4")
+async def metrics(request: Request) -> bytes:  # type: ignore[type-arg]
+    """Prometheus metrics."""
+    ctx = _ctx(request)
+    ctx.metrics.approvals_pending.set(len(ctx.tether.approvals.list("pending")))
+    return ctx.metrics.render()
+
+
+# -- identities ---------------------------------------------------------------------------
+@post(
+    "/v1/identities",
+    tags=["identities"],
+    responses=_ERRORS,
+    status_code=201,
+    guards=[authenticated],
+)
+async def identity_register(request: Request, data: S.IdentityIn) -> S.IdentityOut:  # type: ignore[type-arg]
+    """Register an identity (admins; owners for identities they own)."""
+    principal = _principal(request)
+    require(principal, "owner")
+    if principal.role == "owner" and data.owner != principal.owner:
+        raise Forbidden("owners register identities they own")
+    row = _ctx(request).tether.register_identity(
+        data.spiffe_id, kind=data.kind, owner=data.owner, description=data.description
+    )
+    return _identity(row)
+
+
+@get("/v1/identities", tags=["identities"], responses=_ERRORS, guards=[authenticated])
+async def identity_list(request: Request) -> S.IdentityList:  # type: ignore[type-arg]
+    """List identities."""
+    require(_principal(request), "owner", "approver", "auditor")
+    return S.IdentityList([_identity(r) for r in _ctx(request).tether.identities.list()])
+
+
+@get("/v1/identity", tags=["identities"], responses=_ERRORS, guards=[authenticated])
+async def identity_show(
+    request: Request,  # type: ignore[type-arg]
+    spiffe_id: str = Parameter(query="spiffe_id", max_length=2048),
+) -> S.IdentityOut:
+    """Show one identity."""
+    require(_principal(request), "owner", "approver", "auditor")
+    return _identity(_ctx(request).tether.identities.get(spiffe_id))
+
+
+@post(
+    "/v1/identities/disable",
+    tags=["identities"],
+    responses=_ERRORS,
+    status_code=200,
+    guards=[authenticated],
+)
+async def identity_disable(request: Request, data: S.SpiffeIdIn) -> S.DisableOut:  # type: ignore[type-arg]
+    """Offboard: disable an identity and revoke every task and token it holds."""
+    principal = _principal(request)
+    tether = _ctx(request).tether
+    _may_manage(principal, tether.identities.get(data.spiffe_id))
+    row, revoked = tether.disable_identity(data.spiffe_id)
+    _ctx(request).metrics.tokens.labels("revoked").inc(len(revoked))
+    return S.DisableOut(identity=_identity(row), revoked_tasks=revoked)
+
+
+@post(
+    "/v1/identities/join-token",
+    tags=["identities"],
+    responses=_ERRORS,
+    status_code=201,
+    guards=[authenticated],
+)
+async def identity_join_token(request: Request, data: S.JoinTokenIn) -> S.JoinTokenOut:  # type: ignore[type-arg]
+    """Mint a one-time join token for a workload to attest with."""
+    principal = _principal(request)
+    tether = _ctx(request).tether
+    _may_manage(principal, tether.identities.get(data.spiffe_id))
+    token = tether.create_join_token(data.spiffe_id, ttl=data.ttl)
+    return S.JoinTokenOut(spiffe_id=data.spiffe_id, join_token=token, ttl=data.ttl)
+
+
+@post("/v1/attest", tags=["identities"], responses=_ERRORS, status_code=200)
+async def attest(request: Request, data: S.AttestIn) -> S.AttestOut:  # type: ignore[type-arg]
+    """Redeem a join token (the credential) for SVIDs bound to the given public key."""
+    if "d" in data.jwk:
+        raise UsageError("send the public key only")
+    try:
+        key = ECAlgorithm.from_jwk(json.dumps(data.jwk))
+    except Exception:
+        raise UsageError("jwk is not an EC public key") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise UsageError("jwk is not an EC public key")
+    svids = _ctx(request).tether.attest(data.join_token, key, audience=data.audience)
+    return S.AttestOut(
+        spiffe_id=svids.spiffe_id,
+        jwt_svid=svids.jwt_svid,
+        x509_svid_pem=svids.x509_svid_pem,
+        expires_at=svids.expires_at,
+    )
+
+
+# -- templates and policies -------------------------------------------------------------------
+def _template_out(t: Any) -> S.TemplateOut:
+    return S.TemplateOut(name=t.name, description=t.description, params=sorted(t.params))
+
+
+@post(
+    "/v1/templates", tags=["templates"], responses=_ERRORS, status_code=201, guards=[authenticated]
+)
+async def template_add(request: Request, data: S.TemplateIn) -> S.TemplateOut:  # type: ignore[type-arg]
+    """Add or replace an intent template."""
+    require(_principal(request))
+    return _template_out(_ctx(request).tether.add_template(data.template))
+
+
+@get("/v1/templates", tags=["templates"], responses=_ERRORS, guards=[authenticated])
+async def template_list(request: Request) -> S.TemplateList:  # type: ignore[type-arg]
+    require(_principal(request), "owner", "approver", "auditor", "workload")
+    return S.TemplateList([_template_out(t) for t in _ctx(request).tether.list_templates()])
+
+
+def _policies_out(snapshot: Any) -> S.PoliciesOut:
+    return S.PoliciesOut(
+        digest=snapshot.digest,
+        policies=[
+            S.PolicyOut(id=p.id, effect=p.effect, file=p.file, line=p.line, approval=p.approval)
+            for p in snapshot.policies
+        ],
+    )
+
+
+@post("/v1/policies", tags=["policies"], responses=_ERRORS, status_code=200, guards=[authenticated])
+async def policy_load(request: Request, data: S.PoliciesIn) -> S.PoliciesOut:  # type: ignore[type-arg]
+    """Validate and load a policy set; an invalid one is refused and the live one stays."""
+    require(_principal(request))
+    return _policies_out(_ctx(request).tether.policies.load(data.files, data.schema))
+
+
+@get("/v1/policies", tags=["policies"], responses=_ERRORS, guards=[authenticated])
+async def policy_list(request: Request) -> S.PoliciesOut:  # type: ignore[type-arg]
+    require(_principal(request), "owner", "approver", "auditor")
+    return _policies_out(_ctx(request).tether.policies.snapshot())
+
+
+@post(
+    "/v1/policies/dry-run",
+    tags=["policies"],
+    responses=_ERRORS,
+    status_code=200,
+    guards=[authenticated],
+)
+async def policy_dry_run(request: Request, data: S.DryRunIn) -> S.DryRunOut:  # type: ignore[type-arg]
+    """Evaluate one call against a proposed policy set, without loading it."""
+    require(_principal(request))
+    tether = _ctx(request).tether
+    snapshot = build_snapshot(data.files, data.schema or default_schema())
+    agent = tether.identities.get(data.agent)
+    context = {
+        "task_id": "dry-run",
+        "template": "dry-run",
+        "purpose": "dry-run",
+        "data_ceiling": "internal",
+        "on_behalf_of": "",
+        "calls_used": data.calls_used,
+        "max_calls": 1_000_000,
+        "delegation_depth": 0,
+        "args": {k: cedar_value(v) for k, v in data.args.items() if v is not None},
+    }
+    outcome = snapshot.evaluate(
+        {"type": "Agent", "id": agent.spiffe_id},
+        "call_tool",
+        {"type": "Tool", "id": data.tool},
+        context,
+        call_entities(agent.spiffe_id, agent.owner, agent.kind, data.tool),
+    )
+    effect = (
+        "deny"
+        if outcome.errors or not outcome.allowed
+        else "approval_required"
+        if outcome.approval
+        else "allow"
+    )
+    return S.DryRunOut(effect=effect, policies=list(outcome.policies), errors=list(outcome.errors))
+
+
+# -- tasks and decisions -------------------------------------------------------------------
+@post("/v1/tasks", tags=["tasks"], responses=_ERRORS, status_code=201, guards=[authenticated])
+async def task_open(request: Request, data: S.TaskOpenIn) -> S.TaskOpenOut:  # type: ignore[type-arg]
+    """Open a task. A workload opens for itself, bound to its SVID's key; an admin names
+    the agent and its public proof key."""
+    principal = _principal(request)
+    tether = _ctx(request).tether
+    if principal.kind == "workload":
+        if data.agent not in (None, principal.id) or data.jwk is not None:
+            raise Forbidden("a workload opens tasks for itself, with its own key")
+        agent, jkt = principal.id, principal.jkt
+    else:
+        require(principal)
+        if data.agent is None or data.jwk is None:
+            raise UsageError("an admin must give agent and jwk")
+        agent, jkt = data.agent, jwk_thumbprint(data.jwk)
+    opened = tether.open_task(
+        agent,
+        jkt=jkt,
+        template=data.template,
+        params=data.params,
+        intent=parse_intent(data.intent) if data.intent is not None else None,
+        parent_task_id=data.parent_task_id,
+    )
+    _ctx(request).metrics.tokens.labels("issued").inc()
+    return S.TaskOpenOut(task_id=opened.task_id, token=opened.token, expires_at=opened.expires_at)
+
+
+def _task_access(principal: Principal, row: TaskRow, tether: Tether, *, write: bool) -> None:
+    if principal.kind == "workload":
+        if principal.id not in json.loads(row.chain_json):
+            raise Forbidden("a workload may only touch its own tasks")
+        return
+    if principal.role == "admin" or (not write and principal.role in ("auditor", "approver")):
+        return
+    if principal.role == "owner":
+        agent = tether.store.get_identity(row.agent_id)
+        if agent is not None and agent.owner == principal.owner:
+            return
+    raise Forbidden("not allowed to touch this task")
+
+
+@get("/v1/tasks/{task_id:str}", tags=["tasks"], responses=_ERRORS, guards=[authenticated])
+async def task_show(request: Request, task_id: str) -> S.TaskOut:  # type: ignore[type-arg]
+    principal = _principal(request)
+    tether = _ctx(request).tether
+    row = tether.show_task(task_id)
+    _task_access(principal, row, tether, write=False)
+    return _task(row)
+
+
+@post(
+    "/v1/tasks/{task_id:str}/end",
+    tags=["tasks"],
+    responses=_ERRORS,
+    status_code=200,
+    guards=[authenticated],
+)
+async def task_end(request: Request, task_id: str) -> S.TaskOut:  # type: ignore[type-arg]
+    """End a task: its token, its children and their tokens are revoked."""
+    principal = _principal(request)
+    tether = _ctx(request).tether
+    _task_access(principal, tether.tasks.get(task_id), tether, write=True)
+    return _task(tether.end_task(task_id))
+
+
+@post("/v1/decisions", tags=["decisions"], responses=_ERRORS, status_code=200)
+async def decision(request: Request, data: S.AuthorizeIn) -> S.AuthorizeOut:  # type: ignore[type-arg]
+    """Decide one tool call. ``Authorization: DPoP <task token>`` and a ``DPoP`` proof for
+    this request whose ``call`` claim is the digest of this tool call. Always answers with
+    a decision and its receipt; a refused call is a ``deny``, not an HTTP error."""
+    ctx = _ctx(request)
+    header = single_header(request, "authorization") or ""
+    scheme, _, token = header.partition(" ")
+    task_token = token.strip() if scheme.lower() == "dpop" and token.strip() else None
+    if task_token is not None:
+        ctx.limiter.check("token:" + task_token[-43:])
+    receipt = ctx.tether.authorize(
+        token=task_token,
+        proof=single_header(request, "dpop"),
+        tool=data.tool,
+        args=data.args,
+        htm=request.method,
+        htu=request_uri(request),
+    )
+    d = receipt.decision
+    ctx.metrics.decisions.labels(str(d.effect), d.reasons[0].code, d.tool or "").inc()
+    ctx.metrics.decision_latency.observe(receipt.latency_us / 1e6)
+    request.state.decision = str(d.effect)
+    return S.AuthorizeOut(
+        effect=str(d.effect),
+        reasons=[S.ReasonOut(r.code, r.message) for r in d.reasons],
+        policies=list(d.policies),
+        risk_tags=list(d.risk_tags),
+        receipt=S.ReceiptRef(seq=receipt.seq, hash=receipt.hash),
+        task_id=d.task_id,
+        approval_id=receipt.approval_id,
+    )
+
+
+# -- approvals --------------------------------------------------------------------------------
+@get("/v1/approvals", tags=["approvals"], responses=_ERRORS, guards=[authenticated])
+async def approval_list(
+    request: Request,  # type: ignore[type-arg]
+    status: str | None = Parameter(query="status", default="pending", max_length=32),
+) -> S.ApprovalList:
+    require(_principal(request), "approver", "auditor")
+    return S.ApprovalList([_approval(r) for r in _ctx(request).tether.approvals.list(status)])
+
+
+async def _decide_approval(request: Request, approval_id: str, approve: bool) -> S.ApprovalOut:  # type: ignore[type-arg]
+    principal = _principal(request)
+    require(principal, "approver")
+    row = _ctx(request).tether.decide_approval(approval_id, approve=approve, by=principal.name)
+    return _approval(row)
+
+
+@post(
+    "/v1/approvals/{approval_id:str}/approve",
+    tags=["approvals"],
+    responses=_ERRORS,
+    status_code=200,
+    guards=[authenticated],
+)
+async def approval_approve(request: Request, approval_id: str) -> S.ApprovalOut:  # type: ignore[type-arg]
+    """Approve one held call: the identical call then goes through once."""
+    return await _decide_approval(request, approval_id, True)
+
+
+@post(
+    "/v1/approvals/{approval_id:str}/deny",
+    tags=["approvals"],
+    responses=_ERRORS,
+    status_code=200,
+    guards=[authenticated],
+)
+async def approval_deny(request: Request, approval_id: str) -> S.ApprovalOut:  # type: ignore[type-arg]
+    return await _decide_approval(request, approval_id, False)
+
+
+# -- audit ---------------------------------------------------------------------------------
+@get("/v1/audit", tags=["audit"], responses=_ERRORS, guards=[authenticated])
+async def audit_query(
+    request: Request,  # type: ignore[type-arg]
+    limit: int = Parameter(query="limit", default=50, ge=1, le=10_000),
+    task_id: str | None = Parameter(query="task_id", default=None, max_length=128),
+) -> S.AuditOut:
+    """The newest receipts, optionally of one task."""
+    require(_principal(request), "auditor")
+    records = _ctx(request).tether.audit.tail(limit if task_id is None else 10_000)
+    if task_id is not None:
+        records = [r for r in records if r.get("task_id") == task_id][-limit:]
+    return S.AuditOut(records=records)
+
+
+@get("/v1/audit/verify", tags=["audit"], responses=_ERRORS, guards=[authenticated])
+async def audit_verify(request: Request) -> S.VerifyOut:  # type: ignore[type-arg]
+    require(_principal(request), "auditor")
+    r = _ctx(request).tether.verify_audit()
+    return S.VerifyOut(
+        ok=r.ok,
+        records=r.records,
+        checkpoints=r.checkpoints,
+        first_bad=r.first_bad,
+        problem=r.problem,
+    )
+
+
+# -- OAuth -----------------------------------------------------------------------------------
+_FORM = Body(media_type=RequestEncodingType.URL_ENCODED)
+
+
+@post("/oauth2/token", tags=["oauth"], responses=_ERRORS, status_code=200)
+async def oauth_token(request: Request, data: dict[str, str] = _FORM) -> S.TokenOut:  # type: ignore[type-arg]
+    """RFC 8693 token exchange: subject token + the agent's JWT-SVID → task token."""
+    ctx = _ctx(request)
+    out = ctx.oauth.exchange(data, dpop=single_header(request, "dpop"), htu=request_uri(request))
+    ctx.metrics.tokens.labels("issued").inc()
+    return S.TokenOut(**out)
+
+
+@post(
+    "/oauth2/introspect", tags=["oauth"], responses=_ERRORS, status_code=200, guards=[authenticated]
+)
+async def oauth_introspect(request: Request, data: dict[str, str] = _FORM) -> dict[str, Any]:  # type: ignore[type-arg]
+    """RFC 7662 introspection: ``active`` is false for anything revoked, ended or expired."""
+    _principal(request)
+    return _ctx(request).oauth.introspect(data)
+
+
+@post("/oauth2/revoke", tags=["oauth"], responses=_ERRORS, status_code=200, guards=[authenticated])
+async def oauth_revoke(request: Request, data: dict[str, str] = _FORM) -> dict[str, Any]:  # type: ignore[type-arg]
+    """RFC 7009 revocation: revoking a task token ends its task (and its children)."""
+    principal = _principal(request)
+    _ctx(request).oauth.revoke(
+        data,
+        principal_id=principal.id if principal.kind == "workload" else principal.name,
+        is_admin=principal.role == "admin",
+    )
+    _ctx(request).metrics.tokens.labels("revoked").inc()
+    return {}
+
+
+# -- assembly -------------------------------------------------------------------------------
+class _Observe:
+    """ASGI middleware: one JSON log line and one counter per request."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def capture(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            state = scope.get("state", {})
+            principal = state.get("principal")
+            route = scope.get("path_template") or scope.get("path", "")
+            ctx = scope["app"].state.get("ctx") if "app" in scope else None
+            if ctx is not None:
+                ctx.metrics.requests.labels(
+                    scope["method"], str(route)[:64], str(status["code"])
+                ).inc()
+            log_request(
+                scope["method"],
+                str(route)[:128],
+                status["code"],
+                started,
+                principal.name if principal else None,
+                decision=state.get("decision"),
+            )
+
+
+def create_app(tether: Tether, settings: ServerSettings | None = None) -> Litestar:
+    settings = settings or ServerSettings()
+    configure_logging(settings.log_level)
+    return Litestar(
+        route_handlers=[
+            healthz,
+            openapi_json,
+            jwks,
+            spiffe_bundle,
+            oauth_metadata,
+            metrics,
+            identity_register,
+            identity_list,
+            identity_show,
+            identity_disable,
+            identity_join_token,
+            attest,
+            template_add,
+            template_list,
+            policy_load,
+            policy_list,
+            policy_dry_run,
+            task_open,
+            task_show,
+            task_end,
+            decision,
+            approval_list,
+            approval_approve,
+            approval_deny,
+            audit_query,
+            audit_verify,
+            oauth_token,
+            oauth_introspect,
+            oauth_revoke,
+        ],
+        state=State({"ctx": Context(tether, settings)}),
+        exception_handlers={Exception: _error_response},
+        openapi_config=OpenAPIConfig(title="Tether", version="0.1.0", path="/schema"),
+        request_max_body_size=MAX_BODY,
+        middleware=[_Observe],
+        debug=False,
+    )

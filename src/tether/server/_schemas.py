@@ -1,0 +1,224 @@
+"""Request and response bodies of the HTTP API (msgspec structs, strict)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=False):
+    """Refuses unknown fields: a typo in a security request is an error, not a no-op."""
+
+
+class ErrorOut(msgspec.Struct):
+    """Error body: RFC 6749 style ``error``/``error_description`` plus the status."""
+
+    status_code: int
+    detail: str
+    error: str
+    error_description: str
+
+
+class IdentityIn(Strict):
+    spiffe_id: str
+    kind: str
+    owner: str
+    description: str = ""
+
+
+class IdentityOut(msgspec.Struct):
+    spiffe_id: str
+    kind: str
+    owner: str
+    description: str
+    status: str
+    created_at: float
+    disabled_at: float | None = None
+
+
+class IdentityList(msgspec.Struct):
+    identities: list[IdentityOut]
+
+
+class SpiffeIdIn(Strict):
+    spiffe_id: str
+
+
+class DisableOut(msgspec.Struct):
+    identity: IdentityOut
+    revoked_tasks: list[str]
+
+
+class JoinTokenIn(Strict):
+    spiffe_id: str
+    ttl: float = 600.0
+
+
+class JoinTokenOut(msgspec.Struct):
+    spiffe_id: str
+    join_token: str
+    ttl: float
+
+
+class AttestIn(Strict):
+    join_token: str
+    jwk: dict[str, str]
+    audience: list[str] | None = None
+
+
+class AttestOut(msgspec.Struct):
+    spiffe_id: str
+    jwt_svid: str
+    x509_svid_pem: str
+    expires_at: float
+
+
+class TemplateIn(Strict):
+    template: dict[str, Any]
+
+
+class TemplateOut(msgspec.Struct):
+    name: str
+    description: str
+    params: list[str]
+
+
+class TemplateList(msgspec.Struct):
+    templates: list[TemplateOut]
+
+
+class PoliciesIn(Strict):
+    files: dict[str, str]
+    schema: str | None = None
+
+
+class PolicyOut(msgspec.Struct):
+    id: str
+    effect: str
+    file: str
+    line: int
+    approval: bool
+
+
+class PoliciesOut(msgspec.Struct):
+    digest: str
+    policies: list[PolicyOut]
+
+
+class DryRunIn(Strict):
+    """Evaluate one call against a proposed policy set without loading it."""
+
+    files: dict[str, str]
+    agent: str
+    tool: str
+    args: dict[str, Any] = {}
+    schema: str | None = None
+    calls_used: int = 0
+
+
+class DryRunOut(msgspec.Struct):
+    effect: str
+    policies: list[str]
+    errors: list[str]
+
+
+class TaskOpenIn(Strict):
+    template: str | None = None
+    params: dict[str, Any] = {}
+    intent: dict[str, Any] | None = None
+    parent_task_id: str | None = None
+    agent: str | None = None  # admin only: open for this agent
+    jwk: dict[str, str] | None = None  # admin only: the agent's public proof key
+
+
+class TaskOpenOut(msgspec.Struct):
+    task_id: str
+    token: str
+    expires_at: float
+
+
+class TaskOut(msgspec.Struct):
+    task_id: str
+    agent: str
+    template: str
+    status: str
+    calls_used: int
+    opened_at: float
+    expires_at: float
+    intent_digest: str
+    intent: dict[str, Any]
+    chain: list[str]
+    parent_task_id: str | None = None
+    ended_at: float | None = None
+    end_reason: str | None = None
+
+
+class AuthorizeIn(Strict):
+    tool: str
+    args: dict[str, Any] = {}
+
+
+class ReasonOut(msgspec.Struct):
+    code: str
+    message: str
+
+
+class ReceiptRef(msgspec.Struct):
+    seq: int
+    hash: str
+
+
+class AuthorizeOut(msgspec.Struct):
+    effect: str
+    reasons: list[ReasonOut]
+    policies: list[str]
+    risk_tags: list[str]
+    receipt: ReceiptRef
+    task_id: str | None = None
+    approval_id: str | None = None
+
+
+class ApprovalOut(msgspec.Struct):
+    approval_id: str
+    task_id: str
+    agent: str
+    tool: str
+    args: dict[str, Any]
+    args_digest: str
+    status: str
+    reasons: list[ReasonOut]
+    created_at: float
+    expires_at: float
+    decided_by: str | None = None
+
+
+class ApprovalList(msgspec.Struct):
+    approvals: list[ApprovalOut]
+
+
+class AuditOut(msgspec.Struct):
+    records: list[dict[str, Any]]
+
+
+class VerifyOut(msgspec.Struct):
+    ok: bool
+    records: int
+    checkpoints: int
+    first_bad: int | None = None
+    problem: str | None = None
+
+
+class TokenOut(msgspec.Struct):
+    """RFC 8693 §2.2.1 response."""
+
+    access_token: str
+    issued_token_type: str
+    token_type: str
+    expires_in: int
+    task_id: str
+
+
+class HealthOut(msgspec.Struct):
+    status: str
+    trust_domain: str

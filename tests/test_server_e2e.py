@@ -1,0 +1,336 @@
+"""The control plane over real HTTP on loopback: a server process, the SDK, the spiffe
+package and authlib's OAuth client."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import jwt
+import pytest
+from spiffe import JwtBundle, JwtSvid, TrustDomain
+
+from tether import APIError, ApprovalRequired, Client, Denied, ProofKey
+
+from .server_support import Server
+
+AGENT = "spiffe://acme.example/agent/bill-payer"
+HELPER = "spiffe://acme.example/agent/helper"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "demo"
+PAYEE = "DE89370400440532013000"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    srv = Server(tmp_path / "home").start()
+    yield srv
+    srv.stop()
+
+
+def _setup(server: Server) -> tuple[Client, Client]:
+    admin = Client(server.url, admin=server.admin)
+    admin.register_identity(AGENT, kind="agent", owner="alice@acme.example")
+    files = {p.name: p.read_text() for p in (EXAMPLES / "policies").glob("*.cedar")}
+    admin.load_policies(files)
+    import tomllib
+
+    admin.add_template(tomllib.loads((EXAMPLES / "templates" / "pay-bill.toml").read_text()))
+    agent = Client(server.url, key=ProofKey())
+    agent.attest(admin.join_token(AGENT))
+    return admin, agent
+
+
+def test_agent_path_over_http(server: Server) -> None:
+    admin, agent = _setup(server)
+    with agent.task(template="pay-bill", params={"payee": PAYEE, "max_amount": 1500}) as task:
+        assert task.authorize("bank.read_bills").allowed
+        denied = task.authorize("shell.exec", {"cmd": "id"})
+        assert denied.effect == "deny" and denied.reasons[0]["code"] == "intent.no_capability"
+
+        def send_money(recipient: str, amount: float) -> str:
+            return f"sent {amount} to {recipient}"
+
+        pay = task.guarded(send_money, name="bank.send_money")
+        assert pay(PAYEE, 120.0) == f"sent 120.0 to {PAYEE}"
+        with pytest.raises(Denied) as refused:
+            pay("GB33BUKB20201555555555", 10.0)
+        assert refused.value.reasons[0]["code"] == "intent.argument"
+        with pytest.raises(ApprovalRequired) as held:
+            pay(PAYEE, 1200.0)
+        approval = held.value.approval_id
+        assert approval and admin.approvals()[0]["approval_id"] == approval
+        admin.approve(approval)
+        assert pay(PAYEE, 1200.0) == f"sent 1200.0 to {PAYEE}"
+        token = task.token
+    # The task ended on exit: its token is refused.
+    state = admin.get(f"/v1/tasks/{task.task_id}")
+    assert state["status"] == "ended"
+    again = agent.send(agent.requests.decision(token, agent.key, "bank.read_bills", {}))  # type: ignore[arg-type]
+    assert again["effect"] == "deny" and again["reasons"][0]["code"] == "task.ended"
+    assert admin.verify_audit()["ok"] is True
+
+
+def test_task_ends_on_exception_and_keyboard_interrupt(server: Server) -> None:
+    admin, agent = _setup(server)
+    for error in (RuntimeError("boom"), KeyboardInterrupt()):
+        with (
+            pytest.raises(type(error)),
+            agent.task(template="pay-bill", params={"payee": PAYEE}) as task,
+        ):
+            raise error
+        assert admin.get(f"/v1/tasks/{task.task_id}")["status"] == "ended"
+
+
+def test_spiffe_library_validates_svids_against_the_served_bundle(server: Server) -> None:
+    admin, agent = _setup(server)
+    bundle_doc = httpx.get(f"{server.url}/.well-known/spiffe-bundle").json()
+    jwt_keys = {"keys": [k for k in bundle_doc["keys"] if k["use"] == "jwt-svid"]}
+    bundle = JwtBundle.parse(TrustDomain("acme.example"), json.dumps(jwt_keys).encode())
+    svid = JwtSvid.parse_and_validate(
+        agent.requests.svid,
+        bundle,  # type: ignore[arg-type]
+        {"spiffe://acme.example"},
+    )
+    assert str(svid.spiffe_id) == AGENT
+
+
+def test_no_write_endpoint_is_reachable_unauthenticated(server: Server) -> None:
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    writes = [
+        (path, m)
+        for path, ops in schema["paths"].items()
+        for m in ops
+        if m in ("post", "put", "patch", "delete")
+    ]
+    assert len(writes) >= 10
+    open_by_design = {"/v1/decisions", "/v1/attest", "/oauth2/token"}
+    for path, method in writes:
+        url = server.url + path.replace("{task_id}", "task_x").replace("{approval_id}", "apr_x")
+        response = httpx.request(method.upper(), url, json={})
+        if path in open_by_design:
+            continue
+        assert response.status_code == 401, (path, response.status_code, response.text)
+        assert "DPoP" in response.headers["www-authenticate"]
+
+
+def test_roles_are_enforced(server: Server) -> None:
+    admin, _ = _setup(server)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tether",
+            "--home",
+            str(server.home),
+            "admin",
+            "create",
+            "--role",
+            "auditor",
+            "--owner",
+            "eve@acme.example",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    auditor = Client(server.url, admin=json.loads(proc.stdout)["credential"])
+    assert auditor.verify_audit()["ok"] is True
+    with pytest.raises(APIError) as refused:
+        auditor.register_identity(
+            "spiffe://acme.example/agent/x", kind="agent", owner="eve@acme.example"
+        )
+    assert refused.value.status == 403
+    wrong = Client(server.url, admin="tadm_0000000000000000." + "A" * 43)
+    with pytest.raises(APIError) as unknown:
+        wrong.verify_audit()
+    assert unknown.value.status == 401
+
+
+def test_workload_proof_replay_is_refused(server: Server) -> None:
+    _, agent = _setup(server)
+    url = f"{server.url}/v1/tasks"
+    assert agent.key is not None and agent.requests.svid is not None
+    proof = agent.key.prove_request(agent.requests.svid, htm="POST", htu=url, now=time.time())
+    headers = {"Authorization": f"DPoP {agent.requests.svid}", "DPoP": proof}
+    body = {"template": "pay-bill", "params": {"payee": PAYEE}}
+    assert httpx.post(url, headers=headers, json=body).status_code == 201
+    replay = httpx.post(url, headers=headers, json=body)
+    assert replay.status_code == 401 and replay.json()["error"] == "proof.replayed"
+    other_url = httpx.post(f"{server.url}/v1/templates", headers=headers, json={})
+    assert other_url.status_code in (400, 401)
+
+
+def test_restart_loses_nothing(server: Server) -> None:
+    admin, agent = _setup(server)
+    keep = agent.open_task(template="pay-bill", params={"payee": PAYEE})
+    revoked = agent.open_task(template="pay-bill", params={"payee": PAYEE})
+    assert keep.authorize("bank.read_bills").allowed
+    revoked.end()
+    before = admin.verify_audit()
+    server.stop(signal.SIGKILL)
+    server.start()
+    after = admin.verify_audit()
+    assert after["ok"] is True and after["records"] >= before["records"]
+    assert keep.authorize("bank.read_balance").allowed  # in-flight task continues
+    assert revoked.authorize("bank.read_bills").reasons[0]["code"] == "task.ended"
+    assert admin.get(f"/v1/tasks/{keep.task_id}")["calls_used"] == 2
+
+
+def test_authlib_token_exchange_introspection_and_revocation(
+    server: Server, tmp_path: Path
+) -> None:
+    from authlib.integrations.httpx_client import OAuth2Client
+
+    admin, agent = _setup(server)
+    # A user-token issuer the trust domain accepts as a token-exchange subject.
+    user_key = ProofKey()
+    jwks_file = tmp_path / "idp.json"
+    jwks_file.write_text(
+        json.dumps({"keys": [{**user_key.jwk, "kid": "idp-1", "alg": "ES256", "use": "sig"}]})
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tether",
+            "--home",
+            str(server.home),
+            "issuer",
+            "--issuer",
+            "https://idp.acme.example",
+            "--audience",
+            "tether",
+            "--jwks",
+            str(jwks_file),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    import time
+
+    user_token = jwt.encode(
+        {
+            "iss": "https://idp.acme.example",
+            "sub": "user-7",
+            "aud": "tether",
+            "exp": int(time.time()) + 300,
+        },
+        user_key.private_key,
+        algorithm="ES256",
+        headers={"kid": "idp-1"},
+    )
+    oauth = OAuth2Client(client_id="agent", token_endpoint_auth_method="none")
+    token = oauth.fetch_token(
+        f"{server.url}/oauth2/token",
+        grant_type="urn:ietf:params:oauth:grant-type:token-exchange",
+        subject_token=user_token,
+        subject_token_type="urn:ietf:params:oauth:token-type:jwt",
+        actor_token=agent.requests.svid,
+        actor_token_type="urn:ietf:params:oauth:token-type:jwt",
+        scope="pay-bill",
+        request_details=json.dumps({"params": {"payee": PAYEE}}),
+    )
+    assert token["issued_token_type"] == "urn:ietf:params:oauth:token-type:txn_token"
+    claims = jwt.decode(token["access_token"], options={"verify_signature": False})
+    assert claims["sub"] == AGENT and claims["obo"] == "user-7"
+    assert claims["cnf"]["jkt"] == agent.key.thumbprint  # type: ignore[union-attr]
+
+    admin_row = json.loads(
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tether",
+                "--home",
+                str(server.home),
+                "admin",
+                "create",
+                "--role",
+                "admin",
+                "--owner",
+                "ops@acme.example",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    cid, secret = admin_row["credential"][len("tadm_") :].split(".")
+    rs = OAuth2Client(client_id=cid, client_secret=secret)
+    active = rs.introspect_token(
+        f"{server.url}/oauth2/introspect", token=token["access_token"]
+    ).json()
+    assert active["active"] is True and active["cnf"]["jkt"] == agent.key.thumbprint  # type: ignore[union-attr]
+    assert active["txn"] == token["task_id"]
+    revoked = rs.revoke_token(f"{server.url}/oauth2/revoke", token=token["access_token"])
+    assert revoked.status_code == 200
+    inactive = rs.introspect_token(
+        f"{server.url}/oauth2/introspect", token=token["access_token"]
+    ).json()
+    assert inactive == {"active": False}
+    garbage = rs.introspect_token(f"{server.url}/oauth2/introspect", token="nonsense").json()
+    assert garbage == {"active": False}
+
+
+def test_delegation_by_token_exchange(server: Server) -> None:
+    admin, agent = _setup(server)
+    admin.register_identity(HELPER, kind="agent", owner="alice@acme.example")
+    helper = Client(server.url, key=ProofKey())
+    helper.attest(admin.join_token(HELPER))
+    parent = agent.open_task(template="pay-bill", params={"payee": PAYEE})
+    form = {
+        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+        "subject_token": parent.token,
+        "subject_token_type": "urn:ietf:params:oauth:token-type:txn_token",
+        "actor_token": helper.requests.svid or "",
+        "actor_token_type": "urn:ietf:params:oauth:token-type:jwt",
+    }
+    narrow = {
+        "purpose": "read the bills",
+        "capabilities": [{"tool": "bank.read_bills"}],
+        "budget": {"max_calls": 2},
+        "ttl_seconds": 120,
+    }
+    admin.load_policies(
+        {
+            **{p.name: p.read_text() for p in (EXAMPLES / "policies").glob("*.cedar")},
+            "adhoc.cedar": 'permit (principal, action == Action::"open_task", '
+            'resource == Template::"adhoc");',
+        }
+    )
+    ok = httpx.post(
+        f"{server.url}/oauth2/token",
+        data={**form, "request_details": json.dumps({"intent": narrow})},
+    )
+    assert ok.status_code == 200, ok.text
+    claims = jwt.decode(ok.json()["access_token"], options={"verify_signature": False})
+    assert claims["sub"] == HELPER and claims["act"] == {"sub": AGENT}
+    wide = {**narrow, "capabilities": [{"tool": "shell.exec"}]}
+    refused = httpx.post(
+        f"{server.url}/oauth2/token", data={**form, "request_details": json.dumps({"intent": wide})}
+    )
+    assert refused.status_code == 400 and refused.json()["error"] == "invalid_grant"
+    assert "shell.exec" in refused.json()["error_description"]
+
+
+def test_metrics_and_health(server: Server) -> None:
+    _, agent = _setup(server)
+    with agent.task(template="pay-bill", params={"payee": PAYEE}) as task:
+        task.authorize("bank.read_bills")
+        task.authorize("shell.exec")
+    text = httpx.get(f"{server.url}/metrics").text
+    assert 'tether_decisions_total{effect="allow",rule="allow",tool="bank.read_bills"} 1.0' in text
+    assert 'effect="deny",rule="intent.no_capability"' in text
+    assert "tether_decision_seconds_bucket" in text
+    assert "tether_approvals_pending" in text
+    log = (server.home / "server.log").read_text()
+    assert '"route": "/v1/decisions"' in log
+    assert agent.requests.svid not in log and task.token not in log  # type: ignore[operator]
