@@ -88,7 +88,7 @@ def test_task_ends_on_exception_and_keyboard_interrupt(server: Server) -> None:
 
 
 def test_spiffe_library_validates_svids_against_the_served_bundle(server: Server) -> None:
-    admin, agent = _setup(server)
+    _admin, agent = _setup(server)
     bundle_doc = httpx.get(f"{server.url}/.well-known/spiffe-bundle").json()
     jwt_keys = {"keys": [k for k in bundle_doc["keys"] if k["use"] == "jwt-svid"]}
     bundle = JwtBundle.parse(TrustDomain("acme.example"), json.dumps(jwt_keys).encode())
@@ -120,7 +120,7 @@ def test_no_write_endpoint_is_reachable_unauthenticated(server: Server) -> None:
 
 
 def test_roles_are_enforced(server: Server) -> None:
-    admin, _ = _setup(server)
+    _admin, _ = _setup(server)
     proc = subprocess.run(
         [
             sys.executable,
@@ -188,7 +188,7 @@ def test_authlib_token_exchange_introspection_and_revocation(
 ) -> None:
     from authlib.integrations.httpx_client import OAuth2Client
 
-    admin, agent = _setup(server)
+    _admin, agent = _setup(server)
     # A user-token issuer the trust domain accepts as a token-exchange subject.
     user_key = ProofKey()
     jwks_file = tmp_path / "idp.json"
