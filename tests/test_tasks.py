@@ -164,3 +164,34 @@ def test_sigkill_loses_no_acknowledged_receipt(tmp_path: Path) -> None:
         assert rows and rows[0][0] == ack["hash"]
     row = reopened.store.get_task(task)
     assert row is not None and row.calls_used >= len(acknowledged)
+
+
+def test_resource_audience_is_enforced_at_the_enforcement_point(permissive: Tether) -> None:
+    import jwt
+
+    key = ProofKey()
+    intent = parse_intent({"purpose": "p", "capabilities": [{"tool": "fs.read"}]})
+    gateway = "https://gateway.acme.example/mcp"
+    task = permissive.open_task(AGENT, proof_jwk=key.jwk, intent=intent, resources=(gateway,))
+    assert jwt.decode(task.token, options={"verify_signature": False})["aud"] == [
+        "acme.example",
+        gateway,
+    ]
+    now = permissive.clock.now()
+    ok = permissive.authorize(
+        token=task.token,
+        proof=key.prove(task.token, "fs.read", {}, now=now),
+        tool="fs.read",
+        args={},
+        resource=gateway,
+    )
+    assert ok.effect is Effect.ALLOW
+    other = permissive.authorize(
+        token=task.token,
+        proof=key.prove(task.token, "fs.read", {}, now=now),
+        tool="fs.read",
+        args={},
+        resource="https://other.acme.example/mcp",
+    )
+    assert other.effect is Effect.DENY
+    assert other.decision.reasons[0].code == "token.audience"

@@ -200,8 +200,13 @@ class Tether:
         intent: Intent | None = None,
         on_behalf_of: str | None = None,
         parent_task_id: str | None = None,
+        resources: tuple[str, ...] = (),
     ) -> OpenedTask:
-        """Open a task (a delegated one when ``parent_task_id`` is given)."""
+        """Open a task (a delegated one when ``parent_task_id`` is given).
+
+        ``resources`` lists the resource servers (e.g. an MCP gateway URI) the task
+        token is also addressed to, besides the trust domain.
+        """
         self.tasks.expire()
         parent = self.tasks.get(parent_task_id) if parent_task_id is not None else None
         return self.tasks.open(
@@ -213,6 +218,7 @@ class Tether:
             intent=intent,
             on_behalf_of=on_behalf_of,
             parent=parent,
+            resources=resources,
         )
 
     def end_task(self, task_id: str) -> TaskRow:
@@ -232,9 +238,20 @@ class Tether:
         task_id: str | None = None,
         htm: str = DECIDE_HTM,
         htu: str = DECIDE_HTU,
+        resource: str | None = None,
+        detail: dict[str, Any] | None = None,
     ) -> Receipt:
+        """Decide one call and leave its receipt (see :class:`tether.tasks.Authorizer`)."""
         return self.authorizer.authorize(
-            token=token, proof=proof, tool=tool, args=args, task_id=task_id, htm=htm, htu=htu
+            token=token,
+            proof=proof,
+            tool=tool,
+            args=args,
+            task_id=task_id,
+            htm=htm,
+            htu=htu,
+            resource=resource,
+            detail=detail,
         )
 
     def decide_approval(self, approval_id: str, *, approve: bool, by: str) -> ApprovalRow:

@@ -184,12 +184,29 @@ def decide(
     task_hint: str | None = None,
     htm: str = DECIDE_HTM,
     htu: str = DECIDE_HTU,
+    resource: str | None = None,
 ) -> Decision:
-    """Decide one tool call. Never raises; see the module docstring."""
+    """Decide one tool call. Never raises; see the module docstring.
+
+    ``resource`` is the enforcement point's own identifier (e.g. an MCP gateway's
+    URI): when given, the token must be addressed to it as well.
+    """
     context: dict[str, Any] = {"tool": None, "args_digest": None}
     try:
         return _decide(
-            token, proof, call, view, snapshot, tokens, proofs, now, task_hint, htm, htu, context
+            token,
+            proof,
+            call,
+            view,
+            snapshot,
+            tokens,
+            proofs,
+            now,
+            task_hint,
+            htm,
+            htu,
+            context,
+            resource,
         )
     except _Refusal as refusal:
         return Decision(
@@ -228,6 +245,7 @@ def _decide(
     htm: str,
     htu: str,
     out: dict[str, Any],
+    resource: str | None = None,
 ) -> Decision:
     if not isinstance(call.tool, str) or not 0 < len(call.tool) <= MAX_TOOL_NAME:
         raise _Refusal(
@@ -254,6 +272,12 @@ def _decide(
         intent_digest=claims.intent_digest,
         token_digest=claims.token_digest,
     )
+    if resource is not None and resource not in claims.audiences:
+        raise _Refusal(
+            "token.audience",
+            f"token is not addressed to this resource ({resource})",
+            Control.AUDIENCE,
+        )
     if task_hint is not None and task_hint != claims.task_id:
         raise _Refusal(
             "token.task_mismatch",

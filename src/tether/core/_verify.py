@@ -107,6 +107,7 @@ class TaskClaims:
     chain: tuple[str, ...]
     raw: dict[str, Any]
     token_digest: str
+    audiences: tuple[str, ...] = ()
 
 
 def _header(token: str, limit: int, rejected: type[TokenRejected | ProofRejected]) -> Any:
@@ -264,6 +265,7 @@ class TokenVerifier:
             chain=actor_chain(payload),
             raw=payload,
             token_digest=token_hash(token),
+            audiences=tuple(str(a) for a in audiences),
         )
 
     def _check_times(self, claims: TaskClaims, now: float) -> None:

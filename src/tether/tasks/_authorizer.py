@@ -146,7 +146,10 @@ class Authorizer:
         task_id: str | None = None,
         htm: str = DECIDE_HTM,
         htu: str = DECIDE_HTU,
+        resource: str | None = None,
+        detail: dict[str, Any] | None = None,
     ) -> Receipt:
+        """Decide, apply and record one call; ``detail`` is added to the receipt."""
         started = time.perf_counter()
         now = self._clock.now()
         self._view.last = None
@@ -166,6 +169,7 @@ class Authorizer:
                 task_hint=task_id,
                 htm=htm,
                 htu=htu,
+                resource=resource,
             )
         except Exception as exc:  # decide never raises; its inputs' loaders might
             decision = Decision(
@@ -202,6 +206,7 @@ class Authorizer:
                 risk_tags=list(decision.risk_tags),
                 latency_us=round(latency_us, 1),
                 token_digest=decision.token_digest,
+                detail=detail,
             )
         return Receipt(
             decision=decision,

@@ -80,6 +80,7 @@ class TaskService:
         intent: Intent | None = None,
         on_behalf_of: str | None = None,
         parent: TaskRow | None = None,
+        resources: tuple[str, ...] = (),
     ) -> OpenedTask:
         """Open a task for ``agent_id``; its token is bound to ``proof_jwk`` (or ``jkt``).
 
@@ -191,6 +192,7 @@ class TaskService:
             issued_at=now,
             expires_at=expires_at,
             actors=actors,
+            resources=resources,
         )
         row = TaskRow(
             task_id=task_id,

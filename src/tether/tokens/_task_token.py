@@ -32,14 +32,19 @@ def mint_task_token(
     issued_at: float,
     expires_at: float,
     actors: tuple[str, ...] = (),
+    resources: tuple[str, ...] = (),
 ) -> tuple[str, str]:
-    """Return ``(token, token_id)``."""
+    """Return ``(token, token_id)``.
+
+    ``aud`` is the trust domain (transaction-token profile); ``resources`` adds the
+    resource servers (RFC 8707 style, e.g. an MCP gateway's URI) that may accept it.
+    """
     row, key = keyring.active(JWT_USE)
     token_id = str(uuid.uuid4())
     claims: dict[str, Any] = {
         "iss": f"spiffe://{keyring.trust_domain}",
         "sub": agent_id,
-        "aud": keyring.trust_domain,
+        "aud": [keyring.trust_domain, *resources] if resources else keyring.trust_domain,
         "iat": int(issued_at),
         "nbf": int(issued_at),
         "exp": int(expires_at),
