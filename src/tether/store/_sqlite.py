@@ -58,6 +58,10 @@ CREATE TABLE IF NOT EXISTS approvals (
   reasons_json TEXT NOT NULL, status TEXT NOT NULL, created_at REAL NOT NULL,
   expires_at REAL NOT NULL, decided_by TEXT, decided_at REAL);
 CREATE INDEX IF NOT EXISTS approvals_call ON approvals (task_id, tool, args_digest, status);
+CREATE TABLE IF NOT EXISTS task_labels (
+  task_id TEXT NOT NULL, source TEXT NOT NULL, sensitivity TEXT NOT NULL, trusted INTEGER NOT NULL,
+  detail_json TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS task_labels_task ON task_labels (task_id);
 CREATE TABLE IF NOT EXISTS proofs (jti TEXT PRIMARY KEY, expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS audit_records (
   seq INTEGER PRIMARY KEY, prev_hash TEXT NOT NULL, hash TEXT NOT NULL, body TEXT NOT NULL,
@@ -394,6 +398,29 @@ class SQLiteStore:
             (approval_id, at),
         )
         return cur.rowcount == 1
+
+    # -- labels of what a task has read -------------------------------------------------
+    def add_task_label(
+        self,
+        task_id: str,
+        source: str,
+        sensitivity: str,
+        trusted: bool,
+        detail_json: str,
+        at: float,
+    ) -> None:
+        self._run(
+            "INSERT INTO task_labels VALUES (?, ?, ?, ?, ?, ?)",
+            (task_id, source, sensitivity, int(trusted), detail_json, at),
+        )
+
+    def list_task_labels(self, task_id: str) -> list[tuple[str, str, bool, str, float]]:
+        rows = self._all(
+            "SELECT task_id, source, sensitivity, trusted, detail_json, at "
+            "FROM task_labels WHERE task_id = ? ORDER BY at",
+            (task_id,),
+        )
+        return [(str(r[1]), str(r[2]), bool(r[3]), str(r[4]), float(r[5])) for r in rows]
 
     # -- revocations and proofs ---------------------------------------------------------
     def revoke_token(self, token_id: str, task_id: str, reason: str, at: float) -> None:
