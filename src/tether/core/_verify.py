@@ -66,6 +66,8 @@ def jwk_thumbprint(jwk: dict[str, Any]) -> str:
     """RFC 7638 SHA-256 thumbprint of an EC P-256 public JWK."""
     if jwk.get("kty") != "EC" or jwk.get("crv") != "P-256":
         raise ProofRejected("proof key must be an EC P-256 JWK", code="proof.key")
+    if not all(k in jwk for k in ("x", "y")):
+        raise ProofRejected("proof key lacks x or y", code="proof.key")
     members = {k: jwk[k] for k in ("crv", "kty", "x", "y")}
     if not all(isinstance(v, str) for v in members.values()):
         raise ProofRejected("proof key members must be strings", code="proof.key")

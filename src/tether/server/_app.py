@@ -18,6 +18,7 @@ import json
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
@@ -25,9 +26,10 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.enums import RequestEncodingType
-from litestar.exceptions import HTTPException
+from litestar.exceptions import ClientException, HTTPException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.openapi.spec import OpenAPIType, RequestBody, Schema
 from litestar.params import Body, Parameter
 
 from tether._errors import (
@@ -43,7 +45,7 @@ from tether.core._decision import call_entities, cedar_value
 from tether.core._intent import parse_intent
 from tether.core._policy import build_snapshot
 from tether.core._risk import Control, risk_tags
-from tether.core._verify import jwk_thumbprint
+from tether.core._verify import jwk_thumbprint, token_hash
 from tether.policy import default_schema
 from tether.server import _schemas as S
 from tether.server._auth import (
@@ -58,10 +60,11 @@ from tether.server._auth import (
     single_header,
 )
 from tether.server._oauth import OAuth, OAuthError
-from tether.server._observe import Metrics, configure_logging, log_request
+from tether.server._observe import LOG, Metrics, configure_logging, log_request
 from tether.store import ApprovalRow, IdentityRow, TaskRow
 
 MAX_BODY = 1024 * 1024
+DECISIONS = "/v1/decisions"
 _ERRORS = {
     400: ResponseSpec(data_container=S.ErrorOut, description="Malformed request"),
     401: ResponseSpec(data_container=S.ErrorOut, description="Not authenticated"),
@@ -72,6 +75,7 @@ _ERRORS = {
     429: ResponseSpec(data_container=S.ErrorOut, description="Rate limited"),
     503: ResponseSpec(data_container=S.ErrorOut, description="Store unavailable"),
 }
+_PUBLIC = {503: _ERRORS[503]}  # no credential, no body: only the store can fail
 
 
 @dataclass
@@ -96,6 +100,23 @@ class Context:
 def _ctx(request: Request) -> Context:  # type: ignore[type-arg]
     ctx: Context = request.app.state.ctx
     return ctx
+
+
+class TetherRequest(Request[Any, Any, Any]):
+    """A request whose hostile JSON body is a 400, never a 500: invalid UTF-8, nesting
+    past ``MAX_JSON_DEPTH`` (or past the decoder's own recursion limit), NULs in strings."""
+
+    async def json(self) -> Any:
+        try:
+            value = await super().json()
+        except RecursionError:
+            raise ClientException(f"JSON is nested deeper than {S.MAX_JSON_DEPTH} levels") from None
+        except UnicodeDecodeError:
+            raise ClientException("body is not valid UTF-8") from None
+        problem = S.json_problem(value)
+        if problem is not None:
+            raise ClientException(problem)
+        return value
 
 
 def authenticated(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # type: ignore[type-arg]
@@ -145,10 +166,15 @@ def _error_response(request: Request, exc: Exception) -> Response[Any]:  # type:
             405: "method_not_allowed",
             413: "request_too_large",
         }.get(status, "http_error")
-        message = str(exc.detail)
+        message = str(exc.detail) + _first_problem(exc)
     else:
         code, message = "internal_error", "internal error"
-    headers = {}
+        # The type only: a message could carry a secret; never the request body.
+        LOG.error(
+            "unhandled",
+            extra={"fields": {"error": type(exc).__name__, "path": request.url.path[:128]}},
+        )
+    headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}  # 405: Allow
     if status == 401:
         error = "invalid_token" if single_header_safe(request) else "invalid_request"
         headers["WWW-Authenticate"] = f'DPoP algs="ES256", error="{error}", Bearer realm="tether"'
@@ -156,6 +182,8 @@ def _error_response(request: Request, exc: Exception) -> Response[Any]:  # type:
         headers["Retry-After"] = "1"
     ctx = request.app.state.get("ctx")
     principal = request.state.get("principal") if hasattr(request, "state") else None
+    if ctx is not None and principal is None and _is_decision_call(request, status):
+        _refused_decision(ctx, request, status, code, message)
     if ctx is not None and principal is not None and status >= 400:
         # A refused request from a known principal leaves a receipt.
         with contextlib.suppress(TetherError):
@@ -169,6 +197,65 @@ def _error_response(request: Request, exc: Exception) -> Response[Any]:  # type:
             )
     body = S.ErrorOut(status_code=status, detail=message, error=code, error_description=message)
     return Response(content=body, status_code=status, headers=headers)
+
+
+def _first_problem(exc: HTTPException) -> str:
+    """What a validation error is about (the field and the rule, never the value)."""
+    if isinstance(exc, ValidationException) and isinstance(exc.extra, list) and exc.extra:
+        first = exc.extra[0]
+        if isinstance(first, dict) and "message" in first:
+            return f": {first.get('key', '')}: {first['message']}"[:300]
+    return ""
+
+
+def _is_decision_call(request: Request, status: int) -> bool:  # type: ignore[type-arg]
+    """A refused ``POST /v1/decisions`` (other than a rate limit): it gets a receipt."""
+    return (
+        request.scope.get("path_template") == DECISIONS
+        and request.method == "POST"
+        and status not in (405, 429)
+        and status < 500
+    )
+
+
+def _refused_decision(
+    ctx: Context,
+    request: Request,  # type: ignore[type-arg]
+    status: int,
+    code: str,
+    message: str,
+) -> None:
+    """The receipt of a decision call refused before it could be decided (a body that is
+    not a call: too large, not JSON, too deep, NULs). A deny like any other, attributed to
+    the task token when one was presented and its signature holds."""
+    token: str | None = None
+    with contextlib.suppress(Unauthorized):
+        scheme, _, value = (single_header(request, "authorization") or "").partition(" ")
+        token = value.strip() if scheme.lower() == "dpop" and value.strip() else None
+    chain: list[str] = []
+    task_id = intent_digest = None
+    if token is not None:
+        with contextlib.suppress(Exception):  # attribution is best effort; the receipt is not
+            claims = ctx.tether.authorizer.verify_token(
+                token, now=ctx.tether.clock.now(), check_times=False
+            )
+            chain, task_id, intent_digest = list(claims.chain), claims.task_id, claims.intent_digest
+    reason = {400: "call.malformed", 413: "call.oversized"}.get(status, code)
+    with contextlib.suppress(TetherError):
+        ctx.tether.audit.append(
+            "decision",
+            chain=chain,
+            task_id=task_id,
+            intent_digest=intent_digest,
+            effect="deny",
+            reasons=[{"code": reason, "message": message[:500]}],
+            policies=[],
+            risk_tags=list(risk_tags(Control.PER_CALL_POLICY)),
+            token_digest=token_hash(token) if token is not None else None,
+            detail={"status": status, "error": code},
+        )
+    ctx.metrics.decisions.labels("deny", reason, "").inc()
+    request.state.decision = "deny"
 
 
 def single_header_safe(request: Request) -> bool:  # type: ignore[type-arg]
@@ -234,7 +321,7 @@ def _may_manage(principal: Principal, identity: IdentityRow) -> None:
 
 
 # -- public -------------------------------------------------------------------------------
-@get("/healthz", tags=["health"])
+@get("/healthz", tags=["health"], responses=_PUBLIC)
 async def healthz(request: Request) -> S.HealthOut:  # type: ignore[type-arg]
     """Liveness and readiness: the store answers."""
     tether = _ctx(request).tether
@@ -248,19 +335,19 @@ async def openapi_json(request: Request) -> dict[str, Any]:  # type: ignore[type
     return schema
 
 
-@get("/.well-known/jwks.json", tags=["bundles"])
+@get("/.well-known/jwks.json", tags=["bundles"], responses=_PUBLIC)
 async def jwks(request: Request) -> dict[str, Any]:  # type: ignore[type-arg]
     """The JWKS of the trust domain's JWT signing keys (rotation shows here)."""
     return _ctx(request).tether.jwks()
 
 
-@get("/.well-known/spiffe-bundle", tags=["bundles"])
+@get("/.well-known/spiffe-bundle", tags=["bundles"], responses=_PUBLIC)
 async def spiffe_bundle(request: Request) -> dict[str, Any]:  # type: ignore[type-arg]
     """The SPIFFE trust bundle: X.509 authorities and JWT-SVID keys."""
     return _ctx(request).tether.spiffe_bundle()
 
 
-@get("/.well-known/oauth-authorization-server", tags=["bundles"])
+@get("/.well-known/oauth-authorization-server", tags=["bundles"], responses=_PUBLIC)
 async def oauth_metadata(request: Request) -> dict[str, Any]:  # type: ignore[type-arg]
     """RFC 8414 metadata for the token, introspection and revocation endpoints."""
     base = f"{request.url.scheme}://{request.url.netloc}"
@@ -279,7 +366,7 @@ async def oauth_metadata(request: Request) -> dict[str, Any]:  # type: ignore[ty
     }
 
 
-@get("/metrics", tags=["health"], media_type="text/plain; version=0.0.4")
+@get("/metrics", tags=["health"], media_type="text/plain; version=0.0.4", responses=_PUBLIC)
 async def metrics(request: Request) -> bytes:  # type: ignore[type-arg]
     """Prometheus metrics."""
     ctx = _ctx(request)
@@ -357,17 +444,23 @@ async def identity_join_token(request: Request, data: S.JoinTokenIn) -> S.JoinTo
     return S.JoinTokenOut(spiffe_id=data.spiffe_id, join_token=token, ttl=data.ttl)
 
 
-@post("/v1/attest", tags=["identities"], responses=_ERRORS, status_code=200)
-async def attest(request: Request, data: S.AttestIn) -> S.AttestOut:  # type: ignore[type-arg]
-    """Redeem a join token (the credential) for SVIDs bound to the given public key."""
-    if "d" in data.jwk:
+def _public_key(jwk: dict[str, str]) -> ec.EllipticCurvePublicKey:
+    """An EC public key from a JWK, or a 400 (a private key is refused outright)."""
+    if "d" in jwk:
         raise UsageError("send the public key only")
     try:
-        key = ECAlgorithm.from_jwk(json.dumps(data.jwk))
+        key = ECAlgorithm.from_jwk(json.dumps(jwk))
     except Exception:
         raise UsageError("jwk is not an EC public key") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise UsageError("jwk is not an EC public key")
+    return key
+
+
+@post("/v1/attest", tags=["identities"], responses=_ERRORS, status_code=200)
+async def attest(request: Request, data: S.AttestIn) -> S.AttestOut:  # type: ignore[type-arg]
+    """Redeem a join token (the credential) for SVIDs bound to the given public key."""
+    key = _public_key(data.jwk)
     svids = _ctx(request).tether.attest(data.join_token, key, audience=data.audience)
     return S.AttestOut(
         spiffe_id=svids.spiffe_id,
@@ -476,6 +569,7 @@ async def task_open(request: Request, data: S.TaskOpenIn) -> S.TaskOpenOut:  # t
         require(principal)
         if data.agent is None or data.jwk is None:
             raise UsageError("an admin must give agent and jwk")
+        _public_key(data.jwk)
         agent, jkt = data.agent, jwk_thumbprint(data.jwk)
     opened = tether.open_task(
         agent,
@@ -633,9 +727,19 @@ async def audit_verify(request: Request) -> S.VerifyOut:  # type: ignore[type-ar
 _FORM = Body(media_type=RequestEncodingType.URL_ENCODED)
 
 
+async def _utf8_form(request: Request) -> None:  # type: ignore[type-arg]
+    """A form body is UTF-8 (RFC 6749 appendix B): refuse what Litestar would decode leniently
+    (invalid bytes, raw or percent-encoded, would become U+FFFD)."""
+    try:
+        parse_qsl((await request.body()).decode(), separator="&", errors="strict")
+    except UnicodeDecodeError:
+        raise ClientException("form body is not valid UTF-8") from None
+
+
 @post("/oauth2/token", tags=["oauth"], responses=_ERRORS, status_code=200)
 async def oauth_token(request: Request, data: dict[str, str] = _FORM) -> S.TokenOut:  # type: ignore[type-arg]
     """RFC 8693 token exchange: subject token + the agent's JWT-SVID → task token."""
+    await _utf8_form(request)
     ctx = _ctx(request)
     out = ctx.oauth.exchange(data, dpop=single_header(request, "dpop"), htu=request_uri(request))
     ctx.metrics.tokens.labels("issued").inc()
@@ -648,6 +752,7 @@ async def oauth_token(request: Request, data: dict[str, str] = _FORM) -> S.Token
 async def oauth_introspect(request: Request, data: dict[str, str] = _FORM) -> dict[str, Any]:  # type: ignore[type-arg]
     """RFC 7662 introspection: ``active`` is false for anything revoked, ended or expired."""
     _principal(request)
+    await _utf8_form(request)
     return _ctx(request).oauth.introspect(data)
 
 
@@ -655,6 +760,7 @@ async def oauth_introspect(request: Request, data: dict[str, str] = _FORM) -> di
 async def oauth_revoke(request: Request, data: dict[str, str] = _FORM) -> dict[str, Any]:  # type: ignore[type-arg]
     """RFC 7009 revocation: revoking a task token ends its task (and its children)."""
     principal = _principal(request)
+    await _utf8_form(request)
     _ctx(request).oauth.revoke(
         data,
         principal_id=principal.id if principal.kind == "workload" else principal.name,
@@ -665,6 +771,48 @@ async def oauth_revoke(request: Request, data: dict[str, str] = _FORM) -> dict[s
 
 
 # -- assembly -------------------------------------------------------------------------------
+_OAUTH_FORMS = {
+    "/oauth2/token": (
+        "grant_type",
+        "actor_token",
+        "actor_token_type",
+        "subject_token",
+        "subject_token_type",
+    ),
+    "/oauth2/introspect": ("token",),
+    "/oauth2/revoke": ("token",),
+}
+
+
+def _refine_openapi(app: Litestar) -> None:
+    """Say in the schema what Litestar cannot infer from the types: strict bodies refuse
+    unknown fields, policy file names are labels, the OAuth forms' required parameters."""
+    openapi = app.openapi_schema
+    schemas = openapi.components.schemas
+    for name, schema in schemas.items():
+        struct = getattr(S, name, None)
+        if isinstance(struct, type) and issubclass(struct, S.Strict):
+            schema.additional_properties = False
+    for name in ("PoliciesIn", "DryRunIn"):
+        files = (schemas[name].properties or {}).get("files")
+        if isinstance(files, Schema):
+            files.property_names = Schema(
+                type=OpenAPIType.STRING, pattern=S.POLICY_FILE_NAME, max_length=128
+            )
+    for path, required in _OAUTH_FORMS.items():
+        item = (openapi.paths or {}).get(path)
+        body = item.post.request_body if item and item.post else None
+        if not isinstance(body, RequestBody):
+            continue
+        form = body.content.get(RequestEncodingType.URL_ENCODED)
+        if form is not None and isinstance(form.schema, Schema):
+            form.schema.properties = {
+                field: Schema(type=OpenAPIType.STRING, min_length=1, max_length=16 * 1024)
+                for field in required
+            }
+            form.schema.required = list(required)
+
+
 class _Observe:
     """ASGI middleware: one JSON log line and one counter per request."""
 
@@ -743,6 +891,8 @@ def create_app(tether: Tether, settings: ServerSettings | None = None) -> Litest
         exception_handlers={Exception: _error_response},
         openapi_config=OpenAPIConfig(title="Tether", version="0.1.0", path="/schema"),
         request_max_body_size=MAX_BODY,
+        request_class=TetherRequest,
+        on_startup=[_refine_openapi],
         middleware=[_Observe],
         debug=False,
     )

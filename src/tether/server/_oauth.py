@@ -33,6 +33,7 @@ from tether._errors import (
 from tether._tether import Tether
 from tether.core._intent import parse_intent
 from tether.core._verify import PROOF_WINDOW, ProofVerifier, verify_jwt_svid
+from tether.server._schemas import json_problem
 
 GRANT_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 TYPE_TXN = "urn:ietf:params:oauth:token-type:txn_token"
@@ -57,7 +58,7 @@ def _field(form: dict[str, Any], name: str, required: bool = False) -> str | Non
         if required:
             raise OAuthError("invalid_request", f"{name} is required")
         return None
-    if not isinstance(value, str) or len(value) > MAX_FIELD:
+    if not isinstance(value, str) or len(value) > MAX_FIELD or "\x00" in value:
         raise OAuthError("invalid_request", f"{name} is malformed or too long")
     return value
 
@@ -189,8 +190,11 @@ class OAuth:
             return {}
         try:
             details = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise OAuthError("invalid_request", "request_details is not JSON") from None
+        problem = json_problem(details)
+        if problem is not None:
+            raise OAuthError("invalid_request", f"request_details: {problem}")
         if not isinstance(details, dict) or set(details) - {"params", "intent"}:
             raise OAuthError("invalid_request", "request_details takes params or intent")
         if not isinstance(details.get("params", {}), dict):

@@ -2,9 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+
+#: A policy file's name is a label, never a path: no separators, no leading dot.
+POLICY_FILE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+PolicyFileName = Annotated[str, msgspec.Meta(pattern=POLICY_FILE_NAME, max_length=128)]
+
+
+MAX_JSON_DEPTH = 32
+
+
+def json_problem(value: Any) -> str | None:
+    """Why a decoded JSON body is refused (nested too deep, a NUL in a string), or None.
+
+    Iterative, so a hostile body cannot exhaust the stack here either."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return "strings must not contain NUL characters"
+        elif isinstance(item, dict | list):
+            if depth >= MAX_JSON_DEPTH:
+                return f"JSON is nested deeper than {MAX_JSON_DEPTH} levels"
+            if isinstance(item, dict):
+                for key, member in item.items():
+                    if "\x00" in key:
+                        return "strings must not contain NUL characters"
+                    stack.append((member, depth + 1))
+            else:
+                stack.extend((member, depth + 1) for member in item)
+    return None
 
 
 class Strict(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=False):
@@ -89,7 +119,7 @@ class TemplateList(msgspec.Struct):
 
 
 class PoliciesIn(Strict):
-    files: dict[str, str]
+    files: dict[PolicyFileName, str]
     schema: str | None = None
 
 
@@ -109,7 +139,7 @@ class PoliciesOut(msgspec.Struct):
 class DryRunIn(Strict):
     """Evaluate one call against a proposed policy set without loading it."""
 
-    files: dict[str, str]
+    files: dict[PolicyFileName, str]
     agent: str
     tool: str
     args: dict[str, Any] = {}
