@@ -31,6 +31,7 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import OpenAPIType, RequestBody, Schema
 from litestar.params import Body, Parameter
+from opentelemetry import trace
 
 from tether._errors import (
     Conflict,
@@ -64,6 +65,8 @@ from tether.server._observe import LOG, Metrics, configure_logging, log_request
 from tether.store import ApprovalRow, IdentityRow, TaskRow
 
 MAX_BODY = 1024 * 1024
+# OpenTelemetry: a no-op until the deployment configures an SDK and an exporter.
+TRACER = trace.get_tracer("tether.server")
 DECISIONS = "/v1/decisions"
 _ERRORS = {
     400: ResponseSpec(data_container=S.ErrorOut, description="Malformed request"),
@@ -632,15 +635,26 @@ async def decision(request: Request, data: S.AuthorizeIn) -> S.AuthorizeOut:  # 
     task_token = token.strip() if scheme.lower() == "dpop" and token.strip() else None
     if task_token is not None:
         ctx.limiter.check("token:" + task_token[-43:])
-    receipt = ctx.tether.authorize(
-        token=task_token,
-        proof=single_header(request, "dpop"),
-        tool=data.tool,
-        args=data.args,
-        htm=request.method,
-        htu=request_uri(request),
-    )
-    d = receipt.decision
+    with TRACER.start_as_current_span("tether.decide") as span:
+        receipt = ctx.tether.authorize(
+            token=task_token,
+            proof=single_header(request, "dpop"),
+            tool=data.tool,
+            args=data.args,
+            htm=request.method,
+            htu=request_uri(request),
+        )
+        d = receipt.decision
+        span.set_attributes(
+            {
+                "tether.effect": str(d.effect),
+                "tether.reason": d.reasons[0].code,
+                "tether.tool": d.tool or "",
+                "tether.task_id": d.task_id or "",
+                "tether.agent": d.agent_id or "",
+                "tether.receipt_seq": receipt.seq,
+            }
+        )
     ctx.metrics.decisions.labels(str(d.effect), d.reasons[0].code, d.tool or "").inc()
     ctx.metrics.decision_latency.observe(receipt.latency_us / 1e6)
     request.state.decision = str(d.effect)
@@ -891,6 +905,7 @@ def create_app(tether: Tether, settings: ServerSettings | None = None) -> Litest
         exception_handlers={Exception: _error_response},
         openapi_config=OpenAPIConfig(title="Tether", version="0.1.0", path="/schema"),
         request_max_body_size=MAX_BODY,
+        logging_config=None,
         request_class=TetherRequest,
         on_startup=[_refine_openapi],
         middleware=[_Observe],
