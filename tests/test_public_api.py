@@ -10,6 +10,8 @@ EXPECTED = {
     "Client",
     "Denied",
     "Task",
+    "TetherHttpxAuth",
+    "TetherMCPAuth",
     "Verdict",
     "AdmissionRejected",
     "ArgConstraint",

@@ -48,6 +48,8 @@ from tether.sdk import (
     Client,
     Denied,
     Task,
+    TetherHttpxAuth,
+    TetherMCPAuth,
     Verdict,
 )
 from tether.tasks import OpenedTask, Receipt, Template
@@ -63,6 +65,8 @@ __all__ = [
     "Client",
     "Denied",
     "Task",
+    "TetherHttpxAuth",
+    "TetherMCPAuth",
     "Verdict",
     "AdmissionRejected",
     "ArgConstraint",

@@ -166,6 +166,46 @@ def serve(
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 
 
+gateway_app = typer.Typer(
+    no_args_is_help=False, help="The MCP gateway (enforcement point).", invoke_without_command=True
+)
+app.add_typer(gateway_app, name="gateway")
+
+
+@gateway_app.callback()
+def gateway(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option("--config", help="gateway TOML file")] = None,
+    host: Annotated[str | None, typer.Option("--host")] = None,
+    port: Annotated[int | None, typer.Option("--port")] = None,
+    home: HomeOpt = None,
+) -> None:
+    """Serve the MCP gateway in front of the configured upstream MCP servers."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if config is None:
+        raise UsageError("give --config FILE")
+    from tether.gateway import run_gateway  # noqa: PLC0415 - keeps other verbs fast
+
+    chosen = home if home is not None else (_global_home[0] if _global_home else None)
+    if chosen is None and os.environ.get("TETHER_HOME"):
+        chosen = Path(os.environ["TETHER_HOME"])
+    run_gateway(config, chosen, host=host, port=port)
+
+
+@gateway_app.command("catalogue")
+def gateway_catalogue(
+    config: Annotated[Path, typer.Option("--config", help="gateway TOML file")],
+    upstream: Annotated[str, typer.Option("--upstream", help="upstream name")],
+) -> None:
+    """Print a draft tool catalogue from an upstream's tools/list, for review."""
+    from tether.gateway import import_catalogue, load_config  # noqa: PLC0415
+
+    sys.stdout.write(
+        import_catalogue(load_config(config, resolve_catalogues=False).upstream(upstream))
+    )
+
+
 @admin_app.command("create")
 def admin_create(
     role: Annotated[str, typer.Option("--role", help="admin, owner, approver or auditor")],

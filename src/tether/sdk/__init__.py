@@ -2,6 +2,7 @@
 
 from tether.sdk._client import AsyncClient, AsyncTask, Client, Task
 from tether.sdk._errors import APIError, ApprovalRequired, Denied
+from tether.sdk._mcp_auth import TetherHttpxAuth, TetherMCPAuth
 from tether.sdk._requests import Verdict
 
 __all__ = [
@@ -12,5 +13,7 @@ __all__ = [
     "Client",
     "Denied",
     "Task",
+    "TetherHttpxAuth",
+    "TetherMCPAuth",
     "Verdict",
 ]

@@ -1,0 +1,781 @@
+"""The gateway: one MCP server in front of many, deciding every call with Tether.
+
+Agents reach one streamable-HTTP MCP endpoint (the configured resource URI);
+behind it each configured upstream's tools appear under the upstream's name
+(``git.git_status``). The endpoint speaks both generations the MCP SDK serves:
+2026-07-28 (stateless, ``server/discover``, one self-contained POST per
+request) and 2025-11-25 (``initialize`` handshake, served statelessly: no
+``Mcp-Session-Id``, so no session to hijack; every request stands on its own
+token and proof).
+
+Per request: the token and proof are verified before MCP sees the request
+(see :mod:`tether.gateway._auth`). ``tools/list`` shows the caller only what its
+task may call: tools its intent's capability patterns name, whose output fits
+the intent's data ceiling, and that the live Cedar policy permits with no
+arguments; anything unsure (a policy error, an exhausted budget) is hidden. A
+hidden tool is not callable by accident: every ``tools/call`` is decided again,
+exactly, with its arguments.
+
+Per ``tools/call``: the gateway's flow rules (data ceiling; no sink arguments
+to an egress or destructive tool once the task has read untrusted content),
+then ``Tether.authorize`` with the upstream and its tool identity in the
+receipt. ``allow`` forwards the call (never the agent's token); ``deny`` is a
+tool error result with the reason code and message; ``approval_required``
+waits for a human or returns the approval id (``[approval] mode``). The
+upstream's answer is scrubbed of secrets, labelled with the tool's sensitivity
+and trust, recorded in the task's state and in a receipt, then returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import logging
+import os
+import re
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+import mcp_types as types
+import msgspec
+import uvicorn
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel.server import Server
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.server.transport_security import TransportSecuritySettings
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_REQUEST
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
+
+from tether._errors import NotFound
+from tether._tether import Tether
+from tether.core import digest, match_capability
+from tether.core._decision import TaskState, call_entities
+from tether.core._risk import Control, risk_tags
+from tether.core._verify import PROOF_WINDOW
+from tether.gateway._auth import Authenticator, Caller, Refusal, challenge, tool_call
+from tether.gateway._catalogue import SideEffect, ToolClass, classify
+from tether.gateway._config import APPROVAL_SAFETY_MARGIN, ConfigError, GatewayConfig, load_config
+from tether.gateway._redact import redact_result, redact_text
+from tether.gateway._upstream import Upstream, UpstreamError
+from tether.tasks import Receipt
+
+log = logging.getLogger("tether.gateway")
+
+CALLER_KEY = "tether.caller"
+TOOL_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+META_DECISION = "tether/decision"
+META_LABEL = "tether/label"
+META_TOOL = "tether/tool"
+
+
+def _request_uri(scope: Scope) -> str:
+    """``htu``: scheme, authority and path, without query or fragment (RFC 9449 §4.3)."""
+    url = Request(scope).url
+    return f"{url.scheme}://{url.netloc}{url.path}"
+
+
+def _error_result(text: str, decision: dict[str, Any]) -> types.CallToolResult:
+    return types.CallToolResult(
+        content=[types.TextContent(text=text)], is_error=True, _meta={META_DECISION: decision}
+    )
+
+
+class Gateway:
+    """The gateway's state: Tether, the configuration, the upstreams, the MCP server."""
+
+    def __init__(self, tether: Tether, config: GatewayConfig) -> None:
+        self.tether = tether
+        self.config = config
+        self._check_identities()
+        self.upstreams = {u.name: Upstream(u) for u in config.upstreams}
+        self.authenticator = Authenticator(tether, config.resource)
+        self.server: Server[Any] = Server(
+            "tether-gateway",
+            version="0.1.0",
+            title="Tether MCP gateway",
+            instructions=(
+                "Tools of several MCP servers, named '<upstream>.<tool>'. Each call is "
+                "authorized against your task's intent and policy; a refused call returns "
+                "an error result with the reason."
+            ),
+            on_list_tools=self.list_tools,
+            on_call_tool=self.call_tool,
+            get_tool_input_schema=self.input_schema,
+        )
+        self.security = self._security_settings()
+        self.manager = StreamableHTTPSessionManager(
+            app=self.server,
+            stateless=True,
+            json_response=False,
+            security_settings=self.security,
+            max_request_body_size=config.max_body_bytes,
+        )
+
+    # -- start-up checks -------------------------------------------------------------------
+    def _check_identities(self) -> None:
+        problems: list[str] = []
+        for upstream in self.config.upstreams:
+            row = self.tether.store.get_identity(upstream.identity)
+            where = f"upstream {upstream.name!r}: identity {upstream.identity}"
+            if row is None:
+                problems.append(
+                    f"{where} is not registered (tether identity register ... --kind tool)"
+                )
+            elif row.kind != "tool":
+                problems.append(f"{where} is a {row.kind}, not a tool")
+            elif row.status != "active":
+                problems.append(f"{where} is {row.status}")
+        if problems:
+            raise ConfigError("gateway cannot start:\n  - " + "\n  - ".join(problems))
+
+    def host_allowed(self, host: str | None) -> bool:
+        """Whether ``host`` (the Host header) names this gateway (DNS-rebinding defence).
+
+        Checked before the proof: ``htu`` is built from the Host header, so only the
+        gateway's own names may appear in it.
+        """
+        if not host:
+            return False
+        for allowed in self.security.allowed_hosts:
+            if host == allowed or (
+                allowed.endswith(":*")
+                and host.startswith(allowed[:-1])
+                and host[len(allowed) - 1 :].isdigit()
+            ):
+                return True
+        return False
+
+    def _security_settings(self) -> TransportSecuritySettings:
+        resource = urlsplit(self.config.resource)
+        hosts = list(self.config.allowed_hosts) or [
+            resource.netloc,
+            f"{self.config.host}:{self.config.port}",
+        ]
+        origins = [f"{resource.scheme}://{resource.netloc}"]
+        if self.config.host in ("127.0.0.1", "localhost", "::1"):
+            hosts += ["127.0.0.1:*", "localhost:*", "[::1]:*"]
+            origins += ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]
+        return TransportSecuritySettings(
+            enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins
+        )
+
+    # -- tools ----------------------------------------------------------------------------
+    def resolve(self, name: str) -> tuple[Upstream, str, ToolClass] | None:
+        """The upstream, upstream tool name and class of namespaced tool ``name``."""
+        prefix, dot, tool = name.partition(".")
+        upstream = self.upstreams.get(prefix)
+        if not dot or upstream is None or not tool:
+            return None
+        if tool not in upstream.tools and tool not in upstream.config.tools:
+            return None
+        return upstream, tool, classify(upstream.config.tools, tool)
+
+    def input_schema(self, name: str) -> Mapping[str, Any] | None:
+        resolved = self.resolve(name)
+        if resolved is None:
+            return None
+        tool = resolved[0].tools.get(resolved[1])
+        return tool.input_schema if tool is not None else None
+
+    def _visible(
+        self, state: TaskState, name: str, klass: ToolClass, snapshot: Any, context: dict[str, Any]
+    ) -> bool:
+        """Whether the task may plausibly call ``name``; anything unsure is hidden."""
+        intent = state.intent
+        if not any(fnmatch.fnmatchcase(name, cap.tool) for cap in intent.capabilities):
+            return False
+        if klass.sensitivity.rank > intent.data_ceiling.rank:
+            return False
+        try:
+            outcome = snapshot.evaluate(
+                {"type": "Agent", "id": state.agent_id},
+                "call_tool",
+                {"type": "Tool", "id": name},
+                context,
+                call_entities(state.agent_id, state.agent_owner, state.agent_kind, name),
+            )
+        except Exception:
+            return False
+        return bool(outcome.allowed and not outcome.errors)
+
+    async def list_tools(
+        self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        caller = _caller(ctx)
+        state = self.authenticator.view.task(caller.task_id) or caller.state
+        tools: list[types.Tool] = []
+        if state.status == "open" and state.calls_used < state.intent.budget.max_calls:
+            try:
+                snapshot = self.tether.policies.snapshot()
+            except Exception:
+                log.exception("policy snapshot unavailable: listing no tools")
+                return types.ListToolsResult(tools=[])
+            context = {
+                "task_id": state.task_id,
+                "template": state.template,
+                "purpose": state.intent.purpose,
+                "data_ceiling": str(state.intent.data_ceiling),
+                "on_behalf_of": state.intent.on_behalf_of or "",
+                "calls_used": state.calls_used,
+                "max_calls": state.intent.budget.max_calls,
+                "delegation_depth": len(caller.claims.chain) - 1,
+                "args": {},
+            }
+            for upstream in self.upstreams.values():
+                for tool in upstream.tools.values():
+                    name = f"{upstream.name}.{tool.name}"
+                    if not TOOL_NAME.fullmatch(name):
+                        continue
+                    klass = classify(upstream.config.tools, tool.name)
+                    if self._visible(state, name, klass, snapshot, context):
+                        tools.append(self._present(upstream, name, tool, klass))
+        return types.ListToolsResult(tools=tools)
+
+    @staticmethod
+    def _present(upstream: Upstream, name: str, tool: types.Tool, klass: ToolClass) -> types.Tool:
+        title = tool.title or (tool.annotations.title if tool.annotations else None)
+        return types.Tool(
+            name=name,
+            title=title,
+            description=tool.description,
+            input_schema=tool.input_schema,
+            output_schema=tool.output_schema,
+            annotations=types.ToolAnnotations(
+                title=title,
+                read_only_hint=klass.side_effect is SideEffect.READ,
+                destructive_hint=klass.side_effect is SideEffect.DESTRUCTIVE,
+                open_world_hint=klass.side_effect is SideEffect.EGRESS or not klass.trusted,
+            ),
+            _meta={
+                META_TOOL: {
+                    "upstream": upstream.name,
+                    "tool_identity": upstream.config.identity,
+                    **klass.to_dict(),
+                }
+            },
+        )
+
+    # -- calls ----------------------------------------------------------------------------
+    async def call_tool(
+        self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
+    ) -> types.CallToolResult:
+        caller = _caller(ctx)
+        name, args = params.name, dict(params.arguments or {})
+        resolved = self.resolve(name)
+        if resolved is None:
+            return self._gateway_deny(
+                caller,
+                name,
+                args,
+                "gateway.unknown_tool",
+                f"no upstream offers a tool named {name!r}",
+                detail={"protocol": ctx.protocol_version},
+            )
+        upstream, tool, klass = resolved
+        detail: dict[str, Any] = {
+            "gateway": self.config.resource,
+            "upstream": upstream.name,
+            "upstream_tool": tool,
+            "tool_identity": upstream.config.identity,
+            "tool_class": klass.to_dict(),
+            "protocol": ctx.protocol_version,
+        }
+        flow = self._flow_check(caller, name, args, klass)
+        if flow is not None:
+            return self._gateway_deny(caller, name, args, *flow, detail=detail)
+        receipt = self._authorize(caller, name, args, detail)
+        approval_status: str | None = None
+        if receipt.decision.effect == "approval_required":
+            receipt, approval_status = await self._approval(caller, name, args, detail, receipt)
+        if receipt.decision.effect != "allow":
+            self._burn(caller)
+            return self._refused(receipt, approval_status)
+        return await self._forward(caller, upstream, tool, name, args, klass, receipt, detail)
+
+    def _authorize(
+        self, caller: Caller, name: str, args: dict[str, Any], detail: dict[str, Any]
+    ) -> Receipt:
+        return self.tether.authorize(
+            token=caller.token,
+            proof=caller.proof,
+            tool=name,
+            args=args,
+            task_id=caller.task_id,
+            htm=caller.htm,
+            htu=caller.htu,
+            resource=self.config.resource,
+            detail=detail,
+        )
+
+    def _burn(self, caller: Caller) -> None:
+        """Consume the proof of a call that was not allowed: one proof, one call."""
+        self.tether.store.record_proof(caller.proof_jti, self.tether.clock.now() + PROOF_WINDOW * 2)
+
+    def _flow_check(
+        self, caller: Caller, name: str, args: dict[str, Any], klass: ToolClass
+    ) -> tuple[str, str] | None:
+        """The gateway's flow rules, for calls the intent covers (others go to the core)."""
+        intent = caller.state.intent
+        if match_capability(intent, name, args).matched is None:
+            return None  # the core refuses it with the precise reason
+        if klass.sensitivity.rank > intent.data_ceiling.rank:
+            return (
+                "flow.data_ceiling",
+                f"{name} may return {klass.sensitivity} data, above the task's data ceiling "
+                f"({intent.data_ceiling})"
+                + ("; the tool is not described in the catalogue" if not klass.described else ""),
+            )
+        if klass.side_effect in (SideEffect.EGRESS, SideEffect.DESTRUCTIVE):
+            sinks = klass.sink_arguments(args)
+            if sinks:
+                labels = self.tether.store.list_task_labels(caller.task_id)
+                untrusted = sorted(
+                    {source for source, _s, trusted, _d, _a in labels if not trusted}
+                )
+                if untrusted:
+                    return (
+                        "flow.untrusted_to_sink",
+                        f"the task has read untrusted content ({', '.join(untrusted[:3])}); "
+                        f"{name} is {klass.side_effect} and {', '.join(sinks)} "
+                        f"{'is a sink' if len(sinks) == 1 else 'are sinks'}",
+                    )
+        return None
+
+    def _gateway_deny(
+        self,
+        caller: Caller,
+        name: str,
+        args: dict[str, Any],
+        code: str,
+        message: str,
+        *,
+        detail: dict[str, Any],
+    ) -> types.CallToolResult:
+        """A refusal decided by the gateway itself: a decision receipt like the core's."""
+        claims = caller.claims
+        with self.tether.store.transaction():
+            record = self.tether.audit.append(
+                "decision",
+                chain=list(claims.chain),
+                task_id=claims.task_id,
+                intent_digest=claims.intent_digest,
+                tool=name[:256],
+                args_digest=digest(args),
+                effect="deny",
+                reasons=[{"code": code, "message": message}],
+                policies=[],
+                risk_tags=list(risk_tags(Control.PER_CALL_POLICY, Control.INTENT_BINDING)),
+                token_digest=claims.token_digest,
+                detail={**detail, "gateway": self.config.resource, "decided_by": "gateway"},
+            )
+            self._burn(caller)
+        return _error_result(
+            f"denied [{code}]: {message}",
+            {"effect": "deny", "code": code, "message": message, "receipt": record.seq},
+        )
+
+    @staticmethod
+    def _refused(receipt: Receipt, approval_status: str | None = None) -> types.CallToolResult:
+        decision = receipt.decision
+        reason = decision.reasons[0]
+        info: dict[str, Any] = {
+            "effect": str(decision.effect),
+            "code": reason.code,
+            "message": reason.message,
+            "receipt": receipt.seq,
+        }
+        if decision.effect == "approval_required":
+            status = approval_status or "pending"
+            info.update(approval_id=receipt.approval_id, approval_status=status)
+            if status == "pending":
+                text = (
+                    f"approval required [{reason.code}]: {reason.message}. Approval id: "
+                    f"{receipt.approval_id} (pending). Once a human approves it, repeat the "
+                    "identical call (same tool, same arguments)."
+                )
+            else:
+                text = (
+                    f"approval {status} [{reason.code}]: {reason.message}. Approval id: "
+                    f"{receipt.approval_id}. The call was not made."
+                )
+        else:
+            text = f"denied [{reason.code}]: {reason.message}"
+        return _error_result(text, info)
+
+    async def _approval(
+        self,
+        caller: Caller,
+        name: str,
+        args: dict[str, Any],
+        detail: dict[str, Any],
+        receipt: Receipt,
+    ) -> tuple[Receipt, str]:
+        """Wait for the approval (``wait`` mode), then decide again with the same proof.
+
+        Returns the last receipt and the approval's status. The proof is only
+        accepted within ``PROOF_WINDOW`` seconds of its ``iat``, and a call that is
+        pending has not consumed it, so the wait ends ``APPROVAL_SAFETY_MARGIN``
+        seconds before the proof would go stale, whatever ``timeout_seconds`` says.
+        """
+        settings = self.config.approval
+        approval_id = receipt.approval_id
+        if settings.mode != "wait" or approval_id is None:
+            return receipt, "pending"
+        proof_left = (
+            caller.proof_iat + PROOF_WINDOW - APPROVAL_SAFETY_MARGIN - self.tether.clock.now()
+        )
+        end = anyio.current_time() + min(settings.timeout_seconds, proof_left)
+        while (left := end - anyio.current_time()) > 0:
+            await anyio.sleep(min(settings.poll_interval_seconds, left))
+            try:
+                status = self.tether.approvals.get(approval_id).status
+            except NotFound:
+                return receipt, "unknown"
+            if status == "approved":
+                again = self._authorize(caller, name, args, {**detail, "approval_id": approval_id})
+                return again, status
+            if status != "pending":
+                return receipt, status  # denied or expired: the call is not made
+        return receipt, "pending"
+
+    async def _forward(
+        self,
+        caller: Caller,
+        upstream: Upstream,
+        tool: str,
+        name: str,
+        args: dict[str, Any],
+        klass: ToolClass,
+        receipt: Receipt,
+        detail: dict[str, Any],
+    ) -> types.CallToolResult:
+        try:
+            answer = await upstream.call_tool(tool, args)
+        except UpstreamError as exc:
+            # An upstream's error text may echo what it was given: scrub it too.
+            redactions: Counter[str] = Counter()
+            message = redact_text(exc.message, redactions)[0]
+            seq = self._record_result(
+                caller, name, args, klass, receipt, detail, exc.code, redactions
+            )
+            return _error_result(
+                f"upstream failure [{exc.code}]: {message}",
+                {
+                    "effect": "allow",
+                    "code": exc.code,
+                    "receipt": seq,
+                    "decision_receipt": receipt.seq,
+                },
+            )
+        result, redactions = redact_result(answer)
+        outcome = "error" if result.is_error else "ok"
+        seq = self._record_result(caller, name, args, klass, receipt, detail, outcome, redactions)
+        label = {
+            "sensitivity": str(klass.sensitivity),
+            "trusted": klass.trusted,
+            "upstream": upstream.name,
+            "redactions": dict(redactions),
+            "receipt": seq,
+            "decision_receipt": receipt.seq,
+        }
+        return result.model_copy(update={"meta": {META_LABEL: label}})
+
+    def _record_result(
+        self,
+        caller: Caller,
+        name: str,
+        args: dict[str, Any],
+        klass: ToolClass,
+        receipt: Receipt,
+        detail: dict[str, Any],
+        outcome: str,
+        redactions: Counter[str],
+    ) -> int:
+        """Label the task with what it read and leave the result's receipt."""
+        now = self.tether.clock.now()
+        claims = caller.claims
+        label = {
+            "upstream": detail["upstream"],
+            "tool_identity": detail["tool_identity"],
+            "outcome": outcome,
+            "redactions": dict(redactions),
+            "decision_receipt": receipt.seq,
+        }
+        controls = [Control.AUDIT]
+        if redactions:
+            controls.append(Control.SECRET_BROKERING)
+        with self.tether.store.transaction():
+            if outcome in ("ok", "error"):
+                self.tether.store.add_task_label(
+                    claims.task_id,
+                    name,
+                    str(klass.sensitivity),
+                    klass.trusted,
+                    json.dumps(label, sort_keys=True),
+                    now,
+                )
+            record = self.tether.audit.append(
+                "gateway.result",
+                chain=list(claims.chain),
+                task_id=claims.task_id,
+                intent_digest=claims.intent_digest,
+                tool=name,
+                args_digest=digest(args),
+                effect="allow",
+                reasons=[{"code": f"result.{outcome}", "message": f"upstream answered: {outcome}"}],
+                risk_tags=list(risk_tags(*controls)),
+                token_digest=claims.token_digest,
+                detail={
+                    **detail,
+                    "outcome": outcome,
+                    "sensitivity": str(klass.sensitivity),
+                    "trusted": klass.trusted,
+                    "redactions": dict(redactions),
+                    "decision_receipt": receipt.seq,
+                },
+            )
+        return record.seq
+
+    # -- HTTP -----------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        """RFC 9728 protected-resource metadata."""
+        return {
+            "resource": self.config.resource,
+            "authorization_servers": list(self.config.authorization_servers),
+            "resource_name": self.config.resource_name,
+            "bearer_methods_supported": ["header"],
+            "dpop_signing_alg_values_supported": ["ES256"],
+            "dpop_bound_access_tokens_required": True,
+            "authorization_details_types_supported": ["tether:tool"],
+        }
+
+    async def mcp_endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Authenticate, then hand the request to the MCP session manager."""
+        headers = Headers(scope=scope)
+        if not self.host_allowed(headers.get("host")):
+            await Response("Invalid Host header", status_code=421)(scope, receive, send)
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body.extend(message.get("body", b""))
+            if len(body) > self.config.max_body_bytes:
+                await Response("request body too large", status_code=413)(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        rpc: Any = None
+        if body:
+            try:
+                rpc = json.loads(body)
+            except (ValueError, RecursionError):
+                rpc = None
+        try:
+            if isinstance(rpc, list):
+                raise Refusal(
+                    400, "invalid_request", "JSON-RPC batches are not accepted", "request.batch"
+                )
+            caller = self.authenticator.authenticate(
+                htm=scope["method"],
+                htu=_request_uri(scope),
+                authorization=headers.getlist("authorization"),
+                dpop=headers.getlist("dpop"),
+                rpc=rpc,
+            )
+        except Refusal as refusal:
+            await self._refuse(refusal, scope, rpc, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        inner = dict(scope)
+        inner[CALLER_KEY] = caller
+        await self.manager.handle_request(inner, replay, send)
+
+    async def _refuse(
+        self, refusal: Refusal, scope: Scope, rpc: Any, receive: Receive, send: Send
+    ) -> None:
+        call = tool_call(rpc)
+        rpc_method = rpc.get("method") if isinstance(rpc, dict) else None
+        claims = refusal.claims
+        try:
+            record = self.tether.audit.append(
+                "gateway.reject",
+                chain=list(claims.chain) if claims else None,
+                task_id=claims.task_id if claims else None,
+                intent_digest=claims.intent_digest if claims else None,
+                tool=call[0][:256] if call else None,
+                args_digest=digest(call[1]) if call else None,
+                effect="deny",
+                reasons=[{"code": refusal.code, "message": refusal.message}],
+                risk_tags=list(risk_tags(*refusal.controls)),
+                token_digest=claims.token_digest if claims else None,
+                detail={
+                    "gateway": self.config.resource,
+                    "http_status": refusal.status,
+                    "http_method": scope["method"],
+                    "rpc_method": str(rpc_method)[:64] if rpc_method is not None else None,
+                },
+            )
+            seq: int | None = record.seq
+        except Exception:  # the refusal stands even if the audit log is unavailable
+            log.exception("could not record a refused request")
+            seq = None
+        rpc_id = rpc.get("id") if isinstance(rpc, dict) else None
+        body = {
+            "jsonrpc": "2.0",
+            "id": rpc_id if isinstance(rpc_id, str | int) else None,
+            "error": {
+                "code": INVALID_REQUEST,
+                "message": f"{refusal.status} {refusal.error or 'unauthorized'}: {refusal.message}",
+                "data": {
+                    "error": refusal.error or "invalid_request",
+                    "error_description": refusal.message,
+                    "reason": refusal.code,
+                    "receipt": seq,
+                },
+            },
+        }
+        response = JSONResponse(
+            body,
+            status_code=refusal.status,
+            headers={
+                "WWW-Authenticate": challenge(
+                    refusal.error, refusal.message, self.config.metadata_url
+                ),
+                "Cache-Control": "no-store",
+            },
+        )
+        await response(scope, receive, send)
+
+    async def _metadata_endpoint(self, request: Request) -> Response:
+        return JSONResponse(self.metadata(), headers={"Cache-Control": "max-age=300"})
+
+    async def _health(self, request: Request) -> Response:
+        ready = all(u.state == "ready" for u in self.upstreams.values())
+        return JSONResponse({"status": "ok", "ready": ready})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as tg:
+            for upstream in self.upstreams.values():
+                tg.start_soon(upstream.run)
+            wait = max(u.config.connect_timeout_seconds for u in self.upstreams.values()) + 1
+            with anyio.move_on_after(wait):
+                for upstream in self.upstreams.values():
+                    await upstream.attempted.wait()
+            for upstream in self.upstreams.values():
+                if upstream.state != "ready":
+                    log.warning(
+                        "upstream %s not ready at start: %s", upstream.name, upstream.last_error
+                    )
+            try:
+                async with self.manager.run():
+                    yield
+            finally:
+                tg.cancel_scope.cancel()
+
+    def app(self) -> Starlette:
+        well_known = "/.well-known/oauth-protected-resource"
+        metadata_path = urlsplit(self.config.metadata_url).path
+        routes = [Route(metadata_path, self._metadata_endpoint, methods=["GET"])]
+        if metadata_path != well_known:
+            routes.append(Route(well_known, self._metadata_endpoint, methods=["GET"]))
+        routes.append(Route("/healthz", self._health, methods=["GET"]))
+        routes.append(Route(self.config.path, endpoint=_ASGIEndpoint(self)))
+        app = Starlette(routes=routes, lifespan=self.lifespan)
+        app.state.gateway = self
+        return app
+
+
+class _ASGIEndpoint:
+    """The MCP path as a raw ASGI app (Starlette passes it every method)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.gateway.mcp_endpoint(scope, receive, send)
+
+
+def _caller(ctx: ServerRequestContext[Any, Any]) -> Caller:
+    request = ctx.request
+    caller = request.scope.get(CALLER_KEY) if isinstance(request, Request) else None
+    if not isinstance(caller, Caller):  # never reached through the endpoint: fail closed
+        raise MCPError(INVALID_REQUEST, "request was not authenticated")
+    return caller
+
+
+def create_gateway_app(tether: Tether, config: GatewayConfig) -> Starlette:
+    """The gateway as an ASGI app; upstreams connect when its lifespan starts."""
+    return Gateway(tether, config).app()
+
+
+def run_gateway(
+    config_path: str | Path,
+    home: str | Path | None = None,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+) -> None:
+    """Load ``config_path``, open the Tether home and serve until interrupted.
+
+    The home is ``home`` if given, else the configuration's ``home``, else
+    ``$TETHER_HOME``, else ``./.tether``. ``host``/``port`` override the file's.
+    Raises :class:`ConfigError` (a ``UsageError``) for an invalid configuration
+    or an upstream identity that is not a registered, active tool.
+    """
+    config = load_config(config_path)
+    if host is not None or port is not None:
+        config = msgspec.structs.replace(
+            config, host=host or config.host, port=port if port is not None else config.port
+        )
+    where = home or config.home or os.environ.get("TETHER_HOME") or ".tether"
+    tether = Tether.open(where)
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("tether gateway: %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    try:
+        app = create_gateway_app(tether, config)
+        log.info(
+            "serving %s for %s on %s:%d",
+            config.resource,
+            tether.trust_domain,
+            config.host,
+            config.port,
+        )
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=config.host,
+                port=config.port,
+                lifespan="on",
+                log_level="warning",
+                access_log=False,
+                server_header=False,
+            )
+        )
+        server.run()
+    finally:
+        tether.close()

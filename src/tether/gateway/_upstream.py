@@ -1,0 +1,237 @@
+"""Upstream MCP servers: one supervised client connection each.
+
+Each upstream runs in its own supervisor task: it connects (launching the
+process for stdio, opening the HTTP transport otherwise), negotiates the
+protocol generation (``auto``: ``server/discover`` for 2026-07-28, falling back
+to the 2025-11-25 ``initialize`` handshake), reads ``tools/list`` and then
+serves calls until the connection breaks, after which it reconnects with a
+growing back-off. A connection that does not come up within the upstream's
+``connect_timeout_seconds`` is abandoned and retried.
+
+Calls are bounded by ``call_timeout_seconds``. Every failure (a timeout, a
+dead process, a malformed answer) becomes an :class:`UpstreamError` with a
+code the agent can read; the gateway keeps serving the other upstreams.
+The gateway's own credentials for an upstream come from the configuration
+(``headers``/``env``); the agent's task token is never passed on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx2
+import mcp_types as types
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+from mcp_types import CONNECTION_CLOSED
+from pydantic import ValidationError
+
+from tether.gateway._config import UpstreamConfig
+
+log = logging.getLogger("tether.gateway")
+
+CLIENT_INFO = types.Implementation(name="tether-gateway", version="0.1.0")
+MAX_BACKOFF = 10.0
+REFRESH_SECONDS = 30.0
+
+
+class UpstreamError(Exception):
+    """A call to an upstream failed; ``code`` says how (for the agent and the receipt)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@asynccontextmanager
+async def connect(config: UpstreamConfig) -> AsyncIterator[Client]:
+    """An entered MCP client for ``config`` (used by the supervisor and by catalogue import)."""
+    async with AsyncExitStack() as stack:
+        if config.stdio is not None:
+            params = StdioServerParameters(
+                command=config.stdio.command,
+                args=list(config.stdio.args),
+                env=dict(config.stdio.env) or None,
+                cwd=config.stdio.cwd,
+            )
+            transport: Any = stdio_client(params, errlog=sys.stderr)
+        else:
+            assert config.http is not None
+            http = await stack.enter_async_context(
+                httpx2.AsyncClient(
+                    headers=dict(config.http.headers),
+                    timeout=httpx2.Timeout(
+                        config.connect_timeout_seconds, read=config.call_timeout_seconds + 5
+                    ),
+                )
+            )
+            transport = streamable_http_client(config.http.url, http_client=http)
+        client = Client(transport, mode=config.protocol, client_info=CLIENT_INFO, cache=None)
+        yield await stack.enter_async_context(client)
+
+
+async def list_all_tools(client: Client, *, pages: int = 50) -> list[types.Tool]:
+    tools: list[types.Tool] = []
+    cursor: str | None = None
+    for _ in range(pages):
+        page = await client.list_tools(cursor=cursor, cache_mode="bypass")
+        tools.extend(page.tools)
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    return tools
+
+
+class Upstream:
+    """The live side of one configured upstream."""
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.tools: dict[str, types.Tool] = {}
+        self.state = "starting"  # starting | ready | down
+        self.last_error: str | None = None
+        self.protocol_version: str | None = None
+        self.attempted = anyio.Event()
+        self._client: Client | None = None
+        self._ready = anyio.Event()
+        self._broken = anyio.Event()
+
+    def __repr__(self) -> str:
+        return f"Upstream({self.name!r}, state={self.state!r})"
+
+    # -- supervision -----------------------------------------------------------------------
+    async def run(self) -> None:
+        """Keep a connection up until cancelled."""
+        backoff = 0.25
+        while True:
+            connected = await self._connect_once()
+            backoff = 0.25 if connected else min(backoff * 2, MAX_BACKOFF)
+            await anyio.sleep(backoff)
+
+    async def _connect_once(self) -> bool:
+        deadline = anyio.current_time() + self.config.connect_timeout_seconds
+        connected = False
+        try:
+            with anyio.CancelScope(deadline=deadline) as scope:
+                async with connect(self.config) as client:
+                    listing = await list_all_tools(client)
+                    scope.deadline = math.inf
+                    connected = True
+                    self.tools = {tool.name: tool for tool in listing}
+                    self.protocol_version = client.protocol_version
+                    self._client = client
+                    self._broken = anyio.Event()
+                    self.state, self.last_error = "ready", None
+                    self._ready.set()
+                    self.attempted.set()
+                    log.info(
+                        "upstream %s ready (%s, %d tools)",
+                        self.name,
+                        self.protocol_version,
+                        len(self.tools),
+                    )
+                    await self._serve(client)
+            if scope.cancelled_caught and not connected:
+                self.last_error = (
+                    f"no answer within {self.config.connect_timeout_seconds:g} s of connecting"
+                )
+        except Exception as exc:  # any failure: note it, reconnect
+            self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+        finally:
+            self._client = None
+            self._ready = anyio.Event()
+            self.state = "down"
+            self.attempted.set()
+        if self.last_error:
+            log.warning("upstream %s is down: %s", self.name, self.last_error)
+        return connected
+
+    async def _serve(self, client: Client) -> None:
+        """Until the connection breaks: re-read ``tools/list`` every ``REFRESH_SECONDS``.
+
+        The re-read keeps the tool list current and notices an upstream that died
+        while idle, so the next call finds a fresh connection.
+        """
+        while True:
+            with anyio.move_on_after(REFRESH_SECONDS):
+                await self._broken.wait()
+                return
+            try:
+                with anyio.fail_after(self.config.call_timeout_seconds):
+                    listing = await list_all_tools(client)
+            except Exception as exc:
+                self.last_error = f"tools/list failed: {type(exc).__name__}: {exc}"[:500]
+                return
+            self.tools = {tool.name: tool for tool in listing}
+
+    def _mark_broken(self, client: Client, why: str) -> None:
+        if client is self._client:  # a stale client's failure says nothing of the new one
+            self.last_error = why
+            self._broken.set()
+
+    # -- calls -----------------------------------------------------------------------------
+    async def _client_within(self, seconds: float) -> Client:
+        if self._client is None:
+            with anyio.move_on_after(seconds):
+                await self._ready.wait()
+        client = self._client
+        if client is None:
+            detail = f": {self.last_error}" if self.last_error else ""
+            raise UpstreamError(
+                "upstream.unavailable", f"upstream {self.name!r} is not available{detail}"
+            )
+        return client
+
+    async def call_tool(self, tool: str, args: dict[str, Any]) -> types.CallToolResult:
+        """Call ``tool`` upstream within the call timeout; raise :class:`UpstreamError`."""
+        timeout = self.config.call_timeout_seconds
+        started = anyio.current_time()
+        client = await self._client_within(timeout)
+        remaining = max(0.1, timeout - (anyio.current_time() - started))
+        try:
+            with anyio.fail_after(remaining):
+                return await client.call_tool(tool, args)
+        except TimeoutError:
+            raise UpstreamError(
+                "upstream.timeout",
+                f"upstream {self.name!r} did not answer {tool!r} within {timeout:g} s",
+            ) from None
+        except MCPError as exc:
+            if exc.code == CONNECTION_CLOSED:
+                self._mark_broken(client, f"connection closed during {tool!r}: {exc.message}")
+                raise UpstreamError(
+                    "upstream.unavailable",
+                    f"upstream {self.name!r} closed the connection: {exc.message}",
+                ) from None
+            raise UpstreamError(
+                "upstream.error", f"upstream {self.name!r} refused {tool!r}: {exc.message}"
+            ) from None
+        except (ValidationError, RuntimeError, ValueError, TypeError) as exc:
+            raise UpstreamError(
+                "upstream.invalid_response",
+                f"upstream {self.name!r} answered {tool!r} with an invalid result "
+                f"({type(exc).__name__})",
+            ) from None
+        except Exception as exc:
+            self._mark_broken(client, f"{type(exc).__name__}: {exc}")
+            raise UpstreamError(
+                "upstream.unavailable",
+                f"upstream {self.name!r} failed: {type(exc).__name__}",
+            ) from None
+
+
+async def read_tools(config: UpstreamConfig) -> list[types.Tool]:
+    """Connect once to ``config``'s upstream and read its tools (within its connect timeout)."""
+    with anyio.fail_after(config.connect_timeout_seconds):
+        async with connect(config) as client:
+            return await list_all_tools(client)
