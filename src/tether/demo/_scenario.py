@@ -5,8 +5,11 @@ the scenario through the Python SDK exactly as separate agents and admins
 would: a trust domain, an owner, an agent and two tools; attestation with a
 join token; a task from a template; calls allowed, denied, held for a human
 and approved; a delegated sub-task; the task ends and its token is refused;
-offboarding; the receipt chain verified. Without ``--once`` it keeps serving
-until Ctrl-C.
+then the same through the MCP gateway (``examples/demo/gateway.toml``, served
+in this process too, in front of the bank's MCP server it launches over stdio):
+the official MCP client lists only the tools the task may call, and calls
+allowed, denied, held for a human and redacted; offboarding; the receipt chain
+verified. Without ``--once`` it keeps serving both until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -22,51 +25,23 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
+import jwt
 import uvicorn
-from rich.console import Console
 from spiffe import JwtBundle, JwtSvid, TrustDomain
 
 from tether._tether import Tether
+from tether.demo._gateway import BANK, drive, gateway_config
+from tether.demo._timeline import Timeline, console
+from tether.gateway import Gateway
 from tether.sdk import ApprovalRequired, Client, Denied, Task
 from tether.server import ServerSettings, create_app
 from tether.tokens import ProofKey
 
-console = Console(highlight=False)
 AGENT = "spiffe://acme.example/agent/bill-payer"
 HELPER = "spiffe://acme.example/agent/statement-reader"
 PAYEE = "DE89370400440532013000"
-_STYLE = {"allow": "bold green", "deny": "bold red", "approval_required": "bold yellow"}
-
-
-class Timeline:
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.effects: list[str] = []
-
-    def say(self, text: str) -> None:
-        console.print(f"[dim]{time.perf_counter() - self.start:7.3f}s[/]  {text}")
-
-    def heading(self, text: str) -> None:
-        console.print(f"\n[bold cyan]── {text}[/]")
-
-    def verdict(
-        self,
-        tool: str,
-        args: dict[str, Any],
-        effect: str,
-        reasons: list[dict[str, str]],
-        receipt: Any,
-        policies: list[str],
-    ) -> None:
-        self.effects.append(effect)
-        reason = reasons[0]
-        fired = f" [dim](policies: {', '.join(policies)})[/]" if policies else ""
-        self.say(f"[{_STYLE[effect]}]{effect:>17}[/]  {tool} {json.dumps(args)}")
-        self.say(
-            f"{'':>17}  ↳ {reason['code']}: {reason['message']}{fired} "
-            f"[dim]receipt #{receipt['seq']}[/]"
-        )
 
 
 def _call(line: Timeline, task: Task, tool: str, args: dict[str, Any]) -> str:
@@ -77,6 +52,7 @@ def _call(line: Timeline, task: Task, tool: str, args: dict[str, Any]) -> str:
 
 def _port(preferred: int) -> int:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn will
         try:
             s.bind(("127.0.0.1", preferred))
         except OSError:
@@ -85,23 +61,33 @@ def _port(preferred: int) -> int:
         return port
 
 
-def _serve(tether: Tether, port: int) -> tuple[uvicorn.Server, threading.Thread]:
+def _serve(app: Any, port: int, name: str) -> tuple[uvicorn.Server, threading.Thread]:
+    """Serve ``app`` on 127.0.0.1:``port`` in a thread; return once it listens."""
     config = uvicorn.Config(
-        create_app(tether, ServerSettings(log_level="WARNING")),
+        app,
         host="127.0.0.1",
         port=port,
+        lifespan="on",
         log_level="warning",
         access_log=False,
     )
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="tether-serve", daemon=True)
+    thread = threading.Thread(target=server.run, name=name, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.02)
     if not server.started:
-        raise RuntimeError("the server did not start")
+        server.should_exit = True
+        raise RuntimeError(f"{name} did not start")
     return server, thread
+
+
+def _stop(server: uvicorn.Server, thread: threading.Thread) -> bool:
+    """Ask ``server`` to stop and wait for it (the gateway stops its upstream on the way)."""
+    server.should_exit = True
+    thread.join(timeout=15)
+    return not thread.is_alive()
 
 
 def run(*, examples: Path, home: Path | None = None, once: bool = True, port: int = 8700) -> int:
@@ -113,14 +99,21 @@ def run(*, examples: Path, home: Path | None = None, once: bool = True, port: in
         shutil.rmtree(home)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     line = Timeline()
-    server = None
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+    tether: Tether | None = None
     try:
         line.heading("Trust domain and server")
         tether = Tether.init(workdir, "acme.example")
         _, admin_secret = tether.credentials.create("admin", "root@acme.example")
         _, approver_secret = tether.credentials.create("approver", "bob@acme.example")
         url = f"http://127.0.0.1:{_port(port)}"
-        server, thread = _serve(tether, int(url.rsplit(":", 1)[1]))
+        servers.append(
+            _serve(
+                create_app(tether, ServerSettings(log_level="WARNING")),
+                int(url.rsplit(":", 1)[1]),
+                "tether-serve",
+            )
+        )
         line.say(
             f"acme.example created in {workdir} (ES256 key + X.509 CA, sealed); serving on {url}"
         )
@@ -134,6 +127,7 @@ def run(*, examples: Path, home: Path | None = None, once: bool = True, port: in
             (HELPER, "agent", "Reads bank statements"),
             ("spiffe://acme.example/tool/bank-reader", "tool", "Reads bills and balances"),
             ("spiffe://acme.example/tool/bank-payments", "tool", "Moves money"),
+            (BANK, "tool", "The bank's MCP server, behind the MCP gateway"),
         ):
             admin.register_identity(
                 spiffe_id, kind=kind, owner="alice@acme.example", description=description
@@ -225,6 +219,14 @@ def run(*, examples: Path, home: Path | None = None, once: bool = True, port: in
         _call(line, stale, "bank.read_bills", {})
         _call(line, child, "bank.read_bills", {})
 
+        gateway_url = None
+        if (examples / "gateway.toml").is_file():
+            line.heading("Through the MCP gateway")
+            assert agent.key is not None
+            gateway_url = _through_gateway(
+                line, tether, examples, url, port + 66, agent.key, approver, servers
+            )
+
         line.heading("Offboarding")
         other = agent.open_task(template="pay-bill", params={"payee": PAYEE})
         disabled = admin.disable_identity(AGENT)
@@ -252,19 +254,82 @@ def run(*, examples: Path, home: Path | None = None, once: bool = True, port: in
         console.print(f"\n[bold]Done.[/] decisions: {counts}")
         ok = bool(report["ok"]) and {"allow", "deny", "approval_required"} <= set(line.effects)
         if not once:
+            gateway = (
+                f"\nThe MCP gateway is serving on [bold]{gateway_url}[/]." if gateway_url else ""
+            )
             console.print(
-                f"\nTether is serving on [bold]{url}[/] (OpenAPI: {url}/openapi.json)."
+                f"\nTether is serving on [bold]{url}[/] (OpenAPI: {url}/openapi.json).{gateway}"
                 f"\nAdmin credential: {admin_secret}\nCtrl-C to stop."
             )
             try:
-                while thread.is_alive():
-                    thread.join(0.5)
+                while all(thread.is_alive() for _, thread in servers):
+                    time.sleep(0.5)
             except KeyboardInterrupt:
                 console.print("stopping")
         return 0 if ok else 1
+    except RuntimeError as exc:  # a server or the bank's MCP server did not start
+        console.print(f"[red]demo stopped: {exc}[/]")
+        return 1
     finally:
-        if server is not None:
-            server.should_exit = True
-            time.sleep(0.2)
+        stopped = all([_stop(*served) for served in reversed(servers)])
+        if tether is not None and stopped:
+            tether.close()
         if home is None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _through_gateway(
+    line: Timeline,
+    tether: Tether,
+    examples: Path,
+    url: str,
+    preferred_port: int,
+    key: ProofKey,
+    approver: Client,
+    servers: list[tuple[uvicorn.Server, threading.Thread]],
+) -> str:
+    """Serve the gateway next to the server, then play the agent's MCP session through it."""
+    config = gateway_config(examples, _port(preferred_port), url)
+    gateway = Gateway(tether, config)
+    servers.append(_serve(gateway.app(), config.port, "tether-gateway"))
+    bank = gateway.upstreams["bank"]
+    if bank.state != "ready":
+        raise RuntimeError(f"the bank MCP server did not start: {bank.last_error}")
+    upstream = config.upstream("bank")
+    assert upstream.stdio is not None
+    line.say(
+        f"gateway serving {config.resource}; upstream 'bank' ({BANK}) is "
+        f"`python {' '.join(upstream.stdio.args)}` over stdio: MCP {bank.protocol_version}, "
+        f"{len(bank.tools)} tools, described in {Path(upstream.catalogue or '-').name}"
+    )
+    opened = tether.open_task(
+        AGENT,
+        proof_jwk=key.jwk,
+        template="pay-bill",
+        params={"payee": PAYEE, "max_amount": 1500},
+        resources=(config.resource,),
+    )
+    audiences = jwt.decode(opened.token, options={"verify_signature": False})["aud"]
+    line.say(
+        f"task {opened.task_id} from 'pay-bill', bound to the agent's key; its token's "
+        f"audiences: {', '.join(audiences)}"
+    )
+    line.say(
+        "[dim](opened in-process with resources=(gateway,): POST /v1/tasks takes no "
+        "resources yet)[/]"
+    )
+    anyio.run(
+        lambda: drive(
+            line,
+            config.resource,
+            opened.token,
+            key,
+            approver=approver,
+            task_id=opened.task_id,
+            payee=PAYEE,
+            offered=sorted(f"bank.{name}" for name in bank.tools),
+        )
+    )
+    tether.end_task(opened.task_id)
+    line.say(f"task {opened.task_id} ended; the upstream never saw the agent's token")
+    return config.resource
