@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from tether.core._risk import Control, risk_tags
 from tether.core._spiffe_id import parse_trust_domain
 from tether.identity import Attestor, Credentials, IdentityRegistry, SVIDs
 from tether.policy import PolicyService
+from tether.secrets import KMS, Broker, Lease, LocalKMS, ReapReport, SecretInfo, SecretValue, Vault
 from tether.store import ApprovalRow, IdentityRow, SQLiteStore, Store, TaskRow
 from tether.tasks import (
     Authorizer,
@@ -34,6 +36,7 @@ from tether.tasks import (
 from tether.tokens import CA_USE, JWT_USE, KeyRing, Sealer, load_kek
 
 DB_FILE = "tether.db"
+log = logging.getLogger("tether")
 
 
 class Tether:
@@ -50,6 +53,7 @@ class Tether:
         *,
         clock: Clock | None = None,
         checkpoint_every: int = 64,
+        kms: KMS | None = None,
     ) -> None:
         trust_domain = store.get_meta("trust_domain")
         if trust_domain is None:
@@ -62,13 +66,28 @@ class Tether:
         self.identities = IdentityRegistry(store, self.audit, self.clock, trust_domain)
         self.attestation = Attestor(store, self.keys, self.identities, self.audit, self.clock)
         self.policies = PolicyService(store, self.audit, self.clock)
+        self.kms: KMS = kms or LocalKMS(sealer)
+        self.vault = Vault(store, self.kms, self.audit, self.clock)
+        self.broker = Broker(store, self.vault, self.keys, self.audit, self.clock)
         self.tasks = TaskService(
-            store, self.keys, self.identities, self.policies, self.audit, self.clock
+            store,
+            self.keys,
+            self.identities,
+            self.policies,
+            self.audit,
+            self.clock,
+            leases=self.broker,
         )
         self.approvals = Approvals(store, self.audit, self.clock)
         self.credentials = Credentials(store, self.audit, self.clock)
         self.authorizer = Authorizer(
-            store, self.keys, self.policies, self.audit, self.clock, self.approvals
+            store,
+            self.keys,
+            self.policies,
+            self.audit,
+            self.clock,
+            self.approvals,
+            known_secrets=self.broker.known,
         )
 
     def __repr__(self) -> str:
@@ -110,7 +129,15 @@ class Tether:
         if not (path / DB_FILE).exists():
             raise UsageError(f"no Tether home at {path}: run 'tether init --trust-domain NAME'")
         sealer = Sealer(load_kek(path))
-        return cls(SQLiteStore(path / DB_FILE), sealer, clock=clock)
+        tether = cls(SQLiteStore(path / DB_FILE), sealer, clock=clock)
+        # Leases that expired or were revoked while no Tether process ran: end them and
+        # destroy what they left (a database role, say) before anything else happens.
+        try:
+            if tether.broker.needs_reaping():
+                tether.broker.reap()
+        except Exception as exc:  # the periodic reaper retries; opening must not fail
+            log.warning("lease reaping at start failed: %s", type(exc).__name__)
+        return tether
 
     @classmethod
     def ephemeral(
@@ -240,8 +267,13 @@ class Tether:
         htu: str = DECIDE_HTU,
         resource: str | None = None,
         detail: dict[str, Any] | None = None,
+        side_effect: str | None = None,
     ) -> Receipt:
-        """Decide one call and leave its receipt (see :class:`tether.tasks.Authorizer`)."""
+        """Decide one call and leave its receipt (see :class:`tether.tasks.Authorizer`).
+
+        ``side_effect`` (``read``, ``write``, ``egress``, ``destructive``) is the tool's,
+        when the caller knows it: a credential in the arguments of anything but a read is
+        refused (``secret.egress``); unknown counts as egress."""
         return self.authorizer.authorize(
             token=token,
             proof=proof,
@@ -252,7 +284,101 @@ class Tether:
             htu=htu,
             resource=resource,
             detail=detail,
+            side_effect=side_effect,
         )
+
+    # -- secrets and leases -------------------------------------------------------------------
+    def put_secret(
+        self,
+        name: str,
+        value: SecretValue | bytes | str,
+        *,
+        kind: str,
+        by: str = "operator",
+        description: str = "",
+        meta: dict[str, Any] | None = None,
+    ) -> SecretInfo:
+        """Seal a new secret (write-only: nothing ever returns its value)."""
+        return self.vault.put(name, value, kind=kind, by=by, description=description, meta=meta)
+
+    def rotate_secret(
+        self,
+        name: str,
+        value: SecretValue | bytes | str | None = None,
+        *,
+        by: str = "operator",
+        overlap: float | None = None,
+    ) -> SecretInfo:
+        """A new version (``value``, else the secret's rotation hook's answer)."""
+        return self.vault.rotate(name, value, by=by, overlap=overlap)
+
+    def list_secrets(self) -> list[SecretInfo]:
+        return self.vault.list()
+
+    def lease(
+        self,
+        task_id: str,
+        secret: str,
+        *,
+        tool: str,
+        receipt: Receipt,
+        ttl: float | None = None,
+    ) -> Lease:
+        """For the enforcement point: a lease on ``secret`` for the call ``receipt`` allowed.
+
+        The lease lives no longer than the task and is revoked with it; inject
+        ``lease.value`` into the upstream call and never hand it to the agent."""
+        return self.broker.lease(task_id, secret, tool=tool, receipt=receipt, ttl=ttl)
+
+    def downstream_token(
+        self,
+        task_id: str,
+        *,
+        audience: str,
+        tool: str,
+        receipt: Receipt,
+        tool_identity: str | None = None,
+        ttl: float = 60.0,
+    ) -> Lease:
+        """A Tether-signed token (at most 60 s) for one allowed call to ``audience``."""
+        return self.broker.downstream_token(
+            task_id,
+            audience=audience,
+            tool=tool,
+            receipt=receipt,
+            tool_identity=tool_identity,
+            ttl=ttl,
+        )
+
+    def reap(self) -> ReapReport:
+        """End tasks past their TTL, then expire, revoke and clean up leases."""
+        self.tasks.expire()
+        return self.broker.reap()
+
+    def kill_switch(
+        self, reason: str, *, by: str = "operator", agent: str | None = None
+    ) -> dict[str, list[str]]:
+        """Revoke every open task (of ``agent``, or of everyone) and, with no agent named,
+        every lease; dynamic credentials are destroyed right after."""
+        with self.store.transaction():
+            rows = self.store.list_tasks(agent_id=agent, status="open")
+            tasks = []
+            for row in rows:
+                current = self.store.get_task(row.task_id)
+                if current is not None and current.status == "open":  # not ended by cascade
+                    self.tasks.end(row.task_id, reason=f"kill switch: {reason}", status="revoked")
+                    tasks.append(row.task_id)
+            leases = (
+                [] if agent is not None else self.broker.revoke_all(f"kill switch: {reason}", by=by)
+            )
+            self.audit.append(
+                "kill_switch",
+                chain=[by],
+                effect="allow",
+                detail={"reason": reason, "agent": agent, "tasks": tasks, "leases": leases},
+                risk_tags=list(risk_tags(Control.KILL_SWITCH, Control.CASCADING_REVOCATION)),
+            )
+        return {"tasks": tasks, "leases": leases}
 
     def decide_approval(self, approval_id: str, *, approve: bool, by: str) -> ApprovalRow:
         """Approve or deny one pending approval; ``by`` names the human."""

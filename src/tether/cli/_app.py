@@ -47,6 +47,13 @@ admin_app = typer.Typer(no_args_is_help=True, help="Admin credentials for humans
 app.add_typer(admin_app, name="admin")
 approval_app = typer.Typer(no_args_is_help=True, help="Human approvals of held calls.")
 app.add_typer(approval_app, name="approval")
+secret_app = typer.Typer(
+    no_args_is_help=True,
+    help="Brokered secrets: sealed, versioned, write-only (no verb ever prints a value).",
+)
+app.add_typer(secret_app, name="secret")
+lease_app = typer.Typer(no_args_is_help=True, help="Leases of brokered credentials.")
+app.add_typer(lease_app, name="lease")
 
 out = Console(highlight=False, soft_wrap=True)
 _global_home: list[Path] = []
@@ -669,6 +676,257 @@ def audit_checkpoint(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     cp = _open(home).audit.checkpoint()
     result = {"seq": cp.seq if cp else None, "hash": cp.hash if cp else None}
     emit(result, as_json, lambda: out.print(f"checkpoint at {result['seq']}"))
+
+
+# -- secrets and leases ------------------------------------------------------------------
+def _read_value(from_file: Path | None, from_env: str | None, from_stdin: bool) -> bytes | None:
+    """The value from exactly one source, never from the command line (argv is visible
+    to every user of the machine and lands in shell history)."""
+    given = [x for x in (from_file, from_env) if x is not None] + ([True] if from_stdin else [])
+    if len(given) > 1:
+        raise UsageError("give at most one of --from-file, --from-env, --from-stdin")
+    if from_file is not None:
+        try:
+            data = from_file.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read {from_file}: {exc.strerror}") from None
+    elif from_env is not None:
+        found = os.environb.get(from_env.encode())
+        if found is None:
+            raise UsageError(f"environment variable {from_env} is not set")
+        data = found
+    elif from_stdin:
+        data = sys.stdin.buffer.read()
+    else:
+        return None
+    # One trailing newline is how files and pipes end, not part of the value.
+    return data[:-2] if data.endswith(b"\r\n") else data[:-1] if data.endswith(b"\n") else data
+
+
+def _read_meta(meta_file: Path | None) -> dict[str, Any]:
+    if meta_file is None:
+        return {}
+    try:
+        text = meta_file.read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read {meta_file}: {exc.strerror}") from None
+    try:
+        if meta_file.suffix == ".json":
+            data = strict_json(text)
+        else:
+            import tomllib  # noqa: PLC0415
+
+            data = tomllib.loads(text)
+    except ValueError as exc:
+        raise UsageError(
+            f"{meta_file} is not valid {meta_file.suffix[1:] or 'TOML'}: {exc}"
+        ) from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{meta_file} must hold a table")
+    return data
+
+
+def _who(by: str | None) -> str:
+    if by:
+        return by
+    import getpass  # noqa: PLC0415
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+FromFile = Annotated[
+    Path | None,
+    typer.Option("--from-file", help="read the value from this file", show_default=False),
+]
+FromEnv = Annotated[
+    str | None,
+    typer.Option(
+        "--from-env", help="read the value from this environment variable", show_default=False
+    ),
+]
+FromStdin = Annotated[bool, typer.Option("--from-stdin", help="read the value from standard input")]
+ByOpt = Annotated[str | None, typer.Option("--by", help="who does this (default: cli:$USER)")]
+
+
+def _secret_line(info: Any) -> str:
+    versions = ", ".join(f"v{v.version} {v.state}" for v in info.versions)
+    return f"{info.name} ({info.kind}): {versions}"
+
+
+@secret_app.command("put")
+def secret_put(
+    name: str,
+    kind: Annotated[
+        str,
+        typer.Option(
+            "--kind",
+            help="api_key, password, oauth_refresh_token, service_account, postgres or generic",
+        ),
+    ] = "generic",
+    from_file: FromFile = None,
+    from_env: FromEnv = None,
+    from_stdin: FromStdin = False,
+    description: Annotated[str, typer.Option("--description")] = "",
+    tool: Annotated[
+        list[str] | None, typer.Option("--tool", help="tool-name glob that may use it (repeatable)")
+    ] = None,
+    overlap: Annotated[
+        float | None,
+        typer.Option("--overlap", help="seconds old versions stay usable after a rotation"),
+    ] = None,
+    rotate_command: Annotated[
+        str | None,
+        typer.Option(
+            "--rotate-command", help="rotation hook: a command (no shell) that prints the new value"
+        ),
+    ] = None,
+    meta_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--meta", help="TOML/JSON: tools, overlap_seconds, rotate_command, [postgres] grants"
+        ),
+    ] = None,
+    by: ByOpt = None,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Seal a new secret. The value comes from --from-file, --from-env or --from-stdin,
+    never from the command line; no verb ever shows it again."""
+    import shlex  # noqa: PLC0415
+
+    value = _read_value(from_file, from_env, from_stdin)
+    if value is None:
+        raise UsageError("give the value with --from-file, --from-env or --from-stdin")
+    meta = _read_meta(meta_file)
+    if tool:
+        meta["tools"] = list(tool)
+    if overlap is not None:
+        meta["overlap_seconds"] = overlap
+    if rotate_command is not None:
+        meta["rotate_command"] = shlex.split(rotate_command)
+    info = _open(home).put_secret(
+        name, value, kind=kind, by=_who(by), description=description, meta=meta or None
+    )
+    emit(info.to_dict(), as_json, lambda: out.print(f"[green]✓[/] sealed {_secret_line(info)}"))
+
+
+@secret_app.command("rotate")
+def secret_rotate(
+    name: str,
+    from_file: FromFile = None,
+    from_env: FromEnv = None,
+    from_stdin: FromStdin = False,
+    overlap: Annotated[
+        float | None, typer.Option("--overlap", help="seconds the previous version stays usable")
+    ] = None,
+    by: ByOpt = None,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Add a new version (from a value source, else from the secret's rotation hook);
+    the previous one stays usable for the overlap window."""
+    value = _read_value(from_file, from_env, from_stdin)
+    info = _open(home).rotate_secret(name, value, by=_who(by), overlap=overlap)
+    emit(info.to_dict(), as_json, lambda: out.print(f"[green]✓[/] rotated {_secret_line(info)}"))
+
+
+@secret_app.command("list")
+def secret_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Names, kinds and versions of the secrets (never a value)."""
+    infos = _open(home).list_secrets()
+
+    def human() -> None:
+        table = Table("name", "kind", "versions", "tools")
+        for info in infos:
+            table.add_row(
+                info.name,
+                info.kind,
+                ", ".join(f"v{v.version} {v.state}" for v in info.versions),
+                ", ".join(info.tools) or "(any allowed)",
+            )
+        out.print(table)
+
+    emit({"secrets": [i.to_dict() for i in infos]}, as_json, human)
+
+
+@lease_app.command("list")
+def lease_list(
+    task: Annotated[str | None, typer.Option("--task")] = None,
+    status: Annotated[
+        str | None, typer.Option("--status", help="pending, active, revoked or expired")
+    ] = None,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Leases (who holds what, for which task, until when; never a value)."""
+    from tether.secrets import lease_dict  # noqa: PLC0415
+
+    rows = [lease_dict(r) for r in _open(home).broker.list(task_id=task, status=status)]
+
+    def human() -> None:
+        table = Table("lease", "task", "kind", "secret", "tool", "status", "expires")
+        for r in rows:
+            secret = f"{r['secret']} v{r['version']}" if r["secret"] else "-"
+            table.add_row(
+                r["lease_id"],
+                r["task_id"],
+                r["kind"],
+                secret,
+                r["tool"] or "",
+                r["status"],
+                time.strftime("%H:%M:%S", time.localtime(r["expires_at"])),
+            )
+        out.print(table)
+
+    emit({"leases": rows}, as_json, human)
+
+
+@lease_app.command("revoke")
+def lease_revoke(
+    lease_id: str,
+    reason: Annotated[str, typer.Option("--reason")] = "revoked by operator",
+    by: ByOpt = None,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Revoke one lease (a dynamic credential is destroyed at once)."""
+    done = _open(home).broker.revoke(lease_id, reason, by=_who(by))
+    emit(
+        {"lease_id": lease_id, "revoked": done},
+        as_json,
+        lambda: out.print(f"{'[green]✓[/] revoked' if done else 'not live:'} {lease_id}"),
+    )
+
+
+@lease_app.command("reap")
+def lease_reap(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """End expired tasks and leases now and destroy what they left (the servers do this
+    periodically too)."""
+    report = _open(home).reap().to_dict()
+    emit(report, as_json, lambda: out.print_json(json.dumps(report)))
+
+
+@app.command("kill-switch")
+def kill_switch(
+    reason: Annotated[str, typer.Option("--reason")],
+    agent: Annotated[str | None, typer.Option("--agent", help="only this agent's tasks")] = None,
+    by: ByOpt = None,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Revoke every open task (of one agent, or all) and every lease, now."""
+    result = _open(home).kill_switch(reason, by=_who(by), agent=agent)
+    emit(
+        result,
+        as_json,
+        lambda: out.print(
+            f"[yellow]✓[/] {len(result['tasks'])} task(s) and {len(result['leases'])} "
+            "lease(s) revoked"
+        ),
+    )
 
 
 def main() -> None:

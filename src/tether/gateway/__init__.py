@@ -21,6 +21,7 @@ from tether.gateway._catalogue import (
 from tether.gateway._config import (
     ApprovalConfig,
     ConfigError,
+    CredentialConfig,
     GatewayConfig,
     HttpTransport,
     StdioTransport,
@@ -36,6 +37,7 @@ __all__ = [
     "ApprovalConfig",
     "CatalogueFile",
     "ConfigError",
+    "CredentialConfig",
     "Gateway",
     "GatewayConfig",
     "HttpTransport",

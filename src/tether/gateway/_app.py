@@ -24,6 +24,24 @@ tool error result with the reason code and message; ``approval_required``
 waits for a human or returns the approval id (``[approval] mode``). The
 upstream's answer is scrubbed of secrets, labelled with the tool's sensitivity
 and trust, recorded in the task's state and in a receipt, then returned.
+
+Brokered credentials (``[[upstreams.credentials]]``). The agent never holds them.
+An upstream that needs one is run **once per task**: at the task's first allowed
+call to it, the gateway takes a lease on each configured secret (bound to the task,
+living no longer than it) and starts a connection for that task alone, a process
+whose environment carries the secret (stdio) or an HTTP connection whose requests
+carry it in a header. That connection serves only that task's calls; before each
+one the gateway checks the leases are still live, and a housekeeping loop (every
+second) stops the connection, killing a stdio process, as soon as a lease ends
+(task ended, expired, revoked, its agent offboarded, the kill switch, a rotated
+version past its overlap). A per-call downstream token is minted for every call
+and set as a header just before it is sent (calls of one task to such an upstream
+are then made one at a time). The shared connection that lists an upstream's
+tools runs without its credentials. Every argument is checked for credentials
+before forwarding (``secret.egress``: a brokered value to any tool, any other
+credential to one that writes, sends or destroys), and every answer is scrubbed
+of the brokered values (an upstream that echoes what it was given is caught) as
+well as of known formats and high-entropy strings.
 """
 
 from __future__ import annotations
@@ -41,6 +59,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
+import anyio.abc
+import anyio.to_thread
 import mcp_types as types
 import msgspec
 import uvicorn
@@ -67,7 +87,8 @@ from tether.gateway._auth import Authenticator, Caller, Refusal, challenge, tool
 from tether.gateway._catalogue import SideEffect, ToolClass, classify
 from tether.gateway._config import APPROVAL_SAFETY_MARGIN, ConfigError, GatewayConfig, load_config
 from tether.gateway._redact import redact_result, redact_text
-from tether.gateway._upstream import Upstream, UpstreamError
+from tether.gateway._upstream import InjectedHeaders, Upstream, UpstreamError
+from tether.secrets import Lease
 from tether.tasks import Receipt
 
 log = logging.getLogger("tether.gateway")
@@ -85,6 +106,36 @@ def _request_uri(scope: Scope) -> str:
     return f"{url.scheme}://{url.netloc}{url.path}"
 
 
+HOUSEKEEPING_SECONDS = 1.0
+REAP_SECONDS = 5.0
+
+
+class TaskConnection:
+    """An upstream connection serving one task, with the leases it was started with."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        leases: list[Lease],
+        tokens: list[tuple[str, str, str]],
+        auth: InjectedHeaders | None,
+    ) -> None:
+        self.upstream = upstream
+        self.leases = leases
+        self.tokens = tokens  # (audience, header, format) of per-call downstream tokens
+        self.auth = auth
+        self.scope = anyio.CancelScope()
+        self.lock = anyio.Lock()
+
+    @property
+    def lease_ids(self) -> list[str]:
+        return [lease.lease_id for lease in self.leases]
+
+    async def run(self) -> None:
+        with self.scope:
+            await self.upstream.run()
+
+
 def _error_result(text: str, decision: dict[str, Any]) -> types.CallToolResult:
     return types.CallToolResult(
         content=[types.TextContent(text=text)], is_error=True, _meta={META_DECISION: decision}
@@ -98,7 +149,9 @@ class Gateway:
         self.tether = tether
         self.config = config
         self._check_identities()
-        self.upstreams = {u.name: Upstream(u) for u in config.upstreams}
+        self.upstreams = {u.name: Upstream(u, known=self._known) for u in config.upstreams}
+        self.connections: dict[tuple[str, str], TaskConnection] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
         self.authenticator = Authenticator(tether, config.resource)
         self.server: Server[Any] = Server(
             "tether-gateway",
@@ -316,6 +369,7 @@ class Gateway:
             htu=caller.htu,
             resource=self.config.resource,
             detail=detail,
+            side_effect=str(detail["tool_class"]["side_effect"]),
         )
 
     def _burn(self, caller: Caller) -> None:
@@ -461,11 +515,17 @@ class Gateway:
         detail: dict[str, Any],
     ) -> types.CallToolResult:
         try:
-            answer = await upstream.call_tool(tool, args)
+            if upstream.config.credentials:
+                answer, leases = await self._call_for_task(
+                    caller, upstream, tool, name, args, receipt
+                )
+                detail = {**detail, "leases": leases}
+            else:
+                answer = await upstream.call_tool(tool, args)
         except UpstreamError as exc:
             # An upstream's error text may echo what it was given: scrub it too.
             redactions: Counter[str] = Counter()
-            message = redact_text(exc.message, redactions)[0]
+            message = redact_text(exc.message, redactions, self._known())[0]
             seq = self._record_result(
                 caller, name, args, klass, receipt, detail, exc.code, redactions
             )
@@ -478,7 +538,7 @@ class Gateway:
                     "decision_receipt": receipt.seq,
                 },
             )
-        result, redactions = redact_result(answer)
+        result, redactions = redact_result(answer, self._known())
         outcome = "error" if result.is_error else "ok"
         seq = self._record_result(caller, name, args, klass, receipt, detail, outcome, redactions)
         label = {
@@ -490,6 +550,139 @@ class Gateway:
             "decision_receipt": receipt.seq,
         }
         return result.model_copy(update={"meta": {META_LABEL: label}})
+
+    def _known(self) -> list[Any]:
+        """The brokered values to scrub from what upstreams answer (empty if unavailable:
+        the format and entropy rules still apply)."""
+        try:
+            return self.tether.broker.known()
+        except Exception:
+            log.warning("brokered values unavailable for redaction")
+            return []
+
+    # -- per-task connections ----------------------------------------------------------------
+    def _connection_live(self, connection: TaskConnection) -> bool:
+        for lease_id in connection.lease_ids:
+            try:
+                self.tether.broker.check(lease_id)
+            except Exception:
+                return False
+        return True
+
+    async def _stop(self, key: tuple[str, str]) -> None:
+        connection = self.connections.pop(key, None)
+        if connection is not None:
+            connection.scope.cancel()
+            log.info("stopped the %s connection of task %s (lease ended)", key[1], key[0])
+
+    async def _connection(
+        self, caller: Caller, upstream: Upstream, name: str, receipt: Receipt
+    ) -> TaskConnection:
+        key = (caller.task_id, upstream.name)
+        connection = self.connections.get(key)
+        if connection is not None and not self._connection_live(connection):
+            await self._stop(key)
+            connection = None
+        if connection is not None:
+            return connection
+        if self._tg is None:
+            raise UpstreamError(
+                "upstream.unavailable", f"upstream {upstream.name!r} is not running"
+            )
+        config = upstream.config
+        env: dict[str, str] = {}
+        headers: dict[str, str] = {}
+        leases: list[Lease] = []
+        tokens: list[tuple[str, str, str]] = []
+        try:
+            for cred in config.credentials:
+                if cred.secret is not None:
+                    lease = self.tether.lease(
+                        caller.task_id, cred.secret, tool=name, receipt=receipt
+                    )
+                    leases.append(lease)
+                    if cred.env is not None:
+                        env[cred.env] = lease.render(cred.format)
+                    elif cred.header is not None:
+                        headers[cred.header] = lease.render(cred.format)
+                elif cred.downstream_audience is not None and cred.header is not None:
+                    tokens.append((cred.downstream_audience, cred.header, cred.format))
+        except Exception as exc:
+            for lease in leases:
+                self.tether.broker.revoke(lease.lease_id, "connection not started")
+            code = str(getattr(exc, "code", "lease.failed"))
+            why = getattr(exc, "message", type(exc).__name__)
+            raise UpstreamError(code, f"no credential for {upstream.name!r}: {why}") from None
+        if config.stdio is not None:
+            config = msgspec.structs.replace(
+                config, stdio=msgspec.structs.replace(config.stdio, env={**config.stdio.env, **env})
+            )
+        auth: InjectedHeaders | None = None
+        if config.http is not None:
+            auth = InjectedHeaders()
+            auth.headers.update(headers)
+        connection = TaskConnection(
+            Upstream(
+                config,
+                auth=auth,
+                label=f"{upstream.name} (task {caller.task_id})",
+                known=self._known,
+            ),
+            leases,
+            tokens,
+            auth,
+        )
+        self.connections[key] = connection
+        self._tg.start_soon(connection.run)
+        return connection
+
+    async def _call_for_task(
+        self,
+        caller: Caller,
+        upstream: Upstream,
+        tool: str,
+        name: str,
+        args: dict[str, Any],
+        receipt: Receipt,
+    ) -> tuple[types.CallToolResult, list[str]]:
+        connection = await self._connection(caller, upstream, name, receipt)
+        if not connection.tokens:
+            return await connection.upstream.call_tool(tool, args), connection.lease_ids
+        async with connection.lock:  # the header holds this call's token until it is sent
+            assert connection.auth is not None
+            minted: list[str] = []
+            for audience, header, fmt in connection.tokens:
+                try:
+                    token = self.tether.downstream_token(
+                        caller.task_id,
+                        audience=audience,
+                        tool=name,
+                        receipt=receipt,
+                        tool_identity=upstream.config.identity,
+                    )
+                except Exception as exc:
+                    raise UpstreamError(
+                        "lease.failed", f"no downstream token: {type(exc).__name__}"
+                    ) from None
+                connection.auth.headers[header] = token.render(fmt)
+                minted.append(token.lease_id)
+            answer = await connection.upstream.call_tool(tool, args)
+            return answer, [*connection.lease_ids, *minted]
+
+    async def _housekeeping(self) -> None:
+        """Stop task connections whose leases ended; reap expired tasks and leases."""
+        last_reap = -REAP_SECONDS
+        while True:
+            await anyio.sleep(HOUSEKEEPING_SECONDS)
+            for key, connection in list(self.connections.items()):
+                if not self._connection_live(connection):
+                    await self._stop(key)
+            if anyio.current_time() - last_reap >= REAP_SECONDS:
+                last_reap = anyio.current_time()
+                try:
+                    await anyio.to_thread.run_sync(self.tether.reap)
+                except Exception as exc:
+                    log.warning("reaper failed: %s", type(exc).__name__)
 
     def _record_result(
         self,
@@ -677,6 +870,8 @@ class Gateway:
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(self._housekeeping)
             for upstream in self.upstreams.values():
                 tg.start_soon(upstream.run)
             wait = max(u.config.connect_timeout_seconds for u in self.upstreams.values()) + 1
@@ -692,6 +887,8 @@ class Gateway:
                 async with self.manager.run():
                     yield
             finally:
+                self._tg = None
+                self.connections.clear()
                 tg.cancel_scope.cancel()
 
     def app(self) -> Starlette:

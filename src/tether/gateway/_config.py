@@ -3,6 +3,19 @@
 A value of the form ``env:NAME`` in an upstream's ``env`` or ``headers`` is read
 from the gateway's environment when the file is loaded, so secrets for the
 upstreams need not be written in the file.
+
+Better still, ``[[upstreams.credentials]]`` names a credential the secret broker
+leases per task and injects: a stored secret (an API key, a service-account key, or a
+``postgres`` secret whose per-task role arrives as a connection string) into an
+environment variable of a stdio upstream or a header of an HTTP one, or a
+Tether-signed per-call token (``downstream_audience``) into a header::
+
+    [[upstreams.credentials]]
+    secret = "billing-api-key"
+    env = "BILLING_API_KEY"          # stdio; for HTTP: header = "Authorization"
+    format = "{value}"               # e.g. "Bearer {value}"
+
+An upstream with credentials is started once per task (see :mod:`tether.gateway._app`).
 """
 
 from __future__ import annotations
@@ -24,6 +37,9 @@ from tether.core._verify import PROOF_WINDOW
 from tether.gateway._catalogue import CatalogueFile, ToolEntry, validate_entries
 
 UPSTREAM_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")
+SECRET_REF = re.compile(r"^[a-z][a-z0-9._-]{0,63}$")
 PROTOCOLS = ("auto", "legacy", *MODERN_PROTOCOL_VERSIONS)
 APPROVAL_SAFETY_MARGIN = 5.0
 MAX_APPROVAL_WAIT = PROOF_WINDOW - APPROVAL_SAFETY_MARGIN
@@ -52,6 +68,23 @@ class HttpTransport(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     headers: dict[str, str] = {}
 
 
+class CredentialConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A credential the broker leases per task and injects into an upstream's calls.
+
+    Source: ``secret`` (a stored secret: its current version, or for a ``postgres``
+    secret a per-task role's connection string) or ``downstream_audience`` (a
+    Tether-signed token for that service, minted for every call, at most 60 s).
+    Target: ``env`` (an environment variable of a stdio upstream's per-task process)
+    or ``header`` (a request header of an HTTP upstream's per-task connection).
+    """
+
+    secret: str | None = None
+    downstream_audience: str | None = None
+    env: str | None = None
+    header: str | None = None
+    format: str = "{value}"
+
+
 class UpstreamConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One upstream MCP server."""
 
@@ -64,6 +97,7 @@ class UpstreamConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     call_timeout_seconds: float = 30.0
     catalogue: str | None = None
     tools: dict[str, ToolEntry] = {}
+    credentials: tuple[CredentialConfig, ...] = ()
 
     @property
     def transport(self) -> str:
@@ -213,6 +247,7 @@ def _check_upstream(
         if "authorization" in lowered and http.url.startswith("http://"):
             problems.append(f"{where}.http.headers: credentials must not be sent over plain http")
         http = msgspec.structs.replace(http, headers=headers)
+    _check_credentials(upstream, where, problems)
     tools = dict(upstream.tools)
     catalogue_path = upstream.catalogue
     if catalogue_path is not None:
@@ -233,6 +268,44 @@ def _check_upstream(
     return msgspec.structs.replace(
         upstream, stdio=stdio, http=http, tools=tools, catalogue=catalogue_path
     )
+
+
+def _check_credentials(upstream: UpstreamConfig, where: str, problems: list[str]) -> None:
+    targets: set[str] = set()
+    for i, cred in enumerate(upstream.credentials):
+        at = f"{where}.credentials[{i}]"
+        if (cred.secret is None) == (cred.downstream_audience is None):
+            problems.append(f"{at}: give exactly one of secret or downstream_audience")
+        if cred.secret is not None and not SECRET_REF.fullmatch(cred.secret):
+            problems.append(f"{at}.secret: must match {SECRET_REF.pattern}")
+        if cred.downstream_audience is not None and not (0 < len(cred.downstream_audience) <= 2048):
+            problems.append(f"{at}.downstream_audience: 1-2048 characters")
+        if (cred.env is None) == (cred.header is None):
+            problems.append(f"{at}: give exactly one of env or header")
+        if cred.env is not None:
+            if upstream.stdio is None:
+                problems.append(f"{at}.env: only a stdio upstream has an environment")
+            if not ENV_NAME.fullmatch(cred.env):
+                problems.append(f"{at}.env: must match {ENV_NAME.pattern}")
+            if cred.downstream_audience is not None:
+                problems.append(
+                    f"{at}: a per-call token cannot go into a process environment (use header)"
+                )
+        if cred.header is not None:
+            if upstream.http is None:
+                problems.append(f"{at}.header: only an HTTP upstream takes headers")
+            elif upstream.http.url.startswith("http://") and not _is_loopback(
+                urlsplit(upstream.http.url).hostname or ""
+            ):
+                problems.append(f"{at}: credentials must not be sent over plain http")
+            if not HEADER_NAME.fullmatch(cred.header):
+                problems.append(f"{at}.header: not a valid header name")
+        if cred.format.count("{value}") != 1 or len(cred.format) > 256:
+            problems.append(f"{at}.format: must contain {{value}} exactly once")
+        target = (cred.env or cred.header or "").lower()
+        if target in targets:
+            problems.append(f"{at}: {target} is injected twice")
+        targets.add(target)
 
 
 def parse_config(

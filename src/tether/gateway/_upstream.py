@@ -12,15 +12,20 @@ Calls are bounded by ``call_timeout_seconds``. Every failure (a timeout, a
 dead process, a malformed answer) becomes an :class:`UpstreamError` with a
 code the agent can read; the gateway keeps serving the other upstreams.
 The gateway's own credentials for an upstream come from the configuration
-(``headers``/``env``); the agent's task token is never passed on.
+(``headers``/``env``) or from the secret broker (``[[upstreams.credentials]]``: then
+each task gets its own connection, see :mod:`tether.gateway._app`); the agent's task
+token is never passed on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import sys
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -35,6 +40,7 @@ from mcp_types import CONNECTION_CLOSED
 from pydantic import ValidationError
 
 from tether.gateway._config import UpstreamConfig
+from tether.secrets._detect import Known, redact_text
 
 log = logging.getLogger("tether.gateway")
 
@@ -52,23 +58,77 @@ class UpstreamError(Exception):
         self.message = message
 
 
+class InjectedHeaders(httpx2.Auth):
+    """Headers set on every request at send time (a per-call credential changes them)."""
+
+    def __init__(self) -> None:
+        self.headers: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"InjectedHeaders({sorted(self.headers)})"
+
+    def auth_flow(self, request: httpx2.Request) -> Any:
+        for name, value in self.headers.items():
+            request.headers[name] = value
+        yield request
+
+
+class ScrubbedStderr:
+    """A stdio upstream's standard error, passed on to the gateway's line by line with
+    credentials redacted (an upstream that logs the key it was given, or a traceback
+    quoting it, must not put it into the gateway's logs)."""
+
+    def __init__(self, label: str, known: Callable[[], list[Known]] | None) -> None:
+        read_fd, write_fd = os.pipe()
+        self.label = label
+        self.known = known
+        self.writer = os.fdopen(write_fd, "w")
+        self._reader = os.fdopen(read_fd, "r", errors="replace")
+        threading.Thread(target=self._pump, name=f"stderr {label}", daemon=True).start()
+
+    def _pump(self) -> None:
+        with self._reader:
+            for line in self._reader:
+                try:
+                    values = self.known() if self.known is not None else []
+                except Exception:
+                    values = []
+                text = redact_text(line.rstrip("\n"), known=values)[0]
+                # If the gateway's stderr is gone, the line is dropped.
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stderr.write(f"[upstream {self.label}] {text}\n")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 @asynccontextmanager
-async def connect(config: UpstreamConfig) -> AsyncIterator[Client]:
-    """An entered MCP client for ``config`` (used by the supervisor and by catalogue import)."""
+async def connect(
+    config: UpstreamConfig,
+    auth: httpx2.Auth | None = None,
+    known: Callable[[], list[Known]] | None = None,
+) -> AsyncIterator[Client]:
+    """An entered MCP client for ``config`` (used by the supervisor and by catalogue import).
+
+    A stdio upstream's standard error reaches the gateway's through :class:`ScrubbedStderr`.
+    """
     async with AsyncExitStack() as stack:
         if config.stdio is not None:
+            stderr = ScrubbedStderr(config.name, known)
+            stack.callback(stderr.close)
             params = StdioServerParameters(
                 command=config.stdio.command,
                 args=list(config.stdio.args),
                 env=dict(config.stdio.env) or None,
                 cwd=config.stdio.cwd,
             )
-            transport: Any = stdio_client(params, errlog=sys.stderr)
+            transport: Any = stdio_client(params, errlog=stderr.writer)
         else:
             assert config.http is not None
             http = await stack.enter_async_context(
                 httpx2.AsyncClient(
                     headers=dict(config.http.headers),
+                    auth=auth,
                     timeout=httpx2.Timeout(
                         config.connect_timeout_seconds, read=config.call_timeout_seconds + 5
                     ),
@@ -94,9 +154,18 @@ async def list_all_tools(client: Client, *, pages: int = 50) -> list[types.Tool]
 class Upstream:
     """The live side of one configured upstream."""
 
-    def __init__(self, config: UpstreamConfig) -> None:
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        *,
+        auth: httpx2.Auth | None = None,
+        label: str | None = None,
+        known: Callable[[], list[Known]] | None = None,
+    ) -> None:
         self.config = config
-        self.name = config.name
+        self.auth = auth
+        self.known = known
+        self.name = label or config.name
         self.tools: dict[str, types.Tool] = {}
         self.state = "starting"  # starting | ready | down
         self.last_error: str | None = None
@@ -123,7 +192,7 @@ class Upstream:
         connected = False
         try:
             with anyio.CancelScope(deadline=deadline) as scope:
-                async with connect(self.config) as client:
+                async with connect(self.config, self.auth, self.known) as client:
                     listing = await list_all_tools(client)
                     scope.deadline = math.inf
                     connected = True

@@ -13,8 +13,10 @@ is one connection, so a thread pool would only add hand-offs.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +50,7 @@ from tether.core._policy import build_snapshot
 from tether.core._risk import Control, risk_tags
 from tether.core._verify import jwk_thumbprint, token_hash
 from tether.policy import default_schema
+from tether.secrets import SecretInfo, lease_dict
 from tether.server import _schemas as S
 from tether.server._auth import (
     Authenticator,
@@ -68,6 +71,8 @@ MAX_BODY = 1024 * 1024
 # OpenTelemetry: a no-op until the deployment configures an SDK and an exporter.
 TRACER = trace.get_tracer("tether.server")
 DECISIONS = "/v1/decisions"
+SECRETS = "/v1/secrets"
+log = logging.getLogger("tether.server")
 _ERRORS = {
     400: ResponseSpec(data_container=S.ErrorOut, description="Malformed request"),
     401: ResponseSpec(data_container=S.ErrorOut, description="Not authenticated"),
@@ -86,6 +91,9 @@ class ServerSettings:
     rate: float = 2000.0
     burst: float = 4000.0
     log_level: str = "INFO"
+    #: Seconds between two runs of the reaper (expired tasks and leases, leftover
+    #: database roles); it also runs once at start. 0 turns the periodic run off.
+    reap_interval: float = 5.0
 
 
 class Context:
@@ -98,6 +106,8 @@ class Context:
         self.oauth = OAuth(tether, self.audience)
         self.limiter = RateLimiter(settings.rate, settings.burst)
         self.metrics = Metrics()
+        self.settings = settings
+        self.reaper: asyncio.Task[None] | None = None
 
 
 def _ctx(request: Request) -> Context:  # type: ignore[type-arg]
@@ -170,6 +180,12 @@ def _error_response(request: Request, exc: Exception) -> Response[Any]:  # type:
             413: "request_too_large",
         }.get(status, "http_error")
         message = str(exc.detail) + _first_problem(exc)
+        if request.url.path.startswith(SECRETS) and status == 400:
+            # A refused secret write names the rule only: never a member name or value
+            # the body carried (a value could have been put in the wrong place).
+            message = (
+                "the body is not a valid secret request (see /openapi.json)" + _secret_problem(exc)
+            )
     else:
         code, message = "internal_error", "internal error"
         # The type only: a message could carry a secret; never the request body.
@@ -208,6 +224,21 @@ def _first_problem(exc: HTTPException) -> str:
         first = exc.extra[0]
         if isinstance(first, dict) and "message" in first:
             return f": {first.get('key', '')}: {first['message']}"[:300]
+    return ""
+
+
+_SECRET_FIELDS = frozenset(
+    {"name", "value", "kind", "description", "tools", "overlap_seconds", "postgres", "reason"}
+)
+
+
+def _secret_problem(exc: HTTPException) -> str:
+    """The offending field of a refused secret write, if it is one of the schema's own."""
+    if isinstance(exc, ValidationException) and isinstance(exc.extra, list) and exc.extra:
+        first = exc.extra[0]
+        key = str(first.get("key", "")) if isinstance(first, dict) else ""
+        if key in _SECRET_FIELDS:
+            return f": field {key!r} is invalid"
     return ""
 
 
@@ -784,6 +815,171 @@ async def oauth_revoke(request: Request, data: dict[str, str] = _FORM) -> dict[s
     return {}
 
 
+# -- secrets and leases ------------------------------------------------------------------------
+def _secret_out(info: SecretInfo) -> S.SecretOut:
+    return S.SecretOut(
+        name=info.name,
+        kind=info.kind,
+        description=info.description,
+        created_at=info.created_at,
+        created_by=info.created_by,
+        tools=list(info.tools),
+        overlap_seconds=info.overlap_seconds,
+        rotation_hook=info.rotation_hook,
+        current_version=info.current_version,
+        versions=[
+            S.SecretVersionOut(
+                version=v.version,
+                state=v.state,
+                created_at=v.created_at,
+                created_by=v.created_by,
+                retired_at=v.retired_at,
+                usable_until=v.usable_until,
+            )
+            for v in info.versions
+        ],
+        postgres=info.postgres,
+    )
+
+
+def _lease_out(row: Any) -> S.LeaseOut:
+    return S.LeaseOut(**lease_dict(row))
+
+
+@post(SECRETS, tags=["secrets"], responses=_ERRORS, status_code=201, guards=[authenticated])
+async def secret_put(request: Request, data: S.SecretIn) -> S.SecretOut:  # type: ignore[type-arg]
+    """Seal a new secret (admins). Write-only: no endpoint ever returns the value. A
+    rotation hook (a command) can be set from the CLI only, not over HTTP."""
+    principal = _principal(request)
+    require(principal)
+    meta: dict[str, Any] = {}
+    if data.tools:
+        meta["tools"] = data.tools
+    if data.overlap_seconds is not None:
+        meta["overlap_seconds"] = data.overlap_seconds
+    if data.postgres is not None:
+        meta["postgres"] = data.postgres
+    info = _ctx(request).tether.put_secret(
+        data.name,
+        data.value,
+        kind=data.kind,
+        by=principal.name,
+        description=data.description,
+        meta=meta or None,
+    )
+    return _secret_out(info)
+
+
+@get(SECRETS, tags=["secrets"], responses=_ERRORS, guards=[authenticated])
+async def secret_list(request: Request) -> S.SecretList:  # type: ignore[type-arg]
+    """Names, kinds and versions (never a value)."""
+    require(_principal(request), "auditor")
+    return S.SecretList([_secret_out(i) for i in _ctx(request).tether.list_secrets()])
+
+
+@get(SECRETS + "/{name:str}", tags=["secrets"], responses=_ERRORS, guards=[authenticated])
+async def secret_show(request: Request, name: str) -> S.SecretOut:  # type: ignore[type-arg]
+    require(_principal(request), "auditor")
+    return _secret_out(_ctx(request).tether.vault.info(name))
+
+
+@post(
+    SECRETS + "/{name:str}/rotate",
+    tags=["secrets"],
+    responses=_ERRORS,
+    status_code=200,
+    guards=[authenticated],
+)
+async def secret_rotate(request: Request, name: str, data: S.SecretRotateIn) -> S.SecretOut:  # type: ignore[type-arg]
+    """A new version (the given value, or the rotation hook's); the previous one stays
+    usable for the overlap window."""
+    principal = _principal(request)
+    require(principal)
+    info = _ctx(request).tether.rotate_secret(
+        name, data.value, by=principal.name, overlap=data.overlap_seconds
+    )
+    return _secret_out(info)
+
+
+@get("/v1/leases", tags=["secrets"], responses=_ERRORS, guards=[authenticated])
+async def lease_list(
+    request: Request,  # type: ignore[type-arg]
+    task_id: str | None = Parameter(query="task_id", default=None, max_length=128),
+    status: str | None = Parameter(query="status", default=None, max_length=32),
+) -> S.LeaseList:
+    """Leases: who holds which credential for which task, until when (never the value)."""
+    require(_principal(request), "auditor")
+    rows = _ctx(request).tether.broker.list(task_id=task_id, status=status)
+    return S.LeaseList([_lease_out(r) for r in rows])
+
+
+@post(
+    "/v1/leases/{lease_id:str}/revoke",
+    tags=["secrets"],
+    responses=_ERRORS,
+    status_code=200,
+    guards=[authenticated],
+)
+async def lease_revoke(request: Request, lease_id: str, data: S.LeaseRevokeIn) -> S.LeaseOut:  # type: ignore[type-arg]
+    """Revoke one lease; a dynamic credential is destroyed at once."""
+    principal = _principal(request)
+    require(principal)
+    tether = _ctx(request).tether
+    tether.broker.revoke(lease_id, data.reason, by=principal.name)
+    return _lease_out(tether.broker.get(lease_id))
+
+
+@post(
+    "/v1/kill-switch", tags=["secrets"], responses=_ERRORS, status_code=200, guards=[authenticated]
+)
+async def kill_switch(request: Request, data: S.KillSwitchIn) -> S.KillSwitchOut:  # type: ignore[type-arg]
+    """Revoke every open task (of one agent, or all) and, with no agent named, every
+    lease, now."""
+    principal = _principal(request)
+    require(principal)
+    result = _ctx(request).tether.kill_switch(data.reason, by=principal.name, agent=data.agent)
+    _ctx(request).metrics.tokens.labels("revoked").inc(len(result["tasks"]))
+    return S.KillSwitchOut(tasks=result["tasks"], leases=result["leases"])
+
+
+async def _reap_forever(ctx: Context) -> None:
+    """The reaper: at start, then every ``reap_interval`` seconds (in a worker thread:
+    it may talk to a database server)."""
+    while True:
+        try:
+            report = await asyncio.to_thread(ctx.tether.reap)
+            if report.expired or report.revoked or report.cleaned or report.failed:
+                log.info(
+                    "reaper",
+                    extra={
+                        "fields": {
+                            "expired": len(report.expired),
+                            "revoked": len(report.revoked),
+                            "cleaned": len(report.cleaned),
+                            "failed": len(report.failed),
+                        }
+                    },
+                )
+        except Exception as exc:  # never the message: it could name a connection string
+            log.warning("reaper failed", extra={"fields": {"error": type(exc).__name__}})
+        if ctx.settings.reap_interval <= 0:
+            return
+        await asyncio.sleep(ctx.settings.reap_interval)
+
+
+async def _start_reaper(app: Litestar) -> None:
+    ctx: Context = app.state.ctx
+    ctx.reaper = asyncio.get_running_loop().create_task(_reap_forever(ctx))
+
+
+async def _stop_reaper(app: Litestar) -> None:
+    ctx: Context = app.state.ctx
+    if ctx.reaper is not None:
+        ctx.reaper.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await ctx.reaper
+
+
 # -- assembly -------------------------------------------------------------------------------
 _OAUTH_FORMS = {
     "/oauth2/token": (
@@ -900,6 +1096,13 @@ def create_app(tether: Tether, settings: ServerSettings | None = None) -> Litest
             oauth_token,
             oauth_introspect,
             oauth_revoke,
+            secret_put,
+            secret_list,
+            secret_show,
+            secret_rotate,
+            lease_list,
+            lease_revoke,
+            kill_switch,
         ],
         state=State({"ctx": Context(tether, settings)}),
         exception_handlers={Exception: _error_response},
@@ -907,7 +1110,8 @@ def create_app(tether: Tether, settings: ServerSettings | None = None) -> Litest
         request_max_body_size=MAX_BODY,
         logging_config=None,
         request_class=TetherRequest,
-        on_startup=[_refine_openapi],
+        on_startup=[_refine_openapi, _start_reaper],
+        on_shutdown=[_stop_reaper],
         middleware=[_Observe],
         debug=False,
     )

@@ -252,3 +252,93 @@ class TokenOut(msgspec.Struct):
 class HealthOut(msgspec.Struct):
     status: str
     trust_domain: str
+
+
+# -- secrets and leases: values go in, never out ------------------------------------------
+SECRET_NAME_PATTERN = r"^[a-z][a-z0-9._-]{0,63}$"
+MAX_SECRET_BYTES = 64 * 1024
+
+
+class SecretIn(Strict):
+    """A new secret. ``value`` is sealed at once and never returned by any endpoint."""
+
+    name: Annotated[str, msgspec.Meta(pattern=SECRET_NAME_PATTERN, max_length=64)]
+    value: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_SECRET_BYTES)]
+    kind: str = "generic"
+    description: Annotated[str, msgspec.Meta(max_length=512)] = ""
+    tools: list[Annotated[str, msgspec.Meta(min_length=1, max_length=256)]] = []
+    overlap_seconds: float | None = None
+    postgres: dict[str, Any] | None = None
+
+
+class SecretRotateIn(Strict):
+    """A new version: ``value``, or (when omitted) the secret's rotation hook's answer."""
+
+    value: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_SECRET_BYTES)] | None = None
+    overlap_seconds: float | None = None
+
+
+class SecretVersionOut(msgspec.Struct):
+    version: int
+    state: str
+    created_at: float
+    created_by: str
+    retired_at: float | None = None
+    usable_until: float | None = None
+
+
+class SecretOut(msgspec.Struct):
+    """A secret without its value: name, kind, versions, who may use it."""
+
+    name: str
+    kind: str
+    description: str
+    created_at: float
+    created_by: str
+    tools: list[str]
+    overlap_seconds: float
+    rotation_hook: bool
+    current_version: int
+    versions: list[SecretVersionOut]
+    postgres: dict[str, Any] | None = None
+
+
+class SecretList(msgspec.Struct):
+    secrets: list[SecretOut]
+
+
+class LeaseOut(msgspec.Struct):
+    """A lease without its credential."""
+
+    lease_id: str
+    task_id: str
+    agent_id: str
+    kind: str
+    status: str
+    cleanup: str
+    created_at: float
+    expires_at: float
+    detail: dict[str, Any]
+    secret: str | None = None
+    version: int | None = None
+    tool: str | None = None
+    revoked_at: float | None = None
+    revoke_reason: str | None = None
+
+
+class LeaseList(msgspec.Struct):
+    leases: list[LeaseOut]
+
+
+class LeaseRevokeIn(Strict):
+    reason: Annotated[str, msgspec.Meta(max_length=256)] = "revoked by an admin"
+
+
+class KillSwitchIn(Strict):
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    agent: str | None = None
+
+
+class KillSwitchOut(msgspec.Struct):
+    tasks: list[str]
+    leases: list[str]

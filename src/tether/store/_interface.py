@@ -8,7 +8,7 @@ commit together or not at all.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -106,8 +106,63 @@ class PolicyRow(msgspec.Struct, frozen=True):
     loaded_at: float
 
 
+class SecretRow(msgspec.Struct, frozen=True):
+    """A brokered secret's name and what it is; its values live in :class:`SecretVersionRow`."""
+
+    name: str
+    kind: str
+    description: str
+    meta_json: str
+    created_at: float
+    created_by: str
+    disabled_at: float | None = None
+
+
+class SecretVersionRow(msgspec.Struct, frozen=True):
+    """One version of a secret, sealed (AES-GCM envelope: a data key wrapped by the KMS)."""
+
+    name: str
+    version: int
+    sealed: bytes
+    wrapped_key: bytes
+    kms_key_id: str
+    created_at: float
+    created_by: str
+    retired_at: float | None = None
+    usable_until: float | None = None
+
+
+class LeaseRow(msgspec.Struct, frozen=True):
+    """A brokered credential handed to an enforcement point for one task.
+
+    ``status``: pending (intent recorded, the dynamic credential is being made) |
+    active | revoked | expired. ``cleanup``: none (nothing outside Tether to undo) |
+    pending (a dynamic credential may exist and must be destroyed) | done.
+    """
+
+    lease_id: str
+    task_id: str
+    agent_id: str
+    kind: str  # static | postgres_role | downstream_token
+    secret_name: str | None
+    secret_version: int | None
+    tool: str | None
+    status: str
+    cleanup: str
+    created_at: float
+    expires_at: float
+    revoked_at: float | None = None
+    revoke_reason: str | None = None
+    detail_json: str = "{}"
+
+
 class Store(Protocol):
     def transaction(self) -> AbstractContextManager[None]: ...
+    def after_commit(self, callback: Callable[[], object]) -> None:
+        """Run ``callback`` once the current transaction commits (at once outside one);
+        dropped if it rolls back."""
+        ...
+
     def close(self) -> None: ...
 
     def get_meta(self, key: str) -> str | None: ...
@@ -175,6 +230,43 @@ class Store(Protocol):
     def record_proof(self, jti: str, expires_at: float) -> bool: ...
     def proof_seen(self, jti: str) -> bool: ...
     def purge_proofs(self, before: float) -> int: ...
+
+    def add_secret(self, row: SecretRow) -> None: ...
+    def get_secret(self, name: str) -> SecretRow | None: ...
+    def list_secrets(self) -> list[SecretRow]: ...
+    def update_secret_meta(self, name: str, meta_json: str) -> None: ...
+    def add_secret_version(self, row: SecretVersionRow) -> None: ...
+    def list_secret_versions(self, name: str | None = None) -> list[SecretVersionRow]: ...
+    def retire_secret_versions(self, name: str, at: float, usable_until: float) -> int: ...
+
+    def add_lease(self, row: LeaseRow) -> None: ...
+    def get_lease(self, lease_id: str) -> LeaseRow | None: ...
+    def list_leases(
+        self,
+        *,
+        task_id: str | None = None,
+        status: str | None = None,
+        cleanup: str | None = None,
+    ) -> list[LeaseRow]: ...
+    def activate_lease(self, lease_id: str) -> bool: ...
+    def renew_lease(self, lease_id: str, expires_at: float) -> bool: ...
+    def revoke_leases(
+        self,
+        reason: str,
+        at: float,
+        *,
+        task_id: str | None = None,
+        lease_id: str | None = None,
+        status: str = "revoked",
+    ) -> list[str]:
+        """Close the live (pending or active) leases that match; return their ids."""
+        ...
+
+    def expire_leases(self, now: float) -> list[str]: ...
+    def finish_lease_cleanup(self, lease_id: str) -> bool: ...
+    def lease_counts(self, now: float) -> tuple[int, int]:
+        """(live leases past their expiry, closed leases whose cleanup is pending)."""
+        ...
 
     def insert_record(self, row: RecordRow) -> None: ...
     def last_record(self) -> RecordRow | None: ...

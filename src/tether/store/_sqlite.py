@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,8 +16,11 @@ from tether.store._interface import (
     CredentialRow,
     IdentityRow,
     KeyRow,
+    LeaseRow,
     PolicyRow,
     RecordRow,
+    SecretRow,
+    SecretVersionRow,
     TaskRow,
 )
 
@@ -63,6 +66,21 @@ CREATE TABLE IF NOT EXISTS task_labels (
   detail_json TEXT NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS task_labels_task ON task_labels (task_id);
 CREATE TABLE IF NOT EXISTS proofs (jti TEXT PRIMARY KEY, expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS secrets (
+  name TEXT PRIMARY KEY, kind TEXT NOT NULL, description TEXT NOT NULL, meta_json TEXT NOT NULL,
+  created_at REAL NOT NULL, created_by TEXT NOT NULL, disabled_at REAL);
+CREATE TABLE IF NOT EXISTS secret_versions (
+  name TEXT NOT NULL REFERENCES secrets (name), version INTEGER NOT NULL, sealed BLOB NOT NULL,
+  wrapped_key BLOB NOT NULL, kms_key_id TEXT NOT NULL, created_at REAL NOT NULL,
+  created_by TEXT NOT NULL, retired_at REAL, usable_until REAL, PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS leases (
+  lease_id TEXT PRIMARY KEY, task_id TEXT NOT NULL, agent_id TEXT NOT NULL, kind TEXT NOT NULL,
+  secret_name TEXT, secret_version INTEGER, tool TEXT, status TEXT NOT NULL, cleanup TEXT NOT NULL,
+  created_at REAL NOT NULL, expires_at REAL NOT NULL, revoked_at REAL, revoke_reason TEXT,
+  detail_json TEXT NOT NULL DEFAULT '{}');
+CREATE INDEX IF NOT EXISTS leases_task ON leases (task_id, status);
+CREATE INDEX IF NOT EXISTS leases_live ON leases (status, expires_at);
+CREATE INDEX IF NOT EXISTS leases_cleanup ON leases (cleanup, status);
 CREATE TABLE IF NOT EXISTS audit_records (
   seq INTEGER PRIMARY KEY, prev_hash TEXT NOT NULL, hash TEXT NOT NULL, body TEXT NOT NULL,
   created_at REAL NOT NULL);
@@ -89,12 +107,14 @@ class SQLiteStore:
             raise InfrastructureError(f"cannot open store {self.path}: {exc}") from None
         self._lock = threading.RLock()
         self._depth = 0
+        self._after_commit: list[Callable[[], object]] = []
         if self.get_meta("schema_version") is None:
             self.set_meta("schema_version", SCHEMA_VERSION)
 
     # -- plumbing -----------------------------------------------------------------
     @contextmanager
     def transaction(self) -> Iterator[None]:
+        callbacks: list[Callable[[], object]] = []
         with self._lock:
             outer = self._depth == 0
             if outer:
@@ -105,11 +125,27 @@ class SQLiteStore:
             except BaseException:
                 self._depth -= 1
                 if outer:
+                    self._after_commit.clear()
                     self._db.execute("ROLLBACK")
                 raise
             self._depth -= 1
             if outer:
-                self._run("COMMIT")
+                try:
+                    self._run("COMMIT")
+                finally:
+                    callbacks, self._after_commit = self._after_commit, []
+        # Committed (the callbacks were taken under the lock, so none of another
+        # thread's transaction can be among them): run what waited for the commit.
+        for callback in callbacks:
+            callback()
+
+    def after_commit(self, callback: Callable[[], object]) -> None:
+        with self._lock:
+            if self._depth > 0:
+                if callback not in self._after_commit:  # once per commit is enough
+                    self._after_commit.append(callback)
+                return
+        callback()
 
     def _run(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         try:
@@ -476,3 +512,165 @@ class SQLiteStore:
         return [
             CheckpointRow(*r) for r in self._all("SELECT * FROM audit_checkpoints ORDER BY seq")
         ]
+
+    # -- secrets ------------------------------------------------------------------------
+    def add_secret(self, row: SecretRow) -> None:
+        self._run(
+            "INSERT INTO secrets VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.name,
+                row.kind,
+                row.description,
+                row.meta_json,
+                row.created_at,
+                row.created_by,
+                row.disabled_at,
+            ),
+        )
+
+    def get_secret(self, name: str) -> SecretRow | None:
+        row = self._one("SELECT * FROM secrets WHERE name = ?", (name,))
+        return None if row is None else SecretRow(*row)
+
+    def list_secrets(self) -> list[SecretRow]:
+        return [SecretRow(*r) for r in self._all("SELECT * FROM secrets ORDER BY name")]
+
+    def update_secret_meta(self, name: str, meta_json: str) -> None:
+        self._run("UPDATE secrets SET meta_json = ? WHERE name = ?", (meta_json, name))
+
+    def add_secret_version(self, row: SecretVersionRow) -> None:
+        self._run(
+            "INSERT INTO secret_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.name,
+                row.version,
+                row.sealed,
+                row.wrapped_key,
+                row.kms_key_id,
+                row.created_at,
+                row.created_by,
+                row.retired_at,
+                row.usable_until,
+            ),
+        )
+
+    def list_secret_versions(self, name: str | None = None) -> list[SecretVersionRow]:
+        if name is None:
+            rows = self._all("SELECT * FROM secret_versions ORDER BY name, version")
+        else:
+            rows = self._all(
+                "SELECT * FROM secret_versions WHERE name = ? ORDER BY version", (name,)
+            )
+        return [SecretVersionRow(*r) for r in rows]
+
+    def retire_secret_versions(self, name: str, at: float, usable_until: float) -> int:
+        cur = self._run(
+            "UPDATE secret_versions SET retired_at = ?, usable_until = ? "
+            "WHERE name = ? AND retired_at IS NULL",
+            (at, usable_until, name),
+        )
+        return cur.rowcount
+
+    # -- leases -------------------------------------------------------------------------
+    def add_lease(self, row: LeaseRow) -> None:
+        self._run(
+            "INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.lease_id,
+                row.task_id,
+                row.agent_id,
+                row.kind,
+                row.secret_name,
+                row.secret_version,
+                row.tool,
+                row.status,
+                row.cleanup,
+                row.created_at,
+                row.expires_at,
+                row.revoked_at,
+                row.revoke_reason,
+                row.detail_json,
+            ),
+        )
+
+    def get_lease(self, lease_id: str) -> LeaseRow | None:
+        row = self._one("SELECT * FROM leases WHERE lease_id = ?", (lease_id,))
+        return None if row is None else LeaseRow(*row)
+
+    def list_leases(
+        self,
+        *,
+        task_id: str | None = None,
+        status: str | None = None,
+        cleanup: str | None = None,
+    ) -> list[LeaseRow]:
+        sql, params = "SELECT * FROM leases WHERE 1=1", []
+        for column, value in (("task_id", task_id), ("status", status), ("cleanup", cleanup)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                params.append(value)
+        return [LeaseRow(*r) for r in self._all(sql + " ORDER BY created_at", tuple(params))]
+
+    def activate_lease(self, lease_id: str) -> bool:
+        cur = self._run(
+            "UPDATE leases SET status = 'active' WHERE lease_id = ? AND status = 'pending'",
+            (lease_id,),
+        )
+        return cur.rowcount == 1
+
+    def renew_lease(self, lease_id: str, expires_at: float) -> bool:
+        cur = self._run(
+            "UPDATE leases SET expires_at = ? WHERE lease_id = ? AND status = 'active'",
+            (expires_at, lease_id),
+        )
+        return cur.rowcount == 1
+
+    def revoke_leases(
+        self,
+        reason: str,
+        at: float,
+        *,
+        task_id: str | None = None,
+        lease_id: str | None = None,
+        status: str = "revoked",
+    ) -> list[str]:
+        sql = (
+            "UPDATE leases SET status = ?, revoked_at = ?, revoke_reason = ? "
+            "WHERE status IN ('pending', 'active')"
+        )
+        params: list[Any] = [status, at, reason]
+        if task_id is not None:
+            sql += " AND task_id = ?"
+            params.append(task_id)
+        if lease_id is not None:
+            sql += " AND lease_id = ?"
+            params.append(lease_id)
+        return [str(r[0]) for r in self._all(sql + " RETURNING lease_id", tuple(params))]
+
+    def expire_leases(self, now: float) -> list[str]:
+        rows = self._all(
+            "UPDATE leases SET status = 'expired', revoked_at = ?, revoke_reason = 'ttl elapsed' "
+            "WHERE status IN ('pending', 'active') AND expires_at <= ? RETURNING lease_id",
+            (now, now),
+        )
+        return [str(r[0]) for r in rows]
+
+    def finish_lease_cleanup(self, lease_id: str) -> bool:
+        cur = self._run(
+            "UPDATE leases SET cleanup = 'done' WHERE lease_id = ? AND cleanup = 'pending' "
+            "AND status IN ('revoked', 'expired')",
+            (lease_id,),
+        )
+        return cur.rowcount == 1
+
+    def lease_counts(self, now: float) -> tuple[int, int]:
+        row = self._one(
+            "SELECT "
+            "(SELECT count(*) FROM leases WHERE status IN ('pending', 'active') "
+            "AND expires_at <= ?), "
+            "(SELECT count(*) FROM leases WHERE cleanup = 'pending' "
+            "AND status IN ('revoked', 'expired'))",
+            (now,),
+        )
+        assert row is not None
+        return int(row[0]), int(row[1])

@@ -10,6 +10,7 @@ state; it only leaves its receipt.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -31,6 +32,7 @@ from tether.core._intent import Intent, decode_intent
 from tether.core._risk import Control, risk_tags
 from tether.core._verify import PROOF_WINDOW, ProofVerifier, TaskClaims, TokenVerifier
 from tether.policy import PolicyService
+from tether.secrets._detect import Known, find_credentials
 from tether.store import Store
 from tether.tokens import KeyRing
 
@@ -103,6 +105,10 @@ class StoreTaskView:
         return self._store.proof_seen(jti)
 
 
+#: Side effects through which an argument leaves the task's hands (None: undescribed).
+OUTBOUND = frozenset({"egress", "write", "destructive", None})
+
+
 class Authorizer:
     def __init__(
         self,
@@ -112,7 +118,11 @@ class Authorizer:
         auditor: Auditor,
         clock: Clock,
         approvals: Approvals,
+        *,
+        known_secrets: Callable[[], list[Known]] | None = None,
     ) -> None:
+        #: The brokered credential values to look for in arguments (set by ``Tether``).
+        self.known_secrets = known_secrets
         self._approvals = approvals
         self._store = store
         self._keyring = keyring
@@ -148,8 +158,14 @@ class Authorizer:
         htu: str = DECIDE_HTU,
         resource: str | None = None,
         detail: dict[str, Any] | None = None,
+        side_effect: str | None = None,
     ) -> Receipt:
-        """Decide, apply and record one call; ``detail`` is added to the receipt."""
+        """Decide, apply and record one call; ``detail`` is added to the receipt.
+
+        After the core's decision, the call's arguments are checked for credentials
+        (:meth:`_hygiene`): ``side_effect`` is the tool's (``read``, ``write``, ``egress``,
+        ``destructive``) when the enforcement point knows it; ``None`` is treated as the
+        most restrictive."""
         started = time.perf_counter()
         now = self._clock.now()
         self._view.last = None
@@ -187,6 +203,8 @@ class Authorizer:
         self._decisions += 1
         if self._decisions % PURGE_EVERY == 0:
             self._store.purge_proofs(now)
+        if decision.effect is not Effect.DENY:
+            decision = self._hygiene(decision, args, side_effect)
         approval_id = None
         with self._store.transaction():
             if decision.effect is Effect.APPROVAL_REQUIRED:
@@ -214,6 +232,53 @@ class Authorizer:
             hash=record.hash,
             latency_us=latency_us,
             approval_id=approval_id,
+        )
+
+    def _hygiene(
+        self, decision: Decision, args: dict[str, Any], side_effect: str | None
+    ) -> Decision:
+        """Deny a call that would carry a credential out (OWASP ASI03; NHI2, NHI7).
+
+        A brokered secret's value in the arguments is refused for every tool (an agent
+        never holds one; if it does, it leaked); any other recognised credential (known
+        formats, high entropy, a member named like one) is refused for a tool that writes,
+        sends or destroys, or whose side effect is not described. Checked before an
+        approval is requested, so such arguments are never stored for a human to read.
+        """
+        if self.known_secrets is None:
+            return decision
+        try:
+            known = self.known_secrets()
+            findings = find_credentials(args, known)
+        except Exception as exc:  # fail closed
+            return msgspec.structs.replace(
+                decision,
+                effect=Effect.DENY,
+                reasons=(
+                    Reason("secret.check_failed", f"credential check failed: {type(exc).__name__}"),
+                ),
+                risk_tags=risk_tags(Control.SECRET_BROKERING),
+            )
+        outbound = side_effect in OUTBOUND
+        refused = [f for f in findings if f.secret is not None or outbound]
+        if not refused:
+            return decision
+        what = "; ".join(f.describe() for f in refused[:3])
+        if outbound:
+            code = "secret.egress"
+            message = (
+                f"{what}: a credential must not reach a tool that is "
+                f"{side_effect or 'not described (treated as egress)'}"
+            )
+        else:
+            code = "secret.brokered"
+            message = f"{what}: brokered secrets are injected by Tether, never passed by an agent"
+        return msgspec.structs.replace(
+            decision,
+            effect=Effect.DENY,
+            reasons=(Reason(code, message),),
+            policies=(),
+            risk_tags=risk_tags(Control.SECRET_BROKERING, Control.PER_CALL_POLICY),
         )
 
     def _approval(

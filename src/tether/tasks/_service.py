@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -34,6 +34,12 @@ class OpenedTask(msgspec.Struct, frozen=True):
     intent_digest: str
 
 
+class LeaseRevoker(Protocol):
+    """What a task's end does to the credentials leased for it (the secret broker)."""
+
+    def revoke_for_task(self, task_id: str, reason: str, *, status: str = ...) -> list[str]: ...
+
+
 class TaskService:
     def __init__(
         self,
@@ -43,7 +49,11 @@ class TaskService:
         policies: PolicyService,
         auditor: Auditor,
         clock: Clock,
+        *,
+        leases: LeaseRevoker | None = None,
     ) -> None:
+        #: Revokes a task's leases in the transaction that ends it (set by ``Tether``).
+        self.leases = leases
         self._store = store
         self._keyring = keyring
         self._registry = registry
@@ -285,6 +295,11 @@ class TaskService:
         with self._store.transaction():
             closed = self._store.close_task(task_id, status, reason, now)
             self._store.revoke_token(row.token_id, task_id, reason, now)
+            leases = (
+                self.leases.revoke_for_task(task_id, reason, status=status)
+                if self.leases is not None
+                else []
+            )
             for child in self._store.list_tasks(parent_task_id=task_id, status="open"):
                 self.end(child.task_id, reason=f"parent task {task_id} {status}", status="revoked")
             if closed:
@@ -301,8 +316,11 @@ class TaskService:
                         "reason": reason,
                         "token_id": row.token_id,
                         "calls_used": row.calls_used,
+                        **({"leases_revoked": leases} if leases else {}),
                     },
-                    risk_tags=list(risk_tags(*controls)),
+                    risk_tags=list(
+                        risk_tags(*controls, *((Control.SECRET_BROKERING,) if leases else ()))
+                    ),
                 )
         return self.get(task_id)
 
