@@ -28,6 +28,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/decide.py
 	$(BIN)/python bench/http_authorize.py
+	$(BIN)/python bench/broker.py
 
 bench-http: $(STAMP)
 	$(BIN)/python bench/http_authorize.py

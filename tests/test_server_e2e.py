@@ -334,3 +334,11 @@ def test_metrics_and_health(server: Server) -> None:
     log = (server.home / "server.log").read_text()
     assert '"route": "/v1/decisions"' in log
     assert agent.requests.svid not in log and task.token not in log  # type: ignore[operator]
+
+
+def test_task_for_a_resource_server_over_http(server: Server) -> None:
+    _, agent = _setup(server)
+    gateway = "https://gateway.acme.example/mcp"
+    task = agent.open_task(template="pay-bill", params={"payee": PAYEE}, resources=[gateway])
+    claims = jwt.decode(task.token, options={"verify_signature": False})
+    assert claims["aud"] == ["acme.example", gateway]

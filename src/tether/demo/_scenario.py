@@ -224,7 +224,7 @@ def run(*, examples: Path, home: Path | None = None, once: bool = True, port: in
             line.heading("Through the MCP gateway")
             assert agent.key is not None
             gateway_url = _through_gateway(
-                line, tether, examples, url, port + 66, agent.key, approver, servers
+                line, tether, examples, url, port + 66, agent, approver, servers
             )
 
         line.heading("Offboarding")
@@ -284,7 +284,7 @@ def _through_gateway(
     examples: Path,
     url: str,
     preferred_port: int,
-    key: ProofKey,
+    agent: Client,
     approver: Client,
     servers: list[tuple[uvicorn.Server, threading.Thread]],
 ) -> str:
@@ -302,21 +302,17 @@ def _through_gateway(
         f"`python {' '.join(upstream.stdio.args)}` over stdio: MCP {bank.protocol_version}, "
         f"{len(bank.tools)} tools, described in {Path(upstream.catalogue or '-').name}"
     )
-    opened = tether.open_task(
-        AGENT,
-        proof_jwk=key.jwk,
+    key = agent.key
+    assert key is not None
+    opened = agent.open_task(
         template="pay-bill",
         params={"payee": PAYEE, "max_amount": 1500},
-        resources=(config.resource,),
+        resources=[config.resource],
     )
     audiences = jwt.decode(opened.token, options={"verify_signature": False})["aud"]
     line.say(
         f"task {opened.task_id} from 'pay-bill', bound to the agent's key; its token's "
         f"audiences: {', '.join(audiences)}"
-    )
-    line.say(
-        "[dim](opened in-process with resources=(gateway,): POST /v1/tasks takes no "
-        "resources yet)[/]"
     )
     anyio.run(
         lambda: drive(
@@ -330,6 +326,6 @@ def _through_gateway(
             offered=sorted(f"bank.{name}" for name in bank.tools),
         )
     )
-    tether.end_task(opened.task_id)
+    opened.end()
     line.say(f"task {opened.task_id} ended; the upstream never saw the agent's token")
     return config.resource

@@ -42,8 +42,10 @@ def _task_body(
     params: dict[str, Any] | None,
     intent: dict[str, Any] | None,
     parent_task_id: str | None,
+    resources: list[str] | None = None,
 ) -> dict[str, Any]:
     return {
+        "resources": resources or [],
         "template": template,
         "params": params or {},
         "intent": intent,
@@ -150,8 +152,11 @@ class Client:
         params: dict[str, Any] | None = None,
         intent: dict[str, Any] | None = None,
         parent_task_id: str | None = None,
+        resources: list[str] | None = None,
     ) -> Task:
-        body = self.post("/v1/tasks", _task_body(template, params, intent, parent_task_id))
+        body = self.post(
+            "/v1/tasks", _task_body(template, params, intent, parent_task_id, resources)
+        )
         return Task(self, body["task_id"], body["token"], body["expires_at"])
 
     @contextmanager
@@ -162,10 +167,15 @@ class Client:
         params: dict[str, Any] | None = None,
         intent: dict[str, Any] | None = None,
         parent_task_id: str | None = None,
+        resources: list[str] | None = None,
     ) -> Iterator[Task]:
         """Open a task and end it on exit, whatever ends the block."""
         task = self.open_task(
-            template=template, params=params, intent=intent, parent_task_id=parent_task_id
+            template=template,
+            params=params,
+            intent=intent,
+            parent_task_id=parent_task_id,
+            resources=resources,
         )
         try:
             yield task
@@ -316,8 +326,11 @@ class AsyncClient:
         params: dict[str, Any] | None = None,
         intent: dict[str, Any] | None = None,
         parent_task_id: str | None = None,
+        resources: list[str] | None = None,
     ) -> AsyncTask:
-        body = await self.post("/v1/tasks", _task_body(template, params, intent, parent_task_id))
+        body = await self.post(
+            "/v1/tasks", _task_body(template, params, intent, parent_task_id, resources)
+        )
         return AsyncTask(self, body["task_id"], body["token"], body["expires_at"])
 
     @asynccontextmanager
@@ -328,9 +341,14 @@ class AsyncClient:
         params: dict[str, Any] | None = None,
         intent: dict[str, Any] | None = None,
         parent_task_id: str | None = None,
+        resources: list[str] | None = None,
     ) -> AsyncIterator[AsyncTask]:
         task = await self.open_task(
-            template=template, params=params, intent=intent, parent_task_id=parent_task_id
+            template=template,
+            params=params,
+            intent=intent,
+            parent_task_id=parent_task_id,
+            resources=resources,
         )
         try:
             yield task

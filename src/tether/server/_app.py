@@ -612,6 +612,7 @@ async def task_open(request: Request, data: S.TaskOpenIn) -> S.TaskOpenOut:  # t
         params=data.params,
         intent=parse_intent(data.intent) if data.intent is not None else None,
         parent_task_id=data.parent_task_id,
+        resources=tuple(data.resources),
     )
     _ctx(request).metrics.tokens.labels("issued").inc()
     return S.TaskOpenOut(task_id=opened.task_id, token=opened.token, expires_at=opened.expires_at)

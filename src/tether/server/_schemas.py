@@ -160,6 +160,8 @@ class TaskOpenIn(Strict):
     parent_task_id: str | None = None
     agent: str | None = None  # admin only: open for this agent
     jwk: dict[str, str] | None = None  # admin only: the agent's public proof key
+    # Resource servers (e.g. an MCP gateway URI) the task token is also addressed to.
+    resources: list[Annotated[str, msgspec.Meta(min_length=1, max_length=512)]] = []
 
 
 class TaskOpenOut(msgspec.Struct):
