@@ -22,11 +22,17 @@ Invariants
    (record the proof id, spend budget) atomically with its receipt, only for
    ``allow``; a refused call changes no task state.
 
+6. Flow rules only narrow. When the enforcement point passes the task's flow
+   state (:class:`tether.core.FlowInput`), the flow rules of
+   :mod:`tether.core._flow` run after every other check: a finding can turn an
+   allow into a deny or an approval, never the reverse, and a deny finding
+   outranks an approval. The state's summary is Cedar's ``context.flow``.
+
 Checks, in order: token (shape, algorithm, trust domain, key id, signature,
 ``exp``/``nbf`` with a small skew, audience), task and identity liveness
 (revocation, task ended or expired, agent disabled), the proof of possession
 (key binding, call binding, freshness, replay), the intent's capabilities,
-Cedar policy, budget.
+Cedar policy, budget, flow rules.
 """
 
 from __future__ import annotations
@@ -41,6 +47,13 @@ import msgspec
 
 from tether._errors import TetherError
 from tether.core._canonical import digest
+from tether.core._flow import (
+    FlowInput,
+    RuleEffect,
+    empty_flow_context,
+    evaluate_flow,
+    flow_context,
+)
 from tether.core._intent import Intent, match_capability
 from tether.core._policy import PolicySnapshot
 from tether.core._risk import Control, risk_tags
@@ -122,9 +135,17 @@ class Decision(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class _Refusal(Exception):
-    def __init__(self, code: str, message: str, *controls: Control, policies: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *controls: Control,
+        policies: tuple[str, ...] = (),
+        more: tuple[Reason, ...] = (),
+    ):
         super().__init__(message)
         self.code, self.message, self.controls, self.policies = code, message, controls, policies
+        self.more = more
 
 
 def cedar_value(value: Any, depth: int = 0) -> Any:
@@ -185,11 +206,14 @@ def decide(
     htm: str = DECIDE_HTM,
     htu: str = DECIDE_HTU,
     resource: str | None = None,
+    flow: FlowInput | None = None,
 ) -> Decision:
     """Decide one tool call. Never raises; see the module docstring.
 
     ``resource`` is the enforcement point's own identifier (e.g. an MCP gateway's
-    URI): when given, the token must be addressed to it as well.
+    URI): when given, the token must be addressed to it as well. ``flow`` is the
+    task's flow state, the called tool's profile and the flow policy in force:
+    when given, the flow rules run too (invariant 6).
     """
     context: dict[str, Any] = {"tool": None, "args_digest": None}
     try:
@@ -207,11 +231,12 @@ def decide(
             htu,
             context,
             resource,
+            flow,
         )
     except _Refusal as refusal:
         return Decision(
             effect=Effect.DENY,
-            reasons=(Reason(refusal.code, refusal.message),),
+            reasons=(Reason(refusal.code, refusal.message), *refusal.more),
             policies=refusal.policies,
             risk_tags=risk_tags(*refusal.controls),
             **context,
@@ -246,6 +271,7 @@ def _decide(
     htu: str,
     out: dict[str, Any],
     resource: str | None = None,
+    flow: FlowInput | None = None,
 ) -> Decision:
     if not isinstance(call.tool, str) or not 0 < len(call.tool) <= MAX_TOOL_NAME:
         raise _Refusal(
@@ -342,6 +368,21 @@ def _decide(
             code, match.reason or "not in intent", Control.INTENT_BINDING, Control.PER_CALL_POLICY
         )
 
+    # Flow findings are computed now so Cedar sees them; they are applied last.
+    if flow is not None:
+        findings = evaluate_flow(
+            flow.state,
+            state.intent,
+            call.tool,
+            call.args,
+            flow.profile,
+            flow.policy,
+            declared=match.matched.tool == call.tool,
+        )
+        flow_ctx = flow_context(flow.state, call.tool, flow.profile, findings)
+    else:
+        findings, flow_ctx = [], empty_flow_context()
+
     # 5. Cedar.
     principal = {"type": "Agent", "id": state.agent_id}
     cedar_args = {k: cedar_value(v) for k, v in call.args.items() if v is not None}
@@ -355,6 +396,7 @@ def _decide(
         "max_calls": state.intent.budget.max_calls,
         "delegation_depth": len(claims.chain) - 1,
         "args": cedar_args,
+        "flow": flow_ctx,
     }
     outcome = snapshot.evaluate(
         principal,
@@ -389,25 +431,43 @@ def _decide(
             policies=outcome.policies,
         )
 
+    # 7. Flow rules: they only narrow (invariant 6).
+    denies = [f for f in findings if f.effect is RuleEffect.DENY]
+    if denies:
+        raise _Refusal(
+            denies[0].code,
+            denies[0].message,
+            Control.INFORMATION_FLOW,
+            Control.PER_CALL_POLICY,
+            policies=outcome.policies,
+            more=tuple(Reason(f.code, f.message) for f in findings[1:]),
+        )
+    held = [f for f in findings if f.effect is RuleEffect.APPROVAL]
+
     controls = (
         Control.TASK_TOKEN,
         Control.SENDER_CONSTRAINED,
         Control.INTENT_BINDING,
         Control.PER_CALL_POLICY,
     )
-    if outcome.approval:
-        return Decision(
-            effect=Effect.APPROVAL_REQUIRED,
-            reasons=(
+    if outcome.approval or held:
+        reasons = tuple(Reason(f.code, f.message) for f in held)
+        if outcome.approval:
+            reasons = (
                 Reason(
                     "policy.approval",
                     "a human must approve this call (policy "
                     + ", ".join(p for p in outcome.policies)
                     + ")",
                 ),
-            ),
+                *reasons,
+            )
+        extra = (Control.INFORMATION_FLOW,) if held else ()
+        return Decision(
+            effect=Effect.APPROVAL_REQUIRED,
+            reasons=reasons,
             policies=outcome.policies,
-            risk_tags=risk_tags(*controls, Control.APPROVAL),
+            risk_tags=risk_tags(*controls, *extra, Control.APPROVAL),
             **out,
         )
     return Decision(

@@ -107,6 +107,12 @@ def check_narrowing(
             f"budget of {child.budget.max_calls} calls exceeds the parent's remaining "
             f"{parent_calls_left}"
         )
+    for field in ("max_tools", "max_spend"):
+        limit, wanted = getattr(parent.budget, field), getattr(child.budget, field)
+        if limit is not None and (wanted is None or wanted > limit):
+            raise DelegationRejected(f"budget.{field} {wanted} exceeds the parent's {limit}")
+    if (parent.request or None) != (child.request or None) and child.request is not None:
+        raise DelegationRejected("a child task may not carry another user request")
     if child.ttl_seconds > parent_seconds_left:
         raise DelegationRejected(
             f"lifetime {child.ttl_seconds}s exceeds the parent's remaining "

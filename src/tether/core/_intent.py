@@ -29,6 +29,7 @@ MAX_CAPABILITIES = 256
 MAX_PATTERN_LENGTH = 256
 MAX_TTL_SECONDS = 24 * 3600
 MAX_PURPOSE_LENGTH = 2000
+MAX_REQUEST_LENGTH = 8000
 
 
 class Sensitivity(StrEnum):
@@ -77,7 +78,11 @@ class Capability(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_d
 
 
 class Budget(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Calls, distinct tools and spend a task may use (``None``: no limit)."""
+
     max_calls: int = 20
+    max_tools: int | None = None
+    max_spend: float | None = None
 
 
 class Intent(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -88,6 +93,8 @@ class Intent(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defau
     budget: Budget = Budget()
     ttl_seconds: int = 600
     on_behalf_of: str | None = None
+    # The user's request the intent was made from: values it names ground sink arguments.
+    request: str | None = None
 
 
 def parse_intent(raw: Any) -> Intent:
@@ -120,6 +127,13 @@ def validate_intent(intent: Intent) -> None:
         raise InvalidIntent(f"ttl_seconds must be between 1 and {MAX_TTL_SECONDS}")
     if intent.budget.max_calls < 0:
         raise InvalidIntent("budget.max_calls must not be negative")
+    if intent.budget.max_tools is not None and intent.budget.max_tools < 0:
+        raise InvalidIntent("budget.max_tools must not be negative")
+    spend = intent.budget.max_spend
+    if spend is not None and (not math.isfinite(spend) or spend < 0):
+        raise InvalidIntent("budget.max_spend must be a finite, non-negative number")
+    if intent.request is not None and len(intent.request) > MAX_REQUEST_LENGTH:
+        raise InvalidIntent(f"request must be at most {MAX_REQUEST_LENGTH} characters")
     for cap in intent.capabilities:
         if not cap.tool or len(cap.tool) > MAX_PATTERN_LENGTH:
             raise InvalidIntent(f"tool pattern must be 1-{MAX_PATTERN_LENGTH} characters")

@@ -25,6 +25,7 @@ class Control(StrEnum):
     TRUST_DOMAIN = "trust-domain"
     SENDER_CONSTRAINED = "sender-constrained"
     AUDIENCE = "audience"
+    INFORMATION_FLOW = "information-flow"
 
 
 _TAGS: dict[Control, tuple[str, ...]] = {
@@ -132,6 +133,18 @@ _TAGS: dict[Control, tuple[str, ...]] = {
         "owasp-asi:ASI07",
         "owasp-nhi:NHI5",
         "maestro:L7",
+        "nist-ai-rmf:MEASURE-2.7",
+    ),
+    # Not a row of STANDARDS.md §9: flow rules (untrusted content steering sinks, confidential
+    # data leaving, discovery-to-privilege chains) address goal hijack, tool misuse and
+    # context poisoning, at the data-operations layer.
+    Control.INFORMATION_FLOW: (
+        "owasp-asi:ASI01",
+        "owasp-asi:ASI02",
+        "owasp-asi:ASI06",
+        "owasp-nhi:NHI5",
+        "maestro:L2",
+        "maestro:L6",
         "nist-ai-rmf:MEASURE-2.7",
     ),
 }

@@ -1,0 +1,1 @@
+"""Replay of recorded AgentDojo agent traces through Tether's enforcement point."""

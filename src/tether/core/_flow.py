@@ -1,0 +1,606 @@
+"""Information flow across the calls of one task: state, labels, provenance, rules.
+
+The enforcement point sees every call a task makes and every result a tool
+returns. :class:`FlowState` is what it keeps of them, as an immutable value:
+
+- the call history (tool, side effect, argument digest) and the distinct tools;
+- the labels of what was read: the highest sensitivity, and whether content
+  nobody vouches for (an inbound message body, a web page, a file's text)
+  entered the task, with the tools it came from;
+- the values seen, by origin, so an argument can be traced to where it came
+  from: the user's request, trusted fields (identifiers a platform asserts: a
+  message's sender, a file's id, a ledger entry's recipient) or untrusted
+  content only;
+- the budget used: calls, distinct tools, spend.
+
+:func:`observe_call` and :func:`observe_result` return the next state; nothing
+here performs I/O. The enforcement point persists the state between calls.
+
+:func:`evaluate_flow` applies the flow rules to one proposed call and returns
+findings, each naming the rule and the origin of the data. The decision core
+turns them into a deny or an approval (see :mod:`tether.core._decision`); the
+rules and their effects are declared in a :class:`FlowPolicy`, and the state's
+summary is handed to Cedar as ``context.flow`` (:func:`flow_context`) so
+operators can write their own flow policies.
+
+Rules (reason codes):
+
+``flow.data_ceiling``
+    the tool may return data above the intent's ceiling, or data above it has
+    already entered the task: deny.
+``flow.untrusted_sink``
+    untrusted content has entered the task and a write, egress or destructive
+    call has a sink argument (recipient, URL, amount, path, or a link or
+    account number inside free text) that the user's request and trusted data
+    do not ground: approval or deny, by profile.
+``flow.confidential_egress``
+    confidential (or secret) data has been read and an egress call sends to a
+    destination outside the intent's allowed egress: deny.
+``flow.discovery_privilege``
+    a privileged tool the intent does not name explicitly (only a wildcard
+    covers it) is reached after discovery calls: approval.
+``budget.tools_exhausted`` / ``budget.spend_exhausted``
+    the intent's budget of distinct tools or of spend would be exceeded: deny.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from collections.abc import Iterator, Mapping
+from enum import StrEnum
+from typing import Any
+
+import msgspec
+
+from tether.core._canonical import digest
+from tether.core._intent import Intent, Sensitivity
+
+MAX_TRACKED_VALUES = 20_000
+MAX_VALUE_LENGTH = 512
+MAX_HISTORY = 1_000
+MAX_WALK_DEPTH = 12
+
+
+class SideEffect(StrEnum):
+    READ = "read"
+    WRITE = "write"
+    EGRESS = "egress"
+    DESTRUCTIVE = "destructive"
+
+
+class SinkKind(StrEnum):
+    """How a sink argument is checked for provenance."""
+
+    VALUE = "value"  # the whole value must be grounded (an address, an IBAN, a path, an id)
+    TEXT = "text"  # free text: each link, address or account number inside must be grounded
+
+
+class Origin(StrEnum):
+    USER = "user"
+    TRUSTED = "trusted"
+    UNTRUSTED = "untrusted"
+
+
+class RuleEffect(StrEnum):
+    OFF = "off"
+    DENY = "deny"
+    APPROVAL = "approval_required"
+
+
+class ToolProfile(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """What one tool does, returns and consumes. Missing fields are the most restrictive.
+
+    ``trusted_fields`` names the output fields a platform asserts (anywhere in a
+    structured result); every other field is content nobody vouches for unless
+    ``trusted`` marks the whole output trusted. ``sinks`` maps the parameters
+    whose values leave or act through the tool to how they are checked;
+    ``destinations`` are the parameters that say where data goes (egress).
+    """
+
+    side_effect: SideEffect = SideEffect.DESTRUCTIVE
+    sensitivity: Sensitivity = Sensitivity.SECRET
+    trusted: bool = False
+    trusted_fields: tuple[str, ...] = ()
+    sinks: dict[str, SinkKind] | None = None  # None: every parameter, as a value
+    destinations: tuple[str, ...] = ()
+    # Output fields (or, with ``identifiers``, the whole output) holding names of things
+    # that exist (a channel, a user): a whole value grounds a sink as that identifier,
+    # but whoever chose the name is not trusted, so what is inside it stays untrusted.
+    identifier_fields: tuple[str, ...] = ()
+    identifiers: bool = False
+    privileged: bool = False
+    discovery: bool = False
+    spend: str | None = None  # the parameter carrying an amount spent
+    description: str = ""
+    # Words and phrases of a user request that ask for this tool's action (intent compiler).
+    phrases: tuple[str, ...] = ()
+
+
+UNDESCRIBED = ToolProfile()
+
+
+class AppProfile(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """An application's tool catalogue: the facts flow rules and the compiler rely on."""
+
+    name: str
+    tools: dict[str, ToolProfile]
+    default_ceiling: Sensitivity = Sensitivity.CONFIDENTIAL
+
+    def tool(self, name: str) -> ToolProfile:
+        return self.tools.get(name, UNDESCRIBED)
+
+
+class FlowPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """The flow rules in force and what each does when it fires (a deployment's profile)."""
+
+    data_ceiling: RuleEffect = RuleEffect.DENY
+    untrusted_sink: RuleEffect = RuleEffect.APPROVAL
+    confidential_egress: RuleEffect = RuleEffect.DENY
+    discovery_privilege: RuleEffect = RuleEffect.APPROVAL
+    budgets: RuleEffect = RuleEffect.DENY
+
+
+STRICT = FlowPolicy(untrusted_sink=RuleEffect.DENY, discovery_privilege=RuleEffect.DENY)
+REVIEWED = FlowPolicy()
+
+
+class CallRecord(msgspec.Struct, frozen=True):
+    tool: str
+    side_effect: SideEffect
+    args_digest: str
+
+
+class FlowState(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What a task has done and read so far. Immutable; see :func:`observe_call`."""
+
+    calls: tuple[CallRecord, ...] = ()
+    tools: frozenset[str] = frozenset()
+    discovery_calls: int = 0
+    max_sensitivity: Sensitivity = Sensitivity.PUBLIC
+    sensitive_sources: tuple[str, ...] = ()  # tools that returned confidential or secret data
+    untrusted_sources: tuple[str, ...] = ()  # tools that returned untrusted content
+    request: str = ""  # the user's request, normalised (grounds values it names)
+    request_values: frozenset[str] = frozenset()  # links, addresses, accounts it names
+    trusted_values: frozenset[str] = frozenset()
+    untrusted_values: dict[str, str] = {}  # value -> the tool whose untrusted content held it
+    spend: float = 0.0
+
+    @property
+    def untrusted_read(self) -> bool:
+        return bool(self.untrusted_sources)
+
+
+class FlowInput(msgspec.Struct, frozen=True):
+    """What :func:`tether.core.decide` needs to apply the flow rules to one call."""
+
+    state: FlowState
+    profile: ToolProfile
+    policy: FlowPolicy = FlowPolicy()
+
+
+class Finding(msgspec.Struct, frozen=True):
+    """One flow rule that fired for a call."""
+
+    rule: str
+    code: str
+    effect: RuleEffect
+    message: str
+
+
+# -- values ---------------------------------------------------------------------------------
+
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+_URL = re.compile(
+    r"(?:https?://[^\s<>\"'()]+)"
+    r"|(?:\bwww\.[^\s<>\"'()]+)"
+    r"|(?:\b[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.(?:com|org|net|io|dev|ai|co|info|biz|app|xyz|gov|edu"
+    r"|uk|de|fr|eu|ch|us)\b(?:/[^\s<>\"'()]*)?)",
+    re.IGNORECASE,
+)
+_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?:\s?[A-Z0-9]){8,30}\b")
+_TRAILING = ".,;:!?)]}'\""
+
+
+def normalise(value: str) -> str:
+    """A value as compared for provenance: case, surrounding space and punctuation dropped."""
+    return " ".join(value.strip().strip(_TRAILING).lower().split())
+
+
+def _url_key(url: str) -> str:
+    text = normalise(url).strip("*_`")
+    for scheme in ("https://", "http://"):
+        if text.startswith(scheme):
+            text = text[len(scheme) :]
+    if text.startswith("www."):
+        text = text[4:]
+    return text.rstrip("/")
+
+
+def atoms(text: str) -> set[str]:
+    """The sink-like values inside free text: e-mail addresses, links, account numbers."""
+    found: set[str] = set()
+    for match in _EMAIL.finditer(text):
+        found.add(normalise(match.group()))
+    stripped = _EMAIL.sub(" ", text)
+    for match in _URL.finditer(stripped):
+        found.add(_url_key(match.group()))
+    for match in _IBAN.finditer(text):
+        found.add(match.group().replace(" ", "").lower())
+    return found
+
+
+def _keys(value: str) -> set[str]:
+    """Every key under which a seen value is remembered (the whole value and its atoms)."""
+    keys = atoms(value)
+    whole = normalise(value)
+    if 0 < len(whole) <= MAX_VALUE_LENGTH:
+        keys.add(whole)
+        if _URL.fullmatch(whole):
+            keys.add(_url_key(whole))
+    return keys
+
+
+TRUSTED, IDENTIFIER, CONTENT = 2, 1, 0
+
+
+def _scalars(
+    value: Any, trust: int, fields: frozenset[str], ids: frozenset[str], depth: int = 0
+) -> Iterator[tuple[str, int]]:
+    """(text, trust) for every scalar in a result; a field's trust covers its subtree."""
+    if depth > MAX_WALK_DEPTH:
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if trust == TRUSTED and isinstance(key, str):
+                yield key, TRUSTED  # keys of a trusted mapping (e.g. who a file is shared with)
+            name = str(key)
+            inner = TRUSTED if name in fields else IDENTIFIER if name in ids else CONTENT
+            yield from _scalars(item, max(trust, inner), fields, ids, depth + 1)
+    elif isinstance(value, list | tuple | set | frozenset):
+        for item in value:
+            yield from _scalars(item, trust, fields, ids, depth + 1)
+    elif isinstance(value, bool) or value is None:
+        return
+    else:
+        yield str(value), trust
+
+
+# -- pure updates ---------------------------------------------------------------------------
+
+
+def start(request: str = "") -> FlowState:
+    """The state of a task that has done nothing yet; ``request`` is the user's request."""
+    return FlowState(request=normalise(request), request_values=frozenset(atoms(request)))
+
+
+def observe_call(
+    state: FlowState, tool: str, args: Mapping[str, Any], profile: ToolProfile
+) -> FlowState:
+    """The state after an allowed call was made (a refused call changes nothing)."""
+    spent = 0.0
+    if profile.spend is not None:
+        spent = _amount(args, profile.spend) or 0.0
+    record = CallRecord(tool=tool, side_effect=profile.side_effect, args_digest=digest(dict(args)))
+    return msgspec.structs.replace(
+        state,
+        calls=(*state.calls, record)[-MAX_HISTORY:],
+        tools=state.tools | {tool},
+        discovery_calls=state.discovery_calls + (1 if profile.discovery else 0),
+        spend=state.spend + spent,
+    )
+
+
+def observe_result(state: FlowState, tool: str, result: Any, profile: ToolProfile) -> FlowState:
+    """The state after ``tool`` returned ``result`` (JSON-like): labels and values seen."""
+    fields = frozenset(profile.trusted_fields)
+    ids = frozenset(profile.identifier_fields)
+    top = TRUSTED if profile.trusted else IDENTIFIER if profile.identifiers else CONTENT
+    trusted: set[str] = set()
+    untrusted: dict[str, str] = {}
+    saw_untrusted = False
+    for text, trust in _scalars(result, top, fields, ids):
+        if not text.strip():
+            continue
+        if trust == TRUSTED:
+            trusted |= _keys(text)
+            continue
+        saw_untrusted = True
+        inner = atoms(text)
+        if trust == IDENTIFIER:
+            whole = normalise(text)
+            if 0 < len(whole) <= MAX_VALUE_LENGTH:
+                trusted.add(whole)
+            inner.discard(whole)
+        else:
+            inner = _keys(text)
+        for key in inner:
+            untrusted.setdefault(key, tool)
+    values = state.trusted_values
+    if trusted and len(values) < MAX_TRACKED_VALUES:
+        values = values | trusted
+    seen = state.untrusted_values
+    fresh = {k: v for k, v in untrusted.items() if k not in seen}
+    if fresh and len(seen) < MAX_TRACKED_VALUES:
+        seen = {**seen, **fresh}
+    sensitive = profile.sensitivity.rank >= Sensitivity.CONFIDENTIAL.rank
+    return msgspec.structs.replace(
+        state,
+        max_sensitivity=max(state.max_sensitivity, profile.sensitivity, key=lambda s: s.rank),
+        sensitive_sources=_add(state.sensitive_sources, tool)
+        if sensitive
+        else state.sensitive_sources,
+        untrusted_sources=_add(state.untrusted_sources, tool)
+        if saw_untrusted
+        else state.untrusted_sources,
+        trusted_values=values,
+        untrusted_values=seen,
+    )
+
+
+def _add(items: tuple[str, ...], item: str) -> tuple[str, ...]:
+    return items if item in items else (*items, item)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _amount(args: Mapping[str, Any], name: str) -> float | None:
+    """The finite amount in argument ``name``, or ``None``."""
+    value = args.get(name)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    return abs(float(value)) if math.isfinite(value) else None
+
+
+# -- provenance -----------------------------------------------------------------------------
+
+
+def _in_request(state: FlowState, key: str) -> bool:
+    if len(key) < 3 or not state.request:
+        return False
+    return re.search(r"(?<![\w@.])" + re.escape(key) + r"(?![\w@])", state.request) is not None
+
+
+def grounded(state: FlowState, key: str) -> bool:
+    """Whether a normalised value is named by the user's request or by trusted data."""
+    if key in state.trusted_values or key in state.request_values or _in_request(state, key):
+        return True
+    if "/" in key or "." in key:  # a link: compared without scheme, "www." or a final "/"
+        url = _url_key(key)
+        if url in state.trusted_values or url in state.request_values:
+            return True
+    return False
+
+
+def ungrounded(state: FlowState, value: Any, kind: SinkKind) -> list[str]:
+    """The parts of a sink argument that nothing trusted grounds (empty: all grounded)."""
+    if value is None or isinstance(value, bool):
+        return []
+    if isinstance(value, list | tuple):
+        out: list[str] = []
+        for item in value:
+            out.extend(ungrounded(state, item, kind))
+        return out
+    if isinstance(value, Mapping):
+        out = []
+        for item in value.values():
+            out.extend(ungrounded(state, item, SinkKind.TEXT))
+        return out
+    if _is_number(value):
+        if kind is SinkKind.TEXT:
+            return []
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        return [] if grounded(state, text) or grounded(state, str(value)) else [text]
+    text = str(value)
+    whole = normalise(text)
+    if not whole or grounded(state, whole):
+        return []
+    inner = atoms(text)
+    if kind is SinkKind.TEXT:
+        return sorted(a for a in inner if not grounded(state, a))
+    if inner and all(grounded(state, a) for a in inner) and len(whole) > 64:
+        return []
+    return [whole[:80]]
+
+
+def origin_of(state: FlowState, key: str) -> str:
+    """Where an ungrounded value was seen: the tool whose untrusted content held it."""
+    source = state.untrusted_values.get(key)
+    if source is None and ("/" in key or "." in key):
+        source = state.untrusted_values.get(_url_key(key))
+    return f"untrusted content from {source}" if source else "no tool output or request (unseen)"
+
+
+def _egress_allowed(intent: Intent, value: Any) -> bool:
+    if not intent.egress:
+        return False
+    texts = value if isinstance(value, list | tuple) else [value]
+    for item in texts:
+        key = normalise(str(item))
+        url = _url_key(key)
+        if not any(fnmatch.fnmatchcase(k, normalise(p)) for p in intent.egress for k in (key, url)):
+            return False
+    return True
+
+
+# -- rules ----------------------------------------------------------------------------------
+
+
+def evaluate_flow(
+    state: FlowState,
+    intent: Intent,
+    tool: str,
+    args: Mapping[str, Any],
+    profile: ToolProfile,
+    policy: FlowPolicy,
+    *,
+    declared: bool,
+) -> list[Finding]:
+    """The flow rules that fire for one proposed call, most severe first.
+
+    ``declared`` tells whether the intent names ``tool`` exactly (not only
+    through a wildcard capability).
+    """
+    findings: list[Finding] = []
+    ceiling = intent.data_ceiling
+
+    if policy.data_ceiling is not RuleEffect.OFF:
+        if profile.sensitivity.rank > ceiling.rank:
+            findings.append(
+                Finding(
+                    "data_ceiling",
+                    "flow.data_ceiling",
+                    policy.data_ceiling,
+                    f"{tool} may return {profile.sensitivity} data, above the intent's ceiling "
+                    f"({ceiling})"
+                    + ("" if profile is not UNDESCRIBED else "; the tool is not described"),
+                )
+            )
+        elif state.max_sensitivity.rank > ceiling.rank:
+            findings.append(
+                Finding(
+                    "data_ceiling",
+                    "flow.data_ceiling",
+                    policy.data_ceiling,
+                    f"the task has read {state.max_sensitivity} data (from "
+                    f"{', '.join(state.sensitive_sources[:3]) or 'a tool'}), above the intent's "
+                    f"ceiling ({ceiling})",
+                )
+            )
+
+    acts = profile.side_effect is not SideEffect.READ
+    outward = profile.side_effect is SideEffect.EGRESS or bool(profile.destinations)
+
+    if (
+        policy.confidential_egress is not RuleEffect.OFF
+        and outward
+        and (state.max_sensitivity.rank >= Sensitivity.CONFIDENTIAL.rank)
+    ):
+        names = profile.destinations or tuple(profile.sinks or args.keys())
+        outside = [
+            n
+            for n in names
+            if args.get(n) not in (None, "", []) and not _egress_allowed(intent, args[n])
+        ]
+        if outside:
+            shown = ", ".join(f"{n}={_show(args[n])}" for n in outside)
+            findings.append(
+                Finding(
+                    "confidential_egress",
+                    "flow.confidential_egress",
+                    policy.confidential_egress,
+                    f"the task has read {state.max_sensitivity} data (from "
+                    f"{', '.join(state.sensitive_sources[:3])}); {tool} sends to {shown}, outside "
+                    f"the intent's allowed egress",
+                )
+            )
+
+    if policy.untrusted_sink is not RuleEffect.OFF and acts and state.untrusted_read:
+        sinks = profile.sinks if profile.sinks is not None else dict.fromkeys(args, SinkKind.VALUE)
+        loose: list[str] = []
+        for name, kind in sinks.items():
+            if name not in args:
+                continue
+            for part in ungrounded(state, args[name], kind):
+                loose.append(f"{name}={part!r} ({origin_of(state, part)})")
+        if loose:
+            findings.append(
+                Finding(
+                    "untrusted_sink",
+                    "flow.untrusted_sink",
+                    policy.untrusted_sink,
+                    f"untrusted content entered the task (from "
+                    f"{', '.join(state.untrusted_sources[:3])}); {tool} is {profile.side_effect} "
+                    f"and its sink arguments are not grounded in the user's request or trusted "
+                    f"data: " + "; ".join(loose[:4]),
+                )
+            )
+
+    if (
+        policy.discovery_privilege is not RuleEffect.OFF
+        and profile.privileged
+        and not declared
+        and state.discovery_calls > 0
+    ):
+        findings.append(
+            Finding(
+                "discovery_privilege",
+                "flow.discovery_privilege",
+                policy.discovery_privilege,
+                f"{tool} is privileged and the intent does not name it; it is reached after "
+                f"{state.discovery_calls} discovery call(s) "
+                f"({', '.join(sorted({c.tool for c in state.calls if c.tool != tool})[:3])})",
+            )
+        )
+
+    if policy.budgets is not RuleEffect.OFF:
+        budget = intent.budget
+        if (
+            budget.max_tools is not None
+            and tool not in state.tools
+            and len(state.tools) >= budget.max_tools
+        ):
+            findings.append(
+                Finding(
+                    "budget",
+                    "budget.tools_exhausted",
+                    policy.budgets,
+                    f"{tool} would be distinct tool {len(state.tools) + 1}; the intent allows "
+                    f"{budget.max_tools}",
+                )
+            )
+        if budget.max_spend is not None and profile.spend is not None:
+            amount = _amount(args, profile.spend)
+            if amount is None:
+                findings.append(
+                    Finding(
+                        "budget",
+                        "budget.spend_exhausted",
+                        policy.budgets,
+                        f"{tool}: {profile.spend} must be a finite number",
+                    )
+                )
+            elif state.spend + amount > budget.max_spend:
+                findings.append(
+                    Finding(
+                        "budget",
+                        "budget.spend_exhausted",
+                        policy.budgets,
+                        f"{tool} would spend {amount:g}; {state.spend:g} of the "
+                        f"intent's {budget.max_spend:g} is spent",
+                    )
+                )
+
+    order = {RuleEffect.DENY: 0, RuleEffect.APPROVAL: 1, RuleEffect.OFF: 2}
+    return sorted(findings, key=lambda f: order[f.effect])
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def flow_context(
+    state: FlowState, tool: str, profile: ToolProfile, findings: list[Finding]
+) -> dict[str, Any]:
+    """The state's summary as Cedar's ``context.flow`` (see the default schema)."""
+    return {
+        "untrusted_read": state.untrusted_read,
+        "max_sensitivity_read": str(state.max_sensitivity),
+        "sensitivity_rank": state.max_sensitivity.rank,
+        "calls": len(state.calls),
+        "distinct_tools": len(state.tools),
+        "discovery_calls": state.discovery_calls,
+        "spend": int(state.spend),
+        "side_effect": str(profile.side_effect),
+        "privileged": profile.privileged,
+        "first_use": tool not in state.tools,
+        "rules": sorted({f.rule for f in findings}),
+    }
+
+
+def empty_flow_context() -> dict[str, Any]:
+    return flow_context(FlowState(), "", UNDESCRIBED, [])
