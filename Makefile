@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-http bench-gateway clean
+.PHONY: demo test lint bench bench-http bench-gateway bench-agentdojo agentdojo-runs clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -36,5 +36,25 @@ bench-http: $(STAMP)
 bench-gateway: $(STAMP)
 	$(BIN)/python bench/gateway.py
 
+# AgentDojo replay: its own virtual environment, so the benchmark's dependencies
+# never touch the pinned one above.
+AD_VENV    := .venv-agentdojo
+AD_STAMP   := $(AD_VENV)/.installed
+AD_TARBALL ?= ../shared/corpora/agentdojo/runs-dev.tar.xz
+
+$(AD_STAMP): bench/agentdojo/requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(AD_VENV)
+	$(AD_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r bench/agentdojo/requirements.txt
+	$(AD_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(AD_STAMP)
+
+agentdojo-runs:
+	mkdir -p bench/results/agentdojo-runs
+	tar -xJf $(AD_TARBALL) -C bench/results/agentdojo-runs
+
+bench-agentdojo: $(AD_STAMP)
+	@test -n "$(RUNS)" || { echo "usage: make bench-agentdojo RUNS=DIR [PIPELINES=a,b,...]" >&2; exit 2; }
+	$(AD_VENV)/bin/python -m bench.agentdojo.replay --runs $(RUNS) $(if $(PIPELINES),--pipelines $(PIPELINES),)
+
 clean:
-	rm -rf $(VENV) .tether .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(AD_VENV) .tether .pytest_cache .mypy_cache .ruff_cache

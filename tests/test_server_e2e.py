@@ -342,3 +342,27 @@ def test_task_for_a_resource_server_over_http(server: Server) -> None:
     task = agent.open_task(template="pay-bill", params={"payee": PAYEE}, resources=[gateway])
     claims = jwt.decode(task.token, options={"verify_signature": False})
     assert claims["aud"] == ["acme.example", gateway]
+
+
+def test_request_is_bound_and_dry_run_sees_flow_context(server: Server) -> None:
+    admin, agent = _setup(server)
+    task = agent.open_task(
+        template="pay-bill",
+        params={"payee": PAYEE},
+        request=f"Please pay the electricity bill to {PAYEE}",
+    )
+    shown = admin.get(f"/v1/tasks/{task.task_id}")
+    assert shown["intent"]["request"].endswith(PAYEE)
+    files = {
+        "flow.cedar": (
+            '@id("no-send-after-untrusted")\n'
+            'forbid (principal, action == Action::"call_tool", resource) '
+            "when { context.flow.untrusted_read };\n"
+            'permit (principal, action == Action::"call_tool", resource);'
+        )
+    }
+    result = admin.post(
+        "/v1/policies/dry-run",
+        {"files": files, "agent": AGENT, "tool": "bank.read_bills", "args": {}},
+    )
+    assert result == {"effect": "allow", "policies": result["policies"], "errors": []}

@@ -16,6 +16,7 @@ from tether.approvals import Approvals
 from tether.audit import Auditor, VerifyReport
 from tether.core._clock import Clock, SystemClock
 from tether.core._decision import DECIDE_HTM, DECIDE_HTU
+from tether.core._flow import FlowInput
 from tether.core._intent import Intent
 from tether.core._policy import PolicySnapshot
 from tether.core._risk import Control, risk_tags
@@ -228,8 +229,12 @@ class Tether:
         on_behalf_of: str | None = None,
         parent_task_id: str | None = None,
         resources: tuple[str, ...] = (),
+        request: str | None = None,
     ) -> OpenedTask:
         """Open a task (a delegated one when ``parent_task_id`` is given).
+
+        ``request`` is the user's request the task serves: values it names ground the
+        sink arguments of later calls (the information-flow rules).
 
         ``resources`` lists the resource servers (e.g. an MCP gateway URI) the task
         token is also addressed to, besides the trust domain.
@@ -246,6 +251,7 @@ class Tether:
             on_behalf_of=on_behalf_of,
             parent=parent,
             resources=resources,
+            request=request,
         )
 
     def end_task(self, task_id: str) -> TaskRow:
@@ -268,12 +274,14 @@ class Tether:
         resource: str | None = None,
         detail: dict[str, Any] | None = None,
         side_effect: str | None = None,
+        flow: FlowInput | None = None,
     ) -> Receipt:
         """Decide one call and leave its receipt (see :class:`tether.tasks.Authorizer`).
 
         ``side_effect`` (``read``, ``write``, ``egress``, ``destructive``) is the tool's,
         when the caller knows it: a credential in the arguments of anything but a read is
-        refused (``secret.egress``); unknown counts as egress."""
+        refused (``secret.egress``); unknown counts as egress. ``flow`` (the task's flow
+        state, the tool's profile, the flow policy) turns on the information-flow rules."""
         return self.authorizer.authorize(
             token=token,
             proof=proof,
@@ -285,6 +293,7 @@ class Tether:
             resource=resource,
             detail=detail,
             side_effect=side_effect,
+            flow=flow,
         )
 
     # -- secrets and leases -------------------------------------------------------------------

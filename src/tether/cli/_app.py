@@ -449,6 +449,9 @@ def task_open(
     template: Annotated[str | None, typer.Option("--template")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", help="k=v (repeatable)")] = None,
     intent: Annotated[str | None, typer.Option("--intent", help="inline JSON or @file")] = None,
+    request: Annotated[
+        str | None, typer.Option("--request", help="the user's request the task serves")
+    ] = None,
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
@@ -471,6 +474,7 @@ def task_open(
         template=template,
         params=_parse_params(param or []),
         intent=explicit,
+        request=request,
     )
     path = _task_file(home, opened.task_id)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -43,8 +43,10 @@ def _task_body(
     intent: dict[str, Any] | None,
     parent_task_id: str | None,
     resources: list[str] | None = None,
+    request: str | None = None,
 ) -> dict[str, Any]:
     return {
+        "request": request,
         "resources": resources or [],
         "template": template,
         "params": params or {},
@@ -153,9 +155,10 @@ class Client:
         intent: dict[str, Any] | None = None,
         parent_task_id: str | None = None,
         resources: list[str] | None = None,
+        request: str | None = None,
     ) -> Task:
         body = self.post(
-            "/v1/tasks", _task_body(template, params, intent, parent_task_id, resources)
+            "/v1/tasks", _task_body(template, params, intent, parent_task_id, resources, request)
         )
         return Task(self, body["task_id"], body["token"], body["expires_at"])
 
@@ -168,6 +171,7 @@ class Client:
         intent: dict[str, Any] | None = None,
         parent_task_id: str | None = None,
         resources: list[str] | None = None,
+        request: str | None = None,
     ) -> Iterator[Task]:
         """Open a task and end it on exit, whatever ends the block."""
         task = self.open_task(
@@ -176,6 +180,7 @@ class Client:
             intent=intent,
             parent_task_id=parent_task_id,
             resources=resources,
+            request=request,
         )
         try:
             yield task
@@ -327,9 +332,10 @@ class AsyncClient:
         intent: dict[str, Any] | None = None,
         parent_task_id: str | None = None,
         resources: list[str] | None = None,
+        request: str | None = None,
     ) -> AsyncTask:
         body = await self.post(
-            "/v1/tasks", _task_body(template, params, intent, parent_task_id, resources)
+            "/v1/tasks", _task_body(template, params, intent, parent_task_id, resources, request)
         )
         return AsyncTask(self, body["task_id"], body["token"], body["expires_at"])
 
@@ -342,6 +348,7 @@ class AsyncClient:
         intent: dict[str, Any] | None = None,
         parent_task_id: str | None = None,
         resources: list[str] | None = None,
+        request: str | None = None,
     ) -> AsyncIterator[AsyncTask]:
         task = await self.open_task(
             template=template,
@@ -349,6 +356,7 @@ class AsyncClient:
             intent=intent,
             parent_task_id=parent_task_id,
             resources=resources,
+            request=request,
         )
         try:
             yield task

@@ -45,6 +45,7 @@ from tether._errors import (
 )
 from tether._tether import Tether
 from tether.core._decision import call_entities, cedar_value
+from tether.core._flow import empty_flow_context
 from tether.core._intent import parse_intent
 from tether.core._policy import build_snapshot
 from tether.core._risk import Control, risk_tags
@@ -570,6 +571,7 @@ async def policy_dry_run(request: Request, data: S.DryRunIn) -> S.DryRunOut:  # 
         "max_calls": 1_000_000,
         "delegation_depth": 0,
         "args": {k: cedar_value(v) for k, v in data.args.items() if v is not None},
+        "flow": empty_flow_context(),
     }
     outcome = snapshot.evaluate(
         {"type": "Agent", "id": agent.spiffe_id},
@@ -613,6 +615,7 @@ async def task_open(request: Request, data: S.TaskOpenIn) -> S.TaskOpenOut:  # t
         intent=parse_intent(data.intent) if data.intent is not None else None,
         parent_task_id=data.parent_task_id,
         resources=tuple(data.resources),
+        request=data.request,
     )
     _ctx(request).metrics.tokens.labels("issued").inc()
     return S.TaskOpenOut(task_id=opened.task_id, token=opened.token, expires_at=opened.expires_at)

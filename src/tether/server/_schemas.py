@@ -162,6 +162,8 @@ class TaskOpenIn(Strict):
     jwk: dict[str, str] | None = None  # admin only: the agent's public proof key
     # Resource servers (e.g. an MCP gateway URI) the task token is also addressed to.
     resources: list[Annotated[str, msgspec.Meta(min_length=1, max_length=512)]] = []
+    # The user's request the task serves (grounds sink arguments for the flow rules).
+    request: Annotated[str, msgspec.Meta(max_length=8000)] | None = None
 
 
 class TaskOpenOut(msgspec.Struct):

@@ -28,6 +28,7 @@ from tether.core._decision import (
     TaskState,
     decide,
 )
+from tether.core._flow import FlowInput
 from tether.core._intent import Intent, decode_intent
 from tether.core._risk import Control, risk_tags
 from tether.core._verify import PROOF_WINDOW, ProofVerifier, TaskClaims, TokenVerifier
@@ -159,6 +160,7 @@ class Authorizer:
         resource: str | None = None,
         detail: dict[str, Any] | None = None,
         side_effect: str | None = None,
+        flow: FlowInput | None = None,
     ) -> Receipt:
         """Decide, apply and record one call; ``detail`` is added to the receipt.
 
@@ -186,6 +188,7 @@ class Authorizer:
                 htm=htm,
                 htu=htu,
                 resource=resource,
+                flow=flow,
             )
         except Exception as exc:  # decide never raises; its inputs' loaders might
             decision = Decision(

@@ -13,7 +13,13 @@ from tether.audit import Auditor
 from tether.core._clock import Clock
 from tether.core._decision import principal_entities
 from tether.core._delegation import DelegationRejected, check_narrowing
-from tether.core._intent import Intent, decode_intent, intent_digest, intent_to_builtins
+from tether.core._intent import (
+    Intent,
+    decode_intent,
+    intent_digest,
+    intent_to_builtins,
+    validate_intent,
+)
 from tether.core._risk import Control, risk_tags
 from tether.core._spiffe_id import parse_spiffe_id
 from tether.core._verify import jwk_thumbprint
@@ -91,6 +97,7 @@ class TaskService:
         on_behalf_of: str | None = None,
         parent: TaskRow | None = None,
         resources: tuple[str, ...] = (),
+        request: str | None = None,
     ) -> OpenedTask:
         """Open a task for ``agent_id``; its token is bound to ``proof_jwk`` (or ``jkt``).
 
@@ -143,6 +150,9 @@ class TaskService:
         actors: tuple[str, ...] = ()
         if on_behalf_of is not None:
             intent = msgspec.structs.replace(intent, on_behalf_of=on_behalf_of)
+        if request is not None:
+            intent = msgspec.structs.replace(intent, request=request)
+            validate_intent(intent)
         if parent is not None:
             intent, actors = self._narrow(agent.spiffe_id, parent, intent, now)
         digest = intent_digest(intent)
