@@ -20,11 +20,13 @@ from typing import Any
 
 import anyio
 import httpx
+import msgspec
 import pytest
 from mcp.shared.auth import ProtectedResourceMetadata
 from mcp.shared.exceptions import MCPError
 
 from tether import FrozenClock, ProofKey, Tether
+from tether.core import FlowState
 from tether.core._verify import PROOF_WINDOW
 
 from .mcp_support import tool_server
@@ -493,14 +495,23 @@ def test_untrusted_content_cannot_flow_to_an_egress_sink(env: Env) -> None:
 
     page, sent = anyio.run(browse_then_mail)
     assert not page.is_error and page.meta["tether/label"]["trusted"] is False
-    assert sent.is_error and "flow.untrusted_to_sink" in text_of(sent)
+    # The core's flow rule (reviewed profile): held for a human, never sent unreviewed.
+    assert sent.is_error and "flow.untrusted_sink" in text_of(sent)
+    assert sent.meta["tether/decision"]["effect"] == "approval_required"
     labels = env.tether.store.list_task_labels(task_id)
     assert [(source, trusted) for source, _s, trusted, _d, _a in labels] == [
         ("web.fetch_page", False)
     ]
-    refused = _decisions(env, task_id)[-1]
-    assert refused["detail"]["decided_by"] == "gateway"
-    assert refused["detail"]["tool_identity"] == WEB_IDENTITY
+    stored = env.tether.store.get_task_flow(task_id)
+    assert stored is not None
+    state = msgspec.json.decode(stored, type=FlowState)
+    assert state.untrusted_sources == ("web.fetch_page",)
+    assert "attacker@evil.example" in state.untrusted_values
+    held = _decisions(env, task_id)[-1]
+    assert held["effect"] == "approval_required"
+    assert held["reasons"][0]["code"] == "flow.untrusted_sink"
+    assert held["detail"]["tool_identity"] == WEB_IDENTITY
+    assert held["detail"]["flow_profile"] == "reviewed"
     ok = anyio.run(mail_only)
     assert not ok.is_error and "sent 13 characters" in text_of(ok)
     assert _decisions(env, clean_id)[-1]["effect"] == "allow"

@@ -9,14 +9,15 @@ Agents authenticate with their task token and a DPoP proof on every request
 (``tether.sdk._mcp_auth.TetherMCPAuth`` does it for the MCP SDK's client).
 """
 
+from tether.core._flow import SideEffect
 from tether.gateway._app import Gateway, create_gateway_app, run_gateway
 from tether.gateway._catalogue import (
     UNDESCRIBED,
     CatalogueFile,
-    SideEffect,
     ToolClass,
     ToolEntry,
     classify,
+    tool_profile,
 )
 from tether.gateway._config import (
     ApprovalConfig,
@@ -54,4 +55,5 @@ __all__ = [
     "parse_config",
     "redact_text",
     "run_gateway",
+    "tool_profile",
 ]

@@ -12,18 +12,23 @@ Per request: the token and proof are verified before MCP sees the request
 (see :mod:`tether.gateway._auth`). ``tools/list`` shows the caller only what its
 task may call: tools its intent's capability patterns name, whose output fits
 the intent's data ceiling, and that the live Cedar policy permits with no
-arguments; anything unsure (a policy error, an exhausted budget) is hidden. A
-hidden tool is not callable by accident: every ``tools/call`` is decided again,
-exactly, with its arguments.
+arguments (and the task's flow summary as ``context.flow``); anything unsure
+(a policy error, an exhausted budget) is hidden. A hidden tool is not callable
+by accident: every ``tools/call`` is decided again, exactly, with its arguments.
 
-Per ``tools/call``: the gateway's flow rules (data ceiling; no sink arguments
-to an egress or destructive tool once the task has read untrusted content),
-then ``Tether.authorize`` with the upstream and its tool identity in the
-receipt. ``allow`` forwards the call (never the agent's token); ``deny`` is a
-tool error result with the reason code and message; ``approval_required``
-waits for a human or returns the approval id (``[approval] mode``). The
-upstream's answer is scrubbed of secrets, labelled with the tool's sensitivity
-and trust, recorded in the task's state and in a receipt, then returned.
+Per ``tools/call``: ``Tether.authorize`` with the upstream and its tool
+identity in the receipt, and the task's information-flow state (see
+:mod:`tether.core._flow`): the tool's catalogue entry as a ``ToolProfile`` and
+the configured ``flow`` profile (``reviewed``: an ungrounded sink argument
+after untrusted content waits for a human; ``strict``: it is denied). The
+state is kept in the store (``task_flow``), so it survives a restart and is
+shared by gateways on one store: an allowed call is added to it, and each
+result's labels and values when the upstream answers. ``allow`` forwards the
+call (never the agent's token); ``deny`` is a tool error result with the reason
+code and message; ``approval_required`` waits for a human or returns the
+approval id (``[approval] mode``). The upstream's answer is scrubbed of
+secrets, labelled with the tool's sensitivity and trust, recorded in the
+task's labels, flow state and a receipt, then returned.
 
 Brokered credentials (``[[upstreams.credentials]]``). The agent never holds them.
 An upstream that needs one is run **once per task**: at the task's first allowed
@@ -79,12 +84,23 @@ from starlette.types import Message, Receive, Scope, Send
 
 from tether._errors import NotFound
 from tether._tether import Tether
-from tether.core import digest, match_capability
+from tether.core import digest
 from tether.core._decision import TaskState, call_entities
+from tether.core._flow import (
+    FlowInput,
+    FlowState,
+    SideEffect,
+    ToolProfile,
+    flow_context,
+    observe_call,
+    observe_result,
+    start,
+)
+from tether.core._intent import Intent
 from tether.core._risk import Control, risk_tags
 from tether.core._verify import PROOF_WINDOW
 from tether.gateway._auth import Authenticator, Caller, Refusal, challenge, tool_call
-from tether.gateway._catalogue import SideEffect, ToolClass, classify
+from tether.gateway._catalogue import ToolClass, classify, tool_profile
 from tether.gateway._config import APPROVAL_SAFETY_MARGIN, ConfigError, GatewayConfig, load_config
 from tether.gateway._redact import redact_result, redact_text
 from tether.gateway._upstream import InjectedHeaders, Upstream, UpstreamError
@@ -140,6 +156,29 @@ def _error_result(text: str, decision: dict[str, Any]) -> types.CallToolResult:
     return types.CallToolResult(
         content=[types.TextContent(text=text)], is_error=True, _meta={META_DECISION: decision}
     )
+
+
+class FlowUnavailable(Exception):
+    """The task's stored flow state cannot be read: its calls are refused."""
+
+
+def _observed(result: types.CallToolResult) -> Any:
+    """What the flow state records of a result: its structured content, else its text
+    (a block without text is recorded by kind, so an untrusted tool's image counts too)."""
+    if result.structured_content is not None:
+        return result.structured_content
+    parts: list[str] = []
+    for block in result.content:
+        if isinstance(block, types.TextContent):
+            parts.append(block.text)
+        elif isinstance(block, types.EmbeddedResource):
+            text = getattr(block.resource, "text", None)
+            parts.append(text if isinstance(text, str) else f"[resource] {block.resource.uri}")
+        elif isinstance(block, types.ResourceLink):
+            parts.append(str(block.uri))
+        else:
+            parts.append(f"[{block.type}]")
+    return parts
 
 
 class Gateway:
@@ -274,6 +313,11 @@ class Gateway:
             except Exception:
                 log.exception("policy snapshot unavailable: listing no tools")
                 return types.ListToolsResult(tools=[])
+            try:
+                flow = self._flow_state(caller.task_id, state.intent)
+            except FlowUnavailable:
+                log.exception("flow state of task %s unreadable: listing no tools", state.task_id)
+                return types.ListToolsResult(tools=[])
             context = {
                 "task_id": state.task_id,
                 "template": state.template,
@@ -291,6 +335,7 @@ class Gateway:
                     if not TOOL_NAME.fullmatch(name):
                         continue
                     klass = classify(upstream.config.tools, tool.name)
+                    context["flow"] = flow_context(flow, name, tool_profile(klass), [])
                     if self._visible(state, name, klass, snapshot, context):
                         tools.append(self._present(upstream, name, tool, klass))
         return types.ListToolsResult(tools=tools)
@@ -344,67 +389,73 @@ class Gateway:
             "tool_class": klass.to_dict(),
             "protocol": ctx.protocol_version,
         }
-        flow = self._flow_check(caller, name, args, klass)
-        if flow is not None:
-            return self._gateway_deny(caller, name, args, *flow, detail=detail)
-        receipt = self._authorize(caller, name, args, detail)
-        approval_status: str | None = None
-        if receipt.decision.effect == "approval_required":
-            receipt, approval_status = await self._approval(caller, name, args, detail, receipt)
+        profile = tool_profile(klass)
+        try:
+            receipt = self._authorize(caller, name, args, detail, profile)
+            approval_status: str | None = None
+            if receipt.decision.effect == "approval_required":
+                receipt, approval_status = await self._approval(
+                    caller, name, args, detail, profile, receipt
+                )
+        except FlowUnavailable as exc:
+            return self._gateway_deny(
+                caller, name, args, "flow.state_unavailable", str(exc), detail=detail
+            )
         if receipt.decision.effect != "allow":
             self._burn(caller)
             return self._refused(receipt, approval_status)
         return await self._forward(caller, upstream, tool, name, args, klass, receipt, detail)
 
     def _authorize(
-        self, caller: Caller, name: str, args: dict[str, Any], detail: dict[str, Any]
+        self,
+        caller: Caller,
+        name: str,
+        args: dict[str, Any],
+        detail: dict[str, Any],
+        profile: ToolProfile,
     ) -> Receipt:
-        return self.tether.authorize(
-            token=caller.token,
-            proof=caller.proof,
-            tool=name,
-            args=args,
-            task_id=caller.task_id,
-            htm=caller.htm,
-            htu=caller.htu,
-            resource=self.config.resource,
-            detail=detail,
-            side_effect=str(detail["tool_class"]["side_effect"]),
-        )
+        """Decide the call with the task's flow state; an allowed call joins the state.
+
+        The state is read, decided on and (when allowed) advanced in one store
+        transaction, so concurrent calls of a task (on this gateway or another one
+        on the same store) each see the state the previous one left.
+        """
+        store = self.tether.store
+        with store.transaction():
+            state = self._flow_state(caller.task_id, caller.state.intent)
+            receipt = self.tether.authorize(
+                token=caller.token,
+                proof=caller.proof,
+                tool=name,
+                args=args,
+                task_id=caller.task_id,
+                htm=caller.htm,
+                htu=caller.htu,
+                resource=self.config.resource,
+                detail={**detail, "flow_profile": self.config.flow},
+                side_effect=str(detail["tool_class"]["side_effect"]),
+                flow=FlowInput(state, profile, self.config.flow_policy),
+            )
+            if receipt.decision.effect == "allow":
+                after = observe_call(state, name, args, profile)
+                store.put_task_flow(
+                    caller.task_id, msgspec.json.encode(after), self.tether.clock.now()
+                )
+        return receipt
+
+    def _flow_state(self, task_id: str, intent: Intent) -> FlowState:
+        """The task's flow state from the store; a task with none starts from its request."""
+        raw = self.tether.store.get_task_flow(task_id)
+        if raw is None:
+            return start(intent.request or "")
+        try:
+            return msgspec.json.decode(raw, type=FlowState)
+        except msgspec.DecodeError as exc:
+            raise FlowUnavailable(f"the task's flow state cannot be read: {exc}") from None
 
     def _burn(self, caller: Caller) -> None:
         """Consume the proof of a call that was not allowed: one proof, one call."""
         self.tether.store.record_proof(caller.proof_jti, self.tether.clock.now() + PROOF_WINDOW * 2)
-
-    def _flow_check(
-        self, caller: Caller, name: str, args: dict[str, Any], klass: ToolClass
-    ) -> tuple[str, str] | None:
-        """The gateway's flow rules, for calls the intent covers (others go to the core)."""
-        intent = caller.state.intent
-        if match_capability(intent, name, args).matched is None:
-            return None  # the core refuses it with the precise reason
-        if klass.sensitivity.rank > intent.data_ceiling.rank:
-            return (
-                "flow.data_ceiling",
-                f"{name} may return {klass.sensitivity} data, above the task's data ceiling "
-                f"({intent.data_ceiling})"
-                + ("; the tool is not described in the catalogue" if not klass.described else ""),
-            )
-        if klass.side_effect in (SideEffect.EGRESS, SideEffect.DESTRUCTIVE):
-            sinks = klass.sink_arguments(args)
-            if sinks:
-                labels = self.tether.store.list_task_labels(caller.task_id)
-                untrusted = sorted(
-                    {source for source, _s, trusted, _d, _a in labels if not trusted}
-                )
-                if untrusted:
-                    return (
-                        "flow.untrusted_to_sink",
-                        f"the task has read untrusted content ({', '.join(untrusted[:3])}); "
-                        f"{name} is {klass.side_effect} and {', '.join(sinks)} "
-                        f"{'is a sink' if len(sinks) == 1 else 'are sinks'}",
-                    )
-        return None
 
     def _gateway_deny(
         self,
@@ -473,6 +524,7 @@ class Gateway:
         name: str,
         args: dict[str, Any],
         detail: dict[str, Any],
+        profile: ToolProfile,
         receipt: Receipt,
     ) -> tuple[Receipt, str]:
         """Wait for the approval (``wait`` mode), then decide again with the same proof.
@@ -497,7 +549,9 @@ class Gateway:
             except NotFound:
                 return receipt, "unknown"
             if status == "approved":
-                again = self._authorize(caller, name, args, {**detail, "approval_id": approval_id})
+                again = self._authorize(
+                    caller, name, args, {**detail, "approval_id": approval_id}, profile
+                )
                 return again, status
             if status != "pending":
                 return receipt, status  # denied or expired: the call is not made
@@ -527,7 +581,7 @@ class Gateway:
             redactions: Counter[str] = Counter()
             message = redact_text(exc.message, redactions, self._known())[0]
             seq = self._record_result(
-                caller, name, args, klass, receipt, detail, exc.code, redactions
+                caller, name, args, klass, receipt, detail, exc.code, redactions, None
             )
             return _error_result(
                 f"upstream failure [{exc.code}]: {message}",
@@ -540,7 +594,9 @@ class Gateway:
             )
         result, redactions = redact_result(answer, self._known())
         outcome = "error" if result.is_error else "ok"
-        seq = self._record_result(caller, name, args, klass, receipt, detail, outcome, redactions)
+        seq = self._record_result(
+            caller, name, args, klass, receipt, detail, outcome, redactions, _observed(result)
+        )
         label = {
             "sensitivity": str(klass.sensitivity),
             "trusted": klass.trusted,
@@ -694,8 +750,11 @@ class Gateway:
         detail: dict[str, Any],
         outcome: str,
         redactions: Counter[str],
+        observed: Any,
     ) -> int:
-        """Label the task with what it read and leave the result's receipt."""
+        """Label the task with what it read, add it to the task's flow state (when the
+        upstream answered: ``observed`` is the scrubbed result) and leave the result's
+        receipt, in one transaction."""
         now = self.tether.clock.now()
         claims = caller.claims
         label = {
@@ -718,6 +777,10 @@ class Gateway:
                     json.dumps(label, sort_keys=True),
                     now,
                 )
+            if observed is not None:
+                state = self._flow_state(claims.task_id, caller.state.intent)
+                state = observe_result(state, name, observed, tool_profile(klass))
+                self.tether.store.put_task_flow(claims.task_id, msgspec.json.encode(state), now)
             record = self.tether.audit.append(
                 "gateway.result",
                 chain=list(claims.chain),

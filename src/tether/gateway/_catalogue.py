@@ -10,11 +10,29 @@ Every tool an upstream offers is described by a :class:`ToolEntry`:
 - ``trusted``: ``false`` when its output is content nobody vouches for (a web
   page, an inbound e-mail, a ticket body): text that may carry injected
   instructions;
-- ``sinks``: the parameters whose values leave through the tool (a recipient,
-  a URL, a message body). Omitted means every parameter.
+- ``sinks``: the parameters whose values leave or act through the tool (a
+  recipient, a URL, an amount, a path), each checked as a whole value.
+  Omitted means every parameter;
+- ``text_sinks``: free-text parameters (a message body) whose links, e-mail
+  addresses and account numbers are checked one by one (give ``sinks`` too,
+  ``[]`` if nothing else is a sink).
+
+What the information-flow rules also use (:mod:`tether.core._flow`; all optional):
+
+- ``trusted_fields``: output fields a platform asserts (a message's sender, a
+  file's id) in an otherwise untrusted result; ``identifier_fields``: output
+  fields naming things that exist (a channel), which ground a sink as a whole
+  value while what is inside them stays untrusted (``identifiers``: the whole
+  output is such names);
+- ``destinations``: the parameters that say where data goes (egress);
+- ``privileged``: a tool an intent should name explicitly (not only through a
+  wildcard) when it is reached after ``discovery`` tools (listing, searching);
+- ``spend``: the parameter carrying an amount spent (the intent's spend budget);
+- ``phrases``: words of a user request that ask for this tool (intent compiler).
 
 A tool nobody described, or a field an entry leaves out, takes the most
 restrictive value: destructive, secret, untrusted, every parameter a sink.
+:func:`tool_profile` gives the core :class:`~tether.core.ToolProfile` of a class.
 """
 
 from __future__ import annotations
@@ -22,21 +40,18 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import msgspec
 
 from tether.core import Sensitivity
+from tether.core._flow import UNDESCRIBED as UNDESCRIBED_PROFILE
+from tether.core._flow import SideEffect, SinkKind, ToolProfile
 
 MAX_SINKS = 64
-
-
-class SideEffect(StrEnum):
-    READ = "read"
-    WRITE = "write"
-    EGRESS = "egress"
-    DESTRUCTIVE = "destructive"
+MAX_FIELDS = 64
+MAX_PHRASES = 64
+MAX_NAME = 128
 
 
 class ToolEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -46,6 +61,15 @@ class ToolEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_de
     sensitivity: Sensitivity = Sensitivity.SECRET
     trusted: bool = False
     sinks: tuple[str, ...] | None = None
+    text_sinks: tuple[str, ...] = ()
+    trusted_fields: tuple[str, ...] = ()
+    identifier_fields: tuple[str, ...] = ()
+    identifiers: bool = False
+    destinations: tuple[str, ...] = ()
+    privileged: bool = False
+    discovery: bool = False
+    spend: str | None = None
+    phrases: tuple[str, ...] = ()
     note: str = ""
 
 
@@ -64,20 +88,42 @@ class ToolClass:
     trusted: bool
     sinks: frozenset[str] | None  # None: every parameter is a sink
     described: bool
+    text_sinks: frozenset[str] = frozenset()
+    trusted_fields: tuple[str, ...] = ()
+    identifier_fields: tuple[str, ...] = ()
+    identifiers: bool = False
+    destinations: tuple[str, ...] = ()
+    privileged: bool = False
+    discovery: bool = False
+    spend: str | None = None
+    phrases: tuple[str, ...] = ()
+    description: str = ""
 
     def sink_arguments(self, args: Mapping[str, Any]) -> list[str]:
         """The arguments of this call that feed a sink (present and not empty)."""
-        names = args.keys() if self.sinks is None else self.sinks & args.keys()
+        names = args.keys() if self.sinks is None else (self.sinks | self.text_sinks) & args.keys()
         return sorted(n for n in names if args.get(n) not in (None, "", [], {}))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "side_effect": str(self.side_effect),
             "sensitivity": str(self.sensitivity),
             "trusted": self.trusted,
             "sinks": None if self.sinks is None else sorted(self.sinks),
             "described": self.described,
         }
+        # The flow facts, when the catalogue gives them (receipts stay small otherwise).
+        if self.text_sinks:
+            out["text_sinks"] = sorted(self.text_sinks)
+        for name in ("trusted_fields", "identifier_fields", "destinations"):
+            if getattr(self, name):
+                out[name] = list(getattr(self, name))
+        for name in ("identifiers", "privileged", "discovery"):
+            if getattr(self, name):
+                out[name] = True
+        if self.spend is not None:
+            out["spend"] = self.spend
+        return out
 
 
 UNDESCRIBED = ToolClass(
@@ -100,6 +146,47 @@ def classify(entries: Mapping[str, ToolEntry], tool: str) -> ToolClass:
         trusted=entry.trusted,
         sinks=None if entry.sinks is None else frozenset(entry.sinks),
         described=True,
+        text_sinks=frozenset(entry.text_sinks),
+        trusted_fields=entry.trusted_fields,
+        identifier_fields=entry.identifier_fields,
+        identifiers=entry.identifiers,
+        destinations=entry.destinations,
+        privileged=entry.privileged,
+        discovery=entry.discovery,
+        spend=entry.spend,
+        phrases=entry.phrases,
+        description=entry.note,
+    )
+
+
+def tool_profile(klass: ToolClass) -> ToolProfile:
+    """The core's :class:`~tether.core.ToolProfile` of a tool class (flow rules, compiler).
+
+    An undescribed tool is the core's most restrictive profile. ``sinks`` are
+    checked as whole values and ``text_sinks`` atom by atom; with ``sinks``
+    omitted every parameter is a whole-value sink.
+    """
+    if not klass.described:
+        return UNDESCRIBED_PROFILE
+    sinks: dict[str, SinkKind] | None = None
+    if klass.sinks is not None:
+        sinks = {name: SinkKind.VALUE for name in sorted(klass.sinks)}
+        for name in sorted(klass.text_sinks - klass.sinks):
+            sinks[name] = SinkKind.TEXT
+    return ToolProfile(
+        side_effect=klass.side_effect,
+        sensitivity=klass.sensitivity,
+        trusted=klass.trusted,
+        trusted_fields=klass.trusted_fields,
+        sinks=sinks,
+        destinations=klass.destinations,
+        identifier_fields=klass.identifier_fields,
+        identifiers=klass.identifiers,
+        privileged=klass.privileged,
+        discovery=klass.discovery,
+        spend=klass.spend,
+        description=klass.description,
+        phrases=klass.phrases,
     )
 
 
@@ -114,6 +201,34 @@ def validate_entries(entries: Mapping[str, ToolEntry], where: str) -> list[str]:
                 problems.append(f"{where}: tool {name!r}: at most {MAX_SINKS} sinks")
             if any(not s for s in entry.sinks):
                 problems.append(f"{where}: tool {name!r}: a sink name is empty")
+        if entry.text_sinks:
+            if entry.sinks is None:
+                problems.append(
+                    f"{where}: tool {name!r}: text_sinks needs sinks too (the other sink "
+                    "parameters; [] if none): without sinks every parameter is a sink"
+                )
+            else:
+                both = sorted(set(entry.sinks) & set(entry.text_sinks))
+                if both:
+                    problems.append(
+                        f"{where}: tool {name!r}: {both} are in both sinks and text_sinks"
+                    )
+        for field, limit in (
+            ("text_sinks", MAX_SINKS),
+            ("trusted_fields", MAX_FIELDS),
+            ("identifier_fields", MAX_FIELDS),
+            ("destinations", MAX_SINKS),
+            ("phrases", MAX_PHRASES),
+        ):
+            values: tuple[str, ...] = getattr(entry, field)
+            if len(values) > limit:
+                problems.append(f"{where}: tool {name!r}: at most {limit} {field}")
+            if any(not v or len(v) > MAX_NAME for v in values):
+                problems.append(
+                    f"{where}: tool {name!r}: each of {field} must be 1-{MAX_NAME} characters"
+                )
+        if entry.spend is not None and not 0 < len(entry.spend) <= MAX_NAME:
+            problems.append(f"{where}: tool {name!r}: spend must be 1-{MAX_NAME} characters")
     return problems
 
 
@@ -176,6 +291,9 @@ def render_draft(upstream: str, tools: list[dict[str, Any]], *, source: str) -> 
         "#   sensitivity = public | internal | confidential | secret   (what its output may hold)",
         "#   trusted     = false for content nobody vouches for (web pages, inbound e-mail)",
         "#   sinks       = parameters whose values leave through the tool (omit: all of them)",
+        "#   text_sinks  = free-text parameters whose links and addresses are checked (optional)",
+        "#   (optional: trusted_fields, identifier_fields, destinations, privileged, discovery,",
+        "#    spend, phrases; see tether.gateway._catalogue)",
         "",
     ]
     for tool in sorted(tools, key=lambda t: str(t.get("name", ""))):

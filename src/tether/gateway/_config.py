@@ -33,6 +33,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from tether._errors import IdentityRejected, UsageError
 from tether.core import parse_spiffe_id
+from tether.core._flow import REVIEWED, STRICT, FlowPolicy
 from tether.core._verify import PROOF_WINDOW
 from tether.gateway._catalogue import CatalogueFile, ToolEntry, validate_entries
 
@@ -131,6 +132,14 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     allowed_hosts: tuple[str, ...] = ()
     max_body_bytes: int = 1024 * 1024
     approval: ApprovalConfig = ApprovalConfig()
+    # The information-flow profile: "reviewed" holds an untrusted-sink call (or a
+    # privileged tool reached after discovery) for a human; "strict" denies it.
+    flow: Literal["reviewed", "strict"] = "reviewed"
+
+    @property
+    def flow_policy(self) -> FlowPolicy:
+        """The core's :class:`~tether.core.FlowPolicy` for ``flow``."""
+        return STRICT if self.flow == "strict" else REVIEWED
 
     @property
     def path(self) -> str:

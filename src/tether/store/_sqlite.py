@@ -65,6 +65,8 @@ CREATE TABLE IF NOT EXISTS task_labels (
   task_id TEXT NOT NULL, source TEXT NOT NULL, sensitivity TEXT NOT NULL, trusted INTEGER NOT NULL,
   detail_json TEXT NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS task_labels_task ON task_labels (task_id);
+CREATE TABLE IF NOT EXISTS task_flow (
+  task_id TEXT PRIMARY KEY, state BLOB NOT NULL, updated_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS proofs (jti TEXT PRIMARY KEY, expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS secrets (
   name TEXT PRIMARY KEY, kind TEXT NOT NULL, description TEXT NOT NULL, meta_json TEXT NOT NULL,
@@ -457,6 +459,18 @@ class SQLiteStore:
             (task_id,),
         )
         return [(str(r[1]), str(r[2]), bool(r[3]), str(r[4]), float(r[5])) for r in rows]
+
+    # -- a task's information-flow state (tether.core.FlowState, encoded) -----------------
+    def get_task_flow(self, task_id: str) -> bytes | None:
+        row = self._one("SELECT state FROM task_flow WHERE task_id = ?", (task_id,))
+        return None if row is None else bytes(row[0])
+
+    def put_task_flow(self, task_id: str, state: bytes, at: float) -> None:
+        self._run(
+            "INSERT INTO task_flow VALUES (?, ?, ?) ON CONFLICT (task_id) DO UPDATE SET "
+            "state = excluded.state, updated_at = excluded.updated_at",
+            (task_id, state, at),
+        )
 
     # -- revocations and proofs ---------------------------------------------------------
     def revoke_token(self, token_id: str, task_id: str, reason: str, at: float) -> None:
