@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/decide.py
 	$(BIN)/python bench/http_authorize.py
 	$(BIN)/python bench/broker.py
+	$(BIN)/python bench/cascade.py
 
 bench-http: $(STAMP)
 	$(BIN)/python bench/http_authorize.py

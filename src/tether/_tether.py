@@ -23,7 +23,17 @@ from tether.core._risk import Control, risk_tags
 from tether.core._spiffe_id import parse_trust_domain
 from tether.identity import Attestor, Credentials, IdentityRegistry, SVIDs
 from tether.policy import PolicyService
-from tether.secrets import KMS, Broker, Lease, LocalKMS, ReapReport, SecretInfo, SecretValue, Vault
+from tether.secrets import (
+    KMS,
+    Broker,
+    Lease,
+    LocalKMS,
+    ReapReport,
+    SecretInfo,
+    SecretValue,
+    Vault,
+    lease_dict,
+)
 from tether.store import ApprovalRow, IdentityRow, SQLiteStore, Store, TaskRow
 from tether.tasks import (
     Authorizer,
@@ -257,6 +267,15 @@ class Tether:
     def end_task(self, task_id: str) -> TaskRow:
         return self.tasks.end(task_id)
 
+    def renew_task(self, task_id: str) -> OpenedTask:
+        """A fresh token for a long-running task (the old one is revoked durably).
+
+        Refused (:class:`tether.tasks.RenewalRejected`, with a receipt) when the task,
+        an ancestor or an identity of its chain is no longer live, or the current
+        policy no longer admits the task or permits a capability it holds."""
+        self.tasks.expire()
+        return self.tasks.renew(task_id)
+
     def show_task(self, task_id: str) -> TaskRow:
         self.tasks.expire()
         return self.tasks.get(task_id)
@@ -369,25 +388,119 @@ class Tether:
     ) -> dict[str, list[str]]:
         """Revoke every open task (of ``agent``, or of everyone) and, with no agent named,
         every lease; dynamic credentials are destroyed right after."""
+        return self.kill(reason, by=by, agent=agent, everything=agent is None)
+
+    def kill(
+        self,
+        reason: str,
+        *,
+        by: str = "operator",
+        agent: str | None = None,
+        owner: str | None = None,
+        template: str | None = None,
+        trust_domain: str | None = None,
+        everything: bool = False,
+    ) -> dict[str, list[str]]:
+        """The kill switch: revoke, now and durably, every open task in scope.
+
+        The scope is the tasks matching every filter given (an agent, an owner's agents,
+        a template, a trust domain), or all of them with ``everything``. Ending a task
+        revokes its token, its leases and its whole delegation subtree, so the next call
+        of any of them is refused everywhere. Killing everything (or this whole trust
+        domain) also revokes every lease. One receipt records the scope and the result.
+        """
+        if not (everything or agent or owner or template or trust_domain):
+            raise UsageError("name a scope (agent, owner, template, trust domain) or everything")
+        if not reason.strip():
+            raise UsageError("a kill needs a reason")
+        scope = {
+            "agent": agent,
+            "owner": owner,
+            "template": template,
+            "trust_domain": trust_domain,
+            "everything": everything,
+        }
+        owners: dict[str, str] = {}
+
+        def in_scope(row: TaskRow) -> bool:
+            if agent is not None and row.agent_id != agent:
+                return False
+            if template is not None and row.template != template:
+                return False
+            if trust_domain is not None and row.agent_id.split("/")[2] != trust_domain:
+                return False
+            if owner is not None:
+                if row.agent_id not in owners:
+                    identity = self.store.get_identity(row.agent_id)
+                    owners[row.agent_id] = identity.owner if identity else ""
+                if owners[row.agent_id] != owner:
+                    return False
+            return True
+
+        why = f"kill switch: {reason}"
         with self.store.transaction():
-            rows = self.store.list_tasks(agent_id=agent, status="open")
             tasks = []
-            for row in rows:
+            for row in self.store.list_tasks(agent_id=agent, status="open"):
+                if not in_scope(row):
+                    continue
                 current = self.store.get_task(row.task_id)
                 if current is not None and current.status == "open":  # not ended by cascade
-                    self.tasks.end(row.task_id, reason=f"kill switch: {reason}", status="revoked")
+                    self.tasks.end(row.task_id, reason=why, status="revoked")
                     tasks.append(row.task_id)
-            leases = (
-                [] if agent is not None else self.broker.revoke_all(f"kill switch: {reason}", by=by)
+            whole = everything or (
+                trust_domain == self.trust_domain and not (agent or owner or template)
             )
+            leases = self.broker.revoke_all(why, by=by) if whole else []
             self.audit.append(
                 "kill_switch",
                 chain=[by],
                 effect="allow",
-                detail={"reason": reason, "agent": agent, "tasks": tasks, "leases": leases},
+                detail={"reason": reason, **scope, "tasks": tasks, "leases": leases},
                 risk_tags=list(risk_tags(Control.KILL_SWITCH, Control.CASCADING_REVOCATION)),
             )
         return {"tasks": tasks, "leases": leases}
+
+    def trace(self, task_id: str) -> dict[str, Any]:
+        """The whole delegation tree ``task_id`` belongs to: who delegated what to whom,
+        every receipt of its tasks (opening, decisions, renewals, ends) and every lease."""
+        rows = self.tasks.tree(task_id)
+        ids = {r.task_id for r in rows}
+        receipts = []
+        for record in self.store.iter_records():
+            body: dict[str, Any] = json.loads(record.body)
+            detail = body.get("detail")
+            parent = detail.get("parent_task_id") if isinstance(detail, dict) else None
+            if body.get("task_id") in ids or parent in ids:
+                body["hash"] = record.hash
+                receipts.append(body)
+        leases = [lease_dict(lease) for tid in ids for lease in self.store.list_leases(task_id=tid)]
+        tasks = [
+            {
+                "task_id": r.task_id,
+                "parent_task_id": r.parent_task_id,
+                "agent": r.agent_id,
+                "chain": json.loads(r.chain_json),
+                "delegated_by": json.loads(r.chain_json)[1] if r.parent_task_id else None,
+                "template": r.template,
+                "status": r.status,
+                "end_reason": r.end_reason,
+                "calls_used": r.calls_used,
+                "opened_at": r.opened_at,
+                "expires_at": r.expires_at,
+                "ended_at": r.ended_at,
+                "intent_digest": r.intent_digest,
+                "intent": json.loads(r.intent_json),
+                "children": [c.task_id for c in rows if c.parent_task_id == r.task_id],
+            }
+            for r in rows
+        ]
+        return {
+            "task_id": task_id,
+            "root_task_id": rows[0].task_id,
+            "tasks": tasks,
+            "receipts": receipts,
+            "leases": sorted(leases, key=lambda lease: lease["created_at"]),
+        }
 
     def decide_approval(self, approval_id: str, *, approve: bool, by: str) -> ApprovalRow:
         """Approve or deny one pending approval; ``by`` names the human."""

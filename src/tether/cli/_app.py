@@ -456,16 +456,40 @@ def task_open(
     home: HomeOpt = None,
 ) -> None:
     """Open a task (template + params, or an explicit intent) and mint its task token."""
+    _open_and_keep(home, agent, template, param, intent, request, None, as_json)
+
+
+def _explicit_intent(template: str | None, intent: str | None) -> Any:
     if (template is None) == (intent is None):
         raise UsageError("give exactly one of --template or --intent")
-    explicit = None
-    if intent is not None:
-        text = Path(intent[1:]).read_text() if intent.startswith("@") else intent
-        try:
-            strict_json(text)
-        except ValueError as exc:
-            raise UsageError(f"--intent is not valid JSON: {exc}") from None
-        explicit = decode_intent(text)
+    if intent is None:
+        return None
+    text = Path(intent[1:]).read_text() if intent.startswith("@") else intent
+    try:
+        strict_json(text)
+    except ValueError as exc:
+        raise UsageError(f"--intent is not valid JSON: {exc}") from None
+    return decode_intent(text)
+
+
+def _keep_task(home: Path | None, task_id: str, token: str, key: ProofKey) -> None:
+    """Keep a task's token and proof key under the home (mode 0600)."""
+    path = _task_file(home, task_id)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _write_private(path, json.dumps({"token": token, "proof_key": key.to_pem().decode()}).encode())
+
+
+def _open_and_keep(
+    home: Path | None,
+    agent: str,
+    template: str | None,
+    param: list[str] | None,
+    intent: str | None,
+    request: str | None,
+    parent: str | None,
+    as_json: bool,
+) -> None:
+    explicit = _explicit_intent(template, intent)
     tether = _open(home)
     key = ProofKey()
     opened = tether.open_task(
@@ -475,19 +499,66 @@ def task_open(
         params=_parse_params(param or []),
         intent=explicit,
         request=request,
+        parent_task_id=parent,
     )
-    path = _task_file(home, opened.task_id)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _write_private(
-        path, json.dumps({"token": opened.token, "proof_key": key.to_pem().decode()}).encode()
-    )
-    result = {"task_id": opened.task_id, "token": opened.token, "expires_at": opened.expires_at}
+    _keep_task(home, opened.task_id, opened.token, key)
+    result = {
+        "task_id": opened.task_id,
+        "token": opened.token,
+        "expires_at": opened.expires_at,
+        **(
+            {"token_expires_at": opened.token_expires_at}
+            if opened.token_expires_at != opened.expires_at
+            else {}
+        ),
+        **({"parent_task_id": parent} if parent else {}),
+    }
     emit(
         result,
         as_json,
         lambda: out.print(
             f"[green]✓[/] task {opened.task_id} open until "
             f"{time.strftime('%H:%M:%S', time.localtime(opened.expires_at))}"
+            + (f" (delegated from {parent})" if parent else "")
+        ),
+    )
+
+
+@task_app.command("delegate")
+def task_delegate(
+    parent: Annotated[str, typer.Option("--parent", help="the parent task id")],
+    agent: Annotated[str, typer.Option("--agent", help="the sub-agent's SPIFFE ID")],
+    template: Annotated[str | None, typer.Option("--template")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", help="k=v (repeatable)")] = None,
+    intent: Annotated[str | None, typer.Option("--intent", help="inline JSON or @file")] = None,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Delegate part of a task to a sub-agent: a child task whose intent must be within
+    the parent's (tools, arguments, ceiling, egress, budget, lifetime, depth)."""
+    _open_and_keep(home, agent, template, param, intent, None, parent, as_json)
+
+
+@task_app.command("renew")
+def task_renew(task_id: str, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Renew a long-running task's token against the current policy (old token revoked)."""
+    path = _task_file(home, task_id)
+    renewed = _open(home).renew_task(task_id)
+    if path.exists():
+        held = json.loads(path.read_text())
+        _keep_task(home, task_id, renewed.token, ProofKey.from_pem(held["proof_key"].encode()))
+    result = {
+        "task_id": renewed.task_id,
+        "token": renewed.token,
+        "expires_at": renewed.expires_at,
+        "token_expires_at": renewed.token_expires_at,
+    }
+    emit(
+        result,
+        as_json,
+        lambda: out.print(
+            f"[green]✓[/] task {task_id} renewed; token valid until "
+            f"{time.strftime('%H:%M:%S', time.localtime(renewed.token_expires_at))}"
         ),
     )
 
@@ -913,16 +984,53 @@ def lease_reap(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     emit(report, as_json, lambda: out.print_json(json.dumps(report)))
 
 
-@app.command("kill-switch")
-def kill_switch(
-    reason: Annotated[str, typer.Option("--reason")],
-    agent: Annotated[str | None, typer.Option("--agent", help="only this agent's tasks")] = None,
-    by: ByOpt = None,
-    as_json: JsonOpt = False,
-    home: HomeOpt = None,
+def _interactive() -> bool:
+    return sys.stdin.isatty()
+
+
+def _kill(
+    reason: str,
+    agent: str | None,
+    owner: str | None,
+    template: str | None,
+    trust_domain: str | None,
+    everything: bool,
+    yes: bool,
+    by: str | None,
+    as_json: bool,
+    home: Path | None,
 ) -> None:
-    """Revoke every open task (of one agent, or all) and every lease, now."""
-    result = _open(home).kill_switch(reason, by=_who(by), agent=agent)
+    if not (everything or agent or owner or template or trust_domain):
+        raise UsageError("name a scope: --agent, --owner, --template, --trust-domain or --all")
+    scope = (
+        "EVERY open task and every lease"
+        if everything
+        else "every open task of "
+        + ", ".join(
+            f"{name} {value}"
+            for name, value in (
+                ("agent", agent),
+                ("owner", owner),
+                ("template", template),
+                ("trust domain", trust_domain),
+            )
+            if value
+        )
+    )
+    if not yes:
+        if not _interactive():
+            raise UsageError("the kill switch needs --yes when not run interactively")
+        if not typer.confirm(f"Revoke {scope} (with their sub-tasks), now?", err=True):
+            raise typer.Abort()
+    result = _open(home).kill(
+        reason,
+        by=_who(by),
+        agent=agent,
+        owner=owner,
+        template=template,
+        trust_domain=trust_domain,
+        everything=everything,
+    )
     emit(
         result,
         as_json,
@@ -931,6 +1039,90 @@ def kill_switch(
             "lease(s) revoked"
         ),
     )
+
+
+ReasonOpt = Annotated[str, typer.Option("--reason", help="why (recorded in the receipt)")]
+KillAgent = Annotated[str | None, typer.Option("--agent", help="this agent's tasks")]
+KillOwner = Annotated[str | None, typer.Option("--owner", help="the tasks of this owner's agents")]
+KillTemplate = Annotated[str | None, typer.Option("--template", help="tasks of this template")]
+KillDomain = Annotated[
+    str | None, typer.Option("--trust-domain", help="tasks of this trust domain's agents")
+]
+KillAll = Annotated[bool, typer.Option("--all", help="every open task and every lease")]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")]
+
+
+@app.command("kill")
+def kill(
+    reason: ReasonOpt,
+    agent: KillAgent = None,
+    owner: KillOwner = None,
+    template: KillTemplate = None,
+    trust_domain: KillDomain = None,
+    everything: KillAll = False,
+    yes: YesOpt = False,
+    by: ByOpt = None,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """The kill switch: revoke every open task in scope (every filter given must match),
+    with its sub-tasks, tokens and leases, effective on the next call. Asks first unless
+    --yes; refuses to run unattended without --yes."""
+    _kill(reason, agent, owner, template, trust_domain, everything, yes, by, as_json, home)
+
+
+@app.command("kill-switch")
+def kill_switch(
+    reason: ReasonOpt,
+    agent: KillAgent = None,
+    owner: KillOwner = None,
+    template: KillTemplate = None,
+    trust_domain: KillDomain = None,
+    yes: YesOpt = False,
+    by: ByOpt = None,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Alias of 'kill'; with no scope it revokes everything (like 'kill --all')."""
+    everything = not (agent or owner or template or trust_domain)
+    _kill(reason, agent, owner, template, trust_domain, everything, yes, by, as_json, home)
+
+
+@audit_app.command("trace")
+def audit_trace(task_id: str, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """The whole delegation tree of a task: who delegated what to whom, every decision,
+    every lease."""
+    trace = _open(home).trace(task_id)
+
+    def human() -> None:
+        tasks = {t["task_id"]: t for t in trace["tasks"]}
+        receipts: dict[str, list[dict[str, Any]]] = {}
+        for r in trace["receipts"]:
+            receipts.setdefault(r.get("task_id") or "", []).append(r)
+        leases: dict[str, list[dict[str, Any]]] = {}
+        for lease in trace["leases"]:
+            leases.setdefault(lease["task_id"], []).append(lease)
+
+        def show(task_id: str, depth: int) -> None:
+            t = tasks[task_id]
+            pad = "  " * depth
+            by = f" ← delegated by {t['delegated_by']}" if t["delegated_by"] else ""
+            out.print(f"{pad}[bold]{task_id}[/] {t['agent']} ({t['template']}) {t['status']}{by}")
+            for r in receipts.get(task_id, []):
+                what = r.get("tool") or ""
+                why = "; ".join(x.get("code", "") for x in r.get("reasons") or [])
+                out.print(f"{pad}  #{r['seq']} {r['kind']} {what} {r.get('effect', '')} {why}")
+            for lease in leases.get(task_id, []):
+                out.print(
+                    f"{pad}  lease {lease['lease_id']} {lease['kind']} "
+                    f"{lease['secret'] or ''} {lease['status']}"
+                )
+            for child in t["children"]:
+                show(child, depth + 1)
+
+        show(trace["root_task_id"], 0)
+
+    emit(trace, as_json, human)
 
 
 def main() -> None:

@@ -98,6 +98,10 @@ class TaskState(msgspec.Struct, frozen=True):
     calls_used: int
     token_id: str
     chain: tuple[str, ...] = ()
+    opened_at: float = 0.0
+    #: When the task's last call was allowed (None: none yet; read only for an intent
+    #: with ``idle_seconds``).
+    last_activity: float | None = None
 
 
 class TaskView(Protocol):
@@ -182,6 +186,38 @@ def principal_entities(
         {"uid": owner_uid, "attrs": {}, "parents": []},
     ]
     return principal, entities
+
+
+def call_context(
+    *,
+    task_id: str,
+    template: str,
+    intent: Intent,
+    calls_used: int,
+    chain: tuple[str, ...] | list[str],
+    args: dict[str, Any],
+    flow: dict[str, Any],
+) -> dict[str, Any]:
+    """Cedar's ``context`` for ``call_tool`` (the default schema declares every field).
+
+    ``chain`` is the actor chain, the caller first and the root last: policies see it
+    whole as ``context.chain`` (a set of SPIFFE IDs) and its root as ``context.root``,
+    so a rule can refer to everyone a sub-agent acts for, not only to the sub-agent.
+    """
+    return {
+        "task_id": task_id,
+        "template": template,
+        "purpose": intent.purpose,
+        "data_ceiling": str(intent.data_ceiling),
+        "on_behalf_of": intent.on_behalf_of or "",
+        "calls_used": calls_used,
+        "max_calls": intent.budget.max_calls,
+        "delegation_depth": len(chain) - 1,
+        "chain": list(chain),
+        "root": chain[-1] if chain else "",
+        "args": args,
+        "flow": flow,
+    }
 
 
 @lru_cache(maxsize=4096)
@@ -339,6 +375,13 @@ def _decide(
         )
     if now >= state.expires_at:
         raise _Refusal("task.expired", f"task {state.task_id} has expired", Control.TASK_TOKEN)
+    idle = state.intent.idle_seconds
+    if idle is not None and now - max(state.last_activity or 0.0, state.opened_at) >= idle:
+        raise _Refusal(
+            "task.idle",
+            f"task {state.task_id} has been idle for {idle}s or more",
+            Control.TASK_TOKEN,
+        )
     if state.intent_digest != claims.intent_digest or state.jkt != claims.jkt:
         raise _Refusal(
             "token.task_mismatch",
@@ -386,18 +429,15 @@ def _decide(
     # 5. Cedar.
     principal = {"type": "Agent", "id": state.agent_id}
     cedar_args = {k: cedar_value(v) for k, v in call.args.items() if v is not None}
-    context = {
-        "task_id": state.task_id,
-        "template": state.template,
-        "purpose": state.intent.purpose,
-        "data_ceiling": str(state.intent.data_ceiling),
-        "on_behalf_of": state.intent.on_behalf_of or "",
-        "calls_used": state.calls_used,
-        "max_calls": state.intent.budget.max_calls,
-        "delegation_depth": len(claims.chain) - 1,
-        "args": cedar_args,
-        "flow": flow_ctx,
-    }
+    context = call_context(
+        task_id=state.task_id,
+        template=state.template,
+        intent=state.intent,
+        calls_used=state.calls_used,
+        chain=claims.chain or (state.agent_id,),
+        args=cedar_args,
+        flow=flow_ctx,
+    )
     outcome = snapshot.evaluate(
         principal,
         "call_tool",

@@ -95,6 +95,11 @@ class Intent(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defau
     on_behalf_of: str | None = None
     # The user's request the intent was made from: values it names ground sink arguments.
     request: str | None = None
+    # A task token's lifetime when shorter than the task's (None: the task's): a
+    # long-running task renews its token (``Tether.renew_task``) before it runs out.
+    token_ttl_seconds: int | None = None
+    # The task ends when no call has been allowed for this long (None: never idle).
+    idle_seconds: int | None = None
 
 
 def parse_intent(raw: Any) -> Intent:
@@ -125,6 +130,11 @@ def validate_intent(intent: Intent) -> None:
         raise InvalidIntent(f"at most {MAX_CAPABILITIES} capabilities")
     if not 1 <= intent.ttl_seconds <= MAX_TTL_SECONDS:
         raise InvalidIntent(f"ttl_seconds must be between 1 and {MAX_TTL_SECONDS}")
+    token_ttl = intent.token_ttl_seconds
+    if token_ttl is not None and not 1 <= token_ttl <= MAX_TTL_SECONDS:
+        raise InvalidIntent(f"token_ttl_seconds must be between 1 and {MAX_TTL_SECONDS}")
+    if intent.idle_seconds is not None and not 1 <= intent.idle_seconds <= MAX_TTL_SECONDS:
+        raise InvalidIntent(f"idle_seconds must be between 1 and {MAX_TTL_SECONDS}")
     if intent.budget.max_calls < 0:
         raise InvalidIntent("budget.max_calls must not be negative")
     if intent.budget.max_tools is not None and intent.budget.max_tools < 0:

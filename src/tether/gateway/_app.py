@@ -327,6 +327,8 @@ class Gateway:
                 "calls_used": state.calls_used,
                 "max_calls": state.intent.budget.max_calls,
                 "delegation_depth": len(caller.claims.chain) - 1,
+                "chain": list(caller.claims.chain),
+                "root": caller.claims.chain[-1],
                 "args": {},
             }
             for upstream in self.upstreams.values():

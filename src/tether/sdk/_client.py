@@ -55,6 +55,24 @@ def _task_body(
     }
 
 
+def _kill_body(
+    reason: str,
+    agent: str | None,
+    owner: str | None,
+    template: str | None,
+    trust_domain: str | None,
+    everything: bool,
+) -> dict[str, Any]:
+    return {
+        "reason": reason,
+        "agent": agent,
+        "owner": owner,
+        "template": template,
+        "trust_domain": trust_domain,
+        "all": everything,
+    }
+
+
 # -- sync -------------------------------------------------------------------------------------
 class Task:
     """One open task: its token, bound to the client's key."""
@@ -96,6 +114,13 @@ class Task:
             self.client.requests.call("POST", f"/v1/tasks/{self.task_id}/end")
         )
         return result
+
+    def renew(self) -> Task:
+        """Swap this task's token for a fresh one (a long-running task, before the token
+        runs out); the old token is revoked. Raises if the current policy refuses."""
+        body = self.client.post(f"/v1/tasks/{self.task_id}/renew")
+        self.token, self.expires_at = body["token"], body["expires_at"]
+        return self
 
 
 class Client:
@@ -228,6 +253,27 @@ class Client:
     def verify_audit(self) -> Any:
         return self.get("/v1/audit/verify")
 
+    def trace(self, task_id: str) -> dict[str, Any]:
+        """The whole delegation tree of a task: tasks, receipts, leases."""
+        result: dict[str, Any] = self.get("/v1/audit/trace", task_id=task_id)
+        return result
+
+    def kill(
+        self,
+        reason: str,
+        *,
+        agent: str | None = None,
+        owner: str | None = None,
+        template: str | None = None,
+        trust_domain: str | None = None,
+        all: bool = False,
+    ) -> dict[str, list[str]]:
+        """The kill switch (admin): revoke every open task in scope, now."""
+        result: dict[str, list[str]] = self.post(
+            "/v1/kill", _kill_body(reason, agent, owner, template, trust_domain, all)
+        )
+        return result
+
     def jwks(self) -> Any:
         return self.get("/.well-known/jwks.json")
 
@@ -275,6 +321,12 @@ class AsyncTask:
             self.client.requests.call("POST", f"/v1/tasks/{self.task_id}/end")
         )
         return result
+
+    async def renew(self) -> AsyncTask:
+        """The async mirror of :meth:`Task.renew`."""
+        body = await self.client.post(f"/v1/tasks/{self.task_id}/renew")
+        self.token, self.expires_at = body["token"], body["expires_at"]
+        return self
 
 
 class AsyncClient:
@@ -362,3 +414,23 @@ class AsyncClient:
             yield task
         finally:
             await task.end()
+
+    async def trace(self, task_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.get("/v1/audit/trace", task_id=task_id)
+        return result
+
+    async def kill(
+        self,
+        reason: str,
+        *,
+        agent: str | None = None,
+        owner: str | None = None,
+        template: str | None = None,
+        trust_domain: str | None = None,
+        all: bool = False,
+    ) -> dict[str, list[str]]:
+        """The kill switch (admin): revoke every open task in scope, now."""
+        result: dict[str, list[str]] = await self.post(
+            "/v1/kill", _kill_body(reason, agent, owner, template, trust_domain, all)
+        )
+        return result

@@ -570,6 +570,8 @@ async def policy_dry_run(request: Request, data: S.DryRunIn) -> S.DryRunOut:  # 
         "calls_used": data.calls_used,
         "max_calls": 1_000_000,
         "delegation_depth": 0,
+        "chain": [agent.spiffe_id],
+        "root": agent.spiffe_id,
         "args": {k: cedar_value(v) for k, v in data.args.items() if v is not None},
         "flow": empty_flow_context(),
     }
@@ -618,7 +620,12 @@ async def task_open(request: Request, data: S.TaskOpenIn) -> S.TaskOpenOut:  # t
         request=data.request,
     )
     _ctx(request).metrics.tokens.labels("issued").inc()
-    return S.TaskOpenOut(task_id=opened.task_id, token=opened.token, expires_at=opened.expires_at)
+    return S.TaskOpenOut(
+        task_id=opened.task_id,
+        token=opened.token,
+        expires_at=opened.expires_at,
+        token_expires_at=opened.token_expires_at,
+    )
 
 
 def _task_access(principal: Principal, row: TaskRow, tether: Tether, *, write: bool) -> None:
@@ -657,6 +664,35 @@ async def task_end(request: Request, task_id: str) -> S.TaskOut:  # type: ignore
     tether = _ctx(request).tether
     _task_access(principal, tether.tasks.get(task_id), tether, write=True)
     return _task(tether.end_task(task_id))
+
+
+@post(
+    "/v1/tasks/{task_id:str}/renew",
+    tags=["tasks"],
+    responses=_ERRORS,
+    status_code=200,
+    guards=[authenticated],
+)
+async def task_renew(request: Request, task_id: str) -> S.TaskOpenOut:  # type: ignore[type-arg]
+    """Renew a long-running task's token: only the task's own workload (its SVID and a
+    DPoP proof), or an admin. The admission policy and every capability of the intent
+    are re-checked against the current policy; the old token is revoked."""
+    principal = _principal(request)
+    tether = _ctx(request).tether
+    row = tether.tasks.get(task_id)
+    if principal.kind == "workload":
+        if principal.id != row.agent_id:
+            raise Forbidden("only the task's own agent renews its token")
+    else:
+        require(principal)
+    renewed = tether.renew_task(task_id)
+    _ctx(request).metrics.tokens.labels("issued").inc()
+    return S.TaskOpenOut(
+        task_id=renewed.task_id,
+        token=renewed.token,
+        expires_at=renewed.expires_at,
+        token_expires_at=renewed.token_expires_at,
+    )
 
 
 @post("/v1/decisions", tags=["decisions"], responses=_ERRORS, status_code=200)
@@ -757,6 +793,17 @@ async def audit_query(
     if task_id is not None:
         records = [r for r in records if r.get("task_id") == task_id][-limit:]
     return S.AuditOut(records=records)
+
+
+@get("/v1/audit/trace", tags=["audit"], responses=_ERRORS, guards=[authenticated])
+async def audit_trace(
+    request: Request,  # type: ignore[type-arg]
+    task_id: str = Parameter(query="task_id", min_length=1, max_length=128),
+) -> S.TraceOut:
+    """The whole delegation tree of a task: its tasks, every receipt, every lease."""
+    require(_principal(request), "auditor")
+    trace = _ctx(request).tether.trace(task_id)
+    return S.TraceOut(**trace)
 
 
 @get("/v1/audit/verify", tags=["audit"], responses=_ERRORS, guards=[authenticated])
@@ -941,7 +988,35 @@ async def kill_switch(request: Request, data: S.KillSwitchIn) -> S.KillSwitchOut
     lease, now."""
     principal = _principal(request)
     require(principal)
-    result = _ctx(request).tether.kill_switch(data.reason, by=principal.name, agent=data.agent)
+    scoped = data.owner or data.template or data.trust_domain
+    result = _ctx(request).tether.kill(
+        data.reason,
+        by=principal.name,
+        agent=data.agent,
+        owner=data.owner,
+        template=data.template,
+        trust_domain=data.trust_domain,
+        everything=not (data.agent or scoped),
+    )
+    _ctx(request).metrics.tokens.labels("revoked").inc(len(result["tasks"]))
+    return S.KillSwitchOut(tasks=result["tasks"], leases=result["leases"])
+
+
+@post("/v1/kill", tags=["tasks"], responses=_ERRORS, status_code=200, guards=[authenticated])
+async def kill(request: Request, data: S.KillIn) -> S.KillSwitchOut:  # type: ignore[type-arg]
+    """The kill switch (admin only): revoke every open task in scope (every filter given
+    must match, or ``all``), with their subtrees, tokens and leases; one receipt."""
+    principal = _principal(request)
+    require(principal)
+    result = _ctx(request).tether.kill(
+        data.reason,
+        by=principal.name,
+        agent=data.agent,
+        owner=data.owner,
+        template=data.template,
+        trust_domain=data.trust_domain,
+        everything=data.all,
+    )
     _ctx(request).metrics.tokens.labels("revoked").inc(len(result["tasks"]))
     return S.KillSwitchOut(tasks=result["tasks"], leases=result["leases"])
 
@@ -1091,11 +1166,13 @@ def create_app(tether: Tether, settings: ServerSettings | None = None) -> Litest
             task_open,
             task_show,
             task_end,
+            task_renew,
             decision,
             approval_list,
             approval_approve,
             approval_deny,
             audit_query,
+            audit_trace,
             audit_verify,
             oauth_token,
             oauth_introspect,
@@ -1107,6 +1184,7 @@ def create_app(tether: Tether, settings: ServerSettings | None = None) -> Litest
             lease_list,
             lease_revoke,
             kill_switch,
+            kill,
         ],
         state=State({"ctx": Context(tether, settings)}),
         exception_handlers={Exception: _error_response},

@@ -170,6 +170,8 @@ class TaskOpenOut(msgspec.Struct):
     task_id: str
     token: str
     expires_at: float
+    #: When this token runs out (sooner than the task with ``token_ttl_seconds``).
+    token_expires_at: float | None = None
 
 
 class TaskOut(msgspec.Struct):
@@ -341,6 +343,28 @@ class LeaseRevokeIn(Strict):
 class KillSwitchIn(Strict):
     reason: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     agent: str | None = None
+    owner: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    template: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    trust_domain: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+
+
+class KillIn(Strict):
+    """``POST /v1/kill``: the scope (every filter given must match) or ``all``."""
+
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    agent: str | None = None
+    owner: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    template: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    trust_domain: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    all: bool = False
+
+
+class TraceOut(msgspec.Struct):
+    task_id: str
+    root_task_id: str
+    tasks: list[dict[str, Any]]
+    receipts: list[dict[str, Any]]
+    leases: list[dict[str, Any]]
 
 
 class KillSwitchOut(msgspec.Struct):

@@ -289,3 +289,19 @@ class Store(Protocol):
     def execute_fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Raw query, for inspection and tests only."""
         ...
+
+    # -- long-running tasks: token renewal, idleness ---------------------------------------
+    def set_task_token(self, task_id: str, token_id: str) -> bool:
+        """Make ``token_id`` the open task's current token; False if it is not open."""
+        ...
+
+    def put_task_resources(self, task_id: str, resources_json: str) -> None:
+        """Remember the resource servers a task's tokens are addressed to (for renewal)."""
+        ...
+
+    def get_task_resources(self, task_id: str) -> str | None: ...
+    def touch_task(self, task_id: str, at: float) -> None:
+        """Record that a call of the task was allowed at ``at`` (idle tracking)."""
+        ...
+
+    def task_last_activity(self, task_id: str) -> float | None: ...

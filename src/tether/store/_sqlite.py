@@ -688,3 +688,48 @@ class SQLiteStore:
         )
         assert row is not None
         return int(row[0]), int(row[1])
+
+    # -- long-running tasks: token renewal, idleness (own table, created on first use) ----
+    _TASK_RUNTIME_DDL = (
+        "CREATE TABLE IF NOT EXISTS task_runtime (task_id TEXT PRIMARY KEY, "
+        "resources_json TEXT NOT NULL DEFAULT '[]', last_call_at REAL)"
+    )
+
+    def _task_runtime(self) -> None:
+        if not getattr(self, "_task_runtime_ready", False):
+            self._run(self._TASK_RUNTIME_DDL)
+            self._task_runtime_ready = True
+
+    def set_task_token(self, task_id: str, token_id: str) -> bool:
+        cur = self._run(
+            "UPDATE tasks SET token_id = ? WHERE task_id = ? AND status = 'open'",
+            (token_id, task_id),
+        )
+        return cur.rowcount == 1
+
+    def put_task_resources(self, task_id: str, resources_json: str) -> None:
+        self._task_runtime()
+        self._run(
+            "INSERT INTO task_runtime (task_id, resources_json) VALUES (?, ?) "
+            "ON CONFLICT (task_id) DO UPDATE SET resources_json = excluded.resources_json",
+            (task_id, resources_json),
+        )
+
+    def get_task_resources(self, task_id: str) -> str | None:
+        self._task_runtime()
+        row = self._one("SELECT resources_json FROM task_runtime WHERE task_id = ?", (task_id,))
+        return None if row is None else str(row[0])
+
+    def touch_task(self, task_id: str, at: float) -> None:
+        self._task_runtime()
+        self._run(
+            "INSERT INTO task_runtime (task_id, last_call_at) VALUES (?, ?) "
+            "ON CONFLICT (task_id) DO UPDATE SET last_call_at = "
+            "max(coalesce(last_call_at, 0), excluded.last_call_at)",
+            (task_id, at),
+        )
+
+    def task_last_activity(self, task_id: str) -> float | None:
+        self._task_runtime()
+        row = self._one("SELECT last_call_at FROM task_runtime WHERE task_id = ?", (task_id,))
+        return None if row is None or row[0] is None else float(row[0])

@@ -1,7 +1,7 @@
 """Intent templates, tasks and the in-process enforcement point."""
 
 from tether.tasks._authorizer import Authorizer, Receipt, StoreTaskView
-from tether.tasks._service import ADHOC_TEMPLATE, OpenedTask, TaskService
+from tether.tasks._service import ADHOC_TEMPLATE, OpenedTask, RenewalRejected, TaskService
 from tether.tasks._templates import (
     ParamSpec,
     Template,
@@ -16,6 +16,7 @@ __all__ = [
     "OpenedTask",
     "ParamSpec",
     "Receipt",
+    "RenewalRejected",
     "StoreTaskView",
     "TaskService",
     "Template",

@@ -96,6 +96,12 @@ class StoreTaskView:
             expires_at=row.expires_at,
             calls_used=row.calls_used,
             token_id=row.token_id,
+            opened_at=row.opened_at,
+            last_activity=(
+                self._store.task_last_activity(row.task_id)
+                if intent.idle_seconds is not None
+                else None
+            ),
         )
         return self.last
 
@@ -347,4 +353,6 @@ class Authorizer:
                 reasons=(Reason("budget.calls_exhausted", f"call budget of {limit} is spent"),),
                 risk_tags=risk_tags(Control.INTENT_BINDING),
             )
+        if state is not None and state.intent.idle_seconds is not None:
+            self._store.touch_task(decision.task_id, now)
         return decision

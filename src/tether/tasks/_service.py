@@ -8,12 +8,14 @@ from typing import Any, Protocol
 
 import msgspec
 
-from tether._errors import AdmissionRejected, IdentityRejected, InvalidIntent, NotFound
+from tether._errors import AdmissionRejected, IdentityRejected, InvalidIntent, NotFound, Rejected
 from tether.audit import Auditor
 from tether.core._clock import Clock
-from tether.core._decision import principal_entities
+from tether.core._decision import call_context, call_entities, cedar_value, principal_entities
 from tether.core._delegation import DelegationRejected, check_narrowing
+from tether.core._flow import empty_flow_context
 from tether.core._intent import (
+    Capability,
     Intent,
     decode_intent,
     intent_digest,
@@ -30,6 +32,7 @@ from tether.tasks._templates import parse_template, render
 from tether.tokens import KeyRing, mint_task_token
 
 ADHOC_TEMPLATE = "adhoc"
+_GLOBS = frozenset("*?[")
 DEFAULT_TASK_TTL = 600
 
 
@@ -38,6 +41,39 @@ class OpenedTask(msgspec.Struct, frozen=True):
     token: str
     expires_at: float
     intent_digest: str
+    #: When this token runs out (the task's end, or sooner with ``token_ttl_seconds``).
+    token_expires_at: float = 0.0
+
+
+class RenewalRejected(Rejected):
+    code = "renewal.refused"
+
+
+def token_expiry(intent: Intent, now: float, task_expires_at: float) -> float:
+    """A task token's ``exp``: the task's end, or sooner with ``token_ttl_seconds``."""
+    if intent.token_ttl_seconds is None:
+        return task_expires_at
+    return min(task_expires_at, now + intent.token_ttl_seconds)
+
+
+def _probe_args(cap: Capability) -> dict[str, Any]:
+    """Sample arguments a capability allows (for re-checking it against policy)."""
+    args: dict[str, Any] = {}
+    for name, c in cap.args.items():
+        value: Any = (
+            c.equals
+            if c.equals is not None
+            else c.one_of[0]
+            if c.one_of
+            else c.max
+            if c.max is not None
+            else c.min
+            if c.min is not None
+            else c.prefix
+        )
+        if value is not None:
+            args[name] = value
+    return args
 
 
 class LeaseRevoker(Protocol):
@@ -111,7 +147,13 @@ class TaskService:
                 "give exactly one of proof_jwk or jkt", code="admission.request"
             )
         try:
-            agent = self._registry.get(str(parse_spiffe_id(agent_id)))
+            parsed = parse_spiffe_id(agent_id)
+            if parsed.trust_domain != self._keyring.trust_domain:
+                raise IdentityRejected(
+                    f"{agent_id} is not in trust domain {self._keyring.trust_domain}",
+                    code="identity.trust_domain",
+                )
+            agent = self._registry.get(str(parsed))
             if agent.kind != "agent":
                 raise IdentityRejected(
                     f"{agent_id} is a {agent.kind}, not an agent", code="identity.kind"
@@ -161,24 +203,7 @@ class TaskService:
         assert jkt is not None
 
         # Admission policy: may this agent open this template / intent?
-        snapshot = self._policies.snapshot()
-        principal, entities = principal_entities(agent.spiffe_id, agent.owner, agent.kind)
-        resource = {"type": "Template", "id": name}
-        context = {
-            "purpose": intent.purpose,
-            "data_ceiling": str(intent.data_ceiling),
-            "on_behalf_of": intent.on_behalf_of or "",
-            "max_calls": intent.budget.max_calls,
-            "ttl_seconds": intent.ttl_seconds,
-            "tools": sorted({c.tool for c in intent.capabilities}),
-        }
-        outcome = snapshot.evaluate(
-            principal,
-            "open_task",
-            resource,
-            context,
-            [*entities, {"uid": resource, "attrs": {}, "parents": []}],
-        )
+        outcome = self._admission(agent.spiffe_id, agent.owner, agent.kind, name, intent)
         if outcome.errors or not outcome.allowed or outcome.approval:
             message = (
                 "admission policy error: " + "; ".join(outcome.errors)
@@ -201,6 +226,7 @@ class TaskService:
 
         task_id = "task_" + uuid.uuid4().hex
         expires_at = now + intent.ttl_seconds
+        token_expires_at = token_expiry(intent, now, expires_at)
         token, token_id = mint_task_token(
             self._keyring,
             task_id=task_id,
@@ -210,7 +236,7 @@ class TaskService:
             intent_digest=digest,
             jkt=jkt,
             issued_at=now,
-            expires_at=expires_at,
+            expires_at=token_expires_at,
             actors=actors,
             resources=resources,
         )
@@ -231,6 +257,8 @@ class TaskService:
         )
         with self._store.transaction():
             self._store.add_task(row)
+            if resources:
+                self._store.put_task_resources(task_id, json.dumps(list(resources)))
             self._auditor.append(
                 "task.open",
                 chain=[agent.spiffe_id, *actors],
@@ -242,6 +270,7 @@ class TaskService:
                     "template": name,
                     "token_id": token_id,
                     "expires_at": expires_at,
+                    "token_expires_at": token_expires_at,
                     "jkt": jkt,
                     "purpose": intent.purpose,
                     "parent_task_id": parent.task_id if parent else None,
@@ -254,8 +283,179 @@ class TaskService:
                 ),
             )
         return OpenedTask(
-            task_id=task_id, token=token, expires_at=int(expires_at), intent_digest=digest
+            task_id=task_id,
+            token=token,
+            expires_at=int(expires_at),
+            intent_digest=digest,
+            token_expires_at=int(token_expires_at),
         )
+
+    def _admission(self, agent_id: str, owner: str, kind: str, name: str, intent: Intent) -> Any:
+        """Evaluate the admission policy (``open_task``) against the live snapshot."""
+        snapshot = self._policies.snapshot()
+        principal, entities = principal_entities(agent_id, owner, kind)
+        resource = {"type": "Template", "id": name}
+        context = {
+            "purpose": intent.purpose,
+            "data_ceiling": str(intent.data_ceiling),
+            "on_behalf_of": intent.on_behalf_of or "",
+            "max_calls": intent.budget.max_calls,
+            "ttl_seconds": intent.ttl_seconds,
+            "tools": sorted({c.tool for c in intent.capabilities}),
+        }
+        return snapshot.evaluate(
+            principal,
+            "open_task",
+            resource,
+            context,
+            [*entities, {"uid": resource, "attrs": {}, "parents": []}],
+        )
+
+    def renew(self, task_id: str) -> OpenedTask:
+        """Mint a new token for an open task; the old one is revoked durably.
+
+        Renewal re-checks what opening checked, against the *current* state: every
+        identity in the chain is still active, every ancestor task is still open, the
+        admission policy still admits the task, and every capability the task holds is
+        still permitted by the current policy (a capability whose probe call, made with
+        sample arguments its constraints allow, is denied with no evaluation error, is
+        no longer permitted; glob capabilities are left to the per-call check). Either
+        way a receipt is left.
+        """
+        now = self._clock.now()
+        row = self.get(task_id)
+        chain = list(json.loads(row.chain_json)) or [row.agent_id]
+        intent = decode_intent(row.intent_json)
+        snapshot = self._policies.snapshot()
+        try:
+            self._renewable(row, chain, intent, now)
+        except Rejected as exc:
+            self._deny(
+                "task.renew",
+                chain,
+                exc.code,
+                exc.message,
+                Control.TASK_TOKEN,
+                Control.PER_CALL_POLICY,
+                task_id=task_id,
+                intent_digest=row.intent_digest,
+                policy_digest=snapshot.digest,
+            )
+            raise
+        raw = self._store.get_task_resources(task_id)
+        resources = tuple(json.loads(raw)) if raw else ()
+        expires_at = token_expiry(intent, now, row.expires_at)
+        token, token_id = mint_task_token(
+            self._keyring,
+            task_id=task_id,
+            agent_id=row.agent_id,
+            template=row.template,
+            intent=intent,
+            intent_digest=row.intent_digest,
+            jkt=row.jkt,
+            issued_at=now,
+            expires_at=expires_at,
+            actors=tuple(chain[1:]),
+            resources=resources,
+        )
+        with self._store.transaction():
+            if not self._store.set_task_token(task_id, token_id):
+                raise RenewalRejected(f"task {task_id} is no longer open", code="task.ended")
+            self._store.revoke_token(row.token_id, task_id, "renewed", now)
+            self._auditor.append(
+                "task.renew",
+                chain=chain,
+                task_id=task_id,
+                intent_digest=row.intent_digest,
+                effect="allow",
+                detail={
+                    "token_id": token_id,
+                    "previous_token_id": row.token_id,
+                    "token_expires_at": expires_at,
+                    "policy_digest": snapshot.digest,
+                },
+                risk_tags=list(
+                    risk_tags(Control.TASK_TOKEN, Control.INTENT_BINDING, Control.PER_CALL_POLICY)
+                ),
+            )
+        return OpenedTask(
+            task_id=task_id,
+            token=token,
+            expires_at=int(row.expires_at),
+            intent_digest=row.intent_digest,
+            token_expires_at=int(expires_at),
+        )
+
+    def _renewable(self, row: TaskRow, chain: list[str], intent: Intent, now: float) -> None:
+        if row.status != "open":
+            raise RenewalRejected(f"task {row.task_id} is {row.status}", code=f"task.{row.status}")
+        if now >= row.expires_at:
+            raise RenewalRejected(f"task {row.task_id} has expired", code="task.expired")
+        if intent.idle_seconds is not None:
+            last = self._store.task_last_activity(row.task_id)
+            if now - max(last or 0.0, row.opened_at) >= intent.idle_seconds:
+                raise RenewalRejected(f"task {row.task_id} is idle", code="task.idle")
+        for spiffe_id in chain:
+            identity = self._store.get_identity(spiffe_id)
+            if identity is None or identity.status != "active":
+                raise RenewalRejected(f"{spiffe_id} is disabled", code="identity.disabled")
+        parent_id = row.parent_task_id
+        while parent_id is not None:
+            parent = self.get(parent_id)
+            if parent.status != "open" or parent.expires_at <= now:
+                raise RenewalRejected(
+                    f"ancestor task {parent_id} is {parent.status}", code="delegation.parent"
+                )
+            parent_id = parent.parent_task_id
+        agent = self._store.get_identity(row.agent_id)
+        assert agent is not None
+        outcome = self._admission(agent.spiffe_id, agent.owner, agent.kind, row.template, intent)
+        if outcome.errors or not outcome.allowed or outcome.approval:
+            raise RenewalRejected(
+                "the admission policy no longer admits this task", code="admission.denied"
+            )
+        snapshot = self._policies.snapshot()
+        for cap in intent.capabilities:
+            if _GLOBS & set(cap.tool):
+                continue
+            args = {k: cedar_value(v) for k, v in _probe_args(cap).items()}
+            context = call_context(
+                task_id=row.task_id,
+                template=row.template,
+                intent=intent,
+                calls_used=row.calls_used,
+                chain=chain,
+                args=args,
+                flow=empty_flow_context(),
+            )
+            probe = snapshot.evaluate(
+                {"type": "Agent", "id": agent.spiffe_id},
+                "call_tool",
+                {"type": "Tool", "id": cap.tool},
+                context,
+                call_entities(agent.spiffe_id, agent.owner, agent.kind, cap.tool),
+            )
+            if not probe.allowed and not probe.errors:
+                raise RenewalRejected(
+                    f"capability {cap.tool!r} is no longer permitted by policy"
+                    + (f" (forbidden by {', '.join(probe.policies)})" if probe.policies else ""),
+                    code="renewal.capability_revoked",
+                )
+
+    def tree(self, task_id: str) -> list[TaskRow]:
+        """Every task of the delegation tree ``task_id`` belongs to, the root first."""
+        row = self.get(task_id)
+        while row.parent_task_id is not None:
+            parent = self._store.get_task(row.parent_task_id)
+            if parent is None:
+                break
+            row = parent
+        rows, queue = [], [row]
+        while queue:
+            current = queue.pop(0)
+            rows.append(current)
+            queue.extend(self._store.list_tasks(parent_task_id=current.task_id))
+        return rows
 
     def _narrow(
         self, agent_id: str, parent: TaskRow, intent: Intent, now: float
@@ -349,4 +549,10 @@ class TaskService:
             if row.expires_at <= now:
                 self.end(row.task_id, reason="ttl elapsed", status="expired")
                 expired.append(row.task_id)
+            elif '"idle_seconds"' in row.intent_json:
+                idle = decode_intent(row.intent_json).idle_seconds
+                last = self._store.task_last_activity(row.task_id)
+                if idle is not None and now - max(last or 0.0, row.opened_at) >= idle:
+                    self.end(row.task_id, reason=f"idle for {idle}s", status="expired")
+                    expired.append(row.task_id)
         return expired
