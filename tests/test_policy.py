@@ -219,3 +219,38 @@ def test_index_evaluates_only_applicable_policies() -> None:
     )
     chosen = snapshot.applicable("call_tool", "Tool", "tool42")
     assert [p.id for p in chosen] == ["p42", "open"]
+
+
+def test_context_pruning_never_allows_more() -> None:
+    """Policies get only the context attributes they read; reading one that is left
+    out would error, and an error denies."""
+    agent = {"type": "Agent", "id": AGENT}
+    ents = [
+        {
+            "uid": agent,
+            "attrs": {"owner": "o", "kind": "agent", "trust_domain": "acme.example"},
+            "parents": [],
+        },
+        {"uid": {"type": "Tool", "id": "t"}, "attrs": {}, "parents": []},
+    ]
+    context = {
+        "task_id": "t",
+        "template": "x",
+        "purpose": "p",
+        "data_ceiling": "internal",
+        "on_behalf_of": "",
+        "calls_used": 5,
+        "max_calls": 9,
+        "delegation_depth": 0,
+        "args": {"amount": 10},
+    }
+    text = (
+        'permit (principal, action == Action::"call_tool", resource);\n'
+        '@id("cap")\nforbid (principal, action == Action::"call_tool", resource) '
+        "when { context.calls_used > 3 };"
+    )
+    snapshot = build_snapshot({"p.cedar": text}, default_schema())
+    _, _, used = snapshot._bucket("call_tool", "Tool", "t")
+    assert used == frozenset({"calls_used"})
+    outcome = snapshot.evaluate(agent, "call_tool", {"type": "Tool", "id": "t"}, context, ents)
+    assert not outcome.allowed and outcome.policies == ("cap",)

@@ -46,6 +46,7 @@ Rules (reason codes):
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import re
 from collections.abc import Iterator, Mapping
@@ -603,4 +604,10 @@ def flow_context(
 
 
 def empty_flow_context() -> dict[str, Any]:
+    """The flow context of a call with no flow state (a fresh copy of a cached value)."""
+    return dict(_empty_flow_context())
+
+
+@functools.lru_cache(maxsize=1)
+def _empty_flow_context() -> dict[str, Any]:
     return flow_context(FlowState(), "", UNDESCRIBED, [])

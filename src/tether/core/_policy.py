@@ -155,9 +155,9 @@ class PolicySnapshot:
     policies: tuple[PolicyRecord, ...]
     _exact: dict[tuple[str, str, str], list[PolicyRecord]] = field(default_factory=dict)
     _open: dict[str, list[PolicyRecord]] = field(default_factory=dict)
-    _buckets: OrderedDict[tuple[str, str, str], tuple[Any, Any]] = field(
-        default_factory=OrderedDict
-    )
+    _buckets: OrderedDict[
+        tuple[str, str, str], tuple[Any, frozenset[str], frozenset[str] | None]
+    ] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         for record in self.policies:
@@ -190,7 +190,9 @@ class PolicySnapshot:
                 unique.append(record)
         return unique
 
-    def _bucket(self, action: str, resource_type: str, resource_id: str) -> tuple[Any, Any]:
+    def _bucket(
+        self, action: str, resource_type: str, resource_id: str
+    ) -> tuple[Any, frozenset[str], frozenset[str] | None]:
         key = (action, resource_type, resource_id)
         bucket = self._buckets.get(key)
         if bucket is not None:
@@ -201,7 +203,7 @@ class PolicySnapshot:
         # are told apart by id afterwards (see evaluate).
         policies = {p.id: ({**p.est, "effect": "permit"} if p.approval else p.est) for p in records}
         approvals = frozenset(p.id for p in records if p.approval)
-        bucket = (_policy_set(policies), approvals)
+        bucket = (_policy_set(policies), approvals, _context_attributes(records))
         self._buckets[key] = bucket
         if len(self._buckets) > 8192:
             self._buckets.popitem(last=False)
@@ -216,7 +218,11 @@ class PolicySnapshot:
         entities: list[dict[str, Any]] | cedarpy.Entities,
     ) -> CedarOutcome:
         """Evaluate one request; raise nothing the caller must not turn into a deny."""
-        policy_set, approvals = self._bucket(action, resource["type"], resource["id"])
+        policy_set, approvals, used = self._bucket(action, resource["type"], resource["id"])
+        if used is not None:
+            # Only what these policies read: Cedar parses less. A policy reading an attribute
+            # left out would error, and an error denies: pruning can never allow more.
+            context = {k: v for k, v in context.items() if k in used}
         request = {
             "principal": principal,
             "action": {"type": "Action", "id": action},
@@ -233,6 +239,35 @@ class PolicySnapshot:
         if not permits:  # only approval markers matched: nothing actually permits the call
             return CedarOutcome(False, False, (), ())
         return CedarOutcome(True, len(permits) < len(reasons), reasons, ())
+
+
+def _context_attributes(records: list[PolicyRecord]) -> frozenset[str] | None:
+    """The top-level context attributes ``records`` read, or None if any use of
+    ``context`` is not a plain attribute access (then nothing is pruned)."""
+    used: set[str] = set()
+
+    def walk(node: Any) -> bool:
+        if isinstance(node, dict):
+            for op in (".", "has"):
+                inner = node.get(op)
+                if (
+                    isinstance(inner, dict)
+                    and inner.get("left") == {"Var": "context"}
+                    and isinstance(inner.get("attr"), str)
+                ):
+                    used.add(inner["attr"])
+                    return True
+            if node.get("Var") == "context":
+                return False  # context used as a whole
+            return all(walk(v) for v in node.values())
+        if isinstance(node, list):
+            return all(walk(v) for v in node)
+        return True
+
+    for record in records:
+        if not walk(record.est.get("conditions", [])):
+            return None
+    return frozenset(used)
 
 
 def _policy_set(policies: dict[str, Any]) -> Any:

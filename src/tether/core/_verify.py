@@ -22,6 +22,7 @@ import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import jwt
@@ -68,9 +69,15 @@ def jwk_thumbprint(jwk: dict[str, Any]) -> str:
         raise ProofRejected("proof key must be an EC P-256 JWK", code="proof.key")
     if not all(k in jwk for k in ("x", "y")):
         raise ProofRejected("proof key lacks x or y", code="proof.key")
-    members = {k: jwk[k] for k in ("crv", "kty", "x", "y")}
-    if not all(isinstance(v, str) for v in members.values()):
+    x, y = jwk["x"], jwk["y"]
+    if not isinstance(x, str) or not isinstance(y, str):
         raise ProofRejected("proof key members must be strings", code="proof.key")
+    return _ec_thumbprint(x, y)
+
+
+@lru_cache(maxsize=4096)
+def _ec_thumbprint(x: str, y: str) -> str:
+    members = {"crv": "P-256", "kty": "EC", "x": x, "y": y}
     return b64url(hashlib.sha256(canonical_json(members)).digest())
 
 
