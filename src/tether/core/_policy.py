@@ -231,7 +231,7 @@ class PolicySnapshot:
         }
         result = cedarpy.is_authorized(request, policy_set, entities)
         errors = tuple(result.diagnostics.errors)
-        reasons = tuple(result.diagnostics.reasons)
+        reasons = tuple(sorted(result.diagnostics.reasons))  # stable receipts
         if errors or not result.allowed:
             # Deny: the reasons are the forbids that fired (none: nothing permitted).
             return CedarOutcome(False, False, reasons, errors)
