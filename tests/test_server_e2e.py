@@ -306,19 +306,72 @@ def test_delegation_by_token_exchange(server: Server) -> None:
             'resource == Template::"adhoc");',
         }
     )
-    ok = httpx.post(
-        f"{server.url}/oauth2/token",
+    url = f"{server.url}/oauth2/token"
+
+    def parent_proof() -> dict[str, str]:
+        assert agent.key is not None
+        return {"DPoP": agent.key.prove_request(parent.token, htm="POST", htu=url, now=time.time())}
+
+    # The parent token alone (no proof by its key) delegates nothing.
+    bare = httpx.post(url, data={**form, "request_details": json.dumps({"intent": narrow})})
+    assert bare.status_code == 400 and bare.json()["error"] == "invalid_grant"
+    assert "proof" in bare.json()["error_description"]
+    # Nor does a proof by the actor's own key.
+    assert helper.key is not None
+    stolen = httpx.post(
+        url,
         data={**form, "request_details": json.dumps({"intent": narrow})},
+        headers={
+            "DPoP": helper.key.prove_request(parent.token, htm="POST", htu=url, now=time.time())
+        },
+    )
+    assert stolen.status_code == 400 and stolen.json()["error"] == "invalid_grant"
+    ok = httpx.post(
+        url,
+        data={**form, "request_details": json.dumps({"intent": narrow})},
+        headers=parent_proof(),
     )
     assert ok.status_code == 200, ok.text
     claims = jwt.decode(ok.json()["access_token"], options={"verify_signature": False})
     assert claims["sub"] == HELPER and claims["act"] == {"sub": AGENT}
     wide = {**narrow, "capabilities": [{"tool": "shell.exec"}]}
     refused = httpx.post(
-        f"{server.url}/oauth2/token", data={**form, "request_details": json.dumps({"intent": wide})}
+        url, data={**form, "request_details": json.dumps({"intent": wide})}, headers=parent_proof()
     )
     assert refused.status_code == 400 and refused.json()["error"] == "invalid_grant"
     assert "shell.exec" in refused.json()["error_description"]
+    # Through the SDK: the parent delegates, the helper adopts and calls.
+    handed = parent.delegate(helper.requests.svid or "", intent=narrow)
+    child = helper.adopt(handed["task_id"], handed["access_token"])
+    assert child.authorize("bank.read_bills").allowed
+    # Another workload may not attach itself to someone else's task over /v1/tasks.
+    with pytest.raises(APIError) as hijack:
+        helper.open_task(intent=narrow, parent_task_id=parent.task_id)
+    assert hijack.value.status == 403
+
+
+def test_delegated_calls_spend_the_parents_budget(server: Server) -> None:
+    admin, agent = _setup(server)
+    admin.load_policies(
+        {
+            **{p.name: p.read_text() for p in (EXAMPLES / "policies").glob("*.cedar")},
+            "adhoc.cedar": 'permit (principal, action == Action::"open_task", '
+            'resource == Template::"adhoc");',
+        }
+    )
+    one = {
+        "purpose": "read",
+        "capabilities": [{"tool": "bank.read_bills"}],
+        "budget": {"max_calls": 1},
+        "ttl_seconds": 300,
+    }
+    parent = agent.open_task(intent=one)
+    child_intent = {**one, "ttl_seconds": 100}
+    children = [
+        agent.open_task(intent=child_intent, parent_task_id=parent.task_id) for _ in range(3)
+    ]
+    effects = [c.authorize("bank.read_bills").effect for c in children]
+    assert effects.count("allow") == 1, effects
 
 
 def test_metrics_and_health(server: Server) -> None:

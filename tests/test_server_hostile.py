@@ -15,6 +15,7 @@ call like any other: ``200`` with ``effect: deny`` and its receipt, not an HTTP 
 from __future__ import annotations
 
 import contextlib
+import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -316,7 +317,11 @@ def test_ten_thousand_deep_json(world: World, kind: str) -> None:
         "subject_token_type": TYPE_TXN,
         "request_details": deep.decode(),
     }
-    response = world.http.post("/oauth2/token", data=form)
+    assert world.agent.key is not None
+    parent_proof = world.agent.key.prove_request(
+        world.task.token, htm="POST", htu=f"{world.server.url}/oauth2/token", now=time.time()
+    )
+    response = world.http.post("/oauth2/token", data=form, headers={"DPoP": parent_proof})
     assert _refused(response, 400)["error"] == "invalid_request"
     _still_serving(world)
 

@@ -201,14 +201,18 @@ def run(*, examples: Path, home: Path | None = None, once: bool = True, port: in
                 "capabilities": [{"tool": "bank.read_bills"}],
                 "ttl_seconds": 120,
             }
-            child = helper.open_task(intent=narrow, parent_task_id=task.task_id)
-            line.say(f"sub-task {child.task_id} for {HELPER} (act: {AGENT})")
+            helper_svid = helper.requests.svid or ""
+            handed = task.delegate(helper_svid, intent=narrow)  # RFC 8693, parent's proof
+            child = helper.adopt(handed["task_id"], handed["access_token"])
+            line.say(
+                f"sub-task {child.task_id} for {HELPER} by token exchange "
+                f"(act: {AGENT}; the parent proved it with its key)"
+            )
             _call(line, child, "bank.read_bills", {})
             _call(line, child, "bank.send_money", {"recipient": PAYEE, "amount": 1})
             try:
-                helper.open_task(
-                    intent={**narrow, "capabilities": [{"tool": "shell.exec"}]},
-                    parent_task_id=task.task_id,
+                task.delegate(
+                    helper_svid, intent={**narrow, "capabilities": [{"tool": "shell.exec"}]}
                 )
             except Exception as exc:
                 line.say(f"[red]wider sub-task refused[/]: {exc}")

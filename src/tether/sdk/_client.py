@@ -109,6 +109,29 @@ class Task:
 
         return wrapper
 
+    def delegate(
+        self,
+        actor_svid: str,
+        *,
+        intent: dict[str, Any] | None = None,
+        template: str | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Hand a narrower sub-task to the agent whose JWT-SVID is ``actor_svid``.
+
+        This task's key proves the parent's consent; the returned ``access_token`` is bound
+        to the actor's key (give it, with ``task_id``, to that agent: ``Client.adopt``)."""
+        assert self.client.key is not None
+        out = self.client.requests.delegation(
+            self.token,
+            self.client.key,
+            actor_svid,
+            {"intent": intent} if intent is not None else {"params": params or {}},
+            template,
+        )
+        result: dict[str, Any] = self.client.send(out)
+        return result
+
     def end(self) -> dict[str, Any]:
         result: dict[str, Any] = self.client.send(
             self.client.requests.call("POST", f"/v1/tasks/{self.task_id}/end")
@@ -211,6 +234,10 @@ class Client:
             yield task
         finally:
             task.end()
+
+    def adopt(self, task_id: str, token: str, expires_at: float = 0.0) -> Task:
+        """A task delegated to this client's agent (its token is bound to this key)."""
+        return Task(self, task_id, token, expires_at)
 
     # -- admin ------------------------------------------------------------------------------
     def register_identity(
@@ -316,6 +343,25 @@ class AsyncTask:
 
         return wrapper
 
+    async def delegate(
+        self,
+        actor_svid: str,
+        *,
+        intent: dict[str, Any] | None = None,
+        template: str | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        assert self.client.key is not None
+        out = self.client.requests.delegation(
+            self.token,
+            self.client.key,
+            actor_svid,
+            {"intent": intent} if intent is not None else {"params": params or {}},
+            template,
+        )
+        result: dict[str, Any] = await self.client.send(out)
+        return result
+
     async def end(self) -> dict[str, Any]:
         result: dict[str, Any] = await self.client.send(
             self.client.requests.call("POST", f"/v1/tasks/{self.task_id}/end")
@@ -365,6 +411,10 @@ class AsyncClient:
 
     async def post(self, path: str, body: Any = None) -> Any:
         return await self.send(self.requests.call("POST", path, json=body))
+
+    def adopt(self, task_id: str, token: str, expires_at: float = 0.0) -> AsyncTask:
+        """A task delegated to this client's agent (its token is bound to this key)."""
+        return AsyncTask(self, task_id, token, expires_at)
 
     async def attest(self, join_token: str, *, audience: list[str] | None = None) -> dict[str, Any]:
         if self.key is None:

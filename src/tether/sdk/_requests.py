@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +77,29 @@ class Requests:
         else:
             target = url
         return Outgoing(method, target, self._auth(method, url), json)
+
+    def delegation(
+        self,
+        parent_token: str,
+        key: ProofKey,
+        actor_svid: str,
+        details: dict[str, Any],
+        scope: str | None,
+    ) -> Outgoing:
+        """RFC 8693 exchange: the parent token, proven with its key, for the actor's task."""
+        url = self.url("/oauth2/token")
+        proof = key.prove_request(parent_token, htm="POST", htu=url, now=time.time())
+        form = {
+            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "subject_token": parent_token,
+            "subject_token_type": "urn:ietf:params:oauth:token-type:txn_token",
+            "actor_token": actor_svid,
+            "actor_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "request_details": json.dumps(details),
+        }
+        if scope is not None:
+            form["scope"] = scope
+        return Outgoing("POST", url, {"DPoP": proof}, None, form)
 
     def decision(self, token: str, key: ProofKey, tool: str, args: dict[str, Any]) -> Outgoing:
         url = self.url("/v1/decisions")

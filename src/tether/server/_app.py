@@ -602,6 +602,13 @@ async def task_open(request: Request, data: S.TaskOpenIn) -> S.TaskOpenOut:  # t
     if principal.kind == "workload":
         if data.agent not in (None, principal.id) or data.jwk is not None:
             raise Forbidden("a workload opens tasks for itself, with its own key")
+        if data.parent_task_id is not None:
+            parent = tether.tasks.get(data.parent_task_id)
+            if parent.agent_id != principal.id:
+                raise Forbidden(
+                    "only the parent task's agent may open a sub-task here; delegation to "
+                    "another agent is a token exchange with the parent's proof"
+                )
         agent, jkt = principal.id, principal.jkt
     else:
         require(principal)

@@ -93,18 +93,17 @@ class OAuth:
             )
             if actor.jkt is None:
                 raise TokenRejected("the actor's JWT-SVID is not bound to a key")
-            if dpop is not None:
-                proof = self.proofs.verify(
-                    dpop, token=actor_token, jkt=actor.jkt, htm="POST", htu=htu, call=None, now=now
-                )
-                if not self.tether.store.record_proof(proof.jti, now + PROOF_WINDOW * 2):
-                    raise ProofRejected("proof has been used before", code="proof.replayed")
+            subject_is_task = _field(form, "subject_token_type") == TYPE_TXN
+            if dpop is not None and not subject_is_task:
+                self._consume(dpop, token=actor_token, jkt=actor.jkt, htu=htu, now=now)
         except Rejected as exc:
             raise OAuthError("invalid_client", f"actor token: {exc.message}", 401) from None
         subject_token = _field(form, "subject_token", True)
         subject_type = _field(form, "subject_token_type", True)
         assert subject_token is not None
-        on_behalf_of, parent_task_id = self._subject(subject_token, subject_type, now)
+        on_behalf_of, parent_task_id = self._subject(
+            subject_token, subject_type, now, dpop=dpop, htu=htu
+        )
         details = self._details(_field(form, "request_details"))
         scope = _field(form, "scope")
         intent = details.get("intent")
@@ -136,12 +135,36 @@ class OAuth:
             "task_id": opened.task_id,
         }
 
+    def _consume(self, dpop: str, *, token: str, jkt: str, htu: str, now: float) -> None:
+        proof = self.proofs.verify(
+            dpop, token=token, jkt=jkt, htm="POST", htu=htu, call=None, now=now
+        )
+        if not self.tether.store.record_proof(proof.jti, now + PROOF_WINDOW * 2):
+            raise ProofRejected("proof has been used before", code="proof.replayed")
+
     def _subject(
-        self, token: str, token_type: str | None, now: float
+        self, token: str, token_type: str | None, now: float, *, dpop: str | None, htu: str
     ) -> tuple[str | None, str | None]:
         if token_type == TYPE_TXN:
+            # Delegation: the parent's holder must consent, by a DPoP proof made with the
+            # key the parent token is bound to. A parent token alone (leaked, or read from a
+            # receipt) delegates nothing.
             try:
                 claims = self.tether.authorizer.verify_token(token, now=now)
+                if dpop is None:
+                    raise ProofRejected(
+                        "delegation needs a DPoP proof by the parent token's key",
+                        code="proof.missing",
+                    )
+                self._consume(dpop, token=token, jkt=claims.jkt, htu=htu, now=now)
+                task = self.tether.store.get_task(claims.task_id)
+                if (
+                    task is None
+                    or task.status != "open"
+                    or task.token_id != claims.token_id
+                    or self.tether.store.token_revoked(claims.token_id)
+                ):
+                    raise TokenRejected("the parent token is no longer live", code="token.revoked")
             except Rejected as exc:
                 raise OAuthError("invalid_grant", f"subject token: {exc.message}") from None
             return None, claims.task_id

@@ -347,12 +347,21 @@ class SQLiteStore:
         )
         return cur.rowcount == 1
 
-    def spend_call(self, task_id: str, max_calls: int) -> bool:
-        cur = self._run(
+    def spend_call(
+        self, task_id: str, max_calls: int, *, token_id: str | None = None, now: float | None = None
+    ) -> bool:
+        sql = (
             "UPDATE tasks SET calls_used = calls_used + 1 WHERE task_id = ? "
-            "AND status = 'open' AND calls_used < ?",
-            (task_id, max_calls),
+            "AND status = 'open' AND calls_used < ?"
         )
+        params: list[Any] = [task_id, max_calls]
+        if token_id is not None:
+            sql += " AND token_id = ?"
+            params.append(token_id)
+        if now is not None:
+            sql += " AND expires_at > ?"
+            params.append(now)
+        cur = self._run(sql, tuple(params))
         return cur.rowcount == 1
 
     # -- credentials and approvals -----------------------------------------------------

@@ -34,7 +34,7 @@ from tether.core._risk import Control, risk_tags
 from tether.core._verify import PROOF_WINDOW, ProofVerifier, TaskClaims, TokenVerifier
 from tether.policy import PolicyService
 from tether.secrets._detect import Known, find_credentials
-from tether.store import Store
+from tether.store import Store, TaskRow
 from tether.tokens import KeyRing
 
 PURGE_EVERY = 1024
@@ -324,6 +324,33 @@ class Authorizer:
         )
         return decision, pending.approval_id
 
+    def _spend(self, task_id: str, limit: int, token_id: str, now: float) -> str | None:
+        """Spend one call of the task and of every ancestor, or say why not.
+
+        Runs inside the receipt's transaction (serialised), so the checks and the
+        increments see one state. The task's token must still be the one decided on
+        (a renewal or an end in between refuses), and a delegated task's calls count
+        against every ancestor's budget too: children cannot multiply a budget.
+        """
+        ancestors: list[TaskRow] = []
+        row = self._store.get_task(task_id)
+        parent_id = row.parent_task_id if row else None
+        while parent_id is not None and len(ancestors) < 16:
+            parent = self._store.get_task(parent_id)
+            if parent is None:
+                break
+            ancestors.append(parent)
+            parent_id = parent.parent_task_id
+        for parent in ancestors:
+            parent_limit = decode_intent(parent.intent_json).budget.max_calls
+            if parent.status != "open" or parent.calls_used >= parent_limit:
+                return f"the budget of ancestor task {parent.task_id} is spent"
+        if not self._store.spend_call(task_id, limit, token_id=token_id, now=now):
+            return f"call budget of {limit} is spent"
+        for parent in ancestors:
+            self._store.spend_call(parent.task_id, 1 << 62)
+        return None
+
     def _apply(self, decision: Decision, now: float, approval_id: str | None) -> Decision:
         """Consume the proof and spend budget; a lost race turns the allow into a deny."""
         assert decision.task_id is not None and decision.proof_jti is not None
@@ -346,12 +373,13 @@ class Authorizer:
         state = last if last and last.task_id == decision.task_id else None
         state = state or self._view.task(decision.task_id)
         limit = state.intent.budget.max_calls if state else 0
-        if not self._store.spend_call(decision.task_id, limit):
+        refusal = self._spend(decision.task_id, limit, state.token_id if state else "", now)
+        if refusal is not None:
             return msgspec.structs.replace(
                 decision,
                 effect=Effect.DENY,
-                reasons=(Reason("budget.calls_exhausted", f"call budget of {limit} is spent"),),
-                risk_tags=risk_tags(Control.INTENT_BINDING),
+                reasons=(Reason("budget.calls_exhausted", refusal),),
+                risk_tags=risk_tags(Control.INTENT_BINDING, Control.DELEGATION),
             )
         if state is not None and state.intent.idle_seconds is not None:
             self._store.touch_task(decision.task_id, now)
