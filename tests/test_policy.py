@@ -254,3 +254,13 @@ def test_context_pruning_never_allows_more() -> None:
     assert used == frozenset({"calls_used"})
     outcome = snapshot.evaluate(agent, "call_tool", {"type": "Tool", "id": "t"}, context, ents)
     assert not outcome.allowed and outcome.policies == ("cap",)
+
+
+def test_arguments_policies_cannot_see_faithfully_are_refused() -> None:
+    from tether.core._decision import cedar_value
+
+    assert cedar_value(12.5) == {"__extn": {"fn": "decimal", "arg": "12.5000"}}
+    with pytest.raises(ValueError, match="precision"):
+        cedar_value(100.00004)
+    with pytest.raises(ValueError, match="__"):
+        cedar_value({"__entity": {"type": "Agent", "id": "x"}})

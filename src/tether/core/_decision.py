@@ -163,10 +163,16 @@ def cedar_value(value: Any, depth: int = 0) -> Any:
     if isinstance(value, float):
         if value.is_integer():
             return int(value)
-        return {"__extn": {"fn": "decimal", "arg": f"{value:.4f}"}}
+        text = f"{value:.4f}"
+        if float(text) != value:  # Cedar decimals hold 4 places: never decide on a rounding
+            raise ValueError(f"number {value!r} has more precision than policies can see")
+        return {"__extn": {"fn": "decimal", "arg": text}}
     if isinstance(value, list):
         return [cedar_value(v, depth + 1) for v in value if v is not None]
     if isinstance(value, dict):
+        if any(str(k).startswith("__") for k in value):
+            # "__entity" / "__extn" would be read by Cedar as escapes, not as data.
+            raise ValueError("argument keys may not start with '__'")
         return {str(k): cedar_value(v, depth + 1) for k, v in value.items() if v is not None}
     raise ValueError(f"unsupported argument type {type(value).__name__}")
 
