@@ -78,17 +78,15 @@ class Approvals:
         self, *, task_id: str, tool: str, args_digest: str, policy_digest: str
     ) -> ApprovalRow | None:
         """An approved, unexpired approval for exactly this call under this policy."""
-        now = self._clock.now()
-        for row in self._store.list_approvals(status="approved"):
-            if (
-                row.task_id == task_id
-                and row.tool == tool
-                and row.args_digest == args_digest
-                and row.expires_at > now
-                and row.policy_digest == policy_digest
-            ):
-                return row  # a stale or older approval never shadows a valid one
-        return None
+        # Filtered in the query, so a stale or older approval never shadows a valid one.
+        return self._store.find_approval(
+            task_id,
+            tool,
+            args_digest,
+            "approved",
+            unexpired_at=self._clock.now(),
+            policy_digest=policy_digest,
+        )
 
     def consume(self, approval_id: str) -> bool:
         return self._store.use_approval(approval_id, self._clock.now())

@@ -102,6 +102,8 @@ class TaskState(msgspec.Struct, frozen=True):
     #: When the task's last call was allowed (None: none yet; read only for an intent
     #: with ``idle_seconds``).
     last_activity: float | None = None
+    #: The task this one was delegated from (None for a root task).
+    parent_task_id: str | None = None
 
 
 class TaskView(Protocol):

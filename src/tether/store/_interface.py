@@ -215,7 +215,14 @@ class Store(Protocol):
     def list_approvals(self, *, status: str | None = None) -> list[ApprovalRow]: ...
     def decide_approval(self, approval_id: str, status: str, by: str, at: float) -> bool: ...
     def find_approval(
-        self, task_id: str, tool: str, args_digest: str, status: str
+        self,
+        task_id: str,
+        tool: str,
+        args_digest: str,
+        status: str,
+        *,
+        unexpired_at: float | None = None,
+        policy_digest: str | None = None,
     ) -> ApprovalRow | None: ...
     def use_approval(self, approval_id: str, at: float) -> bool: ...
 

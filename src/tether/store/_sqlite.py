@@ -429,13 +429,27 @@ class SQLiteStore:
         return cur.rowcount == 1
 
     def find_approval(
-        self, task_id: str, tool: str, args_digest: str, status: str
+        self,
+        task_id: str,
+        tool: str,
+        args_digest: str,
+        status: str,
+        *,
+        unexpired_at: float | None = None,
+        policy_digest: str | None = None,
     ) -> ApprovalRow | None:
-        row = self._one(
-            "SELECT * FROM approvals WHERE task_id = ? AND tool = ? AND "
-            "args_digest = ? AND status = ? ORDER BY created_at LIMIT 1",
-            (task_id, tool, args_digest, status),
+        sql = (
+            "SELECT * FROM approvals WHERE task_id = ? AND tool = ? AND args_digest = ? "
+            "AND status = ?"
         )
+        params: list[Any] = [task_id, tool, args_digest, status]
+        if unexpired_at is not None:
+            sql += " AND expires_at > ?"
+            params.append(unexpired_at)
+        if policy_digest is not None:
+            sql += " AND policy_digest = ?"
+            params.append(policy_digest)
+        row = self._one(sql + " ORDER BY created_at LIMIT 1", tuple(params))
         return None if row is None else ApprovalRow(*row)
 
     def use_approval(self, approval_id: str, at: float) -> bool:

@@ -102,6 +102,7 @@ class StoreTaskView:
                 if intent.idle_seconds is not None
                 else None
             ),
+            parent_task_id=row.parent_task_id,
         )
         return self.last
 
@@ -324,7 +325,9 @@ class Authorizer:
         )
         return decision, pending.approval_id
 
-    def _spend(self, task_id: str, limit: int, token_id: str, now: float) -> str | None:
+    def _spend(
+        self, task_id: str, limit: int, token_id: str, parent_id: str | None, now: float
+    ) -> str | None:
         """Spend one call of the task and of every ancestor, or say why not.
 
         Runs inside the receipt's transaction (serialised), so the checks and the
@@ -333,8 +336,6 @@ class Authorizer:
         against every ancestor's budget too: children cannot multiply a budget.
         """
         ancestors: list[TaskRow] = []
-        row = self._store.get_task(task_id)
-        parent_id = row.parent_task_id if row else None
         while parent_id is not None and len(ancestors) < 16:
             parent = self._store.get_task(parent_id)
             if parent is None:
@@ -373,7 +374,13 @@ class Authorizer:
         state = last if last and last.task_id == decision.task_id else None
         state = state or self._view.task(decision.task_id)
         limit = state.intent.budget.max_calls if state else 0
-        refusal = self._spend(decision.task_id, limit, state.token_id if state else "", now)
+        refusal = self._spend(
+            decision.task_id,
+            limit,
+            state.token_id if state else "",
+            state.parent_task_id if state else None,
+            now,
+        )
         if refusal is not None:
             return msgspec.structs.replace(
                 decision,
