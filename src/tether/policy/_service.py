@@ -32,6 +32,10 @@ class PolicyService:
         self._clock = clock
         self._snapshot: PolicySnapshot | None = None
         self._snapshot_id: int | None = None
+        #: Re-check the store's active snapshot on every call (a lone process); a node
+        #: told of new snapshots by events (:mod:`tether.cluster`) turns this off.
+        self.check_every_call = True
+        self._stale = True
 
     def load_dir(self, directory: str | Path) -> PolicySnapshot:
         path = Path(directory)
@@ -79,8 +83,15 @@ class PolicyService:
         self._snapshot, self._snapshot_id = snapshot, snapshot_id
         return snapshot
 
+    def invalidate(self) -> None:
+        """Look at the store's active snapshot again on the next call."""
+        self._stale = True
+
     def snapshot(self) -> PolicySnapshot:
         """The live snapshot (rebuilt from the store if another process loaded a new one)."""
+        if not self.check_every_call and not self._stale and self._snapshot is not None:
+            return self._snapshot
+        self._stale = False
         active_id = self._store.active_policy_id()
         if active_id is None:
             if self._snapshot is None or self._snapshot_id is not None:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, ParamSpec, TypeVar
 
 import httpx
 
-from tether.sdk._requests import Outgoing, Requests, Verdict, parse, verdict
+from tether.sdk._requests import RETRY_STATUS, Outgoing, Requests, Verdict, parse, verdict
 from tether.tokens import ProofKey
 
 P = ParamSpec("P")
@@ -149,7 +149,7 @@ class Task:
 class Client:
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         *,
         key: ProofKey | None = None,
         svid: str | None = None,
@@ -171,11 +171,29 @@ class Client:
         self._http.close()
 
     def send(self, out: Outgoing) -> Any:
-        response = self._http.request(
-            out.method, out.url, headers=out.headers, json=out.json, data=out.data
-        )
-        body = response.json() if response.content else None
-        return parse(response.status_code, body)
+        """Send ``out``; if its node is unreachable or unavailable, try the next node.
+
+        A decision retried on another node is a new decision (a fresh proof, its own
+        receipt, one more call of the budget): never an allow the store did not record."""
+        for attempt in range(len(self.requests.bases)):
+            last = attempt == len(self.requests.bases) - 1
+            try:
+                response = self._http.request(
+                    out.method, out.url, headers=out.headers, json=out.json, data=out.data
+                )
+            except httpx.TransportError:
+                if last or out.remake is None:
+                    raise
+                self.requests.fail_over()
+                out = out.remake()
+                continue
+            if response.status_code in RETRY_STATUS and not last and out.remake is not None:
+                self.requests.fail_over()
+                out = out.remake()
+                continue
+            body = response.json() if response.content else None
+            return parse(response.status_code, body)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def get(self, path: str, **params: str) -> Any:
         return self.send(self.requests.call("GET", path, params=params or None))
@@ -378,7 +396,7 @@ class AsyncTask:
 class AsyncClient:
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         *,
         key: ProofKey | None = None,
         svid: str | None = None,
@@ -400,11 +418,26 @@ class AsyncClient:
         await self._http.aclose()
 
     async def send(self, out: Outgoing) -> Any:
-        response = await self._http.request(
-            out.method, out.url, headers=out.headers, json=out.json, data=out.data
-        )
-        body = response.json() if response.content else None
-        return parse(response.status_code, body)
+        """The async mirror of :meth:`Client.send` (fails over the same way)."""
+        for attempt in range(len(self.requests.bases)):
+            last = attempt == len(self.requests.bases) - 1
+            try:
+                response = await self._http.request(
+                    out.method, out.url, headers=out.headers, json=out.json, data=out.data
+                )
+            except httpx.TransportError:
+                if last or out.remake is None:
+                    raise
+                self.requests.fail_over()
+                out = out.remake()
+                continue
+            if response.status_code in RETRY_STATUS and not last and out.remake is not None:
+                self.requests.fail_over()
+                out = out.remake()
+                continue
+            body = response.json() if response.content else None
+            return parse(response.status_code, body)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def get(self, path: str, **params: str) -> Any:
         return await self.send(self.requests.call("GET", path, params=params or None))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,9 @@ class Outgoing:
     headers: dict[str, str] = field(default_factory=dict)
     json: Any = None
     data: dict[str, str] | None = None
+    #: Builds the same request afresh (new DPoP proof, new ``htu``) against whichever node
+    #: the client uses now: how a client fails over to another node.
+    remake: Callable[[], Outgoing] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -44,16 +48,39 @@ class Verdict:
         raise Denied(tool, self.reasons, self.receipt)
 
 
+def base_urls(base_url: str | Sequence[str]) -> list[str]:
+    """One node's URL, or several nodes of one trust domain (tried in turn)."""
+    urls = [base_url] if isinstance(base_url, str) else list(base_url)
+    if not urls:
+        raise ValueError("at least one base URL is needed")
+    return [u.rstrip("/") for u in urls]
+
+
 class Requests:
-    """Builds authenticated requests for one base URL and one set of credentials."""
+    """Builds authenticated requests for the current node and one set of credentials.
+
+    With several nodes, :meth:`fail_over` moves to the next; every request carries
+    ``remake`` so the client can send it again there, with a fresh proof."""
 
     def __init__(
-        self, base_url: str, *, key: ProofKey | None, svid: str | None, admin: str | None
+        self,
+        base_url: str | Sequence[str],
+        *,
+        key: ProofKey | None,
+        svid: str | None,
+        admin: str | None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.bases = base_urls(base_url)
+        self.base_url = self.bases[0]
         self.key = key
         self.svid = svid
         self.admin = admin
+
+    def fail_over(self) -> str:
+        """Move to the next node (round robin); return its URL."""
+        index = self.bases.index(self.base_url) if self.base_url in self.bases else -1
+        self.base_url = self.bases[(index + 1) % len(self.bases)]
+        return self.base_url
 
     def url(self, path: str) -> str:
         return f"{self.base_url}{path}"
@@ -76,7 +103,13 @@ class Requests:
             target = f"{url}?{urlencode(params)}"
         else:
             target = url
-        return Outgoing(method, target, self._auth(method, url), json)
+        return Outgoing(
+            method,
+            target,
+            self._auth(method, url),
+            json,
+            remake=lambda: self.call(method, path, json=json, params=params),
+        )
 
     def delegation(
         self,
@@ -99,7 +132,14 @@ class Requests:
         }
         if scope is not None:
             form["scope"] = scope
-        return Outgoing("POST", url, {"DPoP": proof}, None, form)
+        return Outgoing(
+            "POST",
+            url,
+            {"DPoP": proof},
+            None,
+            form,
+            remake=lambda: self.delegation(parent_token, key, actor_svid, details, scope),
+        )
 
     def decision(self, token: str, key: ProofKey, tool: str, args: dict[str, Any]) -> Outgoing:
         url = self.url("/v1/decisions")
@@ -109,7 +149,13 @@ class Requests:
             url,
             {"Authorization": f"DPoP {token}", "DPoP": proof},
             {"tool": tool, "args": args},
+            remake=lambda: self.decision(token, key, tool, args),
         )
+
+
+#: Answers after which the same request may go to another node: the node is going away or
+#: cannot reach the store (nothing was decided).
+RETRY_STATUS = frozenset({502, 503, 504})
 
 
 def parse(status: int, body: Any) -> Any:

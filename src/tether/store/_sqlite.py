@@ -505,6 +505,12 @@ class SQLiteStore:
     def token_revoked(self, token_id: str) -> bool:
         return self._one("SELECT 1 FROM revocations WHERE token_id = ?", (token_id,)) is not None
 
+    def revocations_since(self, at: float) -> list[tuple[str, float]]:
+        rows = self._all(
+            "SELECT token_id, revoked_at FROM revocations WHERE revoked_at >= ?", (at,)
+        )
+        return [(str(r[0]), float(r[1])) for r in rows]
+
     def record_proof(self, jti: str, expires_at: float) -> bool:
         cur = self._run(
             "INSERT INTO proofs VALUES (?, ?) ON CONFLICT DO NOTHING", (jti, expires_at)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -34,8 +34,11 @@ from tether.core._risk import Control, risk_tags
 from tether.core._verify import PROOF_WINDOW, ProofVerifier, TaskClaims, TokenVerifier
 from tether.policy import PolicyService
 from tether.secrets._detect import Known, find_credentials
-from tether.store import Store, TaskRow
+from tether.store import IdentityRow, Store, TaskRow
 from tether.tokens import KeyRing
+
+if TYPE_CHECKING:
+    from tether.cluster import NodeMemory
 
 PURGE_EVERY = 1024
 
@@ -73,12 +76,26 @@ class StoreTaskView:
         self._store = store
         self._intents: dict[str, Intent] = {}
         self.last: TaskState | None = None
+        #: A node's memory (:mod:`tether.cluster`): identities and revocations known
+        #: without a store round trip. ``None`` in a lone process.
+        self.memory: NodeMemory | None = None
+
+    def _identity(self, spiffe_id: str) -> IdentityRow | None:
+        memory = self.memory
+        if memory is None:
+            return self._store.get_identity(spiffe_id)
+        row = memory.identity(spiffe_id)
+        if row is None:
+            row = self._store.get_identity(spiffe_id)
+            if row is not None:
+                memory.put_identity(row)
+        return row
 
     def task(self, task_id: str) -> TaskState | None:
         row = self._store.get_task(task_id)
         if row is None:
             return None
-        agent = self._store.get_identity(row.agent_id)
+        agent = self._identity(row.agent_id)
         intent = self._intents.get(row.intent_digest)
         if intent is None:
             intent = self._intents[row.intent_digest] = decode_intent(row.intent_json)
@@ -107,7 +124,8 @@ class StoreTaskView:
         return self.last
 
     def token_revoked(self, token_id: str) -> bool:
-        return self._store.token_revoked(token_id)
+        known = self.memory.revoked(token_id) if self.memory is not None else None
+        return known if known is not None else self._store.token_revoked(token_id)
 
     def proof_seen(self, jti: str) -> bool:
         return self._store.proof_seen(jti)
@@ -142,6 +160,11 @@ class Authorizer:
         self._tokens: TokenVerifier | None = None
         self._keys_version: tuple[str, ...] = ()
         self._decisions = 0
+
+    def attach_memory(self, memory: NodeMemory) -> None:
+        """Serve the hot path from a node's memory (see :mod:`tether.cluster`)."""
+        self._view.memory = memory
+        self._policies.check_every_call = False
 
     def _token_verifier(self, now: float) -> TokenVerifier:
         keys = self._keyring.verification_keys(now)

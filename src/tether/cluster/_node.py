@@ -1,0 +1,181 @@
+"""``Node``: one Tether process among several sharing a PostgreSQL store.
+
+A node listens on the trust domain's channel (``LISTEN tether_events``) on a
+connection of its own and applies each event to its :class:`NodeMemory` and its
+policy snapshot. A second thread resyncs every ``resync_interval`` seconds, and at
+once after every (re)connection of the listener, so a notification lost while the
+connection was down or the process was paused is made good within one interval.
+
+Freshness bounds (see :mod:`tether.cluster._memory`): revocations are enforced by
+the store on every allowed call whatever the node knows; identities and the policy
+snapshot are at most ``resync_interval`` (+ the time of one resync) stale when a
+notification is lost, and normally a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from tether.cluster._events import CHANNEL, Event, decode_event
+from tether.cluster._memory import NodeMemory
+from tether.core._intent import MAX_TTL_SECONDS
+
+if TYPE_CHECKING:
+    from tether._tether import Tether
+
+log = logging.getLogger("tether.cluster")
+
+#: Revocations re-read on each resync reach back this far before the last one: covers
+#: a transaction that took its timestamp before the previous resync but committed after.
+RESYNC_OVERLAP = 60.0
+#: Every this many resyncs, the whole revocation set is rebuilt (dropping tokens that
+#: expired long ago).
+FULL_RESYNC_EVERY = 300
+
+
+class Node:
+    def __init__(
+        self,
+        tether: Tether,
+        dsn: str,
+        *,
+        schema: str,
+        resync_interval: float = 2.0,
+        name: str = "",
+    ) -> None:
+        self.tether = tether
+        self.dsn = dsn
+        self.schema = schema
+        self.name = name
+        self.resync_interval = resync_interval
+        self.memory = NodeMemory(stale_after=max(resync_interval * 2.5, 1.0))
+        self.events = 0
+        self.resyncs = 0
+        self.reconnects = 0
+        #: Seconds from a change's commit-time clock to this node applying it (recent).
+        self.lags: deque[float] = deque(maxlen=4096)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._watermark = 0.0
+        self._threads: list[threading.Thread] = []
+        self._conn: psycopg.Connection[Any] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> Node:
+        self.tether.authorizer.attach_memory(self.memory)
+        self.resync()
+        for target, label in ((self._listen, "listen"), (self._resync_loop, "resync")):
+            thread = threading.Thread(target=target, name=f"tether-node-{label}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(Exception):  # best effort at shutdown
+                conn.cancel_safe(timeout=1.0)
+        for thread in self._threads:
+            thread.join(timeout=5.0)
+        self.memory.connected = False
+
+    # -- resync ---------------------------------------------------------------------------
+    def resync(self) -> None:
+        """Re-read what memory holds from the store (revocations incrementally)."""
+        now = self.tether.clock.now()
+        full = self.resyncs % FULL_RESYNC_EVERY == 0
+        since = now - MAX_TTL_SECONDS - RESYNC_OVERLAP if full else self._watermark
+        rows = self.tether.store.revocations_since(since)
+        if full:
+            fresh = {token for token, _ in rows}
+            self.memory.replace_revoked(fresh)
+        else:
+            self.memory.add_revoked([token for token, _ in rows])
+        self.memory.forget_identity()
+        self.tether.policies.invalidate()
+        self._watermark = now - RESYNC_OVERLAP
+        self.resyncs += 1
+        self.memory.last_sync = time.monotonic()
+
+    def _resync_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.resync_interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.resync()
+            except Exception as exc:  # the store is down: memory goes stale
+                log.warning("node resync failed: %s: %s", type(exc).__name__, exc)
+
+    # -- events ---------------------------------------------------------------------------
+    def apply(self, event: Event) -> None:
+        if event.schema and event.schema != self.schema:
+            return
+        self.events += 1
+        if event.at:
+            self.lags.append(max(0.0, time.time() - event.at))
+        if event.kind == "revoke":
+            self.memory.add_revoked([event.id])
+        elif event.kind == "task":
+            if event.status is not None and event.status != "open" and event.token:
+                self.memory.add_revoked([event.token])
+        elif event.kind == "identity":
+            self.memory.forget_identity(event.id)
+        elif event.kind == "policy":
+            self.tether.policies.invalidate()
+
+    def _listen(self) -> None:
+        backoff = 0.05
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+                    self._conn = conn
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    self.memory.connected = True
+                    self._wake.set()  # resync now: events may have been missed
+                    backoff = 0.05
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=1.0):
+                            event = decode_event(note.payload)
+                            if event is not None:
+                                self.apply(event)
+            except Exception as exc:  # reconnect; memory is not trusted meanwhile
+                if self._stop.is_set():
+                    return
+                self.memory.connected = False
+                self.reconnects += 1
+                log.warning("node listener lost: %s: %s", type(exc).__name__, exc)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                self._conn = None
+                self.memory.connected = False
+
+    # -- reporting ------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        lags = sorted(self.lags)
+
+        def pct(q: float) -> float | None:
+            return round(lags[min(len(lags) - 1, int(q * len(lags)))] * 1000, 3) if lags else None
+
+        return {
+            "name": self.name,
+            "connected": self.memory.connected,
+            "in_sync": self.memory.in_sync(),
+            "events": self.events,
+            "resyncs": self.resyncs,
+            "reconnects": self.reconnects,
+            "revoked_known": self.memory.revoked_count,
+            "event_lag_ms_p50": pct(0.5),
+            "event_lag_ms_p99": pct(0.99),
+        }
