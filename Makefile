@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-http bench-gateway bench-agentdojo agentdojo-runs clean
+.PHONY: demo test browser lint bench bench-http bench-gateway bench-agentdojo agentdojo-runs clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,15 @@ $(STAMP): pyproject.toml requirements.lock
 demo: $(STAMP)
 	$(BIN)/python -m tether.demo $(if $(ONCE),--once,)
 
-test: $(STAMP)
+# The console's browser tests drive Debian's Chromium (never a downloaded browser build).
+CHROMIUM := /usr/bin/chromium
+SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+browser:
+	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
@@ -30,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/http_authorize.py
 	$(BIN)/python bench/broker.py
 	$(BIN)/python bench/cascade.py
+	$(BIN)/python bench/console.py
 
 bench-http: $(STAMP)
 	$(BIN)/python bench/http_authorize.py

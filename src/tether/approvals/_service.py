@@ -14,13 +14,14 @@ import json
 import uuid
 from typing import Any
 
-from tether._errors import Conflict, NotFound
+from tether._errors import Conflict, NotFound, UsageError
 from tether.audit import Auditor
 from tether.core._clock import Clock
 from tether.core._risk import Control, risk_tags
 from tether.store import ApprovalRow, Store
 
 DEFAULT_APPROVAL_TTL = 900.0
+MAX_COMMENT = 1000
 
 
 class Approvals:
@@ -91,7 +92,13 @@ class Approvals:
     def consume(self, approval_id: str) -> bool:
         return self._store.use_approval(approval_id, self._clock.now())
 
-    def decide(self, approval_id: str, *, approve: bool, by: str) -> ApprovalRow:
+    def decide(
+        self, approval_id: str, *, approve: bool, by: str, comment: str = ""
+    ) -> ApprovalRow:
+        """Approve or deny a pending approval; ``comment`` (the human's words, at most
+        1,000 characters) is kept in the receipt of the decision."""
+        if len(comment) > MAX_COMMENT:
+            raise UsageError(f"a comment is at most {MAX_COMMENT} characters")
         row = self._store.get_approval(approval_id)
         if row is None:
             raise NotFound(f"approval {approval_id} does not exist")
@@ -106,7 +113,11 @@ class Approvals:
                 tool=row.tool,
                 args_digest=row.args_digest,
                 effect="allow" if approve else "deny",
-                detail={"approval_id": approval_id, "status": status},
+                detail={
+                    "approval_id": approval_id,
+                    "status": status,
+                    **({"comment": comment} if comment else {}),
+                },
                 risk_tags=list(risk_tags(Control.APPROVAL, Control.AUDIT)),
             )
         decided = self._store.get_approval(approval_id)

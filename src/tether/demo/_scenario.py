@@ -32,6 +32,7 @@ import uvicorn
 from spiffe import JwtBundle, JwtSvid, TrustDomain
 
 from tether._tether import Tether
+from tether.demo._console import check_console
 from tether.demo._gateway import BANK, drive, gateway_config
 from tether.demo._timeline import Timeline, console
 from tether.gateway import Gateway
@@ -239,6 +240,14 @@ def run(*, examples: Path, home: Path | None = None, once: bool = True, port: in
         )
         _call(line, other, "bank.read_bills", {})
 
+        line.heading("The web console")
+        listed = check_console(url, admin_secret)
+        line.say(
+            f"{url}/console: signed in with the admin credential; the inventory lists "
+            f"{sum(1 for i in listed if i.startswith('spiffe://acme.example/'))} identities, "
+            f"{AGENT} among them: {AGENT in listed}"
+        )
+
         line.heading("Receipts")
         report = admin.verify_audit()
         status = (
@@ -262,7 +271,8 @@ def run(*, examples: Path, home: Path | None = None, once: bool = True, port: in
                 f"\nThe MCP gateway is serving on [bold]{gateway_url}[/]." if gateway_url else ""
             )
             console.print(
-                f"\nTether is serving on [bold]{url}[/] (OpenAPI: {url}/openapi.json).{gateway}"
+                f"\nTether is serving on [bold]{url}[/] (OpenAPI: {url}/openapi.json; "
+                f"the console: {url}/console).{gateway}"
                 f"\nAdmin credential: {admin_secret}\nCtrl-C to stop."
             )
             try:

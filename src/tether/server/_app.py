@@ -33,6 +33,7 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import OpenAPIType, RequestBody, Schema
 from litestar.params import Body, Parameter
+from litestar.response import Redirect
 from opentelemetry import trace
 
 from tether._errors import (
@@ -1148,11 +1149,21 @@ class _Observe:
             )
 
 
+@get("/", include_in_schema=False)
+async def root() -> Redirect:
+    return Redirect("/console", status_code=303)
+
+
 def create_app(tether: Tether, settings: ServerSettings | None = None) -> Litestar:
+    # Imported here: the console itself imports this package's authentication.
+    from tether.console import console_router  # noqa: PLC0415
+
     settings = settings or ServerSettings()
     configure_logging(settings.log_level)
     return Litestar(
         route_handlers=[
+            root,
+            console_router(tether),
             healthz,
             openapi_json,
             jwks,

@@ -321,3 +321,88 @@ class Store(Protocol):
         ...
 
     def task_last_activity(self, task_id: str) -> float | None: ...
+
+    # -- console queries -------------------------------------------------------------------
+    # Read paths of the web console, paginated by keyset; record filters run in the database
+    # (SQLite: json_extract/json_each over the canonical body; PostgreSQL: the same over jsonb).
+    def records_page(
+        self,
+        *,
+        before_seq: int | None = None,
+        limit: int = 50,
+        kind: str | None = None,
+        agent: str | None = None,
+        tool: str | None = None,
+        effect: str | None = None,
+        rule: str | None = None,
+        risk_tag: str | None = None,
+        task_id: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> list[RecordRow]:
+        """Receipts newest first, below ``before_seq``, matching every filter given:
+        ``agent`` is the chain's first member, ``rule`` a reason code or a policy id,
+        ``risk_tag`` one of the receipt's tags, ``since``/``until`` bound ``created_at``."""
+        ...
+
+    def record_tag_counts(self, since: float, until: float) -> list[tuple[str, str, int]]:
+        """(risk tag, effect, receipts) over receipts created in ``[since, until)``."""
+        ...
+
+    def identity_summaries(
+        self, *, after: str | None = None, limit: int = 50, now: float = 0.0
+    ) -> list[IdentitySummaryRow]:
+        """Identities in SPIFFE ID order after ``after``, each with its activity figures."""
+        ...
+
+    def tasks_page(
+        self,
+        *,
+        status: str | None = None,
+        owner: str | None = None,
+        before: tuple[float, str] | None = None,
+        limit: int = 50,
+    ) -> list[TaskRow]:
+        """Tasks newest first (by ``(opened_at, task_id)`` below ``before``), optionally of
+        one status and of the agents one owner owns."""
+        ...
+
+    def task_effect_counts(self, task_ids: list[str]) -> dict[str, dict[str, int]]:
+        """Decision receipts per task and effect."""
+        ...
+
+    def add_accepted_risk(self, row: AcceptedRiskRow) -> None: ...
+    def list_accepted_risks(self) -> list[AcceptedRiskRow]: ...
+    def decide_accepted_risk(self, risk_id: str, status: str, by: str, at: float) -> bool:
+        """Move a pending accepted risk to ``status`` (accepted | rejected) or an accepted
+        one to ``withdrawn``; False if it is in no state to."""
+        ...
+
+
+class IdentitySummaryRow(msgspec.Struct, frozen=True):
+    """An identity with what the inventory shows beside it."""
+
+    identity: IdentityRow
+    open_tasks: int
+    last_activity: float | None  # the newest task opened, or call allowed
+    svid_expires_at: float | None  # the newest SVID issued (attestation)
+    long_tasks: int  # open tasks that live more than a day
+    orphan_leases: int  # live leases of a task that is no longer open
+
+
+class AcceptedRiskRow(msgspec.Struct, frozen=True):
+    """A documented risk decision (an exception policy): it changes no decision; it lapses
+    by itself at ``expires_at``."""
+
+    risk_id: str
+    title: str
+    risk_tag: str
+    scope: str
+    justification: str
+    recorded_by: str
+    approver: str
+    status: str  # pending | accepted | rejected | withdrawn
+    created_at: float
+    expires_at: float
+    decided_by: str | None = None
+    decided_at: float | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -11,10 +12,12 @@ from typing import Any
 
 from tether._errors import Conflict, InfrastructureError
 from tether.store._interface import (
+    AcceptedRiskRow,
     ApprovalRow,
     CheckpointRow,
     CredentialRow,
     IdentityRow,
+    IdentitySummaryRow,
     KeyRow,
     LeaseRow,
     PolicyRow,
@@ -88,6 +91,13 @@ CREATE TABLE IF NOT EXISTS audit_records (
   created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS audit_checkpoints (
   seq INTEGER PRIMARY KEY, hash TEXT NOT NULL, signature TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS accepted_risks (
+  risk_id TEXT PRIMARY KEY, title TEXT NOT NULL, risk_tag TEXT NOT NULL, scope TEXT NOT NULL,
+  justification TEXT NOT NULL, recorded_by TEXT NOT NULL, approver TEXT NOT NULL,
+  status TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL, decided_by TEXT,
+  decided_at REAL);
+CREATE INDEX IF NOT EXISTS tasks_opened ON tasks (opened_at, task_id);
+CREATE INDEX IF NOT EXISTS audit_records_task ON audit_records (json_extract(body, '$.task_id'));
 """
 
 
@@ -762,3 +772,169 @@ class SQLiteStore:
         self._task_runtime()
         row = self._one("SELECT last_call_at FROM task_runtime WHERE task_id = ?", (task_id,))
         return None if row is None or row[0] is None else float(row[0])
+
+    # -- console queries -----------------------------------------------------------------
+    # Filters run in SQLite over the canonical receipt body with json_extract/json_each
+    # (PostgreSQL: the same expressions over the body cast to jsonb); pages are keysets.
+    def records_page(
+        self,
+        *,
+        before_seq: int | None = None,
+        limit: int = 50,
+        kind: str | None = None,
+        agent: str | None = None,
+        tool: str | None = None,
+        effect: str | None = None,
+        rule: str | None = None,
+        risk_tag: str | None = None,
+        task_id: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> list[RecordRow]:
+        sql = "SELECT * FROM audit_records WHERE 1=1"
+        params: list[Any] = []
+        if before_seq is not None:
+            sql += " AND seq < ?"
+            params.append(before_seq)
+        for path, value in (
+            ("$.kind", kind),
+            ("$.chain[0]", agent),
+            ("$.tool", tool),
+            ("$.effect", effect),
+            ("$.task_id", task_id),
+        ):
+            if value is not None:
+                sql += f" AND json_extract(body, '{path}') = ?"
+                params.append(value)
+        if rule is not None:
+            sql += (
+                " AND (EXISTS (SELECT 1 FROM json_each(body, '$.reasons') AS r"
+                " WHERE json_extract(r.value, '$.code') = ?)"
+                " OR EXISTS (SELECT 1 FROM json_each(body, '$.policies') AS p WHERE p.value = ?))"
+            )
+            params.extend([rule, rule])
+        if risk_tag is not None:
+            sql += (
+                " AND EXISTS (SELECT 1 FROM json_each(body, '$.risk_tags') AS t WHERE t.value = ?)"
+            )
+            params.append(risk_tag)
+        if since is not None:
+            sql += " AND created_at >= ?"
+            params.append(since)
+        if until is not None:
+            sql += " AND created_at < ?"
+            params.append(until)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        params.append(limit)
+        return [RecordRow(*r) for r in self._all(sql, tuple(params))]
+
+    def record_tag_counts(self, since: float, until: float) -> list[tuple[str, str, int]]:
+        rows = self._all(
+            "SELECT t.value, coalesce(json_extract(a.body, '$.effect'), ''), count(*) "
+            "FROM audit_records AS a, json_each(a.body, '$.risk_tags') AS t "
+            "WHERE a.created_at >= ? AND a.created_at < ? GROUP BY 1, 2 ORDER BY 1, 2",
+            (since, until),
+        )
+        return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]
+
+    def identity_summaries(
+        self, *, after: str | None = None, limit: int = 50, now: float = 0.0
+    ) -> list[IdentitySummaryRow]:
+        self._task_runtime()
+        rows = self._all(
+            "SELECT i.*, "
+            "(SELECT count(*) FROM tasks t WHERE t.agent_id = i.spiffe_id AND t.status = 'open'), "
+            "max((SELECT max(t.opened_at) FROM tasks t WHERE t.agent_id = i.spiffe_id), "
+            "  coalesce((SELECT max(r.last_call_at) FROM task_runtime r JOIN tasks t "
+            "   ON t.task_id = r.task_id WHERE t.agent_id = i.spiffe_id), 0)), "
+            "(SELECT max(s.expires_at) FROM svids s WHERE s.spiffe_id = i.spiffe_id), "
+            "(SELECT count(*) FROM tasks t WHERE t.agent_id = i.spiffe_id AND t.status = 'open' "
+            "  AND t.expires_at - t.opened_at > 86400), "
+            "(SELECT count(*) FROM leases l JOIN tasks t ON t.task_id = l.task_id "
+            "  WHERE l.agent_id = i.spiffe_id AND l.status IN ('pending', 'active') "
+            "  AND (t.status != 'open' OR l.expires_at > t.expires_at OR t.expires_at <= ?)) "
+            "FROM identities i WHERE i.spiffe_id > ? ORDER BY i.spiffe_id LIMIT ?",
+            (now, after or "", limit),
+        )
+        width = len(IdentityRow.__struct_fields__)
+        return [
+            IdentitySummaryRow(
+                identity=IdentityRow(*r[:width]),
+                open_tasks=int(r[width]),
+                last_activity=float(r[width + 1]) if r[width + 1] else None,
+                svid_expires_at=None if r[width + 2] is None else float(r[width + 2]),
+                long_tasks=int(r[width + 3]),
+                orphan_leases=int(r[width + 4]),
+            )
+            for r in rows
+        ]
+
+    def tasks_page(
+        self,
+        *,
+        status: str | None = None,
+        owner: str | None = None,
+        before: tuple[float, str] | None = None,
+        limit: int = 50,
+    ) -> list[TaskRow]:
+        sql = "SELECT t.* FROM tasks t WHERE 1=1"
+        params: list[Any] = []
+        if status is not None:
+            sql += " AND t.status = ?"
+            params.append(status)
+        if owner is not None:
+            sql += " AND t.agent_id IN (SELECT spiffe_id FROM identities WHERE owner = ?)"
+            params.append(owner)
+        if before is not None:
+            sql += " AND (t.opened_at < ? OR (t.opened_at = ? AND t.task_id < ?))"
+            params.extend([before[0], before[0], before[1]])
+        sql += " ORDER BY t.opened_at DESC, t.task_id DESC LIMIT ?"
+        params.append(limit)
+        return [TaskRow(*r) for r in self._all(sql, tuple(params))]
+
+    def task_effect_counts(self, task_ids: list[str]) -> dict[str, dict[str, int]]:
+        counts: dict[str, dict[str, int]] = {t: {} for t in task_ids}
+        if not task_ids:
+            return counts
+        rows = self._all(
+            "SELECT json_extract(body, '$.task_id'), json_extract(body, '$.effect'), count(*) "
+            "FROM audit_records WHERE json_extract(body, '$.task_id') IN "
+            "(SELECT value FROM json_each(?)) "
+            "AND json_extract(body, '$.kind') = 'decision' GROUP BY 1, 2",
+            (json.dumps(task_ids),),
+        )
+        for task_id, effect, count in rows:
+            counts.setdefault(str(task_id), {})[str(effect)] = int(count)
+        return counts
+
+    def add_accepted_risk(self, row: AcceptedRiskRow) -> None:
+        self._run(
+            "INSERT INTO accepted_risks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.risk_id,
+                row.title,
+                row.risk_tag,
+                row.scope,
+                row.justification,
+                row.recorded_by,
+                row.approver,
+                row.status,
+                row.created_at,
+                row.expires_at,
+                row.decided_by,
+                row.decided_at,
+            ),
+        )
+
+    def list_accepted_risks(self) -> list[AcceptedRiskRow]:
+        rows = self._all("SELECT * FROM accepted_risks ORDER BY created_at DESC, risk_id")
+        return [AcceptedRiskRow(*r) for r in rows]
+
+    def decide_accepted_risk(self, risk_id: str, status: str, by: str, at: float) -> bool:
+        current = "accepted" if status == "withdrawn" else "pending"
+        cur = self._run(
+            "UPDATE accepted_risks SET status = ?, decided_by = ?, decided_at = ? "
+            "WHERE risk_id = ? AND status = ?",
+            (status, by, at, risk_id, current),
+        )
+        return cur.rowcount == 1

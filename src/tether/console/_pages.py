@@ -1,0 +1,869 @@
+"""The console's pages: server-rendered HTML under ``/console`` (Litestar + Jinja2).
+
+Words are the API's and the CLI's: identities, tasks, intents, decisions, approvals,
+receipts. Every page needs a session (else a redirect to the sign-in page); every POST
+needs the session's CSRF token (else 403, before anything is read or changed). Roles
+mirror the HTTP API:
+
+- ``auditor``: reads the inventory, tasks, approvals, decisions, audit and the report;
+- ``approver``: reads the inventory, tasks and approvals; approves and denies;
+- ``owner``: reads the inventory and the tasks of the identities they own; offboards
+  them and ends their tasks; records accepted risks;
+- ``admin``: everything, including the kill switch.
+
+Autoescaping is on in every template, so an argument such as ``<script>`` is shown as
+text; pages carry a strict Content-Security-Policy (no inline script or style, nothing
+from elsewhere), are never cached and never framed. A state-changing handler that fails
+shows an error page; the service it calls runs in one store transaction, so nothing is
+changed.
+"""
+
+from __future__ import annotations
+
+import calendar
+import contextlib
+import json
+import time
+import weakref
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+from urllib.parse import urlencode
+
+import msgspec
+from jinja2 import Environment, PackageLoader, select_autoescape
+from litestar import Request, Response, Router, get, post
+from litestar.datastructures import Cookie, ResponseHeader
+from litestar.exceptions import HTTPException
+from litestar.response import Redirect, Stream
+
+from tether._errors import Conflict, NotFound, TetherError, UsageError
+from tether._tether import Tether
+from tether.console import _report, _words
+from tether.console._accepted import AcceptedRisks
+from tether.console._sessions import (
+    Session,
+    Sessions,
+    cookie_name,
+    is_loopback,
+    is_tls,
+    same_token,
+)
+from tether.core._flow import FlowState
+from tether.core._intent import Intent, decode_intent
+from tether.identity import Role
+from tether.server._auth import Forbidden, Principal, RateLimited, RateLimiter, require
+from tether.store import RecordRow, TaskRow
+
+PAGE = 50
+IDLE_DAYS = 30
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+HEADERS = [
+    ResponseHeader(name="Content-Security-Policy", value=CSP),
+    ResponseHeader(name="X-Content-Type-Options", value="nosniff"),
+    ResponseHeader(name="X-Frame-Options", value="DENY"),
+    ResponseHeader(name="Referrer-Policy", value="same-origin"),  # keeps Origin on POSTs
+    ResponseHeader(name="Cache-Control", value="no-store"),
+    ResponseHeader(name="Cross-Origin-Opener-Policy", value="same-origin"),
+]
+_STATIC = {"console.css": "text/css", "console.js": "text/javascript"}
+_MAX_FORM = 16 * 1024
+
+
+class NeedSignIn(Exception):
+    """No live session: the page redirects to the sign-in form."""
+
+
+class CsrfRefused(Exception):
+    """A POST without the session's CSRF token (or from another origin)."""
+
+
+@dataclass
+class Console:
+    tether: Tether
+    sessions: Sessions
+    risks: AcceptedRisks
+    env: Environment
+    sign_in_limiter: RateLimiter
+
+    @classmethod
+    def create(cls, tether: Tether) -> Console:
+        env = Environment(
+            loader=PackageLoader("tether.console", "templates"),
+            autoescape=select_autoescape(default=True, default_for_string=True),
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        env.filters["when"] = _words.when
+        env.filters["plain"] = _words.plain
+        env.filters["pretty"] = _words.pretty
+        env.filters["pretty_json"] = lambda text: _words.pretty(json.loads(text))
+        env.globals["effects"] = _words.EFFECTS
+        return cls(
+            tether=tether,
+            sessions=Sessions(tether.clock),
+            risks=AcceptedRisks(tether.store, tether.audit, tether.clock),
+            env=env,
+            sign_in_limiter=RateLimiter(rate=1.0, burst=10.0),
+        )
+
+    def render(
+        self,
+        template: str,
+        request: Request,  # type: ignore[type-arg]
+        session: Session | None,
+        status_code: int = 200,
+        **values: Any,
+    ) -> Response[str]:
+        flash = ""
+        if session is not None:
+            flash, session.flash = session.flash, ""
+        now = self.tether.clock.now()
+        html = self.env.get_template(template).render(
+            session=session,
+            flash=flash,
+            now=now,
+            ago=lambda at: _words.ago(at, now),
+            trust_domain=self.tether.trust_domain,
+            path=request.url.path,
+            **values,
+        )
+        return Response(html, status_code=status_code, media_type="text/html; charset=utf-8")
+
+
+_CONSOLES: weakref.WeakKeyDictionary[Tether, Console] = weakref.WeakKeyDictionary()
+
+
+def _console(request: Request) -> Console:  # type: ignore[type-arg]
+    """The console of the app's control plane (made by :func:`console_router`)."""
+    return _CONSOLES[request.app.state.ctx.tether]
+
+
+# -- sessions, roles and CSRF ---------------------------------------------------------------
+def _session(request: Request) -> Session:  # type: ignore[type-arg]
+    """The request's live session, or :class:`NeedSignIn`. A session whose credential was
+    disabled since sign-in ends here."""
+    console = _console(request)
+    session = console.sessions.get(request.cookies.get(cookie_name(request)))
+    if session is None:
+        raise NeedSignIn
+    credential = console.tether.store.get_credential(session.credential_id)
+    if credential is None or credential.disabled_at is not None:
+        console.sessions.end(session.session_id)
+        raise NeedSignIn
+    request.state.principal = _principal(session)
+    return session
+
+
+def _principal(session: Session) -> Principal:
+    return Principal("admin", session.credential_id, session.role, session.owner)
+
+
+def _may(session: Session, *roles: str) -> bool:
+    return session.role == Role.ADMIN or session.role in roles
+
+
+def _page(request: Request, *roles: str) -> Session:  # type: ignore[type-arg]
+    session = _session(request)
+    require(_principal(session), *roles)
+    return session
+
+
+async def _form(request: Request, *roles: str) -> tuple[Session, dict[str, str]]:  # type: ignore[type-arg]
+    """A POSTed form: same origin, a live session, its CSRF token, then the role."""
+    _same_origin(request)
+    session = _session(request)
+    body = await request.body()
+    if len(body) > _MAX_FORM:
+        raise UsageError("the form is too large")
+    form = await request.form()
+    values = {k: str(v) for k, v in form.items() if isinstance(v, str)}
+    if not same_token(values.get("csrf"), session.csrf):
+        raise CsrfRefused
+    require(_principal(session), *roles)
+    return session, values
+
+
+def _same_origin(request: Request) -> None:  # type: ignore[type-arg]
+    origin = request.headers.get("origin")
+    if origin is not None and origin != f"{request.url.scheme}://{request.url.netloc}":
+        raise CsrfRefused
+
+
+def _owns(console: Console, session: Session, spiffe_id: str) -> bool:
+    if session.role == Role.ADMIN:
+        return True
+    identity = console.tether.store.get_identity(spiffe_id)
+    return session.role == Role.OWNER and identity is not None and identity.owner == session.owner
+
+
+def _back(session: Session, to: str, flash: str) -> Redirect:
+    session.flash = flash
+    return Redirect(to, status_code=303)
+
+
+# -- errors ---------------------------------------------------------------------------------
+def _error_page(request: Request, exc: Exception) -> Response[Any]:  # type: ignore[type-arg]
+    console = _console(request)
+    if isinstance(exc, NeedSignIn):
+        target = request.url.path if request.method == "GET" else "/console"
+        return Redirect("/console/sign-in?" + urlencode({"next": target}), status_code=303)
+    if isinstance(exc, CsrfRefused):
+        status, message = 403, "This form is missing its security token, or came from elsewhere."
+    elif isinstance(exc, Forbidden):
+        status, message = 403, exc.message
+    elif isinstance(exc, RateLimited):
+        status, message = 429, "Too many attempts; wait a moment."
+    elif isinstance(exc, NotFound):
+        status, message = 404, exc.message
+    elif isinstance(exc, Conflict):
+        status, message = 409, exc.message
+    elif isinstance(exc, UsageError):
+        status, message = 400, exc.message
+    elif isinstance(exc, TetherError):
+        status, message = 403 if exc.code else 500, exc.message
+    elif isinstance(exc, HTTPException):
+        status, message = exc.status_code, str(exc.detail)
+    else:
+        status, message = 500, "Something failed; nothing was changed."
+    session = None
+    with contextlib.suppress(Exception):
+        session = console.sessions.get(request.cookies.get(cookie_name(request)))
+    return console.render("error.html", request, session, status_code=status, message=message)
+
+
+# -- sign-in --------------------------------------------------------------------------------
+@get("/")
+async def home(request: Request) -> Redirect:  # type: ignore[type-arg]
+    session = _session(request)
+    if session.role in (Role.ADMIN, Role.AUDITOR):
+        return Redirect("/console/identities", status_code=303)
+    return Redirect(
+        "/console/approvals" if session.role == Role.APPROVER else "/console/identities",
+        status_code=303,
+    )
+
+
+def _next(value: str | None) -> str:
+    """Only a console path is a place to go back to (no open redirect)."""
+    if value and value.startswith("/console") and "//" not in value and "\\" not in value:
+        return value
+    return "/console"
+
+
+def _cookie(
+    request: Request,  # type: ignore[type-arg]
+    name: str,
+    value: str,
+    max_age: int | None = None,
+) -> Cookie:
+    """A console cookie: HttpOnly, SameSite=Strict, and Secure (``__Host-``) over TLS."""
+    tls = is_tls(request)
+    return Cookie(
+        key=name,
+        value=value,
+        max_age=max_age,
+        path="/" if tls else "/console",
+        httponly=True,
+        samesite="strict",
+        secure=tls,
+    )
+
+
+@get("/sign-in")
+async def sign_in_form(request: Request) -> Response[str]:  # type: ignore[type-arg]
+    console = _console(request)
+    token = console.sessions.pre_token()
+    response = console.render(
+        "sign_in.html",
+        request,
+        None,
+        csrf=token,
+        next=_next(request.query_params.get("next")),
+        plain_http=not is_tls(request),
+    )
+    response.set_cookie(_cookie(request, cookie_name(request, pre=True), token, 600))
+    return response
+
+
+@post("/sign-in")
+async def sign_in(request: Request) -> Response[Any]:  # type: ignore[type-arg]
+    console = _console(request)
+    _same_origin(request)
+    form = await request.form()
+    values = {k: str(v) for k, v in form.items() if isinstance(v, str)}
+    if not console.sessions.take_pre_token(
+        request.cookies.get(cookie_name(request, pre=True)), values.get("csrf")
+    ):
+        raise CsrfRefused
+    console.sign_in_limiter.check(request.client.host if request.client else "-")
+    if not is_tls(request) and not is_loopback(request):
+        raise Forbidden("sign in over HTTPS: this connection is plain HTTP from another host")
+    credential_id = values.get("credential_id", "").strip()
+    secret = values.get("secret", "").strip()
+    try:
+        if secret.startswith("tadm_"):
+            row = console.tether.credentials.verify(secret)
+        else:
+            row = console.tether.credentials.verify_pair(credential_id, secret)
+    except TetherError:
+        token = console.sessions.pre_token()
+        response = console.render(
+            "sign_in.html",
+            request,
+            None,
+            status_code=401,
+            csrf=token,
+            next=_next(values.get("next")),
+            error="Unknown or wrong admin credential.",
+            plain_http=not is_tls(request),
+        )
+        response.set_cookie(_cookie(request, cookie_name(request, pre=True), token, 600))
+        return response
+    session = console.sessions.create(row.credential_id, row.role, row.owner)
+    done = Redirect(_next(values.get("next")), status_code=303)
+    done.set_cookie(_cookie(request, cookie_name(request), session.session_id))
+    done.set_cookie(_cookie(request, cookie_name(request, pre=True), "", 0))
+    return done
+
+
+@post("/sign-out")
+async def sign_out(request: Request) -> Response[Any]:  # type: ignore[type-arg]
+    session, _ = await _form(request)
+    _console(request).sessions.end(session.session_id)
+    response = Redirect("/console/sign-in", status_code=303)
+    response.set_cookie(_cookie(request, cookie_name(request), "", 0))
+    return response
+
+
+@get("/static/{name:str}")
+async def static(name: str) -> Response[bytes]:
+    if name not in _STATIC:
+        raise NotFound("no such file")
+    data = resources.files("tether.console").joinpath("static", name).read_bytes()
+    return Response(
+        data,
+        media_type=_STATIC[name],
+        headers={"Cache-Control": "public, max-age=300"},
+    )
+
+
+# -- inventory ------------------------------------------------------------------------------
+@get("/identities")
+async def identities(request: Request) -> Response[str]:  # type: ignore[type-arg]
+    """Every identity with its owner, kind, attestation, last activity, open tasks and
+    standing privileges (long-lived tasks, leases outliving their task); unowned, idle
+    and privileged ones are flagged."""
+    session = _page(request, "owner", "approver", "auditor")
+    console = _console(request)
+    now = console.tether.clock.now()
+    after = request.query_params.get("after") or None
+    rows = console.tether.store.identity_summaries(after=after, limit=PAGE + 1, now=now)
+    more = len(rows) > PAGE
+    rows = rows[:PAGE]
+    items = []
+    for r in rows:
+        flags = []
+        if "@" not in r.identity.owner:
+            flags.append("no owner")
+        last = r.last_activity or r.identity.created_at
+        if r.identity.status == "active" and now - last > IDLE_DAYS * 86400:
+            flags.append(f"idle over {IDLE_DAYS} days")
+        if r.long_tasks:
+            flags.append(f"standing privilege: {r.long_tasks} task(s) living over a day")
+        if r.orphan_leases:
+            flags.append(f"standing privilege: {r.orphan_leases} lease(s) outliving their task")
+        items.append(
+            {
+                "row": r,
+                "flags": flags,
+                "may_offboard": r.identity.status == "active"
+                and _owns(console, session, r.identity.spiffe_id),
+            }
+        )
+    return console.render(
+        "identities.html",
+        request,
+        session,
+        items=items,
+        next_after=rows[-1].identity.spiffe_id if more and rows else None,
+        idle_days=IDLE_DAYS,
+    )
+
+
+@post("/identities/offboard")
+async def offboard(request: Request) -> Redirect:  # type: ignore[type-arg]
+    """Offboard: disable the identity and revoke everything it holds (admins; owners for
+    identities they own)."""
+    session, form = await _form(request, "owner")
+    console = _console(request)
+    spiffe_id = form.get("spiffe_id", "")
+    console.tether.identities.get(spiffe_id)
+    if not _owns(console, session, spiffe_id):
+        raise Forbidden(f"{session.owner} does not own {spiffe_id}")
+    _, revoked = console.tether.disable_identity(spiffe_id)
+    return _back(
+        session, "/console/identities", f"{spiffe_id} offboarded; {len(revoked)} task(s) revoked"
+    )
+
+
+# -- tasks ----------------------------------------------------------------------------------
+def _task_view(console: Console, row: TaskRow, counts: dict[str, int]) -> dict[str, Any]:
+    tether = console.tether
+    intent: Intent | None
+    try:
+        intent = decode_intent(row.intent_json)
+    except Exception:  # an intent this version cannot read still shows as a task
+        intent = None
+    token_exp = row.expires_at
+    if intent is not None and intent.token_ttl_seconds is not None:
+        issued = row.opened_at
+        renewals = tether.store.records_page(limit=1, kind="task.renew", task_id=row.task_id)
+        if renewals:
+            issued = renewals[0].created_at
+        token_exp = min(row.expires_at, issued + intent.token_ttl_seconds)
+    labels = tether.store.list_task_labels(row.task_id)
+    flow: FlowState | None = None
+    raw = tether.store.get_task_flow(row.task_id)
+    if raw is not None:
+        with contextlib.suppress(Exception):
+            flow = msgspec.json.decode(raw, type=FlowState)
+    drift = []
+    if counts.get("deny"):
+        drift.append(f"{counts['deny']} call(s) denied")
+    if counts.get("approval_required"):
+        drift.append(f"{counts['approval_required']} call(s) held for approval")
+    if flow is not None:
+        if flow.untrusted_sources:
+            drift.append("read untrusted content: " + ", ".join(flow.untrusted_sources[:3]))
+        if flow.sensitive_sources:
+            drift.append("read confidential data: " + ", ".join(flow.sensitive_sources[:3]))
+        if flow.discovery_calls:
+            drift.append(f"{flow.discovery_calls} discovery call(s)")
+    budget = intent.budget.max_calls if intent is not None else None
+    if budget and row.calls_used >= budget:
+        drift.append("budget spent")
+    return {
+        "row": row,
+        "intent": intent,
+        "purpose": intent.purpose if intent is not None else "(unreadable intent)",
+        "budget": budget,
+        "token_expires_at": token_exp,
+        "labels": labels,
+        "counts": counts,
+        "drift": drift,
+        "depth": len(json.loads(row.chain_json)) - 1,
+    }
+
+
+@get("/tasks")
+async def tasks(request: Request) -> Response[str]:  # type: ignore[type-arg]
+    """Live tasks (or ``?status=all``): intent, token expiry, calls, labels, budget, drift."""
+    session = _page(request, "owner", "approver", "auditor")
+    console = _console(request)
+    status = request.query_params.get("status", "open")
+    before = None
+    if cursor := request.query_params.get("before"):
+        at, _, task_id = cursor.partition("|")
+        with contextlib.suppress(ValueError):
+            before = (float(at), task_id)
+    rows = console.tether.store.tasks_page(
+        status=None if status == "all" else "open",
+        owner=session.owner if session.role == Role.OWNER else None,
+        before=before,
+        limit=PAGE + 1,
+    )
+    more = len(rows) > PAGE
+    rows = rows[:PAGE]
+    counts = console.tether.store.task_effect_counts([r.task_id for r in rows])
+    items = [_task_view(console, r, counts.get(r.task_id, {})) for r in rows]
+    for item in items:
+        item["may_end"] = item["row"].status == "open" and (
+            _owns(console, session, item["row"].agent_id)
+        )
+    last = rows[-1] if more and rows else None
+    return console.render(
+        "tasks.html",
+        request,
+        session,
+        items=items,
+        status=status,
+        next_before=f"{last.opened_at!r}|{last.task_id}" if last else None,
+        may_kill=session.role == Role.ADMIN,
+    )
+
+
+@get("/tasks/{task_id:str}")
+async def task_detail(request: Request, task_id: str) -> Response[str]:  # type: ignore[type-arg]
+    session = _page(request, "owner", "approver", "auditor")
+    console = _console(request)
+    row = console.tether.show_task(task_id)
+    if session.role == Role.OWNER and not _owns(console, session, row.agent_id):
+        raise Forbidden("not allowed to see this task")
+    tree = console.tether.tasks.tree(task_id)
+    counts = console.tether.store.task_effect_counts([r.task_id for r in tree])
+    views = {r.task_id: _task_view(console, r, counts.get(r.task_id, {})) for r in tree}
+    children: dict[str, list[str]] = {}
+    for r in tree:
+        if r.parent_task_id is not None:
+            children.setdefault(r.parent_task_id, []).append(r.task_id)
+    recent = console.tether.store.records_page(limit=PAGE, task_id=task_id)
+    return console.render(
+        "task.html",
+        request,
+        session,
+        item=views[task_id],
+        views=views,
+        children=children,
+        root=tree[0].task_id,
+        receipts=[_record(r) for r in recent],
+        may_end=row.status == "open" and _owns(console, session, row.agent_id),
+        may_kill=session.role == Role.ADMIN,
+    )
+
+
+@post("/tasks/{task_id:str}/end")
+async def task_end(request: Request, task_id: str) -> Redirect:  # type: ignore[type-arg]
+    session, _ = await _form(request, "owner")
+    console = _console(request)
+    row = console.tether.tasks.get(task_id)
+    if not _owns(console, session, row.agent_id):
+        raise Forbidden("not allowed to end this task")
+    if row.status != "open":
+        raise Conflict(f"task {task_id} is {row.status}")
+    console.tether.end_task(task_id)
+    return _back(session, f"/console/tasks/{task_id}", f"task {task_id} ended")
+
+
+@post("/kill")
+async def kill(request: Request) -> Redirect:  # type: ignore[type-arg]
+    """The kill switch for one agent (admins): every open task of the agent, its sub-tasks,
+    tokens and leases are revoked now, with one receipt."""
+    session, form = await _form(request)
+    console = _console(request)
+    agent = form.get("agent", "")
+    console.tether.identities.get(agent)
+    reason = form.get("reason", "").strip() or "killed from the console"
+    result = console.tether.kill(reason[:500], by=session.owner, agent=agent)
+    return _back(
+        session, "/console/tasks", f"kill switch for {agent}: {len(result['tasks'])} task(s)"
+    )
+
+
+# -- decisions ------------------------------------------------------------------------------
+_FILTERS = ("agent", "tool", "effect", "rule", "risk_tag")
+
+
+def _record(row: RecordRow) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(row.body)
+    body["hash"] = row.hash
+    raw = body.get("reasons")
+    reasons: list[Any] = raw if isinstance(raw, list) else []
+    body["plain"] = [
+        {"code": str(r.get("code", "")), "message": str(r.get("message", ""))}
+        for r in reasons
+        if isinstance(r, dict)
+    ]
+    chain = body.get("chain")
+    body["agent"] = chain[0] if isinstance(chain, list) and chain else ""
+    return body
+
+
+@get("/decisions")
+async def decisions(request: Request) -> Response[str]:  # type: ignore[type-arg]
+    """The decision receipts, newest first, filtered in the store, a page at a time."""
+    session = _page(request, "auditor")
+    console = _console(request)
+    q = request.query_params
+    filters: dict[str, str] = {k: str(q.get(k, "")).strip()[:512] for k in _FILTERS}
+    before = None
+    with contextlib.suppress(ValueError):
+        before = int(q.get("before", "")) if q.get("before") else None
+    rows = console.tether.store.records_page(
+        before_seq=before,
+        limit=PAGE + 1,
+        kind="decision",
+        agent=filters["agent"] or None,
+        tool=filters["tool"] or None,
+        effect=filters["effect"] or None,
+        rule=filters["rule"] or None,
+        risk_tag=filters["risk_tag"] or None,
+    )
+    more = len(rows) > PAGE
+    rows = rows[:PAGE]
+    query = {k: v for k, v in filters.items() if v}
+    return console.render(
+        "decisions.html",
+        request,
+        session,
+        records=[_record(r) for r in rows],
+        filters=filters,
+        next_page=urlencode({**query, "before": rows[-1].seq}) if more and rows else None,
+    )
+
+
+# -- approvals ------------------------------------------------------------------------------
+@get("/approvals")
+async def approvals(request: Request) -> Response[str]:  # type: ignore[type-arg]
+    """The approvals queue: each exact call held for a human, with the data origins the
+    task had read when a rule asked for approval."""
+    session = _page(request, "approver", "auditor")
+    console = _console(request)
+    status = request.query_params.get("status", "pending")
+    if status not in ("pending", "approved", "denied", "used", "all"):
+        status = "pending"
+    rows = console.tether.approvals.list(None if status == "all" else status)
+    rows = sorted(rows, key=lambda r: r.created_at, reverse=True)[:200]
+    items = []
+    for r in rows:
+        labels = console.tether.store.list_task_labels(r.task_id)
+        comment = ""
+        if r.status != "pending":  # the human's words are in the receipt of the decision
+            for record in console.tether.store.records_page(
+                kind="approval.decide", task_id=r.task_id, limit=PAGE
+            ):
+                detail = json.loads(record.body).get("detail") or {}
+                if detail.get("approval_id") == r.approval_id:
+                    comment = str(detail.get("comment", ""))
+                    break
+        items.append(
+            {
+                "row": r,
+                "args": json.loads(r.args_json),
+                "reasons": json.loads(r.reasons_json),
+                "origins": labels,
+                "comment": comment,
+            }
+        )
+    return console.render(
+        "approvals.html",
+        request,
+        session,
+        items=items,
+        status=status,
+        may_decide=_may(session, "approver"),
+    )
+
+
+@post("/approvals/{approval_id:str}")
+async def approval_decide(request: Request, approval_id: str) -> Redirect:  # type: ignore[type-arg]
+    """Approve or deny with a comment (kept in the receipt); the agent's identical call
+    then goes through once, or stays refused."""
+    session, form = await _form(request, "approver")
+    console = _console(request)
+    verdict = form.get("decision")
+    if verdict not in ("approve", "deny"):
+        raise UsageError("decide approve or deny")
+    console.tether.approvals.decide(
+        approval_id,
+        approve=verdict == "approve",
+        by=session.owner,
+        comment=form.get("comment", "").strip(),
+    )
+    word = "approved" if verdict == "approve" else "denied"
+    return _back(session, "/console/approvals", f"{approval_id} {word}")
+
+
+# -- audit ----------------------------------------------------------------------------------
+@get("/audit")
+async def audit(request: Request) -> Response[str]:  # type: ignore[type-arg]
+    session = _page(request, "auditor")
+    return _audit_page(request, session, None)
+
+
+def _audit_page(request: Request, session: Session, report: Any) -> Response[str]:  # type: ignore[type-arg]
+    console = _console(request)
+    recent = console.tether.store.records_page(limit=20)
+    return console.render(
+        "audit.html",
+        request,
+        session,
+        report=report,
+        records=[_record(r) for r in recent],
+        checkpoints=len(console.tether.store.list_checkpoints()),
+    )
+
+
+@post("/audit/verify")
+async def audit_verify(request: Request) -> Response[str]:  # type: ignore[type-arg]
+    """Walk the whole chain and every signed checkpoint; show the result."""
+    session, _ = await _form(request, "auditor")
+    return _audit_page(request, session, _console(request).tether.verify_audit())
+
+
+@get("/audit/trace")
+async def audit_trace(request: Request) -> Response[str]:  # type: ignore[type-arg]
+    """A task's whole delegation tree, every receipt of it and every lease."""
+    session = _page(request, "auditor")
+    console = _console(request)
+    task_id = request.query_params.get("task_id", "").strip()
+    if not task_id:
+        raise UsageError("name a task")
+    trace = console.tether.trace(task_id)
+    children: dict[str | None, list[dict[str, Any]]] = {}
+    for t in trace["tasks"]:
+        children.setdefault(t["parent_task_id"], []).append(t)
+    for receipt in trace["receipts"]:
+        raw = receipt.get("reasons")
+        receipt["plain"] = [
+            r for r in (raw if isinstance(raw, list) else []) if isinstance(r, dict)
+        ]
+        chain = receipt.get("chain")
+        receipt["agent"] = chain[0] if isinstance(chain, list) and chain else ""
+    return console.render(
+        "trace.html", request, session, trace=trace, children=children, task_id=task_id
+    )
+
+
+def _day(value: str | None, default: float) -> float:
+    if not value:
+        return default
+    try:
+        return float(calendar.timegm(time.strptime(value, "%Y-%m-%d")))
+    except ValueError:
+        raise UsageError("dates are YYYY-MM-DD") from None
+
+
+@get("/audit/export.jsonl")
+async def audit_export(request: Request) -> Stream:  # type: ignore[type-arg]
+    """Every receipt as JSON lines: ``seq``, ``prev_hash``, ``hash`` and the ``record``
+    (its canonical JSON re-encoded is what the hash covers), optionally in a period."""
+    _page(request, "auditor")
+    store = _console(request).tether.store
+    since = _day(request.query_params.get("since"), 0.0)
+    until = _day(request.query_params.get("until"), float("inf"))
+    if request.query_params.get("until"):
+        until += 86400.0
+
+    def lines() -> Any:
+        for row in store.iter_records():
+            if since <= row.created_at < until:
+                line = {
+                    "seq": row.seq,
+                    "prev_hash": row.prev_hash,
+                    "hash": row.hash,
+                    "record": json.loads(row.body),
+                }
+                yield (json.dumps(line, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+    return Stream(
+        lines(),
+        media_type="application/x-ndjson",
+        headers={"Content-Disposition": 'attachment; filename="tether-receipts.jsonl"'},
+    )
+
+
+# -- risk report and accepted risks -------------------------------------------------------
+@get("/risk")
+async def risk_report(request: Request) -> Response[str]:  # type: ignore[type-arg]
+    """Receipts by framework over a period, with charts; accepted risks in force beside
+    the rows they are about. Printable (the print stylesheet drops the navigation)."""
+    session = _page(request, "auditor", "owner")
+    console = _console(request)
+    now = console.tether.clock.now()
+    today = float(calendar.timegm((*time.gmtime(now)[:3], 0, 0, 0)))
+    since = _day(request.query_params.get("from"), today - 29 * 86400)
+    until = _day(request.query_params.get("to"), today) + 86400.0
+    if until <= since:
+        raise UsageError("the period ends before it starts")
+    counts = console.tether.store.record_tag_counts(since, until)
+    risks = console.risks.list()
+    in_force: dict[str, list[str]] = {}
+    for risk in risks:
+        if risk.in_force:
+            in_force.setdefault(risk.row.risk_tag, []).append(risk.row.title)
+    sections = _report.build(counts, in_force)
+    totals = {
+        "receipts": sum(c for _, _, c in counts),
+        "findings": sum(c for _, e, c in counts if e in ("deny", "approval_required")),
+    }
+    return console.render(
+        "risk.html",
+        request,
+        session,
+        sections=sections,
+        since=since,
+        until=until,
+        period_from=time.strftime("%Y-%m-%d", time.gmtime(since)),
+        period_to=time.strftime("%Y-%m-%d", time.gmtime(until - 86400)),
+        risks=risks,
+        tags=[s.prefix + ":" + r.key for s in sections for r in s.rows],
+        may_record=_may(session, "owner"),
+        totals=totals,
+    )
+
+
+@post("/risks")
+async def risk_record(request: Request) -> Redirect:  # type: ignore[type-arg]
+    session, form = await _form(request, "owner")
+    try:
+        days = int(form.get("days", ""))
+    except ValueError:
+        raise UsageError("the expiry is a number of days") from None
+    row = _console(request).risks.record(
+        title=form.get("title", ""),
+        risk_tag=form.get("risk_tag", ""),
+        scope=form.get("scope", ""),
+        justification=form.get("justification", ""),
+        approver=form.get("approver", ""),
+        days=days,
+        by=session.owner,
+    )
+    return _back(
+        session, "/console/risk", f"accepted risk {row.risk_id} recorded; awaiting {row.approver}"
+    )
+
+
+@post("/risks/{risk_id:str}")
+async def risk_decide(request: Request, risk_id: str) -> Redirect:  # type: ignore[type-arg]
+    session, form = await _form(request, "owner", "approver")
+    console = _console(request)
+    action = form.get("action")
+    if action == "withdraw":
+        console.risks.withdraw(risk_id, by=session.owner, admin=session.role == Role.ADMIN)
+    elif action in ("accept", "reject"):
+        require(_principal(session), "approver")
+        console.risks.decide(risk_id, accept=action == "accept", by=session.owner)
+    else:
+        raise UsageError("accept, reject or withdraw")
+    return _back(session, "/console/risk", f"accepted risk {risk_id}: {action}")
+
+
+HANDLERS = [
+    home,
+    sign_in_form,
+    sign_in,
+    sign_out,
+    static,
+    identities,
+    offboard,
+    tasks,
+    task_detail,
+    task_end,
+    kill,
+    decisions,
+    approvals,
+    approval_decide,
+    audit,
+    audit_verify,
+    audit_trace,
+    audit_export,
+    risk_report,
+    risk_record,
+    risk_decide,
+]
+
+
+def console_router(tether: Tether) -> Router:
+    """The console of ``tether``, to mount in its server's app under ``/console``."""
+    _CONSOLES[tether] = Console.create(tether)
+    return Router(
+        path="/console",
+        route_handlers=HANDLERS,
+        response_headers=HEADERS,
+        exception_handlers={Exception: _error_page},
+        include_in_schema=False,
+    )

@@ -1,0 +1,243 @@
+"""The console in Debian's Chromium (Playwright), against a live server with the demo's
+data: sign in, the demo's identities and tasks, an approval approved on the page lets the
+waiting agent's call through, a denial shows its reason, audit verification succeeds and
+then names a tampered record, hostile arguments never run. Screenshots go to
+``test-output/console/``."""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.console_support import CHROMIUM_ARGS, OUTPUT, XSS, LiveServer, require_chromium
+from tether import Tether
+from tether.demo._console import HELPER, IDENTITIES, PAYEE, Seeded, seed
+from tether.sdk import ApprovalRequired
+
+# One live server and one browser for the module; the tamper step edits the home's SQLite file.
+pytestmark = pytest.mark.sqlite_only("one live server on a SQLite home, tampered through its file")
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "demo"
+NOTES_POLICY = """
+@id("notes-need-a-human")
+@approval("required")
+forbid (principal, action == Action::"call_tool", resource == Tool::"notes.write");
+@id("notes")
+permit (principal, action == Action::"call_tool", resource == Tool::"notes.write");
+"""
+
+
+class World:
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.tether = Tether.init(home, "acme.example")
+        self.admin = self.tether.credentials.create("admin", "root@acme.example")[1]
+        self.approver = self.tether.credentials.create("approver", "bob@acme.example")[1]
+        self.server = LiveServer(self.tether)
+        self.url = self.server.url
+        self.demo: Seeded = seed(
+            self.url, self.admin, EXAMPLES, extra_policies={"notes.cedar": NOTES_POLICY}
+        )
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    require_chromium()
+    home = Path(tempfile.mkdtemp(prefix="tether-console-"))
+    w = World(home / "home")
+    yield w
+    w.server.stop()
+    w.tether.close()
+
+
+@pytest.fixture(scope="module")
+def browser(world: World) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    chromium = require_chromium()
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    print(f"\nconsole screenshots: {OUTPUT}")
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            tempfile.mkdtemp(prefix="tether-chromium-"),
+            executable_path=chromium,
+            headless=True,
+            args=CHROMIUM_ARGS,
+        )
+        yield context
+        context.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    tab = browser.new_page()
+    alerts: list[str] = []
+
+    def on_dialog(dialog: Any) -> None:
+        if dialog.type == "confirm":  # the console's own "are you sure?"
+            dialog.accept()
+        else:
+            alerts.append(f"{dialog.type}: {dialog.message}")
+            dialog.dismiss()
+
+    tab.on("dialog", on_dialog)
+    tab.alerts = alerts
+    yield tab
+    browser.clear_cookies()
+    tab.close()
+    assert alerts == [], f"a dialog fired: {alerts}"
+
+
+def shot(page: Any, name: str) -> None:
+    page.screenshot(path=str(OUTPUT / f"{name}.png"), full_page=True)
+
+
+def sign_in(page: Any, url: str, secret: str, target: str = "/console/identities") -> None:
+    page.goto(url + target)
+    assert "/console/sign-in" in page.url  # no session: the sign-in page
+    page.fill("input[name=secret]", secret)
+    page.click("button[type=submit]:has-text('Sign in')")
+    page.wait_for_url(url + target)
+
+
+def test_sign_in_shows_the_demos_identities_and_tasks(world: World, page: Any) -> None:
+    sign_in(page, world.url, world.admin)
+    shot(page, "01-identities")
+    table = page.inner_text("#identities")
+    for spiffe_id, _, _ in IDENTITIES:
+        assert spiffe_id in table
+    page.click("nav >> text=Tasks")
+    page.wait_for_url(world.url + "/console/tasks")
+    shot(page, "02-tasks")
+    tasks = page.inner_text("#tasks")
+    assert world.demo.task.task_id in tasks and world.demo.child.task_id in tasks
+    assert "Pay the outstanding bill owed to " + PAYEE in tasks
+    page.click(f"text={world.demo.task.task_id}")
+    tree = page.inner_text("#tree")
+    assert world.demo.child.task_id in tree and HELPER in tree
+    shot(page, "03-task-tree")
+    page.click("button:has-text('Sign out')")
+    page.wait_for_url(world.url + "/console/sign-in")
+    page.goto(world.url + "/console/tasks")
+    assert "/console/sign-in" in page.url
+
+
+def test_an_approval_on_the_page_lets_the_waiting_agent_through(world: World, page: Any) -> None:
+    task = world.demo.task
+    try:
+        task.check("bank.send_money", world.demo.held_args)
+        raise AssertionError("the held payment went through before anyone approved it")
+    except ApprovalRequired as held:
+        assert held.approval_id == world.demo.held_approval
+    sign_in(page, world.url, world.approver, "/console/approvals")
+    card = page.locator(f"#{world.demo.held_approval}")
+    assert "bank.send_money" in card.inner_text() and "1200" in card.inner_text()
+    card.locator("input[name=comment]").fill("invoice INV-42 checked")
+    shot(page, "04-approval-pending")
+    card.locator("button[value=approve]").click()
+    page.wait_for_url(world.url + "/console/approvals")
+    assert "approved" in page.inner_text(".flash")
+    verdict = task.check("bank.send_money", world.demo.held_args)
+    assert verdict.effect == "allow"
+    page.goto(world.url + "/console/approvals?status=used")
+    assert "invoice INV-42 checked" in page.inner_text(f"#{world.demo.held_approval}")
+    shot(page, "05-approval-used")
+
+
+def test_a_denial_shows_its_reason(world: World, page: Any) -> None:
+    args = {"recipient": PAYEE, "amount": 1100.0}
+    task = world.demo.agent.open_task(
+        template="pay-bill", params={"payee": PAYEE, "max_amount": 1500}
+    )
+    try:
+        task.check("bank.send_money", args)
+        raise AssertionError("not held")
+    except ApprovalRequired as held:
+        approval = str(held.approval_id)
+    sign_in(page, world.url, world.approver, "/console/approvals")
+    card = page.locator(f"#{approval}")
+    card.locator("input[name=comment]").fill("duplicate of INV-42")
+    card.locator("button[value=deny]").click()
+    page.wait_for_url(world.url + "/console/approvals")
+    page.goto(world.url + "/console/approvals?status=denied")
+    denied = page.inner_text(f"#{approval}")
+    assert "denied by bob@acme.example" in denied
+    assert "duplicate of INV-42" in denied
+    assert "a policy asks a human to approve this call first" in denied
+    assert "large-payments-need-a-human" in denied
+    shot(page, "06-denied")
+    try:  # the agent's retry is held again (a new approval), never let through
+        task.check("bank.send_money", args)
+        raise AssertionError("a denied call went through")
+    except ApprovalRequired as again:
+        assert again.approval_id != approval
+
+
+def test_hostile_arguments_never_run_in_the_browser(world: World, page: Any) -> None:
+    agent = world.demo.agent
+    hostile = agent.open_task(
+        intent={
+            "purpose": "Write a note " + XSS[0],
+            "capabilities": [{"tool": "notes.write"}],
+            "budget": {"max_calls": 3},
+        }
+    )
+    assert hostile.authorize("notes.write", {"text": XSS[0], "title": XSS[1]}).effect == (
+        "approval_required"
+    )
+    hostile.authorize(XSS[1], {"path": XSS[0]})
+    sign_in(page, world.url, world.admin, "/console/approvals")
+    assert XSS[0] in page.inner_text("main") and XSS[1] in page.inner_text("main")
+    shot(page, "07-inert-approvals")
+    for path in (
+        "/console/decisions",
+        "/console/tasks",
+        f"/console/tasks/{hostile.task_id}",
+        "/console/audit",
+        f"/console/audit/trace?task_id={hostile.task_id}",
+        "/console/risk",
+    ):
+        page.goto(world.url + path)
+        assert page.evaluate("document.querySelectorAll('main script, main img').length") == 0
+    page.goto(world.url + "/console/decisions")
+    assert XSS[1] in page.inner_text("main")
+    shot(page, "08-inert-decisions")
+
+
+def test_the_risk_report_prints(world: World, page: Any) -> None:
+    sign_in(page, world.url, world.admin, "/console/risk")
+    assert page.locator("svg.chart").count() == 4
+    shot(page, "09-risk-report")
+    page.emulate_media(media="print")
+    assert not page.locator("header.top").is_visible()
+    page.emulate_media(media="screen")
+
+
+def test_audit_verification_shows_success_then_the_tampered_record(world: World, page: Any) -> None:
+    sign_in(page, world.url, world.admin, "/console/audit")
+    page.click("#verify")
+    result = page.inner_text("#verify-result")
+    assert result.startswith("Verified:")
+    shot(page, "10-audit-verified")
+    db = sqlite3.connect(world.home / "tether.db")
+    try:
+        (body,) = db.execute("SELECT body FROM audit_records WHERE seq = 5").fetchone()
+        db.execute(
+            "UPDATE audit_records SET body = ? WHERE seq = 5", (body.replace('"allow"', '"deny"'),)
+        )
+        db.commit()
+        page.click("#verify")
+        failed = page.inner_text("#verify-result")
+        shot(page, "11-audit-tampered")
+        assert "Verification FAILED at record 5" in failed
+    finally:
+        db.execute("UPDATE audit_records SET body = ? WHERE seq = 5", (body,))
+        db.commit()
+        db.close()
+    page.click("#verify")
+    assert page.inner_text("#verify-result").startswith("Verified:")

@@ -1,0 +1,464 @@
+"""The web console through the real ASGI app: sessions, CSRF, roles, inert rendering,
+approvals, audit verification, accepted risks, pagination."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import pytest
+from litestar.testing import TestClient
+
+from tests.conftest import AGENT, OWNER, open_simple_task
+from tests.console_support import XSS, console_client, csrf_of, sign_in
+from tether import FrozenClock, ProofKey, Tether
+from tether.console import CSP
+
+PAGES = (
+    "/console",
+    "/console/identities",
+    "/console/tasks",
+    "/console/decisions",
+    "/console/approvals",
+    "/console/audit",
+    "/console/audit/export.jsonl",
+    "/console/risk",
+)
+APPROVAL_POLICY = """
+permit (principal, action, resource);
+@id("notes-need-a-human")
+@approval("required")
+forbid (principal, action == Action::"call_tool", resource == Tool::"notes.write");
+"""
+
+
+def credential(tether: Tether, role: str, email: str) -> str:
+    return tether.credentials.create(role, email)[1]
+
+
+def call(tether: Tether, key: ProofKey, token: str, tool: str, args: dict[str, Any]) -> Any:
+    proof = key.prove(token, tool, args, now=tether.clock.now())
+    return tether.authorize(token=token, proof=proof, tool=tool, args=args)
+
+
+@pytest.fixture
+def held(tether: Tether) -> dict[str, Any]:
+    """A task with hostile arguments held for approval, a denied hostile tool name, and an
+    identity whose description is a script."""
+    tether.policies.load({"all.cedar": APPROVAL_POLICY})
+    key, task_id, token = open_simple_task(tether, tools=("notes.write", "fs.read"))
+    args = {"text": XSS[0], "title": XSS[1]}
+    receipt = call(tether, key, token, "notes.write", args)
+    assert str(receipt.decision.effect) == "approval_required"
+    call(tether, key, token, XSS[0], {"path": XSS[1]})
+    tether.register_identity(
+        "spiffe://acme.example/agent/xss", kind="agent", owner=OWNER, description=XSS[1]
+    )
+    return {
+        "key": key,
+        "task_id": task_id,
+        "token": token,
+        "args": args,
+        "approval_id": receipt.approval_id,
+    }
+
+
+@pytest.fixture
+def admin(tether: Tether) -> str:
+    return credential(tether, "admin", "root@acme.example")
+
+
+def test_pages_without_a_session_redirect_to_sign_in(tether: Tether) -> None:
+    with console_client(tether) as client:
+        for path in PAGES:
+            response = client.get(path, follow_redirects=False)
+            assert response.status_code == 303, path
+            assert response.headers["location"].startswith("/console/sign-in"), path
+        assert client.get("/", follow_redirects=False).headers["location"] == "/console"
+        forged = client.get("/console/identities", cookies={"tether_console": "made-up"})
+        assert "Sign in" in forged.text
+
+
+def test_sign_in_sets_a_strict_session_cookie(tether: Tether, admin: str) -> None:
+    with console_client(tether) as client:
+        form = client.get("/console/sign-in")
+        assert form.headers["content-security-policy"] == CSP
+        assert form.headers["x-frame-options"] == "DENY"
+        wrong = client.post(
+            "/console/sign-in",
+            data={"csrf": csrf_of(form.text), "secret": admin[:-2] + "xx"},
+            follow_redirects=False,
+        )
+        assert wrong.status_code == 401
+        assert "tether_console=" not in wrong.headers.get("set-cookie", "").replace(
+            "tether_console_signin", ""
+        )
+        form = client.get("/console/sign-in")
+        done = client.post(
+            "/console/sign-in",
+            data={"csrf": csrf_of(form.text), "secret": admin, "next": "https://evil.example/"},
+            follow_redirects=False,
+        )
+        assert done.status_code == 303
+        assert done.headers["location"] == "/console"  # no open redirect
+        cookie = next(c for c in done.headers.get_list("set-cookie") if "tether_console=" in c)
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/console" in cookie
+        assert "Secure" not in cookie  # plain HTTP on loopback
+
+
+def test_over_tls_the_cookie_is_secure_and_host_prefixed(tether: Tether, admin: str) -> None:
+    with console_client(tether, base_url="https://127.0.0.1:8443") as client:
+        form = client.get("/console/sign-in")
+        done = client.post(
+            "/console/sign-in",
+            data={"csrf": csrf_of(form.text), "secret": admin},
+            follow_redirects=False,
+        )
+        cookie = next(
+            c for c in done.headers.get_list("set-cookie") if "__Host-tether_console=" in c
+        )
+        assert "Secure" in cookie and "Path=/;" in cookie + ";"
+
+
+def test_sign_in_without_its_form_token_is_refused(tether: Tether, admin: str) -> None:
+    with console_client(tether) as client:
+        client.get("/console/sign-in")
+        refused = client.post("/console/sign-in", data={"secret": admin}, follow_redirects=False)
+        assert refused.status_code == 403
+        assert "tether_console=" not in " ".join(refused.headers.get_list("set-cookie"))
+
+
+def test_posts_without_the_csrf_token_are_refused_and_change_nothing(
+    tether: Tether, admin: str
+) -> None:
+    with console_client(tether) as client:
+        token = sign_in(client, admin)
+        for data in ({"spiffe_id": AGENT}, {"spiffe_id": AGENT, "csrf": token[:-1] + "A"}):
+            refused = client.post("/console/identities/offboard", data=data)
+            assert refused.status_code == 403
+            assert "security token" in refused.text
+        cross = client.post(
+            "/console/identities/offboard",
+            data={"spiffe_id": AGENT, "csrf": token},
+            headers={"Origin": "https://evil.example"},
+        )
+        assert cross.status_code == 403
+        assert tether.identities.get(AGENT).status == "active"
+        done = client.post(
+            "/console/identities/offboard",
+            data={"spiffe_id": AGENT, "csrf": token},
+            follow_redirects=False,
+        )
+        assert done.status_code == 303
+        assert tether.identities.get(AGENT).status == "disabled"
+
+
+def test_hostile_arguments_render_inert_everywhere(
+    tether: Tether, admin: str, held: dict[str, Any]
+) -> None:
+    with console_client(tether) as client:
+        sign_in(client, admin)
+        pages = [
+            "/console/identities",
+            "/console/tasks",
+            f"/console/tasks/{held['task_id']}",
+            "/console/decisions",
+            "/console/approvals",
+            "/console/audit",
+            f"/console/audit/trace?task_id={held['task_id']}",
+            "/console/risk",
+        ]
+        shown = 0
+        for path in pages:
+            html = client.get(path).text
+            for payload in XSS:
+                assert payload not in html, path
+                assert "<script>alert" not in html and "onerror=alert" not in html.replace(
+                    "onerror=alert(1)&gt;", ""
+                ), path
+            shown += html.count("&lt;script&gt;alert(1)&lt;/script&gt;")
+            assert '<script src="/console/static/console.js" defer></script>' in html
+            assert html.count("<script") == 1, path  # only the console's own file
+        assert shown >= 4  # approvals, decisions, audit, trace
+        approvals = client.get("/console/approvals").text
+        assert "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;" in approvals
+
+
+def test_an_approval_on_the_page_lets_the_identical_call_through_once(
+    tether: Tether, held: dict[str, Any]
+) -> None:
+    approver = credential(tether, "approver", "bob@acme.example")
+    auditor = credential(tether, "auditor", "carol@acme.example")
+    path = f"/console/approvals/{held['approval_id']}"
+    with console_client(tether) as client:
+        token = sign_in(client, auditor)
+        refused = client.post(path, data={"csrf": token, "decision": "approve"})
+        assert refused.status_code == 403  # auditors read only
+    with console_client(tether) as client:
+        token = sign_in(client, approver)
+        page = client.get("/console/approvals").text
+        assert held["approval_id"] in page and "a policy asks a human" in page
+        done = client.post(
+            path,
+            data={"csrf": token, "decision": "approve", "comment": "checked with finance"},
+            follow_redirects=False,
+        )
+        assert done.status_code == 303
+        assert "approved" in client.get("/console/approvals").text
+        again = client.post(path, data={"csrf": token, "decision": "deny"})
+        assert again.status_code == 409  # decided already: nothing changes
+    retried = call(tether, held["key"], held["token"], "notes.write", held["args"])
+    assert str(retried.decision.effect) == "allow"
+    assert retried.decision.reasons[0].code == "approval.granted"
+    decided = tether.store.records_page(kind="approval.decide", limit=1)[0]
+    assert json.loads(decided.body)["detail"]["comment"] == "checked with finance"
+    once_more = call(tether, held["key"], held["token"], "notes.write", held["args"])
+    assert str(once_more.decision.effect) == "approval_required"
+
+
+def test_a_denial_shows_its_reason_and_comment(
+    tether: Tether, admin: str, held: dict[str, Any]
+) -> None:
+    with console_client(tether) as client:
+        token = sign_in(client, admin)
+        client.post(
+            f"/console/approvals/{held['approval_id']}",
+            data={"csrf": token, "decision": "deny", "comment": "not <b>this</b> one"},
+        )
+        denied = client.get("/console/approvals?status=denied").text
+        assert held["approval_id"] in denied
+        assert "a policy asks a human to approve this call first" in denied
+        assert "not &lt;b&gt;this&lt;/b&gt; one" in denied
+        assert "not &lt;b&gt;this&lt;/b&gt; one" in client.get("/console/audit").text
+
+
+def test_roles_mirror_the_api(tether: Tether, held: dict[str, Any]) -> None:
+    other = "spiffe://acme.example/agent/not-alices"
+    tether.register_identity(other, kind="agent", owner="dave@acme.example")
+    owner = credential(tether, "owner", OWNER)
+    approver = credential(tether, "approver", "bob@acme.example")
+    with console_client(tether) as client:
+        token = sign_in(client, owner)
+        assert client.get("/console/decisions").status_code == 403
+        assert client.get("/console/audit").status_code == 403
+        assert held["task_id"] in client.get("/console/tasks").text
+        refused = client.post(
+            "/console/identities/offboard", data={"csrf": token, "spiffe_id": other}
+        )
+        assert refused.status_code == 403
+        assert tether.identities.get(other).status == "active"
+        assert client.post("/console/kill", data={"csrf": token, "agent": AGENT}).status_code == 403
+        ended = client.post(
+            f"/console/tasks/{held['task_id']}/end", data={"csrf": token}, follow_redirects=False
+        )
+        assert ended.status_code == 303
+        assert tether.tasks.get(held["task_id"]).status == "ended"
+    with console_client(tether) as client:
+        token = sign_in(client, approver)
+        assert client.get("/console/decisions").status_code == 403
+        assert client.get("/console/approvals").status_code == 200
+        assert (
+            client.post(
+                "/console/identities/offboard", data={"csrf": token, "spiffe_id": AGENT}
+            ).status_code
+            == 403
+        )
+
+
+def test_owners_see_only_their_tasks(tether: Tether, held: dict[str, Any]) -> None:
+    owner = credential(tether, "owner", "dave@acme.example")
+    with console_client(tether) as client:
+        sign_in(client, owner)
+        assert held["task_id"] not in client.get("/console/tasks").text
+        assert client.get(f"/console/tasks/{held['task_id']}").status_code == 403
+
+
+def test_kill_from_the_page_revokes_the_agents_tasks(
+    tether: Tether, admin: str, held: dict[str, Any]
+) -> None:
+    with console_client(tether) as client:
+        token = sign_in(client, admin)
+        page = client.get(f"/console/tasks/{held['task_id']}").text
+        assert "Kill agent" in page and "End task" in page
+        client.post("/console/kill", data={"csrf": token, "agent": AGENT, "reason": "drift"})
+    assert tether.tasks.get(held["task_id"]).status == "revoked"
+    after = call(tether, held["key"], held["token"], "fs.read", {"path": "/x"})
+    assert str(after.decision.effect) == "deny"
+
+
+def test_audit_verification_shows_success_then_the_tampered_record(
+    tether: Tether, admin: str, held: dict[str, Any]
+) -> None:
+    with console_client(tether) as client:
+        token = sign_in(client, admin)
+        ok = client.post("/console/audit/verify", data={"csrf": token})
+        assert ok.status_code == 200 and "Verified:" in ok.text
+        tether.store.execute_unsafe(
+            "UPDATE audit_records SET body = replace(body, '\"allow\"', '\"deny\"') WHERE seq = 2"
+        )
+        bad = client.post("/console/audit/verify", data={"csrf": token})
+        assert "Verification FAILED at record 2" in bad.text
+
+
+def test_export_is_json_lines_that_chain(tether: Tether, admin: str, held: dict[str, Any]) -> None:
+    with console_client(tether) as client:
+        sign_in(client, admin)
+        response = client.get("/console/audit/export.jsonl")
+        assert response.headers["content-type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) for line in response.text.splitlines()]
+    assert [line["seq"] for line in lines] == list(range(1, len(lines) + 1))
+    for before, after in itertools.pairwise(lines):
+        assert after["prev_hash"] == before["hash"]
+    from tether.audit._chain import record_hash
+    from tether.core._canonical import canonical_json
+
+    for line in lines:
+        assert (
+            record_hash(line["prev_hash"], canonical_json(line["record"]).decode()) == line["hash"]
+        )
+
+
+def test_trace_shows_the_delegation_tree(tether: Tether, admin: str, held: dict[str, Any]) -> None:
+    helper = "spiffe://acme.example/agent/helper"
+    tether.register_identity(helper, kind="agent", owner=OWNER)
+    child = tether.open_task(
+        helper,
+        proof_jwk=ProofKey().jwk,
+        intent=__import__("tether").parse_intent(
+            {"purpose": "read", "capabilities": [{"tool": "fs.read"}], "budget": {"max_calls": 1}}
+        ),
+        parent_task_id=held["task_id"],
+    )
+    with console_client(tether) as client:
+        sign_in(client, admin)
+        trace = client.get(f"/console/audit/trace?task_id={child.task_id}").text
+        assert held["task_id"] in trace and child.task_id in trace
+        assert f"delegated by <code>{AGENT}</code>" in trace
+        detail = client.get(f"/console/tasks/{held['task_id']}").text
+        assert child.task_id in detail and "Delegation tree" in detail
+
+
+def test_decisions_filter_and_page_by_keyset(tether: Tether, admin: str) -> None:
+    tether.policies.load({"all.cedar": "permit (principal, action, resource);"})
+    key, _, token = open_simple_task(tether, tools=("fs.read",), max_calls=200)
+    for i in range(120):
+        call(tether, key, token, "fs.read" if i % 2 else "fs.write", {"n": i})
+    with console_client(tether) as client:
+        sign_in(client, admin)
+        first = client.get("/console/decisions?effect=deny&rule=intent.no_capability").text
+        assert first.count("fs.write") >= 50 and "fs.read</code>" not in first
+        assert 'id="next"' in first
+        older = first.split('href="/console/decisions?')[-1].split('"')[0].replace("&amp;", "&")
+        second = client.get("/console/decisions?" + older).text
+        assert "fs.write" in second
+        tagged = client.get("/console/decisions?risk_tag=owasp-asi:ASI02&tool=fs.read").text
+        assert "fs.read" in tagged and "fs.write</code>" not in tagged
+
+
+def test_the_session_ends_when_idle(tether: Tether, admin: str, clock: FrozenClock) -> None:
+    with console_client(tether) as client:
+        sign_in(client, admin)
+        assert client.get("/console/identities", follow_redirects=False).status_code == 200
+        clock.advance(16 * 60)
+        assert client.get("/console/identities", follow_redirects=False).status_code == 303
+
+
+def test_a_disabled_credential_ends_its_session(tether: Tether) -> None:
+    row, secret = tether.credentials.create("admin", "eve@acme.example")
+    with console_client(tether) as client:
+        sign_in(client, secret)
+        tether.store.execute_unsafe(
+            "UPDATE credentials SET disabled_at = 1 WHERE credential_id = ?", (row.credential_id,)
+        )
+        assert client.get("/console/identities", follow_redirects=False).status_code == 303
+
+
+def test_failed_changes_show_an_error_and_change_nothing(
+    tether: Tether, admin: str, held: dict[str, Any]
+) -> None:
+    with console_client(tether) as client:
+        token = sign_in(client, admin)
+        missing = client.post(
+            "/console/identities/offboard",
+            data={"csrf": token, "spiffe_id": "spiffe://acme.example/agent/none"},
+        )
+        assert missing.status_code in (400, 404) and "Not done" in missing.text
+        records = tether.store.last_record()
+        bogus = client.post(
+            f"/console/approvals/{held['approval_id']}", data={"csrf": token, "decision": "maybe"}
+        )
+        assert bogus.status_code == 400
+        assert tether.approvals.get(held["approval_id"]).status == "pending"
+        assert tether.store.last_record() == records
+
+
+def _record_risk(client: TestClient[Any], token: str, **overrides: str) -> Any:
+    data = {
+        "csrf": token,
+        "title": "Helper reads unlabelled statements",
+        "risk_tag": "owasp-asi:ASI02",
+        "scope": "spiffe://acme.example/agent/bot",
+        "justification": "The statements tool is read-only and internal until Q3.",
+        "approver": "bob@acme.example",
+        "days": "7",
+        **overrides,
+    }
+    return client.post("/console/risks", data=data, follow_redirects=False)
+
+
+def test_an_accepted_risk_needs_its_approver_shows_in_the_report_and_lapses(
+    tether: Tether, clock: FrozenClock
+) -> None:
+    owner = credential(tether, "owner", OWNER)
+    approver = credential(tether, "approver", "bob@acme.example")
+    other = credential(tether, "approver", "mallory@acme.example")
+    auditor = credential(tether, "auditor", "carol@acme.example")
+    with console_client(tether) as client:
+        token = sign_in(client, auditor)
+        assert _record_risk(client, token).status_code == 403
+    with console_client(tether) as client:
+        token = sign_in(client, owner)
+        assert _record_risk(client, token, approver=OWNER).status_code == 400
+        assert _record_risk(client, token, risk_tag="made-up:X").status_code == 400
+        assert _record_risk(client, token).status_code == 303
+    risk_id = tether.store.list_accepted_risks()[0].risk_id
+    with console_client(tether) as client:
+        token = sign_in(client, other)
+        refused = client.post(f"/console/risks/{risk_id}", data={"csrf": token, "action": "accept"})
+        assert refused.status_code == 403
+    with console_client(tether) as client:
+        token = sign_in(client, approver)
+        client.post(f"/console/risks/{risk_id}", data={"csrf": token, "action": "accept"})
+    with console_client(tether) as client:
+        sign_in(client, owner)
+        report = client.get("/console/risk").text
+        assert '<td class="state">in force</td>' in report
+        assert '<span class="flag">Helper reads unlabelled statements</span>' in report
+        clock.advance(8 * 86400)
+        sign_in(client, owner)
+        lapsed = client.get("/console/risk").text
+        assert '<td class="state">lapsed</td>' in lapsed
+        assert '<span class="flag">Helper reads unlabelled statements</span>' not in lapsed
+    kinds = [json.loads(r.body)["kind"] for r in tether.store.records_page(limit=5)]
+    assert "risk.accept" in kinds and "risk.record" in kinds
+
+
+def test_the_risk_report_counts_by_framework_over_a_period(
+    tether: Tether, admin: str, held: dict[str, Any]
+) -> None:
+    with console_client(tether) as client:
+        sign_in(client, admin)
+        report = client.get("/console/risk").text
+        for heading in (
+            "OWASP Top 10 for Agentic Applications",
+            "OWASP Non-Human Identities Top 10",
+            "CSA MAESTRO layer",
+            "NIST AI RMF function",
+        ):
+            assert heading in report
+        assert report.count('<svg class="chart"') == 4
+        assert "ASI09 Human-Agent Trust Exploitation</td><td>0</td><td>2</td>" in report
+        empty = client.get("/console/risk?from=2001-01-01&to=2001-01-31").text
+        assert "0 tagged receipt(s)" in empty
+        assert client.get("/console/risk?from=2001-02-01&to=2001-01-01").status_code == 400
