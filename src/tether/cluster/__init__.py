@@ -2,7 +2,7 @@
 
 from tether.cluster._events import CHANNEL, DROP_TRIGGERS_SQL, TRIGGERS_SQL, Event, decode_event
 from tether.cluster._memory import NodeMemory
-from tether.cluster._node import Node
+from tether.cluster._node import Node, join
 
 __all__ = [
     "CHANNEL",
@@ -12,4 +12,5 @@ __all__ = [
     "Node",
     "NodeMemory",
     "decode_event",
+    "join",
 ]

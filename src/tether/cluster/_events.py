@@ -16,7 +16,9 @@ Kinds:
 ``identity``
     an identity changed (disabled, re-enabled): ``id`` is its SPIFFE ID;
 ``policy``
-    a policy snapshot was loaded: ``id`` is the snapshot's row id.
+    a policy snapshot was loaded: ``id`` is the snapshot's row id;
+``keys``
+    a signing key was added or retired: ``id`` is its kid.
 """
 
 from __future__ import annotations
@@ -103,7 +105,24 @@ CREATE TRIGGER tether_policy AFTER INSERT ON policy_snapshots
   FOR EACH ROW EXECUTE FUNCTION tether_notify_policy();
 """
 
+_KEYS_SQL = f"""
+CREATE OR REPLACE FUNCTION tether_notify_keys() RETURNS trigger AS $$
+BEGIN
+  PERFORM pg_notify('{CHANNEL}', json_build_object(
+    'schema', TG_TABLE_SCHEMA,
+    'kind', 'keys', 'id', NEW.kid,
+    'at', extract(epoch from clock_timestamp()))::text);
+  RETURN NEW;
+END $$ LANGUAGE plpgsql;
+DROP TRIGGER IF EXISTS tether_keys ON signing_keys;
+CREATE TRIGGER tether_keys AFTER INSERT OR UPDATE ON signing_keys
+  FOR EACH ROW EXECUTE FUNCTION tether_notify_keys();
+"""
+TRIGGERS_SQL += _KEYS_SQL
+
 DROP_TRIGGERS_SQL = """
+DROP TRIGGER IF EXISTS tether_keys ON signing_keys;
+DROP FUNCTION IF EXISTS tether_notify_keys();
 DROP TRIGGER IF EXISTS tether_task_status ON tasks;
 DROP TRIGGER IF EXISTS tether_revocation ON revocations;
 DROP TRIGGER IF EXISTS tether_identity ON identities;

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import threading
 import time
 from collections import deque
@@ -70,6 +72,7 @@ class Node:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> Node:
         self.tether.authorizer.attach_memory(self.memory)
+        self.tether.keys.cached = True
         self.resync()
         for target, label in ((self._listen, "listen"), (self._resync_loop, "resync")):
             thread = threading.Thread(target=target, name=f"tether-node-{label}", daemon=True)
@@ -102,6 +105,7 @@ class Node:
             self.memory.add_revoked([token for token, _ in rows])
         self.memory.forget_identity()
         self.tether.policies.invalidate()
+        self.tether.keys.invalidate()
         self._watermark = now - RESYNC_OVERLAP
         self.resyncs += 1
         self.memory.last_sync = time.monotonic()
@@ -133,6 +137,8 @@ class Node:
             self.memory.forget_identity(event.id)
         elif event.kind == "policy":
             self.tether.policies.invalidate()
+        elif event.kind == "keys":
+            self.tether.keys.invalidate()
 
     def _listen(self) -> None:
         backoff = 0.05
@@ -179,3 +185,22 @@ class Node:
             "event_lag_ms_p50": pct(0.5),
             "event_lag_ms_p99": pct(0.99),
         }
+
+
+def join(tether: Tether, *, resync_interval: float = 2.0) -> Node | None:
+    """Start this process as a node if ``tether``'s store is PostgreSQL (else ``None``).
+
+    ``TETHER_RESYNC_INTERVAL`` (seconds) overrides ``resync_interval``."""
+    store = tether.store
+    dsn = getattr(store, "dsn", None)
+    if not isinstance(dsn, str) or not dsn.startswith(("postgresql://", "postgres://")):
+        return None
+    interval = float(os.environ.get("TETHER_RESYNC_INTERVAL", resync_interval))
+    node = Node(
+        tether,
+        dsn,
+        schema=getattr(store, "schema", None) or "public",
+        resync_interval=interval,
+        name=f"{socket.gethostname()}:{os.getpid()}",
+    )
+    return node.start()

@@ -84,6 +84,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from tether._errors import NotFound
 from tether._tether import Tether
+from tether.cluster import join
 from tether.core import digest
 from tether.core._decision import TaskState, call_entities
 from tether.core._flow import (
@@ -424,6 +425,7 @@ class Gateway:
         """
         store = self.tether.store
         with store.transaction():
+            store.lock_task(caller.task_id)  # the flow state: read, decided on, written
             state = self._flow_state(caller.task_id, caller.state.intent)
             receipt = self.tether.authorize(
                 token=caller.token,
@@ -770,6 +772,7 @@ class Gateway:
         if redactions:
             controls.append(Control.SECRET_BROKERING)
         with self.tether.store.transaction():
+            self.tether.store.lock_task(claims.task_id)
             if outcome in ("ok", "error"):
                 self.tether.store.add_task_label(
                     claims.task_id,
@@ -934,6 +937,17 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        # Over PostgreSQL this gateway is one node of several (tether.cluster).
+        node = await anyio.to_thread.run_sync(join, self.tether)
+        try:
+            async with self._serve():
+                yield
+        finally:
+            if node is not None:
+                await anyio.to_thread.run_sync(node.stop)
+
+    @contextlib.asynccontextmanager
+    async def _serve(self) -> AsyncIterator[None]:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._housekeeping)

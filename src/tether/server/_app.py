@@ -45,6 +45,7 @@ from tether._errors import (
     UsageError,
 )
 from tether._tether import Tether
+from tether.cluster import Node, join
 from tether.core._decision import call_entities, cedar_value
 from tether.core._flow import empty_flow_context
 from tether.core._intent import parse_intent
@@ -96,6 +97,9 @@ class ServerSettings:
     #: Seconds between two runs of the reaper (expired tasks and leases, leftover
     #: database roles); it also runs once at start. 0 turns the periodic run off.
     reap_interval: float = 5.0
+    #: Seconds between two resyncs of a node's memory when the store is PostgreSQL (see
+    #: :mod:`tether.cluster`); ``TETHER_RESYNC_INTERVAL`` overrides it.
+    resync_interval: float = 2.0
 
 
 class Context:
@@ -110,6 +114,8 @@ class Context:
         self.metrics = Metrics()
         self.settings = settings
         self.reaper: asyncio.Task[None] | None = None
+        #: This process as one node of several over a PostgreSQL store (else None).
+        self.node: Node | None = None
 
 
 def _ctx(request: Request) -> Context:  # type: ignore[type-arg]
@@ -363,6 +369,41 @@ async def healthz(request: Request) -> S.HealthOut:  # type: ignore[type-arg]
     tether = _ctx(request).tether
     tether.store.get_meta("trust_domain")
     return S.HealthOut(status="ok", trust_domain=tether.trust_domain)
+
+
+@get("/livez", tags=["health"], include_in_schema=True)
+async def livez() -> dict[str, str]:
+    """Liveness: the process answers (restart it if not)."""
+    return {"status": "ok"}
+
+
+@get("/readyz", tags=["health"], responses=_PUBLIC)
+async def readyz(request: Request) -> Response[dict[str, Any]]:  # type: ignore[type-arg]
+    """Readiness: the store answers and, in a node, its memory is listening and in sync.
+
+    503 otherwise, so a load balancer sends no decisions to a node that could not hear a
+    revocation (it would still refuse a revoked token: the store is asked then)."""
+    ctx = _ctx(request)
+    try:
+        await asyncio.to_thread(ctx.tether.store.get_meta, "trust_domain")
+    except Exception as exc:  # the store is down: not ready
+        return Response(
+            {"status": "store unavailable", "error": type(exc).__name__}, status_code=503
+        )
+    node = ctx.node
+    if node is not None and not node.memory.in_sync():
+        return Response({"status": "node not in sync", **node.stats()}, status_code=503)
+    return Response({"status": "ok", "trust_domain": ctx.tether.trust_domain})
+
+
+@get("/v1/node", tags=["health"], responses=_ERRORS, guards=[authenticated])
+async def node_status(request: Request) -> dict[str, Any]:  # type: ignore[type-arg]
+    """This node: listener state, events applied, their lag, resyncs (admins, auditors)."""
+    require(_principal(request), "auditor")
+    node = _ctx(request).node
+    if node is None:
+        return {"name": "", "clustered": False}
+    return {"clustered": True, **node.stats()}
 
 
 @get("/openapi.json", include_in_schema=False)
@@ -1059,6 +1100,20 @@ async def _start_reaper(app: Litestar) -> None:
     ctx.reaper = asyncio.get_running_loop().create_task(_reap_forever(ctx))
 
 
+async def _start_node(app: Litestar) -> None:
+    """Over PostgreSQL, join the other nodes: listen for their changes, resync."""
+    ctx: Context = app.state.ctx
+    ctx.node = await asyncio.to_thread(
+        join, ctx.tether, resync_interval=ctx.settings.resync_interval
+    )
+
+
+async def _stop_node(app: Litestar) -> None:
+    ctx: Context = app.state.ctx
+    if ctx.node is not None:
+        await asyncio.to_thread(ctx.node.stop)
+
+
 async def _stop_reaper(app: Litestar) -> None:
     ctx: Context = app.state.ctx
     if ctx.reaper is not None:
@@ -1165,6 +1220,9 @@ def create_app(tether: Tether, settings: ServerSettings | None = None) -> Litest
             root,
             console_router(tether),
             healthz,
+            livez,
+            readyz,
+            node_status,
             openapi_json,
             jwks,
             spiffe_bundle,
@@ -1210,8 +1268,8 @@ def create_app(tether: Tether, settings: ServerSettings | None = None) -> Litest
         request_max_body_size=MAX_BODY,
         logging_config=None,
         request_class=TetherRequest,
-        on_startup=[_refine_openapi, _start_reaper],
-        on_shutdown=[_stop_reaper],
+        on_startup=[_refine_openapi, _start_node, _start_reaper],
+        on_shutdown=[_stop_reaper, _stop_node],
         middleware=[_Observe],
         debug=False,
     )

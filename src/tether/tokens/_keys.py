@@ -101,6 +101,22 @@ class KeyRing:
         self.trust_domain = trust_domain
         self._private: dict[str, ec.EllipticCurvePrivateKey] = {}
         self._public: dict[str, ec.EllipticCurvePublicKey] = {}
+        #: Keep the key rows between calls (a node told of key changes by events, see
+        #: :mod:`tether.cluster`); a lone process reads them on every call.
+        self.cached = False
+        self._rows: list[KeyRow] | None = None
+
+    def invalidate(self) -> None:
+        """Read the key rows from the store again on the next use."""
+        self._rows = None
+
+    def _key_rows(self) -> list[KeyRow]:
+        rows = self._rows if self.cached else None
+        if rows is None:
+            rows = self._store.list_keys()
+            if self.cached:
+                self._rows = rows
+        return rows
 
     def __repr__(self) -> str:
         return f"KeyRing({self.trust_domain!r}, <private keys hidden>)"
@@ -122,6 +138,7 @@ class KeyRing:
             created_at=now,
         )
         self._store.add_key(row)
+        self._rows = None
         self._private[kid] = key
         return row
 
@@ -130,6 +147,7 @@ class KeyRing:
             for row in self._store.list_keys():
                 if row.use == use and row.retired_at is None:
                     self._store.retire_key(row.kid, now, now + overlap)
+                    self._rows = None
             return self.create(use, now)
 
     def active(self, use: str) -> tuple[KeyRow, ec.EllipticCurvePrivateKey]:
@@ -155,7 +173,7 @@ class KeyRing:
         """Keys of ``use`` that may still verify: active, or retired within their overlap."""
         return [
             r
-            for r in self._store.list_keys()
+            for r in self._key_rows()
             if r.use == use and (r.retired_at is None or (r.verify_until or 0) > now)
         ]
 
