@@ -829,13 +829,20 @@ class SQLiteStore:
         return [RecordRow(*r) for r in self._all(sql, tuple(params))]
 
     def record_tag_counts(self, since: float, until: float) -> list[tuple[str, str, int]]:
+        # Grouped by the whole tag array first (receipts share a few dozen tag sets), then
+        # spread over the tags here: one pass over the rows, no per-tag row explosion.
         rows = self._all(
-            "SELECT t.value, coalesce(json_extract(a.body, '$.effect'), ''), count(*) "
-            "FROM audit_records AS a, json_each(a.body, '$.risk_tags') AS t "
-            "WHERE a.created_at >= ? AND a.created_at < ? GROUP BY 1, 2 ORDER BY 1, 2",
+            "SELECT json_extract(body, '$.risk_tags'), "
+            "coalesce(json_extract(body, '$.effect'), ''), count(*) FROM audit_records "
+            "WHERE created_at >= ? AND created_at < ? GROUP BY 1, 2",
             (since, until),
         )
-        return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]
+        counts: dict[tuple[str, str], int] = {}
+        for tags, effect, count in rows:
+            for tag in json.loads(tags) if tags else ():
+                key = (str(tag), str(effect))
+                counts[key] = counts.get(key, 0) + int(count)
+        return [(tag, effect, n) for (tag, effect), n in sorted(counts.items())]
 
     def identity_summaries(
         self, *, after: str | None = None, limit: int = 50, now: float = 0.0
