@@ -85,12 +85,17 @@ def page(browser: Any) -> Iterator[Any]:
             alerts.append(f"{dialog.type}: {dialog.message}")
             dialog.dismiss()
 
+    refused: list[str] = []
     tab.on("dialog", on_dialog)
-    tab.alerts = alerts
+    tab.on(
+        "console",
+        lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None,
+    )
     yield tab
     browser.clear_cookies()
     tab.close()
     assert alerts == [], f"a dialog fired: {alerts}"
+    assert refused == [], f"the content security policy refused something: {refused}"
 
 
 def shot(page: Any, name: str) -> None:

@@ -11,6 +11,10 @@ mirror the HTTP API:
   them and ends their tasks; records accepted risks;
 - ``admin``: everything, including the kill switch.
 
+Sessions live in the process (see :mod:`tether.console._sessions`): with several
+``tether serve`` nodes behind one address, route a browser to the same node (sticky
+sessions), or it is asked to sign in again.
+
 Autoescaping is on in every template, so an argument such as ``<script>`` is shown as
 text; pages carry a strict Content-Security-Policy (no inline script or style, nothing
 from elsewhere), are never cached and never framed. A state-changing handler that fails
@@ -37,7 +41,14 @@ from litestar.datastructures import Cookie, ResponseHeader
 from litestar.exceptions import HTTPException
 from litestar.response import Redirect, Stream
 
-from tether._errors import Conflict, NotFound, TetherError, UsageError
+from tether._errors import (
+    Conflict,
+    InfrastructureError,
+    NotFound,
+    Rejected,
+    TetherError,
+    UsageError,
+)
 from tether._tether import Tether
 from tether.console import _report, _words
 from tether.console._accepted import AcceptedRisks
@@ -156,6 +167,8 @@ def _session(request: Request) -> Session:  # type: ignore[type-arg]
         console.sessions.end(session.session_id)
         raise NeedSignIn
     request.state.principal = _principal(session)
+    # The API's per-principal rate limit applies to the console's requests too.
+    request.app.state.ctx.limiter.check(f"admin:{session.credential_id}")
     return session
 
 
@@ -224,8 +237,10 @@ def _error_page(request: Request, exc: Exception) -> Response[Any]:  # type: ign
         status, message = 409, exc.message
     elif isinstance(exc, UsageError):
         status, message = 400, exc.message
-    elif isinstance(exc, TetherError):
-        status, message = 403 if exc.code else 500, exc.message
+    elif isinstance(exc, Rejected):
+        status, message = 403, exc.message
+    elif isinstance(exc, InfrastructureError):
+        status, message = 503, "The store is unavailable; nothing was changed."
     elif isinstance(exc, HTTPException):
         status, message = exc.status_code, str(exc.detail)
     else:
