@@ -34,6 +34,7 @@ from spiffe import JwtBundle, JwtSvid, TrustDomain
 from tether._tether import Tether
 from tether.demo._console import check_console
 from tether.demo._gateway import BANK, drive, gateway_config
+from tether.demo._nodes import several_nodes
 from tether.demo._timeline import Timeline, console
 from tether.gateway import Gateway
 from tether.sdk import ApprovalRequired, Client, Denied, Task
@@ -240,6 +241,9 @@ def run(*, examples: Path, home: Path | None = None, once: bool = True, port: in
         )
         _call(line, other, "bank.read_bills", {})
 
+        line.heading("Several nodes, one truth")
+        nodes_ok = several_nodes(line, workdir, url, _port(port + 1), admin_secret, _serve, _stop)
+
         line.heading("The web console")
         listed = check_console(url, admin_secret)
         line.say(
@@ -266,6 +270,7 @@ def run(*, examples: Path, home: Path | None = None, once: bool = True, port: in
         counts = {e: line.effects.count(e) for e in sorted(set(line.effects))}
         console.print(f"\n[bold]Done.[/] decisions: {counts}")
         ok = bool(report["ok"]) and {"allow", "deny", "approval_required"} <= set(line.effects)
+        ok = ok and nodes_ok
         if not once:
             gateway = (
                 f"\nThe MCP gateway is serving on [bold]{gateway_url}[/]." if gateway_url else ""
