@@ -18,7 +18,9 @@ Kinds:
 ``policy``
     a policy snapshot was loaded: ``id`` is the snapshot's row id;
 ``keys``
-    a signing key was added or retired: ``id`` is its kid.
+    a signing key was added or retired: ``id`` is its kid;
+``secrets``
+    a brokered secret was added, rotated or disabled: ``id`` is the new generation.
 """
 
 from __future__ import annotations
@@ -120,7 +122,26 @@ CREATE TRIGGER tether_keys AFTER INSERT OR UPDATE ON signing_keys
 """
 TRIGGERS_SQL += _KEYS_SQL
 
+_SECRETS_SQL = f"""
+CREATE OR REPLACE FUNCTION tether_notify_secrets() RETURNS trigger AS $$
+BEGIN
+  IF NEW.key = 'secrets_generation' THEN
+    PERFORM pg_notify('{CHANNEL}', json_build_object(
+      'schema', TG_TABLE_SCHEMA,
+      'kind', 'secrets', 'id', NEW.value,
+      'at', extract(epoch from clock_timestamp()))::text);
+  END IF;
+  RETURN NEW;
+END $$ LANGUAGE plpgsql;
+DROP TRIGGER IF EXISTS tether_secrets ON meta;
+CREATE TRIGGER tether_secrets AFTER INSERT OR UPDATE ON meta
+  FOR EACH ROW EXECUTE FUNCTION tether_notify_secrets();
+"""
+TRIGGERS_SQL += _SECRETS_SQL
+
 DROP_TRIGGERS_SQL = """
+DROP TRIGGER IF EXISTS tether_secrets ON meta;
+DROP FUNCTION IF EXISTS tether_notify_secrets();
 DROP TRIGGER IF EXISTS tether_keys ON signing_keys;
 DROP FUNCTION IF EXISTS tether_notify_keys();
 DROP TRIGGER IF EXISTS tether_task_status ON tasks;

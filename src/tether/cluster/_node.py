@@ -73,6 +73,7 @@ class Node:
     def start(self) -> Node:
         self.tether.authorizer.attach_memory(self.memory)
         self.tether.keys.cached = True
+        self.tether.vault.follow_events = True
         self.resync()
         for target, label in ((self._listen, "listen"), (self._resync_loop, "resync")):
             thread = threading.Thread(target=target, name=f"tether-node-{label}", daemon=True)
@@ -106,6 +107,7 @@ class Node:
         self.memory.forget_identity()
         self.tether.policies.invalidate()
         self.tether.keys.invalidate()
+        self.tether.vault.invalidate()
         self._watermark = now - RESYNC_OVERLAP
         self.resyncs += 1
         self.memory.last_sync = time.monotonic()
@@ -139,6 +141,8 @@ class Node:
             self.tether.policies.invalidate()
         elif event.kind == "keys":
             self.tether.keys.invalidate()
+        elif event.kind == "secrets":
+            self.tether.vault.invalidate()
 
     def _listen(self) -> None:
         backoff = 0.05

@@ -147,6 +147,10 @@ class Vault:
         self._cache_generation: str | None = None
         self._cache_until = 0.0
         self._known: list[Known] = []
+        #: Trust the cache without reading the generation on every call: a node told of
+        #: secret changes by events (:mod:`tether.cluster`).
+        self.follow_events = False
+        self._changed = True
 
     def __repr__(self) -> str:
         return f"Vault(kms={self._kms!r})"
@@ -215,6 +219,7 @@ class Vault:
         )
         generation = int(self._store.get_meta(GENERATION) or "0") + 1
         self._store.set_meta(GENERATION, str(generation))
+        self._changed = True
 
     def rotate(
         self,
@@ -381,10 +386,17 @@ class Vault:
             )
         )
 
+    def invalidate(self) -> None:
+        """A secret changed somewhere: read the generation again on the next call."""
+        self._changed = True
+
     def usable_values(self) -> list[Known]:
         """Every value still usable (current or in overlap), for spotting them on the call
         path. Cached until a secret changes (in any process) or a version's overlap ends."""
         now = self._clock.now()
+        if self.follow_events and not self._changed and now < self._cache_until:
+            return self._known
+        self._changed = False
         generation = self._store.get_meta(GENERATION) or "0"
         if generation == self._cache_generation and now < self._cache_until:
             return self._known
