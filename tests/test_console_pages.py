@@ -462,3 +462,27 @@ def test_the_risk_report_counts_by_framework_over_a_period(
         empty = client.get("/console/risk?from=2001-01-01&to=2001-01-31").text
         assert "0 tagged receipt(s)" in empty
         assert client.get("/console/risk?from=2001-02-01&to=2001-01-01").status_code == 400
+
+
+def test_the_inventory_flags_unowned_idle_and_standing_privileges(
+    tether: Tether, admin: str, clock: FrozenClock
+) -> None:
+    idle = "spiffe://acme.example/agent/idle"
+    orphan = "spiffe://acme.example/agent/orphan"
+    tether.register_identity(idle, kind="agent", owner=OWNER)
+    tether.register_identity(orphan, kind="agent", owner=OWNER)
+    tether.store.execute_unsafe("UPDATE identities SET owner = '' WHERE spiffe_id = ?", (orphan,))
+    tether.policies.load({"all.cedar": "permit (principal, action, resource);"})
+    _, task_id, _ = open_simple_task(tether)
+    with console_client(tether) as client:
+        sign_in(client, admin)
+        page = client.get("/console/identities").text
+        assert page.count('class="flagged"') == 1 and "no owner" in page
+        tether.store.execute_unsafe(
+            "UPDATE tasks SET expires_at = opened_at + 7 * 86400 WHERE task_id = ?", (task_id,)
+        )
+        clock.advance(31 * 86400)
+        sign_in(client, admin)
+        page = client.get("/console/identities").text
+        assert "standing privilege: 1 task(s) living over a day" in page
+        assert page.count('<span class="flag">idle over 30 days</span>') == 3

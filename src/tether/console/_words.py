@@ -24,6 +24,7 @@ _FAMILIES = {
     "internal": "Tether itself",
 }
 _CODES = {
+    "allow": "within the task's intent and permitted by policy",
     "intent.no_capability": "the task never declared this tool in its intent",
     "intent.argument": "an argument is outside what the intent allows",
     "policy.forbid": "a policy forbids this call",
