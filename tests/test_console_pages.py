@@ -354,6 +354,9 @@ def test_decisions_filter_and_page_by_keyset(tether: Tether, admin: str) -> None
         assert "fs.write" in second
         tagged = client.get("/console/decisions?risk_tag=owasp-asi:ASI02&tool=fs.read").text
         assert "fs.read" in tagged and "fs.write</code>" not in tagged
+        assert 'http-equiv="refresh"' not in tagged
+        following = client.get("/console/decisions?effect=deny&follow=1").text
+        assert '<meta http-equiv="refresh" content="5">' in following
 
 
 def test_the_session_ends_when_idle(tether: Tether, admin: str, clock: FrozenClock) -> None:

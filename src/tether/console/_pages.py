@@ -611,6 +611,7 @@ async def decisions(request: Request) -> Response[str]:  # type: ignore[type-arg
     more = len(rows) > PAGE
     rows = rows[:PAGE]
     query = {k: v for k, v in filters.items() if v}
+    follow = q.get("follow") == "1" and before is None  # the newest page, reloaded every 5 s
     return console.render(
         "decisions.html",
         request,
@@ -618,6 +619,8 @@ async def decisions(request: Request) -> Response[str]:  # type: ignore[type-arg
         records=[_record(r) for r in rows],
         filters=filters,
         next_page=urlencode({**query, "before": rows[-1].seq}) if more and rows else None,
+        follow=follow,
+        follow_link=urlencode({**query, **({} if follow else {"follow": "1"})}),
     )
 
 
