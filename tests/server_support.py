@@ -12,6 +12,52 @@ from pathlib import Path
 
 import httpx
 
+#: The PostgreSQL database the suite's "postgresql" runs use (a throwaway schema each).
+POSTGRES_URL = os.environ.get(
+    "TETHER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+class Backend:
+    """The store the running tests use: "sqlite", or "postgresql" (set by tests/conftest.py)."""
+
+    kind = "sqlite"
+    #: Tether homes made outside a test (module-scoped fixtures) and their schemas' URLs.
+    homes: dict[Path, str] = {}  # noqa: RUF012 - process-wide on purpose
+    schemas: list[str] = []  # noqa: RUF012
+
+
+def new_schema_url(prefix: str = "t") -> str:
+    """A fresh, migrated schema in the test database (dropped when the backend ends)."""
+    import secrets
+
+    from tether.store import migrate, url_with_schema
+
+    schema = f"{prefix}_{secrets.token_hex(6)}"
+    url = url_with_schema(POSTGRES_URL, schema)
+    migrate(url)
+    Backend.schemas.append(schema)
+    return url
+
+
+def home_database(home: Path) -> str | None:
+    """The database URL a Tether home uses in this run (None: its SQLite file).
+
+    A home made inside a test shares the test's schema ($TETHER_DATABASE_URL); one made by
+    a module-scoped fixture gets a schema of its own, remembered for the module's tests."""
+    if Backend.kind != "postgresql":
+        return None
+    key = home.resolve()
+    if key not in Backend.homes:
+        Backend.homes[key] = os.environ.get("TETHER_DATABASE_URL") or new_schema_url("home")
+    return Backend.homes[key]
+
+
+def home_env(home: Path) -> dict[str, str]:
+    """The environment of a process serving ``home``."""
+    url = home_database(home)
+    return {**os.environ, "TETHER_DATABASE_URL": url} if url else {**os.environ}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -47,6 +93,7 @@ class Server:
                 check=True,
                 capture_output=True,
                 text=True,
+                env=home_env(home),
             )
             self.admin = json.loads(out.stdout)["admin_credential"]
 
@@ -65,7 +112,7 @@ class Server:
             ],
             stdout=log,
             stderr=log,
-            env={**os.environ},
+            env=home_env(self.home),
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

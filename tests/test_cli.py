@@ -200,12 +200,14 @@ def test_errors_are_one_line_without_traceback(
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_home_option_and_uninitialised_home(tmp_path: Path) -> None:
+def test_home_option_and_uninitialised_home(tmp_path: Path, store_backend: str) -> None:
     c = CLI(tmp_path / "elsewhere")
     result = c.run("identity", "list", "--home", str(tmp_path / "missing"), ok=False)
     assert result.returncode == 2 and "tether init" in result.stderr
     c.json("init", "--trust-domain", "example.org", "--home", str(tmp_path / "h2"))
-    assert (tmp_path / "h2" / "tether.db").exists()
+    assert (tmp_path / "h2" / "kek.key").exists()
+    # On PostgreSQL the home holds the KEK only; the state is in the database.
+    assert (tmp_path / "h2" / "tether.db").exists() is (store_backend == "sqlite")
 
 
 def test_authorize_without_held_key_is_denied_with_a_receipt(cli: CLI) -> None:

@@ -6,11 +6,14 @@ import re
 from pathlib import Path
 
 import msgspec
+import pytest
 from bench.agentdojo.profiles import PROFILES
 
 from tether.core import AppProfile, SideEffect
 from tether.core._flow import atoms
 from tether.flow import RuleCompiler
+
+pytestmark = pytest.mark.store_independent  # no Tether: the same on every store
 
 SOURCE = Path(__file__).resolve().parents[1] / "bench" / "agentdojo" / "profiles.py"
 

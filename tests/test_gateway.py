@@ -52,6 +52,7 @@ from .mcp_support.harness import (
     tools_upstream,
     wait_for_port,
 )
+from .server_support import home_database
 
 WEB_IDENTITY = "spiffe://acme.example/tool/web"
 FRAGILE_IDENTITY = "spiffe://acme.example/tool/fragile"
@@ -330,7 +331,7 @@ def test_policy_forbidden_tool_is_denied(env: Env) -> None:
 def test_git_commit_waits_for_a_human_approval(env: Env) -> None:
     key, task_id, token = env.task(["git.git_add", "git.git_commit", "git.git_log"])
     (env.repo / "notes.txt").write_text("approved change\n")
-    approver = Tether.open(env.home)
+    approver = Tether.open(env.home, database_url=home_database(env.home))
 
     async def approve_when_asked() -> str:
         while True:
@@ -383,7 +384,7 @@ def test_git_commit_waits_for_a_human_approval(env: Env) -> None:
 
 def test_denied_approval_is_an_error_result(env: Env) -> None:
     key, task_id, token = env.task(["git.git_commit"])
-    approver = Tether.open(env.home)
+    approver = Tether.open(env.home, database_url=home_database(env.home))
 
     async def scenario() -> Any:
         async with mcp_client(env.url, token, key, "legacy") as client:
@@ -588,7 +589,9 @@ def _assert_refused(env: Env, response: httpx.Response, error: str, reason: str)
 
 
 def test_expired_token_is_refused(env: Env) -> None:
-    past = Tether.open(env.home, clock=FrozenClock(time.time() - 3600))
+    past = Tether.open(
+        env.home, clock=FrozenClock(time.time() - 3600), database_url=home_database(env.home)
+    )
     try:
         key, task = open_task(past, ["git.git_status"], resource=env.url, ttl_seconds=60)
     finally:

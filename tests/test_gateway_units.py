@@ -34,6 +34,8 @@ from tether.sdk._mcp_auth import TetherHttpxAuth, TetherMCPAuth
 
 from .mcp_support.harness import EXAMPLES, GIT_IDENTITY, make_git_repo
 
+pytestmark = pytest.mark.store_independent  # no Tether: the same on every store
+
 BASE: dict[str, Any] = {
     "resource": "https://gw.acme.example/mcp",
     "authorization_servers": ["https://tether.acme.example"],

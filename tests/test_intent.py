@@ -10,6 +10,8 @@ from tether import InvalidIntent, parse_intent
 from tether.core import match_capability
 from tether.tasks import load_template_file, render
 
+pytestmark = pytest.mark.store_independent  # no Tether: the same on every store
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "demo"
 
 

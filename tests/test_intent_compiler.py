@@ -19,6 +19,8 @@ from tether.core import (
 )
 from tether.flow import RuleCompiler, ScoredCompiler, asks_for
 
+pytestmark = pytest.mark.store_independent  # no Tether: the same on every store
+
 BANK = AppProfile(
     name="bank",
     default_ceiling=Sensitivity.CONFIDENTIAL,

@@ -34,7 +34,17 @@ from tether.secrets import (
     Vault,
     lease_dict,
 )
-from tether.store import ApprovalRow, IdentityRow, SQLiteStore, Store, TaskRow
+from tether.store import (
+    ApprovalRow,
+    IdentityRow,
+    SQLiteStore,
+    Store,
+    TaskRow,
+    database_url,
+    new_ephemeral_store,
+    open_store,
+)
+from tether.store._postgres import PostgresStore, redact
 from tether.tasks import (
     Authorizer,
     OpenedTask,
@@ -48,6 +58,13 @@ from tether.tokens import CA_USE, JWT_USE, KeyRing, Sealer, load_kek
 
 DB_FILE = "tether.db"
 log = logging.getLogger("tether")
+
+
+def _database_url(explicit: str | None) -> str | None:
+    url = database_url(explicit)
+    if url is not None and not url.startswith(("postgresql://", "postgres://")):
+        raise UsageError("TETHER_DATABASE_URL must be a postgresql:// URL")
+    return url
 
 
 class Tether:
@@ -123,24 +140,63 @@ class Tether:
             )
 
     @classmethod
-    def init(cls, home: str | Path, trust_domain: str, *, clock: Clock | None = None) -> Tether:
+    def init(
+        cls,
+        home: str | Path,
+        trust_domain: str,
+        *,
+        clock: Clock | None = None,
+        database_url: str | None = None,
+    ) -> Tether:
+        """A new trust domain: its KEK under ``home``, its state in the store.
+
+        The store is PostgreSQL when ``database_url`` (else ``$TETHER_DATABASE_URL``)
+        names one (migrated beforehand with ``tether migrate``), else ``home/tether.db``.
+        Every node sharing a PostgreSQL store needs the same KEK (``home/kek.key`` or
+        ``$TETHER_KEK``)."""
         path = Path(home)
         parse_trust_domain(trust_domain)
+        url = _database_url(database_url)
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if (path / DB_FILE).exists():
-            raise Conflict(f"{path} already holds a trust domain")
-        sealer = Sealer(load_kek(path, create=True))
-        store = SQLiteStore(path / DB_FILE)
-        cls._bootstrap(store, sealer, trust_domain, clock or SystemClock())
-        return cls(store, sealer, clock=clock)
+        if url is None:
+            if (path / DB_FILE).exists():
+                raise Conflict(f"{path} already holds a trust domain")
+            sealer = Sealer(load_kek(path, create=True))
+            store: Store = SQLiteStore(path / DB_FILE)
+        else:
+            store = open_store(url)
+            if store.get_meta("trust_domain") is not None:
+                store.close()
+                raise Conflict(f"the database at {redact(url)} already holds a trust domain")
+            try:
+                sealer = Sealer(load_kek(path, create=True))
+            except BaseException:
+                store.close()
+                raise
+        try:
+            cls._bootstrap(store, sealer, trust_domain, clock or SystemClock())
+            return cls(store, sealer, clock=clock)
+        except BaseException:
+            store.close()
+            raise
 
     @classmethod
-    def open(cls, home: str | Path, *, clock: Clock | None = None) -> Tether:
+    def open(
+        cls, home: str | Path, *, clock: Clock | None = None, database_url: str | None = None
+    ) -> Tether:
+        """An existing trust domain: the KEK from ``home`` (or ``$TETHER_KEK``), the store
+        as :meth:`init` chooses it."""
         path = Path(home)
-        if not (path / DB_FILE).exists():
+        url = _database_url(database_url)
+        if url is None and not (path / DB_FILE).exists():
             raise UsageError(f"no Tether home at {path}: run 'tether init --trust-domain NAME'")
         sealer = Sealer(load_kek(path))
-        tether = cls(SQLiteStore(path / DB_FILE), sealer, clock=clock)
+        store = SQLiteStore(path / DB_FILE) if url is None else open_store(url)
+        try:
+            tether = cls(store, sealer, clock=clock)
+        except BaseException:
+            store.close()
+            raise
         # Leases that expired or were revoked while no Tether process ran: end them and
         # destroy what they left (a database role, say) before anything else happens.
         try:
@@ -152,13 +208,26 @@ class Tether:
 
     @classmethod
     def ephemeral(
-        cls, trust_domain: str, *, clock: Clock | None = None, checkpoint_every: int = 64
+        cls,
+        trust_domain: str,
+        *,
+        clock: Clock | None = None,
+        checkpoint_every: int = 64,
+        database_url: str | None = None,
     ) -> Tether:
-        """A throwaway trust domain in memory (SQLite ``:memory:``, random KEK)."""
-        store = SQLiteStore(":memory:")
+        """A throwaway trust domain with a random KEK: in memory (SQLite ``:memory:``), or,
+        with ``database_url``, in a fresh schema of that PostgreSQL database, dropped on
+        :meth:`close` (:data:`tether.store.ephemeral_store_factory` can change the default)."""
+        store = (
+            new_ephemeral_store() if database_url is None else PostgresStore.throwaway(database_url)
+        )
         sealer = Sealer(secrets.token_bytes(32))
-        cls._bootstrap(store, sealer, trust_domain, clock or SystemClock())
-        return cls(store, sealer, clock=clock, checkpoint_every=checkpoint_every)
+        try:
+            cls._bootstrap(store, sealer, trust_domain, clock or SystemClock())
+            return cls(store, sealer, clock=clock, checkpoint_every=checkpoint_every)
+        except BaseException:
+            store.close()
+            raise
 
     def close(self) -> None:
         self.store.close()

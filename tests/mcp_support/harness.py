@@ -25,6 +25,8 @@ from tether.gateway import Gateway, GatewayConfig, create_gateway_app, parse_con
 from tether.sdk._mcp_auth import TetherMCPAuth
 from tether.tasks import OpenedTask
 
+from ..server_support import home_database
+
 SUPPORT = Path(__file__).resolve().parent
 ROOT = SUPPORT.parents[1]
 EXAMPLES = ROOT / "examples" / "gateway"
@@ -107,7 +109,7 @@ def make_git_repo(path: Path) -> Path:
 
 def init_home(home: Path, identities: dict[str, str]) -> Tether:
     """A trust domain with the agent, the tool identities and the gateway policies."""
-    tether = Tether.init(home, TRUST_DOMAIN)
+    tether = Tether.init(home, TRUST_DOMAIN, database_url=home_database(home))
     tether.register_identity(AGENT, kind="agent", owner=OWNER)
     for spiffe_id in identities.values():
         tether.register_identity(spiffe_id, kind="tool", owner=OWNER)
@@ -164,7 +166,7 @@ class GatewayServer:
     """
 
     def __init__(self, home: Path, config: GatewayConfig, port: int) -> None:
-        self.tether = Tether.open(home)
+        self.tether = Tether.open(home, database_url=home_database(home))
         self.config = config
         self.port = port
         self.url = config.resource

@@ -129,6 +129,41 @@ def init(
 
 
 @app.command()
+def migrate(
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            help="postgresql://... (default $TETHER_DATABASE_URL)",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create or upgrade the PostgreSQL store's schema to the newest revision."""
+    from tether.store import database_url as configured_url  # noqa: PLC0415
+    from tether.store import migrate as run_migrations  # noqa: PLC0415
+    from tether.store._postgres import redact, schema_of  # noqa: PLC0415
+
+    url = configured_url(database_url)
+    if url is None:
+        raise UsageError("no database: set TETHER_DATABASE_URL or pass --database-url")
+    before, after = run_migrations(url)
+    result = {
+        "database": redact(url),
+        "schema": schema_of(url),
+        "from_revision": before,
+        "revision": after,
+    }
+
+    def human() -> None:
+        change = "already at" if before == after else f"{before or 'empty'} →"
+        out.print(f"[green]✓[/] {result['database']}: {change} revision {after}")
+
+    emit(result, as_json, human)
+
+
+@app.command()
 def bundle(
     fmt: Annotated[str, typer.Option("--format", help="spiffe or jwks")] = "spiffe",
     as_json: JsonOpt = False,

@@ -1,6 +1,7 @@
 """The store interface: every service owns its rows through it.
 
-Implementations: :class:`tether.store.SQLiteStore` (embedded, WAL). Every
+Implementations: :class:`tether.store.SQLiteStore` (embedded, WAL) and
+:class:`tether.store.PostgresStore` (shared by several nodes). Every
 method is a single statement or runs inside :meth:`Store.transaction`, so a
 decision, the budget it spends, the proof id it consumes and its receipt
 commit together or not at all.
@@ -164,6 +165,17 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+    def lock_task(self, task_id: str) -> None:
+        """Hold the task's row lock until the current transaction ends, so one task's calls
+        are decided one at a time across nodes (SQLite: a no-op, its transactions are
+        serialized already)."""
+        ...
+
+    def notify(self, channel: str, payload: str) -> None:
+        """Tell the other nodes (PostgreSQL ``NOTIFY``), at commit of the current transaction
+        or at once outside one (SQLite: a no-op, there is no other node)."""
+        ...
 
     def get_meta(self, key: str) -> str | None: ...
     def set_meta(self, key: str, value: str) -> None: ...

@@ -180,6 +180,12 @@ class SQLiteStore:
         with self._lock:
             self._db.close()
 
+    def lock_task(self, task_id: str) -> None:
+        """A no-op: ``BEGIN IMMEDIATE`` serializes every transaction already."""
+
+    def notify(self, channel: str, payload: str) -> None:
+        """A no-op: an embedded store has no other node to tell."""
+
     def execute_unsafe(self, sql: str, params: tuple[Any, ...] = ()) -> None:
         self._run(sql, params)
 
