@@ -92,9 +92,7 @@ class Approvals:
     def consume(self, approval_id: str) -> bool:
         return self._store.use_approval(approval_id, self._clock.now())
 
-    def decide(
-        self, approval_id: str, *, approve: bool, by: str, comment: str = ""
-    ) -> ApprovalRow:
+    def decide(self, approval_id: str, *, approve: bool, by: str, comment: str = "") -> ApprovalRow:
         """Approve or deny a pending approval; ``comment`` (the human's words, at most
         1,000 characters) is kept in the receipt of the decision."""
         if len(comment) > MAX_COMMENT:
