@@ -21,13 +21,15 @@ from typing import Any
 
 import anyio
 import httpx
+import psycopg
+import psycopg.sql
 import pytest
 
 from tether import ProofKey, Tether, parse_intent
 from tether._errors import TetherError
 
 from .mcp_support.harness import AGENT, OWNER, free_port, mcp_client, wait_for_port
-from .server_support import Server
+from .server_support import Server, home_database
 
 CANARY_CLI = "cnry-cli-" + "W7f2Kd9QzR4mXp1L"
 CANARY_ROTATED = "cnry-rot-" + "B3nV8sJt6YhC0eGa"
@@ -362,4 +364,19 @@ def test_canaries_reach_only_the_upstream(tmp_path: Path) -> None:
     for name in ("tether.db", "tether.db-wal", "tether.db-shm"):
         if (home / name).exists():
             evidence.add(name, (home / name).read_bytes())
+    url = home_database(home)
+    if url is not None:  # PostgreSQL: every row of every table of the schema, as text
+        with psycopg.connect(url, autocommit=True) as conn:
+            tables = conn.execute(
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_schema = current_schema()"
+            ).fetchall()
+            assert len(tables) > 10
+            for (table,) in tables:
+                rows = conn.execute(
+                    psycopg.sql.SQL("SELECT t::text FROM {} AS t").format(
+                        psycopg.sql.Identifier(table)
+                    )
+                ).fetchall()
+                evidence.add(f"table {table}", "\n".join(r[0] for r in rows))
     assert not evidence.leaks(), evidence.leaks()

@@ -14,11 +14,16 @@ from tether.server import create_app
 from .conftest import AGENT, PERMIT_ALL
 
 
+# A process sets its tracer provider once (later calls are ignored): one for every run.
+_EXPORTER = InMemorySpanExporter()
+_PROVIDER = TracerProvider()
+_PROVIDER.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+
+
 def test_decisions_emit_spans_when_an_exporter_is_configured() -> None:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
+    exporter = _EXPORTER
+    trace.set_tracer_provider(_PROVIDER)
+    exporter.clear()
     t = Tether.ephemeral("acme.example")
     t.register_identity(AGENT, kind="agent", owner="a@acme.example")
     t.policies.load({"p.cedar": PERMIT_ALL})

@@ -373,3 +373,34 @@ def test_migrate_then_open_and_unmigrated_is_refused(tmp_path: Path, empty_schem
     out = subprocess.run([*run, "migrate"], env=no_url, capture_output=True, text=True, check=False)
     assert out.returncode == 2 and "TETHER_DATABASE_URL" in out.stderr
     assert migrate  # the function the command runs, exported for operators' scripts
+
+
+def test_an_exhausted_pool_is_an_infrastructure_error(pg_url: str) -> None:
+    store = PostgresStore(pg_url, max_size=1, timeout=0.5)
+    with store.transaction():
+        store.set_meta("held", "1")
+        failures: list[BaseException] = []
+
+        def other() -> None:
+            try:
+                store.get_meta("held")
+            except BaseException as exc:
+                failures.append(exc)
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert len(failures) == 1 and isinstance(failures[0], InfrastructureError)
+    assert store.get_meta("held") == "1"  # the pool serves again once the connection is back
+    store.close()
+
+
+def test_pool_size_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tether.store import pool_size
+
+    assert pool_size() == 10
+    monkeypatch.setenv("TETHER_DATABASE_POOL_SIZE", "3")
+    assert pool_size() == 3
+    monkeypatch.setenv("TETHER_DATABASE_POOL_SIZE", "zero")
+    with pytest.raises(UsageError, match="positive integer"):
+        pool_size()

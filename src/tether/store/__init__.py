@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from tether._errors import UsageError
 from tether.store._interface import (
     ApprovalRow,
     CheckpointRow,
@@ -33,6 +34,8 @@ from tether.store._sqlite import SQLiteStore
 
 #: The environment variable naming the PostgreSQL database (``postgresql://...``).
 DATABASE_URL_ENV = "TETHER_DATABASE_URL"
+#: The environment variable sizing each process's connection pool.
+POOL_SIZE_ENV = "TETHER_DATABASE_POOL_SIZE"
 
 #: When set, :meth:`tether.Tether.ephemeral` opens its store with this instead of
 #: SQLite ``:memory:`` (a callable returning a fresh, empty, migrated store).
@@ -50,8 +53,18 @@ def open_store(url: str | Path, *, migrate_schema: bool = False) -> Store:
     ``migrate_schema``), else a SQLite file path (or ``:memory:``)."""
     text = str(url)
     if is_postgres_url(text):
-        return PostgresStore.create(text, migrate=migrate_schema)
+        return PostgresStore.create(text, migrate=migrate_schema, max_size=pool_size())
     return SQLiteStore(text)
+
+
+def pool_size() -> int:
+    """Connections a PostgreSQL store may hold: ``$TETHER_DATABASE_POOL_SIZE``, else 10."""
+    raw = os.environ.get(POOL_SIZE_ENV, "").strip()
+    if not raw:
+        return 10
+    if not raw.isdigit() or int(raw) < 1:
+        raise UsageError(f"{POOL_SIZE_ENV} must be a positive integer")
+    return int(raw)
 
 
 def new_ephemeral_store() -> Store:
@@ -62,6 +75,7 @@ def new_ephemeral_store() -> Store:
 
 __all__ = [
     "DATABASE_URL_ENV",
+    "POOL_SIZE_ENV",
     "ApprovalRow",
     "CheckpointRow",
     "CredentialRow",
@@ -83,5 +97,6 @@ __all__ = [
     "migrate",
     "new_ephemeral_store",
     "open_store",
+    "pool_size",
     "url_with_schema",
 ]
