@@ -13,7 +13,6 @@ from tether.server import create_app
 
 from .conftest import AGENT, PERMIT_ALL
 
-
 # A process sets its tracer provider once (later calls are ignored): one for every run.
 _EXPORTER = InMemorySpanExporter()
 _PROVIDER = TracerProvider()
