@@ -489,3 +489,29 @@ def test_the_inventory_flags_unowned_idle_and_standing_privileges(
         page = client.get("/console/identities").text
         assert "standing privilege: 1 task(s) living over a day" in page
         assert page.count('<span class="flag">idle over 30 days</span>') == 3
+
+
+def test_token_expiry_follows_renewals(tether: Tether, admin: str, clock: FrozenClock) -> None:
+    from tether import parse_intent
+    from tether.console._words import when
+
+    tether.policies.load({"all.cedar": "permit (principal, action, resource);"})
+    intent = parse_intent(
+        {
+            "purpose": "long",
+            "capabilities": [{"tool": "fs.read"}],
+            "ttl_seconds": 600,
+            "token_ttl_seconds": 60,
+        }
+    )
+    opened = tether.open_task(AGENT, proof_jwk=ProofKey().jwk, intent=intent)
+    with console_client(tether) as client:
+        sign_in(client, admin)
+        page = client.get(f"/console/tasks/{opened.task_id}").text
+        assert f"<dt>Token expires</dt><dd>{when(opened.token_expires_at)}</dd>" in page
+        clock.advance(30)
+        renewed = tether.renew_task(opened.task_id)
+        sign_in(client, admin)
+        page = client.get(f"/console/tasks/{opened.task_id}").text
+        assert renewed.token_expires_at > opened.token_expires_at
+        assert f"<dt>Token expires</dt><dd>{when(renewed.token_expires_at)}</dd>" in page

@@ -437,7 +437,9 @@ def _task_view(console: Console, row: TaskRow, counts: dict[str, int]) -> dict[s
     token_exp = row.expires_at
     if intent is not None and intent.token_ttl_seconds is not None:
         issued = row.opened_at
-        renewals = tether.store.records_page(limit=1, kind="task.renew", task_id=row.task_id)
+        renewals = tether.store.records_page(
+            limit=1, kind="task.renew", task_id=row.task_id, effect="allow"
+        )
         if renewals:
             issued = renewals[0].created_at
         token_exp = min(row.expires_at, issued + intent.token_ttl_seconds)
