@@ -515,3 +515,41 @@ def test_token_expiry_follows_renewals(tether: Tether, admin: str, clock: Frozen
         page = client.get(f"/console/tasks/{opened.task_id}").text
         assert renewed.token_expires_at > opened.token_expires_at
         assert f"<dt>Token expires</dt><dd>{when(renewed.token_expires_at)}</dd>" in page
+
+
+def test_plain_http_sign_in_is_refused_from_another_host(tether: Tether, admin: str) -> None:
+    import asyncio
+
+    import httpx
+
+    from tests.console_support import settings
+    from tether.server import create_app
+
+    async def attempt(client_host: str) -> httpx.Response:
+        transport = httpx.ASGITransport(
+            app=create_app(tether, settings()), client=(client_host, 40000)
+        )
+        async with httpx.AsyncClient(transport=transport, base_url="http://tether.example") as c:
+            form = await c.get("/console/sign-in")
+            return await c.post(
+                "/console/sign-in", data={"csrf": csrf_of(form.text), "secret": admin}
+            )
+
+    remote = asyncio.run(attempt("203.0.113.5"))
+    assert remote.status_code == 403 and "sign in over HTTPS" in remote.text
+    assert "tether_console=" not in " ".join(remote.headers.get_list("set-cookie"))
+    local = asyncio.run(attempt("127.0.0.1"))
+    assert local.status_code == 303
+
+
+def test_the_inventory_pages_by_spiffe_id(tether: Tether, admin: str) -> None:
+    for i in range(60):
+        tether.register_identity(f"spiffe://acme.example/tool/t{i:02d}", kind="tool", owner=OWNER)
+    with console_client(tether) as client:
+        sign_in(client, admin)
+        first = client.get("/console/identities").text
+        assert first.count("<code>spiffe://") == 50
+        link = first.split('href="/console/identities?after=')[1].split('"')[0]
+        second = client.get("/console/identities?after=" + link.replace("&amp;", "&")).text
+        assert second.count("<code>spiffe://") == 11  # 60 tools and the agent
+        assert "Next page" not in second
