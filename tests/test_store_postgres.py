@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -42,6 +43,7 @@ from .server_support import POSTGRES_URL, Backend, new_schema_url
 pytestmark = pytest.mark.store_independent
 
 ROOT = Path(__file__).resolve().parents[1]
+AGENT = "spiffe://acme.example/agent/bot"
 
 
 @pytest.fixture
@@ -404,3 +406,62 @@ def test_pool_size_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("TETHER_DATABASE_POOL_SIZE", "zero")
     with pytest.raises(UsageError, match="positive integer"):
         pool_size()
+
+
+def _decision_world(url: str) -> tuple[Tether, Any, str]:
+    from tether import ProofKey, parse_intent
+
+    t = Tether.ephemeral("acme.example", database_url=url)
+    t.register_identity(AGENT, kind="agent", owner="a@acme.example")
+    t.policies.load({"all.cedar": "permit (principal, action, resource);"})
+    key = ProofKey()
+    intent = parse_intent({"purpose": "p", "capabilities": [{"tool": "fs.read"}]})
+    task = t.open_task(AGENT, proof_jwk=key.jwk, intent=intent)
+    return t, key, task.token
+
+
+def _never_allowed(t: Tether, key: Any, token: str) -> str:
+    """The outcome of one call: "error" (InfrastructureError) or the decision's effect."""
+    proof = key.prove(token, "fs.read", {}, now=t.clock.now())
+    try:
+        return str(t.authorize(token=token, proof=proof, tool="fs.read", args={}).effect)
+    except InfrastructureError:
+        return "error"
+
+
+def test_a_database_failure_on_a_decision_is_never_an_allow() -> None:
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    t, key, token = _decision_world(POSTGRES_URL)
+    records = t.verify_audit().records
+    # Reading fails: the decision's inputs are unavailable, a deny with its receipt.
+    t.store.execute_unsafe("ALTER TABLE proofs RENAME TO proofs_gone")
+    assert _never_allowed(t, key, token) == "deny"
+    tail = t.audit.tail(1)[0]
+    assert tail["effect"] == "deny" and tail["reasons"][0]["code"] == "infrastructure.error"
+    t.store.execute_unsafe("ALTER TABLE proofs_gone RENAME TO proofs")
+    # Writing fails (the proof cannot be consumed): the whole decision rolls back, an error.
+    t.store.execute_unsafe(
+        "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'disk full'; "
+        "END $$ LANGUAGE plpgsql"
+    )
+    t.store.execute_unsafe(
+        "CREATE TRIGGER refuse BEFORE INSERT ON proofs FOR EACH ROW EXECUTE FUNCTION refuse()"
+    )
+    assert _never_allowed(t, key, token) == "error"
+    assert t.verify_audit().records == records + 1  # the deny above, nothing since
+    assert [r.calls_used for r in t.store.list_tasks()] == [0]
+    t.store.execute_unsafe("DROP TRIGGER refuse ON proofs")
+    assert _never_allowed(t, key, token) == "allow"
+    t.close()
+
+
+def test_lost_connections_fail_closed_then_the_pool_recovers() -> None:
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    t, key, token = _decision_world(POSTGRES_URL)
+    pids = {r[0] for r in t.store.execute_fetch("SELECT pg_backend_pid()")}
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        for pid in pids:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    outcomes = [_never_allowed(t, key, token) for _ in range(3)]
+    assert outcomes[-1] == "allow" and set(outcomes) <= {"error", "deny", "allow"}
+    t.close()
