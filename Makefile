@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test browser lint bench bench-http bench-gateway bench-agentdojo agentdojo-runs clean
+.PHONY: demo test browser lint bench bench-nodes bench-http bench-gateway bench-agentdojo agentdojo-runs clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/broker.py
 	$(BIN)/python bench/cascade.py
 	$(BIN)/python bench/console.py
+	$(BIN)/python bench/nodes.py
+
+# Decisions per second with one, two and three nodes over PostgreSQL (127.0.0.1:5432, test).
+bench-nodes: $(STAMP)
+	$(BIN)/python bench/nodes.py
 
 bench-http: $(STAMP)
 	$(BIN)/python bench/http_authorize.py

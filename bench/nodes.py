@@ -1,0 +1,107 @@
+"""Decisions per second with one, two and three ``tether serve`` nodes over PostgreSQL.
+
+Run ``.venv/bin/python bench/nodes.py`` (about 2 minutes; needs PostgreSQL at
+127.0.0.1:5432, database ``test``). See bench/README.md.
+
+For each node count, in one run: a fresh schema, ``tether migrate``, ``tether init``,
+the nodes started, ``--agents`` real workloads enrolled (join token, attestation, their
+own proof keys), then ``--seconds`` of closed-loop load from this process: each agent
+opens a task (budget ``--budget`` calls), calls ``load.read`` until the budget is spent,
+each call on the next node in turn, ends the task, opens the next. Every call is a real
+decision with a fresh DPoP proof and a receipt in the one chain.
+
+The baseline is the one-node run of the same invocation: the table gives each count's
+decisions per second, its ratio to one node, and the median and p99 latency. Results:
+a markdown table on stdout and JSON in bench/results/nodes.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from bench.cluster_load import (  # noqa: E402 - the repository root first
+    PERMIT_ALL,
+    Nodes,
+    drop_schema,
+    enroll,
+    fresh_schema,
+    run_load,
+)
+
+from tether import Client  # noqa: E402
+
+RESULTS = HERE / "results"
+
+
+def one(count: int, args: argparse.Namespace) -> dict[str, Any]:
+    name, url = fresh_schema()
+    with tempfile.TemporaryDirectory() as home:
+        nodes = Nodes(Path(home) / "home", url).init()
+        try:
+            nodes.start(count)
+            Client(nodes.urls[0], admin=nodes.admin).load_policies({"all.cedar": PERMIT_ALL})
+
+            async def drive() -> dict[str, Any]:
+                agents = await enroll(nodes.urls, nodes.admin, args.agents, "bench")
+                try:
+                    await run_load(nodes, agents, seconds=args.warmup, budget=args.budget)
+                    report = await run_load(nodes, agents, seconds=args.seconds, budget=args.budget)
+                    return report.summary()
+                finally:
+                    for a in agents:
+                        await a.client.aclose()
+
+            return asyncio.run(drive())
+        finally:
+            nodes.stop()
+            drop_schema(name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", default="1,2,3")
+    parser.add_argument("--agents", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--budget", type=int, default=50)
+    args = parser.parse_args()
+    counts = [int(n) for n in args.nodes.split(",")]
+    rows = [one(n, args) for n in counts]
+    base = rows[0]["decisions_per_s"] or 1.0
+    print(f"\n{args.agents} agents, {args.seconds:.0f} s per run, {os.cpu_count()} CPUs\n")
+    print("| nodes | decisions/s | vs 1 node | p50 ms | p99 ms | errors |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['nodes']} | {row['decisions_per_s']:.0f} | "
+            f"{row['decisions_per_s'] / base:.2f}x | {row['latency_ms_p50']} | "
+            f"{row['latency_ms_p99']} | {row['errors']} |"
+        )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "nodes.json").write_text(
+        json.dumps(
+            {
+                "when": datetime.now(UTC).isoformat(timespec="seconds"),
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                "args": vars(args),
+                "runs": rows,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
