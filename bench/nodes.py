@@ -11,8 +11,11 @@ each call on the next node in turn, ends the task, opens the next. Every call is
 decision with a fresh DPoP proof and a receipt in the one chain.
 
 The baseline is the one-node run of the same invocation: the table gives each count's
-decisions per second, its ratio to one node, and the median and p99 latency. Results:
-a markdown table on stdout and JSON in bench/results/nodes.json.
+decisions per second, its ratio to one node, and the median and p99 latency. A second
+table times the one receipt chain alone (receipts appended per second by one and by four
+concurrent appenders, each in its own transaction): the ceiling it puts on a trust
+domain's decisions per second. Results: markdown tables on stdout and JSON in
+bench/results/nodes.json.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import os
 import platform
 import sys
 import tempfile
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -69,6 +74,35 @@ def one(count: int, args: argparse.Namespace) -> dict[str, Any]:
             drop_schema(name)
 
 
+def chain(appenders: int, seconds: float) -> dict[str, Any]:
+    """Receipts appended per second to one trust domain's chain by ``appenders`` threads,
+    each in its own transaction on its own connection: the ceiling the one chain puts on
+    decisions per second, whatever the number of nodes."""
+    from tether import Tether  # noqa: PLC0415
+
+    name, url = fresh_schema()
+    tether = Tether.ephemeral("acme.example", database_url=url)
+    counts = [0] * appenders
+    stop = time.monotonic() + seconds
+
+    def work(index: int) -> None:
+        while time.monotonic() < stop:
+            tether.audit.append("bench.append", effect="allow", detail={"i": counts[index]})
+            counts[index] += 1
+
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(appenders)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert tether.audit.verify().ok
+    finally:
+        tether.close()
+        drop_schema(name)
+    return {"appenders": appenders, "appends_per_s": round(sum(counts) / seconds, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", default="1,2,3")
@@ -76,9 +110,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--budget", type=int, default=50)
+    parser.add_argument("--chain-seconds", type=float, default=5.0)
     args = parser.parse_args()
     counts = [int(n) for n in args.nodes.split(",")]
     rows = [one(n, args) for n in counts]
+    appends = [chain(n, args.chain_seconds) for n in (1, 4)]
     base = rows[0]["decisions_per_s"] or 1.0
     print(f"\n{args.agents} agents, {args.seconds:.0f} s per run, {os.cpu_count()} CPUs\n")
     print("| nodes | decisions/s | vs 1 node | p50 ms | p99 ms | errors |")
@@ -89,6 +125,11 @@ def main() -> None:
             f"{row['decisions_per_s'] / base:.2f}x | {row['latency_ms_p50']} | "
             f"{row['latency_ms_p99']} | {row['errors']} |"
         )
+    print("\nThe one chain: receipts appended per second (each in its own transaction)\n")
+    print("| concurrent appenders | appends/s |")
+    print("|---|---|")
+    for row in appends:
+        print(f"| {row['appenders']} | {row['appends_per_s']:.0f} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "nodes.json").write_text(
         json.dumps(
@@ -97,6 +138,7 @@ def main() -> None:
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                 "args": vars(args),
                 "runs": rows,
+                "chain": appends,
             },
             indent=2,
         )
