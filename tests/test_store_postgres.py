@@ -254,15 +254,16 @@ def test_two_processes_append_one_valid_chain(pg_url: str, tmp_path: Path) -> No
     t.close()
 
 
-def test_lock_task_serializes_a_task_across_connections(pg_url: str) -> None:
+def test_lock_task_holds_the_task_and_its_ancestors(pg_url: str) -> None:
     store = PostgresStore(pg_url, max_size=4)
-    store.add_task(_task("t1"))
+    store.add_task(_task("t0"))
+    store.add_task(_task("t1", parent="t0"))
     events: list[str] = []
     locked = threading.Event()
 
     def holder() -> None:
         with store.transaction():
-            store.lock_task("t1")
+            store.lock_task("t1")  # and its parent, t0
             locked.set()
             time.sleep(0.3)
             events.append("holder done")
@@ -271,7 +272,7 @@ def test_lock_task_serializes_a_task_across_connections(pg_url: str) -> None:
     thread.start()
     locked.wait(5)
     with store.transaction():
-        store.lock_task("t1")
+        store.lock_task("t0")
         events.append("second locked")
     thread.join()
     assert events == ["holder done", "second locked"]
@@ -464,4 +465,78 @@ def test_lost_connections_fail_closed_then_the_pool_recovers() -> None:
             admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
     outcomes = [_never_allowed(t, key, token) for _ in range(3)]
     assert outcomes[-1] == "allow" and set(outcomes) <= {"error", "deny", "allow"}
+    t.close()
+
+
+def test_the_kill_switch_and_concurrent_decisions_never_deadlock() -> None:
+    from tether import ProofKey, parse_intent
+
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    t = Tether.ephemeral("acme.example", database_url=POSTGRES_URL)
+    t.register_identity(AGENT, kind="agent", owner="a@acme.example")
+    t.policies.load({"all.cedar": "permit (principal, action, resource);"})
+    intent = parse_intent(
+        {"purpose": "p", "capabilities": [{"tool": "fs.read"}], "budget": {"max_calls": 10_000}}
+    )
+    tasks = []
+    for _ in range(6):
+        key = ProofKey()
+        tasks.append((key, t.open_task(AGENT, proof_jwk=key.jwk, intent=intent).token))
+    errors: list[BaseException] = []
+    allowed_after: list[int] = []
+    killed = threading.Event()
+
+    def caller(key: ProofKey, token: str) -> None:
+        for _ in range(400):
+            after = killed.is_set()
+            proof = key.prove(token, "fs.read", {}, now=t.clock.now())
+            try:
+                receipt = t.authorize(token=token, proof=proof, tool="fs.read", args={})
+            except BaseException as exc:
+                errors.append(exc)
+                return
+            if receipt.effect == "allow" and after:
+                allowed_after.append(receipt.seq)
+            if receipt.effect != "allow":
+                return
+
+    threads = [threading.Thread(target=caller, args=task) for task in tasks]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    result = t.kill("incident", everything=True)
+    killed.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == [], errors  # a deadlock would surface here as an error
+    assert len(result["tasks"]) == 6 and allowed_after == []
+    assert t.verify_audit().ok
+    t.close()
+
+
+def test_two_nodes_initialising_one_database_at_once_make_one_trust_domain(
+    pg_url: str, tmp_path: Path
+) -> None:
+    from tether.tokens._seal import KEK_FILE
+
+    outcomes: list[str] = []
+
+    def init(name: str) -> None:
+        try:
+            Tether.init(tmp_path / name, "acme.example", database_url=pg_url).close()
+            outcomes.append("created")
+        except Conflict:
+            outcomes.append("conflict")
+
+    threads = [threading.Thread(target=init, args=(f"node{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["conflict"] * 3 + ["created"]
+    homes = [p for p in tmp_path.iterdir() if (p / KEK_FILE).exists()]
+    assert len(homes) == 1  # a refused init leaves no key behind
+    winner = homes[0]
+    t = Tether.open(winner, database_url=pg_url)
+    assert t.verify_audit().ok and t.verify_audit().records == 1
     t.close()

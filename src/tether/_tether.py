@@ -55,6 +55,7 @@ from tether.tasks import (
     parse_template,
 )
 from tether.tokens import CA_USE, JWT_USE, KeyRing, Sealer, load_kek
+from tether.tokens._seal import KEK_FILE
 
 DB_FILE = "tether.db"
 log = logging.getLogger("tether")
@@ -127,6 +128,10 @@ class Tether:
         if store.get_meta("trust_domain") is not None:
             raise Conflict("a trust domain already exists here")
         with store.transaction():
+            # Inside the transaction, behind the audit chain's lock (PostgreSQL: an advisory
+            # lock), so two nodes initialising one database at once cannot both succeed.
+            if store.last_record() is not None or store.get_meta("trust_domain") is not None:
+                raise Conflict("a trust domain already exists here")
             store.set_meta("trust_domain", parse_trust_domain(trust_domain))
             keyring = KeyRing(store, sealer, trust_domain)
             jwt_key = keyring.create(JWT_USE, clock.now())
@@ -158,6 +163,8 @@ class Tether:
         parse_trust_domain(trust_domain)
         url = _database_url(database_url)
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        kek_file = path / KEK_FILE
+        kek_existed = kek_file.exists()
         if url is None:
             if (path / DB_FILE).exists():
                 raise Conflict(f"{path} already holds a trust domain")
@@ -178,6 +185,8 @@ class Tether:
             return cls(store, sealer, clock=clock)
         except BaseException:
             store.close()
+            if url is not None and not kek_existed:  # this init made it, for nothing
+                kek_file.unlink(missing_ok=True)
             raise
 
     @classmethod
@@ -241,6 +250,8 @@ class Tether:
     def disable_identity(self, spiffe_id: str) -> tuple[IdentityRow, list[str]]:
         """Offboard: disable the identity and revoke every task and token it holds."""
         with self.store.transaction():
+            for task in self.store.list_tasks(agent_id=spiffe_id, status="open"):
+                self.store.lock_task(task.task_id)  # every tree first, then the receipts
             row = self.identities.mark_disabled(spiffe_id)
             revoked = self.tasks.revoke_for_agent(spiffe_id, reason="identity disabled")
             self.audit.append(
@@ -508,10 +519,13 @@ class Tether:
 
         why = f"kill switch: {reason}"
         with self.store.transaction():
+            targets = [
+                r for r in self.store.list_tasks(agent_id=agent, status="open") if in_scope(r)
+            ]
+            for row in targets:  # lock every tree first, then end them with their receipts
+                self.store.lock_task(row.task_id)
             tasks = []
-            for row in self.store.list_tasks(agent_id=agent, status="open"):
-                if not in_scope(row):
-                    continue
+            for row in targets:
                 current = self.store.get_task(row.task_id)
                 if current is not None and current.status == "open":  # not ended by cascade
                     self.tasks.end(row.task_id, reason=why, status="revoked")

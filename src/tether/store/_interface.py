@@ -167,9 +167,9 @@ class Store(Protocol):
     def close(self) -> None: ...
 
     def lock_task(self, task_id: str) -> None:
-        """Hold the task's row lock until the current transaction ends, so one task's calls
-        are decided one at a time across nodes (SQLite: a no-op, its transactions are
-        serialized already)."""
+        """Hold the row locks of the task and its ancestors (root first) until the current
+        transaction ends, so one task's calls are decided one at a time across nodes
+        (SQLite: a no-op, its transactions are serialized already)."""
         ...
 
     def notify(self, channel: str, payload: str) -> None:

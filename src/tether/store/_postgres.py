@@ -11,9 +11,12 @@ the database:
 * Every conditional change (:meth:`spend_call`, approvals, join tokens, proofs,
   leases) is one atomic ``UPDATE ... WHERE`` or ``INSERT ... ON CONFLICT``, so a
   budget is never exceeded and a one-time thing is never used twice, across nodes.
-* :meth:`lock_task` takes the task row's lock (``SELECT ... FOR UPDATE``) until the
-  transaction ends: a decision reads, decides on and writes the task's flow state
-  and budget while no other node can.
+* :meth:`lock_task` takes the row locks of the task and its ancestors, root first
+  (``SELECT ... FOR UPDATE``), until the transaction ends: a decision reads, decides
+  on and writes the task's flow state and budgets while no other node can.
+  Operations over several task trees (the kill switch, offboarding) lock every tree
+  they will touch before their first receipt, so nobody waits for a row while
+  holding the audit chain's lock.
 * The audit chain is one chain for every node. :meth:`last_record`, inside a
   transaction, first takes the transaction-scoped advisory lock
   ``pg_advisory_xact_lock(CHAIN_LOCK_CLASS, hashtext(current_schema()))`` (one lock
@@ -306,9 +309,22 @@ class PostgresStore:
         callback()
 
     def lock_task(self, task_id: str) -> None:
-        """Hold the task's row lock until the current transaction ends (no-op outside one)."""
+        """Hold the row locks of the task and of its ancestors, the root first, until the
+        current transaction ends (no-op outside one).
+
+        Root first is the order a task's end takes them (a parent, then its children), and
+        a delegated call spends every ancestor's budget: one order for both, no deadlock.
+        """
         if self._tx.conn is not None:
-            self._run("SELECT 1 FROM tasks WHERE task_id = %s FOR UPDATE", (task_id,))
+            self._run(
+                "WITH RECURSIVE path (task_id, parent_task_id, depth) AS ("
+                " SELECT task_id, parent_task_id, 0 FROM tasks WHERE task_id = %s"
+                " UNION ALL SELECT t.task_id, t.parent_task_id, p.depth + 1"
+                " FROM tasks t JOIN path p ON t.task_id = p.parent_task_id WHERE p.depth < 32)"
+                " SELECT t.task_id FROM tasks t JOIN path p ON p.task_id = t.task_id"
+                " ORDER BY p.depth DESC FOR UPDATE OF t",
+                (task_id,),
+            )
 
     def notify(self, channel: str, payload: str) -> None:
         """``pg_notify``: delivered when the current transaction commits (at once outside one)."""

@@ -241,8 +241,9 @@ class Authorizer:
         approval_id = None
         with self._store.transaction():
             if decision.task_id is not None:
-                # One task's calls one at a time, across nodes: its budget, flow state and
-                # approvals are read and written under the task's row lock.
+                # One task's calls one at a time, across nodes: its budget (and its
+                # ancestors'), flow state and approvals are read and written under the row
+                # locks of the task and its ancestors.
                 self._store.lock_task(decision.task_id)
             if decision.effect is Effect.APPROVAL_REQUIRED:
                 decision, approval_id = self._approval(decision, args, snapshot_digest)
@@ -364,7 +365,6 @@ class Authorizer:
         """
         ancestors: list[TaskRow] = []
         while parent_id is not None and len(ancestors) < 16:
-            self._store.lock_task(parent_id)  # siblings on other nodes spend it too
             parent = self._store.get_task(parent_id)
             if parent is None:
                 break
