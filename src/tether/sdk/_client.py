@@ -22,7 +22,15 @@ from typing import Any, ParamSpec, TypeVar
 
 import httpx
 
-from tether.sdk._requests import RETRY_STATUS, Outgoing, Requests, Verdict, parse, verdict
+from tether.sdk._requests import (
+    RETRY_STATUS,
+    FailOver,
+    Outgoing,
+    Requests,
+    Verdict,
+    parse,
+    verdict,
+)
 from tether.tokens import ProofKey
 
 P = ParamSpec("P")
@@ -171,29 +179,32 @@ class Client:
         self._http.close()
 
     def send(self, out: Outgoing) -> Any:
-        """Send ``out``; if its node is unreachable or unavailable, try the next node.
+        """Send ``out``; if its node fails, fail over to the next (see :class:`FailOver`).
 
-        A decision retried on another node is a new decision (a fresh proof, its own
-        receipt, one more call of the budget): never an allow the store did not record."""
-        for attempt in range(len(self.requests.bases)):
-            last = attempt == len(self.requests.bases) - 1
+        A request moves on when its node could not be reached; a decision also when the
+        node gave no answer or a 502/503/504 (a second decision is a new one: a fresh
+        proof, its own receipt, one more call of the budget, never an allow the store did
+        not record)."""
+        plan = FailOver(self.requests, out)
+        while True:
+            out = plan.out
             try:
                 response = self._http.request(
                     out.method, out.url, headers=out.headers, json=out.json, data=out.data
                 )
-            except httpx.TransportError:
-                if last or out.remake is None:
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                if plan.next(sent=False) is None:
                     raise
-                self.requests.fail_over()
-                out = out.remake()
                 continue
-            if response.status_code in RETRY_STATUS and not last and out.remake is not None:
-                self.requests.fail_over()
-                out = out.remake()
+            except httpx.TransportError:
+                if plan.next(sent=True) is None:
+                    raise
                 continue
+            if response.status_code in RETRY_STATUS and plan.next(sent=True) is not None:
+                continue
+            plan.answered()
             body = response.json() if response.content else None
             return parse(response.status_code, body)
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def get(self, path: str, **params: str) -> Any:
         return self.send(self.requests.call("GET", path, params=params or None))
@@ -419,25 +430,26 @@ class AsyncClient:
 
     async def send(self, out: Outgoing) -> Any:
         """The async mirror of :meth:`Client.send` (fails over the same way)."""
-        for attempt in range(len(self.requests.bases)):
-            last = attempt == len(self.requests.bases) - 1
+        plan = FailOver(self.requests, out)
+        while True:
+            out = plan.out
             try:
                 response = await self._http.request(
                     out.method, out.url, headers=out.headers, json=out.json, data=out.data
                 )
-            except httpx.TransportError:
-                if last or out.remake is None:
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                if plan.next(sent=False) is None:
                     raise
-                self.requests.fail_over()
-                out = out.remake()
                 continue
-            if response.status_code in RETRY_STATUS and not last and out.remake is not None:
-                self.requests.fail_over()
-                out = out.remake()
+            except httpx.TransportError:
+                if plan.next(sent=True) is None:
+                    raise
                 continue
+            if response.status_code in RETRY_STATUS and plan.next(sent=True) is not None:
+                continue
+            plan.answered()
             body = response.json() if response.content else None
             return parse(response.status_code, body)
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def get(self, path: str, **params: str) -> Any:
         return await self.send(self.requests.call("GET", path, params=params or None))

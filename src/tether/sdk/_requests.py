@@ -19,9 +19,16 @@ class Outgoing:
     headers: dict[str, str] = field(default_factory=dict)
     json: Any = None
     data: dict[str, str] | None = None
-    #: Builds the same request afresh (new DPoP proof, new ``htu``) against whichever node
-    #: the client uses now: how a client fails over to another node.
-    remake: Callable[[], Outgoing] | None = field(default=None, compare=False, repr=False)
+    #: The node this request is for.
+    base: str = ""
+    #: Builds the same request afresh (new DPoP proof, new ``htu``) for another node: how
+    #: a client fails over.
+    remake: Callable[[str], Outgoing] | None = field(default=None, compare=False, repr=False)
+    #: Whether it may go to another node after it may have reached this one (no answer, or
+    #: 502/503/504). Only decisions: a second decision is a new one (fresh proof, its own
+    #: receipt, one more call of the budget). Anything else (opening a task, an exchange,
+    #: an admin change) moves on only when this node surely never saw it.
+    resend_after_send: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,8 +89,8 @@ class Requests:
         self.base_url = self.bases[(index + 1) % len(self.bases)]
         return self.base_url
 
-    def url(self, path: str) -> str:
-        return f"{self.base_url}{path}"
+    def url(self, path: str, base: str | None = None) -> str:
+        return f"{base or self.base_url}{path}"
 
     def _auth(self, method: str, url: str) -> dict[str, str]:
         if self.svid is not None and self.key is not None:
@@ -94,9 +101,16 @@ class Requests:
         return {}
 
     def call(
-        self, method: str, path: str, *, json: Any = None, params: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, str] | None = None,
+        base: str | None = None,
     ) -> Outgoing:
-        url = self.url(path)
+        base = base or self.base_url
+        url = self.url(path, base)
         if params:
             from urllib.parse import urlencode  # noqa: PLC0415 - rarely used
 
@@ -108,7 +122,8 @@ class Requests:
             target,
             self._auth(method, url),
             json,
-            remake=lambda: self.call(method, path, json=json, params=params),
+            base=base,
+            remake=lambda other: self.call(method, path, json=json, params=params, base=other),
         )
 
     def delegation(
@@ -118,9 +133,11 @@ class Requests:
         actor_svid: str,
         details: dict[str, Any],
         scope: str | None,
+        base: str | None = None,
     ) -> Outgoing:
         """RFC 8693 exchange: the parent token, proven with its key, for the actor's task."""
-        url = self.url("/oauth2/token")
+        base = base or self.base_url
+        url = self.url("/oauth2/token", base)
         proof = key.prove_request(parent_token, htm="POST", htu=url, now=time.time())
         form = {
             "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
@@ -138,24 +155,66 @@ class Requests:
             {"DPoP": proof},
             None,
             form,
-            remake=lambda: self.delegation(parent_token, key, actor_svid, details, scope),
+            base=base,
+            remake=lambda other: self.delegation(
+                parent_token, key, actor_svid, details, scope, other
+            ),
         )
 
-    def decision(self, token: str, key: ProofKey, tool: str, args: dict[str, Any]) -> Outgoing:
-        url = self.url("/v1/decisions")
+    def decision(
+        self,
+        token: str,
+        key: ProofKey,
+        tool: str,
+        args: dict[str, Any],
+        base: str | None = None,
+    ) -> Outgoing:
+        base = base or self.base_url
+        url = self.url("/v1/decisions", base)
         proof = key.prove(token, tool, args, now=time.time(), htm="POST", htu=url)
         return Outgoing(
             "POST",
             url,
             {"Authorization": f"DPoP {token}", "DPoP": proof},
             {"tool": tool, "args": args},
-            remake=lambda: self.decision(token, key, tool, args),
+            base=base,
+            remake=lambda other: self.decision(token, key, tool, args, other),
+            resend_after_send=True,
         )
 
 
-#: Answers after which the same request may go to another node: the node is going away or
-#: cannot reach the store (nothing was decided).
+#: Answers after which a decision may go to another node: the node (or the balancer in
+#: front of it) is going away or cannot reach the store.
 RETRY_STATUS = frozenset({502, 503, 504})
+
+
+class FailOver:
+    """Where one request goes next when its node fails: the other nodes in turn, each once.
+
+    Per request, so concurrent requests on one client never skip a healthy node for each
+    other; the node that answers becomes the client's current one."""
+
+    def __init__(self, requests: Requests, out: Outgoing) -> None:
+        self.requests = requests
+        self.out = out
+        bases = requests.bases
+        start = bases.index(out.base) if out.base in bases else -1
+        self._rest = bases[start + 1 :] + bases[: max(start, 0)]
+
+    def next(self, *, sent: bool) -> Outgoing | None:
+        """The request rebuilt for the next node, or ``None``: give up (raise or answer).
+
+        ``sent``: the failed node may have received it (no answer, or 502/503/504)."""
+        if self.out.remake is None or not self._rest:
+            return None
+        if sent and not self.out.resend_after_send:
+            return None
+        self.out = self.out.remake(self._rest.pop(0))
+        return self.out
+
+    def answered(self) -> None:
+        if self.out.base:
+            self.requests.base_url = self.out.base
 
 
 def parse(status: int, body: Any) -> Any:
