@@ -175,6 +175,8 @@ class LoadReport:
     #: Any allow for a revoked agent's task after its revocation was acknowledged.
     revoked_allowed: int = 0
     revoked_probes: int = 0
+    #: Probe calls to a node that was killed meanwhile (neither allowed nor refused).
+    revoked_unanswered: int = 0
 
     @property
     def rate(self) -> float:
@@ -185,6 +187,9 @@ class LoadReport:
             return float("nan")
         ordered = sorted(values)
         return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+    def rounded(self, values: list[float], q: float) -> float | None:
+        return round(self.quantile(values, q), 2) if values else None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -199,14 +204,15 @@ class LoadReport:
             "errors": self.errors,
             "failovers": self.failovers,
             "tasks": self.tasks,
-            "latency_ms_p50": round(self.quantile(self.latencies_ms, 0.5), 2),
-            "latency_ms_p99": round(self.quantile(self.latencies_ms, 0.99), 2),
+            "latency_ms_p50": self.rounded(self.latencies_ms, 0.5),
+            "latency_ms_p99": self.rounded(self.latencies_ms, 0.99),
             "max_allowed_in_one_task": max(self.allowed_per_task.values(), default=0),
             "budget": self.budget,
             "revocation_probes": self.revoked_probes,
-            "propagation_ms_p50": round(self.quantile(self.propagation_ms, 0.5), 2),
-            "propagation_ms_p99": round(self.quantile(self.propagation_ms, 0.99), 2),
+            "propagation_ms_p50": self.rounded(self.propagation_ms, 0.5),
+            "propagation_ms_p99": self.rounded(self.propagation_ms, 0.99),
             "revoked_allowed": self.revoked_allowed,
+            "revoked_probe_calls_unanswered": self.revoked_unanswered,
         }
 
 
@@ -336,7 +342,9 @@ async def revocation_probe(
             await admin_a.post("/v1/identities/disable", {"spiffe_id": victim.spiffe_id})
             acknowledged = time.perf_counter()
 
-            async def call_on(url: str, v: Agent = victim, token: str = task.token) -> bool:
+            async def call_on(
+                url: str, v: Agent = victim, token: str = task.token
+            ) -> str | None:
                 assert v.client.key is not None
                 async with AsyncClient(url, key=v.client.key, svid=v.client.requests.svid) as c:
                     try:
@@ -344,13 +352,14 @@ async def revocation_probe(
                             c.requests.decision(token, v.client.key, "load.read", {})
                         )
                     except httpx.TransportError:  # that node was killed meanwhile
-                        return False
-                return body["effect"] == "allow"
+                        return None
+                return str(body["effect"])
 
             results = await asyncio.gather(*(call_on(u) for u in others))
             report.propagation_ms.append((time.perf_counter() - acknowledged) * 1000)
             report.revoked_probes += 1
-            report.revoked_allowed += sum(results)
+            report.revoked_allowed += sum(1 for r in results if r == "allow")
+            report.revoked_unanswered += sum(1 for r in results if r is None)
 
 
 async def run_load(
@@ -364,11 +373,19 @@ async def run_load(
     kill_at: float | None = None,
     kill_index: int = 2,
     think: tuple[float, float] | None = None,
+    closed_loop: int = 0,
 ) -> LoadReport:
+    """Drive ``agents`` for ``seconds``; the first ``closed_loop`` of them call back to
+    back (no ``think`` time), so a node always has calls in flight."""
     report = LoadReport(nodes=len(nodes.urls), agents=len(agents), seconds=seconds, budget=budget)
     started = time.monotonic()
     stop_at = started + seconds
-    jobs = [asyncio.create_task(agent_loop(a, budget, stop_at, report, think)) for a in agents]
+    jobs = [
+        asyncio.create_task(
+            agent_loop(a, budget, stop_at, report, None if i < closed_loop else think)
+        )
+        for i, a in enumerate(agents)
+    ]
     if victims:
         jobs.append(
             asyncio.create_task(

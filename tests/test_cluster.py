@@ -28,8 +28,8 @@ from bench.cluster_load import (
     run_load,
 )
 
-from tether import AsyncClient, Client
-from tether.cluster import CHANNEL, Event, NodeMemory, decode_event
+from tether import APIError, AsyncClient, Client
+from tether.cluster import Event, NodeMemory, decode_event
 
 from .conftest import require_service
 
@@ -84,6 +84,7 @@ def test_three_nodes_two_hundred_agents_revocation_and_a_killed_node(
                     kill_at=20.0,
                     kill_index=2,
                     think=(2.0, 4.0),
+                    closed_loop=1,  # a call always in flight, also when the node dies
                 )
                 # After the run: every revoked victim is refused on every live node.
                 refused_after = 0
@@ -96,7 +97,8 @@ def test_three_nodes_two_hundred_agents_revocation_and_a_killed_node(
                         ) as c:
                             try:
                                 await c.open_task(intent=intent(5))
-                            except Exception:  # refused: the identity is disabled
+                            except APIError as refused:  # the identity is disabled
+                                assert refused.status in (401, 403), refused
                                 refused_after += 1
                 return report, refused_after, len(revoked) * len(nodes.live_urls())
             finally:
@@ -127,6 +129,8 @@ def test_three_nodes_two_hundred_agents_revocation_and_a_killed_node(
         # Revocation on node A: refused on B and C at the very next call, fast.
         assert report.revoked_probes >= 30, summary
         assert report.revoked_allowed == 0, summary
+        # Every probe call was answered, but those sent to node C as it was killed.
+        assert report.revoked_unanswered <= 2, summary
         assert report.quantile(report.propagation_ms, 0.99) <= 200.0, summary
         assert refused_after == expected_refusals
         # Nodes heard the revocations through LISTEN/NOTIFY.
@@ -294,28 +298,41 @@ def test_the_trigger_migration_installs_what_nodes_listen_for() -> None:
 
 
 def test_a_node_not_listening_is_not_ready(tmp_path: Path, database: str) -> None:
+    """Cut the node's listener connection: it is not ready (memory no longer trusted)
+    until it has reconnected, resynced and heard its own heartbeat again."""
     nodes = _nodes(tmp_path, database, 1, resync_interval=0.5)
+    schema = database.rsplit("%3D", 1)[1]
     try:
         url = nodes.urls[0]
         assert httpx.get(f"{url}/readyz").status_code == 200
         assert httpx.get(f"{url}/livez").status_code == 200
+        seen: set[int] = set()
         with psycopg.connect(BASE_URL, autocommit=True) as conn:
-            conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE query ILIKE %s AND pid <> pg_backend_pid()",
-                (f"LISTEN {CHANNEL}%",),
-            )
-        # The listener reconnects and resyncs: ready again shortly, having counted it.
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline and 503 not in seen:
+                conn.execute(  # only this test's node: its listener names its schema
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name LIKE %s",
+                    (f"tether-node {schema} %",),
+                )
+                response = httpx.get(f"{url}/readyz")
+                seen.add(response.status_code)
+                if response.status_code == 503:
+                    assert response.json()["status"].startswith("node not"), response.text
+                    assert "name" not in response.json()  # nothing about the node leaks
+        assert 503 in seen
+        # It reconnects and resyncs: ready again, having counted the reconnections.
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             status = httpx.get(
                 f"{url}/v1/node", headers={"Authorization": f"Bearer {nodes.admin}"}
             ).json()
-            if status["reconnects"] >= 1 and status["connected"]:
+            if status["reconnects"] >= 1 and status["in_sync"]:
                 break
             time.sleep(0.1)
-        assert status["reconnects"] >= 1 and status["connected"], status
+        assert status["reconnects"] >= 1 and status["in_sync"], status
         assert httpx.get(f"{url}/readyz").status_code == 200
+        assert httpx.get(f"{url}/livez").status_code == 200
     finally:
         nodes.stop()
 
@@ -335,7 +352,23 @@ def test_node_memory_answers_only_while_in_sync() -> None:
     assert memory.revoked("tok_b") is None  # not listening: ask the store
     memory.connected = True
     memory.last_sync = time.monotonic()
+    assert memory.revoked("tok_b") is None  # its heartbeat has not come back yet
+    memory.last_heartbeat = time.monotonic()
     assert memory.revoked("tok_b") is False
     memory.connected = False  # the listener dropped: memory stands alone no more
     assert memory.revoked("tok_b") is None
     assert memory.revoked("tok_a") is True  # a known revocation always stands
+    memory.connected = True
+    memory.last_heartbeat = time.monotonic() - 61  # a half-open connection: silence
+    assert memory.revoked("tok_b") is None
+    # A row read before an invalidating event is not cached after it.
+    from tether.store import IdentityRow
+
+    row = IdentityRow("spiffe://a/b", "agent", "o", "", "active", 0.0)
+    generation = memory.generation
+    memory.forget_identity("spiffe://a/b")
+    memory.put_identity(row, generation)
+    memory.last_heartbeat = memory.last_sync = time.monotonic()
+    assert memory.identity("spiffe://a/b") is None
+    memory.put_identity(row, memory.generation)
+    assert memory.identity("spiffe://a/b") == row

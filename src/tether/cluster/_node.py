@@ -15,6 +15,7 @@ notification is lost, and normally a few milliseconds.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from tether._errors import UsageError
 from tether.cluster._events import CHANNEL, Event, decode_event
 from tether.cluster._memory import NodeMemory
 from tether.core._intent import MAX_TTL_SECONDS
@@ -64,6 +66,7 @@ class Node:
         #: Seconds from a change's commit-time clock to this node applying it (recent).
         self.lags: deque[float] = deque(maxlen=4096)
         self._stop = threading.Event()
+        self._resync_lock = threading.Lock()
         self._wake = threading.Event()
         self._watermark = 0.0
         self._threads: list[threading.Thread] = []
@@ -71,6 +74,7 @@ class Node:
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> Node:
+        self.schema = self._current_schema()
         self.tether.authorizer.attach_memory(self.memory)
         self.tether.keys.cached = True
         self.tether.vault.follow_events = True
@@ -80,6 +84,12 @@ class Node:
             thread.start()
             self._threads.append(thread)
         return self
+
+    def _current_schema(self) -> str:
+        """The schema this store's tables live in, as the triggers will name it."""
+        with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+            row = conn.execute("SELECT current_schema()").fetchone()
+        return str(row[0]) if row and row[0] else self.schema
 
     def stop(self) -> None:
         self._stop.set()
@@ -94,16 +104,23 @@ class Node:
 
     # -- resync ---------------------------------------------------------------------------
     def resync(self) -> None:
-        """Re-read what memory holds from the store (revocations incrementally)."""
+        """Re-read what memory holds from the store (revocations incrementally; all of
+        the last token lifetime every ``FULL_RESYNC_EVERY`` resyncs, dropping the rest),
+        and send the heartbeat this node must hear back to count as listening."""
+        with self._resync_lock:
+            self._resync()
+
+    def _resync(self) -> None:
+        started = time.monotonic()
         now = self.tether.clock.now()
         full = self.resyncs % FULL_RESYNC_EVERY == 0
         since = now - MAX_TTL_SECONDS - RESYNC_OVERLAP if full else self._watermark
         rows = self.tether.store.revocations_since(since)
+        self.memory.add_revoked(token for token, _ in rows)
         if full:
-            fresh = {token for token, _ in rows}
-            self.memory.replace_revoked(fresh)
-        else:
-            self.memory.add_revoked([token for token, _ in rows])
+            # Everything revoked within a token lifetime was just re-learned; what was
+            # learned before this resync and not re-read is long expired.
+            self.memory.prune_revoked(started)
         self.memory.forget_identity()
         self.tether.policies.invalidate()
         self.tether.keys.invalidate()
@@ -111,6 +128,13 @@ class Node:
         self._watermark = now - RESYNC_OVERLAP
         self.resyncs += 1
         self.memory.last_sync = time.monotonic()
+        self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        payload = json.dumps(
+            {"kind": "heartbeat", "id": self.name, "schema": self.schema, "at": time.time()}
+        )
+        self.tether.store.notify(CHANNEL, payload)
 
     def _resync_loop(self) -> None:
         while not self._stop.is_set():
@@ -126,6 +150,10 @@ class Node:
     # -- events ---------------------------------------------------------------------------
     def apply(self, event: Event) -> None:
         if event.schema and event.schema != self.schema:
+            return
+        if event.kind == "heartbeat":
+            if event.id == self.name:
+                self.memory.last_heartbeat = time.monotonic()
             return
         self.events += 1
         if event.at:
@@ -148,21 +176,30 @@ class Node:
         backoff = 0.05
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+                with psycopg.connect(
+                    self.dsn,
+                    autocommit=True,
+                    connect_timeout=5,
+                    application_name=f"tether-node {self.schema} {self.name}"[:63],
+                    keepalives=1,
+                    keepalives_idle=10,
+                    keepalives_interval=5,
+                    keepalives_count=3,
+                ) as conn:
                     self._conn = conn
                     conn.execute(f"LISTEN {CHANNEL}")
+                    # Trusted again only once what was missed is re-read and the
+                    # heartbeat comes back through this very connection.
+                    self.resync()
                     self.memory.connected = True
-                    self._wake.set()  # resync now: events may have been missed
                     backoff = 0.05
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=1.0):
-                            event = decode_event(note.payload)
-                            if event is not None:
-                                self.apply(event)
+                            self._dispatch(note.payload)
             except Exception as exc:  # reconnect; memory is not trusted meanwhile
+                self.memory.connected = False
                 if self._stop.is_set():
                     return
-                self.memory.connected = False
                 self.reconnects += 1
                 log.warning("node listener lost: %s: %s", type(exc).__name__, exc)
                 self._stop.wait(backoff)
@@ -170,6 +207,17 @@ class Node:
             finally:
                 self._conn = None
                 self.memory.connected = False
+
+    def _dispatch(self, payload: str) -> None:
+        """Apply one notification; a failure here is this node's, not the connection's."""
+        event = decode_event(payload)
+        if event is None:
+            return
+        try:
+            self.apply(event)
+        except Exception as exc:  # never drop the listener for one event
+            log.error("node event %s not applied: %s: %s", event.kind, type(exc).__name__, exc)
+            self._wake.set()  # resync: whatever it should have changed is re-read
 
     # -- reporting ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -200,6 +248,8 @@ def join(tether: Tether, *, resync_interval: float = 2.0) -> Node | None:
     if not isinstance(dsn, str) or not dsn.startswith(("postgresql://", "postgres://")):
         return None
     interval = float(os.environ.get("TETHER_RESYNC_INTERVAL", resync_interval))
+    if not 0.1 <= interval <= 60.0:
+        raise UsageError(f"TETHER_RESYNC_INTERVAL must be between 0.1 and 60 s, not {interval}")
     node = Node(
         tether,
         dsn,

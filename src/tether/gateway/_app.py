@@ -84,7 +84,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from tether._errors import NotFound
 from tether._tether import Tether
-from tether.cluster import join
+from tether.cluster import Node, join
 from tether.core import digest
 from tether.core._decision import TaskState, call_entities
 from tether.core._flow import (
@@ -187,6 +187,8 @@ class Gateway:
 
     def __init__(self, tether: Tether, config: GatewayConfig) -> None:
         self.tether = tether
+        #: This gateway as one node of several over PostgreSQL (set while it runs).
+        self.node: Node | None = None
         self.config = config
         self._check_identities()
         self.upstreams = {u.name: Upstream(u, known=self._known) for u in config.upstreams}
@@ -933,18 +935,21 @@ class Gateway:
 
     async def _health(self, request: Request) -> Response:
         ready = all(u.state == "ready" for u in self.upstreams.values())
+        # Over PostgreSQL: also listening for the other nodes' changes, and in sync.
+        ready = ready and (self.node is None or self.node.memory.in_sync())
         return JSONResponse({"status": "ok", "ready": ready})
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         # Over PostgreSQL this gateway is one node of several (tether.cluster).
-        node = await anyio.to_thread.run_sync(join, self.tether)
+        self.node = await anyio.to_thread.run_sync(join, self.tether)
         try:
             async with self._serve():
                 yield
         finally:
-            if node is not None:
-                await anyio.to_thread.run_sync(node.stop)
+            if self.node is not None:
+                await anyio.to_thread.run_sync(self.node.stop)
+            self.node = None
 
     @contextlib.asynccontextmanager
     async def _serve(self) -> AsyncIterator[None]:

@@ -9,6 +9,7 @@ state; it only leaves its receipt.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -75,10 +76,20 @@ class StoreTaskView:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._intents: dict[str, Intent] = {}
-        self.last: TaskState | None = None
+        self._local = threading.local()  # ``last`` is per thread: decisions may run in several
         #: A node's memory (:mod:`tether.cluster`): identities and revocations known
         #: without a store round trip. ``None`` in a lone process.
         self.memory: NodeMemory | None = None
+
+    @property
+    def last(self) -> TaskState | None:
+        """The task state this thread's last :meth:`task` read (reused by the spend step)."""
+        state: TaskState | None = getattr(self._local, "last", None)
+        return state
+
+    @last.setter
+    def last(self, state: TaskState | None) -> None:
+        self._local.last = state
 
     def _identity(self, spiffe_id: str) -> IdentityRow | None:
         memory = self.memory
@@ -86,9 +97,10 @@ class StoreTaskView:
             return self._store.get_identity(spiffe_id)
         row = memory.identity(spiffe_id)
         if row is None:
+            generation = memory.generation
             row = self._store.get_identity(spiffe_id)
             if row is not None:
-                memory.put_identity(row)
+                memory.put_identity(row, generation)
         return row
 
     def task(self, task_id: str) -> TaskState | None:
@@ -99,7 +111,7 @@ class StoreTaskView:
         intent = self._intents.get(row.intent_digest)
         if intent is None:
             intent = self._intents[row.intent_digest] = decode_intent(row.intent_json)
-        self.last = TaskState(
+        state = self.last = TaskState(
             task_id=row.task_id,
             agent_id=row.agent_id,
             agent_owner=agent.owner if agent else "",
@@ -121,7 +133,7 @@ class StoreTaskView:
             ),
             parent_task_id=row.parent_task_id,
         )
-        return self.last
+        return state
 
     def token_revoked(self, token_id: str) -> bool:
         known = self.memory.revoked(token_id) if self.memory is not None else None

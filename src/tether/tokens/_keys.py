@@ -105,16 +105,20 @@ class KeyRing:
         #: :mod:`tether.cluster`); a lone process reads them on every call.
         self.cached = False
         self._rows: list[KeyRow] | None = None
+        self._generation = 0
 
     def invalidate(self) -> None:
         """Read the key rows from the store again on the next use."""
+        self._generation += 1
         self._rows = None
 
     def _key_rows(self) -> list[KeyRow]:
         rows = self._rows if self.cached else None
         if rows is None:
+            generation = self._generation
             rows = self._store.list_keys()
-            if self.cached:
+            # Cached only if no change was announced while they were read.
+            if self.cached and generation == self._generation:
                 self._rows = rows
         return rows
 
@@ -138,7 +142,7 @@ class KeyRing:
             created_at=now,
         )
         self._store.add_key(row)
-        self._rows = None
+        self.invalidate()
         self._private[kid] = key
         return row
 
@@ -147,7 +151,7 @@ class KeyRing:
             for row in self._store.list_keys():
                 if row.use == use and row.retired_at is None:
                     self._store.retire_key(row.kid, now, now + overlap)
-                    self._rows = None
+                    self.invalidate()
             return self.create(use, now)
 
     def active(self, use: str) -> tuple[KeyRow, ec.EllipticCurvePrivateKey]:
