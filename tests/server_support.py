@@ -35,8 +35,8 @@ def new_schema_url(prefix: str = "t") -> str:
 
     schema = f"{prefix}_{secrets.token_hex(6)}"
     url = url_with_schema(POSTGRES_URL, schema)
+    Backend.schemas.append(schema)  # dropped even if the migration fails half way
     migrate(url)
-    Backend.schemas.append(schema)
     return url
 
 

@@ -221,7 +221,14 @@ class PostgresStore:
     def throwaway(cls, url: str, *, prefix: str = "tether_tmp") -> PostgresStore:
         """A fresh, migrated schema in the database at ``url``, dropped on :meth:`close`."""
         schema = f"{prefix}_{secrets.token_hex(6)}"
-        return cls.create(url_with_schema(url, schema), drop_schema_on_close=True)
+        try:
+            return cls.create(url_with_schema(url, schema), drop_schema_on_close=True)
+        except BaseException:
+            with contextlib.suppress(psycopg.Error), psycopg.connect(url, autocommit=True) as c:
+                c.execute(
+                    psql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(psql.Identifier(schema))
+                )
+            raise
 
     @staticmethod
     def live() -> list[PostgresStore]:
@@ -673,6 +680,25 @@ class PostgresStore:
             )
         return [ApprovalRow(*r) for r in rows]
 
+    def approvals_page(
+        self,
+        *,
+        status: str | None = None,
+        before: tuple[float, str] | None = None,
+        limit: int = 50,
+    ) -> list[ApprovalRow]:
+        query = f"SELECT {_APPROVAL_COLS} FROM approvals WHERE true"
+        params: list[Any] = []
+        if status is not None:
+            query += " AND status = %s"
+            params.append(status)
+        if before is not None:
+            query += ' AND (created_at < %s OR (created_at = %s AND approval_id < %s COLLATE "C"))'
+            params.extend([before[0], before[0], before[1]])
+        query += ' ORDER BY created_at DESC, approval_id COLLATE "C" DESC LIMIT %s'
+        params.append(limit)
+        return [ApprovalRow(*r) for r in self._all(query, tuple(params))]
+
     def decide_approval(self, approval_id: str, status: str, by: str, at: float) -> bool:
         count = self._run(
             "UPDATE approvals SET status = %s, decided_by = %s, decided_at = %s "
@@ -1095,7 +1121,12 @@ class PostgresStore:
         return sorted((str(r[0]), str(r[1]), int(r[2])) for r in rows)
 
     def identity_summaries(
-        self, *, after: str | None = None, limit: int = 50, now: float = 0.0
+        self,
+        *,
+        after: str | None = None,
+        limit: int = 50,
+        now: float = 0.0,
+        owner: str | None = None,
     ) -> list[IdentitySummaryRow]:
         cols = ", ".join(f"i.{c.strip()}" for c in _IDENTITY_COLS.split(","))
         rows = self._all(
@@ -1111,8 +1142,9 @@ class PostgresStore:
             "  WHERE l.agent_id = i.spiffe_id AND l.status IN ('pending', 'active') "
             "  AND (t.status != 'open' OR l.expires_at > t.expires_at OR t.expires_at <= %s)) "
             'FROM identities i WHERE i.spiffe_id > %s COLLATE "C" '
+            "AND (%s::text IS NULL OR i.owner = %s) "
             'ORDER BY i.spiffe_id COLLATE "C" LIMIT %s',
-            (now, after or "", limit),
+            (now, after or "", owner, owner, limit),
         )
         width = len(IdentityRow.__struct_fields__)
         return [
@@ -1191,10 +1223,16 @@ class PostgresStore:
         return [AcceptedRiskRow(*r) for r in rows]
 
     def decide_accepted_risk(self, risk_id: str, status: str, by: str, at: float) -> bool:
-        current = "accepted" if status == "withdrawn" else "pending"
-        count = self._run(
-            "UPDATE accepted_risks SET status = %s, decided_by = %s, decided_at = %s "
-            "WHERE risk_id = %s AND status = %s",
-            (status, by, at, risk_id, current),
-        )
+        if status == "withdrawn":
+            count = self._run(
+                "UPDATE accepted_risks SET status = 'withdrawn' "
+                "WHERE risk_id = %s AND status IN ('pending', 'accepted')",
+                (risk_id,),
+            )
+        else:
+            count = self._run(
+                "UPDATE accepted_risks SET status = %s, decided_by = %s, decided_at = %s "
+                "WHERE risk_id = %s AND status = 'pending'",
+                (status, by, at, risk_id),
+            )
         return count == 1
