@@ -28,7 +28,7 @@ from bench.cluster_load import (
     run_load,
 )
 
-from tether import APIError, AsyncClient, Client
+from tether import APIError, AsyncClient, Client, ProofKey
 from tether.cluster import Event, NodeMemory, decode_event
 
 from .conftest import require_service
@@ -54,6 +54,20 @@ def _nodes(tmp_path: Path, database: str, count: int, **kwargs: Any) -> Nodes:
         raise
     Client(nodes.urls[0], admin=nodes.admin).load_policies({"all.cedar": PERMIT_ALL})
     return nodes
+
+
+def _agent_on(nodes: Nodes, name: str, node: int) -> tuple[Client, Any, ProofKey]:
+    """A new agent with an open task, and a client for it on node ``node`` only."""
+
+    async def open_one() -> tuple[Any, Any]:
+        (agent,) = await enroll(nodes.urls, nodes.admin, 1, name)
+        async with agent.client:
+            return agent, await agent.client.open_task(intent=intent(1000))
+
+    agent, task = asyncio.run(open_one())
+    key = agent.client.key
+    assert key is not None
+    return Client(nodes.urls[node], key=key, svid=agent.client.requests.svid), task, key
 
 
 def _decisions(database: str) -> list[dict[str, Any]]:
@@ -204,15 +218,7 @@ def test_a_lost_notification_is_made_good_by_the_resync(tmp_path: Path, database
         assert forbid  # a snapshot that refuses everything, loaded with NOTIFY...
         client.load_policies({"all.cedar": PERMIT_ALL})  # ...and replaced the same way
 
-        async def open_one() -> tuple[Any, Any]:
-            (agent,) = await enroll(nodes.urls, nodes.admin, 1, "quiet")
-            async with agent.client:
-                return agent, await agent.client.open_task(intent=intent(1000))
-
-        agent, task = asyncio.run(open_one())
-        key = agent.client.key
-        assert key is not None
-        on_b = Client(nodes.urls[1], key=key, svid=agent.client.requests.svid)
+        on_b, task, key = _agent_on(nodes, "quiet", 1)
 
         def effect() -> str:
             body = on_b.send(on_b.requests.decision(task.token, key, "load.read", {}))
@@ -249,16 +255,7 @@ def test_a_secret_put_on_one_node_is_spotted_in_arguments_on_another(
     node A reaches that cache through an event, so B refuses to let it out at once."""
     nodes = _nodes(tmp_path, database, 2)
     try:
-
-        async def open_one() -> tuple[Any, Any]:
-            (agent,) = await enroll(nodes.urls, nodes.admin, 1, "leaky")
-            async with agent.client:
-                return agent, await agent.client.open_task(intent=intent(1000))
-
-        agent, task = asyncio.run(open_one())
-        key = agent.client.key
-        assert key is not None
-        on_b = Client(nodes.urls[1], key=key, svid=agent.client.requests.svid)
+        on_b, task, key = _agent_on(nodes, "leaky", 1)
 
         def effect(value: str) -> dict[str, Any]:
             body: dict[str, Any] = on_b.send(
