@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 import uvicorn
+from litestar import Litestar
 from litestar.testing import TestClient
+from litestar.types import Receive, Scope, Send
 
 from tether import Tether
 from tether.server import ServerSettings, create_app
@@ -51,15 +53,32 @@ def csrf_of(html: str) -> str:
     return match.group(1)
 
 
-def settings() -> ServerSettings:
-    return ServerSettings(log_level="WARNING", reap_interval=0)
+def settings(public_url: str | None = None) -> ServerSettings:
+    return ServerSettings(log_level="WARNING", reap_interval=0, public_url=public_url)
+
+
+def from_address(app: Litestar, host: str) -> Litestar:
+    """``app`` as reached from ``host`` (Litestar's test client reports "testclient")."""
+    inner = app.asgi_handler
+
+    async def handler(scope: Scope, receive: Receive, send: Send) -> None:
+        scope["client"] = (host, 50000)
+        await inner(scope, receive, send)
+
+    app.asgi_handler = handler
+    return app
 
 
 @contextmanager
 def console_client(
-    tether: Tether, *, base_url: str = "http://127.0.0.1:8000"
+    tether: Tether,
+    *,
+    base_url: str = "http://127.0.0.1:8000",
+    client_host: str = "127.0.0.1",
+    public_url: str | None = None,
 ) -> Iterator[TestClient[Any]]:
-    with TestClient(create_app(tether, settings()), base_url=base_url) as client:
+    app = from_address(create_app(tether, settings(public_url)), client_host)
+    with TestClient(app, base_url=base_url) as client:
         yield client
 
 

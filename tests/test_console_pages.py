@@ -443,7 +443,7 @@ def test_an_accepted_risk_needs_its_approver_shows_in_the_report_and_lapses(
         lapsed = client.get("/console/risk").text
         assert '<td class="state">lapsed</td>' in lapsed
         assert '<span class="flag">Helper reads unlabelled statements</span>' not in lapsed
-    kinds = [json.loads(r.body)["kind"] for r in tether.store.records_page(limit=5)]
+    kinds = [json.loads(r.body)["kind"] for r in tether.store.records_page(limit=30)]
     assert "risk.accept" in kinds and "risk.record" in kinds
 
 
@@ -553,3 +553,340 @@ def test_the_inventory_pages_by_spiffe_id(tether: Tether, admin: str) -> None:
         second = client.get("/console/identities?after=" + link.replace("&amp;", "&")).text
         assert second.count("<code>spiffe://") == 11  # 60 tools and the agent
         assert "Next page" not in second
+
+
+def _kinds(tether: Tether, kind: str) -> list[dict[str, Any]]:
+    return [json.loads(r.body) for r in tether.store.records_page(kind=kind, limit=100)]
+
+
+def test_every_role_signs_out_with_a_receipt(tether: Tether) -> None:
+    auditor_row, auditor = tether.credentials.create("auditor", "carol@acme.example")
+    with console_client(tether) as client:
+        token = sign_in(client, auditor)
+        done = client.post("/console/sign-out", data={"csrf": token}, follow_redirects=False)
+        assert done.status_code == 303
+        assert done.headers["location"] == "/console/sign-in"
+        after = client.get("/console/identities", follow_redirects=False)
+        assert after.status_code == 303 and "/console/sign-in" in after.headers["location"]
+    (out,) = _kinds(tether, "console.sign_out")
+    assert out["chain"] == ["carol@acme.example"]
+    assert out["detail"]["credential_id"] == auditor_row.credential_id
+
+
+def test_owners_see_only_the_identities_they_own(tether: Tether) -> None:
+    theirs = "spiffe://acme.example/agent/daves"
+    tether.register_identity(theirs, kind="agent", owner="dave@acme.example")
+    owner = credential(tether, "owner", "dave@acme.example")
+    with console_client(tether) as client:
+        sign_in(client, owner)
+        page = client.get("/console/identities").text
+        assert theirs in page and AGENT not in page
+    rows = tether.store.identity_summaries(owner="dave@acme.example")
+    assert [r.identity.spiffe_id for r in rows] == [theirs]
+    assert len(tether.store.identity_summaries()) == 2
+
+
+def test_an_owner_sees_only_their_nodes_of_a_delegation_tree(
+    tether: Tether, held: dict[str, Any]
+) -> None:
+    from tether import parse_intent
+
+    helper = "spiffe://acme.example/agent/daves-helper"
+    tether.register_identity(helper, kind="agent", owner="dave@acme.example")
+    child = tether.open_task(
+        helper,
+        proof_jwk=ProofKey().jwk,
+        intent=parse_intent(
+            {
+                "purpose": "summarise",
+                "capabilities": [{"tool": "fs.read"}],
+                "budget": {"max_calls": 1},
+            }
+        ),
+        parent_task_id=held["task_id"],
+    )
+    dave = credential(tether, "owner", "dave@acme.example")
+    with console_client(tether) as client:
+        sign_in(client, dave)
+        page = client.get(f"/console/tasks/{child.task_id}").text
+        assert child.task_id in page and helper in page
+        assert "another owner&#39;s task" in page or "another owner's task" in page
+        assert held["task_id"] not in page and AGENT not in page
+        assert "call(s) held for approval" not in page  # the other task's drift
+    with console_client(tether) as client:
+        sign_in(client, credential(tether, "owner", OWNER))
+        page = client.get(f"/console/tasks/{held['task_id']}").text
+        assert held["task_id"] in page and "another owner" in page
+        assert child.task_id not in page and helper not in page
+
+
+def test_audit_verification_runs_off_the_event_loop_one_at_a_time(
+    tether: Tether, admin: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from tether.console._pages import _CONSOLES
+
+    loops: list[bool] = []
+    verify = tether.verify_audit
+
+    def spy() -> Any:
+        try:
+            asyncio.get_running_loop()
+            loops.append(True)
+        except RuntimeError:
+            loops.append(False)
+        return verify()
+
+    monkeypatch.setattr(tether, "verify_audit", spy)
+    with console_client(tether) as client:
+        token = sign_in(client, admin)
+        assert "Verified:" in client.post("/console/audit/verify", data={"csrf": token}).text
+        assert loops == [False]  # not on the event loop's thread
+        console = _CONSOLES[tether]
+        with console.verifying:  # one is running
+            busy = client.post("/console/audit/verify", data={"csrf": token})
+        assert busy.status_code == 429 and loops == [False]
+        assert client.post("/console/audit/verify", data={"csrf": token}).status_code == 200
+
+
+def test_a_public_https_url_decides_tls_and_origin(tether: Tether, admin: str) -> None:
+    """Behind a TLS proxy the app sees plain HTTP from the proxy's address."""
+    public = "https://tether.example"
+
+    def signin_form(client: TestClient[Any]) -> tuple[str, dict[str, str]]:
+        form = client.get("/console/sign-in")
+        assert form.headers["strict-transport-security"].startswith("max-age=")
+        pre = next(c for c in form.headers.get_list("set-cookie") if "__Host-" in c)
+        assert "Secure" in pre and "Path=/;" in pre + ";"
+        name, _, value = pre.split(";")[0].partition("=")
+        # The browser sends the Secure cookie to the https origin; the proxy passes it on.
+        return csrf_of(form.text), {"Cookie": f"{name}={value}"}
+
+    with console_client(
+        tether, base_url="http://10.0.0.5:8700", client_host="10.0.0.9", public_url=public
+    ) as client:
+        csrf, cookie = signin_form(client)
+        cross = client.post(
+            "/console/sign-in",
+            data={"csrf": csrf, "secret": admin},
+            headers={**cookie, "Origin": "http://10.0.0.5:8700"},
+            follow_redirects=False,
+        )
+        assert cross.status_code == 403  # the request's own host is not the public origin
+        csrf, cookie = signin_form(client)
+        done = client.post(
+            "/console/sign-in",
+            data={"csrf": csrf, "secret": admin},
+            headers={**cookie, "Origin": public},
+            follow_redirects=False,
+        )
+        assert done.status_code == 303, done.text  # not loopback, yet TLS at the public origin
+        session = next(
+            c for c in done.headers.get_list("set-cookie") if "__Host-tether_console=" in c
+        )
+        assert "Secure" in session and "Path=/;" in session + ";"
+        assert done.headers["strict-transport-security"].startswith("max-age=")
+
+
+def test_plain_http_keeps_the_loopback_rule_and_sends_no_hsts(tether: Tether, admin: str) -> None:
+    with console_client(tether, client_host="testclient") as client:
+        form = client.get("/console/sign-in")
+        assert "strict-transport-security" not in form.headers
+        refused = client.post(
+            "/console/sign-in", data={"csrf": csrf_of(form.text), "secret": admin}
+        )
+        assert refused.status_code == 403 and "sign in over HTTPS" in refused.text
+    with console_client(tether, public_url="http://127.0.0.1:8000") as client:
+        form = client.get("/console/sign-in")
+        assert "strict-transport-security" not in form.headers
+        assert sign_in(client, admin)
+
+
+def test_sign_ins_leave_receipts_without_the_secret(tether: Tether) -> None:
+    row, secret = tether.credentials.create("auditor", "carol@acme.example")
+    with console_client(tether) as client:
+        form = client.get("/console/sign-in")
+        wrong = secret[:-3] + "xyz"
+        client.post("/console/sign-in", data={"csrf": csrf_of(form.text), "secret": wrong})
+        sign_in(client, secret)
+        client.get("/console/audit/export.jsonl?since=2001-01-01")
+    failed, succeeded = reversed(_kinds(tether, "console.sign_in"))
+    assert failed["effect"] == "deny" and failed["reasons"][0]["code"] == "credential.invalid"
+    assert failed["detail"]["credential_id"] == row.credential_id and failed["chain"] == []
+    assert succeeded["effect"] == "allow" and succeeded["chain"] == ["carol@acme.example"]
+    assert succeeded["detail"] == {
+        "credential_id": row.credential_id,
+        "client": "127.0.0.1",
+        "role": "auditor",
+    }
+    (export,) = _kinds(tether, "console.export")
+    assert export["detail"] == {"credential_id": row.credential_id, "since": "2001-01-01"}
+    bodies = " ".join(r.body for r in tether.store.iter_records())
+    assert secret.split(".")[1] not in bodies and wrong.split(".")[1] not in bodies
+
+
+def test_failed_sign_ins_lock_the_credential_id(tether: Tether, clock: FrozenClock) -> None:
+    row, secret = tether.credentials.create("admin", "eve@acme.example")
+    _, other = tether.credentials.create("admin", "frank@acme.example")
+
+    def attempt(client: TestClient[Any], presented: str) -> int:
+        form = client.get("/console/sign-in")
+        data = {"csrf": csrf_of(form.text), "secret": presented}
+        return client.post("/console/sign-in", data=data, follow_redirects=False).status_code
+
+    with console_client(tether) as client:
+        for _ in range(5):
+            assert attempt(client, secret[:-3] + "xyz") == 401
+        assert attempt(client, secret) == 429  # the right secret too, for a while
+        assert attempt(client, other) == 303  # another credential is not locked
+        clock.advance(5 * 60 + 1)
+        assert attempt(client, secret) == 303
+    locked = [b for b in _kinds(tether, "console.sign_in") if b["effect"] == "deny"]
+    assert locked[0]["reasons"][0]["code"] == "credential.locked"
+    assert locked[0]["detail"]["credential_id"] == row.credential_id
+
+
+def test_the_export_escapes_line_separators(tether: Tether, admin: str) -> None:
+    tether.audit.append("note", detail={"text": "one\u2028two\u2029three é"})
+    with console_client(tether) as client:
+        sign_in(client, admin)
+        body = client.get("/console/audit/export.jsonl").content
+    assert "\u2028".encode() not in body and "\u2029".encode() not in body
+    assert body.isascii() and b"\\u2028" in body
+    lines = [json.loads(line) for line in body.decode().splitlines()]
+    assert any(
+        line["record"].get("detail") == {"text": "one\u2028two\u2029three é"} for line in lines
+    )
+
+
+def test_following_decisions_is_not_activity(
+    tether: Tether, admin: str, clock: FrozenClock
+) -> None:
+    with console_client(tether) as client:
+        sign_in(client, admin)
+        for _ in range(3):
+            clock.advance(4 * 60)
+            page = client.get("/console/decisions?follow=1", follow_redirects=False)
+            assert page.status_code == 200
+        clock.advance(3 * 60)
+        ended = client.get("/console/decisions?follow=1", follow_redirects=False)
+        assert ended.status_code == 303  # 15 minutes with nobody at the tab
+
+
+def test_accepted_risk_receipts_pin_the_row(tether: Tether, clock: FrozenClock) -> None:
+    owner = credential(tether, "owner", OWNER)
+    approver = credential(tether, "approver", "bob@acme.example")
+    with console_client(tether) as client:
+        token = sign_in(client, owner)
+        assert _record_risk(client, token).status_code == 303
+        risk_id = tether.store.list_accepted_risks()[0].risk_id
+        (recorded,) = _kinds(tether, "risk.record")
+        assert recorded["detail"]["title"] == "Helper reads unlabelled statements"
+        assert recorded["detail"]["scope"] == "spiffe://acme.example/agent/bot"
+        assert recorded["detail"]["justification"].startswith("The statements tool")
+        assert recorded["detail"]["digest"].startswith("sha256:")
+        assert "row matches its receipt" in client.get("/console/risk").text
+    with console_client(tether) as client:
+        token = sign_in(client, approver)
+        client.post(f"/console/risks/{risk_id}", data={"csrf": token, "action": "accept"})
+    with console_client(tether) as client:
+        sign_in(client, owner)
+        assert "row matches its receipt" in client.get("/console/risk").text
+        tether.store.execute_unsafe(
+            "UPDATE accepted_risks SET justification = 'Anything goes, forever.' WHERE risk_id = ?",
+            (risk_id,),
+        )
+        changed = client.get("/console/risk").text
+        assert "row matches its receipt" not in changed
+        assert "warning: the row differs from its risk.record receipt" in changed
+
+
+def test_a_recorder_withdraws_pending_and_accepted_risks(tether: Tether) -> None:
+    owner = credential(tether, "owner", OWNER)
+    approver = credential(tether, "approver", "bob@acme.example")
+    with console_client(tether) as client:
+        token = sign_in(client, owner)
+        _record_risk(client, token, title="First")
+        _record_risk(client, token, title="Second")
+    first, second = sorted(tether.store.list_accepted_risks(), key=lambda r: r.title)
+    with console_client(tether) as client:
+        token = sign_in(client, approver)
+        client.post(f"/console/risks/{second.risk_id}", data={"csrf": token, "action": "accept"})
+    with console_client(tether) as client:
+        token = sign_in(client, owner)
+        assert 'value="withdraw"' in client.get("/console/risk").text
+        for risk in (first, second):
+            done = client.post(
+                f"/console/risks/{risk.risk_id}",
+                data={"csrf": token, "action": "withdraw"},
+                follow_redirects=False,
+            )
+            assert done.status_code == 303
+        again = client.post(
+            f"/console/risks/{first.risk_id}", data={"csrf": token, "action": "withdraw"}
+        )
+        assert again.status_code == 409
+        page = client.get("/console/risk").text
+        assert page.count("row matches its receipt") == 2
+    rows = {r.title: r for r in tether.store.list_accepted_risks()}
+    assert rows["First"].status == "withdrawn" and rows["First"].decided_by is None
+    assert rows["Second"].status == "withdrawn"
+    assert rows["Second"].decided_by == "bob@acme.example"  # the approver's decision stays
+    withdrawn = _kinds(tether, "risk.withdraw")
+    assert [w["chain"] for w in withdrawn] == [[OWNER], [OWNER]]
+    assert sorted(w["detail"]["was"] for w in withdrawn) == ["accepted", "pending"]
+    tether.store.execute_unsafe(
+        "UPDATE accepted_risks SET status = 'accepted', decided_by = 'bob@acme.example' "
+        "WHERE risk_id = ?",
+        (first.risk_id,),
+    )
+    with console_client(tether) as client:
+        sign_in(client, owner)
+        page = client.get("/console/risk").text
+        assert "warning: the row is accepted, its receipts say withdrawn" in page
+        assert page.count("row matches its receipt") == 1
+
+
+def test_approvals_page_by_keyset(tether: Tether, admin: str) -> None:
+    tether.policies.load({"all.cedar": APPROVAL_POLICY})
+    key, _, token = open_simple_task(tether, tools=("notes.write",), max_calls=200)
+    for i in range(60):
+        receipt = call(tether, key, token, "notes.write", {"n": i})
+        assert str(receipt.decision.effect) == "approval_required"
+    with console_client(tether) as client:
+        sign_in(client, admin)
+        first = client.get("/console/approvals").text
+        assert first.count('<article class="approval"') == 50
+        link = first.split('id="next" href="/console/approvals?')[1].split('"')[0]
+        second = client.get("/console/approvals?" + link.replace("&amp;", "&")).text
+        assert second.count('<article class="approval"') == 10
+        assert 'id="next"' not in second
+        ids = {
+            a.split('"')[0] for a in (first + second).split('<article class="approval" id="')[1:]
+        }
+        assert len(ids) == 60
+    page = tether.store.approvals_page(status="pending", limit=50)
+    keys = [(r.created_at, r.approval_id) for r in page]
+    assert keys == sorted(keys, reverse=True)
+
+
+def test_forwarded_addresses_count_only_when_trusted(
+    tether: Tether, admin: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def attempt(forwarded: str) -> int:
+        with console_client(tether, client_host="10.0.0.9") as client:
+            form = client.get("/console/sign-in")
+            return client.post(
+                "/console/sign-in",
+                data={"csrf": csrf_of(form.text), "secret": admin},
+                headers={"X-Forwarded-For": forwarded},
+                follow_redirects=False,
+            ).status_code
+
+    assert attempt("127.0.0.1") == 403  # not trusted: the proxy's own address counts
+    monkeypatch.setenv("TETHER_TRUST_FORWARDED", "1")
+    assert attempt("127.0.0.1, 198.51.100.7") == 403  # the nearest proxy's entry is last
+    assert attempt("198.51.100.7, 127.0.0.1") == 303
+    signed_in = [b for b in _kinds(tether, "console.sign_in") if b["effect"] == "allow"]
+    assert signed_in[0]["detail"]["client"] == "127.0.0.1"

@@ -7,8 +7,9 @@ mirror the HTTP API:
 
 - ``auditor``: reads the inventory, tasks, approvals, decisions, audit and the report;
 - ``approver``: reads the inventory, tasks and approvals; approves and denies;
-- ``owner``: reads the inventory and the tasks of the identities they own; offboards
-  them and ends their tasks; records accepted risks;
+- ``owner``: reads the inventory and the tasks of the identities they own (in a
+  delegation tree, another owner's task shows only as such); offboards them and ends
+  their tasks; records and withdraws accepted risks;
 - ``admin``: everything, including the kill switch.
 
 Sessions live in the process (see :mod:`tether.console._sessions`): with several
@@ -19,14 +20,19 @@ Autoescaping is on in every template, so an argument such as ``<script>`` is sho
 text; pages carry a strict Content-Security-Policy (no inline script or style, nothing
 from elsewhere), are never cached and never framed. A state-changing handler that fails
 shows an error page; the service it calls runs in one store transaction, so nothing is
-changed.
+changed. Sign-ins (succeeded or refused, with the credential id, never the secret),
+sign-outs and exports leave receipts. Audit verification runs in a worker thread, one
+at a time per process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import contextlib
 import json
+import re
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -38,8 +44,10 @@ import msgspec
 from jinja2 import Environment, PackageLoader, select_autoescape
 from litestar import Request, Response, Router, get, post
 from litestar.datastructures import Cookie, ResponseHeader
+from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
 from litestar.response import Redirect, Stream
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from tether._errors import (
     Conflict,
@@ -53,19 +61,24 @@ from tether._tether import Tether
 from tether.console import _report, _words
 from tether.console._accepted import AcceptedRisks
 from tether.console._sessions import (
+    HSTS,
     Session,
     Sessions,
+    SignInFailures,
+    client_address,
     cookie_name,
+    expected_origin,
     is_loopback,
     is_tls,
     same_token,
 )
 from tether.core._flow import FlowState
 from tether.core._intent import Intent, decode_intent
+from tether.core._risk import Control, risk_tags
 from tether.identity import Role
 from tether.secrets import lease_dict
 from tether.server._auth import Forbidden, Principal, RateLimited, RateLimiter, require
-from tether.store import RecordRow, TaskRow
+from tether.store import ApprovalRow, RecordRow, TaskRow
 
 PAGE = 50
 IDLE_DAYS = 30
@@ -83,6 +96,8 @@ HEADERS = [
 ]
 _STATIC = {"console.css": "text/css", "console.js": "text/javascript"}
 _MAX_FORM = 16 * 1024
+_CREDENTIAL_ID = re.compile(r"[0-9a-f]{16}")
+_SECRET = re.compile(r"tadm_([0-9a-f]{16})\..*", re.DOTALL)
 
 
 class NeedSignIn(Exception):
@@ -100,6 +115,9 @@ class Console:
     risks: AcceptedRisks
     env: Environment
     sign_in_limiter: RateLimiter
+    failures: SignInFailures
+    #: Held while an audit verification runs (one at a time in this process).
+    verifying: threading.Lock
 
     @classmethod
     def create(cls, tether: Tether) -> Console:
@@ -120,6 +138,8 @@ class Console:
             risks=AcceptedRisks(tether.store, tether.audit, tether.clock),
             env=env,
             sign_in_limiter=RateLimiter(rate=1.0, burst=10.0),
+            failures=SignInFailures(tether.clock),
+            verifying=threading.Lock(),
         )
 
     def render(
@@ -155,11 +175,12 @@ def _console(request: Request) -> Console:  # type: ignore[type-arg]
 
 
 # -- sessions, roles and CSRF ---------------------------------------------------------------
-def _session(request: Request) -> Session:  # type: ignore[type-arg]
+def _session(request: Request, *, touch: bool = True) -> Session:  # type: ignore[type-arg]
     """The request's live session, or :class:`NeedSignIn`. A session whose credential was
-    disabled since sign-in ends here."""
+    disabled since sign-in ends here. ``touch=False``: the request is no activity (a page
+    reloading itself), so the idle timeout still runs."""
     console = _console(request)
-    session = console.sessions.get(request.cookies.get(cookie_name(request)))
+    session = console.sessions.get(request.cookies.get(cookie_name(request)), touch=touch)
     if session is None:
         raise NeedSignIn
     credential = console.tether.store.get_credential(session.credential_id)
@@ -180,8 +201,8 @@ def _may(session: Session, *roles: str) -> bool:
     return session.role == Role.ADMIN or session.role in roles
 
 
-def _page(request: Request, *roles: str) -> Session:  # type: ignore[type-arg]
-    session = _session(request)
+def _page(request: Request, *roles: str, touch: bool = True) -> Session:  # type: ignore[type-arg]
+    session = _session(request, touch=touch)
     require(_principal(session), *roles)
     return session
 
@@ -203,7 +224,7 @@ async def _form(request: Request, *roles: str) -> tuple[Session, dict[str, str]]
 
 def _same_origin(request: Request) -> None:  # type: ignore[type-arg]
     origin = request.headers.get("origin")
-    if origin is not None and origin != f"{request.url.scheme}://{request.url.netloc}":
+    if origin is not None and origin.lower() != expected_origin(request).lower():
         raise CsrfRefused
 
 
@@ -247,8 +268,32 @@ def _error_page(request: Request, exc: Exception) -> Response[Any]:  # type: ign
         status, message = 500, "Something failed; nothing was changed."
     session = None
     with contextlib.suppress(Exception):
-        session = console.sessions.get(request.cookies.get(cookie_name(request)))
-    return console.render("error.html", request, session, status_code=status, message=message)
+        session = console.sessions.get(request.cookies.get(cookie_name(request)), touch=False)
+    response = console.render("error.html", request, session, status_code=status, message=message)
+    if is_tls(request):
+        response.headers["Strict-Transport-Security"] = HSTS
+    return response
+
+
+def _hsts(app: ASGIApp) -> ASGIApp:
+    """Adds Strict-Transport-Security to every console response served over TLS."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP or not is_tls(Request(scope)):
+            await app(scope, receive, send)
+            return
+
+        async def send_with_hsts(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == b"strict-transport-security" for k, _ in headers):
+                    headers.append((b"strict-transport-security", HSTS.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await app(scope, receive, send_with_hsts)
+
+    return middleware
 
 
 # -- sign-in --------------------------------------------------------------------------------
@@ -305,8 +350,58 @@ async def sign_in_form(request: Request) -> Response[str]:  # type: ignore[type-
     return response
 
 
+def _sign_in_again(
+    request: Request,  # type: ignore[type-arg]
+    values: dict[str, str],
+    status_code: int,
+    error: str,
+) -> Response[str]:
+    console = _console(request)
+    token = console.sessions.pre_token()
+    response = console.render(
+        "sign_in.html",
+        request,
+        None,
+        status_code=status_code,
+        csrf=token,
+        next=_next(values.get("next")),
+        error=error,
+        plain_http=not is_tls(request),
+    )
+    response.set_cookie(_cookie(request, cookie_name(request, pre=True), token, 600))
+    return response
+
+
+def _receipt(
+    console: Console,
+    kind: str,
+    chain: list[str],
+    detail: dict[str, Any],
+    *,
+    refused: str | None = None,
+) -> None:
+    """A receipt of a console event (sign-in, sign-out, export)."""
+    console.tether.audit.append(
+        kind,
+        chain=chain,
+        effect="deny" if refused else "allow",
+        reasons=[{"code": refused, "message": _REFUSALS[refused]}] if refused else None,
+        detail=detail,
+        risk_tags=list(risk_tags(Control.AUDIT)),
+    )
+
+
+_REFUSALS = {
+    "credential.invalid": "unknown or wrong admin credential",
+    "credential.locked": "too many failed sign-ins with this credential: locked for a while",
+}
+
+
 @post("/sign-in")
 async def sign_in(request: Request) -> Response[Any]:  # type: ignore[type-arg]
+    """Sign in with an admin credential. Each attempt leaves a ``console.sign_in`` receipt
+    (the credential id and client address, never the secret); attempts are limited per
+    address and, after repeated failures, per credential id."""
     console = _console(request)
     _same_origin(request)
     form = await request.form()
@@ -315,30 +410,35 @@ async def sign_in(request: Request) -> Response[Any]:  # type: ignore[type-arg]
         request.cookies.get(cookie_name(request, pre=True)), values.get("csrf")
     ):
         raise CsrfRefused
-    console.sign_in_limiter.check(request.client.host if request.client else "-")
+    address = client_address(request)
+    console.sign_in_limiter.check(address or "-")
     if not is_tls(request) and not is_loopback(request):
         raise Forbidden("sign in over HTTPS: this connection is plain HTTP from another host")
     credential_id = values.get("credential_id", "").strip()
     secret = values.get("secret", "").strip()
+    if secret.startswith("tadm_"):
+        match = _SECRET.fullmatch(secret)
+        credential_id = match.group(1) if match else ""
+    # Only a well-formed id is recorded: a secret typed in the id field never is.
+    shown_id = credential_id if _CREDENTIAL_ID.fullmatch(credential_id) else "(malformed)"
+    detail = {"credential_id": shown_id, "client": address[:64]}
+    if shown_id != "(malformed)" and console.failures.locked(shown_id):
+        _receipt(console, "console.sign_in", [], detail, refused="credential.locked")
+        return _sign_in_again(
+            request, values, 429, "Too many failed sign-ins with this credential; wait 5 minutes."
+        )
     try:
         if secret.startswith("tadm_"):
             row = console.tether.credentials.verify(secret)
         else:
             row = console.tether.credentials.verify_pair(credential_id, secret)
     except TetherError:
-        token = console.sessions.pre_token()
-        response = console.render(
-            "sign_in.html",
-            request,
-            None,
-            status_code=401,
-            csrf=token,
-            next=_next(values.get("next")),
-            error="Unknown or wrong admin credential.",
-            plain_http=not is_tls(request),
-        )
-        response.set_cookie(_cookie(request, cookie_name(request, pre=True), token, 600))
-        return response
+        if shown_id != "(malformed)":
+            console.failures.failed(shown_id)
+        _receipt(console, "console.sign_in", [], detail, refused="credential.invalid")
+        return _sign_in_again(request, values, 401, "Unknown or wrong admin credential.")
+    console.failures.succeeded(row.credential_id)
+    _receipt(console, "console.sign_in", [row.owner], {**detail, "role": row.role})
     session = console.sessions.create(row.credential_id, row.role, row.owner)
     done = Redirect(_next(values.get("next")), status_code=303)
     done.set_cookie(_cookie(request, cookie_name(request), session.session_id))
@@ -348,8 +448,11 @@ async def sign_in(request: Request) -> Response[Any]:  # type: ignore[type-arg]
 
 @post("/sign-out")
 async def sign_out(request: Request) -> Response[Any]:  # type: ignore[type-arg]
-    session, _ = await _form(request)
-    _console(request).sessions.end(session.session_id)
+    """Any signed-in role signs out; a ``console.sign_out`` receipt records it."""
+    session, _ = await _form(request, "owner", "approver", "auditor")
+    console = _console(request)
+    console.sessions.end(session.session_id)
+    _receipt(console, "console.sign_out", [session.owner], {"credential_id": session.credential_id})
     response = Redirect("/console/sign-in", status_code=303)
     response.set_cookie(_cookie(request, cookie_name(request), "", 0))
     return response
@@ -377,7 +480,12 @@ async def identities(request: Request) -> Response[str]:  # type: ignore[type-ar
     console = _console(request)
     now = console.tether.clock.now()
     after = request.query_params.get("after") or None
-    rows = console.tether.store.identity_summaries(after=after, limit=PAGE + 1, now=now)
+    rows = console.tether.store.identity_summaries(
+        after=after,
+        limit=PAGE + 1,
+        now=now,
+        owner=session.owner if session.role == Role.OWNER else None,
+    )
     more = len(rows) > PAGE
     rows = rows[:PAGE]
     items = []
@@ -522,8 +630,13 @@ async def task_detail(request: Request, task_id: str) -> Response[str]:  # type:
     if session.role == Role.OWNER and not _owns(console, session, row.agent_id):
         raise Forbidden("not allowed to see this task")
     tree = console.tether.tasks.tree(task_id)
-    counts = console.tether.store.task_effect_counts([r.task_id for r in tree])
-    views = {r.task_id: _task_view(console, r, counts.get(r.task_id, {})) for r in tree}
+    shown = _visible(console, session, tree)
+    counts = console.tether.store.task_effect_counts([r.task_id for r in shown])
+    views: dict[str, dict[str, Any]] = {
+        r.task_id: _task_view(console, r, counts.get(r.task_id, {})) for r in shown
+    }
+    for r in tree:  # another owner's task: only that it is there
+        views.setdefault(r.task_id, {"redacted": True})
     children: dict[str, list[str]] = {}
     for r in tree:
         if r.parent_task_id is not None:
@@ -541,6 +654,19 @@ async def task_detail(request: Request, task_id: str) -> Response[str]:  # type:
         may_end=row.status == "open" and _owns(console, session, row.agent_id),
         may_kill=session.role == Role.ADMIN,
     )
+
+
+def _visible(console: Console, session: Session, tree: list[TaskRow]) -> list[TaskRow]:
+    """The nodes of a delegation tree the session may see: an owner, those of the agents
+    they own; every other role, all."""
+    if session.role != Role.OWNER:
+        return tree
+    owned: dict[str, bool] = {}
+    for r in tree:
+        if r.agent_id not in owned:
+            identity = console.tether.store.get_identity(r.agent_id)
+            owned[r.agent_id] = identity is not None and identity.owner == session.owner
+    return [r for r in tree if owned[r.agent_id]]
 
 
 @post("/tasks/{task_id:str}/end")
@@ -593,13 +719,15 @@ def _record(row: RecordRow) -> dict[str, Any]:
 @get("/decisions")
 async def decisions(request: Request) -> Response[str]:  # type: ignore[type-arg]
     """The decision receipts, newest first, filtered in the store, a page at a time."""
-    session = _page(request, "auditor")
-    console = _console(request)
     q = request.query_params
-    filters: dict[str, str] = {k: str(q.get(k, "")).strip()[:512] for k in _FILTERS}
     before = None
     with contextlib.suppress(ValueError):
         before = int(q.get("before", "")) if q.get("before") else None
+    follow = q.get("follow") == "1" and before is None  # the newest page, reloaded every 5 s
+    # A reload of a followed page is no activity: an unattended tab still times out.
+    session = _page(request, "auditor", touch=not follow)
+    console = _console(request)
+    filters: dict[str, str] = {k: str(q.get(k, "")).strip()[:512] for k in _FILTERS}
     rows = console.tether.store.records_page(
         before_seq=before,
         limit=PAGE + 1,
@@ -613,7 +741,6 @@ async def decisions(request: Request) -> Response[str]:  # type: ignore[type-arg
     more = len(rows) > PAGE
     rows = rows[:PAGE]
     query = {k: v for k, v in filters.items() if v}
-    follow = q.get("follow") == "1" and before is None  # the newest page, reloaded every 5 s
     return console.render(
         "decisions.html",
         request,
@@ -629,44 +756,75 @@ async def decisions(request: Request) -> Response[str]:  # type: ignore[type-arg
 # -- approvals ------------------------------------------------------------------------------
 @get("/approvals")
 async def approvals(request: Request) -> Response[str]:  # type: ignore[type-arg]
-    """The approvals queue: each exact call held for a human, with the data origins the
-    task had read when a rule asked for approval."""
+    """The approvals queue, newest first, a page at a time (keyset in the store): each
+    exact call held for a human, with the data origins the task had read when a rule asked
+    for approval."""
     session = _page(request, "approver", "auditor")
     console = _console(request)
     status = request.query_params.get("status", "pending")
     if status not in ("pending", "approved", "denied", "used", "all"):
         status = "pending"
-    rows = console.tether.approvals.list(None if status == "all" else status)
-    rows = sorted(rows, key=lambda r: r.created_at, reverse=True)[:200]
+    before = None
+    if cursor := request.query_params.get("before"):
+        at, _, approval_id = cursor.partition("|")
+        with contextlib.suppress(ValueError):
+            before = (float(at), approval_id)
+    rows = console.tether.store.approvals_page(
+        status=None if status == "all" else status, before=before, limit=PAGE + 1
+    )
+    more = len(rows) > PAGE
+    rows = rows[:PAGE]
+    comments = _comments(console, rows)
+    labels: dict[str, list[tuple[str, str, bool, str, float]]] = {}
     items = []
     for r in rows:
-        labels = console.tether.store.list_task_labels(r.task_id)
-        comment = ""
-        if r.status != "pending":  # the human's words are in the receipt of the decision
-            for record in console.tether.store.records_page(
-                kind="approval.decide", task_id=r.task_id, limit=PAGE
-            ):
-                detail = json.loads(record.body).get("detail") or {}
-                if detail.get("approval_id") == r.approval_id:
-                    comment = str(detail.get("comment", ""))
-                    break
+        if r.task_id not in labels:  # once per task on the page
+            labels[r.task_id] = console.tether.store.list_task_labels(r.task_id)
         items.append(
             {
                 "row": r,
                 "args": json.loads(r.args_json),
                 "reasons": json.loads(r.reasons_json),
-                "origins": labels,
-                "comment": comment,
+                "origins": labels[r.task_id],
+                "comment": comments.get(r.approval_id, ""),
             }
         )
+    last = rows[-1] if more and rows else None
     return console.render(
         "approvals.html",
         request,
         session,
         items=items,
         status=status,
+        next_page=urlencode({"status": status, "before": f"{last.created_at!r}|{last.approval_id}"})
+        if last
+        else None,
         may_decide=_may(session, "approver"),
     )
+
+
+def _comments(console: Console, rows: list[ApprovalRow]) -> dict[str, str]:
+    """The human's words of each decided approval on the page, from the ``approval.decide``
+    receipts made while they were decided (one query, a few for a busy period)."""
+    wanted = {r.approval_id: r.decided_at for r in rows if r.decided_at is not None}
+    found: dict[str, str] = {}
+    if not wanted:
+        return found
+    since, until = min(wanted.values()) - 1.0, max(wanted.values()) + 1.0
+    before: int | None = None
+    while len(found) < len(wanted):
+        page = console.tether.store.records_page(
+            kind="approval.decide", since=since, until=until, before_seq=before, limit=500
+        )
+        for record in page:
+            detail = json.loads(record.body).get("detail") or {}
+            approval_id = str(detail.get("approval_id", ""))
+            if approval_id in wanted and approval_id not in found:
+                found[approval_id] = str(detail.get("comment", ""))
+        if len(page) < 500:
+            break
+        before = page[-1].seq
+    return found
 
 
 @post("/approvals/{approval_id:str}")
@@ -712,7 +870,15 @@ def _audit_page(request: Request, session: Session, report: Any) -> Response[str
 async def audit_verify(request: Request) -> Response[str]:  # type: ignore[type-arg]
     """Walk the whole chain and every signed checkpoint; show the result."""
     session, _ = await _form(request, "auditor")
-    return _audit_page(request, session, _console(request).tether.verify_audit())
+    console = _console(request)
+    if not console.verifying.acquire(blocking=False):
+        raise RateLimited("an audit verification is already running")
+    try:
+        # The walk reads the whole chain: off the event loop, so other requests go on.
+        report = await asyncio.to_thread(console.tether.verify_audit)
+    finally:
+        console.verifying.release()
+    return _audit_page(request, session, report)
 
 
 MAX_TRACE = 2000
@@ -776,13 +942,26 @@ def _day(value: str | None, default: float) -> float:
 @get("/audit/export.jsonl")
 async def audit_export(request: Request) -> Stream:  # type: ignore[type-arg]
     """Every receipt as JSON lines: ``seq``, ``prev_hash``, ``hash`` and the ``record``
-    (its canonical JSON re-encoded is what the hash covers), optionally in a period."""
-    _page(request, "auditor")
-    store = _console(request).tether.store
+    (its canonical JSON re-encoded is what the hash covers), optionally in a period. The
+    lines are ASCII (``\\uXXXX`` escapes), so U+2028 and U+2029 never appear raw. The
+    export leaves a ``console.export`` receipt."""
+    session = _page(request, "auditor")
+    console = _console(request)
+    store = console.tether.store
     since = _day(request.query_params.get("since"), 0.0)
     until = _day(request.query_params.get("until"), float("inf"))
     if request.query_params.get("until"):
         until += 86400.0
+    period = {
+        "since": request.query_params.get("since") or None,
+        "until": request.query_params.get("until") or None,
+    }
+    _receipt(
+        console,
+        "console.export",
+        [session.owner],
+        {"credential_id": session.credential_id, **{k: v for k, v in period.items() if v}},
+    )
 
     def lines() -> Any:
         for row in store.iter_records():
@@ -793,7 +972,7 @@ async def audit_export(request: Request) -> Stream:  # type: ignore[type-arg]
                     "hash": row.hash,
                     "record": json.loads(row.body),
                 }
-                yield (json.dumps(line, sort_keys=True, ensure_ascii=False) + "\n").encode()
+                yield (json.dumps(line, sort_keys=True, ensure_ascii=True) + "\n").encode()
 
     return Stream(
         lines(),
@@ -910,6 +1089,7 @@ def console_router(tether: Tether) -> Router:
         path="/console",
         route_handlers=HANDLERS,
         response_headers=HEADERS,
+        middleware=[_hsts],
         exception_handlers={Exception: _error_page},
         include_in_schema=False,
     )

@@ -9,20 +9,32 @@
   also ``Secure`` and named with the ``__Host-`` prefix (path ``/``, no domain). On
   plain HTTP (loopback only: a sign-in over plain HTTP from any other address is
   refused) a ``Secure`` cookie would never come back, so it is sent without it.
+- Behind a proxy, ``ServerSettings.public_url`` (or ``TETHER_PUBLIC_URL``) names the
+  console's public origin: TLS is its scheme (``https``: ``Secure``, ``__Host-`` and
+  Strict-Transport-Security) and a POST's ``Origin`` must be that origin. Unset, TLS is
+  the request's own scheme and the Origin its own host. ``TETHER_TRUST_FORWARDED=1``
+  takes the client's address from the last ``X-Forwarded-For`` entry (the one the
+  nearest proxy added); otherwise the header is ignored.
 - CSRF: a synchronizer token bound to the session is put in every form; a POST whose
   ``csrf`` field is missing or differs is refused (403) before anything else runs. The
   sign-in form, which has no session yet, is protected the same way by a short-lived
   pre-session token in its own cookie. A POST whose ``Origin`` header names another
   origin is refused too.
+- Sign-in attempts are limited per client address and, after :data:`MAX_FAILURES`
+  failures in :data:`FAILURE_WINDOW` seconds, a credential id cannot sign in for
+  :data:`LOCK_SECONDS`.
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
+import os
 import secrets
 import threading
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from litestar import Request
 
@@ -36,6 +48,10 @@ COOKIE = "tether_console"
 SECURE_COOKIE = "__Host-tether_console"
 PRE_COOKIE = "tether_console_signin"
 SECURE_PRE_COOKIE = "__Host-tether_console_signin"
+MAX_FAILURES = 5
+FAILURE_WINDOW = 5 * 60.0
+LOCK_SECONDS = 5 * 60.0
+HSTS = "max-age=31536000"
 
 
 @dataclass
@@ -51,16 +67,65 @@ class Session:
     flash: str = ""
 
 
+@dataclass(frozen=True)
+class Deployment:
+    """Where the console is served: its public origin (None: the request's own) and
+    whether ``X-Forwarded-For`` is believed."""
+
+    public_origin: str | None
+    trust_forwarded: bool
+
+
+@functools.lru_cache(maxsize=8)
+def _deployment(public_url: str | None, trust_forwarded: str | None) -> Deployment:
+    origin = None
+    if public_url:
+        parts = urlsplit(public_url.strip())
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+            raise ValueError(
+                f"the public URL must be an origin (https://tether.example): {public_url!r}"
+            )
+        origin = f"{parts.scheme}://{parts.netloc}".lower()
+    return Deployment(origin, (trust_forwarded or "").strip() in ("1", "true", "yes"))
+
+
+def deployment(request: Request) -> Deployment:  # type: ignore[type-arg]
+    """The settings of the app (``public_url``) or the environment."""
+    ctx = request.app.state.get("ctx")
+    configured = getattr(getattr(ctx, "settings", None), "public_url", None)
+    return _deployment(
+        configured or os.environ.get("TETHER_PUBLIC_URL") or None,
+        os.environ.get("TETHER_TRUST_FORWARDED"),
+    )
+
+
 def is_tls(request: Request) -> bool:  # type: ignore[type-arg]
+    origin = deployment(request).public_origin
+    if origin is not None:
+        return origin.startswith("https://")
     return request.url.scheme == "https"
 
 
+def expected_origin(request: Request) -> str:  # type: ignore[type-arg]
+    """The one ``Origin`` a console form may be posted from."""
+    origin = deployment(request).public_origin
+    return origin if origin is not None else f"{request.url.scheme}://{request.url.netloc}"
+
+
+def client_address(request: Request) -> str:  # type: ignore[type-arg]
+    if deployment(request).trust_forwarded:
+        forwarded = request.headers.get("x-forwarded-for", "")
+        last = forwarded.rsplit(",", 1)[-1].strip()
+        if last:
+            return last
+    return request.client.host if request.client else ""
+
+
 def is_loopback(request: Request) -> bool:  # type: ignore[type-arg]
-    host = request.client.host if request.client else ""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(client_address(request)).is_loopback
     except ValueError:
-        return host in ("localhost", "testclient")
+        return False
 
 
 def cookie_name(request: Request, *, pre: bool = False) -> str:  # type: ignore[type-arg]
@@ -110,8 +175,9 @@ class Sessions:
             self._sessions[session.session_id] = session
         return session
 
-    def get(self, session_id: str | None) -> Session | None:
-        """The live session of this id (touched), or None if unknown or expired."""
+    def get(self, session_id: str | None, *, touch: bool = True) -> Session | None:
+        """The live session of this id, or None if unknown or expired. Touched (its idle
+        time restarts) unless ``touch`` is False: a page reloading itself is no activity."""
         if not session_id:
             return None
         now = self._clock.now()
@@ -122,7 +188,8 @@ class Sessions:
             if now - session.seen_at >= IDLE_SECONDS or now - session.created_at >= MAX_SECONDS:
                 del self._sessions[session_id]
                 return None
-            session.seen_at = now
+            if touch:
+                session.seen_at = now
             return session
 
     def end(self, session_id: str) -> None:
@@ -167,3 +234,48 @@ class Sessions:
             self._pre = {t: e for t, e in self._pre.items() if e > now}
             if len(self._pre) >= MAX_SESSIONS:
                 self._pre.clear()
+
+
+class SignInFailures:
+    """Failed sign-ins per credential id: :data:`MAX_FAILURES` within
+    :data:`FAILURE_WINDOW` seconds lock that id's sign-in for :data:`LOCK_SECONDS`."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._failures: dict[str, list[float]] = {}
+        self._locked: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def locked(self, credential_id: str) -> bool:
+        now = self._clock.now()
+        with self._lock:
+            until = self._locked.get(credential_id)
+            if until is None:
+                return False
+            if until <= now:
+                del self._locked[credential_id]
+                return False
+            return True
+
+    def failed(self, credential_id: str) -> bool:
+        """Count one failure; True when it locks the credential id."""
+        now = self._clock.now()
+        with self._lock:
+            if len(self._failures) >= MAX_SESSIONS:
+                self._failures = {
+                    k: v for k, v in self._failures.items() if v and v[-1] > now - FAILURE_WINDOW
+                }
+            recent = [t for t in self._failures.get(credential_id, []) if t > now - FAILURE_WINDOW]
+            recent.append(now)
+            if len(recent) >= MAX_FAILURES:
+                self._failures.pop(credential_id, None)
+                if len(self._locked) >= MAX_SESSIONS:
+                    self._locked = {k: u for k, u in self._locked.items() if u > now}
+                self._locked[credential_id] = now + LOCK_SECONDS
+                return True
+            self._failures[credential_id] = recent
+            return False
+
+    def succeeded(self, credential_id: str) -> None:
+        with self._lock:
+            self._failures.pop(credential_id, None)

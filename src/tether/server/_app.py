@@ -101,6 +101,10 @@ class ServerSettings:
     #: Seconds between two resyncs of a node's memory when the store is PostgreSQL (see
     #: :mod:`tether.cluster`); ``TETHER_RESYNC_INTERVAL`` overrides it.
     resync_interval: float = 2.0
+    #: The console's public origin behind a proxy (``https://tether.example``); its scheme
+    #: decides TLS and it is the one Origin a console form may come from.
+    #: ``TETHER_PUBLIC_URL`` sets it.
+    public_url: str | None = None
 
 
 class Context:

@@ -362,9 +362,26 @@ class Store(Protocol):
         ...
 
     def identity_summaries(
-        self, *, after: str | None = None, limit: int = 50, now: float = 0.0
+        self,
+        *,
+        after: str | None = None,
+        limit: int = 50,
+        now: float = 0.0,
+        owner: str | None = None,
     ) -> list[IdentitySummaryRow]:
-        """Identities in SPIFFE ID order after ``after``, each with its activity figures."""
+        """Identities in SPIFFE ID order after ``after`` (only ``owner``'s when given), each
+        with its activity figures."""
+        ...
+
+    def approvals_page(
+        self,
+        *,
+        status: str | None = None,
+        before: tuple[float, str] | None = None,
+        limit: int = 50,
+    ) -> list[ApprovalRow]:
+        """Approvals newest first (by ``(created_at, approval_id)`` below ``before``),
+        optionally of one status."""
         ...
 
     def tasks_page(
@@ -386,8 +403,9 @@ class Store(Protocol):
     def add_accepted_risk(self, row: AcceptedRiskRow) -> None: ...
     def list_accepted_risks(self) -> list[AcceptedRiskRow]: ...
     def decide_accepted_risk(self, risk_id: str, status: str, by: str, at: float) -> bool:
-        """Move a pending accepted risk to ``status`` (accepted | rejected) or an accepted
-        one to ``withdrawn``; False if it is in no state to."""
+        """Move a pending accepted risk to ``status`` (accepted | rejected, with ``by`` and
+        ``at`` as its decision), or a pending or accepted one to ``withdrawn`` (its decision,
+        if any, is kept: who withdrew it is in the receipt); False if it is in no state to."""
         ...
 
 

@@ -436,6 +436,25 @@ class SQLiteStore:
             )
         return [ApprovalRow(*r) for r in rows]
 
+    def approvals_page(
+        self,
+        *,
+        status: str | None = None,
+        before: tuple[float, str] | None = None,
+        limit: int = 50,
+    ) -> list[ApprovalRow]:
+        sql = "SELECT * FROM approvals WHERE 1=1"
+        params: list[Any] = []
+        if status is not None:
+            sql += " AND status = ?"
+            params.append(status)
+        if before is not None:
+            sql += " AND (created_at < ? OR (created_at = ? AND approval_id < ?))"
+            params.extend([before[0], before[0], before[1]])
+        sql += " ORDER BY created_at DESC, approval_id DESC LIMIT ?"
+        params.append(limit)
+        return [ApprovalRow(*r) for r in self._all(sql, tuple(params))]
+
     def decide_approval(self, approval_id: str, status: str, by: str, at: float) -> bool:
         cur = self._run(
             "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ? "
@@ -851,7 +870,12 @@ class SQLiteStore:
         return [(tag, effect, n) for (tag, effect), n in sorted(counts.items())]
 
     def identity_summaries(
-        self, *, after: str | None = None, limit: int = 50, now: float = 0.0
+        self,
+        *,
+        after: str | None = None,
+        limit: int = 50,
+        now: float = 0.0,
+        owner: str | None = None,
     ) -> list[IdentitySummaryRow]:
         self._task_runtime()
         rows = self._all(
@@ -866,8 +890,9 @@ class SQLiteStore:
             "(SELECT count(*) FROM leases l JOIN tasks t ON t.task_id = l.task_id "
             "  WHERE l.agent_id = i.spiffe_id AND l.status IN ('pending', 'active') "
             "  AND (t.status != 'open' OR l.expires_at > t.expires_at OR t.expires_at <= ?)) "
-            "FROM identities i WHERE i.spiffe_id > ? ORDER BY i.spiffe_id LIMIT ?",
-            (now, after or "", limit),
+            "FROM identities i WHERE i.spiffe_id > ? AND (? IS NULL OR i.owner = ?) "
+            "ORDER BY i.spiffe_id LIMIT ?",
+            (now, after or "", owner, owner, limit),
         )
         width = len(IdentityRow.__struct_fields__)
         return [
@@ -944,10 +969,16 @@ class SQLiteStore:
         return [AcceptedRiskRow(*r) for r in rows]
 
     def decide_accepted_risk(self, risk_id: str, status: str, by: str, at: float) -> bool:
-        current = "accepted" if status == "withdrawn" else "pending"
-        cur = self._run(
-            "UPDATE accepted_risks SET status = ?, decided_by = ?, decided_at = ? "
-            "WHERE risk_id = ? AND status = ?",
-            (status, by, at, risk_id, current),
-        )
+        if status == "withdrawn":
+            cur = self._run(
+                "UPDATE accepted_risks SET status = 'withdrawn' "
+                "WHERE risk_id = ? AND status IN ('pending', 'accepted')",
+                (risk_id,),
+            )
+        else:
+            cur = self._run(
+                "UPDATE accepted_risks SET status = ?, decided_by = ?, decided_at = ? "
+                "WHERE risk_id = ? AND status = 'pending'",
+                (status, by, at, risk_id),
+            )
         return cur.rowcount == 1
