@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS approvals (
   reasons_json TEXT NOT NULL, status TEXT NOT NULL, created_at REAL NOT NULL,
   expires_at REAL NOT NULL, decided_by TEXT, decided_at REAL);
 CREATE INDEX IF NOT EXISTS approvals_call ON approvals (task_id, tool, args_digest, status);
+CREATE INDEX IF NOT EXISTS approvals_created ON approvals (created_at, approval_id);
 CREATE TABLE IF NOT EXISTS task_labels (
   task_id TEXT NOT NULL, source TEXT NOT NULL, sensitivity TEXT NOT NULL, trusted INTEGER NOT NULL,
   detail_json TEXT NOT NULL, at REAL NOT NULL);
