@@ -99,6 +99,14 @@ def test_full_path_with_a_template(cli: CLI) -> None:
     )
     assert held["effect"] == "approval_required"
     assert "large-payments-need-a-human" in held["policies"]
+    denied = cli.json(
+        "approval", "deny", held["approval_id"], "--by", "bob@acme.example",
+        "--comment", "not this month",
+    )  # fmt: skip
+    assert denied["status"] == "denied"
+    decided = cli.json("audit", "tail", "-n", "1")["records"][-1]
+    assert decided["kind"] == "approval.decide"
+    assert decided["detail"]["comment"] == "not this month"
 
     shown = cli.json("task", "show", task)
     assert shown["status"] == "open" and shown["calls_used"] == 1

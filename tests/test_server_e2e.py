@@ -65,8 +65,11 @@ def test_agent_path_over_http(server: Server) -> None:
             pay(PAYEE, 1200.0)
         approval = held.value.approval_id
         assert approval and admin.approvals()[0]["approval_id"] == approval
-        admin.approve(approval)
+        admin.approve(approval, comment="invoice INV-7 checked <b>ok</b>")
         assert pay(PAYEE, 1200.0) == f"sent 1200.0 to {PAYEE}"
+        decided = [r for r in admin.audit(20) if r["kind"] == "approval.decide"]
+        assert decided[-1]["detail"]["comment"] == "invoice INV-7 checked <b>ok</b>"
+        assert decided[-1]["detail"]["approval_id"] == approval
         token = task.token
     # The task ended on exit: its token is refused.
     state = admin.get(f"/v1/tasks/{task.task_id}")
@@ -419,3 +422,16 @@ def test_request_is_bound_and_dry_run_sees_flow_context(server: Server) -> None:
         {"files": files, "agent": AGENT, "tool": "bank.read_bills", "args": {}},
     )
     assert result == {"effect": "allow", "policies": result["policies"], "errors": []}
+
+
+def test_an_approval_comment_is_bounded(server: Server) -> None:
+    admin, agent = _setup(server)
+    with agent.task(template="pay-bill", params={"payee": PAYEE, "max_amount": 1500}) as task:
+        held = task.authorize("bank.send_money", {"recipient": PAYEE, "amount": 1200.0})
+        assert held.effect == "approval_required" and held.approval_id
+        with pytest.raises(APIError) as refused:
+            admin.deny(held.approval_id, comment="x" * 1001)
+        assert refused.value.status == 400
+        assert admin.approvals()[0]["status"] == "pending"  # nothing changed
+        admin.deny(held.approval_id, comment="not this month")
+        assert admin.approvals(status="denied")[0]["approval_id"] == held.approval_id

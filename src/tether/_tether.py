@@ -585,9 +585,12 @@ class Tether:
             "leases": sorted(leases, key=lambda lease: lease["created_at"]),
         }
 
-    def decide_approval(self, approval_id: str, *, approve: bool, by: str) -> ApprovalRow:
-        """Approve or deny one pending approval; ``by`` names the human."""
-        return self.approvals.decide(approval_id, approve=approve, by=by)
+    def decide_approval(
+        self, approval_id: str, *, approve: bool, by: str, comment: str = ""
+    ) -> ApprovalRow:
+        """Approve or deny one pending approval; ``by`` names the human, ``comment`` (their
+        words) goes into the decision's receipt."""
+        return self.approvals.decide(approval_id, approve=approve, by=by, comment=comment)
 
     # -- trusted user-token issuers (for token exchange) ---------------------------------------
     def add_user_issuer(self, issuer: str, *, audience: str, jwks: dict[str, Any]) -> None:

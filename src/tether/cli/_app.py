@@ -701,10 +701,16 @@ def approval_list(
     emit({"approvals": rows}, as_json, human)
 
 
+CommentOpt = Annotated[str, typer.Option("--comment", help="kept in the receipt")]
+
+
 def _decide_approval(
-    approval_id: str, approve: bool, by: str, as_json: bool, home: Path | None
+    approval_id: str, approve: bool, by: str, comment: str, as_json: bool, home: Path | None
 ) -> None:
-    row = _approval_dict(_open(home).decide_approval(approval_id, approve=approve, by=by))
+    tether = _open(home)
+    row = _approval_dict(
+        tether.decide_approval(approval_id, approve=approve, by=by, comment=comment)
+    )
     emit(row, as_json, lambda: out.print(f"{row['status']}: {approval_id} ({row['tool']})"))
 
 
@@ -712,22 +718,24 @@ def _decide_approval(
 def approval_approve(
     approval_id: str,
     by: Annotated[str, typer.Option("--by", help="who approves (email)")],
+    comment: CommentOpt = "",
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
     """Approve one held call; the identical call then goes through once."""
-    _decide_approval(approval_id, True, by, as_json, home)
+    _decide_approval(approval_id, True, by, comment, as_json, home)
 
 
 @approval_app.command("deny")
 def approval_deny(
     approval_id: str,
     by: Annotated[str, typer.Option("--by", help="who denies (email)")],
+    comment: CommentOpt = "",
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
     """Deny one held call."""
-    _decide_approval(approval_id, False, by, as_json, home)
+    _decide_approval(approval_id, False, by, comment, as_json, home)
 
 
 # -- audit ------------------------------------------------------------------------------

@@ -296,11 +296,13 @@ class Client:
         approvals: list[dict[str, Any]] = self.get("/v1/approvals", status=status)["approvals"]
         return approvals
 
-    def approve(self, approval_id: str) -> Any:
-        return self.post(f"/v1/approvals/{approval_id}/approve")
+    def approve(self, approval_id: str, comment: str = "") -> Any:
+        """Approve a held call; ``comment`` is kept in the receipt."""
+        return self.post(f"/v1/approvals/{approval_id}/approve", {"comment": comment})
 
-    def deny(self, approval_id: str) -> Any:
-        return self.post(f"/v1/approvals/{approval_id}/deny")
+    def deny(self, approval_id: str, comment: str = "") -> Any:
+        """Deny a held call; ``comment`` is kept in the receipt."""
+        return self.post(f"/v1/approvals/{approval_id}/deny", {"comment": comment})
 
     def audit(self, limit: int = 50) -> list[dict[str, Any]]:
         records: list[dict[str, Any]] = self.get("/v1/audit", limit=str(limit))["records"]

@@ -809,10 +809,17 @@ async def approval_list(
     return S.ApprovalList([_approval(r) for r in _ctx(request).tether.approvals.list(status)])
 
 
-async def _decide_approval(request: Request, approval_id: str, approve: bool) -> S.ApprovalOut:  # type: ignore[type-arg]
+async def _decide_approval(
+    request: Request,  # type: ignore[type-arg]
+    approval_id: str,
+    approve: bool,
+    data: S.ApprovalDecisionIn | None,
+) -> S.ApprovalOut:
     principal = _principal(request)
     require(principal, "approver")
-    row = _ctx(request).tether.decide_approval(approval_id, approve=approve, by=principal.name)
+    row = _ctx(request).tether.decide_approval(
+        approval_id, approve=approve, by=principal.name, comment=data.comment if data else ""
+    )
     return _approval(row)
 
 
@@ -823,9 +830,14 @@ async def _decide_approval(request: Request, approval_id: str, approve: bool) ->
     status_code=200,
     guards=[authenticated],
 )
-async def approval_approve(request: Request, approval_id: str) -> S.ApprovalOut:  # type: ignore[type-arg]
-    """Approve one held call: the identical call then goes through once."""
-    return await _decide_approval(request, approval_id, True)
+async def approval_approve(
+    request: Request,  # type: ignore[type-arg]
+    approval_id: str,
+    data: S.ApprovalDecisionIn | None = None,
+) -> S.ApprovalOut:
+    """Approve one held call: the identical call then goes through once. An optional
+    ``{"comment": ...}`` is kept in the receipt."""
+    return await _decide_approval(request, approval_id, True, data)
 
 
 @post(
@@ -835,8 +847,13 @@ async def approval_approve(request: Request, approval_id: str) -> S.ApprovalOut:
     status_code=200,
     guards=[authenticated],
 )
-async def approval_deny(request: Request, approval_id: str) -> S.ApprovalOut:  # type: ignore[type-arg]
-    return await _decide_approval(request, approval_id, False)
+async def approval_deny(
+    request: Request,  # type: ignore[type-arg]
+    approval_id: str,
+    data: S.ApprovalDecisionIn | None = None,
+) -> S.ApprovalOut:
+    """Deny one held call. An optional ``{"comment": ...}`` is kept in the receipt."""
+    return await _decide_approval(request, approval_id, False, data)
 
 
 # -- audit ---------------------------------------------------------------------------------

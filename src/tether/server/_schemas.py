@@ -75,6 +75,12 @@ class SpiffeIdIn(Strict):
     spiffe_id: str
 
 
+class ApprovalDecisionIn(Strict):
+    """An approver's words on a decision, kept in its receipt (optional body)."""
+
+    comment: Annotated[str, msgspec.Meta(max_length=1000)] = ""
+
+
 class DisableOut(msgspec.Struct):
     identity: IdentityOut
     revoked_tasks: list[str]
