@@ -220,3 +220,37 @@ def test_cli_kill_with_yes_and_the_kill_switch_alias(home: Path) -> None:
     kills = [r for r in t.audit.tail(10) if r["kind"] == "kill_switch"]
     t.close()
     assert [k["detail"]["everything"] for k in kills] == [True, True]
+
+
+def test_offboarding_racing_a_task_being_opened_revokes_it_too(permissive: Tether) -> None:
+    """A task being opened (another node, another transaction) when its agent is
+    offboarded: the offboarding waits for it and revokes it; no task stands open for a
+    disabled agent. Then opening is refused."""
+    import threading
+    import time
+
+    from .conftest import open_simple_task
+
+    opened: dict[str, str] = {}
+    holding = threading.Event()
+
+    def open_slowly() -> None:
+        with permissive.store.transaction():  # the opening commits late...
+            opened["task_id"] = open_simple_task(permissive)[1]
+            holding.set()
+            time.sleep(0.5)  # ...and the offboarding arrives meanwhile
+
+    opener = threading.Thread(target=open_slowly)
+    opener.start()
+    assert holding.wait(10)
+    started = time.monotonic()
+    _, revoked = permissive.disable_identity(AGENT)
+    waited = time.monotonic() - started
+    opener.join()
+    assert waited >= 0.3  # it waited for the opening to commit...
+    assert opened["task_id"] in revoked  # ...and revoked what it opened
+    assert permissive.tasks.get(opened["task_id"]).status == "revoked"
+    with pytest.raises(Exception, match="disabled"):
+        open_simple_task(permissive)
+    refused = permissive.audit.tail(1)[0]
+    assert refused["kind"] == "task.open" and refused["effect"] == "deny"

@@ -540,3 +540,19 @@ def test_two_nodes_initialising_one_database_at_once_make_one_trust_domain(
     t = Tether.open(winner, database_url=pg_url)
     assert t.verify_audit().ok and t.verify_audit().records == 1
     t.close()
+
+
+def test_every_pooled_session_bounds_statements_lock_waits_and_idle_transactions(
+    pg_url: str,
+) -> None:
+    """A stuck statement, lock wait or half-done transaction fails within seconds."""
+    from tether.store._postgres import SESSION_SETTINGS
+
+    store = PostgresStore.create(pg_url)
+    try:
+        for name, value in SESSION_SETTINGS:
+            assert store.execute_fetch(f"SHOW {name}") == [(value,)]
+        with store.transaction():  # also inside a transaction
+            assert store.execute_fetch("SHOW lock_timeout") == [("10s",)]
+    finally:
+        store.close()

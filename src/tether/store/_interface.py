@@ -172,6 +172,12 @@ class Store(Protocol):
         (SQLite: a no-op, its transactions are serialized already)."""
         ...
 
+    def lock_identity(self, spiffe_id: str) -> str | None:
+        """The identity's status (``None``: unknown), its row held shared until the current
+        transaction ends: an offboarding on another node waits for a task being opened
+        (and then revokes it), and an opening waits for an offboarding (and then sees it)."""
+        ...
+
     def notify(self, channel: str, payload: str) -> None:
         """Tell the other nodes (PostgreSQL ``NOTIFY``), at commit of the current transaction
         or at once outside one (SQLite: a no-op, there is no other node)."""

@@ -107,6 +107,22 @@ _LIVE: weakref.WeakSet[PostgresStore] = weakref.WeakSet()
 _LIVE_LOCK = threading.Lock()
 
 
+#: Bounds on every pooled session, so one stuck statement, lock wait or half-finished
+#: transaction (a node paused mid-decision holding the chain lock, say) fails closed
+#: within seconds instead of stalling every node: the waiter gets an error (a deny or a
+#: 503), the stuck transaction is rolled back by the server.
+SESSION_SETTINGS = (
+    ("statement_timeout", "1min"),
+    ("lock_timeout", "10s"),
+    ("idle_in_transaction_session_timeout", "30s"),
+)
+
+
+def _configure_session(conn: psycopg.Connection[Any]) -> None:
+    for name, value in SESSION_SETTINGS:
+        conn.execute(f"SET {name} = '{value}'")
+
+
 def is_postgres_url(url: str) -> bool:
     return url.startswith(("postgresql://", "postgres://"))
 
@@ -194,6 +210,7 @@ class PostgresStore:
                 max_size=max_size,
                 timeout=timeout,
                 kwargs={"autocommit": True},
+                configure=_configure_session,
                 open=False,
                 name="tether-store",
             )
@@ -332,6 +349,12 @@ class PostgresStore:
                 " ORDER BY p.depth DESC FOR UPDATE OF t",
                 (task_id,),
             )
+
+    def lock_identity(self, spiffe_id: str) -> str | None:
+        """The identity's status, its row share-locked until the transaction ends."""
+        lock = " FOR SHARE" if self._tx.conn is not None else ""
+        row = self._one(f"SELECT status FROM identities WHERE spiffe_id = %s{lock}", (spiffe_id,))
+        return None if row is None else str(row[0])
 
     def notify(self, channel: str, payload: str) -> None:
         """``pg_notify``: delivered when the current transaction commits (at once outside one)."""

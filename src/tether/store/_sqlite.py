@@ -184,6 +184,11 @@ class SQLiteStore:
     def lock_task(self, task_id: str) -> None:
         """A no-op: ``BEGIN IMMEDIATE`` serializes every transaction already."""
 
+    def lock_identity(self, spiffe_id: str) -> str | None:
+        """The identity's status (transactions are serialized: no lock needed)."""
+        row = self._one("SELECT status FROM identities WHERE spiffe_id = ?", (spiffe_id,))
+        return None if row is None else str(row[0])
+
     def notify(self, channel: str, payload: str) -> None:
         """A no-op: an embedded store has no other node to tell."""
 

@@ -255,33 +255,45 @@ class TaskService:
             expires_at=expires_at,
             chain_json=json.dumps([agent.spiffe_id, *actors]),
         )
-        with self._store.transaction():
-            self._store.add_task(row)
-            if resources:
-                self._store.put_task_resources(task_id, json.dumps(list(resources)))
-            self._auditor.append(
-                "task.open",
-                chain=[agent.spiffe_id, *actors],
-                task_id=task_id,
-                intent_digest=digest,
-                effect="allow",
-                policies=list(outcome.policies),
-                detail={
-                    "template": name,
-                    "token_id": token_id,
-                    "expires_at": expires_at,
-                    "token_expires_at": token_expires_at,
-                    "jkt": jkt,
-                    "purpose": intent.purpose,
-                    "parent_task_id": parent.task_id if parent else None,
-                    "on_behalf_of": intent.on_behalf_of,
-                },
-                risk_tags=list(
-                    risk_tags(
-                        Control.TASK_TOKEN, Control.INTENT_BINDING, Control.SENDER_CONSTRAINED
+        try:
+            with self._store.transaction():
+                # The agent is still active, and stays so until this task is in: an
+                # offboarding on another node waits for it, then revokes it too.
+                if self._store.lock_identity(agent.spiffe_id) != "active":
+                    raise IdentityRejected(
+                        f"agent {agent_id} is disabled", code="identity.disabled"
                     )
-                ),
+                self._store.add_task(row)
+                if resources:
+                    self._store.put_task_resources(task_id, json.dumps(list(resources)))
+                self._auditor.append(
+                    "task.open",
+                    chain=[agent.spiffe_id, *actors],
+                    task_id=task_id,
+                    intent_digest=digest,
+                    effect="allow",
+                    policies=list(outcome.policies),
+                    detail={
+                        "template": name,
+                        "token_id": token_id,
+                        "expires_at": expires_at,
+                        "token_expires_at": token_expires_at,
+                        "jkt": jkt,
+                        "purpose": intent.purpose,
+                        "parent_task_id": parent.task_id if parent else None,
+                        "on_behalf_of": intent.on_behalf_of,
+                    },
+                    risk_tags=list(
+                        risk_tags(
+                            Control.TASK_TOKEN, Control.INTENT_BINDING, Control.SENDER_CONSTRAINED
+                        )
+                    ),
+                )
+        except IdentityRejected as exc:
+            self._deny(
+                "task.open", [agent_id[:256]], exc.code, exc.message, Control.WORKLOAD_IDENTITY
             )
+            raise
         return OpenedTask(
             task_id=task_id,
             token=token,
