@@ -342,9 +342,7 @@ async def revocation_probe(
             await admin_a.post("/v1/identities/disable", {"spiffe_id": victim.spiffe_id})
             acknowledged = time.perf_counter()
 
-            async def call_on(
-                url: str, v: Agent = victim, token: str = task.token
-            ) -> str | None:
+            async def call_on(url: str, v: Agent = victim, token: str = task.token) -> str | None:
                 assert v.client.key is not None
                 async with AsyncClient(url, key=v.client.key, svid=v.client.requests.svid) as c:
                     try:
