@@ -3,8 +3,12 @@ approvals, audit verification, accepted risks, pagination."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -890,3 +894,168 @@ def test_forwarded_addresses_count_only_when_trusted(
     assert attempt("198.51.100.7, 127.0.0.1") == 303
     signed_in = [b for b in _kinds(tether, "console.sign_in") if b["effect"] == "allow"]
     assert signed_in[0]["detail"]["client"] == "127.0.0.1"
+
+
+# -- sessions in the store: any node, any restart ------------------------------------------
+@pytest.fixture
+def nodes(tmp_path: Path, clock: FrozenClock) -> Iterator[tuple[Path, Tether, Tether]]:
+    """Two Tethers over one home (and its database), as two nodes behind one balancer."""
+    home = tmp_path / "home"
+    first = Tether.init(home, "acme.example", clock=clock)
+    second = Tether.open(home, clock=clock)
+    yield home, first, second
+    second.close()
+    first.close()
+
+
+def session_rows(tether: Tether) -> list[tuple[Any, ...]]:
+    return tether.store.execute_fetch("SELECT * FROM console_sessions")
+
+
+def seen_at(tether: Tether) -> float:
+    (row,) = tether.store.execute_fetch("SELECT seen_at FROM console_sessions")
+    return float(row[0])
+
+
+def test_a_session_made_on_one_node_is_honoured_by_another(
+    nodes: tuple[Path, Tether, Tether],
+) -> None:
+    _, first, second = nodes
+    secret = credential(first, "admin", "root@acme.example")
+    with console_client(first) as one, console_client(second) as two:
+        token = sign_in(one, secret)
+        two.cookies.update(one.cookies)
+        page = two.get("/console/identities", follow_redirects=False)
+        assert page.status_code == 200 and csrf_of(page.text) == token
+        # A form posted to the other node passes its CSRF check and ends the session there.
+        done = two.post("/console/sign-out", data={"csrf": token}, follow_redirects=False)
+        assert done.status_code == 303
+        assert one.get("/console/identities", follow_redirects=False).status_code == 303
+        assert session_rows(first) == []
+
+
+def test_a_sign_in_form_from_one_node_posts_to_another_once(
+    nodes: tuple[Path, Tether, Tether],
+) -> None:
+    _, first, second = nodes
+    secret = credential(first, "admin", "root@acme.example")
+    with console_client(first) as one, console_client(second) as two:
+        form = one.get("/console/sign-in")
+        two.cookies.update(one.cookies)
+        values = {"csrf": csrf_of(form.text), "secret": secret, "next": "/console/identities"}
+        done = two.post("/console/sign-in", data=values, follow_redirects=False)
+        assert done.status_code == 303
+        again = one.post("/console/sign-in", data=values, follow_redirects=False)
+        assert again.status_code == 403  # the form's token works once, on any node
+
+
+def test_a_restarted_node_keeps_its_sessions(
+    nodes: tuple[Path, Tether, Tether], clock: FrozenClock
+) -> None:
+    home, first, _ = nodes
+    secret = credential(first, "admin", "root@acme.example")
+    with console_client(first) as one:
+        sign_in(one, secret)
+        cookies = one.cookies
+    restarted = Tether.open(home, clock=clock)
+    try:
+        with console_client(restarted) as again:
+            again.cookies.update(cookies)
+            assert again.get("/console/identities", follow_redirects=False).status_code == 200
+    finally:
+        restarted.close()
+
+
+def test_the_store_never_holds_the_raw_session_id(tether: Tether, admin: str) -> None:
+    with console_client(tether) as client:
+        token = sign_in(client, admin)
+        raw = client.cookies.get("tether_console")
+        assert raw
+    rows = session_rows(tether)
+    assert len(rows) == 1
+    stored = " ".join(str(v) for v in rows[0])
+    assert raw not in stored and token not in stored
+    assert rows[0][0] == hashlib.sha256(raw.encode()).hexdigest()
+    proofs = " ".join(str(v) for r in tether.store.execute_fetch("SELECT * FROM proofs") for v in r)
+    assert raw not in proofs and token not in proofs
+
+
+def test_activity_is_written_at_most_once_a_minute(
+    tether: Tether, admin: str, clock: FrozenClock
+) -> None:
+    with console_client(tether) as client:
+        sign_in(client, admin)
+        signed_in = seen_at(tether)
+        clock.advance(30)
+        assert client.get("/console/identities", follow_redirects=False).status_code == 200
+        assert seen_at(tether) == signed_in  # within the minute: nothing written
+        clock.advance(31)
+        assert client.get("/console/identities", follow_redirects=False).status_code == 200
+        assert seen_at(tether) == clock.now()
+        clock.advance(5 * 60)
+        assert client.get("/console/decisions?follow=1").status_code == 200
+        assert seen_at(tether) == clock.now() - 5 * 60  # a refresh is no activity
+
+
+def test_idle_and_absolute_ends_hold_across_nodes(
+    nodes: tuple[Path, Tether, Tether], clock: FrozenClock
+) -> None:
+    _, first, second = nodes
+    secret = credential(first, "admin", "root@acme.example")
+    with console_client(first) as one, console_client(second) as two:
+        sign_in(one, secret)
+        two.cookies.update(one.cookies)
+        # Activity on either node keeps the session, until 8 hours after sign-in.
+        for step in range(47):
+            clock.advance(10 * 60)
+            client = two if step % 2 else one
+            assert client.get("/console/identities", follow_redirects=False).status_code == 200
+        clock.advance(10 * 60)  # 8 hours since sign-in
+        assert two.get("/console/identities", follow_redirects=False).status_code == 303
+        assert session_rows(first) == []
+        sign_in(one, secret)
+        two.cookies.update(one.cookies)
+        clock.advance(15 * 60)
+        assert two.get("/console/identities", follow_redirects=False).status_code == 303
+
+
+def test_a_disabled_credential_ends_its_session_on_every_node(
+    nodes: tuple[Path, Tether, Tether],
+) -> None:
+    _, first, second = nodes
+    row, secret = first.credentials.create("admin", "eve@acme.example")
+    with console_client(first) as one, console_client(second) as two:
+        sign_in(one, secret)
+        two.cookies.update(one.cookies)
+        first.store.execute_unsafe(
+            "UPDATE credentials SET disabled_at = 1 WHERE credential_id = ?", (row.credential_id,)
+        )
+        assert two.get("/console/identities", follow_redirects=False).status_code == 303
+        assert session_rows(first) == []
+        assert one.get("/console/identities", follow_redirects=False).status_code == 303
+
+
+def test_expired_sessions_are_purged_at_sign_in(
+    tether: Tether, admin: str, clock: FrozenClock
+) -> None:
+    with console_client(tether) as client:
+        sign_in(client, admin)
+        clock.advance(16 * 60)
+        sign_in(client, admin)
+        raw = client.cookies.get("tether_console")
+        assert raw
+    assert [r[0] for r in session_rows(tether)] == [hashlib.sha256(raw.encode()).hexdigest()]
+
+
+def test_the_reaper_deletes_expired_sessions(
+    tether: Tether, admin: str, clock: FrozenClock
+) -> None:
+    with console_client(tether) as client:
+        sign_in(client, admin)
+    assert len(session_rows(tether)) == 1
+    clock.advance(8 * 3600)
+    with console_client(tether):  # the reaper runs once as the app starts
+        deadline = time.monotonic() + 10
+        while session_rows(tether) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert session_rows(tether) == []

@@ -12,9 +12,9 @@ mirror the HTTP API:
   their tasks; records and withdraws accepted risks;
 - ``admin``: everything, including the kill switch.
 
-Sessions live in the process (see :mod:`tether.console._sessions`): with several
-``tether serve`` nodes behind one address, route a browser to the same node (sticky
-sessions), or it is asked to sign in again.
+Sessions live in the store (see :mod:`tether.console._sessions`): with several
+``tether serve`` nodes behind one address, any node serves any signed-in operator, and
+a restart signs nobody out.
 
 Autoescaping is on in every template, so an argument such as ``<script>`` is shown as
 text; pages carry a strict Content-Security-Policy (no inline script or style, nothing
@@ -134,7 +134,7 @@ class Console:
         env.globals["effects"] = _words.EFFECTS
         return cls(
             tether=tether,
-            sessions=Sessions(tether.clock),
+            sessions=Sessions(tether.store, tether.clock),
             risks=AcceptedRisks(tether.store, tether.audit, tether.clock),
             env=env,
             sign_in_limiter=RateLimiter(rate=1.0, burst=10.0),
@@ -151,8 +151,9 @@ class Console:
         **values: Any,
     ) -> Response[str]:
         flash = ""
-        if session is not None:
-            flash, session.flash = session.flash, ""
+        if session is not None and session.flash:
+            flash = session.flash
+            self.sessions.flash(session, "")
         now = self.tether.clock.now()
         html = self.env.get_template(template).render(
             session=session,
@@ -185,7 +186,7 @@ def _session(request: Request, *, touch: bool = True) -> Session:  # type: ignor
         raise NeedSignIn
     credential = console.tether.store.get_credential(session.credential_id)
     if credential is None or credential.disabled_at is not None:
-        console.sessions.end(session.session_id)
+        console.sessions.end(session)
         raise NeedSignIn
     request.state.principal = _principal(session)
     # The API's per-principal rate limit applies to the console's requests too.
@@ -235,8 +236,8 @@ def _owns(console: Console, session: Session, spiffe_id: str) -> bool:
     return session.role == Role.OWNER and identity is not None and identity.owner == session.owner
 
 
-def _back(session: Session, to: str, flash: str) -> Redirect:
-    session.flash = flash
+def _back(console: Console, session: Session, to: str, flash: str) -> Redirect:
+    console.sessions.flash(session, flash)
     return Redirect(to, status_code=303)
 
 
@@ -451,7 +452,7 @@ async def sign_out(request: Request) -> Response[Any]:  # type: ignore[type-arg]
     """Any signed-in role signs out; a ``console.sign_out`` receipt records it."""
     session, _ = await _form(request, "owner", "approver", "auditor")
     console = _console(request)
-    console.sessions.end(session.session_id)
+    console.sessions.end(session)
     _receipt(console, "console.sign_out", [session.owner], {"credential_id": session.credential_id})
     response = Redirect("/console/sign-in", status_code=303)
     response.set_cookie(_cookie(request, cookie_name(request), "", 0))
@@ -530,7 +531,10 @@ async def offboard(request: Request) -> Redirect:  # type: ignore[type-arg]
         raise Forbidden(f"{session.owner} does not own {spiffe_id}")
     _, revoked = console.tether.disable_identity(spiffe_id)
     return _back(
-        session, "/console/identities", f"{spiffe_id} offboarded; {len(revoked)} task(s) revoked"
+        console,
+        session,
+        "/console/identities",
+        f"{spiffe_id} offboarded; {len(revoked)} task(s) revoked",
     )
 
 
@@ -679,7 +683,7 @@ async def task_end(request: Request, task_id: str) -> Redirect:  # type: ignore[
     if row.status != "open":
         raise Conflict(f"task {task_id} is {row.status}")
     console.tether.end_task(task_id)
-    return _back(session, f"/console/tasks/{task_id}", f"task {task_id} ended")
+    return _back(console, session, f"/console/tasks/{task_id}", f"task {task_id} ended")
 
 
 @post("/kill")
@@ -693,7 +697,10 @@ async def kill(request: Request) -> Redirect:  # type: ignore[type-arg]
     reason = form.get("reason", "").strip() or "killed from the console"
     result = console.tether.kill(reason[:500], by=session.owner, agent=agent)
     return _back(
-        session, "/console/tasks", f"kill switch for {agent}: {len(result['tasks'])} task(s)"
+        console,
+        session,
+        "/console/tasks",
+        f"kill switch for {agent}: {len(result['tasks'])} task(s)",
     )
 
 
@@ -843,7 +850,7 @@ async def approval_decide(request: Request, approval_id: str) -> Redirect:  # ty
         comment=form.get("comment", "").strip(),
     )
     word = "approved" if verdict == "approve" else "denied"
-    return _back(session, "/console/approvals", f"{approval_id} {word}")
+    return _back(console, session, "/console/approvals", f"{approval_id} {word}")
 
 
 # -- audit ----------------------------------------------------------------------------------
@@ -1028,7 +1035,8 @@ async def risk_record(request: Request) -> Redirect:  # type: ignore[type-arg]
         days = int(form.get("days", ""))
     except ValueError:
         raise UsageError("the expiry is a number of days") from None
-    row = _console(request).risks.record(
+    console = _console(request)
+    row = console.risks.record(
         title=form.get("title", ""),
         risk_tag=form.get("risk_tag", ""),
         scope=form.get("scope", ""),
@@ -1038,7 +1046,10 @@ async def risk_record(request: Request) -> Redirect:  # type: ignore[type-arg]
         by=session.owner,
     )
     return _back(
-        session, "/console/risk", f"accepted risk {row.risk_id} recorded; awaiting {row.approver}"
+        console,
+        session,
+        "/console/risk",
+        f"accepted risk {row.risk_id} recorded; awaiting {row.approver}",
     )
 
 
@@ -1054,7 +1065,7 @@ async def risk_decide(request: Request, risk_id: str) -> Redirect:  # type: igno
         console.risks.decide(risk_id, accept=action == "accept", by=session.owner)
     else:
         raise UsageError("accept, reject or withdraw")
-    return _back(session, "/console/risk", f"accepted risk {risk_id}: {action}")
+    return _back(console, session, "/console/risk", f"accepted risk {risk_id}: {action}")
 
 
 HANDLERS = [

@@ -1,10 +1,16 @@
 """Console sessions and CSRF protection.
 
-- Server-side sessions: the cookie carries only a random 256-bit id; the session (the
-  admin credential's id, role and owner, and its CSRF token) stays in this process. A
-  restart of ``tether serve`` signs everybody out. Sessions end after
-  :data:`IDLE_SECONDS` without a request and :data:`MAX_SECONDS` after sign-in, and at
-  once when their admin credential is disabled (checked on every request).
+- Sessions live in the store (table ``console_sessions``), so every node over one store
+  serves every signed-in operator and a restart signs nobody out. The cookie carries a
+  random 256-bit id; the store keeps only its SHA-256 hash with the admin credential's
+  id, role and owner, the sign-in time, the last activity (``seen_at``) and the absolute
+  end (``expires_at``). Sessions end after :data:`IDLE_SECONDS` without a request and
+  :data:`MAX_SECONDS` after sign-in, and at once when their admin credential is disabled
+  (checked on every request); expired rows are deleted when they are next presented, at
+  every sign-in and by the server's reaper. A page reloading itself (``follow=1``) is no activity.
+- ``seen_at`` is written at most once per :data:`TOUCH_SECONDS` per session, not on every
+  request: a session may therefore end up to one minute before 15 minutes after its very
+  last request (the idle timeout is precise to within a minute).
 - The cookie is ``HttpOnly``, ``SameSite=Strict``, path ``/console``. Over TLS it is
   also ``Secure`` and named with the ``__Host-`` prefix (path ``/``, no domain). On
   plain HTTP (loopback only: a sign-in over plain HTTP from any other address is
@@ -15,19 +21,28 @@
   the request's own scheme and the Origin its own host. ``TETHER_TRUST_FORWARDED=1``
   takes the client's address from the last ``X-Forwarded-For`` entry (the one the
   nearest proxy added); otherwise the header is ignored.
-- CSRF: a synchronizer token bound to the session is put in every form; a POST whose
-  ``csrf`` field is missing or differs is refused (403) before anything else runs. The
-  sign-in form, which has no session yet, is protected the same way by a short-lived
-  pre-session token in its own cookie. A POST whose ``Origin`` header names another
-  origin is refused too.
+- CSRF: a token bound to the session is put in every form; a POST whose ``csrf`` field
+  is missing or differs is refused (403) before anything else runs. The token is
+  HMAC-SHA256 keyed with the raw session id (:func:`csrf_token`), so nothing CSRF-related
+  is stored and every node computes the same token without a shared key; only the
+  browser holding the cookie knows the raw id, and a reader of the store, which holds
+  only the id's hash, cannot derive it. The sign-in form, which has no session yet, is
+  protected the same way by a short-lived pre-session token in its own cookie; its hash
+  is recorded in the store's proof table when the form is served and again when it is
+  used, so it works on any node, once, for :data:`PRE_SECONDS`. A POST whose ``Origin``
+  header names another origin is refused too.
 - Sign-in attempts are limited per client address and, after :data:`MAX_FAILURES`
   failures in :data:`FAILURE_WINDOW` seconds, a credential id cannot sign in for
-  :data:`LOCK_SECONDS`.
+  :data:`LOCK_SECONDS`. These counters stay in the memory of each node: behind a
+  balancer the limits hold per node (a client spread over ``n`` nodes gets up to ``n``
+  times as many attempts) and a restart clears them.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import hmac
 import ipaddress
 import os
@@ -39,9 +54,11 @@ from urllib.parse import urlsplit
 from litestar import Request
 
 from tether.core._clock import Clock
+from tether.store import ConsoleSessionRow, Store
 
 IDLE_SECONDS = 15 * 60.0
 MAX_SECONDS = 8 * 3600.0
+TOUCH_SECONDS = 60.0
 PRE_SECONDS = 10 * 60.0
 MAX_SESSIONS = 10_000
 COOKIE = "tether_console"
@@ -56,7 +73,10 @@ HSTS = "max-age=31536000"
 
 @dataclass
 class Session:
+    """A live session as one request sees it (``session_id`` is the cookie's raw id)."""
+
     session_id: str
+    session_hash: str
     credential_id: str
     role: str
     owner: str
@@ -149,91 +169,120 @@ def same_token(presented: str | None, expected: str) -> bool:
     return bool(presented) and hmac.compare_digest(str(presented).encode(), expected.encode())
 
 
-class Sessions:
-    """The live console sessions of this process."""
+def purge_expired(store: Store, clock: Clock) -> int:
+    """Delete every expired console session (idle or past its absolute end) and every
+    expired single-use token (sign-in forms' among them); the sessions deleted."""
+    now = clock.now()
+    store.purge_proofs(now)
+    return store.purge_console_sessions(now, now - IDLE_SECONDS)
 
-    def __init__(self, clock: Clock) -> None:
+
+def session_hash(session_id: str) -> str:
+    """What the store keeps of a session id: its SHA-256 (hex)."""
+    return hashlib.sha256(session_id.encode()).hexdigest()
+
+
+def csrf_token(session_id: str) -> str:
+    """The session's CSRF token: HMAC-SHA256 keyed with the raw session id."""
+    mac = hmac.new(session_id.encode(), b"tether console csrf", hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+class Sessions:
+    """The console sessions, kept in the store (shared by every node over it)."""
+
+    def __init__(self, store: Store, clock: Clock) -> None:
+        self._store = store
         self._clock = clock
-        self._sessions: dict[str, Session] = {}
-        self._pre: dict[str, float] = {}
-        self._lock = threading.Lock()
 
     def create(self, credential_id: str, role: str, owner: str) -> Session:
-        """A new session (a fresh id on every sign-in: no fixation)."""
+        """A new session (a fresh id on every sign-in: no fixation). Expired sessions of
+        everybody are deleted first."""
         now = self._clock.now()
-        session = Session(
-            session_id=secrets.token_urlsafe(32),
+        self.purge()
+        session_id = secrets.token_urlsafe(32)
+        row = ConsoleSessionRow(
+            session_hash=session_hash(session_id),
             credential_id=credential_id,
             role=role,
             owner=owner,
-            csrf=secrets.token_urlsafe(32),
             created_at=now,
             seen_at=now,
+            expires_at=now + MAX_SECONDS,
         )
-        with self._lock:
-            self._prune(now)
-            self._sessions[session.session_id] = session
-        return session
+        self._store.add_console_session(row)
+        return _session(session_id, row)
 
     def get(self, session_id: str | None, *, touch: bool = True) -> Session | None:
         """The live session of this id, or None if unknown or expired. Touched (its idle
-        time restarts) unless ``touch`` is False: a page reloading itself is no activity."""
+        time restarts) unless ``touch`` is False: a page reloading itself is no activity.
+        The touch is written at most once per :data:`TOUCH_SECONDS`."""
         if not session_id:
             return None
         now = self._clock.now()
-        with self._lock:
-            session = self._sessions.get(session_id)
-            if session is None:
-                return None
-            if now - session.seen_at >= IDLE_SECONDS or now - session.created_at >= MAX_SECONDS:
-                del self._sessions[session_id]
-                return None
-            if touch:
-                session.seen_at = now
-            return session
+        digest = session_hash(session_id)
+        row = self._store.get_console_session(digest)
+        if row is None:
+            return None
+        if now - row.seen_at >= IDLE_SECONDS or now >= row.expires_at:
+            self._store.delete_console_session(digest)
+            return None
+        session = _session(session_id, row)
+        if touch and now - row.seen_at >= TOUCH_SECONDS:
+            self._store.touch_console_session(digest, now)
+            session.seen_at = now
+        return session
 
-    def end(self, session_id: str) -> None:
-        with self._lock:
-            self._sessions.pop(session_id, None)
+    def end(self, session: Session) -> None:
+        self._store.delete_console_session(session.session_hash)
 
-    def end_for_credential(self, credential_id: str) -> None:
-        with self._lock:
-            for sid in [s for s, v in self._sessions.items() if v.credential_id == credential_id]:
-                del self._sessions[sid]
+    def flash(self, session: Session, text: str) -> None:
+        """Set (or, with "", clear) the line the session's next page shows."""
+        if session.flash != text:
+            self._store.flash_console_session(session.session_hash, text)
+            session.flash = text
+
+    def purge(self) -> int:
+        """Delete every expired session (idle or past its absolute end)."""
+        return purge_expired(self._store, self._clock)
 
     def pre_token(self) -> str:
-        """A sign-in form's CSRF token (also set as its cookie)."""
-        now = self._clock.now()
-        token = secrets.token_urlsafe(32)
-        with self._lock:
-            self._prune(now)
-            self._pre[token] = now + PRE_SECONDS
+        """A sign-in form's CSRF token (also set as its cookie). Its hash is recorded in
+        the store's single-use proof table, so any node accepts it."""
+        expires = int(self._clock.now() + PRE_SECONDS) + 1
+        token = f"{expires}.{secrets.token_urlsafe(32)}"
+        self._store.record_proof(_PRE_ISSUED + session_hash(token), float(expires))
         return token
 
     def take_pre_token(self, cookie: str | None, field: str | None) -> bool:
         """True once for a live sign-in token presented both as cookie and form field."""
         if not cookie or not same_token(field, cookie):
             return False
-        with self._lock:
-            expires = self._pre.pop(cookie, None)
-        return expires is not None and expires > self._clock.now()
+        expires, _, _ = cookie.partition(".")
+        if not (expires.isascii() and expires.isdigit()) or int(expires) <= self._clock.now():
+            return False
+        digest = session_hash(cookie)
+        if not self._store.proof_seen(_PRE_ISSUED + digest):
+            return False
+        return self._store.record_proof(_PRE_TAKEN + digest, float(expires))
 
-    def _prune(self, now: float) -> None:
-        if len(self._sessions) >= MAX_SESSIONS:
-            for sid in [
-                s
-                for s, v in self._sessions.items()
-                if now - v.seen_at >= IDLE_SECONDS or now - v.created_at >= MAX_SECONDS
-            ]:
-                del self._sessions[sid]
-            if len(self._sessions) >= MAX_SESSIONS:  # still full: the oldest go first
-                oldest = sorted(self._sessions.values(), key=lambda v: v.seen_at)
-                for v in oldest[: len(oldest) // 10 + 1]:
-                    del self._sessions[v.session_id]
-        if len(self._pre) >= MAX_SESSIONS:
-            self._pre = {t: e for t, e in self._pre.items() if e > now}
-            if len(self._pre) >= MAX_SESSIONS:
-                self._pre.clear()
+
+_PRE_ISSUED = "console-sign-in:"
+_PRE_TAKEN = "console-sign-in-used:"
+
+
+def _session(session_id: str, row: ConsoleSessionRow) -> Session:
+    return Session(
+        session_id=session_id,
+        session_hash=row.session_hash,
+        credential_id=row.credential_id,
+        role=row.role,
+        owner=row.owner,
+        csrf=csrf_token(session_id),
+        created_at=row.created_at,
+        seen_at=row.seen_at,
+        flash=row.flash,
+    )
 
 
 class SignInFailures:

@@ -1106,7 +1106,10 @@ async def kill(request: Request, data: S.KillIn) -> S.KillSwitchOut:  # type: ig
 
 async def _reap_forever(ctx: Context) -> None:
     """The reaper: at start, then every ``reap_interval`` seconds (in a worker thread:
-    it may talk to a database server)."""
+    it may talk to a database server). It also deletes expired console sessions."""
+    # Imported here: the console itself imports this package's authentication.
+    from tether.console._sessions import purge_expired  # noqa: PLC0415
+
     while True:
         try:
             report = await asyncio.to_thread(ctx.tether.reap)
@@ -1124,6 +1127,12 @@ async def _reap_forever(ctx: Context) -> None:
                 )
         except Exception as exc:  # never the message: it could name a connection string
             log.warning("reaper failed", extra={"fields": {"error": type(exc).__name__}})
+        try:
+            await asyncio.to_thread(purge_expired, ctx.tether.store, ctx.tether.clock)
+        except Exception as exc:
+            log.warning(
+                "console session purge failed", extra={"fields": {"error": type(exc).__name__}}
+            )
         if ctx.settings.reap_interval <= 0:
             return
         await asyncio.sleep(ctx.settings.reap_interval)

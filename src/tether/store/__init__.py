@@ -17,6 +17,7 @@ from tether._errors import UsageError
 from tether.store._interface import (
     ApprovalRow,
     CheckpointRow,
+    ConsoleSessionRow,
     CredentialRow,
     IdentityRow,
     KeyRow,
@@ -77,6 +78,7 @@ __all__ = [
     "DATABASE_URL_ENV",
     "POOL_SIZE_ENV",
     "ApprovalRow",
+    "ConsoleSessionRow",
     "CheckpointRow",
     "CredentialRow",
     "IdentityRow",

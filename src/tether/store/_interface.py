@@ -48,6 +48,19 @@ class CredentialRow(msgspec.Struct, frozen=True):
     disabled_at: float | None = None
 
 
+class ConsoleSessionRow(msgspec.Struct, frozen=True):
+    """A signed-in console session: its id only as a SHA-256 hash (hex), never raw."""
+
+    session_hash: str
+    credential_id: str
+    role: str
+    owner: str
+    created_at: float
+    seen_at: float  # the last activity written (at most once a minute)
+    expires_at: float  # the absolute end: sign-in plus 8 hours
+    flash: str = ""  # one line shown on the next page, then cleared
+
+
 class ApprovalRow(msgspec.Struct, frozen=True):
     """A human approval bound to one exact call of one task."""
 
@@ -227,6 +240,16 @@ class Store(Protocol):
     def add_credential(self, row: CredentialRow) -> None: ...
     def get_credential(self, credential_id: str) -> CredentialRow | None: ...
     def list_credentials(self) -> list[CredentialRow]: ...
+
+    def add_console_session(self, row: ConsoleSessionRow) -> None: ...
+    def get_console_session(self, session_hash: str) -> ConsoleSessionRow | None: ...
+    def touch_console_session(self, session_hash: str, seen_at: float) -> None: ...
+    def flash_console_session(self, session_hash: str, flash: str) -> None: ...
+    def delete_console_session(self, session_hash: str) -> None: ...
+    def purge_console_sessions(self, now: float, idle_before: float) -> int:
+        """Delete the sessions past their absolute end (``expires_at <= now``) or not
+        seen since ``idle_before``; the number deleted."""
+        ...
 
     def add_approval(self, row: ApprovalRow) -> None: ...
     def get_approval(self, approval_id: str) -> ApprovalRow | None: ...

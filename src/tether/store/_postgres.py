@@ -59,6 +59,7 @@ from tether.store._interface import (
     AcceptedRiskRow,
     ApprovalRow,
     CheckpointRow,
+    ConsoleSessionRow,
     CredentialRow,
     IdentityRow,
     IdentitySummaryRow,
@@ -98,6 +99,9 @@ _LEASE_COLS = (
     "created_at, expires_at, revoked_at, revoke_reason, detail_json"
 )
 
+_CONSOLE_SESSION_COLS = (
+    "session_hash, credential_id, role, owner, created_at, seen_at, expires_at, flash"
+)
 _RISK_COLS = (
     "risk_id, title, risk_tag, scope, justification, recorded_by, approver, status, "
     "created_at, expires_at, decided_by, decided_at"
@@ -664,6 +668,49 @@ class PostgresStore:
                 f"SELECT {_CREDENTIAL_COLS} FROM credentials ORDER BY created_at, ord"
             )
         ]
+
+    def add_console_session(self, row: ConsoleSessionRow) -> None:
+        self._run(
+            f"INSERT INTO console_sessions ({_CONSOLE_SESSION_COLS}) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                row.session_hash,
+                row.credential_id,
+                row.role,
+                row.owner,
+                row.created_at,
+                row.seen_at,
+                row.expires_at,
+                row.flash,
+            ),
+        )
+
+    def get_console_session(self, session_hash: str) -> ConsoleSessionRow | None:
+        row = self._one(
+            f"SELECT {_CONSOLE_SESSION_COLS} FROM console_sessions WHERE session_hash = %s",
+            (session_hash,),
+        )
+        return None if row is None else ConsoleSessionRow(*row)
+
+    def touch_console_session(self, session_hash: str, seen_at: float) -> None:
+        self._run(
+            "UPDATE console_sessions SET seen_at = GREATEST(seen_at, %s) WHERE session_hash = %s",
+            (seen_at, session_hash),
+        )
+
+    def flash_console_session(self, session_hash: str, flash: str) -> None:
+        self._run(
+            "UPDATE console_sessions SET flash = %s WHERE session_hash = %s", (flash, session_hash)
+        )
+
+    def delete_console_session(self, session_hash: str) -> None:
+        self._run("DELETE FROM console_sessions WHERE session_hash = %s", (session_hash,))
+
+    def purge_console_sessions(self, now: float, idle_before: float) -> int:
+        return self._run(
+            "DELETE FROM console_sessions WHERE expires_at <= %s OR seen_at <= %s",
+            (now, idle_before),
+        )
 
     def add_approval(self, row: ApprovalRow) -> None:
         self._run(

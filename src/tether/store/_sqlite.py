@@ -15,6 +15,7 @@ from tether.store._interface import (
     AcceptedRiskRow,
     ApprovalRow,
     CheckpointRow,
+    ConsoleSessionRow,
     CredentialRow,
     IdentityRow,
     IdentitySummaryRow,
@@ -97,6 +98,10 @@ CREATE TABLE IF NOT EXISTS accepted_risks (
   justification TEXT NOT NULL, recorded_by TEXT NOT NULL, approver TEXT NOT NULL,
   status TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL, decided_by TEXT,
   decided_at REAL);
+CREATE TABLE IF NOT EXISTS console_sessions (
+  session_hash TEXT PRIMARY KEY, credential_id TEXT NOT NULL, role TEXT NOT NULL,
+  owner TEXT NOT NULL, created_at REAL NOT NULL, seen_at REAL NOT NULL,
+  expires_at REAL NOT NULL, flash TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS tasks_opened ON tasks (opened_at, task_id);
 CREATE INDEX IF NOT EXISTS audit_records_task ON audit_records (json_extract(body, '$.task_id'));
 """
@@ -408,6 +413,45 @@ class SQLiteStore:
         return [
             CredentialRow(*r) for r in self._all("SELECT * FROM credentials ORDER BY created_at")
         ]
+
+    def add_console_session(self, row: ConsoleSessionRow) -> None:
+        self._run(
+            "INSERT INTO console_sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.session_hash,
+                row.credential_id,
+                row.role,
+                row.owner,
+                row.created_at,
+                row.seen_at,
+                row.expires_at,
+                row.flash,
+            ),
+        )
+
+    def get_console_session(self, session_hash: str) -> ConsoleSessionRow | None:
+        row = self._one("SELECT * FROM console_sessions WHERE session_hash = ?", (session_hash,))
+        return None if row is None else ConsoleSessionRow(*row)
+
+    def touch_console_session(self, session_hash: str, seen_at: float) -> None:
+        self._run(
+            "UPDATE console_sessions SET seen_at = max(seen_at, ?) WHERE session_hash = ?",
+            (seen_at, session_hash),
+        )
+
+    def flash_console_session(self, session_hash: str, flash: str) -> None:
+        self._run(
+            "UPDATE console_sessions SET flash = ? WHERE session_hash = ?", (flash, session_hash)
+        )
+
+    def delete_console_session(self, session_hash: str) -> None:
+        self._run("DELETE FROM console_sessions WHERE session_hash = ?", (session_hash,))
+
+    def purge_console_sessions(self, now: float, idle_before: float) -> int:
+        return self._run(
+            "DELETE FROM console_sessions WHERE expires_at <= ? OR seen_at <= ?",
+            (now, idle_before),
+        ).rowcount
 
     def add_approval(self, row: ApprovalRow) -> None:
         self._run(
