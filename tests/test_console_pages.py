@@ -1059,3 +1059,11 @@ def test_the_reaper_deletes_expired_sessions(
         while session_rows(tether) and time.monotonic() < deadline:
             time.sleep(0.02)
     assert session_rows(tether) == []
+
+
+def test_the_sign_in_form_is_rate_limited_per_address(tether: Tether) -> None:
+    """Each form served records a one-time token in the store: a flood is refused."""
+    with console_client(tether) as client:
+        codes = [client.get("/console/sign-in").status_code for _ in range(40)]
+    assert codes[:30] == [200] * 30
+    assert 429 in codes[30:]

@@ -115,6 +115,8 @@ class Console:
     risks: AcceptedRisks
     env: Environment
     sign_in_limiter: RateLimiter
+    #: Per address: each sign-in form served records its one-time token in the store.
+    form_limiter: RateLimiter
     failures: SignInFailures
     #: Held while an audit verification runs (one at a time in this process).
     verifying: threading.Lock
@@ -138,6 +140,7 @@ class Console:
             risks=AcceptedRisks(tether.store, tether.audit, tether.clock),
             env=env,
             sign_in_limiter=RateLimiter(rate=1.0, burst=10.0),
+            form_limiter=RateLimiter(rate=2.0, burst=30.0),
             failures=SignInFailures(tether.clock),
             verifying=threading.Lock(),
         )
@@ -338,6 +341,7 @@ def _cookie(
 @get("/sign-in")
 async def sign_in_form(request: Request) -> Response[str]:  # type: ignore[type-arg]
     console = _console(request)
+    console.form_limiter.check(client_address(request) or "-")
     token = console.sessions.pre_token()
     response = console.render(
         "sign_in.html",
