@@ -34,6 +34,7 @@ import httpx
 import psycopg
 
 from tether import APIError, AsyncClient, ProofKey
+from tether.store import url_with_schema
 
 TRUST_DOMAIN = "acme.example"
 PERMIT_ALL = "permit (principal, action, resource);"
@@ -52,8 +53,7 @@ def fresh_schema(base_url: str = BASE_URL) -> tuple[str, str]:
     name = "tether_load_" + secrets.token_hex(4)
     with psycopg.connect(base_url, autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{name}"')
-    sep = "&" if "?" in base_url else "?"
-    return name, f"{base_url}{sep}options=-csearch_path%3D{name}"
+    return name, url_with_schema(base_url, name)
 
 
 def drop_schema(name: str, base_url: str = BASE_URL) -> None:

@@ -30,6 +30,7 @@ from tether._errors import UsageError
 from tether.cluster._events import CHANNEL, Event, decode_event
 from tether.cluster._memory import NodeMemory
 from tether.core._intent import MAX_TTL_SECONDS
+from tether.store import is_postgres_url
 
 if TYPE_CHECKING:
     from tether._tether import Tether
@@ -245,7 +246,7 @@ def join(tether: Tether, *, resync_interval: float = 2.0) -> Node | None:
     ``TETHER_RESYNC_INTERVAL`` (seconds) overrides ``resync_interval``."""
     store = tether.store
     dsn = getattr(store, "dsn", None)
-    if not isinstance(dsn, str) or not dsn.startswith(("postgresql://", "postgres://")):
+    if not isinstance(dsn, str) or not is_postgres_url(dsn):
         return None
     interval = float(os.environ.get("TETHER_RESYNC_INTERVAL", resync_interval))
     if not 0.1 <= interval <= 60.0:

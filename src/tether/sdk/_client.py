@@ -23,7 +23,6 @@ from typing import Any, ParamSpec, TypeVar
 import httpx
 
 from tether.sdk._requests import (
-    RETRY_STATUS,
     FailOver,
     Outgoing,
     Requests,
@@ -192,15 +191,11 @@ class Client:
                 response = self._http.request(
                     out.method, out.url, headers=out.headers, json=out.json, data=out.data
                 )
-            except (httpx.ConnectError, httpx.ConnectTimeout):
-                if plan.next(sent=False) is None:
-                    raise
-                continue
-            except httpx.TransportError:
-                if plan.next(sent=True) is None:
-                    raise
-                continue
-            if response.status_code in RETRY_STATUS and plan.next(sent=True) is not None:
+            except httpx.TransportError as exc:
+                if plan.retry_after(exc):
+                    continue
+                raise
+            if plan.retry_after(response.status_code):
                 continue
             plan.answered()
             body = response.json() if response.content else None
@@ -439,15 +434,11 @@ class AsyncClient:
                 response = await self._http.request(
                     out.method, out.url, headers=out.headers, json=out.json, data=out.data
                 )
-            except (httpx.ConnectError, httpx.ConnectTimeout):
-                if plan.next(sent=False) is None:
-                    raise
-                continue
-            except httpx.TransportError:
-                if plan.next(sent=True) is None:
-                    raise
-                continue
-            if response.status_code in RETRY_STATUS and plan.next(sent=True) is not None:
+            except httpx.TransportError as exc:
+                if plan.retry_after(exc):
+                    continue
+                raise
+            if plan.retry_after(response.status_code):
                 continue
             plan.answered()
             body = response.json() if response.content else None

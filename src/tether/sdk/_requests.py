@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
 from tether.sdk._errors import APIError, ApprovalRequired, Denied
 from tether.tokens import ProofKey
 
@@ -201,16 +203,20 @@ class FailOver:
         start = bases.index(out.base) if out.base in bases else -1
         self._rest = bases[start + 1 :] + bases[: max(start, 0)]
 
-    def next(self, *, sent: bool) -> Outgoing | None:
-        """The request rebuilt for the next node, or ``None``: give up (raise or answer).
-
-        ``sent``: the failed node may have received it (no answer, or 502/503/504)."""
+    def retry_after(self, failure: httpx.TransportError | int) -> bool:
+        """After ``failure`` (no answer, or an HTTP status), whether to send again:
+        ``True`` with :attr:`out` rebuilt for the next node. A node that could not be
+        reached never saw the request; any other failure (no answer, 502/503/504) may
+        have reached it."""
+        if isinstance(failure, int) and failure not in RETRY_STATUS:
+            return False
+        sent = not isinstance(failure, httpx.ConnectError | httpx.ConnectTimeout)
         if self.out.remake is None or not self._rest:
-            return None
+            return False
         if sent and not self.out.resend_after_send:
-            return None
+            return False
         self.out = self.out.remake(self._rest.pop(0))
-        return self.out
+        return True
 
     def answered(self) -> None:
         if self.out.base:

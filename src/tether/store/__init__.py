@@ -96,6 +96,7 @@ __all__ = [
     "database_url",
     "ephemeral_store_factory",
     "head_revision",
+    "is_postgres_url",
     "migrate",
     "new_ephemeral_store",
     "open_store",
