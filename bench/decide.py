@@ -6,8 +6,9 @@ Measured, per policy-set size (10, 100, 1,000, 10,000 policies), in one process:
 
 * ``tether.core.decide(...)``: token verification (cached by digest after first use),
   proof-of-possession verification (one ES256 signature check per call), the intent's
-  capability match and Cedar through Tether's indexed snapshot. Task state comes from an
-  in-memory ``TaskView``; every proof is unique and generated outside the timed region.
+  capability match, the flow rules and Cedar through Tether's indexed snapshot: the
+  pure path of the one pipeline (``core.verify`` then ``core.decide`` on a snapshot loaded
+  once from the store); every proof is unique and generated outside the timed region.
 * ``cedarpy.is_authorized(request, text, entities)``: plain Cedar, policies as raw text
   (what a naive integration does; the headline baseline).
 * ``cedarpy.is_authorized(request, PolicySet, entities)``: plain Cedar, pre-parsed handle.
@@ -45,12 +46,17 @@ from tether.core import (
     Decision,
     PolicySnapshot,
     ProofVerifier,
+    Sensitivity,
+    SideEffect,
+    Snapshot,
     TaskState,
     TokenVerifier,
+    ToolProfile,
     call_digest,
     decide,
     match_capability,
     principal_entities,
+    verify,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -58,6 +64,9 @@ RESULTS = HERE / "results"
 SIZES = (10, 100, 1_000, 10_000)
 TRUST_DOMAIN = "acme.example"
 AGENT = f"spiffe://{TRUST_DOMAIN}/agent/bot"
+CATALOGUE_ENTRY = ToolProfile(
+    side_effect=SideEffect.READ, sensitivity=Sensitivity.INTERNAL, trusted=True
+)
 OWNER = "alice@acme.example"
 ARGS: dict[str, Any] = {"recipient": "bob@acme.example", "amount": 42, "channel": "ops"}
 DENY_ARGS: dict[str, Any] = {"recipient": "bob@acme.example", "amount": 9000, "channel": "ops"}
@@ -148,22 +157,6 @@ def measure_each(fn: Callable[[Any], object], inputs: list[Any], *, warmup: int)
 # -- fixtures -------------------------------------------------------------------------
 
 
-class MemView:
-    """An in-memory :class:`tether.core.TaskView` (the store-backed one is in authorize)."""
-
-    def __init__(self, state: TaskState) -> None:
-        self.state = state
-
-    def task(self, task_id: str) -> TaskState | None:
-        return self.state if task_id == self.state.task_id else None
-
-    def token_revoked(self, token_id: str) -> bool:
-        return False
-
-    def proof_seen(self, jti: str) -> bool:
-        return False
-
-
 def policy_text(total: int, *, approval: bool) -> tuple[str, str, str]:
     """``total`` policies: the fixed ones plus one exact-scope permit per tool.
 
@@ -228,6 +221,7 @@ class Bench:
         else:
             self.t = Tether.ephemeral(TRUST_DOMAIN, clock=self.clock)
         self.t.register_identity(AGENT, kind="agent", owner=OWNER)
+        self.t.catalogue.load({"svc*.op": CATALOGUE_ENTRY})
         self.key = ProofKey()
         self.intent = parse_intent(
             {
@@ -249,24 +243,26 @@ class Bench:
         self.task_id, self.token = task.task_id, task.token
 
     def state(self) -> TaskState:
-        state = self.t.authorizer._view.task(self.task_id)
-        assert state is not None
-        return state
+        row = self.t.store.get_task(self.task_id)
+        assert row is not None
+        return self.t.enforcement.loader.state(row)
+
+    def snapshot(self, state: TaskState) -> Snapshot:
+        return Snapshot(task=state, profile=CATALOGUE_ENTRY)
 
     def prove(self, tool: str, args: dict[str, Any], count: int) -> list[str]:
         return [self.key.prove(self.token, tool, args, now=self.now) for _ in range(count)]
 
-    def decide(self, snapshot: PolicySnapshot, view: MemView, call: Call, proof: str) -> Decision:
-        return decide(
+    def decide(self, snapshot: PolicySnapshot, view: Snapshot, call: Call, proof: str) -> Decision:
+        verified = verify(
             token=self.token,
             proof=proof,
-            call=call,
-            view=view,
-            snapshot=snapshot,
+            binding=call_digest(call.tool, call.args),
             tokens=self.tokens,
             proofs=self.proofs,
             now=self.now,
         )
+        return decide(verified, view, call, snapshot, self.now)[0]
 
     def run_size(self, total: int) -> dict[str, Any]:
         o = self.opts
@@ -277,7 +273,7 @@ class Bench:
         if not self.task_id:
             self.open_task()
         state = self.state()
-        view = MemView(state)
+        view = self.snapshot(state)
         call = Call(tool=tool, args=ARGS)
         policy_set = cedarpy.PolicySet.from_str(text)
         request, entities = cedar_request(state, tool, ARGS, len(state.chain) or 1)
@@ -350,14 +346,15 @@ class Bench:
     def breakdown(
         self,
         snapshot: PolicySnapshot,
-        view: MemView,
+        view: Snapshot,
         call: Call,
         request: dict[str, Any],
         entities: list[dict[str, Any]],
     ) -> dict[str, float]:
         """Medians of decide's parts, called the way decide calls them (no profiler)."""
         o = self.opts
-        state = view.state
+        state = view.task
+        assert state is not None
         claims = self.tokens.verify(self.token, now=self.now)
         digest = call_digest(call.tool, call.args)
         proofs = self.prove(call.tool, call.args, o.iterations + o.warmup)
@@ -399,7 +396,7 @@ class Bench:
         }
         return {name: stats.median_us for name, stats in parts.items()}
 
-    def profile(self, snapshot: PolicySnapshot, view: MemView, call: Call) -> str:
+    def profile(self, snapshot: PolicySnapshot, view: Snapshot, call: Call) -> str:
         proofs = self.prove(call.tool, call.args, self.opts.iterations)
         profiler = cProfile.Profile()
         profiler.enable()

@@ -26,6 +26,7 @@ from psycopg import sql
 
 import tether.store as tether_store
 from tether import FrozenClock, ProofKey, Tether, parse_intent
+from tether.core import Sensitivity, SideEffect, ToolProfile
 from tether.store import PostgresStore
 
 from .server_support import POSTGRES_URL, Backend, new_schema_url
@@ -33,6 +34,18 @@ from .server_support import POSTGRES_URL, Backend, new_schema_url
 AGENT = "spiffe://acme.example/agent/bot"
 OWNER = "alice@acme.example"
 PERMIT_ALL = "permit (principal, action, resource);"
+#: A tool catalogue under which the flow rules stay quiet: every tool reads internal data
+#: a platform vouches for. Tests about information flow or credentials load their own
+#: (an undescribed tool is judged most restrictively at every door).
+QUIET_CATALOGUE = {
+    "*": ToolProfile(side_effect=SideEffect.READ, sensitivity=Sensitivity.INTERNAL, trusted=True)
+}
+
+
+def quiet(tether: Tether) -> Tether:
+    """``tether`` with :data:`QUIET_CATALOGUE` loaded."""
+    tether.catalogue.load(QUIET_CATALOGUE, origin="tests")
+    return tether
 
 
 def require_service(name: str, host: str, port: int) -> None:
@@ -123,6 +136,7 @@ def clock() -> FrozenClock:
 def tether(clock: FrozenClock) -> Iterator[Tether]:
     instance = Tether.ephemeral("acme.example", clock=clock, checkpoint_every=8)
     instance.register_identity(AGENT, kind="agent", owner=OWNER)
+    quiet(instance)
     yield instance
     instance.close()
 

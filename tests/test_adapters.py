@@ -55,6 +55,8 @@ def _admin(server: Server) -> Client:
     admin.register_identity(AGENT, kind="agent", owner="alice@acme.example")
     files = {p.name: p.read_text() for p in (EXAMPLES / "policies").glob("*.cedar")}
     admin.load_policies(files)
+    catalogue = tomllib.loads((EXAMPLES / "bank.catalogue.toml").read_text())
+    admin.post("/v1/catalogue", {"tools": catalogue["tools"], "prefix": "bank"})
     admin.add_template(tomllib.loads((EXAMPLES / "templates" / "pay-bill.toml").read_text()))
     return admin
 

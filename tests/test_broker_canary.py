@@ -356,7 +356,7 @@ def test_canaries_reach_only_the_upstream(tmp_path: Path) -> None:
     tail = evidence.cli(home, "audit", "tail", "-n", "10000", "--json")
     records = json.loads(tail.stdout)["records"]
     kinds = {r["kind"] for r in records}
-    assert {"secret.put", "secret.rotate", "lease.grant", "task.end", "gateway.result"} <= kinds
+    assert {"secret.put", "secret.rotate", "lease.grant", "task.end", "result"} <= kinds
     assert evidence.cli(home, "audit", "verify").returncode == 0
     evidence.add("server log", (home / "server.log").read_bytes())
     evidence.add("gateway log", gateway_log.read_bytes())

@@ -97,7 +97,7 @@ def test_a_leased_header_reaches_the_upstream_and_is_scrubbed_on_the_way_back(
         assert result["meta"]["tether/label"]["redactions"] == {"brokered": 1}
     (lease,) = tether.broker.list(task_id=task.task_id)
     assert (lease.secret_name, lease.status, lease.tool) == ("web-key", "active", "web.whoami")
-    records = [r for r in tether.audit.tail(30) if r["kind"] == "gateway.result"]
+    records = [r for r in tether.audit.tail(30) if r["kind"] == "result"]
     assert records[-1]["detail"]["leases"] == [lease.lease_id]
     # A second task gets a connection (and a lease) of its own.
     key2, task2 = open_task(tether, ["web.*"], resource=server.url)

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from tether import FrozenClock, ProofKey, Tether, parse_intent
+from tether.core import Sensitivity, SideEffect, ToolProfile
 from tether.secrets import PostgresRoles, PostgresTemplate, SecretValue
 from tether.secrets._postgres import Grant, role_name
 from tether.store import LeaseRow
@@ -38,6 +39,12 @@ psycopg = pytest.importorskip("psycopg")
 
 HOST, PORT = "127.0.0.1", 5432
 ADMIN_DSN = f"postgresql://postgres@{HOST}:{PORT}/test"
+#: The reporting tool reads rows of internal data from the database.
+CATALOGUE = {
+    "db.query": ToolProfile(
+        side_effect=SideEffect.READ, sensitivity=Sensitivity.INTERNAL, trusted=True
+    )
+}
 
 
 @dataclass
@@ -108,9 +115,7 @@ def _open_and_lease(tether: Tether, *, ttl: int = 600) -> tuple[str, str, str]:
     task = tether.open_task(AGENT, proof_jwk=key.jwk, intent=intent)
     args = {"sql": "SELECT sum(amount) FROM invoices"}
     proof = key.prove(task.token, "db.query", args, now=tether.clock.now())
-    receipt = tether.authorize(
-        token=task.token, proof=proof, tool="db.query", args=args, side_effect="read"
-    )
+    receipt = tether.authorize(token=task.token, proof=proof, tool="db.query", args=args)
     assert receipt.effect == "allow", receipt.decision.reasons
     lease = tether.lease(task.task_id, "reports-db", tool="db.query", receipt=receipt)
     return task.task_id, lease.lease_id, lease.value.reveal()
@@ -118,6 +123,7 @@ def _open_and_lease(tether: Tether, *, ttl: int = 600) -> tuple[str, str, str]:
 
 def test_task_role_is_scoped_and_gone_when_the_task_ends(permissive: Tether, db: Database) -> None:
     t = permissive
+    t.catalogue.load(CATALOGUE, origin="tests")
     t.put_secret("reports-db", ADMIN_DSN, kind="postgres", meta=db.meta())
     task_id, lease_id, dsn = _open_and_lease(t)
     ((role, valid_until),) = db.roles()
@@ -149,6 +155,7 @@ def test_task_role_is_scoped_and_gone_when_the_task_ends(permissive: Tether, db:
 
 def test_a_failed_drop_is_retried_by_the_reaper(permissive: Tether, db: Database) -> None:
     t = permissive
+    t.catalogue.load(CATALOGUE, origin="tests")
     t.put_secret("reports-db", ADMIN_DSN, kind="postgres", meta=db.meta())
     task_id, lease_id, dsn = _open_and_lease(t)
     real_drop = t.broker.postgres.drop
@@ -229,8 +236,7 @@ _HOLDER = textwrap.dedent(
     )
     task = t.open_task("__AGENT__", proof_jwk=key.jwk, intent=intent)
     proof = key.prove(task.token, "db.query", {}, now=t.clock.now())
-    receipt = t.authorize(token=task.token, proof=proof, tool="db.query", args={},
-                          side_effect="read")
+    receipt = t.authorize(token=task.token, proof=proof, tool="db.query", args={})
     lease = t.lease(task.task_id, "reports-db", tool="db.query", receipt=receipt)
     print(json.dumps({"dsn": lease.value.reveal(), "lease_id": lease.lease_id,
                       "task_id": task.task_id, "expires_at": lease.expires_at}), flush=True)
@@ -262,6 +268,7 @@ def home(tmp_path: Path, db: Database) -> Path:
     t = Tether.init(home, "acme.example")
     t.register_identity(AGENT, kind="agent", owner=OWNER)
     t.policies.load({"all.cedar": PERMIT_ALL})
+    t.catalogue.load(CATALOGUE, origin="tests")
     t.put_secret("reports-db", ADMIN_DSN, kind="postgres", meta=db.meta())
     t.close()
     return home

@@ -59,6 +59,11 @@ def cli(tmp_path: Path) -> CLI:
     )
     c.json("template", "add", str(EXAMPLES / "templates" / "pay-bill.toml"))
     c.json("policy", "load", str(EXAMPLES / "policies"))
+    # What the bank's tools do, for every door (an undescribed tool is refused).
+    described = c.json(
+        "catalogue", "load", str(EXAMPLES / "bank.catalogue.toml"), "--prefix", "bank"
+    )
+    assert "bank.send_money" in described["tools"]
     return c
 
 
@@ -129,6 +134,11 @@ def test_inline_intent(cli: CLI, tmp_path: Path) -> None:
         'permit (principal, action == Action::"call_tool", resource);\n'
     )
     cli.json("policy", "load", str(tmp_path / "pol"))
+    # The ticket tool reads internal records; what a ticket says is nobody's word.
+    (tmp_path / "tickets.catalogue.toml").write_text(
+        '[tools.read]\nside_effect = "read"\nsensitivity = "internal"\ntrusted = false\n'
+    )
+    cli.json("catalogue", "load", str(tmp_path / "tickets.catalogue.toml"), "--prefix", "tickets")
     intent = {
         "purpose": "Summarise the ticket",
         "capabilities": [{"tool": "tickets.read", "args": {"id": {"pattern": "^T-[0-9]+$"}}}],

@@ -18,7 +18,9 @@ import pytest
 
 from tests.console_support import CHROMIUM_ARGS, OUTPUT, XSS, LiveServer, require_chromium
 from tether import Tether
+from tether.core import Sensitivity, SideEffect, ToolProfile
 from tether.demo._console import HELPER, IDENTITIES, PAYEE, Seeded, seed
+from tether.gateway._profiles import profiles_from_file
 from tether.sdk import ApprovalRequired
 
 # One live server and one browser for the module; the tamper step edits the home's SQLite file.
@@ -38,6 +40,17 @@ class World:
     def __init__(self, home: Path) -> None:
         self.home = home
         self.tether = Tether.init(home, "acme.example")
+        # What the tools do, for every door (an undescribed tool is refused): the bank's
+        # catalogue, and a notes tool that writes internal records.
+        self.tether.catalogue.load(
+            {
+                **profiles_from_file(EXAMPLES / "bank.catalogue.toml", "bank"),
+                "notes.write": ToolProfile(
+                    side_effect=SideEffect.WRITE, sensitivity=Sensitivity.INTERNAL, trusted=True
+                ),
+            },
+            origin="tests",
+        )
         self.admin = self.tether.credentials.create("admin", "root@acme.example")[1]
         self.approver = self.tether.credentials.create("approver", "bob@acme.example")[1]
         self.server = LiveServer(self.tether)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import msgspec
@@ -26,10 +27,10 @@ from tether.core import (
     observe_call,
     observe_result,
     start_flow,
+    verify,
 )
-from tether.core._verify import ProofVerifier, TokenVerifier
+from tether.core._verify import ProofVerifier, TokenVerifier, call_digest
 from tether.flow import FlowTracker
-from tether.tasks._authorizer import StoreTaskView
 
 from .conftest import AGENT
 
@@ -321,19 +322,29 @@ def test_retrieval_agent_surfacing_confidential_data_into_a_message() -> None:
 def _decide(
     t: Tether, key: ProofKey, token: str, tool: str, args: dict[str, Any], flow: FlowInput | None
 ) -> Any:
+    """The pure core on a snapshot loaded from the store, with ``flow`` as the task's state."""
     now = t.clock.now()
     proof = key.prove(token, tool, args, now=now)
-    return decide(
+    verified = verify(
         token=token,
         proof=proof,
-        call=Call(tool=tool, args=args),
-        view=StoreTaskView(t.store),
-        snapshot=t.policies.snapshot(),
+        binding=call_digest(tool, args),
         tokens=TokenVerifier(t.keys.verification_keys(now)),
         proofs=ProofVerifier(),
         now=now,
-        flow=flow,
     )
+    loaded = t.enforcement.loader.load(
+        verified.claims,
+        proof_jti=verified.proof_jti,
+        profile=flow.profile if flow is not None else ToolProfile(),
+        flow_policy=flow.policy if flow is not None else FlowPolicy(),
+    )
+    if flow is not None:
+        loaded = dataclasses.replace(loaded, flows={verified.claims.task_id: flow.state})
+    decision, _plan = decide(
+        verified, loaded, Call(tool=tool, args=args), t.policies.snapshot(), now
+    )
+    return decision
 
 
 @pytest.fixture
@@ -370,8 +381,9 @@ def test_decide_applies_flow_findings_after_every_other_check(
     # Flow never widens: a call outside the intent is refused by the intent check first.
     outside = _decide(t, key, token, "web.get", {"url": "x"}, FlowInput(state, FETCH))
     assert outside.effect is Effect.DENY and outside.reasons[0].code == "intent.no_capability"
-    # Without flow state the decision is the one it always was.
-    assert _decide(t, key, token, "mail.send", bad, None).effect is Effect.ALLOW
+    # Without untrusted content read, the same call is not this rule's business.
+    fresh = FlowInput(start_flow("Reply to bob"), SEND_MAIL)
+    assert _decide(t, key, token, "mail.send", bad, fresh).effect is Effect.ALLOW
 
 
 def test_cedar_policies_read_context_flow(task: tuple[Tether, ProofKey, str]) -> None:
@@ -399,8 +411,9 @@ def test_cedar_policies_read_context_flow(task: tuple[Tether, ProofKey, str]) ->
     pay = {"recipient": "bob@corp.example", "amount": 5}
     held = _decide(t, key, token, "bank.pay", pay, FlowInput(state, PAY))
     assert held.effect is Effect.APPROVAL_REQUIRED and held.reasons[0].code == "policy.approval"
-    # Without flow state, context.flow holds neutral values: rank 0, nothing read.
-    assert _decide(t, key, token, "bank.pay", pay, None).effect is Effect.ALLOW
+    # A fresh flow state: context.flow holds neutral values: rank 0, nothing read.
+    fresh = FlowInput(start_flow(), PAY)
+    assert _decide(t, key, token, "bank.pay", pay, fresh).effect is Effect.ALLOW
 
 
 def test_flow_state_round_trips_as_json() -> None:

@@ -292,7 +292,7 @@ def test_git_reads_are_allowed_with_receipts(env: Env, mode: str) -> None:
         assert decision["chain"] == [AGENT]
         assert decision["detail"]["upstream"] == "git"
         assert decision["detail"]["tool_identity"] == GIT_IDENTITY
-    results = [r for r in receipts(env.tether, "gateway.result") if r.get("task_id") == task_id]
+    results = [r for r in receipts(env.tether, "result") if r.get("task_id") == task_id]
     assert {r["detail"]["outcome"] for r in results} == {"ok"}
     labels = env.tether.store.list_task_labels(task_id)
     assert [source for source, *_ in labels] == ["git.git_status", "git.git_log"]
@@ -471,7 +471,7 @@ def test_secrets_are_redacted_labelled_and_recorded(env: Env) -> None:
     assert label["redactions"]["private_key"] == 1
     assert creds.structured_content["token"] == "[REDACTED:github_token]"
     assert tool_server.GITHUB_TOKEN not in json.dumps(creds.model_dump(mode="json"))
-    results = [r for r in receipts(env.tether, "gateway.result") if r.get("task_id") == task_id]
+    results = [r for r in receipts(env.tether, "result") if r.get("task_id") == task_id]
     assert results[0]["detail"]["redactions"]["github_token"] == 1
     assert any(tag.startswith("owasp-nhi:NHI2") for tag in results[0]["risk_tags"])
     labels = env.tether.store.list_task_labels(task_id)
@@ -704,7 +704,7 @@ def test_crash_hang_and_garbage_upstreams(env: Env) -> None:
     assert not out["recovered"].is_error and text_of(out["recovered"]) == "back"
     outcomes = {
         r["tool"]: r["detail"]["outcome"]
-        for r in receipts(env.tether, "gateway.result", 200)
+        for r in receipts(env.tether, "result", 200)
         if r.get("task_id") == task_id
     }
     assert outcomes["fragile.crash"] == "upstream.unavailable"

@@ -32,6 +32,7 @@ from tether.gateway._auth import challenge
 from tether.gateway._catalogue import render_draft
 from tether.sdk._mcp_auth import TetherHttpxAuth, TetherMCPAuth
 
+from .conftest import quiet
 from .mcp_support.harness import EXAMPLES, GIT_IDENTITY, make_git_repo
 
 pytestmark = pytest.mark.store_independent  # no Tether: the same on every store
@@ -361,8 +362,11 @@ when { context.args has path && context.args.path like "/tmp/*" };
         intent = parse_intent(
             {"purpose": "p", "capabilities": [{"tool": "git.*"}], "data_ceiling": "internal"}
         )
+        quiet(tether)  # the HTTP door below asks the trust domain's catalogue
         task = tether.open_task(agent, proof_jwk=key.jwk, intent=intent)
-        state = gateway.authenticator.view.task(task.task_id)
+        row = tether.store.get_task(task.task_id)
+        assert row is not None
+        state = tether.enforcement.loader.state(row)
         snapshot = tether.policies.snapshot()
         context = {
             "task_id": state.task_id,

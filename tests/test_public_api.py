@@ -9,6 +9,8 @@ EXPECTED = {
     "AsyncTask",
     "Client",
     "Denied",
+    "Observation",
+    "ReportFailed",
     "Task",
     "TetherHttpxAuth",
     "TetherMCPAuth",

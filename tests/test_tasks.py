@@ -15,7 +15,7 @@ import pytest
 
 from tether import AdmissionRejected, Effect, FrozenClock, ProofKey, Tether, parse_intent
 
-from .conftest import AGENT, PERMIT_ALL, open_simple_task
+from .conftest import AGENT, PERMIT_ALL, open_simple_task, quiet
 
 
 def _call(t: Tether, key: ProofKey, token: str, tool: str = "fs.read", **args: object) -> Effect:
@@ -68,6 +68,7 @@ def test_expiry_revokes_durably_across_restart(tmp_path: Path) -> None:
     t = Tether.init(tmp_path / "h", "acme.example", clock=clock)
     t.register_identity(AGENT, kind="agent", owner="a@acme.example")
     t.policies.load({"p.cedar": PERMIT_ALL})
+    quiet(t)
     key, task_id, token = open_simple_task(t)
     assert _call(t, key, token) is Effect.ALLOW
     clock.advance(601)
@@ -138,6 +139,7 @@ def test_sigkill_loses_no_acknowledged_receipt(tmp_path: Path) -> None:
     t = Tether.init(home, "acme.example")
     t.register_identity(AGENT, kind="agent", owner="a@acme.example")
     t.policies.load({"p.cedar": PERMIT_ALL})
+    quiet(t)
     t.close()
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(home)],

@@ -41,6 +41,8 @@ from tether import (
 )
 from tether.store import TaskRow
 
+from .conftest import quiet
+
 TRUST_DOMAIN = "acme.example"
 AGENT = f"spiffe://{TRUST_DOMAIN}/agent/bot"
 TOOL = "fs.read"
@@ -128,6 +130,7 @@ def world() -> Iterator[World]:
     t = Tether.ephemeral(TRUST_DOMAIN, clock=clock)
     t.register_identity(AGENT, kind="agent", owner="alice@acme.example")
     t.policies.load({"p.cedar": "permit(principal, action, resource);"})
+    quiet(t)
     intent = parse_intent(
         {"purpose": "read things", "capabilities": [{"tool": TOOL}], "budget": {"max_calls": 5}}
     )

@@ -36,6 +36,7 @@ from typing import Any
 
 from bench.agentdojo.profiles import PROFILES
 from pydantic import BaseModel
+from tether.tasks._authorizer import StoreTaskView
 
 from agentdojo.benchmark import load_task_results
 from agentdojo.functions_runtime import FunctionCall, FunctionsRuntime
@@ -59,7 +60,6 @@ from tether.core import (
 )
 from tether.core._verify import ProofVerifier, TokenVerifier
 from tether.flow import RuleCompiler
-from tether.tasks._authorizer import StoreTaskView
 
 AGENT = "spiffe://bench.example/agent/assistant"
 VERSION = "v1"

@@ -39,6 +39,7 @@ from tether.core import (
     parse_intent,
     parse_spiffe_id,
 )
+from tether.enforcement import Receipt
 from tether.identity import SVIDs
 from tether.sdk import (
     APIError,
@@ -47,12 +48,14 @@ from tether.sdk import (
     AsyncTask,
     Client,
     Denied,
+    Observation,
+    ReportFailed,
     Task,
     TetherHttpxAuth,
     TetherMCPAuth,
     Verdict,
 )
-from tether.tasks import OpenedTask, Receipt, Template
+from tether.tasks import OpenedTask, Template
 from tether.tokens import ProofKey
 
 __version__ = "0.1.0"
@@ -64,6 +67,8 @@ __all__ = [
     "AsyncTask",
     "Client",
     "Denied",
+    "Observation",
+    "ReportFailed",
     "Task",
     "TetherHttpxAuth",
     "TetherMCPAuth",

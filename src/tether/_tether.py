@@ -15,12 +15,15 @@ from tether._errors import Conflict, UsageError
 from tether.approvals import Approvals
 from tether.audit import Auditor, VerifyReport
 from tether.core._clock import Clock, SystemClock
-from tether.core._decision import DECIDE_HTM, DECIDE_HTU
-from tether.core._flow import FlowInput
+from tether.core._decision import DECIDE_HTM, DECIDE_HTU, Verified
+from tether.core._flow import FlowPolicy, ToolProfile
 from tether.core._intent import Intent
 from tether.core._policy import PolicySnapshot
 from tether.core._risk import Control, risk_tags
 from tether.core._spiffe_id import parse_trust_domain
+from tether.core._verify import result_digest
+from tether.enforcement import Enforcement, Observation, ObservationRefused, Receipt
+from tether.flow._catalogue import ToolCatalogue
 from tether.identity import Attestor, Credentials, IdentityRegistry, SVIDs
 from tether.policy import PolicyService
 from tether.secrets import (
@@ -46,9 +49,7 @@ from tether.store import (
 )
 from tether.store._postgres import PostgresStore, redact
 from tether.tasks import (
-    Authorizer,
     OpenedTask,
-    Receipt,
     TaskService,
     Template,
     load_template_file,
@@ -109,13 +110,15 @@ class Tether:
         )
         self.approvals = Approvals(store, self.audit, self.clock)
         self.credentials = Credentials(store, self.audit, self.clock)
-        self.authorizer = Authorizer(
+        self.catalogue = ToolCatalogue(store, self.audit, self.clock)
+        self.enforcement = Enforcement(
             store,
             self.keys,
             self.policies,
             self.audit,
             self.clock,
             self.approvals,
+            self.catalogue,
             known_secrets=self.broker.known,
         )
 
@@ -372,16 +375,17 @@ class Tether:
         htu: str = DECIDE_HTU,
         resource: str | None = None,
         detail: dict[str, Any] | None = None,
-        side_effect: str | None = None,
-        flow: FlowInput | None = None,
+        verified: Verified | None = None,
+        profile: ToolProfile | None = None,
+        flow_policy: FlowPolicy | None = None,
     ) -> Receipt:
-        """Decide one call and leave its receipt (see :class:`tether.tasks.Authorizer`).
+        """Decide one call and leave its receipt, through the one enforcement pipeline
+        (:class:`tether.enforcement.Enforcement`).
 
-        ``side_effect`` (``read``, ``write``, ``egress``, ``destructive``) is the tool's,
-        when the caller knows it: a credential in the arguments of anything but a read is
-        refused (``secret.egress``); unknown counts as egress. ``flow`` (the task's flow
-        state, the tool's profile, the flow policy) turns on the information-flow rules."""
-        return self.authorizer.authorize(
+        The tool's profile comes from the trust domain's catalogue (:attr:`catalogue`)
+        unless the door knows it (``profile``: the gateway's upstream catalogue); the flow
+        rules always run, against the flow state of the task's whole delegation tree."""
+        return self.enforcement.decide(
             token=token,
             proof=proof,
             tool=tool,
@@ -391,9 +395,43 @@ class Tether:
             htu=htu,
             resource=resource,
             detail=detail,
-            side_effect=side_effect,
-            flow=flow,
+            verified=verified,
+            profile=profile,
+            flow_policy=flow_policy,
         )
+
+    def observe(
+        self,
+        *,
+        token: str | None,
+        proof: str | None,
+        tool: str,
+        receipt: int,
+        result: Any,
+        task_id: str | None = None,
+        htm: str = DECIDE_HTM,
+        htu: str = DECIDE_HTU,
+    ) -> Observation:
+        """Report what ``tool`` returned after the allowed decision ``receipt``: its labels
+        and values join the flow state of the task and its ancestors. The proof binds the
+        result (:meth:`tether.ProofKey.prove_result`). Raises
+        :class:`tether.enforcement.ObservationRefused` (with a receipt) when refused."""
+        try:
+            verified = self.enforcement.verify(
+                token=token,
+                proof=proof,
+                binding=result_digest(tool, receipt, result),
+                htm=htm,
+                htu=htu,
+                task_hint=task_id,
+            )
+            self.enforcement.consume(verified)
+        except Exception as exc:
+            raise ObservationRefused(
+                str(getattr(exc, "code", "token.invalid")),
+                getattr(exc, "message", None) or type(exc).__name__,
+            ) from None
+        return self.enforcement.observe(verified, tool=tool, result=result, decision_seq=receipt)
 
     # -- secrets and leases -------------------------------------------------------------------
     def put_secret(

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tether._errors import TetherError, UsageError
@@ -54,6 +55,11 @@ secret_app = typer.Typer(
 app.add_typer(secret_app, name="secret")
 lease_app = typer.Typer(no_args_is_help=True, help="Leases of brokered credentials.")
 app.add_typer(lease_app, name="lease")
+catalogue_app = typer.Typer(
+    no_args_is_help=True,
+    help="The tool catalogue every door judges calls by (side effect, sensitivity, sinks).",
+)
+app.add_typer(catalogue_app, name="catalogue")
 
 out = Console(highlight=False, soft_wrap=True)
 _global_home: list[Path] = []
@@ -235,17 +241,132 @@ def gateway(
     run_gateway(config, chosen, host=host, port=port)
 
 
+def _shown(text: str) -> str:
+    """An upstream's word (a tool name), safe to print: no markup, no control characters."""
+    return escape(text if text.isprintable() else repr(text))
+
+
+def _gateway_home(home: Path | None, configured: str | None) -> Path:
+    """The Tether home of a gateway command: --home, then $TETHER_HOME, then the
+    configuration's ``home``, else ./.tether (as ``tether gateway --config`` serves)."""
+    if home is not None:
+        return home
+    if _global_home:
+        return _global_home[0]
+    if os.environ.get("TETHER_HOME"):
+        return Path(os.environ["TETHER_HOME"])
+    return Path(configured) if configured else Path(".tether")
+
+
 @gateway_app.command("catalogue")
 def gateway_catalogue(
     config: Annotated[Path, typer.Option("--config", help="gateway TOML file")],
     upstream: Annotated[str, typer.Option("--upstream", help="upstream name")],
+    pin: Annotated[
+        bool,
+        typer.Option("--pin/--no-pin", help="pin the printed tool definitions in the home's store"),
+    ] = True,
+    by: ByOpt = None,
+    home: HomeOpt = None,
 ) -> None:
-    """Print a draft tool catalogue from an upstream's tools/list, for review."""
-    from tether.gateway import import_catalogue, load_config  # noqa: PLC0415
+    """Print a draft tool catalogue from an upstream's tools/list, for review, and pin the
+    definitions it printed (a receipt for each new or changed pin)."""
+    from tether.gateway._config import load_config  # noqa: PLC0415 - keeps other verbs fast
+    from tether.gateway._import import draft_catalogue, read_upstream_tools  # noqa: PLC0415
+    from tether.gateway._pins import ToolPins  # noqa: PLC0415
 
-    sys.stdout.write(
-        import_catalogue(load_config(config, resolve_catalogues=False).upstream(upstream))
-    )
+    loaded = load_config(config, resolve_catalogues=False)
+    target = loaded.upstream(upstream)
+    tether = Tether.open(_gateway_home(home, loaded.home)) if pin else None
+    try:
+        tools = read_upstream_tools(target)
+        draft = draft_catalogue(target, tools)
+        if tether is not None:
+            changes = ToolPins(tether).pin(
+                target.name, [t for t in tools if t.name], by=_who(by), source="catalogue"
+            )
+            sys.stderr.write(
+                f"tether: pinned the definitions of {len(tools)} tools of upstream "
+                f"{target.name!r} ({len(changes)} new or changed)\n"
+            )
+    finally:
+        if tether is not None:
+            tether.close()
+    sys.stdout.write(draft)
+
+
+@gateway_app.command("pin")
+def gateway_pin(
+    config: Annotated[Path, typer.Argument(help="gateway TOML file", show_default=False)],
+    upstream: Annotated[str, typer.Argument(help="upstream name", show_default=False)],
+    tool: Annotated[
+        list[str] | None,
+        typer.Option("--tool", help="pin only this tool (repeatable; default: every tool)"),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="show what would change, pin nothing")
+    ] = False,
+    by: ByOpt = None,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Pin an upstream's current tool definitions after reviewing them (a receipt per changed
+    pin): a tool whose definition changed since it was pinned is hidden and refused by the
+    gateway until it is pinned again. Prints the changes (previous and new digest)."""
+    from tether.gateway._config import load_config  # noqa: PLC0415 - keeps other verbs fast
+    from tether.gateway._import import read_upstream_tools  # noqa: PLC0415
+    from tether.gateway._pins import ToolPins, definition_digest  # noqa: PLC0415
+
+    loaded = load_config(config, resolve_catalogues=False)
+    target = loaded.upstream(upstream)
+    tether = Tether.open(_gateway_home(home, loaded.home))
+    try:
+        offered = {t.name: t for t in read_upstream_tools(target) if t.name}
+        names = sorted(set(tool)) if tool else sorted(offered)
+        missing = [n for n in names if n not in offered]
+        if missing:
+            raise UsageError(
+                f"upstream {target.name!r} offers no tool named {', '.join(map(repr, missing))}"
+            )
+        pins = ToolPins(tether)
+        changed: list[dict[str, Any]]
+        if dry_run:
+            before = pins.pinned().get(target.name, {})
+            changed = []
+            for n in names:
+                previous = before[n].digest if n in before else None
+                value = definition_digest(offered[n])
+                if value != previous:
+                    changed.append({"tool": n, "previous": previous, "digest": value})
+        else:
+            done = pins.pin(target.name, [offered[n] for n in names], by=_who(by))
+            changed = [c.to_dict() for c in done]
+    finally:
+        tether.close()
+    for c in changed:
+        c["description"] = offered[c["tool"]].description or ""
+    touched = {c["tool"] for c in changed}
+    unchanged = [n for n in names if n not in touched]
+    result = {
+        "upstream": target.name,
+        "dry_run": dry_run,
+        "changed": changed,
+        "unchanged": unchanged,
+    }
+
+    def human() -> None:
+        verb = "would pin" if dry_run else "pinned"
+        if not changed:
+            out.print(f"[green]✓[/] upstream {target.name}: every pin is current")
+        for c in changed:
+            out.print(f"[green]✓[/] {verb} {target.name}.{_shown(c['tool'])}")
+            out.print(f"    previous: {c['previous'] or '(not pinned)'}", markup=False)
+            out.print(f"    new:      {c['digest']}", markup=False)
+            out.print(f"    description: {c['description']!r}", markup=False)
+        if unchanged:
+            out.print("unchanged: " + ", ".join(map(_shown, unchanged)))
+
+    emit(result, as_json, human)
 
 
 @admin_app.command("create")
@@ -440,6 +561,53 @@ def policy_load(directory: Path, as_json: JsonOpt = False, home: HomeOpt = None)
             f"[green]✓[/] {len(snapshot.policies)} policies loaded ({snapshot.digest[:19]}…)"
         ),
     )
+
+
+@catalogue_app.command("load")
+def catalogue_load(
+    files: Annotated[list[Path], typer.Argument(help="Catalogue TOML files ([tools.<name>]).")],
+    prefix: Annotated[
+        str | None, typer.Option(help="Name the tools PREFIX.<name> (an upstream's name).")
+    ] = None,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Replace the trust domain's tool catalogue with the entries of FILES (a receipt)."""
+    from tether.gateway._profiles import profiles_from_file  # noqa: PLC0415
+
+    entries: dict[str, Any] = {}
+    for path in files:
+        entries.update(profiles_from_file(path, prefix))
+    value = _open(home).catalogue.load(entries, origin=", ".join(str(f) for f in files))
+    emit(
+        {"digest": value, "tools": sorted(entries)},
+        as_json,
+        lambda: out.print(f"[green]✓[/] {len(entries)} tools described ({value[:19]}…)"),
+    )
+
+
+@catalogue_app.command("list")
+def catalogue_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """List the catalogue's entries (a tool no entry names is judged most restrictively)."""
+    entries = _open(home).catalogue.entries()
+    rows = [
+        {
+            "tool": name,
+            "side_effect": str(p.side_effect),
+            "sensitivity": str(p.sensitivity),
+            "trusted": p.trusted,
+        }
+        for name, p in sorted(entries.items())
+    ]
+
+    def human() -> None:
+        table = Table("tool", "side effect", "sensitivity", "output")
+        for r in rows:
+            trust = "trusted" if r["trusted"] else "untrusted"
+            table.add_row(str(r["tool"]), str(r["side_effect"]), str(r["sensitivity"]), trust)
+        out.print(table)
+
+    emit({"tools": rows}, as_json, human)
 
 
 @policy_app.command("list")

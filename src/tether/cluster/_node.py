@@ -76,7 +76,7 @@ class Node:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> Node:
         self.schema = self._current_schema()
-        self.tether.authorizer.attach_memory(self.memory)
+        self.tether.enforcement.attach_memory(self.memory)
         self.tether.keys.cached = True
         self.tether.vault.follow_events = True
         self.resync()

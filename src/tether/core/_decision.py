@@ -1,10 +1,25 @@
-"""The decision core: one tool call in, one decision out.
+"""The decision core: one tool call in, one decision and one plan out.
 
-Given a task token, its proof of possession, the call (tool + arguments), a
-view of task state and the policy snapshot, :func:`decide` returns a
-:class:`Decision`. It performs no I/O: the clock is a number passed in, the
-task state comes through the :class:`TaskView` seam, keys and policies are
-values.
+An enforcement point (the HTTP API, the SDK's in-process path, the MCP gateway)
+never decides anything itself. It hands what it received to the one pipeline
+(:mod:`tether.enforcement`), which calls, in order:
+
+1. :func:`verify`: the task token and its proof of possession, checked once
+   (signature, times, audience, trust domain, key binding, call binding);
+2. the store, in one transaction that locks the task and its ancestors, to
+   load a :class:`Snapshot` (the task and its ancestors, revocation, whether
+   the proof was seen, a matching approval, the tree's flow states, the
+   brokered values to look for, the tool's profile);
+3. :func:`decide`, pure: the :class:`Decision` **and** the :class:`Plan` of what
+   it implies (the proof consumed, one call spent on the task and every
+   ancestor, the next flow state of each, an approval used or requested);
+4. the plan applied and the receipt appended, in the same transaction.
+
+Results come back the same way: :func:`observe` returns the plan of what a
+tool's result does to the flow state of the task and its ancestors.
+
+Nothing here performs I/O: the clock is a number passed in, keys and
+policies are values, the snapshot is a value.
 
 Invariants
 ----------
@@ -14,45 +29,59 @@ Invariants
    ``deny`` whose reason names the failure. ``decide`` never raises.
 3. Authority never exceeds the intent. A call is allowed only if a capability
    declared by the task's intent covers the tool and its arguments, *and*
-   Cedar permits it, *and* the budget has room: policy can narrow an intent,
-   never widen it.
-4. Every decision has a reason. A deny names the check that refused it
+   Cedar permits it, *and* the budgets of the task and of every ancestor have
+   room: policy can narrow an intent, never widen it.
+4. Authority only narrows down a delegation tree. A task is judged against the
+   flow state of its whole tree (what it and its ancestors read:
+   :func:`tether.core._flow.merge`), and its calls, distinct tools and spend
+   count against every ancestor's budget: a child can never do what its
+   parent's state forbids.
+5. Every decision has a reason. A deny names the check that refused it
    (``Reason.code``) and, for Cedar, the ids of the policies that fired.
-5. Decisions have no side effects. The caller applies what a decision implies
-   (record the proof id, spend budget) atomically with its receipt, only for
-   ``allow``; a refused call changes no task state.
+6. Decisions have no side effects. What a decision implies is its
+   :class:`Plan`; a refused call's plan is empty, so a refused call changes no
+   task state (the enforcement point may still burn a refused call's proof).
+7. Flow rules and the credential check only narrow. They run after every
+   other check: a finding can turn an allow into a deny or an approval, never
+   the reverse, and a deny outranks an approval. The state's summary is
+   Cedar's ``context.flow``.
 
-6. Flow rules only narrow. When the enforcement point passes the task's flow
-   state (:class:`tether.core.FlowInput`), the flow rules of
-   :mod:`tether.core._flow` run after every other check: a finding can turn an
-   allow into a deny or an approval, never the reverse, and a deny finding
-   outranks an approval. The state's summary is Cedar's ``context.flow``.
-
-Checks, in order: token (shape, algorithm, trust domain, key id, signature,
-``exp``/``nbf`` with a small skew, audience), task and identity liveness
-(revocation, task ended or expired, agent disabled), the proof of possession
-(key binding, call binding, freshness, replay), the intent's capabilities,
-Cedar policy, budget, flow rules.
+Checks, in order: the call's shape; token (shape, algorithm, trust domain, key
+id, signature, ``exp``/``nbf`` with a small skew, audience) and proof (key
+binding, call binding, freshness); task and identity liveness (revocation,
+task ended, expired or idle, agent disabled, an ancestor no longer open),
+proof replay; the intent's capabilities; Cedar policy; call budgets of the
+task and its ancestors; flow rules; credentials in the arguments; approval.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any
 
 import cedarpy
 import msgspec
 
 from tether._errors import TetherError
 from tether.core._canonical import digest
+from tether.core._credentials import Known, find_credentials
 from tether.core._flow import (
-    FlowInput,
+    UNDESCRIBED,
+    FlowPolicy,
+    FlowState,
     RuleEffect,
-    empty_flow_context,
+    SideEffect,
+    ToolProfile,
     evaluate_flow,
     flow_context,
+    merge,
+    observe_call,
+    observe_result,
+    start,
 )
 from tether.core._intent import Intent, match_capability
 from tether.core._policy import PolicySnapshot
@@ -61,7 +90,6 @@ from tether.core._verify import (
     ProofVerifier,
     TaskClaims,
     TokenVerifier,
-    call_digest,
 )
 
 DECIDE_HTM = "POST"
@@ -106,16 +134,6 @@ class TaskState(msgspec.Struct, frozen=True):
     parent_task_id: str | None = None
 
 
-class TaskView(Protocol):
-    """Read-only access to task state, provided by the enforcement point."""
-
-    def task(self, task_id: str) -> TaskState | None: ...
-
-    def token_revoked(self, token_id: str) -> bool: ...
-
-    def proof_seen(self, jti: str) -> bool: ...
-
-
 class Call(msgspec.Struct, frozen=True):
     tool: str
     args: dict[str, Any]
@@ -140,7 +158,9 @@ class Decision(msgspec.Struct, frozen=True, omit_defaults=True):
         return self.effect is Effect.ALLOW
 
 
-class _Refusal(Exception):
+class Refused(Exception):
+    """A check refused the call (raised inside the core, turned into a deny)."""
+
     def __init__(
         self,
         code: str,
@@ -148,10 +168,12 @@ class _Refusal(Exception):
         *controls: Control,
         policies: tuple[str, ...] = (),
         more: tuple[Reason, ...] = (),
+        claims: TaskClaims | None = None,
     ):
         super().__init__(message)
         self.code, self.message, self.controls, self.policies = code, message, controls, policies
         self.more = more
+        self.claims = claims
 
 
 def cedar_value(value: Any, depth: int = 0) -> Any:
@@ -236,205 +258,328 @@ def call_entities(agent_id: str, owner: str, kind: str, tool: str) -> cedarpy.En
     return cedarpy.Entities.from_json_str(json.dumps(entities))
 
 
-def decide(
+#: Side effects through which an argument leaves the task's hands.
+OUTBOUND = frozenset({SideEffect.EGRESS, SideEffect.WRITE, SideEffect.DESTRUCTIVE})
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """A task token and its proof, verified once: what the rest of the pipeline trusts."""
+
+    token: str
+    claims: TaskClaims
+    proof_jti: str
+    proof_iat: float
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A human's approval of exactly this call (task, tool, arguments, policy)."""
+
+    approval_id: str
+    decided_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything one decision reads, loaded in the transaction that locks the task tree.
+
+    ``ancestors`` are the task's parent first and its root last. ``flows`` holds the
+    stored flow state of the task and of each ancestor (a task with none yet starts from
+    its request). ``profile`` is the called tool's catalogue entry (undescribed: the most
+    restrictive) and ``flow_policy`` the flow rules in force.
+    """
+
+    task: TaskState | None
+    ancestors: tuple[TaskState, ...] = ()
+    token_revoked: bool = False
+    proof_seen: bool = False
+    flows: Mapping[str, FlowState] = field(default_factory=dict)
+    grant: Grant | None = None
+    known_secrets: tuple[Known, ...] = ()
+    profile: ToolProfile = UNDESCRIBED
+    flow_policy: FlowPolicy = field(default_factory=FlowPolicy)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What a decision implies, applied by the pipeline with the receipt, atomically.
+
+    ``spend`` lists the tasks one call is spent on (the task, then each ancestor);
+    ``flows`` the next flow state of each task of the tree that changes.
+    """
+
+    record_proof: str | None = None
+    spend: tuple[str, ...] = ()
+    flows: tuple[tuple[str, FlowState], ...] = ()
+    use_approval: str | None = None
+    request_approval: bool = False
+    touch: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self == NOTHING
+
+
+NOTHING = Plan()
+
+
+def verify(
     *,
     token: str | None,
     proof: str | None,
-    call: Call,
-    view: TaskView,
-    snapshot: PolicySnapshot,
+    binding: str | None,
     tokens: TokenVerifier,
     proofs: ProofVerifier,
     now: float,
-    task_hint: str | None = None,
     htm: str = DECIDE_HTM,
     htu: str = DECIDE_HTU,
     resource: str | None = None,
-    flow: FlowInput | None = None,
-) -> Decision:
-    """Decide one tool call. Never raises; see the module docstring.
+    task_hint: str | None = None,
+) -> Verified:
+    """Verify a task token and its proof for one request; raise if anything is wrong.
 
-    ``resource`` is the enforcement point's own identifier (e.g. an MCP gateway's
-    URI): when given, the token must be addressed to it as well. ``flow`` is the
-    task's flow state, the called tool's profile and the flow policy in force:
-    when given, the flow rules run too (invariant 6).
+    ``binding`` is what the proof's ``call`` claim must hold (a call's or a result's
+    digest; ``None`` for a request that carries neither). ``resource`` is the
+    enforcement point's own identifier: the token must be addressed to it.
+    Raises :class:`Refused` or a :class:`tether.TetherError` (``TokenRejected``,
+    ``ProofRejected``); never returns a partial result.
     """
-    context: dict[str, Any] = {"tool": None, "args_digest": None}
-    try:
-        return _decide(
-            token,
-            proof,
-            call,
-            view,
-            snapshot,
-            tokens,
-            proofs,
-            now,
-            task_hint,
-            htm,
-            htu,
-            context,
-            resource,
-            flow,
-        )
-    except _Refusal as refusal:
-        return Decision(
-            effect=Effect.DENY,
-            reasons=(Reason(refusal.code, refusal.message), *refusal.more),
-            policies=refusal.policies,
-            risk_tags=risk_tags(*refusal.controls),
-            **context,
-        )
-    except TetherError as exc:
-        return Decision(
-            effect=Effect.DENY,
-            reasons=(Reason(exc.code, exc.message),),
-            risk_tags=risk_tags(Control.TASK_TOKEN),
-            **context,
-        )
-    except Exception as exc:  # fail closed on anything unexpected
-        return Decision(
-            effect=Effect.DENY,
-            reasons=(Reason("internal.error", f"decision failed: {type(exc).__name__}: {exc}"),),
-            risk_tags=risk_tags(Control.PER_CALL_POLICY),
-            **context,
-        )
-
-
-def _decide(
-    token: str | None,
-    proof: str | None,
-    call: Call,
-    view: TaskView,
-    snapshot: PolicySnapshot,
-    tokens: TokenVerifier,
-    proofs: ProofVerifier,
-    now: float,
-    task_hint: str | None,
-    htm: str,
-    htu: str,
-    out: dict[str, Any],
-    resource: str | None = None,
-    flow: FlowInput | None = None,
-) -> Decision:
-    if not isinstance(call.tool, str) or not 0 < len(call.tool) <= MAX_TOOL_NAME:
-        raise _Refusal(
-            "call.malformed", "tool name must be 1-256 characters", Control.PER_CALL_POLICY
-        )
-    out["tool"] = call.tool
-    if not isinstance(call.args, dict):
-        raise _Refusal("call.malformed", "arguments must be a JSON object", Control.PER_CALL_POLICY)
-    args_json = msgspec.json.encode(call.args)
-    if len(args_json) > MAX_ARGS_BYTES:
-        raise _Refusal(
-            "call.oversized", f"arguments exceed {MAX_ARGS_BYTES} bytes", Control.PER_CALL_POLICY
-        )
-    out["args_digest"] = digest(call.args)
-
-    # 1. The token: signature, times, audience, trust domain.
     if token is None:
-        raise _Refusal("token.missing", "no task token was presented", Control.TASK_TOKEN)
+        raise Refused("token.missing", "no task token was presented", Control.TASK_TOKEN)
     claims: TaskClaims = tokens.verify(token, now=now)
-    out.update(
-        task_id=claims.task_id,
-        agent_id=claims.subject,
-        chain=claims.chain,
-        intent_digest=claims.intent_digest,
-        token_digest=claims.token_digest,
-    )
     if resource is not None and resource not in claims.audiences:
-        raise _Refusal(
+        raise Refused(
             "token.audience",
             f"token is not addressed to this resource ({resource})",
             Control.AUDIENCE,
+            claims=claims,
         )
     if task_hint is not None and task_hint != claims.task_id:
-        raise _Refusal(
+        raise Refused(
             "token.task_mismatch",
             f"token belongs to task {claims.task_id}, not {task_hint}",
             Control.TASK_TOKEN,
+            claims=claims,
         )
+    try:
+        proved = proofs.verify(
+            proof, token=token, jkt=claims.jkt, htm=htm, htu=htu, call=binding, now=now
+        )
+    except TetherError as exc:
+        raise Refused(exc.code, exc.message, Control.SENDER_CONSTRAINED, claims=claims) from None
+    return Verified(token=token, claims=claims, proof_jti=proved.jti, proof_iat=proved.issued_at)
 
-    # 2. Liveness: revocation, the task, the agent.
-    state = view.task(claims.task_id)
+
+def check_live(claims: TaskClaims, snapshot: Snapshot, now: float) -> TaskState:
+    """The task the token belongs to, if the token is still live; raise :class:`Refused`.
+
+    The one liveness check (RFC 7662 ``active`` semantics): every door uses it, for a
+    decision, a result and any other request a task token authenticates.
+    """
+    state = snapshot.task
     if state is None:
-        raise _Refusal("task.unknown", f"task {claims.task_id} is not known", Control.TASK_TOKEN)
+        raise Refused("task.unknown", f"task {claims.task_id} is not known", Control.TASK_TOKEN)
     if state.agent_id != claims.subject:
-        raise _Refusal(
+        raise Refused(
             "token.task_mismatch", "token subject is not the task's agent", Control.TASK_TOKEN
         )
     if not state.agent_active:
-        raise _Refusal(
+        raise Refused(
             "identity.disabled",
             f"agent {state.agent_id} is disabled",
             Control.OFFBOARDING,
             Control.TASK_TOKEN,
         )
     if state.status != "open":
-        raise _Refusal(
+        raise Refused(
             f"task.{state.status}", f"task {state.task_id} is {state.status}", Control.TASK_TOKEN
         )
-    if view.token_revoked(claims.token_id) or state.token_id != claims.token_id:
-        raise _Refusal(
+    if snapshot.token_revoked or state.token_id != claims.token_id:
+        raise Refused(
             "token.revoked",
             "token has been revoked",
             Control.TASK_TOKEN,
             Control.CASCADING_REVOCATION,
         )
     if now >= state.expires_at:
-        raise _Refusal("task.expired", f"task {state.task_id} has expired", Control.TASK_TOKEN)
+        raise Refused("task.expired", f"task {state.task_id} has expired", Control.TASK_TOKEN)
     idle = state.intent.idle_seconds
     if idle is not None and now - max(state.last_activity or 0.0, state.opened_at) >= idle:
-        raise _Refusal(
+        raise Refused(
             "task.idle",
             f"task {state.task_id} has been idle for {idle}s or more",
             Control.TASK_TOKEN,
         )
     if state.intent_digest != claims.intent_digest or state.jkt != claims.jkt:
-        raise _Refusal(
+        raise Refused(
             "token.task_mismatch",
             "token does not match its task's intent or key",
             Control.INTENT_BINDING,
         )
+    for ancestor in snapshot.ancestors:
+        if ancestor.status != "open" or now >= ancestor.expires_at:
+            raise Refused(
+                "delegation.parent",
+                f"ancestor task {ancestor.task_id} is "
+                f"{ancestor.status if ancestor.status != 'open' else 'expired'}",
+                Control.DELEGATION,
+                Control.CASCADING_REVOCATION,
+            )
+    return state
 
-    # 3. Proof of possession of the bound key, for this exact call.
-    proved = proofs.verify(
-        proof,
-        token=token,
-        jkt=claims.jkt,
-        htm=htm,
-        htu=htu,
-        call=call_digest(call.tool, call.args),
-        now=now,
+
+def tree_state(state: TaskState, snapshot: Snapshot) -> tuple[FlowState, list[FlowState]]:
+    """The task's own flow state and its ancestors' (a task with none starts afresh)."""
+    own = snapshot.flows.get(state.task_id) or start(state.intent.request or "")
+    return own, [
+        snapshot.flows[a.task_id] for a in snapshot.ancestors if a.task_id in snapshot.flows
+    ]
+
+
+def refusal(exc: BaseException, context: Mapping[str, Any]) -> Decision:
+    """The deny an exception raised on the decision path becomes (invariant 2); never
+    raises itself: a failure while describing the refusal is a bare deny."""
+    try:
+        return _refusal(exc, context)
+    except Exception:
+        return Decision(
+            effect=Effect.DENY,
+            reasons=(Reason("internal.error", "decision failed"),),
+        )
+
+
+def _refusal(exc: BaseException, context: Mapping[str, Any]) -> Decision:
+    if isinstance(exc, Refused):
+        return Decision(
+            effect=Effect.DENY,
+            reasons=(Reason(exc.code, exc.message), *exc.more),
+            policies=exc.policies,
+            risk_tags=risk_tags(*exc.controls),
+            **context,
+        )
+    if isinstance(exc, TetherError):
+        return Decision(
+            effect=Effect.DENY,
+            reasons=(Reason(exc.code, exc.message),),
+            risk_tags=risk_tags(Control.TASK_TOKEN),
+            **context,
+        )
+    return Decision(
+        effect=Effect.DENY,
+        reasons=(Reason("internal.error", f"decision failed: {type(exc).__name__}"),),
+        risk_tags=risk_tags(Control.PER_CALL_POLICY),
+        **context,
     )
-    out["proof_jti"] = proved.jti
-    if view.proof_seen(proved.jti):
-        raise _Refusal("proof.replayed", "proof has been used before", Control.SENDER_CONSTRAINED)
 
-    # 4. The intent's capabilities.
+
+def identify(verified: Verified | None, call: Call) -> dict[str, Any]:
+    """What a decision's receipt says of the caller and the call, as far as it is known."""
+    context: dict[str, Any] = {"tool": None, "args_digest": None}
+    if isinstance(call.tool, str):
+        context["tool"] = call.tool[:MAX_TOOL_NAME]
+    if isinstance(call.args, dict):
+        try:
+            context["args_digest"] = digest(call.args)
+        except Exception:
+            context["args_digest"] = None
+    if verified is not None:
+        claims = verified.claims
+        context.update(
+            task_id=claims.task_id,
+            agent_id=claims.subject,
+            chain=claims.chain,
+            intent_digest=claims.intent_digest,
+            token_digest=claims.token_digest,
+            proof_jti=verified.proof_jti,
+        )
+    return context
+
+
+def check_call(call: Call) -> None:
+    """The call's own shape: a tool name and a bounded JSON object of arguments."""
+    if not isinstance(call.tool, str) or not 0 < len(call.tool) <= MAX_TOOL_NAME:
+        raise Refused(
+            "call.malformed", "tool name must be 1-256 characters", Control.PER_CALL_POLICY
+        )
+    if not isinstance(call.args, dict):
+        raise Refused("call.malformed", "arguments must be a JSON object", Control.PER_CALL_POLICY)
+    if len(msgspec.json.encode(call.args)) > MAX_ARGS_BYTES:
+        raise Refused(
+            "call.oversized", f"arguments exceed {MAX_ARGS_BYTES} bytes", Control.PER_CALL_POLICY
+        )
+
+
+def decide(
+    verified: Verified,
+    snapshot: Snapshot,
+    call: Call,
+    policy: PolicySnapshot,
+    now: float,
+) -> tuple[Decision, Plan]:
+    """Decide one verified call against one snapshot. Never raises; see the module
+    docstring. A decision other than ``allow`` comes with an empty plan, except an
+    approval request."""
+    context = identify(verified, call)
+    try:
+        return _decide(verified, snapshot, call, policy, now, context)
+    except Exception as exc:  # fail closed on anything, expected or not
+        return refusal(exc, context), NOTHING
+
+
+def _decide(
+    verified: Verified,
+    snapshot: Snapshot,
+    call: Call,
+    policy: PolicySnapshot,
+    now: float,
+    out: dict[str, Any],
+) -> tuple[Decision, Plan]:
+    check_call(call)
+    claims = verified.claims
+    state = check_live(claims, snapshot, now)
+    if snapshot.proof_seen:
+        raise Refused("proof.replayed", "proof has been used before", Control.SENDER_CONSTRAINED)
+
+    # The intent's capabilities.
     match = match_capability(state.intent, call.tool, call.args)
     if match.matched is None:
         code = "intent.argument" if "argument" in (match.reason or "") else "intent.no_capability"
-        raise _Refusal(
+        raise Refused(
             code, match.reason or "not in intent", Control.INTENT_BINDING, Control.PER_CALL_POLICY
         )
 
     # Flow findings are computed now so Cedar sees them; they are applied last.
-    if flow is not None:
-        findings = evaluate_flow(
-            flow.state,
-            state.intent,
-            call.tool,
-            call.args,
-            flow.profile,
-            flow.policy,
-            declared=match.matched.tool == call.tool,
-        )
-        flow_ctx = flow_context(flow.state, call.tool, flow.profile, findings)
-    else:
-        findings, flow_ctx = [], empty_flow_context()
+    profile = snapshot.profile
+    own, ancestors = tree_state(state, snapshot)
+    effective = merge(own, ancestors)
+    budgets = [(state.task_id, state.intent.budget, own)]
+    for ancestor in snapshot.ancestors:
+        flow = snapshot.flows.get(ancestor.task_id)
+        budgets.append((ancestor.task_id, ancestor.intent.budget, flow or FlowState()))
+    findings = evaluate_flow(
+        effective,
+        state.intent,
+        call.tool,
+        call.args,
+        profile,
+        snapshot.flow_policy,
+        # Named exactly by the task and by every ancestor: a child naming what its parent
+        # reached only through a wildcard does not make a privileged tool declared.
+        declared=match.matched.tool == call.tool
+        and all(
+            any(cap.tool == call.tool for cap in a.intent.capabilities) for a in snapshot.ancestors
+        ),
+        budgets=budgets,
+    )
+    flow_ctx = flow_context(
+        msgspec.structs.replace(effective, calls=own.calls, tools=own.tools, spend=own.spend),
+        call.tool,
+        profile,
+        findings,
+    )
 
-    # 5. Cedar.
+    # Cedar.
     principal = {"type": "Agent", "id": state.agent_id}
     cedar_args = {k: cedar_value(v) for k, v in call.args.items() if v is not None}
     context = call_context(
@@ -446,7 +591,7 @@ def _decide(
         args=cedar_args,
         flow=flow_ctx,
     )
-    outcome = snapshot.evaluate(
+    outcome = policy.evaluate(
         principal,
         "call_tool",
         {"type": "Tool", "id": call.tool},
@@ -454,7 +599,7 @@ def _decide(
         call_entities(state.agent_id, state.agent_owner, state.agent_kind, call.tool),
     )
     if outcome.errors:
-        raise _Refusal(
+        raise Refused(
             "policy.error",
             "policy evaluation failed: " + "; ".join(outcome.errors),
             Control.PER_CALL_POLICY,
@@ -462,35 +607,49 @@ def _decide(
         )
     if not outcome.allowed:
         if outcome.policies:
-            raise _Refusal(
+            raise Refused(
                 "policy.forbid",
                 "forbidden by policy " + ", ".join(outcome.policies),
                 Control.PER_CALL_POLICY,
                 policies=outcome.policies,
             )
-        raise _Refusal("policy.no_permit", "no policy permits this call", Control.PER_CALL_POLICY)
+        raise Refused("policy.no_permit", "no policy permits this call", Control.PER_CALL_POLICY)
 
-    # 6. Budget.
+    # Call budgets: the task's and every ancestor's (children cannot multiply a budget).
     if state.calls_used >= state.intent.budget.max_calls:
-        raise _Refusal(
+        raise Refused(
             "budget.calls_exhausted",
             f"call budget of {state.intent.budget.max_calls} is spent",
             Control.INTENT_BINDING,
             policies=outcome.policies,
         )
+    for ancestor in snapshot.ancestors:
+        if ancestor.calls_used >= ancestor.intent.budget.max_calls:
+            raise Refused(
+                "budget.calls_exhausted",
+                f"the budget of ancestor task {ancestor.task_id} is spent",
+                Control.INTENT_BINDING,
+                Control.DELEGATION,
+                policies=outcome.policies,
+            )
 
-    # 7. Flow rules: they only narrow (invariant 6).
+    # Flow rules: they only narrow (invariant 7).
     denies = [f for f in findings if f.effect is RuleEffect.DENY]
     if denies:
-        raise _Refusal(
+        raise Refused(
             denies[0].code,
             denies[0].message,
             Control.INFORMATION_FLOW,
             Control.PER_CALL_POLICY,
+            *((Control.DELEGATION,) if snapshot.ancestors else ()),
             policies=outcome.policies,
             more=tuple(Reason(f.code, f.message) for f in findings[1:]),
         )
     held = [f for f in findings if f.effect is RuleEffect.APPROVAL]
+
+    # Credentials in the arguments, checked before an approval is requested, so such
+    # arguments are never stored for a human to read (OWASP ASI03; NHI2, NHI7).
+    _hygiene(call.args, snapshot.known_secrets, profile)
 
     controls = (
         Control.TASK_TOKEN,
@@ -498,6 +657,7 @@ def _decide(
         Control.INTENT_BINDING,
         Control.PER_CALL_POLICY,
     )
+    approval_id: str | None = None
     if outcome.approval or held:
         reasons = tuple(Reason(f.code, f.message) for f in held)
         if outcome.approval:
@@ -511,21 +671,107 @@ def _decide(
                 *reasons,
             )
         extra = (Control.INFORMATION_FLOW,) if held else ()
-        return Decision(
-            effect=Effect.APPROVAL_REQUIRED,
-            reasons=reasons,
+        if snapshot.grant is None:
+            held_decision = Decision(
+                effect=Effect.APPROVAL_REQUIRED,
+                reasons=reasons,
+                policies=outcome.policies,
+                risk_tags=risk_tags(*controls, *extra, Control.APPROVAL),
+                **out,
+            )
+            return held_decision, Plan(request_approval=True)
+        approval_id = snapshot.grant.approval_id
+        decision = Decision(
+            effect=Effect.ALLOW,
+            reasons=(
+                Reason(
+                    "approval.granted",
+                    f"approved by {snapshot.grant.decided_by} ({approval_id})",
+                ),
+            ),
             policies=outcome.policies,
             risk_tags=risk_tags(*controls, *extra, Control.APPROVAL),
             **out,
         )
-    return Decision(
-        effect=Effect.ALLOW,
-        reasons=(
-            Reason(
-                "allow", f"within intent capability {match.matched.tool!r} and permitted by policy"
+    else:
+        decision = Decision(
+            effect=Effect.ALLOW,
+            reasons=(
+                Reason(
+                    "allow",
+                    f"within intent capability {match.matched.tool!r} and permitted by policy",
+                ),
             ),
-        ),
-        policies=outcome.policies,
-        risk_tags=risk_tags(*controls),
-        **out,
+            policies=outcome.policies,
+            risk_tags=risk_tags(*controls),
+            **out,
+        )
+
+    # The plan: one proof consumed, one call spent and the call joins the flow state, on
+    # the task and on every ancestor.
+    tree = (state, *snapshot.ancestors)
+    flows = [(state.task_id, observe_call(own, call.tool, call.args, profile))]
+    for ancestor in snapshot.ancestors:
+        before = snapshot.flows.get(ancestor.task_id) or start(ancestor.intent.request or "")
+        flows.append((ancestor.task_id, observe_call(before, call.tool, call.args, profile)))
+    plan = Plan(
+        record_proof=verified.proof_jti,
+        spend=tuple(t.task_id for t in tree),
+        flows=tuple(flows),
+        use_approval=approval_id,
+        touch=state.task_id if state.intent.idle_seconds is not None else None,
     )
+    return decision, plan
+
+
+def _hygiene(args: dict[str, Any], known: tuple[Known, ...], profile: ToolProfile) -> None:
+    """Refuse a call that would carry a credential out.
+
+    A brokered secret's value in the arguments is refused for every tool (an agent never
+    holds one; if it does, it leaked); any other recognised credential (known formats,
+    high entropy, a member named like one) for a tool that writes, sends or destroys (an
+    undescribed tool counts as destructive).
+    """
+    findings = find_credentials(args, known)
+    outbound = profile.side_effect in OUTBOUND
+    refused = [f for f in findings if f.secret is not None or outbound]
+    if not refused:
+        return
+    what = "; ".join(f.describe() for f in refused[:3])
+    if outbound:
+        described = profile is not UNDESCRIBED
+        raise Refused(
+            "secret.egress",
+            f"{what}: a credential must not reach a tool that is "
+            f"{profile.side_effect if described else 'not described (treated as egress)'}",
+            Control.SECRET_BROKERING,
+            Control.PER_CALL_POLICY,
+        )
+    raise Refused(
+        "secret.brokered",
+        f"{what}: brokered secrets are injected by Tether, never passed by an agent",
+        Control.SECRET_BROKERING,
+        Control.PER_CALL_POLICY,
+    )
+
+
+def observe(
+    verified: Verified,
+    snapshot: Snapshot,
+    tool: str,
+    result: Any,
+    now: float,
+) -> tuple[TaskState, Plan]:
+    """What a tool's result does to the task tree's flow state (raises :class:`Refused`).
+
+    The result is observed on the task and on every ancestor (it returns to them):
+    labels, untrusted content and the values it holds. Observing only ever narrows
+    what later calls may do.
+    """
+    state = check_live(verified.claims, snapshot, now)
+    own = snapshot.flows.get(state.task_id) or start(state.intent.request or "")
+    flows = [(state.task_id, observe_result(own, tool, result, snapshot.profile))]
+    for ancestor in snapshot.ancestors:
+        before = snapshot.flows.get(ancestor.task_id) or start(ancestor.intent.request or "")
+        flows.append((ancestor.task_id, observe_result(before, tool, result, snapshot.profile)))
+    return state, Plan(flows=tuple(flows))

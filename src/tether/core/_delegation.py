@@ -3,9 +3,9 @@
 ``check_narrowing`` raises :class:`DelegationRejected` naming the first part of
 the child intent that is not covered by the parent: a capability no parent
 capability covers, an argument constraint dropped or loosened, a higher data
-ceiling, egress the parent did not have, more budget than the parent has left,
-a longer life than the parent has left, another on-behalf-of user, or a chain
-deeper than allowed.
+ceiling, egress the parent did not have, more budget (calls, spend, distinct
+tools) than the parent has left, a longer life than the parent has left, another
+on-behalf-of user, or a chain deeper than allowed.
 """
 
 from __future__ import annotations
@@ -82,8 +82,14 @@ def check_narrowing(
     parent_seconds_left: float,
     depth: int,
     max_depth: int = MAX_DELEGATION_DEPTH,
+    parent_spent: float = 0.0,
+    parent_tools_used: int = 0,
 ) -> None:
-    """Raise DelegationRejected unless ``child`` is within ``parent``."""
+    """Raise DelegationRejected unless ``child`` is within ``parent``.
+
+    Budgets are compared with what the parent has *left*: its calls, its spend
+    (``parent_spent`` of ``max_spend``) and its distinct tools (``parent_tools_used`` of
+    ``max_tools``), so a child cannot be granted what its parent already used."""
     if depth > max_depth:
         raise DelegationRejected(
             f"delegation depth {depth} exceeds the limit of {max_depth}", code="delegation.depth"
@@ -107,10 +113,16 @@ def check_narrowing(
             f"budget of {child.budget.max_calls} calls exceeds the parent's remaining "
             f"{parent_calls_left}"
         )
+    used = {"max_tools": float(parent_tools_used), "max_spend": float(parent_spent)}
     for field in ("max_tools", "max_spend"):
         limit, wanted = getattr(parent.budget, field), getattr(child.budget, field)
-        if limit is not None and (wanted is None or wanted > limit):
-            raise DelegationRejected(f"budget.{field} {wanted} exceeds the parent's {limit}")
+        if limit is None:
+            continue
+        left = max(limit - used[field], 0)
+        if wanted is None or wanted > left:
+            raise DelegationRejected(
+                f"budget.{field} {wanted} exceeds the parent's remaining {left:g} (of {limit:g})"
+            )
     if (parent.request or None) != (child.request or None) and child.request is not None:
         raise DelegationRejected("a child task may not carry another user request")
     if child.ttl_seconds > parent_seconds_left:

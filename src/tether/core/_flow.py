@@ -49,14 +49,14 @@ import fnmatch
 import functools
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
 import msgspec
 
 from tether.core._canonical import digest
-from tether.core._intent import Intent, Sensitivity
+from tether.core._intent import Budget, Intent, Sensitivity
 
 MAX_TRACKED_VALUES = 20_000
 MAX_VALUE_LENGTH = 512
@@ -344,6 +344,47 @@ def _add(items: tuple[str, ...], item: str) -> tuple[str, ...]:
     return items if item in items else (*items, item)
 
 
+def observe_content(state: FlowState, source: str, text: str) -> FlowState:
+    """The state after content nobody vouches for (a tool description an operator has not
+    reviewed, say) was shown to the task's agent: ``source`` names where it came from."""
+    profile = ToolProfile(side_effect=SideEffect.READ, sensitivity=Sensitivity.PUBLIC)
+    return observe_result(state, source, text, profile)
+
+
+def merge(own: FlowState, tree: Iterable[FlowState]) -> FlowState:
+    """What a task's calls are judged against: its own state joined with its ancestors'.
+
+    Every label, every untrusted source and value, every grounded value and the
+    discovery count of the delegation tree reach the task (an ancestor's state holds
+    what its whole subtree read, so siblings see each other's reads through it). The
+    call history, distinct tools and spend stay the task's own: budgets are checked
+    per task, on the task and on each ancestor (:func:`evaluate_budgets`).
+    """
+    merged = own
+    for other in tree:
+        untrusted = merged.untrusted_values
+        fresh = {k: v for k, v in other.untrusted_values.items() if k not in untrusted}
+        sensitive, sources = merged.sensitive_sources, merged.untrusted_sources
+        for item in other.sensitive_sources:
+            sensitive = _add(sensitive, item)
+        for item in other.untrusted_sources:
+            sources = _add(sources, item)
+        merged = msgspec.structs.replace(
+            merged,
+            max_sensitivity=max(
+                merged.max_sensitivity, other.max_sensitivity, key=lambda s: s.rank
+            ),
+            sensitive_sources=sensitive,
+            untrusted_sources=sources,
+            trusted_values=merged.trusted_values | other.trusted_values,
+            untrusted_values={**untrusted, **fresh} if fresh else untrusted,
+            request=merged.request or other.request,
+            request_values=merged.request_values | other.request_values,
+            discovery_calls=max(merged.discovery_calls, other.discovery_calls),
+        )
+    return merged
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -439,11 +480,14 @@ def evaluate_flow(
     policy: FlowPolicy,
     *,
     declared: bool,
+    budgets: Sequence[tuple[str, Budget, FlowState]] | None = None,
 ) -> list[Finding]:
     """The flow rules that fire for one proposed call, most severe first.
 
     ``declared`` tells whether the intent names ``tool`` exactly (not only
-    through a wildcard capability).
+    through a wildcard capability). ``budgets`` are the (task id, budget, own state)
+    of the task and each ancestor, whose distinct-tool and spend budgets the call
+    must fit in; without it, the intent's budget is checked against ``state``.
     """
     findings: list[Finding] = []
     ceiling = intent.data_ceiling
@@ -537,8 +581,28 @@ def evaluate_flow(
             )
         )
 
-    if policy.budgets is not RuleEffect.OFF:
-        budget = intent.budget
+    if policy.budgets is not RuleEffect.OFF and budgets is None:
+        findings.extend(evaluate_budgets(tool, args, profile, policy, [("", intent.budget, state)]))
+    elif policy.budgets is not RuleEffect.OFF and budgets:
+        findings.extend(evaluate_budgets(tool, args, profile, policy, budgets))
+
+    order = {RuleEffect.DENY: 0, RuleEffect.APPROVAL: 1, RuleEffect.OFF: 2}
+    return sorted(findings, key=lambda f: order[f.effect])
+
+
+def evaluate_budgets(
+    tool: str,
+    args: Mapping[str, Any],
+    profile: ToolProfile,
+    policy: FlowPolicy,
+    tree: Sequence[tuple[str, Budget, FlowState]],
+) -> list[Finding]:
+    """The distinct-tool and spend budgets of every task in ``tree`` (the task, then its
+    ancestors) that the call would exceed: a child cannot multiply its parent's budget."""
+    findings: list[Finding] = []
+    amount = _amount(args, profile.spend) if profile.spend is not None else None
+    for index, (task_id, budget, state) in enumerate(tree):
+        whose = "the intent's" if index == 0 else f"ancestor task {task_id}'s"
         if (
             budget.max_tools is not None
             and tool not in state.tools
@@ -549,12 +613,11 @@ def evaluate_flow(
                     "budget",
                     "budget.tools_exhausted",
                     policy.budgets,
-                    f"{tool} would be distinct tool {len(state.tools) + 1}; the intent allows "
-                    f"{budget.max_tools}",
+                    f"{tool} would be distinct tool {len(state.tools) + 1}; {whose} budget "
+                    f"allows {budget.max_tools}",
                 )
             )
         if budget.max_spend is not None and profile.spend is not None:
-            amount = _amount(args, profile.spend)
             if amount is None:
                 findings.append(
                     Finding(
@@ -570,13 +633,11 @@ def evaluate_flow(
                         "budget",
                         "budget.spend_exhausted",
                         policy.budgets,
-                        f"{tool} would spend {amount:g}; {state.spend:g} of the "
-                        f"intent's {budget.max_spend:g} is spent",
+                        f"{tool} would spend {amount:g}; {state.spend:g} of {whose} "
+                        f"{budget.max_spend:g} is spent",
                     )
                 )
-
-    order = {RuleEffect.DENY: 0, RuleEffect.APPROVAL: 1, RuleEffect.OFF: 2}
-    return sorted(findings, key=lambda f: order[f.effect])
+    return findings
 
 
 def _show(value: Any) -> str:

@@ -26,6 +26,7 @@ class Control(StrEnum):
     SENDER_CONSTRAINED = "sender-constrained"
     AUDIENCE = "audience"
     INFORMATION_FLOW = "information-flow"
+    TOOL_INTEGRITY = "tool-integrity"
 
 
 _TAGS: dict[Control, tuple[str, ...]] = {
@@ -145,6 +146,21 @@ _TAGS: dict[Control, tuple[str, ...]] = {
         "owasp-nhi:NHI5",
         "maestro:L2",
         "maestro:L6",
+        "nist-ai-rmf:MEASURE-2.7",
+    ),
+    # Not a row of STANDARDS.md §9: pinned upstream tool definitions (a reviewed definition
+    # that changes upstream, a "rug pull", or a poisoned description) address the agentic
+    # supply chain, tool misuse and context poisoning through tool descriptions, third-party
+    # tools, at the agent-framework and ecosystem layers, and third-party risk (like the
+    # PRM-discovery row: ASI04, NHI3, L7, GOVERN 6.1).
+    Control.TOOL_INTEGRITY: (
+        "owasp-asi:ASI02",
+        "owasp-asi:ASI04",
+        "owasp-asi:ASI06",
+        "owasp-nhi:NHI3",
+        "maestro:L3",
+        "maestro:L7",
+        "nist-ai-rmf:GOVERN-6.1",
         "nist-ai-rmf:MEASURE-2.7",
     ),
 }

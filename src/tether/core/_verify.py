@@ -90,6 +90,13 @@ def call_digest(tool: str, args: dict[str, Any]) -> str:
     return b64url(hashlib.sha256(canonical_json({"tool": tool, "args": args})).digest())
 
 
+def result_digest(tool: str, receipt: int, result: Any) -> str:
+    """What a proof for reporting a tool's result binds: the tool, the receipt of the
+    allowed decision it answers and the result itself (the ``call`` claim)."""
+    body = {"tool": tool, "receipt": receipt, "result": result}
+    return b64url(hashlib.sha256(canonical_json(body)).digest())
+
+
 @dataclass(frozen=True, slots=True)
 class VerificationKeys:
     """The public keys of one trust domain that may verify what it signed."""

@@ -151,6 +151,9 @@ def run(*, examples: Path, home: Path | None = None, once: bool = True, port: in
         line.heading("Policy and intent template")
         files = {p.name: p.read_text() for p in sorted((examples / "policies").glob("*.cedar"))}
         loaded = admin.load_policies(files)
+        # The tool catalogue every door judges calls by: the bank's tools, by name.
+        catalogue = tomllib.loads((examples / "bank.catalogue.toml").read_text())
+        admin.post("/v1/catalogue", {"tools": catalogue["tools"], "prefix": "bank"})
         line.say(f"{len(loaded['policies'])} Cedar policies validated and loaded")
         template = tomllib.loads((examples / "templates" / "pay-bill.toml").read_text())
         admin.add_template(template)

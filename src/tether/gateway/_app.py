@@ -86,27 +86,25 @@ from tether._errors import NotFound
 from tether._tether import Tether
 from tether.cluster import Node, join
 from tether.core import digest
-from tether.core._decision import TaskState, call_entities
+from tether.core._decision import TaskState, call_entities, tree_state
 from tether.core._flow import (
-    FlowInput,
+    FlowPolicy,
     FlowState,
     SideEffect,
     ToolProfile,
     flow_context,
-    observe_call,
-    observe_result,
-    start,
+    merge,
 )
-from tether.core._intent import Intent
 from tether.core._risk import Control, risk_tags
 from tether.core._verify import PROOF_WINDOW
+from tether.enforcement import FlowUnavailable, ObservationRefused, Receipt
 from tether.gateway._auth import Authenticator, Caller, Refusal, challenge, tool_call
 from tether.gateway._catalogue import ToolClass, classify, tool_profile
 from tether.gateway._config import APPROVAL_SAFETY_MARGIN, ConfigError, GatewayConfig, load_config
+from tether.gateway._pins import PinStatus, ToolPins
 from tether.gateway._redact import redact_result, redact_text
 from tether.gateway._upstream import InjectedHeaders, Upstream, UpstreamError
 from tether.secrets import Lease
-from tether.tasks import Receipt
 
 log = logging.getLogger("tether.gateway")
 
@@ -159,10 +157,6 @@ def _error_result(text: str, decision: dict[str, Any]) -> types.CallToolResult:
     )
 
 
-class FlowUnavailable(Exception):
-    """The task's stored flow state cannot be read: its calls are refused."""
-
-
 def _observed(result: types.CallToolResult) -> Any:
     """What the flow state records of a result: its structured content, else its text
     (a block without text is recorded by kind, so an untrusted tool's image counts too)."""
@@ -192,6 +186,10 @@ class Gateway:
         self.config = config
         self._check_identities()
         self.upstreams = {u.name: Upstream(u, known=self._known) for u in config.upstreams}
+        #: The pinned tool definitions (tether.gateway._pins), compared at every tools/list read.
+        self.pins = ToolPins(tether)
+        for listed in self.upstreams.values():
+            listed.on_tools = self._tools_listed
         self.connections: dict[tuple[str, str], TaskConnection] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self.authenticator = Authenticator(tether, config.resource)
@@ -308,7 +306,7 @@ class Gateway:
         self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
         caller = _caller(ctx)
-        state = self.authenticator.view.task(caller.task_id) or caller.state
+        state = caller.state
         tools: list[types.Tool] = []
         if state.status == "open" and state.calls_used < state.intent.budget.max_calls:
             try:
@@ -317,7 +315,7 @@ class Gateway:
                 log.exception("policy snapshot unavailable: listing no tools")
                 return types.ListToolsResult(tools=[])
             try:
-                flow = self._flow_state(caller.task_id, state.intent)
+                flow = self._flow_state(caller)
             except FlowUnavailable:
                 log.exception("flow state of task %s unreadable: listing no tools", state.task_id)
                 return types.ListToolsResult(tools=[])
@@ -334,19 +332,39 @@ class Gateway:
                 "root": caller.claims.chain[-1],
                 "args": {},
             }
+            try:
+                pinned = self.pins.pinned()
+            except Exception:
+                log.exception("pinned tool definitions unreadable: listing no tools")
+                return types.ListToolsResult(tools=[])
             for upstream in self.upstreams.values():
                 for tool in upstream.tools.values():
                     name = f"{upstream.name}.{tool.name}"
                     if not TOOL_NAME.fullmatch(name):
                         continue
+                    # A definition that changed since it was pinned is not served.
+                    definition = self.pins.status(upstream.name, tool, pinned=pinned)
+                    if definition is PinStatus.CHANGED:
+                        continue
                     klass = classify(upstream.config.tools, tool.name)
                     context["flow"] = flow_context(flow, name, tool_profile(klass), [])
                     if self._visible(state, name, klass, snapshot, context):
-                        tools.append(self._present(upstream, name, tool, klass))
+                        tools.append(
+                            self._present(upstream, name, tool, klass, definition=definition)
+                        )
         return types.ListToolsResult(tools=tools)
 
     @staticmethod
-    def _present(upstream: Upstream, name: str, tool: types.Tool, klass: ToolClass) -> types.Tool:
+    def _present(
+        upstream: Upstream,
+        name: str,
+        tool: types.Tool,
+        klass: ToolClass,
+        *,
+        definition: PinStatus = PinStatus.UNPINNED,
+    ) -> types.Tool:
+        """The tool as agents see it; ``_meta`` says whether an operator reviewed (pinned)
+        the upstream's definition (``definition``: ``pinned`` or ``unpinned``)."""
         title = tool.title or (tool.annotations.title if tool.annotations else None)
         return types.Tool(
             name=name,
@@ -365,8 +383,73 @@ class Gateway:
                     "upstream": upstream.name,
                     "tool_identity": upstream.config.identity,
                     **klass.to_dict(),
+                    "definition": str(definition),
                 }
             },
+        )
+
+    # -- pinned definitions (tether.gateway._pins) -----------------------------------------
+    def _tools_listed(self, upstream: Upstream) -> None:
+        """After each read of an upstream's ``tools/list`` (on connecting, at every
+        refresh): compare every definition with its pin; a changed one is logged once."""
+        try:
+            self.pins.observe(upstream.name, upstream.tools.values())
+        except Exception as exc:
+            log.warning(
+                "pinned tool definitions unreadable (upstream %s): %s",
+                upstream.name,
+                type(exc).__name__,
+            )
+
+    def unreviewed(self, upstream: str, tool: str) -> bool:
+        """Whether the definition of ``upstream``'s tool ``tool`` that agents are served is
+        one no operator reviewed: true unless the latest definition read matches its pin
+        (true too when the tool is not listed or the pins cannot be read)."""
+        found = self.upstreams.get(upstream)
+        definition = found.tools.get(tool) if found is not None else None
+        if definition is None:
+            return True
+        try:
+            return self.pins.unreviewed(upstream, definition)
+        except Exception:
+            return True
+
+    def _pin_refusal(
+        self,
+        caller: Caller,
+        upstream: Upstream,
+        tool: str,
+        name: str,
+        args: dict[str, Any],
+        detail: dict[str, Any],
+    ) -> types.CallToolResult | None:
+        """Refuse (with a receipt) a call to a tool whose latest known definition differs
+        from its pin, or any call when the pins cannot be read; ``None`` otherwise."""
+        definition = upstream.tools.get(tool)
+        if definition is None:  # not listed: nothing of it was served to the agent
+            return None
+        try:
+            check = self.pins.check(upstream.name, definition)
+        except Exception as exc:
+            return self._gateway_deny(
+                caller,
+                name,
+                args,
+                "gateway.pins_unavailable",
+                f"the pinned tool definitions cannot be read ({type(exc).__name__})",
+                detail=detail,
+            )
+        if check.status is not PinStatus.CHANGED:
+            return None
+        return self._gateway_deny(
+            caller,
+            name,
+            args,
+            "gateway.definition_changed",
+            f"upstream {upstream.name!r} changed the definition of {tool!r} since an operator "
+            "reviewed it; it is refused until it is reviewed and pinned again "
+            f"(tether gateway pin CONFIG {upstream.name} --tool {tool})",
+            detail={**detail, "definition": {"pinned": check.pinned, "current": check.current}},
         )
 
     # -- calls ----------------------------------------------------------------------------
@@ -394,6 +477,9 @@ class Gateway:
             "tool_class": klass.to_dict(),
             "protocol": ctx.protocol_version,
         }
+        refused = self._pin_refusal(caller, upstream, tool, name, args, detail)
+        if refused is not None:
+            return refused
         profile = tool_profile(klass)
         try:
             receipt = self._authorize(caller, name, args, detail, profile)
@@ -419,49 +505,32 @@ class Gateway:
         detail: dict[str, Any],
         profile: ToolProfile,
     ) -> Receipt:
-        """Decide the call with the task's flow state; an allowed call joins the state.
+        """Decide the call through the one pipeline, with the token and proof verified
+        when the request arrived and the tool's profile from this gateway's catalogue."""
+        return self.tether.authorize(
+            token=None,
+            proof=None,
+            verified=caller.verified,
+            tool=name,
+            args=args,
+            detail={**detail, "flow_profile": self.config.flow},
+            profile=profile,
+            flow_policy=self.config.flow_policy,
+        )
 
-        The state is read, decided on and (when allowed) advanced in one store
-        transaction, so concurrent calls of a task (on this gateway or another one
-        on the same store) each see the state the previous one left.
-        """
-        store = self.tether.store
-        with store.transaction():
-            store.lock_task(caller.task_id)  # the flow state: read, decided on, written
-            state = self._flow_state(caller.task_id, caller.state.intent)
-            receipt = self.tether.authorize(
-                token=caller.token,
-                proof=caller.proof,
-                tool=name,
-                args=args,
-                task_id=caller.task_id,
-                htm=caller.htm,
-                htu=caller.htu,
-                resource=self.config.resource,
-                detail={**detail, "flow_profile": self.config.flow},
-                side_effect=str(detail["tool_class"]["side_effect"]),
-                flow=FlowInput(state, profile, self.config.flow_policy),
-            )
-            if receipt.decision.effect == "allow":
-                after = observe_call(state, name, args, profile)
-                store.put_task_flow(
-                    caller.task_id, msgspec.json.encode(after), self.tether.clock.now()
-                )
-        return receipt
-
-    def _flow_state(self, task_id: str, intent: Intent) -> FlowState:
-        """The task's flow state from the store; a task with none starts from its request."""
-        raw = self.tether.store.get_task_flow(task_id)
-        if raw is None:
-            return start(intent.request or "")
-        try:
-            return msgspec.json.decode(raw, type=FlowState)
-        except msgspec.DecodeError as exc:
-            raise FlowUnavailable(f"the task's flow state cannot be read: {exc}") from None
+    def _flow_state(self, caller: Caller) -> FlowState:
+        """What the task's calls are judged against: its flow state joined with its
+        ancestors' (:func:`tether.core.merge`)."""
+        snapshot = self.tether.enforcement.loader.load(
+            caller.claims, proof_jti=None, profile=ToolProfile(), flow_policy=FlowPolicy()
+        )
+        state = snapshot.task or caller.state
+        own, ancestors = tree_state(state, snapshot)
+        return merge(own, ancestors)
 
     def _burn(self, caller: Caller) -> None:
         """Consume the proof of a call that was not allowed: one proof, one call."""
-        self.tether.store.record_proof(caller.proof_jti, self.tether.clock.now() + PROOF_WINDOW * 2)
+        self.tether.enforcement.burn(caller.verified)
 
     def _gateway_deny(
         self,
@@ -758,57 +827,28 @@ class Gateway:
         redactions: Counter[str],
         observed: Any,
     ) -> int:
-        """Label the task with what it read, add it to the task's flow state (when the
-        upstream answered: ``observed`` is the scrubbed result) and leave the result's
-        receipt, in one transaction."""
-        now = self.tether.clock.now()
-        claims = caller.claims
+        """Observe the answer through the one pipeline: the task tree's labels and flow
+        state (when the upstream answered: ``observed`` is the scrubbed result) and the
+        result's receipt, in one transaction."""
         label = {
             "upstream": detail["upstream"],
             "tool_identity": detail["tool_identity"],
-            "outcome": outcome,
             "redactions": dict(redactions),
-            "decision_receipt": receipt.seq,
         }
-        controls = [Control.AUDIT]
-        if redactions:
-            controls.append(Control.SECRET_BROKERING)
-        with self.tether.store.transaction():
-            self.tether.store.lock_task(claims.task_id)
-            if outcome in ("ok", "error"):
-                self.tether.store.add_task_label(
-                    claims.task_id,
-                    name,
-                    str(klass.sensitivity),
-                    klass.trusted,
-                    json.dumps(label, sort_keys=True),
-                    now,
-                )
-            if observed is not None:
-                state = self._flow_state(claims.task_id, caller.state.intent)
-                state = observe_result(state, name, observed, tool_profile(klass))
-                self.tether.store.put_task_flow(claims.task_id, msgspec.json.encode(state), now)
-            record = self.tether.audit.append(
-                "gateway.result",
-                chain=list(claims.chain),
-                task_id=claims.task_id,
-                intent_digest=claims.intent_digest,
+        try:
+            observation = self.tether.enforcement.observe(
+                caller.verified,
                 tool=name,
-                args_digest=digest(args),
-                effect="allow",
-                reasons=[{"code": f"result.{outcome}", "message": f"upstream answered: {outcome}"}],
-                risk_tags=list(risk_tags(*controls)),
-                token_digest=claims.token_digest,
-                detail={
-                    **detail,
-                    "outcome": outcome,
-                    "sensitivity": str(klass.sensitivity),
-                    "trusted": klass.trusted,
-                    "redactions": dict(redactions),
-                    "decision_receipt": receipt.seq,
-                },
+                result=observed,
+                decision_seq=receipt.seq,
+                profile=tool_profile(klass),
+                outcome=outcome,
+                detail={**detail, "redactions": dict(redactions), "args_digest": digest(args)},
+                label=label,
             )
-        return record.seq
+        except ObservationRefused as exc:
+            return exc.seq or receipt.seq
+        return observation.seq
 
     # -- HTTP -----------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:

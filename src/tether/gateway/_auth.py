@@ -15,8 +15,11 @@ proof is missing, wrong or replayed (``401 invalid_dpop_proof``). Every
 refusal carries a ``WWW-Authenticate: DPoP`` challenge with
 ``resource_metadata``, and leaves a receipt.
 
-Proof ids are consumed here for every request except ``tools/call``: there the
-decision (``Tether.authorize``) consumes the proof on ``allow`` and the
+The token and proof are verified once, here, by the one enforcement pipeline
+(:class:`tether.enforcement.Enforcement`), and liveness is its one check
+(:func:`tether.core.check_live`); the verified request is handed on, never
+verified again. Proof ids are consumed here for every request except
+``tools/call``: there the decision consumes the proof on ``allow`` and the
 gateway burns it after any other outcome, so one proof serves one call.
 """
 
@@ -26,12 +29,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from tether._errors import ProofRejected, TokenRejected
+from tether._errors import TokenRejected
 from tether._tether import Tether
-from tether.core._decision import TaskState
+from tether.core._decision import Refused, TaskState, Verified
 from tether.core._risk import Control
-from tether.core._verify import PROOF_WINDOW, ProofVerifier, TaskClaims, call_digest
-from tether.tasks._authorizer import StoreTaskView
+from tether.core._verify import TaskClaims, call_digest
 
 ALGS = "ES256"
 _UNSAFE = re.compile(r'[^\x20-\x7e]|["\\]')
@@ -39,25 +41,29 @@ _UNSAFE = re.compile(r'[^\x20-\x7e]|["\\]')
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """An authenticated request: the task's verified token, proof and state."""
+    """An authenticated request: the task's verified token and proof, and its state."""
 
-    token: str
-    proof: str
-    claims: TaskClaims
+    verified: Verified
     state: TaskState
     htm: str
     htu: str
-    proof_jti: str
-    proof_iat: float
     rpc_method: str | None
 
     @property
+    def claims(self) -> TaskClaims:
+        return self.verified.claims
+
+    @property
     def agent_id(self) -> str:
-        return self.claims.subject
+        return self.verified.claims.subject
 
     @property
     def task_id(self) -> str:
-        return self.claims.task_id
+        return self.verified.claims.task_id
+
+    @property
+    def proof_iat(self) -> float:
+        return self.verified.proof_iat
 
 
 class Refusal(Exception):
@@ -117,8 +123,6 @@ class Authenticator:
     def __init__(self, tether: Tether, resource: str) -> None:
         self.tether = tether
         self.resource = resource
-        self.proofs = ProofVerifier()
-        self.view = StoreTaskView(tether.store)
 
     def authenticate(
         self,
@@ -157,87 +161,43 @@ class Authenticator:
                 "proof.malformed",
                 Control.SENDER_CONSTRAINED,
             )
-        now = self.tether.clock.now()
-        try:
-            claims = self.tether.authorizer.verify_token(token, now=now)
-        except TokenRejected as exc:
-            raise Refusal(401, "invalid_token", exc.message, exc.code) from None
-        if self.resource not in claims.audiences:
-            raise Refusal(
-                401,
-                "invalid_token",
-                f"token is not addressed to this resource ({self.resource})",
-                "token.audience",
-                Control.AUDIENCE,
-                claims=claims,
-            )
-        state = self._live_state(claims, now)
         call = tool_call(rpc)
         method = rpc.get("method") if isinstance(rpc, dict) else None
+        enforcement = self.tether.enforcement
         try:
-            proved = self.proofs.verify(
-                dpop[0] if dpop else None,
+            verified = enforcement.verify(
                 token=token,
-                jkt=claims.jkt,
+                proof=dpop[0] if dpop else None,
+                binding=call_digest(*call) if call is not None else None,
                 htm=htm,
                 htu=htu,
-                call=call_digest(*call) if call is not None else None,
-                now=now,
+                resource=self.resource,
             )
-        except ProofRejected as exc:
+        except TokenRejected as exc:
+            raise Refusal(401, "invalid_token", exc.message, exc.code) from None
+        except Refused as exc:
+            # The audience and the proof: sender-constrained failures say so.
+            error = "invalid_token" if exc.code.startswith("token.") else "invalid_dpop_proof"
             raise Refusal(
-                401,
-                "invalid_dpop_proof",
-                exc.message,
-                exc.code,
-                Control.SENDER_CONSTRAINED,
-                claims=claims,
+                401, error, exc.message, exc.code, *exc.controls, claims=exc.claims
             ) from None
-        replayed = (
-            self.tether.store.proof_seen(proved.jti)
-            if call is not None
-            else not self.tether.store.record_proof(proved.jti, now + PROOF_WINDOW * 2)
-        )
-        if replayed:
+        try:
+            # The one liveness check (tether.core.check_live); for a tools/call the proof
+            # is consumed by the decision, otherwise here.
+            state = enforcement.authenticate(verified, consume_proof=call is None)
+            if call is not None and self.tether.store.proof_seen(verified.proof_jti):
+                raise Refused(
+                    "proof.replayed", "proof has been used before", Control.SENDER_CONSTRAINED
+                )
+        except Refused as exc:
+            error = "invalid_dpop_proof" if exc.code.startswith("proof.") else "invalid_token"
             raise Refusal(
-                401,
-                "invalid_dpop_proof",
-                "proof has been used before",
-                "proof.replayed",
-                Control.SENDER_CONSTRAINED,
-                claims=claims,
-            )
+                401, error, exc.message, exc.code, *exc.controls, claims=verified.claims
+            ) from None
         return Caller(
-            token=token,
-            proof=dpop[0],
-            claims=claims,
+            verified=verified,
             state=state,
             htm=htm,
             htu=htu,
-            proof_jti=proved.jti,
-            proof_iat=proved.issued_at,
             rpc_method=method if isinstance(method, str) else None,
         )
-
-    def _live_state(self, claims: TaskClaims, now: float) -> TaskState:
-        """The task's state, if the token is still live (RFC 7662 ``active`` semantics)."""
-
-        def refuse(message: str, code: str, *controls: Control) -> Refusal:
-            return Refusal(401, "invalid_token", message, code, *controls, claims=claims)
-
-        state = self.view.task(claims.task_id)
-        if state is None:
-            raise refuse(f"task {claims.task_id} is not known", "task.unknown")
-        if state.agent_id != claims.subject:
-            raise refuse("token subject is not the task's agent", "token.task_mismatch")
-        if not state.agent_active:
-            raise refuse(f"agent {state.agent_id} is disabled", "identity.disabled")
-        if state.status != "open":
-            raise refuse(f"task {state.task_id} is {state.status}", f"task.{state.status}")
-        if self.tether.store.token_revoked(claims.token_id) or state.token_id != claims.token_id:
-            raise refuse("token has been revoked", "token.revoked", Control.CASCADING_REVOCATION)
-        if now >= state.expires_at:
-            raise refuse(f"task {state.task_id} has expired", "task.expired")
-        if state.intent_digest != claims.intent_digest or state.jkt != claims.jkt:
-            raise refuse("token does not match its task", "token.task_mismatch")
-        return state

@@ -33,6 +33,16 @@ What the information-flow rules also use (:mod:`tether.core._flow`; all optional
 A tool nobody described, or a field an entry leaves out, takes the most
 restrictive value: destructive, secret, untrusted, every parameter a sink.
 :func:`tool_profile` gives the core :class:`~tether.core.ToolProfile` of a class.
+
+The catalogue describes what a tool does; the upstream's own words about it (its
+name, title, description, schemas and annotations, which reach the agent's model)
+are reviewed as well, and pinned (:mod:`tether.gateway._pins`). ``tether gateway
+catalogue`` drafts a catalogue from an upstream's ``tools/list`` and pins the
+digest of each definition it printed, with a receipt. A definition that later
+changes upstream (a poisoned description, a "rug pull") is hidden from agents and
+its calls are refused (``gateway.definition_changed``) until an operator reviews
+it and runs ``tether gateway pin CONFIG UPSTREAM [--tool NAME ...]``. A tool
+nobody pinned is served, marked as unreviewed.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Secrets in tool results are redacted before they reach the agent.
 
-What is recognised is described in :mod:`tether.secrets._detect`: the values Tether
+What is recognised is described in :mod:`tether.core._credentials`: the values Tether
 brokers (so an upstream that echoes the credential it was given is caught), known
 credential formats, and high-entropy strings. Each match is replaced by
 ``[REDACTED:<kind>]``; the counts per kind are returned so the redaction can be
@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 import mcp_types as types
 
-from tether.secrets._detect import Known, redact_text, redact_value
+from tether.core._credentials import Known, redact_text, redact_value
 
 __all__ = ["Known", "redact_result", "redact_text", "redact_value"]
 

@@ -5,8 +5,10 @@ process for stdio, opening the HTTP transport otherwise), negotiates the
 protocol generation (``auto``: ``server/discover`` for 2026-07-28, falling back
 to the 2025-11-25 ``initialize`` handshake), reads ``tools/list`` and then
 serves calls until the connection breaks, after which it reconnects with a
-growing back-off. A connection that does not come up within the upstream's
-``connect_timeout_seconds`` is abandoned and retried.
+growing back-off. ``tools/list`` is read again every ``REFRESH_SECONDS``; each read
+is handed to the ``on_tools`` callback (the gateway compares every definition with
+its pin, see :mod:`tether.gateway._pins`). A connection that does not come up
+within the upstream's ``connect_timeout_seconds`` is abandoned and retried.
 
 Calls are bounded by ``call_timeout_seconds``. Every failure (a timeout, a
 dead process, a malformed answer) becomes an :class:`UpstreamError` with a
@@ -39,8 +41,8 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED
 from pydantic import ValidationError
 
+from tether.core._credentials import Known, redact_text
 from tether.gateway._config import UpstreamConfig
-from tether.secrets._detect import Known, redact_text
 
 log = logging.getLogger("tether.gateway")
 
@@ -161,8 +163,11 @@ class Upstream:
         auth: httpx2.Auth | None = None,
         label: str | None = None,
         known: Callable[[], list[Known]] | None = None,
+        on_tools: Callable[[Upstream], None] | None = None,
     ) -> None:
         self.config = config
+        #: Called after every read of ``tools/list`` (``self.tools`` is the new listing).
+        self.on_tools = on_tools
         self.auth = auth
         self.known = known
         self.name = label or config.name
@@ -197,6 +202,7 @@ class Upstream:
                     scope.deadline = math.inf
                     connected = True
                     self.tools = {tool.name: tool for tool in listing}
+                    self._listed()
                     self.protocol_version = client.protocol_version
                     self._client = client
                     self._broken = anyio.Event()
@@ -242,6 +248,16 @@ class Upstream:
                 self.last_error = f"tools/list failed: {type(exc).__name__}: {exc}"[:500]
                 return
             self.tools = {tool.name: tool for tool in listing}
+            self._listed()
+
+    def _listed(self) -> None:
+        """Hand a fresh listing to ``on_tools``; its failure never breaks the connection."""
+        if self.on_tools is None:
+            return
+        try:
+            self.on_tools(self)
+        except Exception:
+            log.exception("upstream %s: checking its tool list failed", self.name)
 
     def _mark_broken(self, client: Client, why: str) -> None:
         if client is self._client:  # a stale client's failure says nothing of the new one

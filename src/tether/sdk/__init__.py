@@ -1,9 +1,9 @@
 """The Python SDK: clients, tasks, guarded tools, framework adapters."""
 
 from tether.sdk._client import AsyncClient, AsyncTask, Client, Task
-from tether.sdk._errors import APIError, ApprovalRequired, Denied
+from tether.sdk._errors import APIError, ApprovalRequired, Denied, ReportFailed
 from tether.sdk._mcp_auth import TetherHttpxAuth, TetherMCPAuth
-from tether.sdk._requests import Verdict
+from tether.sdk._requests import Observation, Verdict
 
 __all__ = [
     "APIError",
@@ -12,6 +12,8 @@ __all__ = [
     "AsyncTask",
     "Client",
     "Denied",
+    "Observation",
+    "ReportFailed",
     "Task",
     "TetherHttpxAuth",
     "TetherMCPAuth",

@@ -10,10 +10,16 @@ context manager, so it always ends, on success, on an exception and on
     with client.task(template="pay-bill", params={"payee": "DE89..."}) as task:
         task.authorize("bank.read_bills", {})          # -> Verdict
         pay = task.guarded(pay_bill)                   # raises Denied / ApprovalRequired
+        pay("DE89...", 120.0)                          # runs, then its result is reported
+
+A guarded tool reports what each allowed call returned (:meth:`Task.report`) before the
+caller gets it, so the task's information-flow state covers what the agent read; when the
+report fails the result is withheld and :class:`tether.ReportFailed` is raised.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -22,12 +28,16 @@ from typing import Any, ParamSpec, TypeVar
 
 import httpx
 
+from tether.sdk._errors import APIError, ReportFailed
 from tether.sdk._requests import (
     FailOver,
+    Observation,
     Outgoing,
     Requests,
     Verdict,
+    observation,
     parse,
+    reportable,
     verdict,
 )
 from tether.tokens import ProofKey
@@ -80,6 +90,46 @@ def _kill_body(
     }
 
 
+def _receipt_seq(tool: str, allowed: Verdict) -> int:
+    """The receipt seq of an allowed decision (what its result report answers)."""
+    seq = allowed.receipt.get("seq")
+    if allowed.effect != "allow" or not isinstance(seq, int) or isinstance(seq, bool):
+        raise ReportFailed(tool, None, f"the decision is {allowed.effect!r} with no receipt seq")
+    return seq
+
+
+def _report_failed(tool: str, seq: int, exc: Exception) -> ReportFailed:
+    status = exc.status if isinstance(exc, APIError) else None
+    return ReportFailed(tool, seq, f"{type(exc).__name__}: {exc}", status=status)
+
+
+def report_allowed(task: Task, tool: str, allowed: Verdict, result: Any) -> Observation:
+    """Report what an allowed call of ``tool`` returned, or raise :class:`ReportFailed`.
+
+    What guarded tools and the framework adapters do after every allowed call: any failure
+    (no answer, an HTTP error, an answer that does not parse) is a ``ReportFailed``, so the
+    caller withholds the result rather than hand over one Tether did not observe."""
+    seq = _receipt_seq(tool, allowed)
+    try:
+        return task.report(tool, seq, result)
+    except Exception as exc:
+        raise _report_failed(tool, seq, exc) from exc
+
+
+async def areport_allowed(
+    task: Task | AsyncTask, tool: str, allowed: Verdict, result: Any
+) -> Observation:
+    """The async mirror of :func:`report_allowed`; a sync :class:`Task` reports in a worker
+    thread, so the event loop is never blocked."""
+    if isinstance(task, Task):
+        return await asyncio.to_thread(report_allowed, task, tool, allowed, result)
+    seq = _receipt_seq(tool, allowed)
+    try:
+        return await task.report(tool, seq, result)
+    except Exception as exc:
+        raise _report_failed(tool, seq, exc) from exc
+
+
 # -- sync -------------------------------------------------------------------------------------
 class Task:
     """One open task: its token, bound to the client's key."""
@@ -105,14 +155,40 @@ class Task:
         result.raise_for_effect(tool)
         return result
 
+    def report(self, tool: str, receipt: int, result: Any) -> Observation:
+        """Tell Tether what ``tool`` returned after the allowed decision ``receipt``
+        (``Verdict.receipt["seq"]``), so the task's flow state records what was read: its
+        sensitivity, and whether it carried untrusted content that later calls are judged
+        against. ``result`` is reported as JSON; a value that is not JSON as ``str(result)``.
+
+        Raises :class:`tether.APIError` when the server refuses it (401 token or proof,
+        404 unknown task or receipt, 409 already reported or the task no longer live, 413
+        too large) and ``httpx.HTTPError`` when no node answers.
+        :meth:`guarded` calls this for you."""
+        assert self.client.key is not None
+        out = self.client.requests.result(
+            self.token, self.client.key, self.task_id, tool, receipt, reportable(result)
+        )
+        return observation(self.client.send(out))
+
     def guarded(self, fn: Callable[P, R], *, name: str | None = None) -> Callable[P, R]:
-        """Wrap a tool function: every call is authorized first, with its arguments."""
+        """Wrap a tool function: every call is authorized first, with its arguments, and
+        what an allowed call returns is reported (:meth:`report`) before it is returned.
+
+        A refused call raises :class:`tether.Denied` or :class:`tether.ApprovalRequired`
+        and does not run. A call that raises reports nothing; its exception propagates.
+        **Fails closed:** when the report fails (no answer, or the server refuses it), the
+        call has run but its result is withheld: :class:`ReportFailed` is raised, with the
+        reporting error as its ``__cause__``, so the agent never holds a result Tether did
+        not observe."""
         tool = name or fn.__name__
 
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            self.check(tool, _call_args(fn, args, kwargs))
-            return fn(*args, **kwargs)
+            allowed = self.check(tool, _call_args(fn, args, kwargs))
+            result = fn(*args, **kwargs)
+            report_allowed(self, tool, allowed, result)
+            return result
 
         return wrapper
 
@@ -180,10 +256,11 @@ class Client:
     def send(self, out: Outgoing) -> Any:
         """Send ``out``; if its node fails, fail over to the next (see :class:`FailOver`).
 
-        A request moves on when its node could not be reached; a decision also when the
-        node gave no answer or a 502/503/504 (a second decision is a new one: a fresh
-        proof, its own receipt, one more call of the budget, never an allow the store did
-        not record)."""
+        A request moves on when its node could not be reached; a decision or a result
+        report also when the node gave no answer or a 502/503/504 (a second decision is a
+        new one: a fresh proof, its own receipt, one more call of the budget, never an allow
+        the store did not record; a resent result report is observed or refused, and
+        observing one result twice adds nothing)."""
         plan = FailOver(self.requests, out)
         while True:
             out = plan.out
@@ -357,15 +434,28 @@ class AsyncTask:
         result.raise_for_effect(tool)
         return result
 
+    async def report(self, tool: str, receipt: int, result: Any) -> Observation:
+        """The async mirror of :meth:`Task.report`."""
+        assert self.client.key is not None
+        out = self.client.requests.result(
+            self.token, self.client.key, self.task_id, tool, receipt, reportable(result)
+        )
+        return observation(await self.client.send(out))
+
     def guarded(
         self, fn: Callable[P, Awaitable[R]], *, name: str | None = None
     ) -> Callable[P, Awaitable[R]]:
+        """The async mirror of :meth:`Task.guarded`: authorized first, the result reported
+        before it is returned; a failed report raises :class:`ReportFailed` (fails
+        closed), a call that raises reports nothing."""
         tool = name or fn.__name__
 
         @functools.wraps(fn)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            await self.check(tool, _call_args(fn, args, kwargs))
-            return await fn(*args, **kwargs)
+            allowed = await self.check(tool, _call_args(fn, args, kwargs))
+            result = await fn(*args, **kwargs)
+            await areport_allowed(self, tool, allowed, result)
+            return result
 
         return wrapper
 

@@ -36,3 +36,32 @@ class APIError(TetherError):
     def __init__(self, status: int, error: str, description: str) -> None:
         super().__init__(f"{status} {error}: {description}", code=error)
         self.status = status
+
+
+class ReportFailed(TetherError):
+    """An allowed call ran, but what it returned could not be reported to Tether.
+
+    A guarded tool (:meth:`tether.Task.guarded`, the framework adapters) reports every
+    allowed call's result before handing it over, so the task's information-flow state
+    records what the agent read. When that report fails (no answer, or the server refused
+    it: an ended or revoked task, a result already reported, one too large) the result is
+    withheld and this is raised instead: the agent never holds a result Tether did not
+    observe. The tool *did* run; ``__cause__`` is the underlying error, ``status`` its HTTP
+    status when the server answered, ``receipt`` the seq of the allowed decision.
+
+    Neither a security rejection nor an infrastructure failure as such: the cause says
+    which."""
+
+    code = "report.failed"
+
+    def __init__(
+        self, tool: str, receipt: int | None, reason: str, *, status: int | None = None
+    ) -> None:
+        super().__init__(
+            f"{tool}: the call ran but its result could not be reported, so it is withheld "
+            f"({reason})"
+        )
+        self.tool = tool
+        self.receipt = receipt
+        self.reason = reason
+        self.status = status

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 
+from tether.core._canonical import canonical_json
 from tether.sdk._errors import APIError, ApprovalRequired, Denied
 from tether.tokens import ProofKey
 
@@ -27,9 +28,11 @@ class Outgoing:
     #: a client fails over.
     remake: Callable[[str], Outgoing] | None = field(default=None, compare=False, repr=False)
     #: Whether it may go to another node after it may have reached this one (no answer, or
-    #: 502/503/504). Only decisions: a second decision is a new one (fresh proof, its own
-    #: receipt, one more call of the budget). Anything else (opening a task, an exchange,
-    #: an admin change) moves on only when this node surely never saw it.
+    #: 502/503/504). Only decisions and result reports: a second decision is a new one
+    #: (fresh proof, its own receipt, one more call of the budget); a second report of one
+    #: result is refused (409) or, observed again, adds nothing (flow state only grows).
+    #: Anything else (opening a task, an exchange, an admin change) moves on only when this
+    #: node surely never saw it.
     resend_after_send: bool = False
 
 
@@ -55,6 +58,37 @@ class Verdict:
         if self.effect == "approval_required":
             raise ApprovalRequired(tool, self.approval_id, self.reasons)
         raise Denied(tool, self.reasons, self.receipt)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What Tether recorded of one reported tool result (:meth:`tether.Task.report`).
+
+    ``sensitivity`` is the label the result was given (``public`` ... ``secret``),
+    ``untrusted`` whether it carried content nobody vouches for (it now taints the task),
+    ``receipt`` (``seq``, ``hash``) where the observation is recorded in the audit chain."""
+
+    task_id: str
+    tool: str
+    sensitivity: str
+    untrusted: bool
+    receipt: dict[str, Any]
+
+
+def reportable(result: Any) -> Any:
+    """The JSON value reported for what a tool returned.
+
+    A JSON value is reported as it is (as it reads back from JSON: a tuple becomes a list);
+    anything else (an object, a NaN, a cycle) as ``str(result)``. The proof and the body
+    carry this same value, so the server's digest of the body it parses matches the
+    proof's. Nothing is capped here: the server refuses what is too large."""
+    try:
+        plain = json.loads(json.dumps(result, allow_nan=False))
+        canonical_json(plain)  # what the proof's digest covers must encode
+    except (TypeError, ValueError, RecursionError):
+        # A lone surrogate cannot be UTF-8: escaped, so the text still reports.
+        return str(result).encode("utf-8", "backslashreplace").decode("utf-8")
+    return plain
 
 
 def base_urls(base_url: str | Sequence[str]) -> list[str]:
@@ -184,6 +218,36 @@ class Requests:
             resend_after_send=True,
         )
 
+    def result(
+        self,
+        token: str,
+        key: ProofKey,
+        task_id: str,
+        tool: str,
+        receipt: int,
+        result: Any,
+        base: str | None = None,
+    ) -> Outgoing:
+        """Report what ``tool`` returned after the allowed decision ``receipt`` (its seq).
+
+        ``result`` must already be a JSON value (:func:`reportable`): the proof binds its
+        digest with the tool and the receipt, so it cannot be replayed for another result.
+        Like a decision it may be resent to another node after a failure that may have
+        reached this one: a resend is either refused as already reported (409, so the
+        caller fails closed) or observed; observing one result twice adds nothing."""
+        base = base or self.base_url
+        url = self.url(f"/v1/tasks/{task_id}/results", base)
+        proof = key.prove_result(token, tool, receipt, result, now=time.time(), htm="POST", htu=url)
+        return Outgoing(
+            "POST",
+            url,
+            {"Authorization": f"DPoP {token}", "DPoP": proof},
+            {"tool": tool, "receipt": receipt, "result": result},
+            base=base,
+            remake=lambda other: self.result(token, key, task_id, tool, receipt, result, other),
+            resend_after_send=True,
+        )
+
 
 #: Answers after which a decision may go to another node: the node (or the balancer in
 #: front of it) is going away or cannot reach the store.
@@ -244,4 +308,14 @@ def verdict(body: dict[str, Any]) -> Verdict:
         receipt=body["receipt"],
         task_id=body.get("task_id"),
         approval_id=body.get("approval_id"),
+    )
+
+
+def observation(body: dict[str, Any]) -> Observation:
+    return Observation(
+        task_id=body["task_id"],
+        tool=body["tool"],
+        sensitivity=body["sensitivity"],
+        untrusted=body["untrusted"],
+        receipt=body["receipt"],
     )

@@ -9,6 +9,7 @@
 - :func:`find_credentials` / :func:`redact_text`: credentials in arguments and results.
 """
 
+from tether.core._credentials import Finding, Known, find_credentials, redact_text, redact_value
 from tether.secrets._broker import (
     LEASE_KINDS,
     Broker,
@@ -17,7 +18,6 @@ from tether.secrets._broker import (
     ReapReport,
     lease_dict,
 )
-from tether.secrets._detect import Finding, Known, find_credentials, redact_text, redact_value
 from tether.secrets._downstream import (
     DOWNSTREAM_TYP,
     MAX_DOWNSTREAM_TTL,

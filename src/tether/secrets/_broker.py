@@ -38,8 +38,8 @@ from typing import Any
 from tether._errors import InfrastructureError, Rejected
 from tether.audit import Auditor
 from tether.core._clock import Clock
+from tether.core._credentials import Known
 from tether.core._risk import Control, risk_tags
-from tether.secrets._detect import Known
 from tether.secrets._downstream import MAX_DOWNSTREAM_TTL, mint_downstream_token
 from tether.secrets._postgres import PostgresRoles, role_name, safe_error
 from tether.secrets._value import SecretValue

@@ -35,7 +35,7 @@ from urllib.parse import quote
 import msgspec
 
 from tether._errors import InfrastructureError
-from tether.secrets._detect import Known, redact_text
+from tether.core._credentials import Known, redact_text
 from tether.secrets._value import SecretValue
 
 PRIVILEGES = frozenset(

@@ -28,8 +28,8 @@ import msgspec
 from tether._errors import Conflict, InfrastructureError, NotFound, UsageError
 from tether.audit import Auditor
 from tether.core._clock import Clock
+from tether.core._credentials import Known
 from tether.core._risk import Control, risk_tags
-from tether.secrets._detect import Known
 from tether.secrets._kms import KMS, open_value, seal_value
 from tether.secrets._postgres import PostgresTemplate, template_problems
 from tether.secrets._value import SecretValue

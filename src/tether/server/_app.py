@@ -53,6 +53,8 @@ from tether.core._intent import parse_intent
 from tether.core._policy import build_snapshot
 from tether.core._risk import Control, risk_tags
 from tether.core._verify import jwk_thumbprint, token_hash
+from tether.enforcement import ObservationRefused
+from tether.gateway._profiles import profiles_from_catalogue
 from tether.policy import default_schema
 from tether.secrets import SecretInfo, lease_dict
 from tether.server import _schemas as S
@@ -283,7 +285,7 @@ def _refused_decision(
     task_id = intent_digest = None
     if token is not None:
         with contextlib.suppress(Exception):  # attribution is best effort; the receipt is not
-            claims = ctx.tether.authorizer.verify_token(
+            claims = ctx.tether.enforcement.verify_token(
                 token, now=ctx.tether.clock.now(), check_times=False
             )
             chain, task_id, intent_digest = list(claims.chain), claims.task_id, claims.intent_digest
@@ -590,6 +592,25 @@ async def policy_load(request: Request, data: S.PoliciesIn) -> S.PoliciesOut:  #
     return _policies_out(_ctx(request).tether.policies.load(data.files, data.schema))
 
 
+@post(
+    "/v1/catalogue", tags=["policies"], responses=_ERRORS, status_code=200, guards=[authenticated]
+)
+async def catalogue_load(request: Request, data: S.CatalogueIn) -> S.CatalogueOut:  # type: ignore[type-arg]
+    """Replace the tool catalogue every door judges calls by (a catalogue file's
+    ``tools`` tables as JSON; ``prefix`` names them ``prefix.<name>``)."""
+    require(_principal(request))
+    entries = profiles_from_catalogue({"tools": data.tools}, data.prefix)
+    value = _ctx(request).tether.catalogue.load(entries)
+    return S.CatalogueOut(digest=value, tools=sorted(entries))
+
+
+@get("/v1/catalogue", tags=["policies"], responses=_ERRORS, guards=[authenticated])
+async def catalogue_show(request: Request) -> S.CatalogueOut:  # type: ignore[type-arg]
+    require(_principal(request), "owner", "approver", "auditor")
+    catalogue = _ctx(request).tether.catalogue
+    return S.CatalogueOut(digest=catalogue.digest or "", tools=sorted(catalogue.entries()))
+
+
 @get("/v1/policies", tags=["policies"], responses=_ERRORS, guards=[authenticated])
 async def policy_list(request: Request) -> S.PoliciesOut:  # type: ignore[type-arg]
     require(_principal(request), "owner", "approver", "auditor")
@@ -747,6 +768,65 @@ async def task_renew(request: Request, task_id: str) -> S.TaskOpenOut:  # type: 
         token=renewed.token,
         expires_at=renewed.expires_at,
         token_expires_at=renewed.token_expires_at,
+    )
+
+
+def task_token_presented(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # type: ignore[type-arg]
+    """A guard: a task token (``Authorization: DPoP``) before the body is even read."""
+    scheme, _sep, value = (single_header(connection, "authorization") or "").partition(" ")  # type: ignore[arg-type]
+    if scheme.lower() != "dpop" or not value.strip():
+        raise Unauthorized("a task token is required (Authorization: DPoP)")
+
+
+@post(
+    "/v1/tasks/{task_id:str}/results",
+    tags=["decisions"],
+    responses=_ERRORS,
+    status_code=200,
+    guards=[task_token_presented],
+)
+async def task_result(request: Request, task_id: str, data: S.ResultIn) -> S.ObservationOut:  # type: ignore[type-arg]
+    """Report what a tool returned after an allowed decision (``receipt``), so its labels
+    and values join the flow state of the task and of its ancestors, exactly as the
+    gateway observes the results it forwards. ``Authorization: DPoP <task token>`` and a
+    ``DPoP`` proof whose ``call`` claim is the digest of the tool, the receipt and the
+    result (``ProofKey.prove_result``). 401 for a bad token or proof, 404 when the
+    receipt is not an allowed decision of this task and tool, 409 when the task is no
+    longer live; each refusal leaves a receipt."""
+    ctx = _ctx(request)
+    header = single_header(request, "authorization") or ""
+    scheme, _, token = header.partition(" ")
+    task_token = token.strip() if scheme.lower() == "dpop" and token.strip() else None
+    if task_token is None:
+        raise Unauthorized("a task token is required (Authorization: DPoP)")
+    ctx.limiter.check("token:" + task_token[-43:])
+    observe = functools.partial(
+        ctx.tether.observe,
+        token=task_token,
+        proof=single_header(request, "dpop"),
+        tool=data.tool,
+        receipt=data.receipt,
+        result=data.result,
+        task_id=task_id,
+        htm=request.method,
+        htu=request_uri(request),
+    )
+    try:
+        seen = await asyncio.to_thread(observe) if ctx.node is not None else observe()
+    except ObservationRefused as exc:
+        if exc.code.startswith(("token.", "proof.")):
+            raise Unauthorized(exc.message, code=exc.code) from None
+        if exc.code == "result.unknown_decision":
+            raise NotFound(exc.message) from None
+        if exc.code == "result.oversized":
+            raise HTTPException(status_code=413, detail=exc.message) from None
+        raise Conflict(exc.message, code=exc.code) from None
+    return S.ObservationOut(
+        task_id=seen.task_id,
+        tool=seen.tool,
+        sensitivity=seen.sensitivity,
+        untrusted=seen.untrusted,
+        receipt=S.ReceiptRef(seq=seen.seq, hash=seen.hash),
     )
 
 
@@ -1280,12 +1360,15 @@ def create_app(tether: Tether, settings: ServerSettings | None = None) -> Litest
             template_add,
             template_list,
             policy_load,
+            catalogue_load,
+            catalogue_show,
             policy_list,
             policy_dry_run,
             task_open,
             task_show,
             task_end,
             task_renew,
+            task_result,
             decision,
             approval_list,
             approval_approve,

@@ -150,7 +150,7 @@ class OAuth:
             # key the parent token is bound to. A parent token alone (leaked, or read from a
             # receipt) delegates nothing.
             try:
-                claims = self.tether.authorizer.verify_token(token, now=now)
+                claims = self.tether.enforcement.verify_token(token, now=now)
                 if dpop is None:
                     raise ProofRejected(
                         "delegation needs a DPoP proof by the parent token's key",
@@ -230,7 +230,7 @@ class OAuth:
         assert token is not None
         now = self.tether.clock.now()
         try:
-            claims = self.tether.authorizer.verify_token(token, now=now)
+            claims = self.tether.enforcement.verify_token(token, now=now)
             state = self.tether.store.get_task(claims.task_id)
             agent = self.tether.store.get_identity(claims.subject)
             if (
@@ -276,7 +276,7 @@ class OAuth:
         assert token is not None
         now = self.tether.clock.now()
         try:
-            claims = self.tether.authorizer.verify_token(token, now=now, check_times=False)
+            claims = self.tether.enforcement.verify_token(token, now=now, check_times=False)
         except Rejected:
             return  # RFC 7009 §2.2: an invalid token is not an error
         if not is_admin and principal_id not in claims.chain:

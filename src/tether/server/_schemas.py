@@ -221,6 +221,32 @@ class AuthorizeOut(msgspec.Struct):
     approval_id: str | None = None
 
 
+class CatalogueIn(Strict):
+    tools: dict[str, Any]
+    prefix: str | None = None
+
+
+class CatalogueOut(msgspec.Struct):
+    digest: str
+    tools: list[str]
+
+
+class ResultIn(Strict):
+    """A tool's result, reported for the allowed decision whose receipt it names."""
+
+    tool: str
+    receipt: int
+    result: Any = None
+
+
+class ObservationOut(msgspec.Struct):
+    task_id: str
+    tool: str
+    sensitivity: str
+    untrusted: bool
+    receipt: ReceiptRef
+
+
 class ApprovalOut(msgspec.Struct):
     approval_id: str
     task_id: str

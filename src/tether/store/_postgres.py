@@ -893,6 +893,10 @@ class PostgresStore:
         row = self._one(f"SELECT {_RECORD_COLS} FROM audit_records ORDER BY seq DESC LIMIT 1")
         return None if row is None else RecordRow(*row)
 
+    def get_record(self, seq: int) -> RecordRow | None:
+        row = self._one(f"SELECT {_RECORD_COLS} FROM audit_records WHERE seq = %s", (seq,))
+        return None if row is None else RecordRow(*row)
+
     def iter_records(self) -> Iterator[RecordRow]:
         rows = self._all(f"SELECT {_RECORD_COLS} FROM audit_records ORDER BY seq")
         for r in rows:

@@ -619,6 +619,10 @@ class SQLiteStore:
         row = self._one("SELECT * FROM audit_records ORDER BY seq DESC LIMIT 1")
         return None if row is None else RecordRow(*row)
 
+    def get_record(self, seq: int) -> RecordRow | None:
+        row = self._one("SELECT * FROM audit_records WHERE seq = ?", (seq,))
+        return None if row is None else RecordRow(*row)
+
     def iter_records(self) -> Iterator[RecordRow]:
         with self._lock:
             cursor = self._db.execute("SELECT * FROM audit_records ORDER BY seq")

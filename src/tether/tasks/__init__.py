@@ -1,6 +1,5 @@
-"""Intent templates, tasks and the in-process enforcement point."""
+"""Intent templates and tasks."""
 
-from tether.tasks._authorizer import Authorizer, Receipt, StoreTaskView
 from tether.tasks._service import ADHOC_TEMPLATE, OpenedTask, RenewalRejected, TaskService
 from tether.tasks._templates import (
     ParamSpec,
@@ -12,12 +11,9 @@ from tether.tasks._templates import (
 
 __all__ = [
     "ADHOC_TEMPLATE",
-    "Authorizer",
     "OpenedTask",
     "ParamSpec",
-    "Receipt",
     "RenewalRejected",
-    "StoreTaskView",
     "TaskService",
     "Template",
     "load_template_file",

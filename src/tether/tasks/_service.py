@@ -13,7 +13,7 @@ from tether.audit import Auditor
 from tether.core._clock import Clock
 from tether.core._decision import call_context, call_entities, cedar_value, principal_entities
 from tether.core._delegation import DelegationRejected, check_narrowing
-from tether.core._flow import empty_flow_context
+from tether.core._flow import FlowState, empty_flow_context
 from tether.core._intent import (
     Capability,
     Intent,
@@ -482,12 +482,15 @@ class TaskService:
             parent_intent = decode_intent(parent.intent_json)
             if intent.on_behalf_of is None and parent_intent.on_behalf_of is not None:
                 intent = msgspec.structs.replace(intent, on_behalf_of=parent_intent.on_behalf_of)
+            used = self._flow_used(parent.task_id)
             check_narrowing(
                 parent_intent,
                 intent,
                 parent_calls_left=parent_intent.budget.max_calls - parent.calls_used,
                 parent_seconds_left=parent.expires_at - now,
                 depth=len(parent_chain),
+                parent_spent=used.spend,
+                parent_tools_used=len(used.tools),
             )
         except DelegationRejected as exc:
             self._deny(
@@ -500,6 +503,19 @@ class TaskService:
             )
             raise
         return intent, parent_chain
+
+    def _flow_used(self, task_id: str) -> FlowState:
+        """What a task (and its subtree) has spent and which tools it used; unreadable
+        state refuses the delegation (fail closed)."""
+        raw = self._store.get_task_flow(task_id)
+        if raw is None:
+            return FlowState()
+        try:
+            return msgspec.json.decode(raw, type=FlowState)
+        except msgspec.DecodeError:
+            raise DelegationRejected(
+                f"the flow state of task {task_id} cannot be read", code="delegation.parent"
+            ) from None
 
     def get(self, task_id: str) -> TaskRow:
         row = self._store.get_task(task_id)

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tether.core._decision import DECIDE_HTM, DECIDE_HTU
-from tether.core._verify import PROOF_TYP, call_digest, jwk_thumbprint, token_hash
+from tether.core._verify import PROOF_TYP, call_digest, jwk_thumbprint, result_digest, token_hash
 from tether.tokens._keys import new_ec_key, public_jwk
 
 
@@ -57,6 +57,31 @@ class ProofKey:
             "htu": htu,
             "iat": int(now),
             "ath": token_hash(token),
+        }
+        return jwt.encode(
+            claims, self._key, algorithm="ES256", headers={"typ": PROOF_TYP, "jwk": self.jwk}
+        )
+
+    def prove_result(
+        self,
+        token: str,
+        tool: str,
+        receipt: int,
+        result: Any,
+        *,
+        now: float,
+        htm: str,
+        htu: str,
+        jti: str | None = None,
+    ) -> str:
+        """A proof for reporting what ``tool`` returned after the decision ``receipt``."""
+        claims = {
+            "jti": jti or secrets.token_urlsafe(18),
+            "htm": htm,
+            "htu": htu,
+            "iat": int(now),
+            "ath": token_hash(token),
+            "call": result_digest(tool, receipt, result),
         }
         return jwt.encode(
             claims, self._key, algorithm="ES256", headers={"typ": PROOF_TYP, "jwk": self.jwk}

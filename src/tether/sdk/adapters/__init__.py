@@ -18,6 +18,15 @@ accept ``[a-zA-Z0-9_-]`` in tool names. The model-facing name stays the framewor
 name; ``name=`` (one tool) or ``name_map=`` (model-facing name -> Tether name) says which
 Tether tool a call authorizes as. Without them the two names are the same.
 
+**Results are reported.** What an allowed call returns is reported to Tether (:func:`report`,
+:meth:`tether.Task.report`) before the framework gets it, so the task's information-flow state
+records what the agent read (an agent that read an injected page and then mails it out is
+judged knowing it). What is reported is what the model is shown, as JSON, else as text. A call
+that raises reports nothing. **Fails closed:** when the report fails (no answer, or the server
+refuses it) the tool has run but its result is withheld: :class:`tether.ReportFailed` is raised
+out of the tool, which stops the run rather than hand the model a result Tether did not
+observe.
+
 This package imports no framework; each submodule imports only its own, so ``import tether``
 stays light.
 """
@@ -28,16 +37,18 @@ import asyncio
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from tether.sdk._client import AsyncTask, Task
-from tether.sdk._requests import Verdict
+from tether.sdk._client import AsyncTask, Task, areport_allowed, report_allowed
+from tether.sdk._requests import Observation, Verdict
 
 __all__ = [
     "REFUSALS",
     "AnyTask",
     "aauthorize",
+    "areport",
     "authorize",
     "check_raise_on",
     "refusal_message",
+    "report",
     "tether_names",
 ]
 
@@ -83,6 +94,23 @@ async def aauthorize(task: AnyTask, tool: str, args: dict[str, Any]) -> Verdict:
     if isinstance(task, AsyncTask):
         return await task.authorize(tool, args)
     return await asyncio.to_thread(task.authorize, tool, args)
+
+
+def report(task: AnyTask, tool: str, allowed: Verdict, result: Any) -> Observation:
+    """Report from synchronous code what an allowed call returned; an :class:`AsyncTask`
+    cannot be used here. Raises :class:`tether.ReportFailed` when the report fails."""
+    if isinstance(task, AsyncTask):
+        raise TypeError(
+            f"{tool}: an AsyncTask reports only from async code; "
+            "call the tool asynchronously or use a sync tether.Task"
+        )
+    return report_allowed(task, tool, allowed, result)
+
+
+async def areport(task: AnyTask, tool: str, allowed: Verdict, result: Any) -> Observation:
+    """Report from async code what an allowed call returned; a sync :class:`Task` reports in a
+    worker thread. Raises :class:`tether.ReportFailed` when the report fails."""
+    return await areport_allowed(task, tool, allowed, result)
 
 
 def refusal_message(tool: str, verdict: Verdict) -> str:

@@ -1,4 +1,5 @@
-"""LangChain adapter: every ``BaseTool`` call is authorized with Tether first.
+"""LangChain adapter: every ``BaseTool`` call is authorized with Tether first, and what an
+allowed call returns is reported to Tether before the caller gets it.
 
 ::
 
@@ -26,6 +27,16 @@ argument>: input}``. On ``allow`` the call is handed, unchanged, to the wrapped 
 ``run``/``arun``: its validation, callbacks, ``handle_tool_error``, ``response_format`` and
 ``ToolMessage`` formatting apply as if it were called directly.
 
+**What is reported.** After an allowed call, what the wrapped tool's ``run``/``arun`` returned
+is reported to Tether (:meth:`tether.Task.report`) before ``invoke`` returns it: a
+``ToolMessage``'s ``content`` (the model's view; with ``response_format="content_and_artifact"``
+``[content, artifact]``, since the caller gets the artifact too), otherwise the output itself,
+as JSON, else as ``str(output)``. A tool error that ``handle_tool_error`` turned into the
+result is reported like any result (the model reads it); a call that raises out of the wrapped
+tool reports nothing. **Fails closed:** when the report fails, :class:`tether.ReportFailed`
+raises out of ``invoke``/``ainvoke`` and the output is withheld (the wrapped tool's callbacks
+have already seen it end).
+
 **How a refusal surfaces.** LangChain's idiom for "a tool failed, tell the model" is to raise
 :class:`~langchain_core.tools.ToolException` and let the tool's ``handle_tool_error`` turn it
 into the result. A refused call goes through the guarded tool's own ``BaseTool.run`` (so
@@ -49,6 +60,7 @@ from collections.abc import Collection, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any, NoReturn
 
+from langchain_core.messages import ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool, ToolException
 from langchain_core.tools.base import ArgsSchema
@@ -60,9 +72,11 @@ from tether.sdk._requests import Verdict
 from tether.sdk.adapters import (
     AnyTask,
     aauthorize,
+    areport,
     authorize,
     check_raise_on,
     refusal_message,
+    report,
     tether_names,
 )
 
@@ -78,12 +92,23 @@ class TetherRefusal(ToolException):
         self.verdict = verdict
 
 
+def _shown(output: Any) -> Any:
+    """What is reported of a wrapped tool's output: a ``ToolMessage``'s content (with its
+    artifact, if any, which reaches the caller too), else the output itself."""
+    if isinstance(output, ToolMessage):
+        return output.content if output.artifact is None else [output.content, output.artifact]
+    if isinstance(output, list) and any(isinstance(item, ToolMessage) for item in output):
+        return [_shown(item) for item in output]
+    return output
+
+
 # The refusal a GuardedTool's ``_run`` reports; set only around its own ``BaseTool.run``.
 _REFUSED: ContextVar[Verdict | None] = ContextVar("tether_langchain_refused", default=None)
 
 
 class GuardedTool(BaseTool):
-    """A ``BaseTool`` that authorizes each call with ``task`` before ``wrapped`` runs it."""
+    """A ``BaseTool`` that authorizes each call with ``task`` before ``wrapped`` runs it, and
+    reports what an allowed call returned before handing it over."""
 
     wrapped: BaseTool
     """The tool that runs the allowed calls."""
@@ -120,7 +145,9 @@ class GuardedTool(BaseTool):
     def run(self, tool_input: str | dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         verdict = authorize(self.task, self.tether_tool, self._tether_args(tool_input))
         if verdict.effect == "allow":
-            return self.wrapped.run(tool_input, *args, **kwargs)
+            output = self.wrapped.run(tool_input, *args, **kwargs)
+            report(self.task, self.tether_tool, verdict, _shown(output))  # or ReportFailed
+            return output
         token = _REFUSED.set(verdict)
         try:
             return super().run(tool_input, *args, **kwargs)
@@ -130,7 +157,9 @@ class GuardedTool(BaseTool):
     async def arun(self, tool_input: str | dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         verdict = await aauthorize(self.task, self.tether_tool, self._tether_args(tool_input))
         if verdict.effect == "allow":
-            return await self.wrapped.arun(tool_input, *args, **kwargs)
+            output = await self.wrapped.arun(tool_input, *args, **kwargs)
+            await areport(self.task, self.tether_tool, verdict, _shown(output))
+            return output
         token = _REFUSED.set(verdict)
         try:
             return await super().arun(tool_input, *args, **kwargs)
@@ -162,7 +191,9 @@ def guard_tool(
     name: str | None = None,
     raise_on: Collection[str] = (),
 ) -> GuardedTool:
-    """Wrap ``tool`` so every call is authorized with ``task`` first.
+    """Wrap ``tool`` so every call is authorized with ``task`` first, and what an allowed
+    call returns is reported before it is returned (a failed report raises
+    :class:`tether.ReportFailed`: fails closed).
 
     ``name`` is the Tether tool name (default: ``tool.name``, which stays the name the model
     sees). ``raise_on`` is a subset of ``{"deny", "approval_required"}``: those refusals raise

@@ -1,4 +1,5 @@
-"""OpenAI Agents SDK adapter: every ``FunctionTool`` call is authorized with Tether first.
+"""OpenAI Agents SDK adapter: every ``FunctionTool`` call is authorized with Tether first,
+and what an allowed call returns is reported to Tether before the model gets it.
 
 ::
 
@@ -23,6 +24,15 @@ every parameter required, so the policy sees all of them). Only on ``allow`` doe
 original invoker, so validation, context injection, failure handling and output handling are
 the Agents SDK's own. Arguments that are not a JSON object cannot be authorized: the call is
 refused without asking the server, and does not run.
+
+**What is reported.** After an allowed call, what the original invoker returned is reported to
+Tether (:meth:`tether.Task.report`) before it is handed back to the Agents SDK: a Pydantic
+model (``ToolOutputText`` and the like) as its JSON dump, any other JSON value as it is,
+anything else as ``str(output)``. An error the tool's ``failure_error_function`` turned into
+the output is reported like any output (the model reads it); a call that raises reports
+nothing. **Fails closed:** when the report fails, the tool raises :class:`ToolReportFailed` (a
+:class:`tether.ReportFailed` and an ``AgentsException``, so ``Runner.run`` re-raises it as it
+is) and the run stops without the model seeing the output.
 
 **How a refusal surfaces.** The Agents SDK's contract for ``on_invoke_tool`` is: return a
 string to report an error to the model, raise to fail the run. A refusal is something the
@@ -55,12 +65,14 @@ from typing import Any
 from agents import FunctionTool, Tool
 from agents.exceptions import AgentsException
 from agents.tool_context import ToolContext
+from pydantic import BaseModel
 
-from tether.sdk._errors import ApprovalRequired, Denied
+from tether.sdk._errors import ApprovalRequired, Denied, ReportFailed
 from tether.sdk._requests import Verdict
 from tether.sdk.adapters import (
     AnyTask,
     aauthorize,
+    areport,
     check_raise_on,
     refusal_message,
     tether_names,
@@ -69,6 +81,7 @@ from tether.sdk.adapters import (
 __all__ = [
     "ToolApprovalRequired",
     "ToolDenied",
+    "ToolReportFailed",
     "guard_function_tool",
     "guard_function_tools",
 ]
@@ -80,6 +93,21 @@ class ToolDenied(Denied, AgentsException):
 
 class ToolApprovalRequired(ApprovalRequired, AgentsException):
     """An ``approval_required`` that stops the run; ``approval_id`` names the approval."""
+
+
+class ToolReportFailed(ReportFailed, AgentsException):
+    """An allowed call ran, but its output could not be reported: the run stops and the
+    model never sees the output (``__cause__`` is the reporting error)."""
+
+
+def _shown(output: Any) -> Any:
+    """What is reported of a tool's output: Pydantic models (the Agents SDK's structured
+    outputs) as their JSON dump, alone or in a list; anything else as it is."""
+    if isinstance(output, BaseModel):
+        return output.model_dump(mode="json")
+    if isinstance(output, list | tuple) and any(isinstance(o, BaseModel) for o in output):
+        return [_shown(item) for item in output]
+    return output
 
 
 def _arguments(args_json: str) -> dict[str, Any] | None:
@@ -122,7 +150,9 @@ def guard_function_tool(
     name: str | None = None,
     raise_on: Collection[str] = (),
 ) -> FunctionTool:
-    """A copy of ``tool`` whose every call is authorized with ``task`` first.
+    """A copy of ``tool`` whose every call is authorized with ``task`` first, and whose
+    allowed calls' outputs are reported before the model sees them (a failed report stops
+    the run with :class:`ToolReportFailed`: fails closed).
 
     ``name`` is the Tether tool name (default: ``tool.name``, which stays the name the model
     sees). ``raise_on`` is a subset of ``{"deny", "approval_required"}``: those refusals stop
@@ -141,7 +171,14 @@ def guard_function_tool(
         verdict = _UNREADABLE if args is None else await aauthorize(task, tether_tool, args)
         if verdict.effect != "allow":
             return _refuse(tether_tool, verdict, effects)
-        return await invoke(ctx, args_json)
+        output = await invoke(ctx, args_json)
+        try:
+            await areport(task, tether_tool, verdict, _shown(output))
+        except ReportFailed as failed:  # fails closed: the run stops, the output is withheld
+            raise ToolReportFailed(
+                failed.tool, failed.receipt, failed.reason, status=failed.status
+            ) from failed.__cause__
+        return output
 
     guarded.on_invoke_tool = on_invoke_tool
     return guarded

@@ -1,0 +1,579 @@
+"""The one enforcement pipeline: every door decides, and observes results, through here.
+
+The HTTP API (``POST /v1/decisions``, ``POST /v1/tasks/{id}/results``), the
+in-process SDK path (:meth:`tether.Tether.authorize`) and the MCP gateway all
+call :class:`Enforcement`; none of them checks a token, a task or a budget on
+its own. One shape for every call::
+
+    verify token + proof (pure, once)           core.verify
+    └─ one transaction: lock the task and its ancestors
+         snapshot = load(...)                   SnapshotLoader (node memory: a cache)
+         decision, plan = core.decide(...)      pure
+         apply(plan)                            proof, spend per ancestor, flow, approval
+         append(receipt)
+    └─ commit
+
+A result comes back the same way (:meth:`Enforcement.observe`): verified,
+then, under the same locks, its labels and values join the flow state of the
+task and of every ancestor, with a receipt. Any error on the way is a deny
+with a reason and a receipt; a refused call changes no task state (a door may
+burn a refused call's proof).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from tether._errors import Rejected, TetherError
+from tether.approvals import Approvals
+from tether.audit import Auditor
+from tether.core._clock import Clock
+from tether.core._credentials import Known
+from tether.core._decision import (
+    DECIDE_HTM,
+    DECIDE_HTU,
+    Call,
+    Decision,
+    Effect,
+    Plan,
+    Reason,
+    Refused,
+    TaskState,
+    Verified,
+    check_call,
+    check_live,
+    decide,
+    identify,
+    observe,
+    refusal,
+    verify,
+)
+from tether.core._flow import FlowPolicy, ToolProfile, observe_content, start
+from tether.core._risk import Control, risk_tags
+from tether.core._verify import (
+    PROOF_WINDOW,
+    ProofVerifier,
+    TaskClaims,
+    TokenVerifier,
+    call_digest,
+)
+from tether.enforcement._snapshot import SnapshotLoader
+from tether.flow._catalogue import ToolCatalogue
+from tether.policy import PolicyService
+from tether.store import Store
+from tether.tokens import KeyRing
+
+if TYPE_CHECKING:
+    from tether.cluster import NodeMemory
+
+PURGE_EVERY = 1024
+MAX_RESULT_BYTES = 1024 * 1024
+#: How long "this decision's result was observed" is remembered (longer than any task).
+RESULT_MEMORY = 7 * 24 * 3600.0
+
+
+class Receipt(msgspec.Struct, frozen=True):
+    """A decision and the audit record that holds it."""
+
+    decision: Decision
+    seq: int
+    hash: str
+    latency_us: float
+    approval_id: str | None = None
+
+    @property
+    def effect(self) -> Effect:
+        return self.decision.effect
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.decision
+        return {
+            "effect": str(d.effect),
+            "reasons": [{"code": r.code, "message": r.message} for r in d.reasons],
+            "policies": list(d.policies),
+            "risk_tags": list(d.risk_tags),
+            "task_id": d.task_id,
+            "receipt": {"seq": self.seq, "hash": self.hash},
+            "approval_id": self.approval_id,
+        }
+
+
+class Observation(msgspec.Struct, frozen=True):
+    """A result observed: the labels it gave the task tree and the receipt that holds it."""
+
+    task_id: str
+    tool: str
+    sensitivity: str
+    untrusted: bool
+    seq: int
+    hash: str
+
+
+class ObservationRefused(Rejected):
+    """A result could not be observed (its receipt, when there is one, says why)."""
+
+    code = "result.refused"
+
+    def __init__(self, code: str, message: str, seq: int | None = None) -> None:
+        super().__init__(message, code=code)
+        self.seq = seq
+
+
+class _LostRace(Exception):
+    def __init__(self, reason: Reason, *controls: Control) -> None:
+        super().__init__(reason.message)
+        self.reason, self.controls = reason, controls
+
+
+class Enforcement:
+    """Verify, lock, load, decide, apply, record: for decisions and for results."""
+
+    def __init__(
+        self,
+        store: Store,
+        keyring: KeyRing,
+        policies: PolicyService,
+        auditor: Auditor,
+        clock: Clock,
+        approvals: Approvals,
+        catalogue: ToolCatalogue,
+        *,
+        known_secrets: Callable[[], list[Known]] | None = None,
+    ) -> None:
+        self.known_secrets = known_secrets
+        self.catalogue = catalogue
+        #: The flow rules in force at doors that do not configure their own.
+        self.flow_policy = FlowPolicy()
+        self._store = store
+        self._keyring = keyring
+        self._policies = policies
+        self._auditor = auditor
+        self._clock = clock
+        self._approvals = approvals
+        self.loader = SnapshotLoader(store)
+        self._proofs = ProofVerifier()
+        self._tokens: TokenVerifier | None = None
+        self._keys_version: tuple[str, ...] = ()
+        self._decisions = 0
+
+    def attach_memory(self, memory: NodeMemory) -> None:
+        """Serve the hot path from a node's memory (see :mod:`tether.cluster`)."""
+        self.loader.memory = memory
+        self._policies.check_every_call = False
+
+    # -- verification ---------------------------------------------------------------------
+    def _token_verifier(self, now: float) -> TokenVerifier:
+        keys = self._keyring.verification_keys(now)
+        version = tuple(sorted(keys.keys))
+        if self._tokens is None or version != self._keys_version:
+            self._tokens, self._keys_version = TokenVerifier(keys), version
+        return self._tokens
+
+    def verify(
+        self,
+        *,
+        token: str | None,
+        proof: str | None,
+        binding: str | None,
+        htm: str = DECIDE_HTM,
+        htu: str = DECIDE_HTU,
+        resource: str | None = None,
+        task_hint: str | None = None,
+    ) -> Verified:
+        """Verify a token and its proof once (raises :class:`~tether.core.Refused` or a
+        :class:`~tether.TetherError`)."""
+        now = self._clock.now()
+        return verify(
+            token=token,
+            proof=proof,
+            binding=binding,
+            tokens=self._token_verifier(now),
+            proofs=self._proofs,
+            now=now,
+            htm=htm,
+            htu=htu,
+            resource=resource,
+            task_hint=task_hint,
+        )
+
+    def verify_token(self, token: str, *, now: float, check_times: bool = True) -> TaskClaims:
+        """Verify a task token's signature, issuer, audience (and times); raise if bad.
+        For introspection and revocation, which take a token without a proof."""
+        return self._token_verifier(now).verify(token, now=now, check_times=check_times)
+
+    def authenticate(self, verified: Verified, *, consume_proof: bool) -> TaskState:
+        """The task of a verified request that is not a call, if its token is live; its
+        proof is consumed when ``consume_proof`` (raises :class:`~tether.core.Refused`)."""
+        now = self._clock.now()
+        claims = verified.claims
+        snapshot = self.loader.load(
+            claims,
+            proof_jti=None,
+            profile=ToolProfile(),
+            flow_policy=self.flow_policy,
+            flows=False,
+        )
+        state = check_live(claims, snapshot, now)
+        if consume_proof:
+            self.consume(verified)
+        return state
+
+    def consume(self, verified: Verified) -> None:
+        """Consume a verified proof, or raise :class:`~tether.core.Refused` if it was
+        used before (one proof, one request)."""
+        if not self._store.record_proof(verified.proof_jti, self._clock.now() + PROOF_WINDOW * 2):
+            raise Refused(
+                "proof.replayed",
+                "proof has been used before",
+                Control.SENDER_CONSTRAINED,
+                claims=verified.claims,
+            )
+
+    def burn(self, verified: Verified) -> None:
+        """Consume the proof of a call that was not allowed: one proof, one call."""
+        self._store.record_proof(verified.proof_jti, self._clock.now() + PROOF_WINDOW * 2)
+
+    # -- decisions ------------------------------------------------------------------------
+    def decide(
+        self,
+        *,
+        tool: str,
+        args: dict[str, Any],
+        token: str | None = None,
+        proof: str | None = None,
+        verified: Verified | None = None,
+        task_id: str | None = None,
+        htm: str = DECIDE_HTM,
+        htu: str = DECIDE_HTU,
+        resource: str | None = None,
+        detail: dict[str, Any] | None = None,
+        profile: ToolProfile | None = None,
+        flow_policy: FlowPolicy | None = None,
+    ) -> Receipt:
+        """Decide, apply and record one call; ``detail`` is added to the receipt.
+
+        ``profile`` is the tool's catalogue entry when the door knows it (the gateway's
+        upstream catalogue); otherwise the trust domain's catalogue is asked.
+        ``verified`` is a token and proof the door has verified already (the gateway
+        authenticates every request before MCP sees it): they are not verified again.
+        """
+        started = time.perf_counter()
+        now = self._clock.now()
+        call = Call(tool=tool, args=args)
+        try:
+            check_call(call)
+            if verified is None:
+                verified = self.verify(
+                    token=token,
+                    proof=proof,
+                    binding=call_digest(tool, args),
+                    htm=htm,
+                    htu=htu,
+                    resource=resource,
+                    task_hint=task_id,
+                )
+            elif task_id is not None and task_id != verified.claims.task_id:
+                raise Refused(
+                    "token.task_mismatch",
+                    f"token belongs to task {verified.claims.task_id}, not {task_id}",
+                    Control.TASK_TOKEN,
+                )
+        except Exception as exc:
+            context = identify(None, call)
+            claims = getattr(exc, "claims", None)
+            if claims is not None:
+                context.update(
+                    task_id=claims.task_id,
+                    agent_id=claims.subject,
+                    chain=claims.chain,
+                    intent_digest=claims.intent_digest,
+                    token_digest=claims.token_digest,
+                )
+            decision = refusal(exc, context)
+            with self._store.transaction():
+                record = self._append(decision, started, detail)
+            return Receipt(decision, record.seq, record.hash, self._latency(started))
+        self._decisions += 1
+        if self._decisions % PURGE_EVERY == 0:
+            self._store.purge_proofs(now)
+        try:
+            with self._store.transaction():
+                # One task's calls one at a time, across nodes: the budgets, flow states
+                # and approvals of the tree are read and written under these row locks.
+                self._store.lock_task(verified.claims.task_id)
+                decision, approval_id = self._decide_locked(
+                    verified, call, now, profile, flow_policy
+                )
+                record = self._append(decision, started, detail)
+        except Exception as exc:  # the store failed mid-way: nothing applied, still a receipt
+            code = exc.code if isinstance(exc, TetherError) else "internal.error"
+            decision = Decision(
+                effect=Effect.DENY,
+                reasons=(Reason(code, f"the decision could not be applied: {type(exc).__name__}"),),
+                risk_tags=risk_tags(Control.PER_CALL_POLICY),
+                **identify(verified, call),
+            )
+            with self._store.transaction():
+                record = self._append(decision, started, detail)
+            approval_id = None
+        return Receipt(decision, record.seq, record.hash, self._latency(started), approval_id)
+
+    def _decide_locked(
+        self,
+        verified: Verified,
+        call: Call,
+        now: float,
+        profile: ToolProfile | None,
+        flow_policy: FlowPolicy | None,
+    ) -> tuple[Decision, str | None]:
+        try:
+            policy = self._policies.snapshot()
+            known = tuple(self.known_secrets()) if self.known_secrets is not None else ()
+            snapshot = self.loader.load(
+                verified.claims,
+                proof_jti=verified.proof_jti,
+                profile=profile if profile is not None else self.catalogue.profile(call.tool),
+                flow_policy=flow_policy or self.flow_policy,
+                known=known,
+            )
+        except Exception as exc:
+            code = getattr(exc, "code", "internal.error")
+            message = getattr(exc, "message", None) or type(exc).__name__
+            decision = Decision(
+                effect=Effect.DENY,
+                reasons=(Reason(str(code), f"decision inputs unavailable: {message}"),),
+                risk_tags=risk_tags(Control.PER_CALL_POLICY),
+                **identify(verified, call),
+            )
+            return decision, None
+        decision, plan = decide(verified, snapshot, call, policy, now)
+        if plan.request_approval and decision.args_digest is not None:
+            grant = self.loader.grant(
+                verified.claims.task_id, call.tool, decision.args_digest, policy.digest, now
+            )
+            if grant is not None:
+                snapshot = dataclasses.replace(snapshot, grant=grant)
+                decision, plan = decide(verified, snapshot, call, policy, now)
+        try:
+            approval_id = self._apply(decision, plan, call, policy.digest, now)
+        except _LostRace as lost:
+            return (
+                msgspec.structs.replace(
+                    decision,
+                    effect=Effect.DENY,
+                    reasons=(lost.reason,),
+                    risk_tags=risk_tags(*lost.controls),
+                ),
+                None,
+            )
+        return decision, approval_id
+
+    def _apply(
+        self, decision: Decision, plan: Plan, call: Call, policy_digest: str, now: float
+    ) -> str | None:
+        """Carry out a plan inside the decision's transaction; the approval id, if any."""
+        store = self._store
+        if plan.request_approval:
+            assert decision.task_id and decision.agent_id and decision.args_digest
+            pending = self._approvals.request(
+                task_id=decision.task_id,
+                agent_id=decision.agent_id,
+                tool=call.tool,
+                args_digest=decision.args_digest,
+                args=call.args,
+                policy_digest=policy_digest,
+                reasons=[{"code": r.code, "message": r.message} for r in decision.reasons],
+            )
+            return pending.approval_id
+        if plan.record_proof is not None and not store.record_proof(
+            plan.record_proof, now + PROOF_WINDOW * 2
+        ):
+            raise _LostRace(
+                Reason("proof.replayed", "proof has been used before"), Control.SENDER_CONSTRAINED
+            )
+        if plan.use_approval is not None and not self._approvals.consume(plan.use_approval):
+            raise _LostRace(
+                Reason("approval.used", "the approval has been used already"), Control.APPROVAL
+            )
+        if plan.spend:
+            # The locks make the snapshot current; spend_call re-checks anyway (the task's
+            # token and life) so a store that lost a lock cannot overspend.
+            task = store.get_task(plan.spend[0])
+            limit = self.loader.state(task).intent.budget.max_calls if task else 0
+            token_id = task.token_id if task else ""
+            if not store.spend_call(plan.spend[0], limit, token_id=token_id, now=now):
+                raise _LostRace(
+                    Reason("budget.calls_exhausted", f"call budget of {limit} is spent"),
+                    Control.INTENT_BINDING,
+                )
+            for ancestor in plan.spend[1:]:
+                store.spend_call(ancestor, 1 << 62)
+        for task_id, state in plan.flows:
+            store.put_task_flow(task_id, msgspec.json.encode(state), now)
+        if plan.touch is not None:
+            store.touch_task(plan.touch, now)
+        return plan.use_approval
+
+    def _append(self, decision: Decision, started: float, detail: dict[str, Any] | None) -> Any:
+        return self._auditor.append(
+            "decision",
+            chain=list(decision.chain),
+            task_id=decision.task_id,
+            intent_digest=decision.intent_digest,
+            tool=decision.tool,
+            args_digest=decision.args_digest,
+            effect=str(decision.effect),
+            reasons=[{"code": r.code, "message": r.message} for r in decision.reasons],
+            policies=list(decision.policies),
+            risk_tags=list(decision.risk_tags),
+            latency_us=round(self._latency(started), 1),
+            token_digest=decision.token_digest,
+            detail=detail,
+        )
+
+    @staticmethod
+    def _latency(started: float) -> float:
+        return (time.perf_counter() - started) * 1e6
+
+    # -- results --------------------------------------------------------------------------
+    def observe(
+        self,
+        verified: Verified,
+        *,
+        tool: str,
+        result: Any,
+        decision_seq: int,
+        profile: ToolProfile | None = None,
+        outcome: str = "ok",
+        detail: dict[str, Any] | None = None,
+        label: dict[str, Any] | None = None,
+    ) -> Observation:
+        """Observe what ``tool`` returned for the allowed decision ``decision_seq``.
+
+        The result's labels and values join the flow state of the task and every
+        ancestor, the task is labelled with what it read, and a ``result`` receipt is
+        appended, in one transaction under the tree's locks. ``result`` ``None`` records
+        an answer with nothing to observe (an upstream failure). Raises
+        :class:`ObservationRefused` (with a receipt) when the result cannot be taken.
+        """
+        claims = verified.claims
+        now = self._clock.now()
+        profile = profile if profile is not None else self.catalogue.profile(tool)
+        controls = [Control.AUDIT, Control.INFORMATION_FLOW]
+        base = {
+            "chain": list(claims.chain),
+            "task_id": claims.task_id,
+            "intent_digest": claims.intent_digest,
+            "tool": tool[:256],
+            "token_digest": claims.token_digest,
+        }
+        with self._store.transaction():
+            self._store.lock_task(claims.task_id)
+            try:
+                if len(msgspec.json.encode(result)) > MAX_RESULT_BYTES:
+                    raise Refused(
+                        "result.oversized", f"a result is at most {MAX_RESULT_BYTES} bytes"
+                    )
+                self._check_decision(decision_seq, claims.task_id, tool)
+                # One result per allowed call: a second report could only add what the
+                # agent chose to say (a trusted-looking value that grounds a sink).
+                if not self._store.record_proof(f"result:{decision_seq}", now + RESULT_MEMORY):
+                    raise Refused(
+                        "result.duplicate",
+                        f"the result of decision {decision_seq} has been observed already",
+                        Control.AUDIT,
+                    )
+                snapshot = self.loader.load(
+                    claims, proof_jti=None, profile=profile, flow_policy=self.flow_policy
+                )
+                state, plan = observe(verified, snapshot, tool, result, now)
+            except Exception as exc:
+                code = str(getattr(exc, "code", "internal.error"))
+                message = getattr(exc, "message", None) or type(exc).__name__
+                record = self._auditor.append(
+                    "result",
+                    **base,
+                    effect="deny",
+                    reasons=[{"code": code, "message": message}],
+                    risk_tags=list(risk_tags(Control.AUDIT)),
+                    detail={**(detail or {}), "decision_receipt": decision_seq},
+                )
+                raise ObservationRefused(code, message, record.seq) from None
+            if result is not None:
+                for task_id, flow in plan.flows:
+                    self._store.put_task_flow(task_id, msgspec.json.encode(flow), now)
+            if outcome in ("ok", "error"):
+                self._store.add_task_label(
+                    claims.task_id,
+                    tool,
+                    str(profile.sensitivity),
+                    profile.trusted,
+                    msgspec.json.encode(
+                        {**(label or {}), "outcome": outcome, "decision_receipt": decision_seq}
+                    ).decode(),
+                    now,
+                )
+            if label and label.get("redactions"):
+                controls.append(Control.SECRET_BROKERING)
+            record = self._auditor.append(
+                "result",
+                **base,
+                effect="allow",
+                reasons=[{"code": f"result.{outcome}", "message": f"the tool answered: {outcome}"}],
+                risk_tags=list(risk_tags(*controls)),
+                detail={
+                    **(detail or {}),
+                    "outcome": outcome,
+                    "sensitivity": str(profile.sensitivity),
+                    "trusted": profile.trusted,
+                    "decision_receipt": decision_seq,
+                    "agent": state.agent_id,
+                },
+            )
+        return Observation(
+            task_id=claims.task_id,
+            tool=tool,
+            sensitivity=str(profile.sensitivity),
+            untrusted=not profile.trusted,
+            seq=record.seq,
+            hash=record.hash,
+        )
+
+    def _check_decision(self, seq: int, task_id: str, tool: str) -> None:
+        """A result answers an allowed decision of this task and tool, or it is refused."""
+        row = self._store.get_record(seq) if isinstance(seq, int) and seq > 0 else None
+        body = msgspec.json.decode(row.body) if row is not None else None
+        if (
+            not isinstance(body, dict)
+            or body.get("kind") != "decision"
+            or body.get("task_id") != task_id
+            or body.get("tool") != tool
+            or body.get("effect") != "allow"
+        ):
+            raise Refused(
+                "result.unknown_decision",
+                f"receipt {seq} is not an allowed decision of {tool} in task {task_id}",
+                Control.AUDIT,
+            )
+
+    def observe_content(self, verified: Verified, *, source: str, text: str) -> None:
+        """Mark the task tree as having read ``text``, content nobody vouches for (a tool
+        description no operator reviewed, shown to the agent): no receipt of its own."""
+        claims = verified.claims
+        now = self._clock.now()
+        with self._store.transaction():
+            self._store.lock_task(claims.task_id)
+            snapshot = self.loader.load(
+                claims, proof_jti=None, profile=ToolProfile(), flow_policy=self.flow_policy
+            )
+            state = check_live(claims, snapshot, now)
+            for member in (state, *snapshot.ancestors):
+                before = snapshot.flows.get(member.task_id) or start(member.intent.request or "")
+                after = observe_content(before, source, text)
+                if after != before:
+                    self._store.put_task_flow(member.task_id, msgspec.json.encode(after), now)
