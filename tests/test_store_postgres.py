@@ -441,7 +441,8 @@ def test_a_database_failure_on_a_decision_is_never_an_allow() -> None:
     tail = t.audit.tail(1)[0]
     assert tail["effect"] == "deny" and tail["reasons"][0]["code"] == "infrastructure.error"
     t.store.execute_unsafe("ALTER TABLE proofs_gone RENAME TO proofs")
-    # Writing fails (the proof cannot be consumed): the whole decision rolls back, an error.
+    # Writing fails (the proof cannot be consumed): the whole decision rolls back, and the
+    # deny that replaces it is recorded in a transaction of its own.
     t.store.execute_unsafe(
         "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'disk full'; "
         "END $$ LANGUAGE plpgsql"
@@ -449,8 +450,9 @@ def test_a_database_failure_on_a_decision_is_never_an_allow() -> None:
     t.store.execute_unsafe(
         "CREATE TRIGGER refuse BEFORE INSERT ON proofs FOR EACH ROW EXECUTE FUNCTION refuse()"
     )
-    assert _never_allowed(t, key, token) == "error"
-    assert t.verify_audit().records == records + 1  # the deny above, nothing since
+    assert _never_allowed(t, key, token) == "deny"
+    assert t.verify_audit().records == records + 2  # the two denies, nothing applied
+    assert t.audit.tail(1)[0]["reasons"][0]["code"] == "infrastructure.error"
     assert [r.calls_used for r in t.store.list_tasks()] == [0]
     t.store.execute_unsafe("DROP TRIGGER refuse ON proofs")
     assert _never_allowed(t, key, token) == "allow"
