@@ -47,20 +47,27 @@ class ProofKey:
             raise ValueError("proof key must be an EC private key")
         return cls(key)
 
-    def prove_request(
-        self, token: str, *, htm: str, htu: str, now: float, jti: str | None = None
+    def _sign(
+        self, token: str, *, htm: str, htu: str, now: float, jti: str | None, call: str | None
     ) -> str:
-        """A proof for one HTTP request that carries ``token`` (RFC 9449 §4.2)."""
-        claims = {
+        claims: dict[str, Any] = {
             "jti": jti or secrets.token_urlsafe(18),
             "htm": htm,
             "htu": htu,
             "iat": int(now),
             "ath": token_hash(token),
         }
+        if call is not None:
+            claims["call"] = call
         return jwt.encode(
             claims, self._key, algorithm="ES256", headers={"typ": PROOF_TYP, "jwk": self.jwk}
         )
+
+    def prove_request(
+        self, token: str, *, htm: str, htu: str, now: float, jti: str | None = None
+    ) -> str:
+        """A proof for one HTTP request that carries ``token`` (RFC 9449 §4.2)."""
+        return self._sign(token, htm=htm, htu=htu, now=now, jti=jti, call=None)
 
     def prove_result(
         self,
@@ -75,17 +82,8 @@ class ProofKey:
         jti: str | None = None,
     ) -> str:
         """A proof for reporting what ``tool`` returned after the decision ``receipt``."""
-        claims = {
-            "jti": jti or secrets.token_urlsafe(18),
-            "htm": htm,
-            "htu": htu,
-            "iat": int(now),
-            "ath": token_hash(token),
-            "call": result_digest(tool, receipt, result),
-        }
-        return jwt.encode(
-            claims, self._key, algorithm="ES256", headers={"typ": PROOF_TYP, "jwk": self.jwk}
-        )
+        call = result_digest(tool, receipt, result)
+        return self._sign(token, htm=htm, htu=htu, now=now, jti=jti, call=call)
 
     def prove(
         self,
@@ -99,14 +97,5 @@ class ProofKey:
         jti: str | None = None,
     ) -> str:
         """A fresh proof for one call of ``tool`` with ``args`` under ``token``."""
-        claims = {
-            "jti": jti or secrets.token_urlsafe(18),
-            "htm": htm,
-            "htu": htu,
-            "iat": int(now),
-            "ath": token_hash(token),
-            "call": call_digest(tool, args),
-        }
-        return jwt.encode(
-            claims, self._key, algorithm="ES256", headers={"typ": PROOF_TYP, "jwk": self.jwk}
-        )
+        call = call_digest(tool, args)
+        return self._sign(token, htm=htm, htu=htu, now=now, jti=jti, call=call)
