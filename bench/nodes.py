@@ -56,16 +56,28 @@ def one(count: int, args: argparse.Namespace) -> dict[str, Any]:
         nodes = Nodes(Path(home) / "home", url).init()
         try:
             nodes.start(count)
-            Client(nodes.urls[0], admin=nodes.admin).load_policies({"all.cedar": PERMIT_ALL})
+            admin = Client(nodes.urls[0], admin=nodes.admin)
+            admin.load_policies({"all.cedar": PERMIT_ALL})
+            read = {"side_effect": "read", "sensitivity": "internal", "trusted": True}
+            admin.post("/v1/catalogue", {"tools": {"read": read}, "prefix": "load"})
 
             async def drive() -> dict[str, Any]:
                 agents = await enroll(nodes.urls, nodes.admin, args.agents, "bench")
+                # With several nodes, agents offboarded on node A one by one: the time until
+                # every other node refuses them (revocation propagation).
+                victims = (
+                    await enroll(nodes.urls, nodes.admin, args.victims, "victim")
+                    if count > 1
+                    else []
+                )
                 try:
                     await run_load(nodes, agents, seconds=args.warmup, budget=args.budget)
-                    report = await run_load(nodes, agents, seconds=args.seconds, budget=args.budget)
+                    report = await run_load(
+                        nodes, agents, seconds=args.seconds, budget=args.budget, victims=victims
+                    )
                     return report.summary()
                 finally:
-                    for a in agents:
+                    for a in agents + victims:
                         await a.client.aclose()
 
             return asyncio.run(drive())
@@ -111,6 +123,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--budget", type=int, default=50)
     parser.add_argument("--chain-seconds", type=float, default=5.0)
+    parser.add_argument("--victims", type=int, default=30, help="agents revoked per run")
     args = parser.parse_args()
     counts = [int(n) for n in args.nodes.split(",")]
     rows = [one(n, args) for n in counts]
@@ -125,6 +138,18 @@ def main() -> None:
             f"{row['decisions_per_s'] / base:.2f}x | {row['latency_ms_p50']} | "
             f"{row['latency_ms_p99']} | {row['errors']} |"
         )
+    spread = [r for r in rows if r.get("propagation_ms_p99") is not None]
+    if spread:
+        print("\nRevocation on node A, refused on every other node (ms)\n")
+        print("| nodes | probes | propagation p50 | p99 |")
+        print("|---|---|---|---|")
+        for row in spread:
+            print(
+                f"| {row['nodes']} | {row['revocation_probes']} | "
+                f"{row['propagation_ms_p50']} | {row['propagation_ms_p99']} |"
+            )
+        slowest = max(float(r["propagation_ms_p99"]) for r in spread)
+        print(f"\nTarget: propagation p99 <= 200 ms: {'yes' if slowest <= 200 else 'NO'}")
     print("\nThe one chain: receipts appended per second (each in its own transaction)\n")
     print("| concurrent appenders | appends/s |")
     print("|---|---|")
