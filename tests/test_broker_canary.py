@@ -271,6 +271,9 @@ def test_canaries_reach_only_the_upstream(tmp_path: Path) -> None:
     port = free_port()
     proof_file = tmp_path / "reached-the-upstream.txt"
     config = _gateway_config(tmp_path, port, proof_file)
+    # The operator reviews the upstream's tool definitions and pins them.
+    pinned = evidence.cli(home, "gateway", "pin", str(config), "echo", "--json")
+    assert pinned.returncode == 0, pinned.stderr
     gateway_log = tmp_path / "gateway.log"
     with open(gateway_log, "wb") as log:
         gateway = subprocess.Popen(

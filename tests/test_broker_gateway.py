@@ -64,7 +64,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Tether, 
             },
         ],
     )
-    server = GatewayServer(home, config, port).start()
+    server = GatewayServer(home, config, port).start().pin_all()
     yield tether, server
     server.stop()
     upstream.stop()

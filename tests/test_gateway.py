@@ -141,7 +141,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         ],
         approval={"mode": "wait", "timeout_seconds": 4, "poll_interval_seconds": 0.1},
     )
-    gateway = GatewayServer(home, config, port).start()
+    gateway = GatewayServer(home, config, port).start().pin_all()
     try:
         yield Env(tether=tether, gateway=gateway, repo=repo, home=home)
     finally:

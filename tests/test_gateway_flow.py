@@ -87,7 +87,7 @@ class Home:
             approval={"mode": "return"},
             flow=flow,
         )
-        return GatewayServer(self.path, config, port).start()
+        return GatewayServer(self.path, config, port).start().pin_all()
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +253,7 @@ def test_flow_state_follows_the_task_across_gateway_nodes(home: Home) -> None:
     )
     # Node B serves the same resource (as behind one load balancer), on its own port.
     config_b = msgspec.structs.replace(config_b, resource=node_a.url)
-    node_b = GatewayServer(home.path, config_b, port_b).start()
+    node_b = GatewayServer(home.path, config_b, port_b).start().pin_all()
     try:
         key, task_id, token = home.task(node_a.url)
         url_b = f"http://127.0.0.1:{port_b}/mcp"

@@ -114,7 +114,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         approval={"mode": "return"},
         flow="reviewed",
     )
-    gateway = GatewayServer(home, config, port).start()
+    gateway = GatewayServer(home, config, port).start().pin_all()
     server = Server(home, init=False).start()
     try:
         yield Env(tether=tether, home=home, gateway=gateway, server=server)

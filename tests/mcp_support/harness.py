@@ -21,7 +21,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from tether import ProofKey, Tether, parse_intent
-from tether.gateway import Gateway, GatewayConfig, create_gateway_app, parse_config
+from tether.gateway import Gateway, GatewayConfig, ToolPins, create_gateway_app, parse_config
 from tether.sdk._mcp_auth import TetherMCPAuth
 from tether.tasks import OpenedTask
 
@@ -184,6 +184,16 @@ class GatewayServer:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("gateway did not start")
             time.sleep(0.05)
+        return self
+
+    def pin_all(self, *, by: str = "ops@acme.example") -> GatewayServer:
+        """Pin every upstream definition the gateway has read, as an operator who reviewed
+        them would (``tether gateway pin``): their descriptions are then not untrusted
+        content for the tasks they are listed to."""
+        pins = ToolPins(self.tether)
+        for upstream in self.gateway.upstreams.values():
+            if upstream.tools:
+                pins.pin(upstream.name, upstream.tools.values(), by=by)
         return self
 
     def stop(self) -> None:

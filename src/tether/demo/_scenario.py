@@ -36,7 +36,7 @@ from tether.demo._console import check_console
 from tether.demo._gateway import BANK, drive, gateway_config
 from tether.demo._nodes import several_nodes
 from tether.demo._timeline import Timeline, console
-from tether.gateway import Gateway
+from tether.gateway import Gateway, ToolPins
 from tether.sdk import ApprovalRequired, Client, Denied, Task
 from tether.server import ServerSettings, create_app
 from tether.tokens import ProofKey
@@ -162,7 +162,17 @@ def run(*, examples: Path, home: Path | None = None, once: bool = True, port: in
         line.heading("A task with a declared intent; every call decided")
         with agent.task(template="pay-bill", params={"payee": PAYEE, "max_amount": 1500}) as task:
             line.say(f"task {task.task_id} open; its token is bound to the agent's key")
-            _call(line, task, "bank.read_bills", {})
+            bills = task.authorize("bank.read_bills", {})
+            line.verdict("bank.read_bills", {}, bills.effect, bills.reasons, bills.receipt, [])
+            # What the tool returned goes through the same pipeline: the task's flow state
+            # records what was read (guarded tools and the adapters report on their own).
+            statement = [{"biller": "Stadtwerke", "payee": PAYEE, "amount": 240.0}]
+            seen = task.report("bank.read_bills", int(bills.receipt["seq"]), statement)
+            line.detail(
+                f"↳ result reported: {seen.sensitivity}, "
+                f"{'untrusted' if seen.untrusted else 'trusted'} "
+                f"[dim]receipt #{seen.receipt['seq']}[/]"
+            )
 
             def send_money(recipient: str, amount: float) -> str:
                 return f"{amount:.2f} EUR sent to {recipient}"
@@ -319,10 +329,18 @@ def _through_gateway(
         raise RuntimeError(f"the bank MCP server did not start: {bank.last_error}")
     upstream = config.upstream("bank")
     assert upstream.stdio is not None
+    # The operator reviews the bank's tool definitions and pins them: a definition that
+    # changes upstream is hidden and refused until pinned again, and descriptions nobody
+    # reviewed count as untrusted content the task has read.
+    pinned = ToolPins(tether).pin("bank", bank.tools.values(), by="alice@acme.example")
     line.say(
         f"gateway serving {config.resource}; upstream 'bank' ({BANK}) is "
         f"`python {' '.join(upstream.stdio.args)}` over stdio: MCP {bank.protocol_version}, "
         f"{len(bank.tools)} tools, described in {Path(upstream.catalogue or '-').name}"
+    )
+    line.say(
+        f"alice@acme.example reviewed and pinned {len(pinned)} tool definitions "
+        "(a gateway.pin receipt each; `tether gateway pin CONFIG bank`)"
     )
     key = agent.key
     assert key is not None

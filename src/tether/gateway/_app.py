@@ -157,6 +157,36 @@ def _error_result(text: str, decision: dict[str, Any]) -> types.CallToolResult:
     )
 
 
+def _definition_text(name: str, tool: types.Tool) -> str:
+    """Every text of a tool definition an agent reads: its name, title, description and
+    the descriptions and titles anywhere in its input schema."""
+    texts = [name, tool.title or "", tool.description or ""]
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("description", "title", "default", "examples", "enum", "const"):
+                    texts.extend(_strings(value))
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(tool.input_schema)
+    return "\n".join(text for text in texts if text)
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for item in value.values() for s in _strings(item)]
+    if isinstance(value, list):
+        return [s for item in value for s in _strings(item)]
+    return [str(value)] if value is not None else []
+
+
 def _observed(result: types.CallToolResult) -> Any:
     """What the flow state records of a result: its structured content, else its text
     (a block without text is recorded by kind, so an untrusted tool's image counts too)."""
@@ -332,6 +362,7 @@ class Gateway:
                 "root": caller.claims.chain[-1],
                 "args": {},
             }
+            unreviewed: list[str] = []
             try:
                 pinned = self.pins.pinned()
             except Exception:
@@ -352,6 +383,23 @@ class Gateway:
                         tools.append(
                             self._present(upstream, name, tool, klass, definition=definition)
                         )
+                        if definition is not PinStatus.PINNED:
+                            unreviewed.append(_definition_text(name, tool))
+            if unreviewed:
+                # Descriptions no operator reviewed are content the agent now reads: the
+                # task tree counts as having read untrusted content (values they name
+                # stay ungrounded), exactly as if a tool had returned them.
+                try:
+                    self.tether.enforcement.observe_content(
+                        caller.verified, source="tools/list", text="\n".join(unreviewed)
+                    )
+                except Exception:
+                    log.exception(
+                        "unreviewed tool descriptions could not be observed on task %s: "
+                        "listing no tools",
+                        state.task_id,
+                    )
+                    return types.ListToolsResult(tools=[])
         return types.ListToolsResult(tools=tools)
 
     @staticmethod
