@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tether._errors import TetherError, UsageError
+from tether._errors import InvalidPolicy, TetherError, UsageError
 from tether._tether import Tether
 from tether.core._intent import decode_intent
 from tether.core._verify import strict_json
@@ -561,6 +561,111 @@ def policy_load(directory: Path, as_json: JsonOpt = False, home: HomeOpt = None)
             f"[green]✓[/] {len(snapshot.policies)} policies loaded ({snapshot.digest[:19]}…)"
         ),
     )
+
+
+def _policy_dir(directory: Path) -> tuple[dict[str, str], str]:
+    from tether.policy._service import default_schema  # noqa: PLC0415
+    from tether.policy._testing import read_dir  # noqa: PLC0415
+
+    sources, schema = read_dir(directory)
+    return sources, schema if schema is not None else default_schema()
+
+
+@policy_app.command("validate")
+def policy_validate(
+    directory: Path,
+    strict: Annotated[bool, typer.Option("--strict", help="exit non-zero on warnings too")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a policy directory offline, as a load would (schema, file and line), and
+    warn about wildcard permits, permits of every tool, duplicates and permits an
+    unconditional forbid shadows. Exit 1 on an error (or a warning with --strict)."""
+    from tether.policy._testing import lint  # noqa: PLC0415
+
+    report = lint(*_policy_dir(directory))
+    findings = [f.to_dict() for f in report.findings]
+    count = len(report.snapshot.policies) if report.snapshot is not None else 0
+
+    def human() -> None:
+        for f in report.findings:
+            colour = "red" if f.level == "error" else "yellow"
+            out.print(f"[{colour}]{f.level}[/] {f.where}: {f.code}: {f.message}")
+        if not report.errors:
+            out.print(
+                f"[green]✓[/] {count} policies valid against the schema, "
+                f"{len(report.warnings)} warning(s)"
+            )
+
+    emit({"ok": not report.errors, "policies": count, "findings": findings}, as_json, human)
+    if report.errors or (strict and report.warnings):
+        raise typer.Exit(1)
+
+
+@policy_app.command("test")
+def policy_test(
+    directory: Path,
+    cases: Annotated[Path, typer.Argument(help="TOML or JSON file of [[case]] entries")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate test cases against a policy directory (no store): each case names an
+    agent, its owner, the action (call_tool or open_task), the tool and arguments or
+    the template and intent, optional flow summary, and the effect it must have.
+    Exit 1 if any case has another effect."""
+    from tether.policy._testing import lint, load_cases, run_cases  # noqa: PLC0415
+
+    report = lint(*_policy_dir(directory))
+    if report.snapshot is None:
+        raise InvalidPolicy(f"{report.errors[0].where}: {report.errors[0].message}")
+    results = run_cases(report.snapshot, load_cases(cases))
+    failed = [r for r in results if not r.passed]
+
+    def human() -> None:
+        for r in results:
+            mark = "[green]✓[/]" if r.passed else "[red]✗[/]"
+            fired = f" [dim]({', '.join(r.policies)})[/]" if r.policies else ""
+            wrong = "" if r.passed else f" [red]expected {r.expect}[/]"
+            out.print(f"{mark} {r.name}: {r.effect}{wrong}{fired}")
+        out.print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+
+    emit(
+        {"passed": len(results) - len(failed), "failed": len(failed),
+         "cases": [r.to_dict() for r in results]},
+        as_json,
+        human,
+    )  # fmt: skip
+    if failed:
+        raise typer.Exit(1)
+
+
+@policy_app.command("format")
+def policy_format(
+    directory: Path,
+    check: Annotated[
+        bool, typer.Option("--check", help="exit 1 if a file is not formatted; change nothing")
+    ] = False,
+    write: Annotated[bool, typer.Option("--write", help="rewrite the files in place")] = False,
+) -> None:
+    """Format every *.cedar file with Cedar's formatter: print them (default), rewrite
+    them (--write) or only check them (--check)."""
+    from tether.policy._testing import format_sources, read_dir  # noqa: PLC0415
+
+    sources, _schema = read_dir(directory)
+    formatted = format_sources(sources)
+    changed = sorted(name for name in sources if formatted[name] != sources[name])
+    if check:
+        for name in changed:
+            out.print(f"[yellow]would reformat[/] {directory / name}")
+        if changed:
+            raise typer.Exit(1)
+        out.print(f"[green]✓[/] {len(sources)} file(s) formatted")
+        return
+    if write:
+        for name in changed:
+            (directory / name).write_text(formatted[name])
+            out.print(f"reformatted {directory / name}")
+        return
+    for name in sorted(formatted):
+        sys.stdout.write(f"// {name}\n{formatted[name]}")
 
 
 @catalogue_app.command("load")
