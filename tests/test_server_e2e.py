@@ -439,3 +439,27 @@ def test_an_approval_comment_is_bounded(server: Server) -> None:
         assert admin.approvals()[0]["status"] == "pending"  # nothing changed
         admin.deny(held.approval_id, comment="not this month")
         assert admin.approvals(status="denied")[0]["approval_id"] == held.approval_id
+
+
+def test_shadow_mode_over_http(server: Server) -> None:
+    """POST /v1/policies with shadow: the live set still decides; GET
+    /v1/policies/shadow lists the call the candidate would refuse; DELETE ends it."""
+    admin, agent = _setup(server)
+    files = {p.name: p.read_text() for p in (EXAMPLES / "policies").glob("*.cedar")}
+    files["stricter.cedar"] = (
+        '@id("no-bill-reading")\n'
+        'forbid (principal, action == Action::"call_tool", resource == Tool::"bank.read_bills");'
+    )
+    live = admin.get("/v1/policies")["digest"]
+    shadow = admin.post("/v1/policies", {"files": files, "shadow": True})
+    assert shadow["digest"] != live and admin.get("/v1/policies")["digest"] == live
+    with agent.task(template="pay-bill", params={"payee": PAYEE}) as task:
+        assert task.authorize("bank.read_bills").allowed  # not enforced
+    report = admin.get("/v1/policies/shadow")
+    assert report["digest"] == shadow["digest"] and report["changes"] == {"allow→deny": 1}
+    assert report["changed"][0]["policies"] == ["no-bill-reading"]
+    off = httpx.delete(
+        f"{server.url}/v1/policies/shadow", headers={"Authorization": f"Bearer {server.admin}"}
+    )
+    assert off.status_code == 200 and off.json() == {"removed": shadow["digest"]}
+    assert admin.get("/v1/policies/shadow")["digest"] is None

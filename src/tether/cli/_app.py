@@ -551,16 +551,78 @@ def template_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
 
 
 @policy_app.command("load")
-def policy_load(directory: Path, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
-    """Validate and load every *.cedar file of DIRECTORY as the live policy set."""
-    snapshot = _open(home).load_policies(directory)
-    emit(
-        {"digest": snapshot.digest, "policies": list(snapshot.policy_ids)},
-        as_json,
-        lambda: out.print(
-            f"[green]✓[/] {len(snapshot.policies)} policies loaded ({snapshot.digest[:19]}…)"
+def policy_load(
+    directory: Path,
+    shadow: Annotated[
+        bool,
+        typer.Option(
+            "--shadow",
+            help="load as the shadow set: evaluated beside the live set on every call and "
+            "recorded on its receipt, never enforced (see `tether policy shadow`)",
         ),
+    ] = False,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Validate and load every *.cedar file of DIRECTORY as the live policy set (or, with
+    --shadow, as the candidate set in shadow mode)."""
+    tether = _open(home)
+    if shadow:
+        from tether.policy._testing import read_dir  # noqa: PLC0415
+
+        sources, schema = read_dir(directory)
+        snapshot = tether.policies.load(sources, schema, origin=str(directory), shadow=True)
+    else:
+        snapshot = tether.load_policies(directory)
+    what = "shadow set loaded: recorded, not enforced" if shadow else "policies loaded"
+    emit(
+        {"digest": snapshot.digest, "policies": list(snapshot.policy_ids), "shadow": shadow},
+        as_json,
+        lambda: out.print(f"[green]✓[/] {len(snapshot.policies)} {what} ({snapshot.digest[:19]}…)"),
     )
+
+
+@policy_app.command("shadow")
+def policy_shadow(
+    off: Annotated[bool, typer.Option("--off", help="stop evaluating the shadow set")] = False,
+    limit: Annotated[int, typer.Option(help="changed decisions to list")] = 20,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """What the shadow set would change: the calls it saw and each whose effect it would
+    change (would deny, would hold, would allow), from the receipts; --off ends it."""
+    policies = _open(home).policies
+    if off:
+        removed = policies.clear_shadow(origin="cli")
+        emit(
+            {"removed": removed},
+            as_json,
+            lambda: out.print("shadow mode off" if removed else "no shadow set was loaded"),
+        )
+        return
+    report = policies.shadow_report(limit=max(0, limit))
+
+    def human() -> None:
+        if report.digest is None:
+            out.print("no shadow set (tether policy load DIR --shadow)")
+            return
+        changed = sum(report.changes.values())
+        out.print(
+            f"shadow set {report.digest[:19]}…: {report.evaluated} call(s) evaluated, "
+            f"{changed} would change"
+        )
+        for transition, count in sorted(report.changes.items()):
+            out.print(f"  {transition}: {count}")
+        table = Table("receipt", "agent", "tool", "live", "shadow", "policies")
+        for c in report.changed:
+            table.add_row(
+                f"#{c['seq']}", str(c["agent"]), str(c["tool"]), str(c["live"]),
+                str(c["shadow"]), ", ".join(c["policies"]),
+            )  # fmt: skip
+        if report.changed:
+            out.print(table)
+
+    emit(report.to_dict(), as_json, human)
 
 
 def _policy_dir(directory: Path) -> tuple[dict[str, str], str]:

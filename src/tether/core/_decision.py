@@ -84,7 +84,7 @@ from tether.core._flow import (
     start,
 )
 from tether.core._intent import Intent, match_capability
-from tether.core._policy import PolicySnapshot
+from tether.core._policy import CedarOutcome, PolicySnapshot
 from tether.core._risk import Control, risk_tags
 from tether.core._verify import (
     ProofVerifier,
@@ -139,6 +139,22 @@ class Call(msgspec.Struct, frozen=True):
     args: dict[str, Any]
 
 
+class Shadow(msgspec.Struct, frozen=True):
+    """What a candidate policy set in shadow mode would have made of a call's Cedar step
+    (``allow``, ``deny`` or ``approval_required``), beside what the live set made of it;
+    recorded on the receipt, never enforced."""
+
+    digest: str
+    effect: str
+    live: str
+    policies: tuple[str, ...] = ()
+    errors: tuple[str, ...] = ()
+
+    @property
+    def differs(self) -> bool:
+        return self.effect != self.live
+
+
 class Decision(msgspec.Struct, frozen=True, omit_defaults=True):
     effect: Effect
     reasons: tuple[Reason, ...]
@@ -152,6 +168,7 @@ class Decision(msgspec.Struct, frozen=True, omit_defaults=True):
     args_digest: str | None = None
     token_digest: str | None = None
     proof_jti: str | None = None
+    shadow: Shadow | None = None
 
     @property
     def allowed(self) -> bool:
@@ -516,15 +533,44 @@ def decide(
     call: Call,
     policy: PolicySnapshot,
     now: float,
+    shadow: PolicySnapshot | None = None,
 ) -> tuple[Decision, Plan]:
     """Decide one verified call against one snapshot. Never raises; see the module
     docstring. A decision other than ``allow`` comes with an empty plan, except an
-    approval request."""
+    approval request. ``shadow`` is a candidate policy set evaluated beside ``policy``
+    on the same request and recorded (:class:`Shadow`), never enforced."""
     context = identify(verified, call)
     try:
-        return _decide(verified, snapshot, call, policy, now, context)
+        return _decide(verified, snapshot, call, policy, now, context, shadow)
     except Exception as exc:  # fail closed on anything, expected or not
         return refusal(exc, context), NOTHING
+
+
+def _cedar_effect(outcome: CedarOutcome) -> str:
+    if outcome.errors or not outcome.allowed:
+        return "deny"
+    return "approval_required" if outcome.approval else "allow"
+
+
+def _shadow(
+    candidate: PolicySnapshot,
+    live: CedarOutcome,
+    request: tuple[dict[str, str], dict[str, str], dict[str, Any], Any],
+) -> Shadow | None:
+    """The candidate set's effect on the request the live set just saw; None if the
+    candidate cannot evaluate at all (it is only recorded, so it never decides)."""
+    principal, resource, context, entities = request
+    try:
+        outcome = candidate.evaluate(principal, "call_tool", resource, context, entities)
+    except Exception:
+        return None
+    return Shadow(
+        digest=candidate.digest,
+        effect=_cedar_effect(outcome),
+        live=_cedar_effect(live),
+        policies=outcome.policies,
+        errors=tuple(e[:200] for e in outcome.errors[:3]),
+    )
 
 
 def _decide(
@@ -534,6 +580,7 @@ def _decide(
     policy: PolicySnapshot,
     now: float,
     out: dict[str, Any],
+    shadow: PolicySnapshot | None = None,
 ) -> tuple[Decision, Plan]:
     check_call(call)
     claims = verified.claims
@@ -591,13 +638,12 @@ def _decide(
         args=cedar_args,
         flow=flow_ctx,
     )
-    outcome = policy.evaluate(
-        principal,
-        "call_tool",
-        {"type": "Tool", "id": call.tool},
-        context,
-        call_entities(state.agent_id, state.agent_owner, state.agent_kind, call.tool),
-    )
+    resource = {"type": "Tool", "id": call.tool}
+    entities = call_entities(state.agent_id, state.agent_owner, state.agent_kind, call.tool)
+    outcome = policy.evaluate(principal, "call_tool", resource, context, entities)
+    if shadow is not None:
+        # ``out`` is the context every decision and refusal below is built from.
+        out["shadow"] = _shadow(shadow, outcome, (principal, resource, context, entities))
     if outcome.errors:
         raise Refused(
             "policy.error",

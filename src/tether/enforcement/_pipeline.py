@@ -333,6 +333,7 @@ class Enforcement:
     ) -> tuple[Decision, str | None]:
         try:
             policy = self._policies.snapshot()
+            shadow = self._policies.shadow()
             known = tuple(self.known_secrets()) if self.known_secrets is not None else ()
             snapshot = self.loader.load(
                 verified.claims,
@@ -351,14 +352,14 @@ class Enforcement:
                 **identify(verified, call),
             )
             return decision, None
-        decision, plan = decide(verified, snapshot, call, policy, now)
+        decision, plan = decide(verified, snapshot, call, policy, now, shadow)
         if plan.request_approval and decision.args_digest is not None:
             grant = self.loader.grant(
                 verified.claims.task_id, call.tool, decision.args_digest, policy.digest, now
             )
             if grant is not None:
                 snapshot = dataclasses.replace(snapshot, grant=grant)
-                decision, plan = decide(verified, snapshot, call, policy, now)
+                decision, plan = decide(verified, snapshot, call, policy, now, shadow)
         try:
             approval_id = self._apply(decision, plan, call, policy.digest, now)
         except _LostRace as lost:
@@ -433,7 +434,9 @@ class Enforcement:
             risk_tags=list(decision.risk_tags),
             latency_us=round(self._latency(started), 1),
             token_digest=decision.token_digest,
-            detail=detail,
+            detail=detail
+            if decision.shadow is None
+            else {**(detail or {}), "shadow": msgspec.to_builtins(decision.shadow)},
         )
 
     @staticmethod

@@ -7,6 +7,7 @@ reason and the previous snapshot stays live. Both outcomes leave a receipt.
 from __future__ import annotations
 
 import json
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -15,9 +16,13 @@ from tether.audit import Auditor
 from tether.core._clock import Clock
 from tether.core._policy import PolicySnapshot, build_snapshot
 from tether.core._risk import Control, risk_tags
+from tether.policy._shadow import ShadowReport, shadow_report
 from tether.store import Store
 
 SCHEMA_FILE = "schema.cedarschema"
+SHADOW_BODY = "policy.shadow"
+SHADOW_DIGEST = "policy.shadow.digest"
+SHADOW_RECHECK_SECONDS = 1.0
 MAX_FILES = 10_000
 
 
@@ -36,6 +41,10 @@ class PolicyService:
         #: told of new snapshots by events (:mod:`tether.cluster`) turns this off.
         self.check_every_call = True
         self._stale = True
+        self._shadow: PolicySnapshot | None = None
+        self._shadow_digest: str | None = None
+        self._shadow_stale = True
+        self._shadow_read = 0.0
 
     def load_dir(self, directory: str | Path) -> PolicySnapshot:
         path = Path(directory)
@@ -50,20 +59,48 @@ class PolicyService:
         return self.load(sources, schema, origin=str(path))
 
     def load(
-        self, sources: dict[str, str], schema: str | None = None, *, origin: str = "api"
+        self,
+        sources: dict[str, str],
+        schema: str | None = None,
+        *,
+        origin: str = "api",
+        shadow: bool = False,
     ) -> PolicySnapshot:
+        """Validate ``sources`` and make them the live set, or, with ``shadow``, the
+        candidate set evaluated beside the live one on every call and recorded on its
+        receipt (``detail.shadow``) without being enforced."""
         schema = schema if schema is not None else default_schema()
+        kind = "policy.shadow" if shadow else "policy.load"
         try:
             snapshot = build_snapshot(sources, schema)
         except InvalidPolicy as exc:
             self._auditor.append(
-                "policy.load",
+                kind,
                 effect="deny",
                 reasons=[{"code": exc.code, "message": exc.message}],
                 detail={"origin": origin, "files": sorted(sources)},
                 risk_tags=list(risk_tags(Control.PER_CALL_POLICY, Control.AUDIT)),
             )
             raise
+        if shadow:
+            body = json.dumps({"sources": sources, "schema": schema}, sort_keys=True)
+            with self._store.transaction():
+                self._store.set_meta(SHADOW_BODY, body)
+                self._store.set_meta(SHADOW_DIGEST, snapshot.digest)
+                self._auditor.append(
+                    "policy.shadow",
+                    effect="allow",
+                    policies=list(snapshot.policy_ids)[:1000],
+                    detail={
+                        "origin": origin,
+                        "digest": snapshot.digest,
+                        "count": len(snapshot.policies),
+                        "enforced": False,
+                    },
+                    risk_tags=list(risk_tags(Control.PER_CALL_POLICY, Control.AUDIT)),
+                )
+            self._shadow, self._shadow_digest = snapshot, snapshot.digest
+            return snapshot
         with self._store.transaction():
             snapshot_id = self._store.add_policy(
                 snapshot.digest, json.dumps(sources, sort_keys=True), schema, self._clock.now()
@@ -83,9 +120,58 @@ class PolicyService:
         self._snapshot, self._snapshot_id = snapshot, snapshot_id
         return snapshot
 
+    def clear_shadow(self, *, origin: str = "api") -> str | None:
+        """Stop evaluating the shadow set (a receipt); its digest, or None if none was on."""
+        with self._store.transaction():
+            current = self._store.get_meta(SHADOW_DIGEST)
+            if not current:
+                return None
+            self._store.set_meta(SHADOW_DIGEST, "")
+            self._store.set_meta(SHADOW_BODY, "")
+            self._auditor.append(
+                "policy.shadow",
+                effect="allow",
+                reasons=[{"code": "policy.shadow_off", "message": "shadow set removed"}],
+                detail={"origin": origin, "digest": current, "enforced": False, "off": True},
+                risk_tags=list(risk_tags(Control.PER_CALL_POLICY, Control.AUDIT)),
+            )
+        self._shadow, self._shadow_digest = None, None
+        return current
+
+    def shadow_digest(self) -> str | None:
+        """The digest of the shadow set in the store now (None: shadow mode is off)."""
+        return self._store.get_meta(SHADOW_DIGEST) or None
+
+    def shadow_report(self, *, limit: int = 50) -> ShadowReport:
+        """What the current shadow set would have changed, from the receipts."""
+        return shadow_report(self._store, self.shadow_digest(), limit=limit)
+
+    def shadow(self) -> PolicySnapshot | None:
+        """The candidate set in shadow mode, if any (re-read when the live set is; a
+        shadow set that no longer builds is dropped: it is never enforced anyway)."""
+        # Never enforced, so a lone process looks again at most once a second, not on
+        # every call; a node re-reads it when told the policies changed.
+        fresh = time.monotonic() - self._shadow_read < SHADOW_RECHECK_SECONDS
+        if not self._shadow_stale and (fresh or not self.check_every_call):
+            return self._shadow
+        self._shadow_stale = False
+        self._shadow_read = time.monotonic()
+        current = self._store.get_meta(SHADOW_DIGEST) or None
+        if current != self._shadow_digest:
+            self._shadow, self._shadow_digest = None, current
+            body = self._store.get_meta(SHADOW_BODY) if current else None
+            if body:
+                try:
+                    data = json.loads(body)
+                    self._shadow = build_snapshot(data["sources"], data["schema"])
+                except Exception:  # a shadow set never decides anything
+                    self._shadow = None
+        return self._shadow
+
     def invalidate(self) -> None:
         """Look at the store's active snapshot again on the next call."""
         self._stale = True
+        self._shadow_stale = True
 
     def snapshot(self) -> PolicySnapshot:
         """The live snapshot (rebuilt from the store if another process loaded a new one)."""

@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
-from litestar import Litestar, Request, Response, get, post
+from litestar import Litestar, Request, Response, delete, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.enums import RequestEncodingType
@@ -587,9 +587,30 @@ def _policies_out(snapshot: Any) -> S.PoliciesOut:
 
 @post("/v1/policies", tags=["policies"], responses=_ERRORS, status_code=200, guards=[authenticated])
 async def policy_load(request: Request, data: S.PoliciesIn) -> S.PoliciesOut:  # type: ignore[type-arg]
-    """Validate and load a policy set; an invalid one is refused and the live one stays."""
+    """Validate and load a policy set; an invalid one is refused and the live one stays.
+    With ``"shadow": true`` it becomes the shadow set instead: evaluated beside the live
+    set on every call and recorded on its receipt, never enforced."""
     require(_principal(request))
-    return _policies_out(_ctx(request).tether.policies.load(data.files, data.schema))
+    policies = _ctx(request).tether.policies
+    return _policies_out(policies.load(data.files, data.schema, shadow=data.shadow))
+
+
+@get("/v1/policies/shadow", tags=["policies"], responses=_ERRORS, guards=[authenticated])
+async def policy_shadow(request: Request, limit: int = 50) -> dict[str, Any]:  # type: ignore[type-arg]
+    """What the shadow set would change: the calls it saw and each whose effect differs."""
+    require(_principal(request), "auditor")
+    report = _ctx(request).tether.policies.shadow_report(limit=min(max(limit, 0), 500))
+    return report.to_dict()
+
+
+@delete(
+    "/v1/policies/shadow", tags=["policies"], responses=_ERRORS, status_code=200,
+    guards=[authenticated],
+)  # fmt: skip
+async def policy_shadow_off(request: Request) -> dict[str, Any]:  # type: ignore[type-arg]
+    """Stop evaluating the shadow set (a receipt)."""
+    require(_principal(request))
+    return {"removed": _ctx(request).tether.policies.clear_shadow()}
 
 
 @post(
@@ -1360,6 +1381,8 @@ def create_app(tether: Tether, settings: ServerSettings | None = None) -> Litest
             template_add,
             template_list,
             policy_load,
+            policy_shadow,
+            policy_shadow_off,
             catalogue_load,
             catalogue_show,
             policy_list,

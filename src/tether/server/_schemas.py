@@ -127,6 +127,7 @@ class TemplateList(msgspec.Struct):
 class PoliciesIn(Strict):
     files: dict[PolicyFileName, str]
     schema: str | None = None
+    shadow: bool = False
 
 
 class PolicyOut(msgspec.Struct):
