@@ -277,3 +277,47 @@ def test_audit_verification_shows_success_then_the_tampered_record(world: World,
         db.close()
     page.click("#verify")
     assert page.inner_text("#verify-result").startswith("Verified:")
+
+
+def test_an_owner_may_not_approve_her_own_agent_and_deceptive_text_is_flagged(
+    world: World, page: Any
+) -> None:
+    """Attacker: a prompt-injected agent whose held call names a look-alike recipient
+    (Cyrillic letters among Latin ones) and hides a right-to-left override in its text.
+    The approval card shows the agent's owner and chain, flags both tricks and shows the
+    override as an escape; the agent's own owner, holding an approver credential, gets no
+    Approve button (separation of duties), another approver does."""
+    from tether.demo._console import OWNER
+
+    owners_approver = world.tether.credentials.create("approver", OWNER)[1]
+    task = world.demo.agent.open_task(
+        intent={
+            "purpose": "Write a note",
+            "capabilities": [{"tool": "notes.write"}],
+            "budget": {"max_calls": 3},
+        }
+    )
+    deceptive = {"text": "wire it to p\u0430ypal-billing", "title": "invoice \u202egpj.exe"}
+    held = task.authorize("notes.write", deceptive)
+    assert held.effect == "approval_required" and held.approval_id
+    approval = str(held.approval_id)
+
+    sign_in(page, world.url, owners_approver, "/console/approvals")
+    card = page.locator(f"#{approval}")
+    text = card.inner_text()
+    assert OWNER in card.locator(".owner").inner_text()
+    assert "You may not decide this call" in text and "separation of duties" in text
+    assert card.locator("button[value=approve]").count() == 0
+    flags = card.locator(".flags").inner_text()
+    assert "mixed script" in flags and "CYRILLIC and LATIN" in flags
+    assert "bidi" in flags and "U+202E" in flags
+    assert "\\u202e" in card.locator("pre.args").inner_text()  # shown, not obeyed
+    shot(page, "08-separation-of-duties")
+    page.context.clear_cookies()
+
+    sign_in(page, world.url, world.approver, "/console/approvals")  # bob owns nothing here
+    card = page.locator(f"#{approval}")
+    assert card.locator("button[value=approve]").count() == 1
+    assert "You may not decide" not in card.inner_text()
+    card.locator("button[value=deny]").click()
+    page.wait_for_url(world.url + "/console/approvals")

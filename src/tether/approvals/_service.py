@@ -11,16 +11,27 @@ another task or after a policy change, does not work.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from typing import Any
 
-from tether._errors import Conflict, NotFound, UsageError
+from tether._errors import Conflict, NotFound, Rejected, UsageError
+from tether.approvals._review import text_flags
 from tether.audit import Auditor
 from tether.core._clock import Clock
 from tether.core._risk import Control, risk_tags
 from tether.store import ApprovalRow, Store
 
 DEFAULT_APPROVAL_TTL = 900.0
+MAX_TREE_DEPTH = 16
+
+
+class SeparationOfDuties(Rejected):
+    """The human asked to decide has a stake in the call (403)."""
+
+    code = "approval.separation_of_duties"
+
+
 MAX_COMMENT = 1000
 
 
@@ -32,6 +43,11 @@ class Approvals:
         self._auditor = auditor
         self._clock = clock
         self.ttl = ttl
+        #: Nobody decides a held call of their own agents (TETHER_SEPARATION_OF_DUTIES=off
+        #: lifts it, for a trust domain with a single human).
+        self.separation_of_duties = (
+            os.environ.get("TETHER_SEPARATION_OF_DUTIES", "on").strip().lower() != "off"
+        )
 
     def request(
         self,
@@ -100,6 +116,21 @@ class Approvals:
         row = self._store.get_approval(approval_id)
         if row is None:
             raise NotFound(f"approval {approval_id} does not exist")
+        if self.separation_of_duties:
+            conflict = self.conflict_of_interest(row, by)
+            if conflict is not None:
+                self._auditor.append(
+                    "approval.decide",
+                    chain=[by, row.agent_id],
+                    task_id=row.task_id,
+                    tool=row.tool,
+                    args_digest=row.args_digest,
+                    effect="deny",
+                    reasons=[{"code": SeparationOfDuties.code, "message": conflict}],
+                    detail={"approval_id": approval_id, "status": row.status, "refused": True},
+                    risk_tags=list(risk_tags(Control.APPROVAL, Control.AUDIT)),
+                )
+                raise SeparationOfDuties(conflict)
         status = "approved" if approve else "denied"
         with self._store.transaction():
             if not self._store.decide_approval(approval_id, status, by, self._clock.now()):
@@ -121,6 +152,55 @@ class Approvals:
         decided = self._store.get_approval(approval_id)
         assert decided is not None
         return decided
+
+    def conflict_of_interest(self, row: ApprovalRow, by: str) -> str | None:
+        """Why ``by`` may not decide ``row``, or None: nobody decides a held call of an
+        agent they own, of a delegation tree one of their agents is in, or of a task
+        opened on their behalf (the four-eyes rule; ``separation_of_duties`` off lifts
+        it, for a trust domain of one)."""
+        who = by.strip().lower()
+        if not who:
+            return "the approver is not named"
+        task = self._store.get_task(row.task_id)
+        chain = list(json.loads(task.chain_json)) if task is not None else []
+        tree: list[str] = []
+        current = task
+        for _ in range(MAX_TREE_DEPTH):  # the task and its ancestors, root last
+            if current is None:
+                break
+            tree.append(current.task_id)
+            intent = json.loads(current.intent_json)
+            behalf = str(intent.get("on_behalf_of") or "").strip().lower()
+            if behalf and behalf == who:
+                return f"{by} may not decide a call of a task opened on their behalf"
+            chain.extend(json.loads(current.chain_json))
+            if current.parent_task_id is None:
+                break
+            current = self._store.get_task(current.parent_task_id)
+        for spiffe_id in dict.fromkeys([row.agent_id, *chain]):
+            identity = self._store.get_identity(spiffe_id)
+            if identity is not None and identity.owner.strip().lower() == who:
+                role = (
+                    "the agent" if spiffe_id == row.agent_id else "an agent of its delegation tree"
+                )
+                return f"{by} owns {role} ({spiffe_id}) and may not decide its held calls"
+        return None
+
+    def review(self, row: ApprovalRow, viewer: str | None = None) -> dict[str, Any]:
+        """What an approver must see beside the call: the agent's owner, the delegation
+        chain, deceptive text in the arguments (:func:`text_flags`) and, for ``viewer``,
+        why they may not decide it (``conflict``, None if they may)."""
+        identity = self._store.get_identity(row.agent_id)
+        task = self._store.get_task(row.task_id)
+        conflict = None
+        if viewer is not None and self.separation_of_duties:
+            conflict = self.conflict_of_interest(row, viewer)
+        return {
+            "owner": identity.owner if identity is not None else "",
+            "chain": list(json.loads(task.chain_json)) if task is not None else [row.agent_id],
+            "flags": text_flags(json.loads(row.args_json)),
+            "conflict": conflict,
+        }
 
     def list(self, status: str | None = None) -> list[ApprovalRow]:
         return self._store.list_approvals(status=status)

@@ -798,6 +798,7 @@ async def approvals(request: Request) -> Response[str]:  # type: ignore[type-arg
                 "reasons": json.loads(r.reasons_json),
                 "origins": labels[r.task_id],
                 "comment": comments.get(r.approval_id, ""),
+                "review": console.tether.approvals.review(r, session.owner),
             }
         )
     last = rows[-1] if more and rows else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import unicodedata
 from typing import Any
 
 _FAMILIES = {
@@ -91,4 +92,13 @@ def ago(at: float | None, now: float) -> str:
 
 
 def pretty(value: Any) -> str:
-    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)
+    """JSON for a human: letters of every script as they are, but characters that
+    reorder or hide text (bidi controls, zero-width and other format characters) shown
+    as escapes, so what the approver reads is what the tool gets."""
+    text = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)
+    return "".join(
+        f"\\u{ord(c):04x}"
+        if c not in "\n" and unicodedata.category(c) in ("Cc", "Cf", "Co", "Cn", "Zl", "Zp")
+        else c
+        for c in text
+    )

@@ -345,8 +345,15 @@ def _task(row: TaskRow) -> S.TaskOut:
     )
 
 
-def _approval(row: ApprovalRow) -> S.ApprovalOut:
+def _approval(row: ApprovalRow, tether: Tether, viewer: str | None = None) -> S.ApprovalOut:
+    """The approval with what its approver must see (owner, chain, deceptive text flags,
+    and whether ``viewer`` has a conflict of interest)."""
+    review = tether.approvals.review(row, viewer)
     return S.ApprovalOut(
+        owner=review["owner"],
+        chain=review["chain"],
+        flags=review["flags"],
+        conflict=review["conflict"],
         approval_id=row.approval_id,
         task_id=row.task_id,
         agent=row.agent_id,
@@ -906,8 +913,12 @@ async def approval_list(
     request: Request,  # type: ignore[type-arg]
     status: str | None = Parameter(query="status", default="pending", max_length=32),
 ) -> S.ApprovalList:
-    require(_principal(request), "approver", "auditor")
-    return S.ApprovalList([_approval(r) for r in _ctx(request).tether.approvals.list(status)])
+    principal = _principal(request)
+    require(principal, "approver", "auditor")
+    tether = _ctx(request).tether
+    return S.ApprovalList(
+        [_approval(r, tether, principal.name) for r in tether.approvals.list(status)]
+    )
 
 
 async def _decide_approval(
@@ -918,10 +929,11 @@ async def _decide_approval(
 ) -> S.ApprovalOut:
     principal = _principal(request)
     require(principal, "approver")
-    row = _ctx(request).tether.decide_approval(
+    tether = _ctx(request).tether
+    row = tether.decide_approval(
         approval_id, approve=approve, by=principal.name, comment=data.comment if data else ""
     )
-    return _approval(row)
+    return _approval(row, tether)
 
 
 @post(

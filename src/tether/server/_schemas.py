@@ -260,6 +260,10 @@ class ApprovalOut(msgspec.Struct):
     created_at: float
     expires_at: float
     decided_by: str | None = None
+    owner: str = ""
+    chain: list[str] = []
+    flags: list[dict[str, str]] = []
+    conflict: str | None = None
 
 
 class ApprovalList(msgspec.Struct):
