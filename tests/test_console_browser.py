@@ -321,3 +321,31 @@ def test_an_owner_may_not_approve_her_own_agent_and_deceptive_text_is_flagged(
     assert "You may not decide" not in card.inner_text()
     card.locator("button[value=deny]").click()
     page.wait_for_url(world.url + "/console/approvals")
+
+
+def test_the_named_approver_accepts_a_risk_on_the_report(world: World, page: Any) -> None:
+    """An owner records an accepted risk naming bob; bob, an approver, reaches the risk
+    report from the navigation and accepts it there; it is then in force."""
+    from tether.demo._console import OWNER
+
+    owner = world.tether.credentials.create("owner", OWNER)[1]
+    sign_in(page, world.url, owner, "/console/risk")
+    form = page.locator("#record-risk")
+    form.locator("input[name=title]").fill("Statements read without labels")
+    form.locator("input[name=scope]").fill("the statement reader")
+    form.locator("textarea[name=justification]").fill("Read-only, internal data, reviewed weekly.")
+    form.locator("input[name=approver]").fill("bob@acme.example")
+    form.locator("button[type=submit]").click()
+    page.wait_for_url(world.url + "/console/risk")
+    assert "awaiting bob@acme.example" in page.inner_text(".flash")
+    page.context.clear_cookies()
+
+    sign_in(page, world.url, world.approver, "/console/approvals")
+    page.click("nav >> text=Risk report")
+    page.wait_for_url(world.url + "/console/risk")
+    row = page.locator("tr", has_text="Statements read without labels")
+    row.locator("button[value=accept]").click()
+    page.wait_for_url(world.url + "/console/risk")
+    row = page.locator("tr", has_text="Statements read without labels")
+    assert row.locator("td.state").inner_text() == "in force"
+    shot(page, "12-accepted-risk")

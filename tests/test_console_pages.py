@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -466,6 +467,18 @@ def test_the_risk_report_counts_by_framework_over_a_period(
             assert heading in report
         assert report.count('<svg class="chart"') == 4
         assert "ASI09 Human-Agent Trust Exploitation</td><td>0</td><td>2</td>" in report
+        # Receipts are counted once each, whatever their number of tags.
+        receipts = int(re.search(r'<span id="receipts">(\d+) tagged', report)[1])  # type: ignore[index]
+        tags = int(re.search(r'<span id="tags">(\d+) tag', report)[1])  # type: ignore[index]
+        findings = int(re.search(r'<span id="findings">(\d+) of them', report)[1])  # type: ignore[index]
+        chain = tether.store.last_record()
+        assert chain is not None and 0 < receipts <= chain.seq < tags
+        assert findings == sum(
+            1
+            for r in tether.store.records_page(limit=10_000)
+            if json.loads(r.body).get("effect") in ("deny", "approval_required")
+            and json.loads(r.body).get("risk_tags")
+        )
         empty = client.get("/console/risk?from=2001-01-01&to=2001-01-31").text
         assert "0 tagged receipt(s)" in empty
         assert client.get("/console/risk?from=2001-02-01&to=2001-01-01").status_code == 400

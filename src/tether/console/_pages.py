@@ -998,7 +998,8 @@ async def audit_export(request: Request) -> Stream:  # type: ignore[type-arg]
 async def risk_report(request: Request) -> Response[str]:  # type: ignore[type-arg]
     """Receipts by framework over a period, with charts; accepted risks in force beside
     the rows they are about. Printable (the print stylesheet drops the navigation)."""
-    session = _page(request, "auditor", "owner")
+    # Approvers too: the page holds the Accept button of the risks that name them.
+    session = _page(request, "auditor", "owner", "approver")
     console = _console(request)
     now = console.tether.clock.now()
     today = float(calendar.timegm((*time.gmtime(now)[:3], 0, 0, 0)))
@@ -1013,9 +1014,12 @@ async def risk_report(request: Request) -> Response[str]:  # type: ignore[type-a
         if risk.in_force:
             in_force.setdefault(risk.row.risk_tag, []).append(risk.row.title)
     sections = _report.build(counts, in_force)
+    # Receipts once each (a receipt carries several tags), and tag counts apart.
+    effects = console.tether.store.record_effect_counts(since, until)
     totals = {
-        "receipts": sum(c for _, _, c in counts),
-        "findings": sum(c for _, e, c in counts if e in ("deny", "approval_required")),
+        "receipts": sum(effects.values()),
+        "findings": effects.get("deny", 0) + effects.get("approval_required", 0),
+        "tags": sum(c for _, _, c in counts),
     }
     return console.render(
         "risk.html",

@@ -391,6 +391,11 @@ class Store(Protocol):
         """(risk tag, effect, receipts) over receipts created in ``[since, until)``."""
         ...
 
+    def record_effect_counts(self, since: float, until: float) -> dict[str, int]:
+        """effect → receipts carrying at least one risk tag, created in ``[since, until)``
+        (each receipt once, whatever its number of tags)."""
+        ...
+
     def identity_summaries(
         self,
         *,

@@ -1194,6 +1194,16 @@ class PostgresStore:
         )
         return sorted((str(r[0]), str(r[1]), int(r[2])) for r in rows)
 
+    def record_effect_counts(self, since: float, until: float) -> dict[str, int]:
+        rows = self._all(
+            "SELECT coalesce(body::jsonb ->> 'effect', ''), count(*) FROM audit_records "
+            "WHERE created_at >= %s AND created_at < %s "
+            "AND jsonb_typeof(body::jsonb -> 'risk_tags') = 'array' "
+            "AND jsonb_array_length(body::jsonb -> 'risk_tags') > 0 GROUP BY 1",
+            (since, until),
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
     def identity_summaries(
         self,
         *,

@@ -923,6 +923,15 @@ class SQLiteStore:
                 counts[key] = counts.get(key, 0) + int(count)
         return [(tag, effect, n) for (tag, effect), n in sorted(counts.items())]
 
+    def record_effect_counts(self, since: float, until: float) -> dict[str, int]:
+        rows = self._all(
+            "SELECT coalesce(json_extract(body, '$.effect'), ''), count(*) FROM audit_records "
+            "WHERE created_at >= ? AND created_at < ? "
+            "AND json_array_length(json_extract(body, '$.risk_tags')) > 0 GROUP BY 1",
+            (since, until),
+        )
+        return {str(effect): int(count) for effect, count in rows}
+
     def identity_summaries(
         self,
         *,
