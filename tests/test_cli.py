@@ -271,3 +271,46 @@ def test_key_rotation_and_checkpoint(cli: CLI) -> None:
     checkpoint = cli.json("audit", "checkpoint")
     assert checkpoint["seq"] > 0
     assert cli.json("audit", "verify")["checkpoints"] >= 1
+
+
+def test_rough_edges_of_the_cli(cli: CLI) -> None:
+    """--version; task open --resource (a CLI-opened task the gateway accepts);
+    --fail-on-deny exit codes; the approval id in the human output and whole in
+    `approval list` at 80 columns."""
+    import jwt
+
+    version = cli.run("--version")
+    assert version.stdout.strip().startswith("tether ") and version.returncode == 0
+    gateway = "http://127.0.0.1:8766/mcp"
+    opened = cli.json(
+        "task", "open", "--agent", AGENT, "--template", "pay-bill",
+        "--param", f"payee={PAYEE}", "--param", "max_amount=1500", "--resource", gateway,
+    )  # fmt: skip
+    claims = jwt.decode(opened["token"], options={"verify_signature": False})
+    assert claims["aud"] == ["acme.example", gateway]
+    task = opened["task_id"]
+
+    allowed = cli.run("authorize", "--task", task, "--tool", "bank.read_bills", "--fail-on-deny")
+    assert allowed.returncode == 0 and "receipt #" in allowed.stdout
+    denied = cli.run(
+        "authorize", "--task", task, "--tool", "shell.exec", "--args", "{}", "--fail-on-deny",
+        ok=False,
+    )  # fmt: skip
+    assert denied.returncode == 1 and "deny" in denied.stdout
+    args = json.dumps({"recipient": PAYEE, "amount": 1200})
+    held = cli.run(
+        "authorize", "--task", task, "--tool", "bank.send_money", "--args", args,
+        "--fail-on-deny", ok=False,
+    )  # fmt: skip
+    assert held.returncode == 3
+    approval = held.stdout.split("(approval ")[1].split(")")[0]
+    assert approval.startswith("apr_") and len(approval) == 36
+    listed = subprocess.run(
+        [sys.executable, "-m", "tether", "approval", "list"],
+        env={**cli.env, "COLUMNS": "80"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert approval in listed.stdout  # whole, on one line
+    assert cli.run("authorize", "--task", task, "--tool", "shell.exec").returncode == 0

@@ -27,7 +27,7 @@ from tether.core._verify import strict_json
 from tether.tokens import ProofKey
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Tether: intent-bound authority for AI agents.",
@@ -65,12 +65,26 @@ out = Console(highlight=False, soft_wrap=True)
 _global_home: list[Path] = []
 
 
+def _version(value: bool) -> None:
+    if value:
+        from tether import __version__  # noqa: PLC0415
+
+        out.print(f"tether {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _root(
     home: Annotated[
         Path | None,
         typer.Option("--home", help="Tether home (default $TETHER_HOME, else ./.tether)."),
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
     _global_home.clear()
     if home is not None:
@@ -822,11 +836,21 @@ def task_open(
     request: Annotated[
         str | None, typer.Option("--request", help="the user's request the task serves")
     ] = None,
+    resource: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--resource",
+            help="a resource server the token is for, e.g. the MCP gateway's URI (repeatable)",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
-    """Open a task (template + params, or an explicit intent) and mint its task token."""
-    _open_and_keep(home, agent, template, param, intent, request, None, as_json)
+    """Open a task (template + params, or an explicit intent) and mint its task token
+    (its audiences: the trust domain and every --resource)."""
+    _open_and_keep(
+        home, agent, template, param, intent, request, None, as_json, tuple(resource or ())
+    )
 
 
 def _explicit_intent(template: str | None, intent: str | None) -> Any:
@@ -858,6 +882,7 @@ def _open_and_keep(
     request: str | None,
     parent: str | None,
     as_json: bool,
+    resources: tuple[str, ...] = (),
 ) -> None:
     explicit = _explicit_intent(template, intent)
     tether = _open(home)
@@ -870,6 +895,7 @@ def _open_and_keep(
         intent=explicit,
         request=request,
         parent_task_id=parent,
+        resources=resources,
     )
     _keep_task(home, opened.task_id, opened.token, key)
     result = {
@@ -968,10 +994,17 @@ def authorize(
     task: Annotated[str, typer.Option("--task", help="task id (from 'task open')")],
     tool: Annotated[str, typer.Option("--tool")],
     args: Annotated[str, typer.Option("--args", help="arguments as a JSON object")] = "{}",
+    fail_on_deny: Annotated[
+        bool,
+        typer.Option(
+            "--fail-on-deny",
+            help="exit 1 on deny and 3 on approval_required (default: 0 whatever the effect)",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
-    """Decide one tool call of a task. Exits 0 whatever the effect."""
+    """Decide one tool call of a task. Exits 0 whatever the effect, unless --fail-on-deny."""
     try:
         call_args = strict_json(args)
     except ValueError as exc:
@@ -994,9 +1027,13 @@ def authorize(
         out.print(
             f"[{colour}]{result['effect']}[/] {tool}: "
             + "; ".join(r["message"] for r in result["reasons"])
+            + (f" (approval {receipt.approval_id})" if receipt.approval_id else "")
+            + f" [dim]receipt #{receipt.seq}[/]"
         )
 
     emit(result, as_json, human)
+    if fail_on_deny and result["effect"] != "allow":
+        raise typer.Exit(3 if result["effect"] == "approval_required" else 1)
 
 
 # -- approvals ----------------------------------------------------------------------------
@@ -1026,12 +1063,15 @@ def approval_list(
     rows = [_approval_dict(r) for r in _open(home).approvals.list(status)]
 
     def human() -> None:
-        table = Table("approval", "task", "tool", "args", "status")
+        # A block per approval, ids on lines of their own: copied whole at any width.
         for r in rows:
-            table.add_row(
-                r["approval_id"], r["task_id"], r["tool"], json.dumps(r["args"]), r["status"]
-            )
-        out.print(table)
+            out.print(f"[bold]{r['approval_id']}[/]  {r['status']}  {r['tool']}")
+            out.print(f"  task  {r['task_id']}\n  agent {r['agent']}")
+            out.print(f"  args  {json.dumps(r['args'], ensure_ascii=True)}")
+            for reason in r["reasons"]:
+                out.print(f"  why   {reason.get('code')}: {reason.get('message')}")
+        if not rows:
+            out.print(f"no {status or ''} approvals".replace("  ", " "))
 
     emit({"approvals": rows}, as_json, human)
 
