@@ -40,7 +40,9 @@ and to build the synthetic compliant traces.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import io
 import json
 import re
 import sys
@@ -548,7 +550,8 @@ class Replayer:
                     stopped = True
                     break
                 continue
-            result, _error = runtime.run_function(env, call.function, dict(call.args))
+            with contextlib.redirect_stdout(io.StringIO()):  # a few tools print
+                result, _error = runtime.run_function(env, call.function, dict(call.args))
             executed.append(FunctionCall(function=call.function, args=dict(call.args), id=call.id))
             guard.ran(call.function, receipt, jsonable(result if _error is None else _error))
         guard.end()
