@@ -550,8 +550,7 @@ class Replayer:
                     stopped = True
                     break
                 continue
-            with contextlib.redirect_stdout(io.StringIO()):  # a few tools print
-                result, _error = runtime.run_function(env, call.function, dict(call.args))
+            result, _error = runtime.run_function(env, call.function, dict(call.args))
             executed.append(FunctionCall(function=call.function, args=dict(call.args), id=call.id))
             guard.ran(call.function, receipt, jsonable(result if _error is None else _error))
         guard.end()
@@ -1001,7 +1000,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-synthetic", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    with open_runs(args.runs) as runs:
+    # Some of AgentDojo's tools and checkers print: kept off the table on stdout.
+    with open_runs(args.runs) as runs, contextlib.redirect_stdout(io.StringIO()):
         rows = replay(runs, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2) + "\n")
