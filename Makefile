@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test browser lint bench bench-nodes bench-http bench-gateway bench-agentdojo agentdojo-runs clean
+.PHONY: demo test browser lint bench bench-nodes bench-http bench-gateway bench-agentdojo test-agentdojo clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -51,25 +51,30 @@ bench-http: $(STAMP)
 bench-gateway: $(STAMP)
 	$(BIN)/python bench/gateway.py
 
-# AgentDojo replay: its own virtual environment, so the benchmark's dependencies
-# never touch the pinned one above.
+# AgentDojo replay: its own virtual environment. Tether's pinned set first (the same as
+# .venv's), then the benchmark's packages on top without their dependencies, so Tether's
+# pins never move (bench/agentdojo/requirements.txt says why).
 AD_VENV    := .venv-agentdojo
 AD_STAMP   := $(AD_VENV)/.installed
-AD_TARBALL ?= ../shared/corpora/agentdojo/runs-dev.tar.xz
+RUNS       ?= ../shared/corpora/agentdojo/runs-dev.tar.xz
 
-$(AD_STAMP): bench/agentdojo/requirements.txt pyproject.toml
+$(AD_STAMP): bench/agentdojo/requirements.txt requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(AD_VENV)
-	$(AD_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r bench/agentdojo/requirements.txt
+	$(AD_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(AD_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -r bench/agentdojo/requirements.txt
 	$(AD_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(AD_VENV)/bin/python -c "import agentdojo.task_suite, tether.store, bench.agentdojo.replay"
 	touch $(AD_STAMP)
 
-agentdojo-runs:
-	mkdir -p bench/results/agentdojo-runs
-	tar -xJf $(AD_TARBALL) -C bench/results/agentdojo-runs
-
+# RUNS: the corpus tarball (read in place, unpacked to a temporary directory) or an
+# unpacked runs directory.
 bench-agentdojo: $(AD_STAMP)
-	@test -n "$(RUNS)" || { echo "usage: make bench-agentdojo RUNS=DIR [PIPELINES=a,b,...]" >&2; exit 2; }
 	$(AD_VENV)/bin/python -m bench.agentdojo.replay --runs $(RUNS) $(if $(PIPELINES),--pipelines $(PIPELINES),)
+
+# The harness's smoke tests with live outputs (AgentDojo's tools and checkers); make test
+# runs the same tests with recorded outputs only.
+test-agentdojo: $(AD_STAMP)
+	$(AD_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_agentdojo_replay.py
 
 clean:
 	rm -rf $(VENV) $(AD_VENV) .tether .pytest_cache .mypy_cache .ruff_cache

@@ -106,7 +106,7 @@ TEXTS = (
     "bob@corp.example",
     "attacker@evil.example",
     "DE89370400440532013000",
-    "GB29NWBK60161331926819",
+    "GB47TETH40302012345678",
     "https://evil.example/x",
     "https://corp.example/report",
     "www.corp.example",
