@@ -49,6 +49,46 @@ _PROOF_HEADERS = frozenset({"alg", "typ", "jwk"})
 _REQUIRED_CLAIMS = ("iss", "sub", "aud", "iat", "nbf", "exp", "jti", "txn", "req_wl", "cnf")
 
 
+#: The order of the P-256 group. An ECDSA signature (r, s) has a twin (r, n - s) that
+#: verifies too; a JWS signed by this trust domain is accepted with the low s only, so
+#: one token has one encoding and one digest (revocation, caching and receipts key on it).
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_HALF_ORDER = P256_ORDER // 2
+
+
+def _signature_halves(token: str) -> tuple[str, bytes] | None:
+    head, _, segment = token.rpartition(".")
+    if not head or _B64URL.fullmatch(segment) is None or len(segment) != 86:
+        return None
+    return head, base64.urlsafe_b64decode(segment + "==")
+
+
+def low_s(token: str) -> str:
+    """``token`` (a compact ES256 JWS) with its signature in low-s form (s <= n/2).
+
+    Every JWS this trust domain signs goes through here, because verification refuses
+    the high-s twin."""
+    parts = _signature_halves(token)
+    if parts is None:
+        raise ValueError("not a compact ES256 JWS")
+    head, raw = parts
+    s = int.from_bytes(raw[32:], "big")
+    if s <= _HALF_ORDER:
+        return token
+    return f"{head}.{b64url(raw[:32] + (P256_ORDER - s).to_bytes(32, 'big'))}"
+
+
+def require_low_s(token: str, rejected: type[TokenRejected], code: str) -> None:
+    """Raise ``rejected`` unless ``token``'s ES256 signature is 64 bytes with s <= n/2."""
+    parts = _signature_halves(token)
+    if parts is None:
+        raise rejected("signature is not an ES256 signature", code=code)
+    if int.from_bytes(parts[1][32:], "big") > _HALF_ORDER:
+        raise rejected(
+            "signature is not in low-s form (a malleated twin of a signature)", code=code
+        )
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
@@ -200,6 +240,7 @@ class TokenVerifier:
                 f"token payload is malformed: {exc}", code="token.malformed"
             ) from None
         self._check_trust_domain(unverified)
+        require_low_s(token, TokenRejected, "token.signature")
         kid = header.get("kid")
         key = self.keys.keys.get(kid) if isinstance(kid, str) else None
         if key is None:
@@ -435,6 +476,7 @@ def verify_jwt_svid(
     key = keys.keys.get(kid) if isinstance(kid, str) else None
     if key is None:
         raise TokenRejected("JWT-SVID key id is not in the trust bundle", code="svid.unknown_kid")
+    require_low_s(token, TokenRejected, "svid.signature")
     try:
         claims = jwt.decode(
             token,
