@@ -361,6 +361,21 @@ def _approval(row: ApprovalRow) -> S.ApprovalOut:
     )
 
 
+def _may_see(principal: Principal, identity: IdentityRow) -> bool:
+    """An owner sees only the identities they own; the roles that may read the inventory
+    (admins, approvers, auditors) see all of it. Endpoints still require their roles."""
+    return principal.role != "owner" or identity.owner == principal.owner
+
+
+def _visible(principal: Principal, tether: Tether, spiffe_id: str) -> IdentityRow:
+    """The identity, or not found when ``principal`` may not see it (no owner learns
+    which other owners' identities exist)."""
+    row = tether.identities.get(spiffe_id)
+    if not _may_see(principal, row):
+        raise NotFound(f"identity {spiffe_id} is not registered")
+    return row
+
+
 def _may_manage(principal: Principal, identity: IdentityRow) -> None:
     if principal.role == "admin":
         return
@@ -481,9 +496,11 @@ async def identity_register(request: Request, data: S.IdentityIn) -> S.IdentityO
 
 @get("/v1/identities", tags=["identities"], responses=_ERRORS, guards=[authenticated])
 async def identity_list(request: Request) -> S.IdentityList:  # type: ignore[type-arg]
-    """List identities."""
-    require(_principal(request), "owner", "approver", "auditor")
-    return S.IdentityList([_identity(r) for r in _ctx(request).tether.identities.list()])
+    """List identities (an owner's list holds the identities they own)."""
+    principal = _principal(request)
+    require(principal, "owner", "approver", "auditor")
+    rows = _ctx(request).tether.identities.list()
+    return S.IdentityList([_identity(r) for r in rows if _may_see(principal, r)])
 
 
 @get("/v1/identity", tags=["identities"], responses=_ERRORS, guards=[authenticated])
@@ -491,9 +508,10 @@ async def identity_show(
     request: Request,  # type: ignore[type-arg]
     spiffe_id: str = Parameter(query="spiffe_id", max_length=2048),
 ) -> S.IdentityOut:
-    """Show one identity."""
-    require(_principal(request), "owner", "approver", "auditor")
-    return _identity(_ctx(request).tether.identities.get(spiffe_id))
+    """Show one identity (to an owner, only one they own: another's is not found)."""
+    principal = _principal(request)
+    require(principal, "owner", "approver", "auditor")
+    return _identity(_visible(principal, _ctx(request).tether, spiffe_id))
 
 
 @post(
@@ -507,7 +525,7 @@ async def identity_disable(request: Request, data: S.SpiffeIdIn) -> S.DisableOut
     """Offboard: disable an identity and revoke every task and token it holds."""
     principal = _principal(request)
     tether = _ctx(request).tether
-    _may_manage(principal, tether.identities.get(data.spiffe_id))
+    _may_manage(principal, _visible(principal, tether, data.spiffe_id))
     row, revoked = tether.disable_identity(data.spiffe_id)
     _ctx(request).metrics.tokens.labels("revoked").inc(len(revoked))
     return S.DisableOut(identity=_identity(row), revoked_tasks=revoked)
@@ -524,7 +542,7 @@ async def identity_join_token(request: Request, data: S.JoinTokenIn) -> S.JoinTo
     """Mint a one-time join token for a workload to attest with."""
     principal = _principal(request)
     tether = _ctx(request).tether
-    _may_manage(principal, tether.identities.get(data.spiffe_id))
+    _may_manage(principal, _visible(principal, tether, data.spiffe_id))
     token = tether.create_join_token(data.spiffe_id, ttl=data.ttl)
     return S.JoinTokenOut(spiffe_id=data.spiffe_id, join_token=token, ttl=data.ttl)
 
