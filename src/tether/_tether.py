@@ -62,6 +62,13 @@ DB_FILE = "tether.db"
 log = logging.getLogger("tether")
 
 
+def _private_home(path: Path) -> None:
+    """A Tether home is 0700 on every init and open (``mkdir`` leaves an existing
+    directory's mode as it was): it holds the KEK and the store."""
+    if path.is_dir():
+        path.chmod(0o700)
+
+
 def _database_url(explicit: str | None) -> str | None:
     url = database_url(explicit)
     if url is not None and not url.startswith(("postgresql://", "postgres://")):
@@ -166,6 +173,7 @@ class Tether:
         parse_trust_domain(trust_domain)
         url = _database_url(database_url)
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _private_home(path)
         kek_file = path / KEK_FILE
         kek_existed = kek_file.exists()
         if url is None:
@@ -202,6 +210,7 @@ class Tether:
         url = _database_url(database_url)
         if url is None and not (path / DB_FILE).exists():
             raise UsageError(f"no Tether home at {path}: run 'tether init --trust-domain NAME'")
+        _private_home(path)
         sealer = Sealer(load_kek(path))
         store = SQLiteStore(path / DB_FILE) if url is None else open_store(url)
         try:
