@@ -118,6 +118,7 @@ class Tether:
         self.approvals = Approvals(store, self.audit, self.clock)
         self.credentials = Credentials(store, self.audit, self.clock)
         self.catalogue = ToolCatalogue(store, self.audit, self.clock)
+        self.tasks.known_tools = self.catalogue.entries
         self.enforcement = Enforcement(
             store,
             self.keys,
