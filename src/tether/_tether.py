@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,12 @@ from tether._errors import Conflict, UsageError
 from tether.approvals import Approvals
 from tether.audit import Auditor, VerifyReport
 from tether.core._clock import Clock, SystemClock
-from tether.core._decision import DECIDE_HTM, DECIDE_HTU, Verified
+from tether.core._decision import (
+    DECIDE_HTM,
+    DECIDE_HTU,
+    DEFAULT_MAX_PENDING_APPROVALS,
+    Verified,
+)
 from tether.core._flow import FlowPolicy, ToolProfile
 from tether.core._intent import Intent
 from tether.core._policy import PolicySnapshot
@@ -60,6 +66,16 @@ from tether.tokens._seal import KEK_FILE
 
 DB_FILE = "tether.db"
 log = logging.getLogger("tether")
+
+
+def _max_pending_approvals() -> int:
+    """``$TETHER_MAX_PENDING_APPROVALS``: approvals one task may have waiting at once."""
+    raw = os.environ.get("TETHER_MAX_PENDING_APPROVALS", "").strip()
+    if not raw:
+        return DEFAULT_MAX_PENDING_APPROVALS
+    if not raw.isdigit() or int(raw) < 1:
+        raise UsageError("TETHER_MAX_PENDING_APPROVALS must be a whole number of at least 1")
+    return int(raw)
 
 
 def _private_home(path: Path) -> None:
@@ -115,7 +131,9 @@ class Tether:
             self.clock,
             leases=self.broker,
         )
-        self.approvals = Approvals(store, self.audit, self.clock)
+        self.approvals = Approvals(
+            store, self.audit, self.clock, max_pending=_max_pending_approvals()
+        )
         self.credentials = Credentials(store, self.audit, self.clock)
         self.catalogue = ToolCatalogue(store, self.audit, self.clock)
         self.tasks.known_tools = self.catalogue.entries
