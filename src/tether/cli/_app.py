@@ -8,11 +8,12 @@ and a non-zero exit: 1 for a refusal or failure, 2 for bad usage.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -236,9 +237,20 @@ def serve(
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
         return
     sys.stderr.write(f"tether: /metrics on http://{metrics_at[0]}:{metrics_at[1]}\n")
+
+    class MetricsServer(uvicorn.Server):
+        """The API's server takes the signals; this one stops when it does."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
     servers = [
-        uvicorn.Server(uvicorn.Config(a, host=h, port=p, log_level="warning", access_log=False))
-        for a, h, p in ((app, host, port), (create_metrics_app(app), *metrics_at))
+        cls(uvicorn.Config(a, host=h, port=p, log_level="warning", access_log=False))
+        for cls, a, h, p in (
+            (uvicorn.Server, app, host, port),
+            (MetricsServer, create_metrics_app(app), *metrics_at),
+        )
     ]
 
     async def both() -> None:
