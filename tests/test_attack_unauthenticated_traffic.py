@@ -120,6 +120,19 @@ def test_rotating_addresses_buys_a_bounded_number_of_receipts() -> None:
     assert sum(1 for d in due if d) == 5
 
 
+def test_wrong_join_tokens_write_one_receipt_not_one_each(api: Api) -> None:
+    """Unauthenticated network caller: guessing join tokens at ``/v1/attest`` is
+    refused (403, the reason code) with one receipt for the address, not one each."""
+    before = api.head()
+    jwk = ProofKey().jwk
+    for i in range(8):
+        response = api.client.post("/v1/attest", json={"join_token": f"tjoin_{i:043d}", "jwk": jwk})
+        assert response.status_code == 403
+        assert response.json()["error"] == "attestation.join_token"
+    assert api.head() == before + 1
+    assert api.tether.audit.tail(1)[0]["kind"] == "request.unauthenticated"
+
+
 def test_reasons_carry_codes_not_exception_text(api: Api) -> None:
     """Unauthenticated network caller: a token whose header the JWT parser chokes on is
     answered with the reason code and its fixed description, not the parser's words."""

@@ -303,8 +303,11 @@ class Tether:
         public_key: ec.EllipticCurvePublicKey,
         *,
         audience: list[str] | None = None,
+        record_refusal: bool = True,
     ) -> SVIDs:
-        return self.attestation.attest(join_token, public_key, audience=audience)
+        return self.attestation.attest(
+            join_token, public_key, audience=audience, record_refusal=record_refusal
+        )
 
     # -- templates and policies ------------------------------------------------------------
     def add_template(self, source: str | Path | dict[str, Any]) -> Template:

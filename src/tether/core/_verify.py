@@ -176,8 +176,8 @@ def _header(token: str, limit: int, rejected: type[TokenRejected | ProofRejected
         raise rejected(f"{kind} is not a compact JWS", code=f"{kind}.malformed")
     try:
         return jwt.get_unverified_header(token)
-    except jwt.PyJWTError as exc:
-        raise rejected(f"{kind} header is malformed: {exc}", code=f"{kind}.malformed") from None
+    except jwt.PyJWTError:
+        raise rejected(f"{kind} header is malformed", code=f"{kind}.malformed") from None
 
 
 def actor_chain(claims: dict[str, Any]) -> tuple[str, ...]:
@@ -235,10 +235,8 @@ class TokenVerifier:
             raise TokenRejected(f"token typ must be {TASK_TOKEN_TYP!r}", code="token.typ")
         try:
             unverified = jwt.decode(token, options={"verify_signature": False})
-        except jwt.PyJWTError as exc:
-            raise TokenRejected(
-                f"token payload is malformed: {exc}", code="token.malformed"
-            ) from None
+        except jwt.PyJWTError:
+            raise TokenRejected("token payload is malformed", code="token.malformed") from None
         self._check_trust_domain(unverified)
         require_low_s(token, TokenRejected, "token.signature")
         kid = header.get("kid")
@@ -263,8 +261,8 @@ class TokenVerifier:
             )
         except jwt.InvalidSignatureError:
             raise TokenRejected("token signature does not verify", code="token.signature") from None
-        except jwt.PyJWTError as exc:
-            raise TokenRejected(f"token is malformed: {exc}", code="token.malformed") from None
+        except jwt.PyJWTError:
+            raise TokenRejected("token is malformed", code="token.malformed") from None
         return self._claims(token, payload)
 
     def _check_trust_domain(self, claims: Any) -> None:
@@ -360,8 +358,8 @@ def _parse_proof(proof: str) -> tuple[dict[str, Any], dict[str, Any], bytes, byt
     try:
         header = strict_json(_b64_segment(parts[0]))
         claims = strict_json(_b64_segment(parts[1]))
-    except ValueError as exc:  # includes JSON and UTF-8 errors
-        raise ProofRejected(f"proof is malformed: {exc}", code="proof.malformed") from None
+    except ValueError:  # includes JSON and UTF-8 errors
+        raise ProofRejected("proof is malformed", code="proof.malformed") from None
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise ProofRejected("proof header and claims must be objects", code="proof.malformed")
     signature = _b64_segment(parts[2])
@@ -417,8 +415,8 @@ class ProofVerifier:
         if key is None:
             try:
                 loaded = ECAlgorithm.from_jwk(jwk)
-            except jwt.PyJWTError as exc:
-                raise ProofRejected(f"proof jwk is invalid: {exc}", code="proof.key") from None
+            except jwt.PyJWTError:
+                raise ProofRejected("proof jwk is invalid", code="proof.key") from None
             if not isinstance(loaded, ec.EllipticCurvePublicKey):
                 raise ProofRejected("proof jwk is not a public key", code="proof.key")
             key = loaded
@@ -494,8 +492,8 @@ def verify_jwt_svid(
         raise TokenRejected("JWT-SVID audience is not this server", code="svid.audience") from None
     except jwt.InvalidSignatureError:
         raise TokenRejected("JWT-SVID signature does not verify", code="svid.signature") from None
-    except jwt.PyJWTError as exc:
-        raise TokenRejected(f"JWT-SVID is malformed: {exc}", code="svid.malformed") from None
+    except jwt.PyJWTError:
+        raise TokenRejected("JWT-SVID is malformed", code="svid.malformed") from None
     exp = claims["exp"]
     if not isinstance(exp, int | float) or now >= exp + leeway:
         raise TokenRejected("JWT-SVID has expired", code="svid.expired")

@@ -216,6 +216,8 @@ def refuse_unauthenticated(
             )
     if status == 401:
         raise Unauthorized(refusal.description, code=refusal.code)
+    if status == 403:
+        raise Forbidden(refusal.description, code=refusal.code)
     raise HTTPException(status_code=status, detail=refusal.description)
 
 
@@ -656,7 +658,16 @@ def _public_key(jwk: dict[str, str]) -> ec.EllipticCurvePublicKey:
 async def attest(request: Request, data: S.AttestIn) -> S.AttestOut:  # type: ignore[type-arg]
     """Redeem a join token (the credential) for SVIDs bound to the given public key."""
     key = _public_key(data.jwk)
-    svids = _ctx(request).tether.attest(data.join_token, key, audience=data.audience)
+    ctx = _ctx(request)
+    try:
+        svids = ctx.tether.attest(
+            data.join_token, key, audience=data.audience, record_refusal=False
+        )
+    except Rejected as exc:
+        if exc.code != "attestation.join_token":
+            raise
+        # The join token is the credential: a wrong one proves nothing, no receipt each.
+        refuse_unauthenticated(ctx, request, exc.code, status=403)
     return S.AttestOut(
         spiffe_id=svids.spiffe_id,
         jwt_svid=svids.jwt_svid,
