@@ -902,8 +902,9 @@ def _task_token(ctx: Context, request: Request) -> str:  # type: ignore[type-arg
         refuse_unauthenticated(ctx, request, "token.missing")
     try:
         claims = ctx.tether.enforcement.verify_token(token, now=ctx.tether.clock.now())
-    except TetherError as exc:
-        refuse_unauthenticated(ctx, request, exc.code)
+    except Exception as exc:  # whatever the reason, the token proves nothing
+        code = exc.code if isinstance(exc, TetherError) else "token.malformed"
+        refuse_unauthenticated(ctx, request, code)
     ctx.limiter.check("task:" + claims.task_id)
     return token
 
