@@ -902,7 +902,9 @@ def _task_token(ctx: Context, request: Request) -> str:  # type: ignore[type-arg
         refuse_unauthenticated(ctx, request, "token.missing")
     try:
         claims = ctx.tether.enforcement.verify_token(token, now=ctx.tether.clock.now())
-    except Exception as exc:  # whatever the reason, the token proves nothing
+    except InfrastructureError:
+        raise  # the store could not be asked: a 503, not the caller's fault
+    except Exception as exc:  # whatever else the reason, the token proves nothing
         code = exc.code if isinstance(exc, TetherError) else "token.malformed"
         refuse_unauthenticated(ctx, request, code)
     ctx.limiter.check("task:" + claims.task_id)
