@@ -974,8 +974,11 @@ async def task_result(request: Request, task_id: str, data: S.ResultIn) -> S.Obs
 @post("/v1/decisions", tags=["decisions"], responses=_ERRORS, status_code=200)
 async def decision(request: Request, data: S.AuthorizeIn) -> S.AuthorizeOut:  # type: ignore[type-arg]
     """Decide one tool call. ``Authorization: DPoP <task token>`` and a ``DPoP`` proof for
-    this request whose ``call`` claim is the digest of this tool call. Always answers with
-    a decision and its receipt; a refused call is a ``deny``, not an HTTP error."""
+    this request whose ``call`` claim is the digest of this tool call. With a task token
+    that verifies, always answers with a decision and its receipt: a refused call is a
+    ``deny``, not an HTTP error. Without one the caller proved nothing: 401 with the
+    reason code, counted and sampled, no receipt of its own (429 past its address's
+    rate)."""
     ctx = _ctx(request)
     task_token = _task_token(ctx, request)
     with TRACER.start_as_current_span("tether.decide") as span:
