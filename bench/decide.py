@@ -78,6 +78,8 @@ FLAT_TOLERANCE = 1.25  # "roughly flat": the slowest size within 25% of the fast
 # evaluate real conditions on every decision.
 FIXED_POLICIES = (
     '@id("admit")\npermit(principal, action == Action::"open_task", resource);',
+    '@id("admit-patterns")\n'
+    'permit(principal, action == Action::"open_task_with_patterns", resource);',
     '@id("f_amount")\nforbid(principal, action == Action::"call_tool", resource)\n'
     "  when { context.args has amount && context.args.amount > 5000 };",
     '@id("f_recipient")\nforbid(principal, action == Action::"call_tool", resource)\n'

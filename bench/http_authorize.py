@@ -643,7 +643,11 @@ def run_tether(srv: TetherServer, store: str, opts: argparse.Namespace, floor_rp
         tally = run_load(target, opts, srv.server.process.pid)
         del signed, proofs
         row = summarize("tether serve", store, tally, opts.duration)
-        text = httpx.get(f"http://{HOST}:{srv.server.port}/metrics", timeout=30).text
+        text = httpx.get(
+            f"http://{HOST}:{srv.server.port}/metrics",
+            headers={"Authorization": f"Bearer {srv.admin.requests.admin}"},
+            timeout=30,
+        ).text
         row.server_allow = metric_total(text, "tether_decisions_total", effect="allow")
         report = srv.admin.verify_audit()
         row.audit_records, row.audit_ok = report["records"], report["ok"]

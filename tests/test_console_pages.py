@@ -867,6 +867,7 @@ def test_a_recorder_withdraws_pending_and_accepted_risks(tether: Tether) -> None
 
 def test_approvals_page_by_keyset(tether: Tether, admin: str) -> None:
     tether.policies.load({"all.cedar": APPROVAL_POLICY})
+    tether.approvals.max_pending = 100  # one task holds every pending approval paged here
     key, _, token = open_simple_task(tether, tools=("notes.write",), max_calls=200)
     for i in range(60):
         receipt = call(tether, key, token, "notes.write", {"n": i})

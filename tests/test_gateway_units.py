@@ -351,6 +351,7 @@ def test_listing_is_conservative_and_calls_are_exact(tmp_path: Path) -> None:
             {
                 "p.cedar": """
 permit (principal, action == Action::"open_task", resource);
+permit (principal, action == Action::"open_task_with_patterns", resource);
 permit (principal, action == Action::"call_tool", resource == Tool::"git.git_status");
 permit (principal, action == Action::"call_tool", resource == Tool::"git.git_show")
 when { context.args has path && context.args.path like "/tmp/*" };

@@ -6,7 +6,8 @@
 2. Named hostile inputs over HTTP: a 10 MB body, 10,000-deep JSON, invalid UTF-8, NULs,
    SQL and path strings. Each gets a 4xx, never a 5xx; the server keeps serving and its
    audit chain verifies; a refused request from a known principal leaves a
-   ``request.rejected`` receipt, and a refused ``/v1/decisions`` call a ``decision`` deny.
+   ``request.rejected`` receipt, and a refused ``/v1/decisions`` call with a live task
+   token a ``decision`` deny (an anonymous one is counted and sampled).
 
 A well-formed decision call whose strings are odd (a tool named ``'; DROP TABLE``) is a
 call like any other: ``200`` with ``effect: deny`` and its receipt, not an HTTP error.
@@ -290,10 +291,12 @@ def test_ten_thousand_deep_json(world: World, kind: str) -> None:
         assert "nested deeper" in _refused(response, 400)["detail"]
         receipt = _decision_receipt(world, before, "call.malformed")
         assert receipt["task_id"] == world.task.task_id
-    # Anonymous: still a decision receipt, attributed to nobody.
+    # Anonymous: counted, and one receipt per source address per interval stands for
+    # them (request.unauthenticated), never one each.
     before = _head(world)
-    _refused(world.http.post("/v1/decisions", content=deep, headers=JSON), 400)
-    assert _decision_receipt(world, before, "call.malformed").get("task_id") is None
+    for _ in range(3):
+        _refused(world.http.post("/v1/decisions", content=deep, headers=JSON), 400)
+    assert _head(world) <= before + 1
     # Admin bodies: identities, a task's params, a template, a dry run's args.
     for path, body in (
         ("/v1/identities", deep),

@@ -36,9 +36,12 @@ from tether import (
     ProofKey,
     Receipt,
     Tether,
+    TokenRejected,
     parse_intent,
     parse_spiffe_id,
 )
+from tether.core._verify import low_s, verify_jwt_svid
+from tether.identity._svid import issue_jwt_svid
 from tether.store import TaskRow
 
 from .conftest import quiet
@@ -167,7 +170,9 @@ def resign(
     header.update(header_updates or {})
     claims.update(claim_updates or {})
     alg = header.pop("alg")
-    return jwt.encode(claims, key, algorithm=alg, headers=header)
+    signed = jwt.encode(claims, key, algorithm=alg, headers=header)
+    # Signed as the trust domain signs (low s), so each vector fails for its own reason.
+    return low_s(signed) if alg == "ES256" else signed
 
 
 def signing_key(t: Tether) -> tuple[str, ec.EllipticCurvePrivateKey]:
@@ -521,3 +526,65 @@ def test_oversized_args_are_denied(world: World) -> None:
     was = before(world)
     receipt = world.authorize(world.token, proof, args=args)
     assert_denied(world, receipt, "call.oversized", was, jti=proof_jti(proof))
+
+
+# -- signature malleability -------------------------------------------------------------------
+
+P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def high_s_twin(token: str) -> str:
+    """The other valid ECDSA encoding of ``token``'s signature: (r, n - s)."""
+    head, _, segment = token.rpartition(".")
+    raw = base64.urlsafe_b64decode(segment + "==")
+    s = int.from_bytes(raw[32:], "big")
+    return f"{head}.{b64url(raw[:32] + (P256_N - s).to_bytes(32, 'big'))}"
+
+
+def s_value(token: str) -> int:
+    return int.from_bytes(base64.urlsafe_b64decode(token.rpartition(".")[2] + "==")[32:], "big")
+
+
+def test_tokens_are_minted_low_s(world: World) -> None:
+    """Every task token and JWT-SVID this trust domain signs has s <= n/2, so the
+    verifier can refuse the high-s twin without refusing its own tokens."""
+
+    t = world.tether
+    intent = parse_intent({"purpose": "read things", "capabilities": [{"tool": TOOL}]})
+    for _ in range(24):
+        task = t.open_task(AGENT, proof_jwk=world.key.jwk, intent=intent)
+        assert s_value(task.token) <= P256_N // 2
+        svid, _jti, _exp = issue_jwt_svid(
+            t.keys, parse_spiffe_id(AGENT), audience=["x"], now=world.clock.now()
+        )
+        assert s_value(svid) <= P256_N // 2
+
+
+def test_high_s_twin_of_a_task_token_is_denied(world: World) -> None:
+    """Compromised agent: it flips s to n - s in its own task token. The twin is a
+    valid ECDSA signature over the same claims with another digest, so it would dodge
+    anything keyed on the token's digest (the verified-claims cache, a revocation by
+    digest, the receipts' token_digest). Only the low-s encoding is accepted."""
+    twin = high_s_twin(world.token)
+    assert twin != world.token
+    # The twin really is a valid signature: the check is about encoding, not forgery.
+    _kid, private_key = signing_key(world.tether)
+    jwt.decode(twin, private_key.public_key(), algorithms=["ES256"], options={"verify_aud": False})
+    proof = world.prove(twin)
+    was = before(world)
+    receipt = world.authorize(twin, proof)
+    assert_denied(world, receipt, "token.signature", was, jti=proof_jti(proof))
+
+
+def test_high_s_twin_of_a_jwt_svid_is_refused(world: World) -> None:
+    """Compromised agent: the high-s twin of its JWT-SVID is refused as a signature
+    fault; the original verifies (positive control)."""
+
+    t = world.tether
+    now = world.clock.now()
+    svid, _jti, _exp = issue_jwt_svid(t.keys, parse_spiffe_id(AGENT), audience=["aud"], now=now)
+    keys = t.keys.verification_keys(now)
+    assert verify_jwt_svid(svid, keys, audience="aud", now=now).spiffe_id == AGENT
+    with pytest.raises(TokenRejected) as caught:
+        verify_jwt_svid(high_s_twin(svid), keys, audience="aud", now=now)
+    assert caught.value.code == "svid.signature"

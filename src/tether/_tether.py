@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,12 @@ from tether._errors import Conflict, UsageError
 from tether.approvals import Approvals
 from tether.audit import Auditor, VerifyReport
 from tether.core._clock import Clock, SystemClock
-from tether.core._decision import DECIDE_HTM, DECIDE_HTU, Verified
+from tether.core._decision import (
+    DECIDE_HTM,
+    DECIDE_HTU,
+    DEFAULT_MAX_PENDING_APPROVALS,
+    Verified,
+)
 from tether.core._flow import FlowPolicy, ToolProfile
 from tether.core._intent import Intent
 from tether.core._policy import PolicySnapshot
@@ -60,6 +66,23 @@ from tether.tokens._seal import KEK_FILE
 
 DB_FILE = "tether.db"
 log = logging.getLogger("tether")
+
+
+def _max_pending_approvals() -> int:
+    """``$TETHER_MAX_PENDING_APPROVALS``: approvals one task may have waiting at once."""
+    raw = os.environ.get("TETHER_MAX_PENDING_APPROVALS", "").strip()
+    if not raw:
+        return DEFAULT_MAX_PENDING_APPROVALS
+    if not raw.isdigit() or int(raw) < 1:
+        raise UsageError("TETHER_MAX_PENDING_APPROVALS must be a whole number of at least 1")
+    return int(raw)
+
+
+def _private_home(path: Path) -> None:
+    """A Tether home is 0700 on every init and open (``mkdir`` leaves an existing
+    directory's mode as it was): it holds the KEK and the store."""
+    if path.is_dir():
+        path.chmod(0o700)
 
 
 def _database_url(explicit: str | None) -> str | None:
@@ -108,9 +131,12 @@ class Tether:
             self.clock,
             leases=self.broker,
         )
-        self.approvals = Approvals(store, self.audit, self.clock)
+        self.approvals = Approvals(
+            store, self.audit, self.clock, max_pending=_max_pending_approvals()
+        )
         self.credentials = Credentials(store, self.audit, self.clock)
         self.catalogue = ToolCatalogue(store, self.audit, self.clock)
+        self.tasks.known_tools = self.catalogue.entries
         self.enforcement = Enforcement(
             store,
             self.keys,
@@ -166,6 +192,7 @@ class Tether:
         parse_trust_domain(trust_domain)
         url = _database_url(database_url)
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _private_home(path)
         kek_file = path / KEK_FILE
         kek_existed = kek_file.exists()
         if url is None:
@@ -202,6 +229,7 @@ class Tether:
         url = _database_url(database_url)
         if url is None and not (path / DB_FILE).exists():
             raise UsageError(f"no Tether home at {path}: run 'tether init --trust-domain NAME'")
+        _private_home(path)
         sealer = Sealer(load_kek(path))
         store = SQLiteStore(path / DB_FILE) if url is None else open_store(url)
         try:
@@ -275,8 +303,11 @@ class Tether:
         public_key: ec.EllipticCurvePublicKey,
         *,
         audience: list[str] | None = None,
+        record_refusal: bool = True,
     ) -> SVIDs:
-        return self.attestation.attest(join_token, public_key, audience=audience)
+        return self.attestation.attest(
+            join_token, public_key, audience=audience, record_refusal=record_refusal
+        )
 
     # -- templates and policies ------------------------------------------------------------
     def add_template(self, source: str | Path | dict[str, Any]) -> Template:

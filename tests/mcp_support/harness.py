@@ -50,6 +50,9 @@ POLICIES = {
 @id("agents-open-tasks")
 permit (principal, action == Action::"open_task", resource);
 
+@id("agents-may-declare-tool-patterns")
+permit (principal, action == Action::"open_task_with_patterns", resource);
+
 @id("tools-by-intent")
 permit (principal, action == Action::"call_tool", resource);
 

@@ -2,8 +2,10 @@
 
 An ``approval_required`` decision opens (or finds) a pending approval bound to
 the task, the tool, the digest of the arguments and the digest of the policy
-snapshot that asked for it. An approver approves or denies it; an approved
-approval lets exactly one identical call through, under the same policy
+snapshot that asked for it. Identical calls share one pending approval, and a
+task has at most ``max_pending`` waiting at once (approval fatigue is a flood of
+distinct requests: the next is denied, with a receipt). An approver approves or
+denies it; an approved approval lets exactly one identical call through, under the same policy
 snapshot, before it expires. Replaying it, or presenting it for another call,
 another task or after a policy change, does not work.
 """
@@ -19,6 +21,7 @@ from tether._errors import Conflict, NotFound, Rejected, UsageError
 from tether.approvals._review import text_flags
 from tether.audit import Auditor
 from tether.core._clock import Clock
+from tether.core._decision import DEFAULT_MAX_PENDING_APPROVALS
 from tether.core._risk import Control, risk_tags
 from tether.store import ApprovalRow, Store
 
@@ -37,8 +40,16 @@ MAX_COMMENT = 1000
 
 class Approvals:
     def __init__(
-        self, store: Store, auditor: Auditor, clock: Clock, ttl: float = DEFAULT_APPROVAL_TTL
+        self,
+        store: Store,
+        auditor: Auditor,
+        clock: Clock,
+        ttl: float = DEFAULT_APPROVAL_TTL,
+        *,
+        max_pending: int = DEFAULT_MAX_PENDING_APPROVALS,
     ) -> None:
+        if max_pending < 1:
+            raise UsageError("max_pending must be at least 1")
         self._store = store
         self._auditor = auditor
         self._clock = clock
@@ -48,6 +59,9 @@ class Approvals:
         self.separation_of_duties = (
             os.environ.get("TETHER_SEPARATION_OF_DUTIES", "on").strip().lower() != "off"
         )
+        #: Approvals one task may have waiting for a human at once; a call identical to a
+        #: waiting one joins it (``$TETHER_MAX_PENDING_APPROVALS`` sets it for a process).
+        self.max_pending = max_pending
 
     def request(
         self,

@@ -7,11 +7,13 @@ and a non-zero exit: 1 for a refusal or failure, 2 for bad usage.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -214,18 +216,65 @@ def serve(
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 8700,
     rate: Annotated[float, typer.Option("--rate", help="requests/s per principal")] = 2000.0,
+    metrics_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-listen",
+            help="HOST:PORT of a listener serving /metrics alone (an internal interface); "
+            "$TETHER_METRICS_TOKEN, if set, is required there too",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
-    """Serve the HTTP API (and /metrics, /openapi.json) over the home's store."""
+    """Serve the HTTP API (and /metrics, /openapi.json) over the home's store.
+
+    ``/metrics`` on the API's listener takes an admin or auditor credential, or
+    ``Authorization: Bearer $TETHER_METRICS_TOKEN``."""
     import uvicorn  # noqa: PLC0415 - keeps every other verb fast to start
 
-    from tether.server import ServerSettings, create_app  # noqa: PLC0415
+    from tether.server import ServerSettings, create_app, create_metrics_app  # noqa: PLC0415
 
+    metrics_at: tuple[str, int] | None = None
+    if metrics_listen is not None:
+        m_host, _, m_port = metrics_listen.rpartition(":")
+        if not m_host or not m_port.isdigit() or not 0 < int(m_port) < 65536:
+            raise UsageError("--metrics-listen must be HOST:PORT")
+        metrics_at = (m_host.strip("[]"), int(m_port))
     tether = _open(home)
-    app = create_app(tether, ServerSettings(rate=rate, burst=rate * 2))
+    settings = ServerSettings(
+        rate=rate, burst=rate * 2, metrics_token=os.environ.get("TETHER_METRICS_TOKEN") or None
+    )
+    app = create_app(tether, settings)
     sys.stderr.write(f"tether: serving {tether.trust_domain} on http://{host}:{port}\n")
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    if metrics_at is None:
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+        return
+    sys.stderr.write(f"tether: /metrics on http://{metrics_at[0]}:{metrics_at[1]}\n")
+
+    class MetricsServer(uvicorn.Server):
+        """The API's server takes the signals; this one stops when it does."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    servers = [
+        cls(uvicorn.Config(a, host=h, port=p, log_level="warning", access_log=False))
+        for cls, a, h, p in (
+            (uvicorn.Server, app, host, port),
+            (MetricsServer, create_metrics_app(app), *metrics_at),
+        )
+    ]
+
+    async def both() -> None:
+        tasks = [asyncio.create_task(server.serve()) for server in servers]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for server in servers:  # one stopped (a signal, a failed bind): stop the other
+            server.should_exit = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(both())
 
 
 gateway_app = typer.Typer(

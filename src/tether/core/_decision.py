@@ -45,13 +45,17 @@ Invariants
    other check: a finding can turn an allow into a deny or an approval, never
    the reverse, and a deny outranks an approval. The state's summary is
    Cedar's ``context.flow``.
+8. A task cannot flood its approvers. A call needing an approval joins the
+   pending approval of the identical call when there is one; otherwise it is
+   denied once the task has ``PendingApprovals.limit`` approvals pending.
 
 Checks, in order: the call's shape; token (shape, algorithm, trust domain, key
 id, signature, ``exp``/``nbf`` with a small skew, audience) and proof (key
 binding, call binding, freshness); task and identity liveness (revocation,
 task ended, expired or idle, agent disabled, an ancestor no longer open),
 proof replay; the intent's capabilities; Cedar policy; call budgets of the
-task and its ancestors; flow rules; credentials in the arguments; approval.
+task and its ancestors; flow rules; credentials in the arguments; approval
+(a grant for exactly this call, else the pending approvals' limit).
 """
 
 from __future__ import annotations
@@ -297,6 +301,20 @@ class Grant:
     decided_by: str
 
 
+#: Approvals one task may have waiting for a human at once, unless configured otherwise.
+DEFAULT_MAX_PENDING_APPROVALS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class PendingApprovals:
+    """The approvals a task has waiting for a human (pending, unexpired)."""
+
+    count: int = 0
+    #: One of them is for exactly this call: the call joins it, whatever the count.
+    same_call: bool = False
+    limit: int = DEFAULT_MAX_PENDING_APPROVALS
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything one decision reads, loaded in the transaction that locks the task tree.
@@ -313,6 +331,7 @@ class Snapshot:
     proof_seen: bool = False
     flows: Mapping[str, FlowState] = field(default_factory=dict)
     grant: Grant | None = None
+    pending: PendingApprovals = field(default_factory=PendingApprovals)
     known_secrets: tuple[Known, ...] = ()
     profile: ToolProfile = UNDESCRIBED
     flow_policy: FlowPolicy = field(default_factory=FlowPolicy)
@@ -718,6 +737,15 @@ def _decide(
             )
         extra = (Control.INFORMATION_FLOW,) if held else ()
         if snapshot.grant is None:
+            pending = snapshot.pending
+            if not pending.same_call and pending.count >= pending.limit:
+                raise Refused(
+                    "approval.pending_limit",
+                    f"the task has {pending.count} approvals waiting for a human (at most "
+                    f"{pending.limit}); a call identical to a waiting one joins it",
+                    Control.APPROVAL,
+                    policies=outcome.policies,
+                )
             held_decision = Decision(
                 effect=Effect.APPROVAL_REQUIRED,
                 reasons=reasons,

@@ -11,7 +11,7 @@ on-behalf-of user, or a chain deeper than allowed.
 from __future__ import annotations
 
 from tether._errors import Rejected
-from tether.core._intent import ArgConstraint, Capability, Intent, _glob
+from tether.core._intent import ArgConstraint, Capability, Intent, Scalar, _glob, _same
 
 MAX_DELEGATION_DEPTH = 4
 _GLOB_CHARS = frozenset("*?[")
@@ -32,10 +32,18 @@ def _pattern_covered(parent: str, child: str) -> bool:
     return False
 
 
+def _within(values: tuple[Scalar, ...], allowed: tuple[Scalar, ...]) -> bool:
+    """Every value is one of ``allowed``, compared as the call check compares them
+    (type-strict: ``True`` is not ``1``, ``"1"`` is not ``1``)."""
+    return all(any(_same(v, a) for a in allowed) for v in values)
+
+
 def _constraint_narrower(parent: ArgConstraint, child: ArgConstraint) -> str | None:
     if child.optional and not parent.optional:
         return "is optional in the child but required by the parent"
-    if parent.equals is not None and child.equals != parent.equals:
+    if parent.equals is not None and (
+        child.equals is None or not _same(child.equals, parent.equals)
+    ):
         return f"must still equal {parent.equals!r}"
     if parent.one_of is not None:
         values = (
@@ -43,7 +51,7 @@ def _constraint_narrower(parent: ArgConstraint, child: ArgConstraint) -> str | N
             if child.one_of is not None
             else ((child.equals,) if child.equals is not None else None)
         )
-        if values is None or not set(values) <= set(parent.one_of):
+        if values is None or not _within(values, parent.one_of):
             return f"must stay within {list(parent.one_of)!r}"
     if parent.pattern is not None and child.pattern != parent.pattern:
         return f"must keep the pattern {parent.pattern!r}"

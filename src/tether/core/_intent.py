@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+from collections.abc import Iterable
 from enum import StrEnum
 from functools import lru_cache
 from typing import Any
@@ -175,6 +176,32 @@ def authorization_details(intent: Intent) -> list[dict[str, Any]]:
             entry["constraints"] = msgspec.to_builtins(cap.args)
         details.append(entry)
     return details
+
+
+GLOB_CHARS = frozenset("*?[")
+
+
+def is_pattern(tool: str) -> bool:
+    """Whether a capability's tool is a pattern (shell-style glob) rather than a name."""
+    return not GLOB_CHARS.isdisjoint(tool)
+
+
+def covers(pattern: str, tool: str) -> bool:
+    """Whether the capability pattern (or name) ``pattern`` admits calls to ``tool``."""
+    return pattern == tool or _glob(pattern).fullmatch(tool) is not None
+
+
+def covered_tools(intent: Intent, known: Iterable[str]) -> list[str]:
+    """The tool names ``intent`` covers: its literal capabilities, and every name in
+    ``known`` one of its patterns covers. What an admission policy sees as
+    ``context.tools``, so ``contains("shell.exec")`` holds for ``shell.*`` as for
+    ``shell.exec`` whenever the name is known (a catalogue entry, a name a policy
+    mentions)."""
+    names = {c.tool for c in intent.capabilities if not is_pattern(c.tool)}
+    patterns = [c.tool for c in intent.capabilities if is_pattern(c.tool)]
+    if patterns:
+        names.update(t for t in known if not is_pattern(t) and any(covers(p, t) for p in patterns))
+    return sorted(names)
 
 
 @lru_cache(maxsize=4096)

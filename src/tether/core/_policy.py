@@ -19,6 +19,7 @@ is the only reason a call would be refused, the decision is
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,6 +146,10 @@ def _resource_scope(scope: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+# A Cedar string literal: no backslash escapes in a tool name, so none are decoded.
+_STRING_LITERAL = re.compile(r'"([^"\\\n]{1,256})"')
+
+
 @dataclass
 class PolicySnapshot:
     """An immutable, validated policy set with its index. Evaluation is pure."""
@@ -158,6 +163,7 @@ class PolicySnapshot:
     _buckets: OrderedDict[
         tuple[str, str, str], tuple[Any, frozenset[str], frozenset[str] | None]
     ] = field(default_factory=OrderedDict)
+    _named: frozenset[str] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for record in self.policies:
@@ -167,6 +173,16 @@ class PolicySnapshot:
                 else:
                     key = (action, *record.resource)
                     self._exact.setdefault(key, []).append(record)
+
+    @property
+    def named_strings(self) -> frozenset[str]:
+        """Every string the policies write out (``"shell.exec"``, ``Tool::"fs.read"``):
+        the tool names an admission policy may ask a task's capabilities about."""
+        if self._named is None:
+            self._named = frozenset(
+                m.group(1) for text in self.sources.values() for m in _STRING_LITERAL.finditer(text)
+            )
+        return self._named
 
     @property
     def policy_ids(self) -> tuple[str, ...]:

@@ -49,6 +49,46 @@ _PROOF_HEADERS = frozenset({"alg", "typ", "jwk"})
 _REQUIRED_CLAIMS = ("iss", "sub", "aud", "iat", "nbf", "exp", "jti", "txn", "req_wl", "cnf")
 
 
+#: The order of the P-256 group. An ECDSA signature (r, s) has a twin (r, n - s) that
+#: verifies too; a JWS signed by this trust domain is accepted with the low s only, so
+#: one token has one encoding and one digest (revocation, caching and receipts key on it).
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_HALF_ORDER = P256_ORDER // 2
+
+
+def _signature_halves(token: str) -> tuple[str, bytes] | None:
+    head, _, segment = token.rpartition(".")
+    if not head or _B64URL.fullmatch(segment) is None or len(segment) != 86:
+        return None
+    return head, base64.urlsafe_b64decode(segment + "==")
+
+
+def low_s(token: str) -> str:
+    """``token`` (a compact ES256 JWS) with its signature in low-s form (s <= n/2).
+
+    Every JWS this trust domain signs goes through here, because verification refuses
+    the high-s twin."""
+    parts = _signature_halves(token)
+    if parts is None:
+        raise ValueError("not a compact ES256 JWS")
+    head, raw = parts
+    s = int.from_bytes(raw[32:], "big")
+    if s <= _HALF_ORDER:
+        return token
+    return f"{head}.{b64url(raw[:32] + (P256_ORDER - s).to_bytes(32, 'big'))}"
+
+
+def require_low_s(token: str, rejected: type[TokenRejected], code: str) -> None:
+    """Raise ``rejected`` unless ``token``'s ES256 signature is 64 bytes with s <= n/2."""
+    parts = _signature_halves(token)
+    if parts is None:
+        raise rejected("signature is not an ES256 signature", code=code)
+    if int.from_bytes(parts[1][32:], "big") > _HALF_ORDER:
+        raise rejected(
+            "signature is not in low-s form (a malleated twin of a signature)", code=code
+        )
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
@@ -136,8 +176,8 @@ def _header(token: str, limit: int, rejected: type[TokenRejected | ProofRejected
         raise rejected(f"{kind} is not a compact JWS", code=f"{kind}.malformed")
     try:
         return jwt.get_unverified_header(token)
-    except jwt.PyJWTError as exc:
-        raise rejected(f"{kind} header is malformed: {exc}", code=f"{kind}.malformed") from None
+    except jwt.PyJWTError:
+        raise rejected(f"{kind} header is malformed", code=f"{kind}.malformed") from None
 
 
 def actor_chain(claims: dict[str, Any]) -> tuple[str, ...]:
@@ -195,11 +235,10 @@ class TokenVerifier:
             raise TokenRejected(f"token typ must be {TASK_TOKEN_TYP!r}", code="token.typ")
         try:
             unverified = jwt.decode(token, options={"verify_signature": False})
-        except jwt.PyJWTError as exc:
-            raise TokenRejected(
-                f"token payload is malformed: {exc}", code="token.malformed"
-            ) from None
+        except jwt.PyJWTError:
+            raise TokenRejected("token payload is malformed", code="token.malformed") from None
         self._check_trust_domain(unverified)
+        require_low_s(token, TokenRejected, "token.signature")
         kid = header.get("kid")
         key = self.keys.keys.get(kid) if isinstance(kid, str) else None
         if key is None:
@@ -222,8 +261,8 @@ class TokenVerifier:
             )
         except jwt.InvalidSignatureError:
             raise TokenRejected("token signature does not verify", code="token.signature") from None
-        except jwt.PyJWTError as exc:
-            raise TokenRejected(f"token is malformed: {exc}", code="token.malformed") from None
+        except jwt.PyJWTError:
+            raise TokenRejected("token is malformed", code="token.malformed") from None
         return self._claims(token, payload)
 
     def _check_trust_domain(self, claims: Any) -> None:
@@ -319,8 +358,8 @@ def _parse_proof(proof: str) -> tuple[dict[str, Any], dict[str, Any], bytes, byt
     try:
         header = strict_json(_b64_segment(parts[0]))
         claims = strict_json(_b64_segment(parts[1]))
-    except ValueError as exc:  # includes JSON and UTF-8 errors
-        raise ProofRejected(f"proof is malformed: {exc}", code="proof.malformed") from None
+    except ValueError:  # includes JSON and UTF-8 errors
+        raise ProofRejected("proof is malformed", code="proof.malformed") from None
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise ProofRejected("proof header and claims must be objects", code="proof.malformed")
     signature = _b64_segment(parts[2])
@@ -376,8 +415,8 @@ class ProofVerifier:
         if key is None:
             try:
                 loaded = ECAlgorithm.from_jwk(jwk)
-            except jwt.PyJWTError as exc:
-                raise ProofRejected(f"proof jwk is invalid: {exc}", code="proof.key") from None
+            except jwt.PyJWTError:
+                raise ProofRejected("proof jwk is invalid", code="proof.key") from None
             if not isinstance(loaded, ec.EllipticCurvePublicKey):
                 raise ProofRejected("proof jwk is not a public key", code="proof.key")
             key = loaded
@@ -435,6 +474,7 @@ def verify_jwt_svid(
     key = keys.keys.get(kid) if isinstance(kid, str) else None
     if key is None:
         raise TokenRejected("JWT-SVID key id is not in the trust bundle", code="svid.unknown_kid")
+    require_low_s(token, TokenRejected, "svid.signature")
     try:
         claims = jwt.decode(
             token,
@@ -452,8 +492,8 @@ def verify_jwt_svid(
         raise TokenRejected("JWT-SVID audience is not this server", code="svid.audience") from None
     except jwt.InvalidSignatureError:
         raise TokenRejected("JWT-SVID signature does not verify", code="svid.signature") from None
-    except jwt.PyJWTError as exc:
-        raise TokenRejected(f"JWT-SVID is malformed: {exc}", code="svid.malformed") from None
+    except jwt.PyJWTError:
+        raise TokenRejected("JWT-SVID is malformed", code="svid.malformed") from None
     exp = claims["exp"]
     if not isinstance(exp, int | float) or now >= exp + leeway:
         raise TokenRejected("JWT-SVID has expired", code="svid.expired")

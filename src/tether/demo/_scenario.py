@@ -276,7 +276,9 @@ def run(*, examples: Path, home: Path | None = None, once: bool = True, port: in
         )
         decisions = [
             m
-            for m in httpx.get(f"{url}/metrics").text.splitlines()
+            for m in httpx.get(
+                f"{url}/metrics", headers={"Authorization": f"Bearer {admin_secret}"}
+            ).text.splitlines()
             if m.startswith("tether_decisions_total")
         ]
         line.say(f"/metrics: {len(decisions)} decision series, e.g. {decisions[0]}")

@@ -354,12 +354,15 @@ class Enforcement:
             return decision, None
         decision, plan = decide(verified, snapshot, call, policy, now, shadow)
         if plan.request_approval and decision.args_digest is not None:
-            grant = self.loader.grant(
-                verified.claims.task_id, call.tool, decision.args_digest, policy.digest, now
+            # Only a call that needs a human reads the approvals: a grant for exactly this
+            # call, else the task's pending ones (their limit; the identical call's joins).
+            task_id = verified.claims.task_id
+            grant = self.loader.grant(task_id, call.tool, decision.args_digest, policy.digest, now)
+            pending = self.loader.pending(
+                task_id, call.tool, decision.args_digest, now, self._approvals.max_pending
             )
-            if grant is not None:
-                snapshot = dataclasses.replace(snapshot, grant=grant)
-                decision, plan = decide(verified, snapshot, call, policy, now, shadow)
+            snapshot = dataclasses.replace(snapshot, grant=grant, pending=pending)
+            decision, plan = decide(verified, snapshot, call, policy, now, shadow)
         try:
             approval_id = self._apply(decision, plan, call, policy.digest, now)
         except _LostRace as lost:

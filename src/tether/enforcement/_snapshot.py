@@ -14,7 +14,7 @@ import msgspec
 
 from tether._errors import InfrastructureError
 from tether.core._credentials import Known
-from tether.core._decision import Grant, Snapshot, TaskState
+from tether.core._decision import Grant, PendingApprovals, Snapshot, TaskState
 from tether.core._flow import FlowPolicy, FlowState, ToolProfile
 from tether.core._intent import Intent, decode_intent
 from tether.core._verify import TaskClaims
@@ -139,6 +139,18 @@ class SnapshotLoader:
             profile=profile,
             flow_policy=flow_policy,
         )
+
+    def pending(
+        self, task_id: str, tool: str, args_digest: str, now: float, limit: int
+    ) -> PendingApprovals:
+        """The task's approvals waiting for a human, and whether one is for this call."""
+        rows = [
+            r
+            for r in self._store.list_approvals(status="pending")
+            if r.task_id == task_id and r.expires_at > now
+        ]
+        same = any(r.tool == tool and r.args_digest == args_digest for r in rows)
+        return PendingApprovals(count=len(rows), same_call=same, limit=limit)
 
     def grant(
         self, task_id: str, tool: str, args_digest: str, policy_digest: str, now: float

@@ -92,6 +92,13 @@ class ToolCatalogue:
         self._refresh()
         return self._digest
 
+    def names(self, tool: str) -> bool:
+        """Whether an entry names ``tool`` exactly (not a pattern), as last read: no store
+        read, for the hot path's bounded metric labels (every decision reads the
+        catalogue afresh through :meth:`profile`)."""
+        with self._lock:
+            return tool in self._exact
+
     def profile(self, tool: str) -> ToolProfile:
         """The profile of ``tool``: its most specific entry, else the most restrictive."""
         self._refresh()

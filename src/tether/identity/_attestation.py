@@ -80,11 +80,15 @@ class Attestor:
         *,
         audience: list[str] | None = None,
         ttl: float = DEFAULT_SVID_TTL,
+        record_refusal: bool = True,
     ) -> SVIDs:
+        """SVIDs for the workload whose join token this is (single use). An unknown, used
+        or expired token is refused with a receipt, unless ``record_refusal`` is off (a
+        network door that counts and samples refusals of callers who proved nothing)."""
         now = self._clock.now()
         tags = list(risk_tags(Control.WORKLOAD_IDENTITY))
         spiffe_id = self._store.consume_join_token(_hash(join_token), now)
-        if spiffe_id is None:
+        if spiffe_id is None and record_refusal:
             self._auditor.append(
                 "attestation.attest",
                 effect="deny",
@@ -96,6 +100,7 @@ class Attestor:
                     }
                 ],
             )
+        if spiffe_id is None:
             raise AttestationRejected(
                 "join token is unknown, used or expired", code="attestation.join_token"
             )

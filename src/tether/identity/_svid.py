@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tether.core._spiffe_id import SpiffeID
-from tether.core._verify import jwk_thumbprint
+from tether.core._verify import jwk_thumbprint, low_s
 from tether.tokens._keys import JWT_USE, KeyRing, public_jwk
 
 DEFAULT_SVID_TTL = 3600.0
@@ -43,7 +43,9 @@ def issue_jwt_svid(
     }
     if bound_key is not None:
         claims["cnf"] = {"jkt": jwk_thumbprint(public_jwk(bound_key))}
-    token = jwt.encode(claims, key, algorithm="ES256", headers={"kid": row.kid, "typ": "JWT"})
+    token = low_s(
+        jwt.encode(claims, key, algorithm="ES256", headers={"kid": row.kid, "typ": "JWT"})
+    )
     return token, jti, expires_at
 
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hmac
 import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import parse_qsl
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -71,6 +72,7 @@ from tether.server._auth import (
 )
 from tether.server._oauth import OAuth, OAuthError
 from tether.server._observe import LOG, Metrics, configure_logging, log_request
+from tether.server._unauthenticated import OTHER, UnauthenticatedTraffic, bounded_code
 from tether.store import ApprovalRow, IdentityRow, TaskRow
 
 MAX_BODY = 1024 * 1024
@@ -107,6 +109,16 @@ class ServerSettings:
     #: decides TLS and it is the one Origin a console form may come from.
     #: ``TETHER_PUBLIC_URL`` sets it.
     public_url: str | None = None
+    #: Refusals a second (and their burst) one source address may cause before it is
+    #: answered 429: callers whose credential is missing or does not verify.
+    unauthenticated_rate: float = 20.0
+    unauthenticated_burst: float = 100.0
+    #: One receipt per source address per this many seconds stands for its
+    #: unauthenticated refusals (counted in between).
+    unauthenticated_receipt_interval: float = 60.0
+    #: A bearer token that may read ``/metrics`` (besides admins and auditors);
+    #: ``TETHER_METRICS_TOKEN`` sets it.
+    metrics_token: str | None = None
 
 
 class Context:
@@ -118,6 +130,11 @@ class Context:
         self.auth = Authenticator(tether, self.audience)
         self.oauth = OAuth(tether, self.audience)
         self.limiter = RateLimiter(settings.rate, settings.burst)
+        self.unauthenticated = UnauthenticatedTraffic(
+            rate=settings.unauthenticated_rate,
+            burst=settings.unauthenticated_burst,
+            interval=settings.unauthenticated_receipt_interval,
+        )
         self.metrics = Metrics()
         self.settings = settings
         self.reaper: asyncio.Task[None] | None = None
@@ -150,9 +167,58 @@ class TetherRequest(Request[Any, Any, Any]):
 def authenticated(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # type: ignore[type-arg]
     """Guard: authenticate before the body is even read; 401 before any 400."""
     ctx: Context = connection.app.state.ctx
-    principal = ctx.auth.authenticate(connection)  # type: ignore[arg-type]
+    try:
+        principal = ctx.auth.authenticate(connection)  # type: ignore[arg-type]
+    except Unauthorized as exc:
+        refuse_unauthenticated(ctx, connection, exc.code)
     connection.state.principal = principal
     ctx.limiter.check(f"{principal.kind}:{principal.id}")
+
+
+def source_address(connection: ASGIConnection) -> str:  # type: ignore[type-arg]
+    """The peer of the connection (a proxy's, behind one)."""
+    client = connection.scope.get("client")
+    return str(client[0])[:64] if client else "unknown"
+
+
+def refuse_unauthenticated(
+    ctx: Context,
+    connection: ASGIConnection,  # type: ignore[type-arg]
+    code: str,
+    *,
+    status: int = 401,
+) -> NoReturn:
+    """Refuse a request whose credential is missing or does not verify: counted, a
+    receipt per source address per interval (not per request), 429 past the address's
+    rate, and a code with a fixed description (never an exception's text)."""
+    source = source_address(connection)
+    refusal = ctx.unauthenticated.refuse(source, code)
+    ctx.metrics.unauthenticated.labels(refusal.code).inc()
+    connection.state.accounted = True
+    if refusal.limited:
+        raise RateLimited("too many unauthenticated requests from this address")
+    if refusal.receipt_for:
+        with contextlib.suppress(TetherError):
+            ctx.tether.audit.append(
+                "request.unauthenticated",
+                chain=[],
+                effect="deny",
+                reasons=[{"code": refusal.code, "message": refusal.description}],
+                risk_tags=list(risk_tags(Control.AUDIT)),
+                detail={
+                    "source": source,
+                    "method": connection.scope.get("method", ""),
+                    "route": str(connection.scope.get("path_template") or "unmatched")[:128],
+                    "status": status,
+                    "refused": refusal.receipt_for,
+                    "interval_seconds": ctx.unauthenticated.interval,
+                },
+            )
+    if status == 401:
+        raise Unauthorized(refusal.description, code=refusal.code)
+    if status == 403:
+        raise Forbidden(refusal.description, code=refusal.code)
+    raise HTTPException(status_code=status, detail=refusal.description)
 
 
 def _principal(request: Request) -> Principal:  # type: ignore[type-arg]
@@ -216,7 +282,12 @@ def _error_response(request: Request, exc: Exception) -> Response[Any]:  # type:
         headers["Retry-After"] = "1"
     ctx = request.app.state.get("ctx")
     principal = request.state.get("principal") if hasattr(request, "state") else None
-    if ctx is not None and principal is None and _is_decision_call(request, status):
+    if (
+        ctx is not None
+        and principal is None
+        and not request.state.get("accounted")
+        and _is_decision_call(request, status)
+    ):
         _refused_decision(ctx, request, status, code, message)
     if ctx is not None and principal is not None and status >= 400:
         # A refused request from a known principal leaves a receipt.
@@ -275,32 +346,33 @@ def _refused_decision(
     message: str,
 ) -> None:
     """The receipt of a decision call refused before it could be decided (a body that is
-    not a call: too large, not JSON, too deep, NULs). A deny like any other, attributed to
-    the task token when one was presented and its signature holds."""
+    not a call: too large, not JSON, too deep, NULs). A deny like any other when the
+    task token presented verifies (the task is accountable for it); from a caller who
+    proved nothing it is counted and sampled like any unauthenticated refusal."""
     token: str | None = None
     with contextlib.suppress(Unauthorized):
         scheme, _, value = (single_header(request, "authorization") or "").partition(" ")
         token = value.strip() if scheme.lower() == "dpop" and value.strip() else None
-    chain: list[str] = []
-    task_id = intent_digest = None
-    if token is not None:
-        with contextlib.suppress(Exception):  # attribution is best effort; the receipt is not
-            claims = ctx.tether.enforcement.verify_token(
-                token, now=ctx.tether.clock.now(), check_times=False
-            )
-            chain, task_id, intent_digest = list(claims.chain), claims.task_id, claims.intent_digest
     reason = {400: "call.malformed", 413: "call.oversized"}.get(status, code)
+    claims = None
+    if token is not None:
+        with contextlib.suppress(Exception):  # a token that does not verify is no token
+            claims = ctx.tether.enforcement.verify_token(token, now=ctx.tether.clock.now())
+    if claims is None or token is None:
+        with contextlib.suppress(RateLimited, Unauthorized, HTTPException):
+            refuse_unauthenticated(ctx, request, reason, status=status)
+        return
     with contextlib.suppress(TetherError):
         ctx.tether.audit.append(
             "decision",
-            chain=chain,
-            task_id=task_id,
-            intent_digest=intent_digest,
+            chain=list(claims.chain),
+            task_id=claims.task_id,
+            intent_digest=claims.intent_digest,
             effect="deny",
             reasons=[{"code": reason, "message": message[:500]}],
             policies=[],
             risk_tags=list(risk_tags(Control.PER_CALL_POLICY)),
-            token_digest=token_hash(token) if token is not None else None,
+            token_digest=token_hash(token),
             detail={"status": status, "error": code},
         )
     ctx.metrics.decisions.labels("deny", reason, "").inc()
@@ -366,6 +438,21 @@ def _approval(row: ApprovalRow, tether: Tether, viewer: str | None = None) -> S.
         expires_at=row.expires_at,
         decided_by=row.decided_by,
     )
+
+
+def _may_see(principal: Principal, identity: IdentityRow) -> bool:
+    """An owner sees only the identities they own; the roles that may read the inventory
+    (admins, approvers, auditors) see all of it. Endpoints still require their roles."""
+    return principal.role != "owner" or identity.owner == principal.owner
+
+
+def _visible(principal: Principal, tether: Tether, spiffe_id: str) -> IdentityRow:
+    """The identity, or not found when ``principal`` may not see it (no owner learns
+    which other owners' identities exist)."""
+    row = tether.identities.get(spiffe_id)
+    if not _may_see(principal, row):
+        raise NotFound(f"identity {spiffe_id} is not registered")
+    return row
 
 
 def _may_manage(principal: Principal, identity: IdentityRow) -> None:
@@ -458,12 +545,34 @@ async def oauth_metadata(request: Request) -> dict[str, Any]:  # type: ignore[ty
     }
 
 
-@get("/metrics", tags=["health"], media_type="text/plain; version=0.0.4", responses=_PUBLIC)
-async def metrics(request: Request) -> bytes:  # type: ignore[type-arg]
-    """Prometheus metrics."""
-    ctx = _ctx(request)
+def metrics_reader(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # type: ignore[type-arg]
+    """Guard of ``/metrics``: the metrics bearer token, or an admin or auditor."""
+    ctx: Context = connection.app.state.ctx
+    expected = ctx.settings.metrics_token
+    scheme, _sep, value = (single_header(connection, "authorization") or "").partition(" ")  # type: ignore[arg-type]
+    if expected and scheme.lower() == "bearer" and hmac.compare_digest(value.strip(), expected):
+        return
+    authenticated(connection, _)
+    require(connection.state.principal, "auditor")
+
+
+def _render_metrics(ctx: Context) -> bytes:
     ctx.metrics.approvals_pending.set(len(ctx.tether.approvals.list("pending")))
     return ctx.metrics.render()
+
+
+@get(
+    "/metrics",
+    tags=["health"],
+    media_type="text/plain; version=0.0.4",
+    responses=_ERRORS,
+    guards=[metrics_reader],
+)
+async def metrics(request: Request) -> bytes:  # type: ignore[type-arg]
+    """Prometheus metrics: ``Authorization: Bearer`` the metrics token, or an admin or
+    auditor credential. ``tether serve --metrics-listen`` also serves them on a
+    listener of their own."""
+    return _render_metrics(_ctx(request))
 
 
 # -- identities ---------------------------------------------------------------------------
@@ -488,9 +597,11 @@ async def identity_register(request: Request, data: S.IdentityIn) -> S.IdentityO
 
 @get("/v1/identities", tags=["identities"], responses=_ERRORS, guards=[authenticated])
 async def identity_list(request: Request) -> S.IdentityList:  # type: ignore[type-arg]
-    """List identities."""
-    require(_principal(request), "owner", "approver", "auditor")
-    return S.IdentityList([_identity(r) for r in _ctx(request).tether.identities.list()])
+    """List identities (an owner's list holds the identities they own)."""
+    principal = _principal(request)
+    require(principal, "owner", "approver", "auditor")
+    rows = _ctx(request).tether.identities.list()
+    return S.IdentityList([_identity(r) for r in rows if _may_see(principal, r)])
 
 
 @get("/v1/identity", tags=["identities"], responses=_ERRORS, guards=[authenticated])
@@ -498,9 +609,10 @@ async def identity_show(
     request: Request,  # type: ignore[type-arg]
     spiffe_id: str = Parameter(query="spiffe_id", max_length=2048),
 ) -> S.IdentityOut:
-    """Show one identity."""
-    require(_principal(request), "owner", "approver", "auditor")
-    return _identity(_ctx(request).tether.identities.get(spiffe_id))
+    """Show one identity (to an owner, only one they own: another's is not found)."""
+    principal = _principal(request)
+    require(principal, "owner", "approver", "auditor")
+    return _identity(_visible(principal, _ctx(request).tether, spiffe_id))
 
 
 @post(
@@ -514,7 +626,7 @@ async def identity_disable(request: Request, data: S.SpiffeIdIn) -> S.DisableOut
     """Offboard: disable an identity and revoke every task and token it holds."""
     principal = _principal(request)
     tether = _ctx(request).tether
-    _may_manage(principal, tether.identities.get(data.spiffe_id))
+    _may_manage(principal, _visible(principal, tether, data.spiffe_id))
     row, revoked = tether.disable_identity(data.spiffe_id)
     _ctx(request).metrics.tokens.labels("revoked").inc(len(revoked))
     return S.DisableOut(identity=_identity(row), revoked_tasks=revoked)
@@ -531,7 +643,7 @@ async def identity_join_token(request: Request, data: S.JoinTokenIn) -> S.JoinTo
     """Mint a one-time join token for a workload to attest with."""
     principal = _principal(request)
     tether = _ctx(request).tether
-    _may_manage(principal, tether.identities.get(data.spiffe_id))
+    _may_manage(principal, _visible(principal, tether, data.spiffe_id))
     token = tether.create_join_token(data.spiffe_id, ttl=data.ttl)
     return S.JoinTokenOut(spiffe_id=data.spiffe_id, join_token=token, ttl=data.ttl)
 
@@ -553,7 +665,16 @@ def _public_key(jwk: dict[str, str]) -> ec.EllipticCurvePublicKey:
 async def attest(request: Request, data: S.AttestIn) -> S.AttestOut:  # type: ignore[type-arg]
     """Redeem a join token (the credential) for SVIDs bound to the given public key."""
     key = _public_key(data.jwk)
-    svids = _ctx(request).tether.attest(data.join_token, key, audience=data.audience)
+    ctx = _ctx(request)
+    try:
+        svids = ctx.tether.attest(
+            data.join_token, key, audience=data.audience, record_refusal=False
+        )
+    except Rejected as exc:
+        if exc.code != "attestation.join_token":
+            raise
+        # The join token is the credential: a wrong one proves nothing, no receipt each.
+        refuse_unauthenticated(ctx, request, exc.code, status=403)
     return S.AttestOut(
         spiffe_id=svids.spiffe_id,
         jwt_svid=svids.jwt_svid,
@@ -799,11 +920,36 @@ async def task_renew(request: Request, task_id: str) -> S.TaskOpenOut:  # type: 
     )
 
 
+def _task_token(ctx: Context, request: Request) -> str:  # type: ignore[type-arg]
+    """The task token of a decision or result request, if it verifies (signature, issuer,
+    times); the request is then rate limited per task. Otherwise the caller proved
+    nothing: :func:`refuse_unauthenticated`."""
+    scheme, _, value = (single_header(request, "authorization") or "").partition(" ")
+    token = value.strip() if scheme.lower() == "dpop" and value.strip() else None
+    if token is None:
+        refuse_unauthenticated(ctx, request, "token.missing")
+    try:
+        claims = ctx.tether.enforcement.verify_token(token, now=ctx.tether.clock.now())
+    except InfrastructureError:
+        raise  # the store could not be asked: a 503, not the caller's fault
+    except Exception as exc:  # whatever else the reason, the token proves nothing
+        code = exc.code if isinstance(exc, TetherError) else "token.malformed"
+        refuse_unauthenticated(ctx, request, code)
+    ctx.limiter.check("task:" + claims.task_id)
+    return token
+
+
+def _tool_label(ctx: Context, tool: str | None) -> str:
+    """A tool as a metric label: a name the catalogue holds, else ``other`` (the
+    caller chooses tool names; a series each would be theirs to create)."""
+    return tool if tool and ctx.tether.catalogue.names(tool) else OTHER
+
+
 def task_token_presented(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # type: ignore[type-arg]
     """A guard: a task token (``Authorization: DPoP``) before the body is even read."""
     scheme, _sep, value = (single_header(connection, "authorization") or "").partition(" ")  # type: ignore[arg-type]
     if scheme.lower() != "dpop" or not value.strip():
-        raise Unauthorized("a task token is required (Authorization: DPoP)")
+        refuse_unauthenticated(connection.app.state.ctx, connection, "token.missing")
 
 
 @post(
@@ -822,12 +968,7 @@ async def task_result(request: Request, task_id: str, data: S.ResultIn) -> S.Obs
     receipt is not an allowed decision of this task and tool, 409 when the task is no
     longer live; each refusal leaves a receipt."""
     ctx = _ctx(request)
-    header = single_header(request, "authorization") or ""
-    scheme, _, token = header.partition(" ")
-    task_token = token.strip() if scheme.lower() == "dpop" and token.strip() else None
-    if task_token is None:
-        raise Unauthorized("a task token is required (Authorization: DPoP)")
-    ctx.limiter.check("token:" + task_token[-43:])
+    task_token = _task_token(ctx, request)
     observe = functools.partial(
         ctx.tether.observe,
         token=task_token,
@@ -861,14 +1002,13 @@ async def task_result(request: Request, task_id: str, data: S.ResultIn) -> S.Obs
 @post("/v1/decisions", tags=["decisions"], responses=_ERRORS, status_code=200)
 async def decision(request: Request, data: S.AuthorizeIn) -> S.AuthorizeOut:  # type: ignore[type-arg]
     """Decide one tool call. ``Authorization: DPoP <task token>`` and a ``DPoP`` proof for
-    this request whose ``call`` claim is the digest of this tool call. Always answers with
-    a decision and its receipt; a refused call is a ``deny``, not an HTTP error."""
+    this request whose ``call`` claim is the digest of this tool call. With a task token
+    that verifies, always answers with a decision and its receipt: a refused call is a
+    ``deny``, not an HTTP error. Without one the caller proved nothing: 401 with the
+    reason code, counted and sampled, no receipt of its own (429 past its address's
+    rate)."""
     ctx = _ctx(request)
-    header = single_header(request, "authorization") or ""
-    scheme, _, token = header.partition(" ")
-    task_token = token.strip() if scheme.lower() == "dpop" and token.strip() else None
-    if task_token is not None:
-        ctx.limiter.check("token:" + task_token[-43:])
+    task_token = _task_token(ctx, request)
     with TRACER.start_as_current_span("tether.decide") as span:
         decide = functools.partial(
             ctx.tether.authorize,
@@ -893,7 +1033,9 @@ async def decision(request: Request, data: S.AuthorizeIn) -> S.AuthorizeOut:  # 
                 "tether.receipt_seq": receipt.seq,
             }
         )
-    ctx.metrics.decisions.labels(str(d.effect), d.reasons[0].code, d.tool or "").inc()
+    ctx.metrics.decisions.labels(
+        str(d.effect), bounded_code(d.reasons[0].code), _tool_label(ctx, d.tool)
+    ).inc()
     ctx.metrics.decision_latency.observe(receipt.latency_us / 1e6)
     request.state.decision = str(d.effect)
     return S.AuthorizeOut(
@@ -1344,7 +1486,8 @@ class _Observe:
         finally:
             state = scope.get("state", {})
             principal = state.get("principal")
-            route = scope.get("path_template") or scope.get("path", "")
+            # The route's template, never the raw path: a caller chooses paths.
+            route = scope.get("path_template") or "unmatched"
             ctx = scope["app"].state.get("ctx") if "app" in scope else None
             if ctx is not None:
                 ctx.metrics.requests.labels(
@@ -1358,6 +1501,23 @@ class _Observe:
                 principal.name if principal else None,
                 decision=state.get("decision"),
             )
+
+
+def create_metrics_app(app: Litestar) -> Litestar:
+    """``/metrics`` alone, for a listener of its own (``tether serve --metrics-listen``):
+    the metrics of ``app``; the metrics token is required when one is set."""
+    ctx: Context = app.state.ctx
+
+    @get("/metrics", media_type="text/plain; version=0.0.4", sync_to_thread=False)
+    def metrics_only(request: Request) -> Response[bytes]:  # type: ignore[type-arg]
+        expected = ctx.settings.metrics_token
+        if expected:
+            scheme, _sep, value = (request.headers.get("authorization") or "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), expected):
+                return Response(b"metrics token required\n", status_code=401)
+        return Response(_render_metrics(ctx), media_type="text/plain; version=0.0.4")
+
+    return Litestar(route_handlers=[metrics_only], openapi_config=None, debug=False)
 
 
 @get("/", include_in_schema=False)

@@ -201,8 +201,8 @@ class OAuth:
                     "verify_iat": False,
                 },
             )
-        except jwt.PyJWTError as exc:
-            raise OAuthError("invalid_grant", f"subject token: {exc}") from None
+        except jwt.PyJWTError:
+            raise OAuthError("invalid_grant", "subject token does not verify") from None
         if now >= float(claims["exp"]):
             raise OAuthError("invalid_grant", "subject token has expired")
         return str(claims["sub"])

@@ -18,7 +18,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.decisions = Counter(
             "tether_decisions",
-            "Decisions by effect, reason code and tool",
+            "Decisions by effect, reason code and tool (a catalogued name, else other)",
             ["effect", "rule", "tool"],
             registry=self.registry,
         )
@@ -37,6 +37,12 @@ class Metrics:
         self.approvals_pending = Gauge(
             "tether_approvals_pending",
             "Approvals waiting for a human",
+            registry=self.registry,
+        )
+        self.unauthenticated = Counter(
+            "tether_unauthenticated_requests",
+            "Requests refused before authentication, by reason code (no receipt each)",
+            ["code"],
             registry=self.registry,
         )
         self.requests = Counter(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -107,12 +108,26 @@ CREATE INDEX IF NOT EXISTS audit_records_task ON audit_records (json_extract(bod
 """
 
 
+def _private_files(path: str) -> None:
+    """The store file exists with mode 0600 before SQLite opens it (so it is never
+    created with the umask's 0644), and it and its WAL and shared-memory files are
+    0600 on every open, whatever they were left at. SQLite gives the journal files
+    the database file's mode."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        if os.path.exists(name):
+            os.chmod(name, 0o600)
+
+
 class SQLiteStore:
     """The SQLite implementation of :class:`tether.store.Store`."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         try:
+            _private_files(self.path)
             self._db = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=30.0
             )
@@ -121,7 +136,7 @@ class SQLiteStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_DDL)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise InfrastructureError(f"cannot open store {self.path}: {exc}") from None
         self._lock = threading.RLock()
         self._depth = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import msgspec
@@ -17,9 +18,11 @@ from tether.core._flow import FlowState, empty_flow_context
 from tether.core._intent import (
     Capability,
     Intent,
+    covered_tools,
     decode_intent,
     intent_digest,
     intent_to_builtins,
+    is_pattern,
     validate_intent,
 )
 from tether.core._risk import Control, risk_tags
@@ -93,9 +96,13 @@ class TaskService:
         clock: Clock,
         *,
         leases: LeaseRevoker | None = None,
+        known_tools: Callable[[], Iterable[str]] | None = None,
     ) -> None:
         #: Revokes a task's leases in the transaction that ends it (set by ``Tether``).
         self.leases = leases
+        #: The tool names the trust domain knows (its catalogue's), which a capability
+        #: pattern is expanded over for the admission policy (set by ``Tether``).
+        self.known_tools = known_tools
         self._store = store
         self._keyring = keyring
         self._registry = registry
@@ -203,13 +210,18 @@ class TaskService:
         assert jkt is not None
 
         # Admission policy: may this agent open this template / intent?
-        outcome = self._admission(agent.spiffe_id, agent.owner, agent.kind, name, intent)
+        outcome, patterns = self._admission(
+            agent.spiffe_id, agent.owner, agent.kind, name, intent, delegated=parent is not None
+        )
         if outcome.errors or not outcome.allowed or outcome.approval:
             message = (
                 "admission policy error: " + "; ".join(outcome.errors)
                 if outcome.errors
                 else "approval required to open this task"
                 if outcome.approval
+                else f"no admission policy permits the capability patterns {patterns} "
+                "(open_task_with_patterns)"
+                if patterns
                 else "no admission policy lets this agent open " + name
             )
             self._deny(
@@ -302,25 +314,63 @@ class TaskService:
             token_expires_at=int(token_expires_at),
         )
 
-    def _admission(self, agent_id: str, owner: str, kind: str, name: str, intent: Intent) -> Any:
-        """Evaluate the admission policy (``open_task``) against the live snapshot."""
+    def _admission(
+        self, agent_id: str, owner: str, kind: str, name: str, intent: Intent, *, delegated: bool
+    ) -> tuple[Any, list[str]]:
+        """Evaluate the admission policy against the live snapshot: the outcome, and the
+        capability patterns it refused (empty unless that is why it refuses).
+
+        ``context.tools`` holds what the capabilities cover, not how they are written: a
+        pattern is expanded over the known tool names (the catalogue's, and every name a
+        policy writes), so ``shell.exe[c]``, ``shell.*`` and ``*`` all put ``shell.exec``
+        there. Patterns the caller wrote (an explicit intent, a template parameter) also
+        need ``open_task_with_patterns``: refused unless a policy permits them. Patterns
+        an administrator wrote into a template, and those of a delegated task (proved
+        within its admitted parent's), are the administrator's."""
         snapshot = self._policies.snapshot()
+        known = set(snapshot.named_strings)
+        if self.known_tools is not None:
+            known.update(self.known_tools())
         principal, entities = principal_entities(agent_id, owner, kind)
         resource = {"type": "Template", "id": name}
+        patterns = sorted({c.tool for c in intent.capabilities if is_pattern(c.tool)})
         context = {
             "purpose": intent.purpose,
             "data_ceiling": str(intent.data_ceiling),
             "on_behalf_of": intent.on_behalf_of or "",
             "max_calls": intent.budget.max_calls,
             "ttl_seconds": intent.ttl_seconds,
-            "tools": sorted({c.tool for c in intent.capabilities}),
+            "tools": covered_tools(intent, known),
+            "patterns": patterns,
         }
-        return snapshot.evaluate(
-            principal,
-            "open_task",
-            resource,
-            context,
-            [*entities, {"uid": resource, "attrs": {}, "parents": []}],
+        entities = [*entities, {"uid": resource, "attrs": {}, "parents": []}]
+        outcome = snapshot.evaluate(principal, "open_task", resource, context, entities)
+        if outcome.errors or not outcome.allowed or outcome.approval or delegated:
+            return outcome, []
+        authored = self._template_patterns(name)
+        callers = [p for p in patterns if p not in authored]
+        if not callers:
+            return outcome, []
+        widened = snapshot.evaluate(
+            principal, "open_task_with_patterns", resource, context, entities
+        )
+        if widened.errors or not widened.allowed or widened.approval:
+            return widened, callers
+        return outcome, []
+
+    def _template_patterns(self, name: str) -> frozenset[str]:
+        """The capability patterns template ``name`` writes out itself (no parameter)."""
+        body = self._store.get_template(name) if name != ADHOC_TEMPLATE else None
+        if body is None:
+            return frozenset()
+        caps = json.loads(body).get("intent", {}).get("capabilities", [])
+        return frozenset(
+            c["tool"]
+            for c in caps
+            if isinstance(c, dict)
+            and isinstance(c.get("tool"), str)
+            and is_pattern(c["tool"])
+            and "{" not in c["tool"]
         )
 
     def renew(self, task_id: str) -> OpenedTask:
@@ -421,7 +471,14 @@ class TaskService:
             parent_id = parent.parent_task_id
         agent = self._store.get_identity(row.agent_id)
         assert agent is not None
-        outcome = self._admission(agent.spiffe_id, agent.owner, agent.kind, row.template, intent)
+        outcome, _patterns = self._admission(
+            agent.spiffe_id,
+            agent.owner,
+            agent.kind,
+            row.template,
+            intent,
+            delegated=row.parent_task_id is not None,
+        )
         if outcome.errors or not outcome.allowed or outcome.approval:
             raise RenewalRejected(
                 "the admission policy no longer admits this task", code="admission.denied"

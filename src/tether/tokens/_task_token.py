@@ -8,7 +8,7 @@ from typing import Any
 import jwt
 
 from tether.core._intent import Intent, authorization_details
-from tether.core._verify import TASK_TOKEN_TYP
+from tether.core._verify import TASK_TOKEN_TYP, low_s
 from tether.tokens._keys import JWT_USE, KeyRing
 
 
@@ -68,7 +68,7 @@ def mint_task_token(
     act = act_claim(actors)
     if act is not None:
         claims["act"] = act
-    token = jwt.encode(
-        claims, key, algorithm="ES256", headers={"kid": row.kid, "typ": TASK_TOKEN_TYP}
+    token = low_s(
+        jwt.encode(claims, key, algorithm="ES256", headers={"kid": row.kid, "typ": TASK_TOKEN_TYP})
     )
     return token, token_id
