@@ -180,7 +180,10 @@ class Auditor:
             self._store.insert_record(row, self._tag(text))
             if seq % self.checkpoint_every == 0:
                 self._checkpoint(row)
-            if seq - self._head_size >= self.head_every or now - self._head_at >= self.head_interval:
+            if (
+                seq - self._head_size >= self.head_every
+                or now - self._head_at >= self.head_interval
+            ):
                 self._sign_head(seq, now)
             return row
 
@@ -213,7 +216,9 @@ class Auditor:
             signed, _ = read_head(head.signature, keys, self._keyring.trust_domain)
             frontier = Frontier.from_hex(head.size, json.loads(head.frontier))
         except (ValueError, TypeError) as exc:
-            raise LogTampered(head.size, f"the stored signed head of size {head.size}: {exc}")
+            raise LogTampered(
+                head.size, f"the stored signed head of size {head.size}: {exc}"
+            ) from None
         if signed.size != head.size or frontier.root() != signed.root:
             raise LogTampered(head.size, f"the stored head of size {head.size} was altered")
         return frontier
@@ -388,6 +393,8 @@ class Auditor:
             frontier.append(leaf_hash(row.body.encode()))
             if frontier.size in wanted:
                 roots[frontier.size] = frontier.root()
+        if bad_tag is not None:
+            return self._bad(count, bad_tag[0], bad_tag[1], len(checkpoints))
         for cp in checkpoints:
             problem = self._check_checkpoint(cp, keys)
             if problem:
@@ -404,8 +411,6 @@ class Auditor:
                 return self._bad(
                     count, cp.seq, f"record {cp.seq} differs from its checkpoint", len(checkpoints)
                 )
-        if bad_tag is not None:
-            return self._bad(count, bad_tag[0], bad_tag[1], len(checkpoints))
         try:
             heads = check_heads([h.signature for h in head_rows], keys, revoked, td)
             self._check_heads_against_log(heads, head_rows, roots, count)

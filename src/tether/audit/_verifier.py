@@ -136,7 +136,7 @@ class Report:
     root: str | None = None
 
 
-class Rejected(Exception):  # noqa: N818 - the verifier's one refusal
+class Rejected(Exception):
     def __init__(self, position: int, problem: str) -> None:
         super().__init__(problem)
         self.position = position

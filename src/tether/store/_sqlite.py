@@ -1,5 +1,9 @@
 """The embedded store: SQLite in WAL mode, one file under the Tether home."""
 
+# Queries are built from this module's column lists and fixed fragments only; every value
+# is a bound parameter.
+# ruff: noqa: S608
+
 from __future__ import annotations
 
 import json
@@ -11,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from tether._errors import Conflict, InfrastructureError
-from tether.store.migrations.sqlite import v2_verifiable_log
 from tether.store._interface import (
     AcceptedRiskRow,
     ApprovalRow,
@@ -29,6 +32,7 @@ from tether.store._interface import (
     SecretVersionRow,
     TaskRow,
 )
+from tether.store.migrations.sqlite import v2_verifiable_log
 
 SCHEMA_VERSION = "2"
 _KEY_COLS = (

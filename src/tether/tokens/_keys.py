@@ -27,7 +27,6 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -186,9 +185,7 @@ class KeyRing:
             why = "no authentication tag" if row.mac is None else "authentication tag is wrong"
             if self.rejected.get(row.kid) != why:
                 self.rejected[row.kid] = why
-                log.error(
-                    "signing key row %s ignored: %s (written without the KEK?)", row.kid, why
-                )
+                log.error("signing key row %s ignored: %s (written without the KEK?)", row.kid, why)
         return good
 
     def all_keys(self) -> list[tuple[KeyRow, bool]]:
