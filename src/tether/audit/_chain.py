@@ -252,7 +252,7 @@ class Auditor:
             raise LogTampered(frontier.size + 1, f"receipt {frontier.size + 1} is missing")
         root = frontier.root().hex()
         key_row, key = self._keyring.active(JWT_USE)
-        at = round(now, 6)
+        at = now
         claims = {
             "td": self._keyring.trust_domain,
             "size": upto,

@@ -302,6 +302,14 @@ class KeyRing:
             for r in self._authenticated(self._store.list_keys())
             if r.use == use and r.retired_at is None and not self._revoked_now(r)
         ]
+        if not live and self.rejected and not any(
+            self.authentic(r) for r in self._store.list_keys()
+        ):
+            raise InfrastructureError(
+                "no key row is authentic: wrong key-encryption key (it can neither unseal "
+                "nor authenticate the key set), or a store made before keys were "
+                "authenticated ('tether keys adopt')"
+            )
         if not live:
             raise InfrastructureError(
                 f"no active authentic {use} key: run 'tether init' (or 'tether keys adopt' "
