@@ -372,9 +372,7 @@ def test_cli_export_verify_and_keys(tmp_path: Path) -> None:
     env = {**os.environ, "TETHER_WITNESS": str(tmp_path / "w.jsonl")}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*run, *args], capture_output=True, text=True, env=env, check=False
-        )
+        return subprocess.run([*run, *args], capture_output=True, text=True, env=env, check=False)
 
     assert cli("init", "--trust-domain", "acme.example").returncode == 0
     assert cli("audit", "export", str(tmp_path / "b.json"), "--from", "1").returncode == 0

@@ -160,6 +160,11 @@ class Auditor:
         # The newest head this process made or saw (a cache: the store decides).
         self._head_size = 0
         self._head_at = 0.0
+        #: Leaf hashes of the receipts this process committed that no head covers yet: a
+        #: head signs what this node wrote, not what the store holds by then.
+        self._written: dict[int, bytes] = {}
+        #: The newest head this process signed or checked, and its frontier.
+        self._known_head: tuple[str, Frontier] | None = None
 
     def _tag(self, body: str) -> str | None:
         return None if self._sealer is None else self._sealer.mac(RECEIPT_MAC, body.encode())
@@ -178,13 +183,13 @@ class Auditor:
                 seq=seq, prev_hash=prev, hash=record_hash(prev, text), body=text, created_at=now
             )
             self._store.insert_record(row, self._tag(text))
+            leaf = leaf_hash(text.encode())
+            self._store.after_commit(lambda: self._written.__setitem__(seq, leaf))
             if seq % self.checkpoint_every == 0:
                 self._checkpoint(row)
-            if (
-                seq - self._head_size >= self.head_every
-                or now - self._head_at >= self.head_interval
-            ):
-                self._sign_head(seq, now)
+            due = seq - self._head_size >= self.head_every
+            if due or now - self._head_at >= self.head_interval:
+                self._sign_head(seq, now, current=(seq, leaf))
             return row
 
     # -- signed tree heads ----------------------------------------------------------------
@@ -211,6 +216,9 @@ class Auditor:
         """The frontier the newest stored head extends from, checked against its signature."""
         if head is None:
             return Frontier()
+        known = self._known_head
+        if known is not None and known[0] == head.signature:
+            return known[1].copy()
         keys, _ = self._head_keys()
         try:
             signed, _ = read_head(head.signature, keys, self._keyring.trust_domain)
@@ -221,12 +229,23 @@ class Auditor:
             ) from None
         if signed.size != head.size or frontier.root() != signed.root:
             raise LogTampered(head.size, f"the stored head of size {head.size} was altered")
+        self._known_head = (head.signature, frontier.copy())
         return frontier
 
-    def _sign_head(self, upto: int, now: float, *, force: bool = False) -> HeadRow | None:
+    def _sign_head(
+        self,
+        upto: int,
+        now: float,
+        *,
+        force: bool = False,
+        current: tuple[int, bytes] | None = None,
+    ) -> HeadRow | None:
         """Sign a head over the first ``upto`` receipts (inside the append's transaction,
         behind the log's lock); ``None`` if one covers them already or none is due yet
-        (unless ``force``)."""
+        (unless ``force``). ``current`` is the receipt being appended (seq, leaf hash).
+
+        The leaves are the ones this process wrote, from memory; the others (another
+        node's, another process's) are read back and their tags checked first."""
         last = self._store.last_head()
         if last is not None:
             self._head_size, self._head_at = last.size, max(self._head_at, last.at)
@@ -238,18 +257,17 @@ class Auditor:
                 return None
         frontier = self._frontier_of(last)
         prev = frontier.size
-        untagged = self._untagged_upto()
-        for row, tag in self._store.records_between(prev, upto):
-            if row.seq != frontier.size + 1:
-                raise LogTampered(frontier.size + 1, f"receipt {frontier.size + 1} is missing")
-            if self._sealer is not None and not (
-                (tag is None and row.seq <= untagged)
-                or self._sealer.mac_ok(RECEIPT_MAC, row.body.encode(), tag)
-            ):
-                raise LogTampered(row.seq, f"receipt {row.seq} fails its authentication")
-            frontier.append(leaf_hash(row.body.encode()))
-        if frontier.size != upto:
-            raise LogTampered(frontier.size + 1, f"receipt {frontier.size + 1} is missing")
+        known = dict(self._written)
+        if current is not None:
+            known[current[0]] = current[1]
+        missing = [seq for seq in range(prev + 1, upto + 1) if seq not in known]
+        if missing:
+            known.update(self._read_leaves(missing[0] - 1, missing[-1], set(missing)))
+        for seq in range(prev + 1, upto + 1):
+            leaf = known.get(seq)
+            if leaf is None:
+                raise LogTampered(seq, f"receipt {seq} is missing")
+            frontier.append(leaf)
         root = frontier.root().hex()
         key_row, key = self._keyring.active(JWT_USE)
         at = now
@@ -275,9 +293,27 @@ class Auditor:
         )
         self._store.add_head(head)
         self._head_size, self._head_at = upto, at
+        self._known_head = (signature, frontier.copy())
+        for seq in [s for s in self._written if s <= upto]:
+            self._written.pop(seq, None)
         if self.witness is not None:
             self._store.after_commit(lambda: self._publish(head))
         return head
+
+    def _read_leaves(self, after: int, upto: int, wanted: set[int]) -> dict[int, bytes]:
+        """Leaf hashes of the stored receipts ``wanted``, each tag checked."""
+        untagged = self._untagged_upto()
+        leaves: dict[int, bytes] = {}
+        for row, tag in self._store.records_between(after, upto):
+            if row.seq not in wanted:
+                continue
+            if self._sealer is not None and not (
+                (tag is None and row.seq <= untagged)
+                or self._sealer.mac_ok(RECEIPT_MAC, row.body.encode(), tag)
+            ):
+                raise LogTampered(row.seq, f"receipt {row.seq} fails its authentication")
+            leaves[row.seq] = leaf_hash(row.body.encode())
+        return leaves
 
     def _publish(self, head: HeadRow) -> None:
         assert self.witness is not None

@@ -302,8 +302,10 @@ class KeyRing:
             for r in self._authenticated(self._store.list_keys())
             if r.use == use and r.retired_at is None and not self._revoked_now(r)
         ]
-        if not live and self.rejected and not any(
-            self.authentic(r) for r in self._store.list_keys()
+        if (
+            not live
+            and self.rejected
+            and not any(self.authentic(r) for r in self._store.list_keys())
         ):
             raise InfrastructureError(
                 "no key row is authentic: wrong key-encryption key (it can neither unseal "
