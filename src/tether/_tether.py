@@ -92,6 +92,7 @@ class Tether:
         if trust_domain is None:
             raise UsageError("this store holds no trust domain: run 'tether init'")
         self.store = store
+        self._closed = False
         self.clock: Clock = clock or SystemClock()
         self.trust_domain = trust_domain
         self.keys = KeyRing(store, sealer, trust_domain)
@@ -266,7 +267,10 @@ class Tether:
 
     def close(self) -> None:
         """Sign a tree head over the receipts not yet covered (a clean shutdown), then
-        close the store."""
+        close the store. Closing twice is harmless."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self.audit.sign_head()
         except Exception as exc:  # a tampered log or a closed store: nothing to sign

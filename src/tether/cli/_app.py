@@ -7,10 +7,12 @@ and a non-zero exit: 1 for a refusal or failure, 2 for bad usage.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -101,8 +103,15 @@ def emit(value: dict[str, Any], as_json: bool, human: Callable[[], None] | None 
         human()
 
 
+#: The trust domains this command opened: closed by :func:`main` on the way out, which
+#: signs a tree head over the receipts the command (or server) wrote.
+_opened: weakref.WeakSet[Tether] = weakref.WeakSet()
+
+
 def _open(home: Path | None) -> Tether:
-    return Tether.open(home_dir(home))
+    tether = Tether.open(home_dir(home))
+    _opened.add(tether)
+    return tether
 
 
 # -- init, bundle, keys -----------------------------------------------------------------
@@ -1512,6 +1521,15 @@ def audit_trace(task_id: str, as_json: JsonOpt = False, home: HomeOpt = None) ->
 
 def main() -> None:
     """Entry point: one clear line on stderr for any error, never a traceback."""
+    try:
+        _run_app()
+    finally:
+        for tether in list(_opened):
+            with contextlib.suppress(Exception):  # already reported by close itself
+                tether.close()
+
+
+def _run_app() -> None:
     try:
         code = app(standalone_mode=False)
         if isinstance(code, int) and code:
