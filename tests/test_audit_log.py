@@ -415,3 +415,22 @@ def test_cli_export_verify_and_keys(tmp_path: Path) -> None:
     assert json.loads(revoked.stdout)["successor"]
     verified = cli("audit", "verify", "--json")
     assert json.loads(verified.stdout)["ok"] is True, verified.stdout
+
+
+def test_revocation_reaches_a_node_that_caches_the_key_set(log: Tether) -> None:
+    """An emergency revocation made by another node (a stolen signing key): a node whose
+    event listener is not in sync reads the key rows again at its next call."""
+    from tether.tokens import KeyRing
+
+    in_sync = [True]
+    log.keys.cached = True
+    log.keys.fresh = lambda: in_sync[0]
+    kid = log.jwks()["keys"][0]["kid"]  # now cached
+    other = KeyRing(log.store, log.keys._sealer, log.trust_domain)  # another node
+    other.revoke(kid, log.clock.now())
+    assert kid in {k["kid"] for k in log.jwks()["keys"]}  # the event has not arrived yet
+    in_sync[0] = False  # listener not in sync: the store is read on every call
+    assert kid not in {k["kid"] for k in log.jwks()["keys"]}
+    in_sync[0] = True
+    log.keys.invalidate()  # what the ``keys`` event does on every node
+    assert kid not in {k["kid"] for k in log.jwks()["keys"]}
