@@ -113,6 +113,7 @@ def test_deleted_heads_are_found(log: Tether) -> None:
     log.store.execute_unsafe("DELETE FROM audit_checkpoints")
     report = log.verify_audit()
     assert not report.ok and report.first_bad == 1
+    assert "deleted" in (report.problem or "")
     log.audit.witness = None  # even without the witness: receipts no head covers
     report = log.verify_audit(sign=False)
     assert not report.ok and report.first_bad == 1

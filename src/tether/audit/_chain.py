@@ -452,7 +452,7 @@ class Auditor:
             self._check_heads_against_log(heads, head_rows, roots, count)
             witnessed = 0
             if self.witness is not None:
-                witnessed = check_witness(self.witness.lines(), heads, keys, td)
+                witnessed = check_witness(self.witness.lines(), heads, keys, td, count)
         except Rejected as bad:
             return self._bad(count, bad.position, bad.problem, len(checkpoints))
         newest = heads[-1].size if heads else 0

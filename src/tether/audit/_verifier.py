@@ -275,10 +275,11 @@ def check_witness(
     heads: Sequence[Head],
     keys: dict[str, ec.EllipticCurvePublicKey],
     trust_domain: str,
+    records: int | None = None,
 ) -> int:
     """Every published head must be one of ``heads`` (same size, same root); returns how
     many were checked; raises :class:`Rejected` (the position after the last head both
-    agree on) otherwise."""
+    agree on) otherwise. ``records``: how many receipts the log holds, when known."""
     by_size = {h.size: h for h in heads}
     newest = heads[-1].size if heads else 0
     checked = 0
@@ -291,6 +292,12 @@ def check_witness(
         except (ValueError, KeyError, TypeError) as exc:
             raise Rejected(1, f"witness line {number} is not a signed head: {exc}") from None
         agreed = max((h.size for h in heads if h.size < published.size), default=0)
+        if published.size > newest and records is not None and published.size <= records:
+            raise Rejected(
+                agreed + 1,
+                f"the signed head of size {published.size} the witness published is gone "
+                "from the log (deleted)",
+            )
         if published.size > newest:
             raise Rejected(
                 newest + 1,
