@@ -35,7 +35,7 @@ class Sealer:
         if len(kek) != 32:
             raise UsageError("the key-encryption key must be 32 bytes")
         self._aead = AESGCM(kek)
-        self._mac_keys: dict[str, bytes] = {}
+        self._mac_keys: dict[str, hmac.HMAC] = {}
         self._mac_root = HKDF(
             algorithm=hashes.SHA256(), length=32, salt=None, info=b"tether mac root v1"
         ).derive(kek)
@@ -51,12 +51,13 @@ class Sealer:
         """HMAC-SHA256 (hex) of ``data`` under a key derived from the KEK for ``purpose``
         (each purpose its own key): whoever can write the store but not read the KEK
         can neither forge nor move a tag."""
-        key = self._mac_keys.get(purpose)
-        if key is None:
-            key = self._mac_keys[purpose] = hmac.new(
-                self._mac_root, purpose.encode(), hashlib.sha256
-            ).digest()
-        return hmac.new(key, data, hashlib.sha256).hexdigest()
+        keyed = self._mac_keys.get(purpose)
+        if keyed is None:
+            key = hmac.new(self._mac_root, purpose.encode(), hashlib.sha256).digest()
+            keyed = self._mac_keys[purpose] = hmac.new(key, digestmod=hashlib.sha256)
+        tag = keyed.copy()
+        tag.update(data)
+        return tag.hexdigest()
 
     def mac_ok(self, purpose: str, data: bytes, tag: str | None) -> bool:
         """Whether ``tag`` is :meth:`mac` of ``data`` (constant-time)."""
