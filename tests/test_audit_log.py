@@ -13,7 +13,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from tether import FrozenClock, Tether
+from tether import FrozenClock, Tether, UsageError
 from tether.audit import record_hash, verify_bundle
 from tether.core._verify import jwk_thumbprint
 from tether.tokens import new_ec_key, public_jwk
@@ -435,3 +435,38 @@ def test_revocation_reaches_a_node_that_caches_the_key_set(log: Tether) -> None:
     in_sync[0] = True
     log.keys.invalidate()  # what the ``keys`` event does on every node
     assert kid not in {k["kid"] for k in log.jwks()["keys"]}
+
+
+@pytest.mark.sqlite_only("rebuilds a store of the previous SQLite schema")
+def test_a_store_of_the_previous_schema_is_upgraded_and_adopted(tmp_path: Path) -> None:
+    """Store writer without the KEK: until the operator adopts the upgraded store, its
+    untagged key rows sign and verify nothing; after, the log verifies and is covered."""
+    import sqlite3
+
+    home = tmp_path / "home"
+    Tether.init(home, "acme.example").close()
+    db = sqlite3.connect(home / "tether.db")
+    for statement in (
+        "DROP TABLE audit_heads",
+        "DROP TABLE audit_macs",
+        "ALTER TABLE signing_keys DROP COLUMN mac",
+        "ALTER TABLE signing_keys DROP COLUMN revoked_at",
+        "UPDATE meta SET value = '1' WHERE key = 'schema_version'",
+    ):
+        db.execute(statement)
+    db.commit()
+    db.close()
+    t = Tether.open(home)
+    assert t.store.get_meta("schema_version") == "2"
+    assert all(not ok for _, ok in t.keys.all_keys())
+    assert t.jwks()["keys"] == []
+    assert not t.verify_audit(sign=False).ok
+    kids = t.keys.adopt(t.clock.now())
+    assert len(kids) == 2
+    assert t.audit.mark_untagged() == 1
+    report = t.verify_audit()
+    assert report.ok, report
+    assert report.size == _count(t)
+    with pytest.raises(UsageError):
+        t.keys.adopt(t.clock.now())
+    t.close()

@@ -379,5 +379,5 @@ class KeyRing:
             )
         for r in self.trusted(JWT_USE, now):
             keys.append({**json.loads(r.public_jwk), "kid": r.kid, "use": "jwt-svid"})
-        sequence = len(self._store.list_keys())
+        sequence = len(self._key_rows())
         return {"keys": keys, "spiffe_sequence": sequence, "spiffe_refresh_hint": REFRESH_HINT}
