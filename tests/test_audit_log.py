@@ -14,7 +14,7 @@ import jwt
 import pytest
 
 from tether import FrozenClock, Tether, UsageError
-from tether.audit import record_hash, verify_bundle
+from tether.audit import LogTampered, record_hash, verify_bundle
 from tether.core._verify import jwk_thumbprint
 from tether.tokens import new_ec_key, public_jwk
 
@@ -470,3 +470,29 @@ def test_a_store_of_the_previous_schema_is_upgraded_and_adopted(tmp_path: Path) 
     with pytest.raises(UsageError):
         t.keys.adopt(t.clock.now())
     t.close()
+
+
+def test_two_writers_share_one_tree(tmp_path: Path) -> None:
+    """Store writer without the KEK, against two nodes (or processes) appending to one
+    store: each signs heads over the other's receipts only after checking their tags."""
+    home = tmp_path / "home"
+    Tether.init(home, "acme.example").close()
+    a = Tether.open(home)
+    b = Tether.open(home)
+    a.audit.head_every = b.audit.head_every = 4
+    for i in range(20):
+        (a if i % 3 else b).register_identity(
+            f"spiffe://acme.example/agent/n{i}", kind="agent", owner="o@acme.example"
+        )
+    assert len(a.store.list_heads()) >= 5
+    assert a.verify_audit(sign=False).ok
+    # A receipt of b's, edited in the store before any head covers it: a refuses to sign.
+    b.register_identity("spiffe://acme.example/agent/late", kind="agent", owner="o@acme.example")
+    last = _count(b)
+    _rechain(b, last, {last: _body(b, last).replace("late", "evil")})
+    with pytest.raises(LogTampered, match="authentication"):
+        a.audit.sign_head()
+    report = a.verify_audit()
+    assert not report.ok and report.first_bad == last
+    a.close()
+    b.close()
