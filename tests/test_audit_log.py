@@ -280,6 +280,7 @@ def test_rollback_of_the_database_file_is_found(
     for suffix in ("-wal", "-shm"):
         (home / f"tether.db{suffix}").unlink(missing_ok=True)
     t = Tether.open(home)
+    assert "rolled back" in (t.audit.check_witness_tail() or "")  # alarmed at start
     report = t.verify_audit()
     t.store.close()
     assert not report.ok

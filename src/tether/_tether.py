@@ -222,6 +222,10 @@ class Tether:
         except BaseException:
             store.close()
             raise
+        try:
+            tether.audit.check_witness_tail()
+        except Exception as exc:  # a look only: verification is the judge
+            log.warning("witness not checked at start: %s", type(exc).__name__)
         # Leases that expired or were revoked while no Tether process ran: end them and
         # destroy what they left (a database role, say) before anything else happens.
         try:

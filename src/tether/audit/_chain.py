@@ -132,6 +132,25 @@ class Witness:
         except FileNotFoundError:
             return []
 
+    def last(self) -> dict[str, Any] | None:
+        """The newest published head (its line, parsed; unverified), read from the end."""
+        try:
+            with self.path.open("rb") as handle:
+                handle.seek(0, os.SEEK_END)
+                size = handle.tell()
+                handle.seek(max(0, size - 65536))
+                tail = handle.read().splitlines()
+        except FileNotFoundError:
+            return None
+        for raw in reversed(tail):
+            if raw.strip():
+                try:
+                    entry = json.loads(raw)
+                except ValueError:
+                    return None
+                return entry if isinstance(entry, dict) else None
+        return None
+
 
 class Auditor:
     """Appends receipts, signs and publishes tree heads, verifies the log, exports it."""
@@ -340,6 +359,31 @@ class Auditor:
         if last is None or last.seq <= self._head_size:
             return None
         return self.sign_head(force=False)
+
+    def check_witness_tail(self) -> str | None:
+        """A quick look at start: is the store behind the newest head the witness
+        published (a rollback)? Logged at error level; ``audit verify`` says where."""
+        if self.witness is None:
+            return None
+        entry = self.witness.last()
+        if entry is None:
+            return None
+        head = self._store.last_head()
+        size, root = entry.get("size"), entry.get("root")
+        if not isinstance(size, int):
+            return None
+        problem = None
+        if head is None or head.size < size:
+            problem = (
+                f"the witness {self.witness.path} published a head of {size} receipts; "
+                f"the store's newest head covers {0 if head is None else head.size}: "
+                "the store was rolled back"
+            )
+        elif head.size == size and head.root != root:
+            problem = f"the store's head of size {size} differs from the published one"
+        if problem:
+            log.error("%s (run 'tether audit verify')", problem)
+        return problem
 
     def mark_untagged(self) -> int:
         """Once, after upgrading a store whose receipts predate tags: the receipts so far
