@@ -268,6 +268,7 @@ class Auditor:
         last = self._store.last_head()
         if last is not None:
             self._head_size, self._head_at = last.size, max(self._head_at, last.at)
+            self._forget_written(last.size)
             if last.size >= upto or (
                 not force
                 and upto - last.size < self.head_every
@@ -313,11 +314,15 @@ class Auditor:
         self._store.add_head(head)
         self._head_size, self._head_at = upto, at
         self._known_head = (signature, frontier.copy())
-        for seq in [s for s in self._written if s <= upto]:
-            self._written.pop(seq, None)
+        self._forget_written(upto)
         if self.witness is not None:
             self._store.after_commit(lambda: self._publish(head))
         return head
+
+    def _forget_written(self, upto: int) -> None:
+        """Drop the leaves a head (this node's or another's) covers now."""
+        for seq in [s for s in self._written if s <= upto]:
+            self._written.pop(seq, None)
 
     def _read_leaves(self, after: int, upto: int, wanted: set[int]) -> dict[int, bytes]:
         """Leaf hashes of the stored receipts ``wanted``, each tag checked."""
