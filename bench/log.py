@@ -15,7 +15,10 @@ Measured:
   is the verifier's work, not the disk's), extrapolated linearly to 1,000,000
   (every step of the walk is per receipt: one SHA-256 for the chain, one for the leaf,
   one HMAC, amortised tree nodes);
-* the time to export a bundle of every receipt and to verify it offline.
+* the time to export a bundle of every receipt and to verify it offline;
+* with ``--store postgresql``: receipts/s with one, two and three writers appending at
+  once to one trust domain (each its own ``Tether`` and connection pool on the same
+  schema, as nodes are; threads of this process, 5 s each): the one lock's ceiling.
 
 Results: a table on stdout and JSON in bench/results/log-STORE.json.
 """
@@ -27,6 +30,7 @@ import json
 import os
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -62,7 +66,7 @@ def _append_rate(auditor: Auditor, clock: FrozenClock, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def run(store: str, verify_n: int) -> dict[str, Any]:
+def run(store: str, verify_n: int, per_round: int = PER_ROUND) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         chain_t = _tether(store, tmp, "chain")
@@ -75,8 +79,8 @@ def run(store: str, verify_n: int) -> dict[str, Any]:
         tree = tree_t.audit
         chain_rates, tree_rates = [], []
         for _ in range(ROUNDS):
-            chain_rates.append(_append_rate(chain, chain_t.clock, PER_ROUND))
-            tree_rates.append(_append_rate(tree, tree_t.clock, PER_ROUND))
+            chain_rates.append(_append_rate(chain, chain_t.clock, per_round))
+            tree_rates.append(_append_rate(tree, tree_t.clock, per_round))
         chain_med, tree_med = statistics.median(chain_rates), statistics.median(tree_rates)
         heads = len(tree_t.store.list_heads())
 
@@ -99,7 +103,7 @@ def run(store: str, verify_n: int) -> dict[str, Any]:
     return {
         "store": store,
         "rounds": ROUNDS,
-        "per_round": PER_ROUND,
+        "per_round": per_round,
         "chain_receipts_per_s_median": round(chain_med),
         "tree_receipts_per_s_median": round(tree_med),
         "tree_over_chain": round(tree_med / chain_med, 3),
@@ -112,12 +116,53 @@ def run(store: str, verify_n: int) -> dict[str, Any]:
     }
 
 
+def _write_until(i: int, node: Tether, stop: threading.Event, done: list[int]) -> None:
+    while not stop.is_set():
+        node.audit.append("decision", effect="allow", tool="fs.read", detail={"n": i})
+        done[i] += 1
+
+
+def writers(counts: list[int], seconds: float = 5.0) -> dict[str, float]:
+    """Receipts/s with ``n`` writers on one PostgreSQL trust domain, for each ``n``."""
+    from tether.store import PostgresStore  # noqa: PLC0415
+
+    result: dict[str, float] = {}
+    for n in counts:
+        first = Tether.ephemeral("acme.example", database_url=POSTGRES_URL)
+        dsn = getattr(first.store, "dsn", "")
+        sealer = first.keys._sealer  # the nodes of one trust domain share the KEK
+        nodes = [first] + [Tether(PostgresStore(dsn), sealer) for _ in range(n - 1)]
+        counts_done = [0] * n
+        stop = threading.Event()
+
+        threads = [
+            threading.Thread(target=_write_until, args=(i, t, stop, counts_done))
+            for i, t in enumerate(nodes)
+        ]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        time.sleep(seconds)
+        stop.set()
+        for thread in threads:
+            thread.join()
+        result[str(n)] = round(sum(counts_done) / (time.perf_counter() - start))
+        assert first.audit.verify(sign=False).ok
+        for t in nodes[1:]:
+            t.store.close()
+        first.store.close()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--store", choices=("memory", "file", "postgresql"), default="memory")
     parser.add_argument("--verify", type=int, default=100_000)
+    parser.add_argument("--per-round", type=int, default=PER_ROUND)
     args = parser.parse_args()
-    result = run(args.store, args.verify)
+    result: dict[str, Any] = run(args.store, args.verify, args.per_round)
+    if args.store == "postgresql":
+        result["receipts_per_s_by_writers"] = writers([1, 2, 3])
     for key, value in result.items():
         print(f"| {key} | {value} |")
     out = Path(__file__).parent / "results"
