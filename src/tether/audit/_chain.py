@@ -13,8 +13,9 @@ the store but does not hold the KEK is three things more:
   a signed tree head (STH: size, root, time, the previous head's size; an ES256 JWS
   by the trust domain's signing key) is made by the committing node at least every
   ``head_every`` receipts and every ``head_interval`` seconds (at the next append or
-  reaper run), on clean shutdown and on ``audit verify``. A head is signed only over
-  receipts whose tags check. Verifying needs only public keys
+  reaper run), on clean shutdown and on ``audit verify``. A head signs the receipts
+  its node wrote as it wrote them (kept in memory until covered), and another writer's
+  only once their tags check. Verifying needs only public keys
   (:mod:`tether.audit._verifier`, also offline over an exported bundle);
 * every head is published outside the store, appended to the witness file
   (``TETHER_WITNESS``): a whole store rolled back to an older copy disagrees with the
