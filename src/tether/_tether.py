@@ -107,15 +107,28 @@ class Tether:
         clock: Clock | None = None,
         checkpoint_every: int = 64,
         kms: KMS | None = None,
+        head_every: int | None = None,
+        head_interval: float | None = None,
+        witness: str | Path | None = None,
     ) -> None:
         trust_domain = store.get_meta("trust_domain")
         if trust_domain is None:
             raise UsageError("this store holds no trust domain: run 'tether init'")
         self.store = store
+        self._closed = False
         self.clock: Clock = clock or SystemClock()
         self.trust_domain = trust_domain
         self.keys = KeyRing(store, sealer, trust_domain)
-        self.audit = Auditor(store, self.keys, self.clock, checkpoint_every=checkpoint_every)
+        self.audit = Auditor(
+            store,
+            self.keys,
+            self.clock,
+            checkpoint_every=checkpoint_every,
+            sealer=sealer,
+            head_every=head_every,
+            head_interval=head_interval,
+            witness=witness,
+        )
         self.identities = IdentityRegistry(store, self.audit, self.clock, trust_domain)
         self.attestation = Attestor(store, self.keys, self.identities, self.audit, self.clock)
         self.policies = PolicyService(store, self.audit, self.clock)
@@ -165,7 +178,7 @@ class Tether:
             keyring = KeyRing(store, sealer, trust_domain)
             jwt_key = keyring.create(JWT_USE, clock.now())
             ca_key = keyring.create(CA_USE, clock.now())
-            Auditor(store, keyring, clock).append(
+            Auditor(store, keyring, clock, sealer=sealer).append(
                 "trust_domain.init",
                 effect="allow",
                 chain=[f"spiffe://{trust_domain}"],
@@ -237,6 +250,10 @@ class Tether:
         except BaseException:
             store.close()
             raise
+        try:
+            tether.audit.check_witness_tail()
+        except Exception as exc:  # a look only: verification is the judge
+            log.warning("witness not checked at start: %s", type(exc).__name__)
         # Leases that expired or were revoked while no Tether process ran: end them and
         # destroy what they left (a database role, say) before anything else happens.
         try:
@@ -254,6 +271,9 @@ class Tether:
         clock: Clock | None = None,
         checkpoint_every: int = 64,
         database_url: str | None = None,
+        head_every: int | None = None,
+        head_interval: float | None = None,
+        witness: str | Path | None = None,
     ) -> Tether:
         """A throwaway trust domain with a random KEK: in memory (SQLite ``:memory:``), or,
         with ``database_url``, in a fresh schema of that PostgreSQL database, dropped on
@@ -264,12 +284,29 @@ class Tether:
         sealer = Sealer(secrets.token_bytes(32))
         try:
             cls._bootstrap(store, sealer, trust_domain, clock or SystemClock())
-            return cls(store, sealer, clock=clock, checkpoint_every=checkpoint_every)
+            return cls(
+                store,
+                sealer,
+                clock=clock,
+                checkpoint_every=checkpoint_every,
+                head_every=head_every,
+                head_interval=head_interval,
+                witness=witness,
+            )
         except BaseException:
             store.close()
             raise
 
     def close(self) -> None:
+        """Sign a tree head over the receipts not yet covered (a clean shutdown), then
+        close the store. Closing twice is harmless."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.audit.sign_head()
+        except Exception as exc:  # a tampered log or a closed store: nothing to sign
+            log.error("no signed head at close: %s: %s", type(exc).__name__, exc)
         self.store.close()
 
     # -- identities ---------------------------------------------------------------------
@@ -530,6 +567,10 @@ class Tether:
     def reap(self) -> ReapReport:
         """End tasks past their TTL, then expire, revoke and clean up leases."""
         self.tasks.expire()
+        try:
+            self.audit.tick()
+        except Exception as exc:  # alarmed; the reaper's other work goes on
+            log.error("signed tree head not made: %s: %s", type(exc).__name__, exc)
         return self.broker.reap()
 
     def kill_switch(
@@ -700,5 +741,30 @@ class Tether:
     def spiffe_bundle(self) -> dict[str, Any]:
         return self.keys.spiffe_bundle(self.clock.now())
 
-    def verify_audit(self) -> VerifyReport:
-        return self.audit.verify()
+    def revoke_key(self, kid: str, *, by: str = "operator") -> dict[str, Any]:
+        """Revoke a signing key now (an emergency: it verifies nothing more, on every node
+        from its next call); a key still signing is replaced first."""
+        with self.store.transaction():
+            row, successor = self.keys.revoke(kid, self.clock.now())
+            self.audit.append(
+                "keys.revoke",
+                chain=[by],
+                effect="allow",
+                detail={"kid": kid, "use": row.use, "successor": successor and successor.kid},
+                risk_tags=list(risk_tags(Control.TRUST_DOMAIN, Control.AUDIT)),
+            )
+        return {
+            "kid": row.kid,
+            "use": row.use,
+            "revoked_at": row.revoked_at,
+            "successor": successor.kid if successor else None,
+        }
+
+    def verify_audit(self, *, sign: bool = True) -> VerifyReport:
+        """Verify the whole log (see :meth:`tether.audit.Auditor.verify`)."""
+        return self.audit.verify(sign=sign)
+
+    def export_audit(self, first: int = 1, last: int | None = None) -> dict[str, Any]:
+        """An offline-verifiable bundle of receipts ``first..last`` (see
+        :meth:`tether.audit.Auditor.export`)."""
+        return self.audit.export(first, last)

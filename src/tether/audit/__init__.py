@@ -1,5 +1,26 @@
-"""Receipts and the tamper-evident audit chain."""
+"""Receipts and the verifiable audit log: a hash chain, tagged receipts, a Merkle tree
+with signed tree heads, a witness, and offline bundles."""
 
-from tether.audit._chain import GENESIS, Auditor, VerifyReport, record_hash
+from tether.audit._chain import (
+    GENESIS,
+    WITNESS_ENV,
+    Auditor,
+    LogTampered,
+    VerifyReport,
+    Witness,
+    record_hash,
+)
+from tether.audit._verifier import Report as BundleReport
+from tether.audit._verifier import verify_bundle
 
-__all__ = ["GENESIS", "Auditor", "VerifyReport", "record_hash"]
+__all__ = [
+    "GENESIS",
+    "WITNESS_ENV",
+    "Auditor",
+    "BundleReport",
+    "LogTampered",
+    "VerifyReport",
+    "Witness",
+    "record_hash",
+    "verify_bundle",
+]

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -117,8 +118,15 @@ def emit(value: dict[str, Any], as_json: bool, human: Callable[[], None] | None 
         human()
 
 
+#: The trust domains this command opened: closed by :func:`main` on the way out, which
+#: signs a tree head over the receipts the command (or server) wrote.
+_opened: weakref.WeakSet[Tether] = weakref.WeakSet()
+
+
 def _open(home: Path | None) -> Tether:
-    return Tether.open(home_dir(home))
+    tether = Tether.open(home_dir(home))
+    _opened.add(tether)
+    return tether
 
 
 # -- init, bundle, keys -----------------------------------------------------------------
@@ -209,6 +217,78 @@ def keys_rotate(
         raise UsageError("--use must be jwt-svid or x509-ca")
     kid = _open(home).rotate_keys(use)
     emit({"use": use, "kid": kid}, as_json, lambda: out.print(f"[green]✓[/] new {use} key {kid}"))
+
+
+@keys_app.command("list")
+def keys_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Every signing key row: its use, state, and whether it is authentic (a row that fails
+    authentication under the KEK is ignored for signing and verifying)."""
+    tether = _open(home)
+    from tether.tokens._keys import key_status  # noqa: PLC0415
+
+    now = tether.clock.now()
+    keys = [
+        {
+            "kid": row.kid,
+            "use": row.use,
+            "status": key_status(row, now) if ok else "unauthenticated (ignored)",
+            "authentic": ok,
+            "problem": None if ok else tether.keys.rejected.get(row.kid),
+            "created_at": row.created_at,
+            "retired_at": row.retired_at,
+            "verify_until": row.verify_until,
+            "revoked_at": row.revoked_at,
+        }
+        for row, ok in tether.keys.all_keys()
+    ]
+
+    def human() -> None:
+        table = Table("kid", "use", "status", "problem")
+        for k in keys:
+            style = "" if k["authentic"] else "[red]"
+            table.add_row(
+                str(k["kid"]), str(k["use"]), f"{style}{k['status']}", str(k["problem"] or "")
+            )
+        out.print(table)
+
+    emit({"keys": keys}, as_json, human)
+    if any(not k["authentic"] for k in keys):
+        raise typer.Exit(1)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    kid: str,
+    now: Annotated[bool, typer.Option("--now", help="revoke at once (an emergency)")] = False,
+    by: Annotated[str, typer.Option("--by", help="who revokes (email)")] = "operator",
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Revoke a signing key at once: nothing it signed verifies any more, on every node
+    from its next call (a key still signing is replaced first)."""
+    if not now:
+        raise UsageError("revocation is immediate: pass --now (or 'tether keys rotate')")
+    result = _open(home).revoke_key(kid, by=by)
+    emit(
+        result,
+        as_json,
+        lambda: out.print(
+            f"[green]✓[/] {kid} revoked"
+            + (f"; new {result['use']} key {result['successor']}" if result["successor"] else "")
+        ),
+    )
+
+
+@keys_app.command("adopt")
+def keys_adopt(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Once, after upgrading a store made before keys and receipts were authenticated:
+    tag its key rows and accept its receipts so far (run it before anyone else can have
+    written the store)."""
+    tether = _open(home)
+    kids = tether.keys.adopt(tether.clock.now())
+    upto = tether.audit.mark_untagged()
+    result = {"adopted": kids, "untagged_receipts": upto}
+    emit(result, as_json, lambda: out.print(f"[green]✓[/] adopted {len(kids)} keys"))
 
 
 @app.command()
@@ -1164,13 +1244,37 @@ def approval_deny(
 
 # -- audit ------------------------------------------------------------------------------
 @audit_app.command("verify")
-def audit_verify(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
-    """Verify the receipt chain and its signed checkpoints."""
+def audit_verify(
+    bundle_file: Annotated[
+        Path | None,
+        typer.Option("--bundle", help="verify an exported bundle offline (no database)"),
+    ] = None,
+    trust: Annotated[
+        Path | None,
+        typer.Option("--trust", help="with --bundle: JWKS or SPIFFE bundle of trusted keys"),
+    ] = None,
+    witness: Annotated[
+        Path | None,
+        typer.Option("--witness", help="with --bundle: witness file (default $TETHER_WITNESS)"),
+    ] = None,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Verify the log: the chain, receipt tags, checkpoints, signed tree heads and the
+    witness (then sign a head over what is not yet covered); or, with --bundle, an
+    exported bundle with no database."""
+    if bundle_file is not None:
+        _verify_bundle(bundle_file, trust, witness, as_json)
+        return
     report = _open(home).verify_audit()
     result = {
         "ok": report.ok,
         "records": report.records,
         "checkpoints": report.checkpoints,
+        "heads": report.heads,
+        "witnessed": report.witnessed,
+        "size": report.size,
+        "root": report.root,
         "first_bad": report.first_bad,
         "problem": report.problem,
     }
@@ -1178,13 +1282,91 @@ def audit_verify(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
         result,
         as_json,
         lambda: out.print(
-            f"[green]✓[/] {report.records} receipts, {report.checkpoints} checkpoints verified"
+            f"[green]✓[/] {report.records} receipts, {report.checkpoints} checkpoints, "
+            f"{report.heads} signed heads, {report.witnessed} witnessed heads verified"
             if report.ok
             else f"[red]✗[/] position {report.first_bad}: {report.problem}"
         ),
     )
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _verify_bundle(
+    bundle_file: Path, trust: Path | None, witness: Path | None, as_json: bool
+) -> None:
+    from tether.audit._chain import WITNESS_ENV  # noqa: PLC0415
+    from tether.audit._verifier import loads, verify_bundle  # noqa: PLC0415
+
+    def read_json(path: Path) -> Any:
+        try:
+            return loads(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read {path}: {exc}") from None
+
+    bundle = read_json(bundle_file)
+    trusted = read_json(trust) if trust is not None else None
+    where = witness or (Path(os.environ[WITNESS_ENV]) if os.environ.get(WITNESS_ENV) else None)
+    lines = None
+    if where is not None:
+        try:
+            lines = where.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise UsageError(f"cannot read the witness {where}: {exc}") from None
+    if not isinstance(bundle, dict) or (trusted is not None and not isinstance(trusted, dict)):
+        raise UsageError("a bundle and a trust file are JSON objects")
+    report = verify_bundle(bundle, trust=trusted, witness=lines)
+    result = dict(report.__dict__)
+    result["trusted_keys"] = "given" if trusted is not None else "the bundle's own"
+    emit(
+        result,
+        as_json,
+        lambda: out.print(
+            f"[green]✓[/] {report.records} receipts under a signed head of {report.size} "
+            f"({report.heads} heads, keys: {result['trusted_keys']})"
+            if report.ok
+            else f"[red]✗[/] position {report.first_bad}: {report.problem}"
+        ),
+    )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@audit_app.command("export")
+def audit_export(
+    out_file: Annotated[Path, typer.Argument(help="the bundle file to write (JSON)")],
+    first: Annotated[int, typer.Option("--from", help="first receipt position")] = 1,
+    last: Annotated[
+        int | None, typer.Option("--to", help="last receipt position (default: newest)")
+    ] = None,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Write an offline-verifiable bundle: receipts, inclusion proofs, signed heads with
+    consistency proofs, public keys (check it with 'tether audit verify --bundle')."""
+    bundle = _open(home).export_audit(first, last)
+    out_file.write_text(json.dumps(bundle, sort_keys=True) + "\n", encoding="utf-8")
+    result = {
+        "file": str(out_file),
+        "from": bundle["from"],
+        "to": bundle["to"],
+        "heads": len(bundle["heads"]),
+    }
+    emit(
+        result,
+        as_json,
+        lambda: out.print(
+            f"[green]✓[/] receipts {result['from']}..{result['to']} written to {out_file}"
+        ),
+    )
+
+
+@audit_app.command("head")
+def audit_head(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Sign a tree head over every receipt now (and publish it to the witness)."""
+    head = _open(home).audit.sign_head()
+    result = {"size": head.size if head else None, "root": head.root if head else None}
+    emit(result, as_json, lambda: out.print(f"signed head at {result['size']}"))
 
 
 @audit_app.command("tail")
@@ -1594,6 +1776,15 @@ def audit_trace(task_id: str, as_json: JsonOpt = False, home: HomeOpt = None) ->
 
 def main() -> None:
     """Entry point: one clear line on stderr for any error, never a traceback."""
+    try:
+        _run_app()
+    finally:
+        for tether in list(_opened):
+            with contextlib.suppress(Exception):  # already reported by close itself
+                tether.close()
+
+
+def _run_app() -> None:
     try:
         code = app(standalone_mode=False)
         if isinstance(code, int) and code:

@@ -78,6 +78,7 @@ class Node:
         self.schema = self._current_schema()
         self.tether.enforcement.attach_memory(self.memory)
         self.tether.keys.cached = True
+        self.tether.keys.fresh = self.memory.in_sync
         self.tether.vault.follow_events = True
         self.resync()
         for target, label in ((self._listen, "listen"), (self._resync_loop, "resync")):

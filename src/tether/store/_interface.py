@@ -25,6 +25,11 @@ class KeyRow(msgspec.Struct, frozen=True):
     created_at: float
     retired_at: float | None = None
     verify_until: float | None = None
+    #: Revoked: verifies nothing from this moment on (``tether keys revoke --now``).
+    revoked_at: float | None = None
+    #: HMAC of the row's public half and metadata under a key derived from the KEK
+    #: (:meth:`tether.tokens.KeyRing.authenticate`); a row without a valid one is ignored.
+    mac: str | None = None
 
 
 class IdentityRow(msgspec.Struct, frozen=True):
@@ -102,6 +107,21 @@ class RecordRow(msgspec.Struct, frozen=True):
     prev_hash: str
     hash: str
     body: str
+    created_at: float
+
+
+class HeadRow(msgspec.Struct, frozen=True):
+    """A signed tree head: the Merkle root of the first ``size`` receipts, signed (a JWS)
+    at ``at``; ``prev`` is the size of the head before it; ``frontier`` (JSON list of hex
+    hashes) lets the next head extend the tree without reading every receipt."""
+
+    size: int
+    root: str
+    at: float
+    prev: int
+    kid: str
+    signature: str
+    frontier: str
     created_at: float
 
 
@@ -201,7 +221,9 @@ class Store(Protocol):
 
     def add_key(self, row: KeyRow) -> None: ...
     def list_keys(self) -> list[KeyRow]: ...
-    def retire_key(self, kid: str, retired_at: float, verify_until: float) -> None: ...
+    def update_key(self, row: KeyRow) -> None:
+        """Replace the key's state: ``retired_at``, ``verify_until``, ``revoked_at``, ``mac``."""
+        ...
 
     def add_identity(self, row: IdentityRow) -> None: ...
     def get_identity(self, spiffe_id: str) -> IdentityRow | None: ...
@@ -332,7 +354,27 @@ class Store(Protocol):
         """(live leases past their expiry, closed leases whose cleanup is pending)."""
         ...
 
-    def insert_record(self, row: RecordRow) -> None: ...
+    def insert_record(self, row: RecordRow, mac: str | None = None) -> None:
+        """Append a receipt and its authentication tag (a KEK-derived HMAC of its body)."""
+        ...
+
+    def records_between(
+        self, after: int, upto: int | None = None
+    ) -> list[tuple[RecordRow, str | None]]:
+        """Receipts with ``after < seq <= upto`` (all after ``after`` without ``upto``), in
+        order, each with its tag (``None``: it has none)."""
+        ...
+
+    def iter_record_macs(self) -> Iterator[tuple[int, str]]:
+        """(seq, tag) of every receipt that has one, in order."""
+        ...
+
+    def add_head(self, row: HeadRow) -> None: ...
+    def last_head(self) -> HeadRow | None: ...
+    def list_heads(self, upto: int | None = None) -> list[HeadRow]:
+        """Signed tree heads in size order (of at most ``upto`` receipts when given)."""
+        ...
+
     def last_record(self) -> RecordRow | None: ...
     def get_record(self, seq: int) -> RecordRow | None: ...
     def iter_records(self) -> Iterator[RecordRow]: ...

@@ -61,6 +61,7 @@ from tether.store._interface import (
     CheckpointRow,
     ConsoleSessionRow,
     CredentialRow,
+    HeadRow,
     IdentityRow,
     IdentitySummaryRow,
     KeyRow,
@@ -75,7 +76,10 @@ from tether.store._interface import (
 #: First key of the audit chain's advisory lock (the second is the schema's hash).
 CHAIN_LOCK_CLASS = 0x54455448  # "TETH"
 
-_KEY_COLS = "kid, use, sealed, public_jwk, cert_pem, created_at, retired_at, verify_until"
+_KEY_COLS = (
+    "kid, use, sealed, public_jwk, cert_pem, created_at, retired_at, verify_until, revoked_at, mac"
+)
+_HEAD_COLS = "size, root, at, prev, kid, signature, frontier, created_at"
 _IDENTITY_COLS = "spiffe_id, kind, owner, description, status, created_at, disabled_at"
 _TASK_COLS = (
     "task_id, agent_id, parent_task_id, template, intent_json, intent_digest, jkt, token_id, "
@@ -446,7 +450,8 @@ class PostgresStore:
     # -- keys -----------------------------------------------------------------------
     def add_key(self, row: KeyRow) -> None:
         self._run(
-            f"INSERT INTO signing_keys ({_KEY_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            f"INSERT INTO signing_keys ({_KEY_COLS}) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 row.kid,
                 row.use,
@@ -456,6 +461,8 @@ class PostgresStore:
                 row.created_at,
                 row.retired_at,
                 row.verify_until,
+                row.revoked_at,
+                row.mac,
             ),
         )
 
@@ -465,10 +472,11 @@ class PostgresStore:
             for r in self._all(f"SELECT {_KEY_COLS} FROM signing_keys ORDER BY created_at, ord")
         ]
 
-    def retire_key(self, kid: str, retired_at: float, verify_until: float) -> None:
+    def update_key(self, row: KeyRow) -> None:
         self._run(
-            "UPDATE signing_keys SET retired_at = %s, verify_until = %s WHERE kid = %s",
-            (retired_at, verify_until, kid),
+            "UPDATE signing_keys SET retired_at = %s, verify_until = %s, revoked_at = %s, "
+            "mac = %s WHERE kid = %s",
+            (row.retired_at, row.verify_until, row.revoked_at, row.mac, row.kid),
         )
 
     # -- identities -------------------------------------------------------------------
@@ -877,11 +885,61 @@ class PostgresStore:
         return self._run("DELETE FROM proofs WHERE expires_at < %s", (before,))
 
     # -- audit ------------------------------------------------------------------------
-    def insert_record(self, row: RecordRow) -> None:
+    def insert_record(self, row: RecordRow, mac: str | None = None) -> None:
+        if mac is None:
+            self._run(
+                f"INSERT INTO audit_records ({_RECORD_COLS}) VALUES (%s, %s, %s, %s, %s)",
+                (row.seq, row.prev_hash, row.hash, row.body, row.created_at),
+            )
+            return
+        # One round trip for the receipt and its tag (the chain's lock is held meanwhile).
         self._run(
-            f"INSERT INTO audit_records ({_RECORD_COLS}) VALUES (%s, %s, %s, %s, %s)",
-            (row.seq, row.prev_hash, row.hash, row.body, row.created_at),
+            f"WITH r AS (INSERT INTO audit_records ({_RECORD_COLS}) "
+            "VALUES (%s, %s, %s, %s, %s) RETURNING seq) "
+            "INSERT INTO audit_macs (seq, mac) SELECT seq, %s FROM r",
+            (row.seq, row.prev_hash, row.hash, row.body, row.created_at, mac),
         )
+
+    def records_between(
+        self, after: int, upto: int | None = None
+    ) -> list[tuple[RecordRow, str | None]]:
+        rows = self._all(
+            "SELECT r.seq, r.prev_hash, r.hash, r.body, r.created_at, m.mac "
+            "FROM audit_records r LEFT JOIN audit_macs m ON m.seq = r.seq "
+            "WHERE r.seq > %s AND r.seq <= %s ORDER BY r.seq",
+            (after, upto if upto is not None else 2**62),
+        )
+        return [(RecordRow(*r[:5]), r[5]) for r in rows]
+
+    def iter_record_macs(self) -> Iterator[tuple[int, str]]:
+        for seq, mac in self._all("SELECT seq, mac FROM audit_macs ORDER BY seq"):
+            yield int(seq), str(mac)
+
+    def add_head(self, row: HeadRow) -> None:
+        self._run(
+            f"INSERT INTO audit_heads ({_HEAD_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                row.size,
+                row.root,
+                row.at,
+                row.prev,
+                row.kid,
+                row.signature,
+                row.frontier,
+                row.created_at,
+            ),
+        )
+
+    def last_head(self) -> HeadRow | None:
+        row = self._one(f"SELECT {_HEAD_COLS} FROM audit_heads ORDER BY size DESC LIMIT 1")
+        return None if row is None else HeadRow(*row)
+
+    def list_heads(self, upto: int | None = None) -> list[HeadRow]:
+        rows = self._all(
+            f"SELECT {_HEAD_COLS} FROM audit_heads WHERE size <= %s ORDER BY size",
+            (upto if upto is not None else 2**62,),
+        )
+        return [HeadRow(*r) for r in rows]
 
     def last_record(self) -> RecordRow | None:
         if self._tx.conn is not None:

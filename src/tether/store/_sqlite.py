@@ -1,5 +1,9 @@
 """The embedded store: SQLite in WAL mode, one file under the Tether home."""
 
+# Queries are built from this module's column lists and fixed fragments only; every value
+# is a bound parameter.
+# ruff: noqa: S608
+
 from __future__ import annotations
 
 import json
@@ -18,6 +22,7 @@ from tether.store._interface import (
     CheckpointRow,
     ConsoleSessionRow,
     CredentialRow,
+    HeadRow,
     IdentityRow,
     IdentitySummaryRow,
     KeyRow,
@@ -28,14 +33,20 @@ from tether.store._interface import (
     SecretVersionRow,
     TaskRow,
 )
+from tether.store.migrations.sqlite import v2_verifiable_log
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+_KEY_COLS = (
+    "kid, use, sealed, public_jwk, cert_pem, created_at, retired_at, verify_until, revoked_at, mac"
+)
+_HEAD_COLS = "size, root, at, prev, kid, signature, frontier, created_at"
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS signing_keys (
   kid TEXT PRIMARY KEY, use TEXT NOT NULL, sealed BLOB NOT NULL, public_jwk TEXT NOT NULL,
-  cert_pem TEXT, created_at REAL NOT NULL, retired_at REAL, verify_until REAL);
+  cert_pem TEXT, created_at REAL NOT NULL, retired_at REAL, verify_until REAL,
+  revoked_at REAL, mac TEXT);
 CREATE TABLE IF NOT EXISTS identities (
   spiffe_id TEXT PRIMARY KEY, kind TEXT NOT NULL, owner TEXT NOT NULL, description TEXT NOT NULL,
   status TEXT NOT NULL, created_at REAL NOT NULL, disabled_at REAL);
@@ -94,6 +105,10 @@ CREATE TABLE IF NOT EXISTS audit_records (
   created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS audit_checkpoints (
   seq INTEGER PRIMARY KEY, hash TEXT NOT NULL, signature TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS audit_macs (seq INTEGER PRIMARY KEY, mac TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS audit_heads (
+  size INTEGER PRIMARY KEY, root TEXT NOT NULL, at REAL NOT NULL, prev INTEGER NOT NULL,
+  kid TEXT NOT NULL, signature TEXT NOT NULL, frontier TEXT NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS accepted_risks (
   risk_id TEXT PRIMARY KEY, title TEXT NOT NULL, risk_tag TEXT NOT NULL, scope TEXT NOT NULL,
   justification TEXT NOT NULL, recorded_by TEXT NOT NULL, approver TEXT NOT NULL,
@@ -141,8 +156,23 @@ class SQLiteStore:
         self._lock = threading.RLock()
         self._depth = 0
         self._after_commit: list[Callable[[], object]] = []
-        if self.get_meta("schema_version") is None:
+        version = self.get_meta("schema_version")
+        if version is None:  # new: its tables were made at the newest version
             self.set_meta("schema_version", SCHEMA_VERSION)
+        elif version != SCHEMA_VERSION:
+            self._migrate(version)
+
+    def _migrate(self, version: str) -> None:
+        """Bring a store made by an older Tether to :data:`SCHEMA_VERSION`."""
+        steps = {"2": v2_verifiable_log}
+        with self.transaction():
+            for target in range(int(version) + 1, int(SCHEMA_VERSION) + 1):
+                step = steps.get(str(target))
+                if step is None:
+                    raise InfrastructureError(f"no migration to schema version {target}")
+                for statement in step.STATEMENTS:
+                    self._run(statement)
+                self.set_meta("schema_version", step.VERSION)
 
     # -- plumbing -----------------------------------------------------------------
     @contextmanager
@@ -233,7 +263,7 @@ class SQLiteStore:
     # -- keys -----------------------------------------------------------------------
     def add_key(self, row: KeyRow) -> None:
         self._run(
-            "INSERT INTO signing_keys VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO signing_keys ({_KEY_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row.kid,
                 row.use,
@@ -243,16 +273,22 @@ class SQLiteStore:
                 row.created_at,
                 row.retired_at,
                 row.verify_until,
+                row.revoked_at,
+                row.mac,
             ),
         )
 
     def list_keys(self) -> list[KeyRow]:
-        return [KeyRow(*r) for r in self._all("SELECT * FROM signing_keys ORDER BY created_at")]
+        return [
+            KeyRow(*r)
+            for r in self._all(f"SELECT {_KEY_COLS} FROM signing_keys ORDER BY created_at, rowid")
+        ]
 
-    def retire_key(self, kid: str, retired_at: float, verify_until: float) -> None:
+    def update_key(self, row: KeyRow) -> None:
         self._run(
-            "UPDATE signing_keys SET retired_at = ?, verify_until = ? WHERE kid = ?",
-            (retired_at, verify_until, kid),
+            "UPDATE signing_keys SET retired_at = ?, verify_until = ?, revoked_at = ?, mac = ? "
+            "WHERE kid = ?",
+            (row.retired_at, row.verify_until, row.revoked_at, row.mac, row.kid),
         )
 
     # -- identities -------------------------------------------------------------------
@@ -624,11 +660,56 @@ class SQLiteStore:
         return self._run("DELETE FROM proofs WHERE expires_at < ?", (before,)).rowcount
 
     # -- audit ------------------------------------------------------------------------
-    def insert_record(self, row: RecordRow) -> None:
+    def insert_record(self, row: RecordRow, mac: str | None = None) -> None:
         self._run(
             "INSERT INTO audit_records VALUES (?, ?, ?, ?, ?)",
             (row.seq, row.prev_hash, row.hash, row.body, row.created_at),
         )
+        if mac is not None:
+            self._run("INSERT INTO audit_macs VALUES (?, ?)", (row.seq, mac))
+
+    def records_between(
+        self, after: int, upto: int | None = None
+    ) -> list[tuple[RecordRow, str | None]]:
+        rows = self._all(
+            "SELECT r.seq, r.prev_hash, r.hash, r.body, r.created_at, m.mac "
+            "FROM audit_records r LEFT JOIN audit_macs m ON m.seq = r.seq "
+            "WHERE r.seq > ? AND r.seq <= ? ORDER BY r.seq",
+            (after, upto if upto is not None else 2**62),
+        )
+        return [(RecordRow(*r[:5]), r[5]) for r in rows]
+
+    def iter_record_macs(self) -> Iterator[tuple[int, str]]:
+        with self._lock:
+            rows = self._db.execute("SELECT seq, mac FROM audit_macs ORDER BY seq").fetchall()
+        for seq, mac in rows:
+            yield int(seq), str(mac)
+
+    def add_head(self, row: HeadRow) -> None:
+        self._run(
+            f"INSERT INTO audit_heads ({_HEAD_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.size,
+                row.root,
+                row.at,
+                row.prev,
+                row.kid,
+                row.signature,
+                row.frontier,
+                row.created_at,
+            ),
+        )
+
+    def last_head(self) -> HeadRow | None:
+        row = self._one(f"SELECT {_HEAD_COLS} FROM audit_heads ORDER BY size DESC LIMIT 1")
+        return None if row is None else HeadRow(*row)
+
+    def list_heads(self, upto: int | None = None) -> list[HeadRow]:
+        rows = self._all(
+            f"SELECT {_HEAD_COLS} FROM audit_heads WHERE size <= ? ORDER BY size",
+            (upto if upto is not None else 2**62,),
+        )
+        return [HeadRow(*r) for r in rows]
 
     def last_record(self) -> RecordRow | None:
         row = self._one("SELECT * FROM audit_records ORDER BY seq DESC LIMIT 1")

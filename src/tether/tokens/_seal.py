@@ -8,13 +8,17 @@ so a blob cannot be swapped onto another key's row.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from tether._errors import InfrastructureError, UsageError
 from tether.core._canonical import b64url, b64url_decode
@@ -31,6 +35,10 @@ class Sealer:
         if len(kek) != 32:
             raise UsageError("the key-encryption key must be 32 bytes")
         self._aead = AESGCM(kek)
+        self._mac_keys: dict[str, hmac.HMAC] = {}
+        self._mac_root = HKDF(
+            algorithm=hashes.SHA256(), length=32, salt=None, info=b"tether mac root v1"
+        ).derive(kek)
 
     def __repr__(self) -> str:
         return "Sealer(<kek hidden>)"
@@ -38,6 +46,22 @@ class Sealer:
     def seal(self, plaintext: bytes, *, context: str) -> bytes:
         nonce = secrets.token_bytes(12)
         return _MAGIC + nonce + self._aead.encrypt(nonce, plaintext, context.encode())
+
+    def mac(self, purpose: str, data: bytes) -> str:
+        """HMAC-SHA256 (hex) of ``data`` under a key derived from the KEK for ``purpose``
+        (each purpose its own key): whoever can write the store but not read the KEK
+        can neither forge nor move a tag."""
+        keyed = self._mac_keys.get(purpose)
+        if keyed is None:
+            key = hmac.new(self._mac_root, purpose.encode(), hashlib.sha256).digest()
+            keyed = self._mac_keys[purpose] = hmac.new(key, digestmod=hashlib.sha256)
+        tag = keyed.copy()
+        tag.update(data)
+        return tag.hexdigest()
+
+    def mac_ok(self, purpose: str, data: bytes, tag: str | None) -> bool:
+        """Whether ``tag`` is :meth:`mac` of ``data`` (constant-time)."""
+        return tag is not None and hmac.compare_digest(self.mac(purpose, data), tag)
 
     def unseal(self, blob: bytes, *, context: str) -> bytes:
         if not blob.startswith(_MAGIC) or len(blob) < len(_MAGIC) + 12 + 16:
