@@ -31,7 +31,6 @@ in one pass per stage; otherwise each string is scanned on its own to say where.
 from __future__ import annotations
 
 import math
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -269,22 +268,25 @@ def _literal(value: str) -> str:
     return "".join(c if c.isalnum() and c.isascii() else f"\\x{{{ord(c):x}}}" for c in value)
 
 
-_LAST_KNOWN: tuple[tuple[Known, ...], _KnownValues] = ((), _KnownValues(()))
-_LAST_LOCK = threading.Lock()
+class _LastKnown:
+    """The brokered values last looked for, ready to be found: built again only when they
+    change (the broker hands out the same values, as the same objects, call after call,
+    so comparing them is a pass over pointers)."""
+
+    def __init__(self) -> None:
+        self._entry: tuple[tuple[Known, ...], _KnownValues] = ((), _KnownValues(()))
+
+    def get(self, known: Iterable[Known]) -> _KnownValues:
+        items = known if isinstance(known, tuple) else tuple(known)
+        entry = self._entry
+        if items == entry[0]:
+            return entry[1]
+        built = _KnownValues(items)
+        self._entry = (items, built)  # one assignment: a concurrent reader sees old or new
+        return built
 
 
-def _known_values(known: Iterable[Known]) -> _KnownValues:
-    """The brokered values ready to be found, built again only when they change (the
-    broker hands out the same values, as the same objects, call after call)."""
-    global _LAST_KNOWN
-    items = known if isinstance(known, tuple) else tuple(known)
-    last = _LAST_KNOWN
-    if items == last[0]:
-        return last[1]
-    built = _KnownValues(items)
-    with _LAST_LOCK:
-        _LAST_KNOWN = (items, built)
-    return built
+_known_values = _LastKnown().get
 
 
 class CredentialScanner:
@@ -309,9 +311,7 @@ class CredentialScanner:
             return "high_entropy", None
         return None
 
-    def redact(
-        self, text: str, found: Counter[str], deadline: Deadline | None = None
-    ) -> str:
+    def redact(self, text: str, found: Counter[str], deadline: Deadline | None = None) -> str:
         """``text`` with every credential replaced by ``[REDACTED:<kind>]``."""
         if len(text) < MIN_CANDIDATE_LENGTH:
             return text
@@ -366,7 +366,11 @@ def redact_value(
 
 
 def _redact(
-    value: Any, counts: Counter[str], depth: int, scanner: CredentialScanner, deadline: Deadline | None
+    value: Any,
+    counts: Counter[str],
+    depth: int,
+    scanner: CredentialScanner,
+    deadline: Deadline | None,
 ) -> Any:
     if depth > MAX_DEPTH:
         return "[REDACTED:too_deep]"
