@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test browser lint bench bench-nodes bench-http bench-gateway bench-agentdojo agentdojo-runs clean
+.PHONY: demo test browser lint bench bench-nodes bench-http bench-gateway bench-scan bench-agentdojo agentdojo-runs clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,9 @@ bench-http: $(STAMP)
 
 bench-gateway: $(STAMP)
 	$(BIN)/python bench/gateway.py
+
+bench-scan: $(STAMP)
+	$(BIN)/python bench/scan.py
 
 # AgentDojo replay: its own virtual environment, so the benchmark's dependencies
 # never touch the pinned one above.
