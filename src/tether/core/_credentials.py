@@ -83,16 +83,22 @@ class Format:
 
     @property
     def pattern(self) -> LinearPattern:
-        return _compiled(self.source)
+        """The pattern with its groups (for redaction)."""
+        return _compiled(self.source, capture=True)
+
+    @property
+    def detector(self) -> LinearPattern:
+        """The pattern without groups (for detection: faster on a long match)."""
+        return _compiled(self.source, capture=False)
 
 
-_COMPILED: dict[str, LinearPattern] = {}
+_COMPILED: dict[tuple[str, bool], LinearPattern] = {}
 
 
-def _compiled(source: str) -> LinearPattern:
-    pattern = _COMPILED.get(source)
+def _compiled(source: str, *, capture: bool) -> LinearPattern:
+    pattern = _COMPILED.get((source, capture))
     if pattern is None:
-        pattern = _COMPILED[source] = linear(source)
+        pattern = _COMPILED[(source, capture)] = linear(source, capture=capture)
     return pattern
 
 
@@ -123,7 +129,9 @@ FORMATS: tuple[Format, ...] = (
         r"(?i)\baws_?secret_?access_?key\b" + _S + r"*[:=]" + _S + r"*[\"']?([A-Za-z0-9/+=]{40})",
         _group("aws_secret_key", 1),
     ),
-    Format("api_key", r"\bsk-(?:[A-Za-z0-9]+-)*[A-Za-z0-9_-]{16,}", _whole("api_key")),
+    # ``sk-`` and a run of 16 or more key characters (``sk-proj-...`` included: a match
+    # always ends where the run does, so no inner repetition is needed).
+    Format("api_key", r"\bsk-[A-Za-z0-9_-]{16,}", _whole("api_key")),
     Format(
         "github_token",
         r"\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{22,})",
@@ -148,9 +156,9 @@ FORMATS: tuple[Format, ...] = (
 
 #: Every format in one pattern: one pass tells whether any format occurs (which one is
 #: asked of the formats one by one, for the rare string where one does).
-_ANY_FORMAT = linear("|".join(f"(?:{f.source})" for f in FORMATS))
+_ANY_FORMAT = linear("|".join(f"(?:{f.source})" for f in FORMATS), capture=False)
 
-_ENTROPY_RUN = linear(r"[A-Za-z0-9+/_-]{" + str(ENTROPY_MIN_LENGTH) + r",}={0,2}")
+_ENTROPY_RUN = linear(r"[A-Za-z0-9+/_-]{" + str(ENTROPY_MIN_LENGTH) + r",}={0,2}", capture=False)
 
 #: Member names that say they hold a credential: the whole name, or its last part after
 #: ``_`` or ``-`` (``client_secret``, ``x_api_key``, ``db-password``), in any case.
@@ -238,7 +246,7 @@ class _KnownValues:
         self.values: tuple[str, ...] = tuple(self._labels)
         self._pattern: LinearPattern | None = None
         if len(self.values) > KNOWN_ONE_BY_ONE:
-            self._pattern = linear("|".join(_literal(v) for v in self.values))
+            self._pattern = linear("|".join(_literal(v) for v in self.values), capture=False)
 
     def first(self, text: str) -> str | None:
         """The label of a brokered value ``text`` holds, or ``None``."""
@@ -305,7 +313,7 @@ class CredentialScanner:
             return "brokered", label
         if _ANY_FORMAT.search(text) is not None:
             for fmt in FORMATS:
-                if fmt.pattern.search(text) is not None:
+                if fmt.detector.search(text) is not None:
                     return fmt.kind, None
         if len(text) >= ENTROPY_MIN_LENGTH and _has_random_run(text):
             return "high_entropy", None

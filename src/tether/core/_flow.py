@@ -195,7 +195,7 @@ class Finding(msgspec.Struct, frozen=True):
 # -- values ---------------------------------------------------------------------------------
 
 # Linear-time patterns (RE2): results and arguments are attacker text.
-_EMAIL = linear(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+_EMAIL = linear(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+", capture=False)
 _LINK = rf"[^{SPACE}<>\"'()]"
 _URL = linear(
     rf"(?:https?://{_LINK}+)"
@@ -203,8 +203,9 @@ _URL = linear(
     r"|(?:\b[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.(?:com|org|net|io|dev|ai|co|info|biz|app|xyz|gov|edu"
     rf"|uk|de|fr|eu|ch|us)\b(?:/{_LINK}*)?)",
     ignore_case=True,
+    capture=False,
 )
-_IBAN = linear(rf"\b[A-Z]{{2}}[0-9]{{2}}(?:[{SPACE}]?[A-Z0-9]){{8,30}}\b")
+_IBAN = linear(rf"\b[A-Z]{{2}}[0-9]{{2}}(?:[{SPACE}]?[A-Z0-9]){{8,30}}\b", capture=False)
 _TRAILING = ".,;:!?)]}'\""
 
 
