@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test browser lint bench bench-nodes bench-http bench-gateway bench-agentdojo test-agentdojo clean
+.PHONY: demo test browser lint bench bench-nodes bench-http bench-gateway bench-scan bench-agentdojo test-agentdojo clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,9 @@ bench-http: $(STAMP)
 
 bench-gateway: $(STAMP)
 	$(BIN)/python bench/gateway.py
+
+bench-scan: $(STAMP)
+	$(BIN)/python bench/scan.py
 
 # AgentDojo replay: its own virtual environment. Tether's pinned set first (the same as
 # .venv's), then the benchmark's packages on top without their dependencies, so Tether's

@@ -26,6 +26,7 @@ from tether.core._flow import FlowPolicy, ToolProfile
 from tether.core._intent import Intent
 from tether.core._policy import PolicySnapshot
 from tether.core._risk import Control, risk_tags
+from tether.core._scanning import ScanLimits
 from tether.core._spiffe_id import parse_trust_domain
 from tether.core._verify import result_digest
 from tether.enforcement import Enforcement, Observation, ObservationRefused, Receipt
@@ -446,6 +447,7 @@ class Tether:
         verified: Verified | None = None,
         profile: ToolProfile | None = None,
         flow_policy: FlowPolicy | None = None,
+        limits: ScanLimits | None = None,
     ) -> Receipt:
         """Decide one call and leave its receipt, through the one enforcement pipeline
         (:class:`tether.enforcement.Enforcement`).
@@ -466,6 +468,7 @@ class Tether:
             verified=verified,
             profile=profile,
             flow_policy=flow_policy,
+            limits=limits,
         )
 
     def observe(

@@ -77,6 +77,7 @@ from tether.core._flow import (
     UNDESCRIBED,
     FlowPolicy,
     FlowState,
+    ResultReading,
     RuleEffect,
     SideEffect,
     ToolProfile,
@@ -85,11 +86,13 @@ from tether.core._flow import (
     merge,
     observe_call,
     observe_result,
+    read_result,
     start,
 )
 from tether.core._intent import Intent, match_capability
 from tether.core._policy import CedarOutcome, PolicySnapshot
 from tether.core._risk import Control, risk_tags
+from tether.core._scanning import MAX_ARGUMENT_BYTES, ScanLimits
 from tether.core._verify import (
     ProofVerifier,
     TaskClaims,
@@ -98,7 +101,7 @@ from tether.core._verify import (
 
 DECIDE_HTM = "POST"
 DECIDE_HTU = "urn:tether:decide"
-MAX_ARGS_BYTES = 64 * 1024
+MAX_ARGS_BYTES = MAX_ARGUMENT_BYTES
 MAX_TOOL_NAME = 256
 
 
@@ -335,6 +338,7 @@ class Snapshot:
     known_secrets: tuple[Known, ...] = ()
     profile: ToolProfile = UNDESCRIBED
     flow_policy: FlowPolicy = field(default_factory=FlowPolicy)
+    limits: ScanLimits = field(default_factory=ScanLimits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,17 +536,21 @@ def identify(verified: Verified | None, call: Call) -> dict[str, Any]:
     return context
 
 
-def check_call(call: Call) -> None:
-    """The call's own shape: a tool name and a bounded JSON object of arguments."""
+def check_call(call: Call, max_bytes: int = MAX_ARGS_BYTES) -> None:
+    """The call's own shape: a tool name and a JSON object of arguments of at most
+    ``max_bytes`` (the limit on what one call makes Tether scan)."""
     if not isinstance(call.tool, str) or not 0 < len(call.tool) <= MAX_TOOL_NAME:
         raise Refused(
             "call.malformed", "tool name must be 1-256 characters", Control.PER_CALL_POLICY
         )
     if not isinstance(call.args, dict):
         raise Refused("call.malformed", "arguments must be a JSON object", Control.PER_CALL_POLICY)
-    if len(msgspec.json.encode(call.args)) > MAX_ARGS_BYTES:
+    size = len(msgspec.json.encode(call.args))
+    if size > max_bytes:
         raise Refused(
-            "call.oversized", f"arguments exceed {MAX_ARGS_BYTES} bytes", Control.PER_CALL_POLICY
+            "call.oversized",
+            f"arguments are {size} bytes, above the limit of {max_bytes} bytes",
+            Control.PER_CALL_POLICY,
         )
 
 
@@ -601,7 +609,7 @@ def _decide(
     out: dict[str, Any],
     shadow: PolicySnapshot | None = None,
 ) -> tuple[Decision, Plan]:
-    check_call(call)
+    check_call(call, snapshot.limits.max_argument_bytes)
     claims = verified.claims
     state = check_live(claims, snapshot, now)
     if snapshot.proof_seen:
@@ -835,17 +843,25 @@ def observe(
     tool: str,
     result: Any,
     now: float,
+    *,
+    reading: ResultReading | None = None,
 ) -> tuple[TaskState, Plan]:
     """What a tool's result does to the task tree's flow state (raises :class:`Refused`).
 
     The result is observed on the task and on every ancestor (it returns to them):
     labels, untrusted content and the values it holds. Observing only ever narrows
-    what later calls may do.
+    what later calls may do. ``reading`` is the result already scanned (off the
+    decision's locks, within a time budget), or :data:`~tether.core._flow.OVERSIZED`;
+    without it, the result is scanned here, once for the whole tree.
     """
     state = check_live(verified.claims, snapshot, now)
+    if reading is None:
+        reading = read_result(result, snapshot.profile)
+    profile = snapshot.profile
     own = snapshot.flows.get(state.task_id) or start(state.intent.request or "")
-    flows = [(state.task_id, observe_result(own, tool, result, snapshot.profile))]
+    flows = [(state.task_id, observe_result(own, tool, result, profile, reading=reading))]
     for ancestor in snapshot.ancestors:
         before = snapshot.flows.get(ancestor.task_id) or start(ancestor.intent.request or "")
-        flows.append((ancestor.task_id, observe_result(before, tool, result, snapshot.profile)))
+        after = observe_result(before, tool, result, profile, reading=reading)
+        flows.append((ancestor.task_id, after))
     return state, Plan(flows=tuple(flows))

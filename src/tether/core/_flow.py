@@ -48,7 +48,6 @@ from __future__ import annotations
 import fnmatch
 import functools
 import math
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
@@ -57,6 +56,7 @@ import msgspec
 
 from tether.core._canonical import digest
 from tether.core._intent import Budget, Intent, Sensitivity
+from tether.core._scanning import SPACE, Deadline, check, linear
 
 MAX_TRACKED_VALUES = 20_000
 MAX_VALUE_LENGTH = 512
@@ -162,6 +162,8 @@ class FlowState(msgspec.Struct, frozen=True, omit_defaults=True):
     max_sensitivity: Sensitivity = Sensitivity.PUBLIC
     sensitive_sources: tuple[str, ...] = ()  # tools that returned confidential or secret data
     untrusted_sources: tuple[str, ...] = ()  # tools that returned untrusted content
+    # Tools whose result was too large, or took too long, to scan: untrusted, values unknown.
+    oversized_sources: tuple[str, ...] = ()
     request: str = ""  # the user's request, normalised (grounds values it names)
     request_values: frozenset[str] = frozenset()  # links, addresses, accounts it names
     trusted_values: frozenset[str] = frozenset()
@@ -192,15 +194,18 @@ class Finding(msgspec.Struct, frozen=True):
 
 # -- values ---------------------------------------------------------------------------------
 
-_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
-_URL = re.compile(
-    r"(?:https?://[^\s<>\"'()]+)"
-    r"|(?:\bwww\.[^\s<>\"'()]+)"
+# Linear-time patterns (RE2): results and arguments are attacker text.
+_EMAIL = linear(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+", capture=False)
+_LINK = rf"[^{SPACE}<>\"'()]"
+_URL = linear(
+    rf"(?:https?://{_LINK}+)"
+    rf"|(?:\bwww\.{_LINK}+)"
     r"|(?:\b[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.(?:com|org|net|io|dev|ai|co|info|biz|app|xyz|gov|edu"
-    r"|uk|de|fr|eu|ch|us)\b(?:/[^\s<>\"'()]*)?)",
-    re.IGNORECASE,
+    rf"|uk|de|fr|eu|ch|us)\b(?:/{_LINK}*)?)",
+    ignore_case=True,
+    capture=False,
 )
-_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?:\s?[A-Z0-9]){8,30}\b")
+_IBAN = linear(rf"\b[A-Z]{{2}}[0-9]{{2}}(?:[{SPACE}]?[A-Z0-9]){{8,30}}\b", capture=False)
 _TRAILING = ".,;:!?)]}'\""
 
 
@@ -219,22 +224,35 @@ def _url_key(url: str) -> str:
     return text.rstrip("/")
 
 
-def atoms(text: str) -> set[str]:
-    """The sink-like values inside free text: e-mail addresses, links, account numbers."""
+def atoms(text: str, deadline: Deadline | None = None) -> set[str]:
+    """The sink-like values inside free text: e-mail addresses, links, account numbers.
+
+    Three linear passes (and one more to blank the addresses out before looking for
+    links); ``deadline`` is checked between them."""
     found: set[str] = set()
-    for match in _EMAIL.finditer(text):
-        found.add(normalise(match.group()))
-    stripped = _EMAIL.sub(" ", text)
-    for match in _URL.finditer(stripped):
-        found.add(_url_key(match.group()))
+    if "@" in text:
+        for match in _EMAIL.finditer(text):
+            found.add(normalise(match.group()))
+        check(deadline)
+        if found:
+            text_without = _EMAIL.sub(" ", text)
+            check(deadline)
+        else:
+            text_without = text
+    else:
+        text_without = text
+    if "." in text_without or "://" in text_without:
+        for match in _URL.finditer(text_without):
+            found.add(_url_key(match.group()))
+        check(deadline)
     for match in _IBAN.finditer(text):
         found.add(match.group().replace(" ", "").lower())
     return found
 
 
-def _keys(value: str) -> set[str]:
+def _keys(value: str, deadline: Deadline | None = None) -> set[str]:
     """Every key under which a seen value is remembered (the whole value and its atoms)."""
-    keys = atoms(value)
+    keys = atoms(value, deadline)
     whole = normalise(value)
     if 0 < len(whole) <= MAX_VALUE_LENGTH:
         keys.add(whole)
@@ -293,36 +311,79 @@ def observe_call(
     )
 
 
-def observe_result(state: FlowState, tool: str, result: Any, profile: ToolProfile) -> FlowState:
-    """The state after ``tool`` returned ``result`` (JSON-like): labels and values seen."""
+class ResultReading(msgspec.Struct, frozen=True):
+    """What scanning one result found, before it is applied to any flow state.
+
+    ``trusted``: the keys of values trusted fields assert; ``untrusted``: the keys of
+    values in content nobody vouches for; ``untrusted_read``: such content was there.
+    ``oversized``: the result was too large, or took too long, to scan: it counts as
+    untrusted content whose values are unknown (so none of them is trusted).
+    """
+
+    trusted: frozenset[str] = frozenset()
+    untrusted: frozenset[str] = frozenset()
+    untrusted_read: bool = False
+    oversized: bool = False
+
+
+OVERSIZED = ResultReading(untrusted_read=True, oversized=True)
+
+
+def read_result(
+    result: Any, profile: ToolProfile, *, deadline: Deadline | None = None
+) -> ResultReading:
+    """Scan a tool's result (JSON-like) for the values it holds, by trust.
+
+    Every pattern is linear in the text; ``deadline`` is checked between passes and
+    scalars, and raises :class:`~tether.core._scanning.ScanExceeded` once it is past
+    (the caller then applies :data:`OVERSIZED`)."""
     fields = frozenset(profile.trusted_fields)
     ids = frozenset(profile.identifier_fields)
     top = TRUSTED if profile.trusted else IDENTIFIER if profile.identifiers else CONTENT
     trusted: set[str] = set()
-    untrusted: dict[str, str] = {}
+    untrusted: set[str] = set()
     saw_untrusted = False
     for text, trust in _scalars(result, top, fields, ids):
+        check(deadline)
         if not text.strip():
             continue
         if trust == TRUSTED:
-            trusted |= _keys(text)
+            trusted |= _keys(text, deadline)
             continue
         saw_untrusted = True
-        inner = atoms(text)
         if trust == IDENTIFIER:
+            inner = atoms(text, deadline)
             whole = normalise(text)
             if 0 < len(whole) <= MAX_VALUE_LENGTH:
                 trusted.add(whole)
             inner.discard(whole)
         else:
-            inner = _keys(text)
-        for key in inner:
-            untrusted.setdefault(key, tool)
+            inner = _keys(text, deadline)
+        untrusted |= inner
+    return ResultReading(
+        trusted=frozenset(trusted), untrusted=frozenset(untrusted), untrusted_read=saw_untrusted
+    )
+
+
+def observe_result(
+    state: FlowState,
+    tool: str,
+    result: Any,
+    profile: ToolProfile,
+    *,
+    reading: ResultReading | None = None,
+) -> FlowState:
+    """The state after ``tool`` returned ``result`` (JSON-like): labels and values seen.
+
+    ``reading`` is the result already scanned (:func:`read_result`, or :data:`OVERSIZED`
+    for a result too large or too slow to scan); without it, ``result`` is scanned here."""
+    if reading is None:
+        reading = read_result(result, profile)
     values = state.trusted_values
-    if trusted and len(values) < MAX_TRACKED_VALUES:
-        values = values | trusted
+    if reading.trusted and len(values) < MAX_TRACKED_VALUES:
+        values = values | reading.trusted
     seen = state.untrusted_values
-    fresh = {k: v for k, v in untrusted.items() if k not in seen}
+    fresh = {k: tool for k in sorted(reading.untrusted) if k not in seen}
     if fresh and len(seen) < MAX_TRACKED_VALUES:
         seen = {**seen, **fresh}
     sensitive = profile.sensitivity.rank >= Sensitivity.CONFIDENTIAL.rank
@@ -333,8 +394,11 @@ def observe_result(state: FlowState, tool: str, result: Any, profile: ToolProfil
         if sensitive
         else state.sensitive_sources,
         untrusted_sources=_add(state.untrusted_sources, tool)
-        if saw_untrusted
+        if reading.untrusted_read
         else state.untrusted_sources,
+        oversized_sources=_add(state.oversized_sources, tool)
+        if reading.oversized
+        else state.oversized_sources,
         trusted_values=values,
         untrusted_values=seen,
     )
@@ -369,6 +433,9 @@ def merge(own: FlowState, tree: Iterable[FlowState]) -> FlowState:
             sensitive = _add(sensitive, item)
         for item in other.untrusted_sources:
             sources = _add(sources, item)
+        oversized = merged.oversized_sources
+        for item in other.oversized_sources:
+            oversized = _add(oversized, item)
         merged = msgspec.structs.replace(
             merged,
             max_sensitivity=max(
@@ -376,6 +443,7 @@ def merge(own: FlowState, tree: Iterable[FlowState]) -> FlowState:
             ),
             sensitive_sources=sensitive,
             untrusted_sources=sources,
+            oversized_sources=oversized,
             trusted_values=merged.trusted_values | other.trusted_values,
             untrusted_values={**untrusted, **fresh} if fresh else untrusted,
             request=merged.request or other.request,
@@ -401,9 +469,28 @@ def _amount(args: Mapping[str, Any], name: str) -> float | None:
 
 
 def _in_request(state: FlowState, key: str) -> bool:
-    if len(key) < 3 or not state.request:
+    """Whether the request names ``key`` as a whole: not inside a longer word, address or
+    name (no word character, ``@`` or ``.`` just before it; no word character or ``@``
+    just after it). A scan by ``str.find``: no pattern is built from the key."""
+    request = state.request
+    if len(key) < 3 or len(key) > len(request):
         return False
-    return re.search(r"(?<![\w@.])" + re.escape(key) + r"(?![\w@])", state.request) is not None
+    at = request.find(key)
+    while at >= 0:
+        end = at + len(key)
+        before = request[at - 1] if at > 0 else ""
+        after = request[end] if end < len(request) else ""
+        if not (before and (_word(before) or before in "@.")) and not (
+            after and (_word(after) or after == "@")
+        ):
+            return True
+        at = request.find(key, at + 1)
+    return False
+
+
+def _word(char: str) -> bool:
+    """Python's ``\\w`` for one character."""
+    return char.isalnum() or char == "_"
 
 
 def grounded(state: FlowState, key: str) -> bool:
@@ -453,7 +540,14 @@ def origin_of(state: FlowState, key: str) -> str:
     source = state.untrusted_values.get(key)
     if source is None and ("/" in key or "." in key):
         source = state.untrusted_values.get(_url_key(key))
-    return f"untrusted content from {source}" if source else "no tool output or request (unseen)"
+    if source:
+        return f"untrusted content from {source}"
+    if state.oversized_sources:
+        return (
+            "not seen in what was scanned; an oversized result from "
+            f"{', '.join(state.oversized_sources[:3])} was not scanned"
+        )
+    return "no tool output or request (unseen)"
 
 
 def _egress_allowed(intent: Intent, value: Any) -> bool:

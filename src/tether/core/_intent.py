@@ -18,12 +18,16 @@ import re
 from collections.abc import Iterable
 from enum import StrEnum
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from tether._errors import InvalidIntent
 from tether.core._canonical import digest
+from tether.core._scanning import linear
+
+if TYPE_CHECKING:
+    from tether.core._scanning import LinearPattern
 
 AUTHORIZATION_DETAILS_TYPE = "tether:tool"
 MAX_CAPABILITIES = 256
@@ -151,10 +155,12 @@ def validate_intent(intent: Intent) -> None:
         for name, constraint in cap.args.items():
             if constraint.pattern is not None:
                 try:
-                    re.compile(constraint.pattern)
-                except re.error as exc:
+                    _regex(constraint.pattern)
+                except ValueError as exc:
                     raise InvalidIntent(
-                        f"capability {cap.tool!r}: argument {name!r}: bad pattern: {exc}"
+                        f"capability {cap.tool!r}: argument {name!r}: bad pattern: {exc} "
+                        "(patterns are matched in linear time, RE2 syntax: no look-around "
+                        "or back-references)"
                     ) from None
 
 
@@ -210,8 +216,9 @@ def _glob(pattern: str) -> re.Pattern[str]:
 
 
 @lru_cache(maxsize=4096)
-def _regex(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
+def _regex(pattern: str) -> LinearPattern:
+    """An argument pattern, matched against agent-supplied values: linear time (RE2)."""
+    return linear(pattern)
 
 
 def _is_number(value: Any) -> bool:

@@ -53,8 +53,17 @@ from tether.core._decision import (
     refusal,
     verify,
 )
-from tether.core._flow import FlowPolicy, ToolProfile, observe_content, start
+from tether.core._flow import (
+    OVERSIZED,
+    FlowPolicy,
+    ResultReading,
+    ToolProfile,
+    observe_content,
+    read_result,
+    start,
+)
 from tether.core._risk import Control, risk_tags
+from tether.core._scanning import Deadline, ScanExceeded, ScanLimits
 from tether.core._verify import (
     PROOF_WINDOW,
     ProofVerifier,
@@ -72,7 +81,6 @@ if TYPE_CHECKING:
     from tether.cluster import NodeMemory
 
 PURGE_EVERY = 1024
-MAX_RESULT_BYTES = 1024 * 1024
 #: How long "this decision's result was observed" is remembered (longer than any task).
 RESULT_MEMORY = 7 * 24 * 3600.0
 
@@ -112,6 +120,26 @@ class Observation(msgspec.Struct, frozen=True):
     untrusted: bool
     seq: int
     hash: str
+    #: The result was too large, or took too long, to scan: the task tree is labelled
+    #: as having read untrusted content whose values are unknown.
+    oversized: bool = False
+
+
+def read_untrusted(result: Any, profile: ToolProfile, limits: ScanLimits) -> ResultReading:
+    """Scan a result within ``limits``: its values by trust, or :data:`OVERSIZED` when it
+    is larger than ``max_result_bytes``, not JSON, or takes longer than ``scan_seconds``
+    (never an error: what cannot be scanned counts as untrusted, never as unseen). Pure
+    CPU work with no lock held: a door runs it in a worker thread."""
+    try:
+        size = len(msgspec.json.encode(result))
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        return OVERSIZED
+    if size > limits.max_result_bytes:
+        return OVERSIZED
+    try:
+        return read_result(result, profile, deadline=Deadline(limits.scan_seconds, time.monotonic))
+    except ScanExceeded:
+        return OVERSIZED
 
 
 class ObservationRefused(Rejected):
@@ -149,6 +177,8 @@ class Enforcement:
         self.catalogue = catalogue
         #: The flow rules in force at doors that do not configure their own.
         self.flow_policy = FlowPolicy()
+        #: How much untrusted data one call or result may make this node scan.
+        self.limits = ScanLimits()
         self._store = store
         self._keyring = keyring
         self._policies = policies
@@ -254,6 +284,7 @@ class Enforcement:
         detail: dict[str, Any] | None = None,
         profile: ToolProfile | None = None,
         flow_policy: FlowPolicy | None = None,
+        limits: ScanLimits | None = None,
     ) -> Receipt:
         """Decide, apply and record one call; ``detail`` is added to the receipt.
 
@@ -265,8 +296,9 @@ class Enforcement:
         started = time.perf_counter()
         now = self._clock.now()
         call = Call(tool=tool, args=args)
+        limits = limits or self.limits
         try:
-            check_call(call)
+            check_call(call, limits.max_argument_bytes)
             if verified is None:
                 verified = self.verify(
                     token=token,
@@ -307,7 +339,7 @@ class Enforcement:
                 # and approvals of the tree are read and written under these row locks.
                 self._store.lock_task(verified.claims.task_id)
                 decision, approval_id = self._decide_locked(
-                    verified, call, now, profile, flow_policy
+                    verified, call, now, profile, flow_policy, limits
                 )
                 record = self._append(decision, started, detail)
         except Exception as exc:  # the store failed mid-way: nothing applied, still a receipt
@@ -330,6 +362,7 @@ class Enforcement:
         now: float,
         profile: ToolProfile | None,
         flow_policy: FlowPolicy | None,
+        limits: ScanLimits,
     ) -> tuple[Decision, str | None]:
         try:
             policy = self._policies.snapshot()
@@ -341,6 +374,7 @@ class Enforcement:
                 profile=profile if profile is not None else self.catalogue.profile(call.tool),
                 flow_policy=flow_policy or self.flow_policy,
                 known=known,
+                limits=limits,
             )
         except Exception as exc:
             code = getattr(exc, "code", "internal.error")
@@ -458,6 +492,8 @@ class Enforcement:
         outcome: str = "ok",
         detail: dict[str, Any] | None = None,
         label: dict[str, Any] | None = None,
+        reading: ResultReading | None = None,
+        limits: ScanLimits | None = None,
     ) -> Observation:
         """Observe what ``tool`` returned for the allowed decision ``decision_seq``.
 
@@ -466,10 +502,18 @@ class Enforcement:
         appended, in one transaction under the tree's locks. ``result`` ``None`` records
         an answer with nothing to observe (an upstream failure). Raises
         :class:`ObservationRefused` (with a receipt) when the result cannot be taken.
+
+        The result is scanned before any lock is taken, within ``limits`` (the node's
+        by default), unless the door hands over its ``reading`` (scanned already, as the
+        gateway does off its event loop). A result too large or too slow to scan is
+        observed all the same: as untrusted content, oversized, whose values are unknown.
         """
         claims = verified.claims
-        now = self._clock.now()
         profile = profile if profile is not None else self.catalogue.profile(tool)
+        if reading is None and result is not None:
+            reading = read_untrusted(result, profile, limits or self.limits)
+        oversized = reading is not None and reading.oversized
+        now = self._clock.now()
         controls = [Control.AUDIT, Control.INFORMATION_FLOW]
         base = {
             "chain": list(claims.chain),
@@ -481,10 +525,6 @@ class Enforcement:
         with self._store.transaction():
             self._store.lock_task(claims.task_id)
             try:
-                if len(msgspec.json.encode(result)) > MAX_RESULT_BYTES:
-                    raise Refused(
-                        "result.oversized", f"a result is at most {MAX_RESULT_BYTES} bytes"
-                    )
                 self._check_decision(decision_seq, claims.task_id, tool)
                 # One result per allowed call: a second report could only add what the
                 # agent chose to say (a trusted-looking value that grounds a sink).
@@ -497,7 +537,7 @@ class Enforcement:
                 snapshot = self.loader.load(
                     claims, proof_jti=None, profile=profile, flow_policy=self.flow_policy
                 )
-                state, plan = observe(verified, snapshot, tool, result, now)
+                state, plan = observe(verified, snapshot, tool, result, now, reading=reading)
             except Exception as exc:
                 code = str(getattr(exc, "code", "internal.error"))
                 message = getattr(exc, "message", None) or type(exc).__name__
@@ -510,33 +550,52 @@ class Enforcement:
                     detail={**(detail or {}), "decision_receipt": decision_seq},
                 )
                 raise ObservationRefused(code, message, record.seq) from None
-            if result is not None:
+            if reading is not None:
                 for task_id, flow in plan.flows:
                     self._store.put_task_flow(task_id, msgspec.json.encode(flow), now)
             if outcome in ("ok", "error"):
+                extra = {"oversized": True} if oversized else {}
                 self._store.add_task_label(
                     claims.task_id,
                     tool,
                     str(profile.sensitivity),
-                    profile.trusted,
+                    profile.trusted and not oversized,
                     msgspec.json.encode(
-                        {**(label or {}), "outcome": outcome, "decision_receipt": decision_seq}
+                        {
+                            **(label or {}),
+                            **extra,
+                            "outcome": outcome,
+                            "decision_receipt": decision_seq,
+                        }
                     ).decode(),
                     now,
                 )
             if label and label.get("redactions"):
                 controls.append(Control.SECRET_BROKERING)
+            reasons = [{"code": f"result.{outcome}", "message": f"the tool answered: {outcome}"}]
+            if oversized:
+                limits = limits or self.limits
+                reasons.append(
+                    {
+                        "code": "result.oversized",
+                        "message": "the result was larger than "
+                        f"{limits.max_result_bytes} bytes, or took longer than "
+                        f"{limits.scan_seconds:g} s, to scan: the task has read untrusted "
+                        "content whose values are unknown",
+                    }
+                )
             record = self._auditor.append(
                 "result",
                 **base,
                 effect="allow",
-                reasons=[{"code": f"result.{outcome}", "message": f"the tool answered: {outcome}"}],
+                reasons=reasons,
                 risk_tags=list(risk_tags(*controls)),
                 detail={
                     **(detail or {}),
                     "outcome": outcome,
                     "sensitivity": str(profile.sensitivity),
-                    "trusted": profile.trusted,
+                    "trusted": profile.trusted and not oversized,
+                    "oversized": oversized,
                     "decision_receipt": decision_seq,
                     "agent": state.agent_id,
                 },
@@ -545,9 +604,10 @@ class Enforcement:
             task_id=claims.task_id,
             tool=tool,
             sensitivity=str(profile.sensitivity),
-            untrusted=not profile.trusted,
+            untrusted=not profile.trusted or oversized,
             seq=record.seq,
             hash=record.hash,
+            oversized=oversized,
         )
 
     def _check_decision(self, seq: int, task_id: str, tool: str) -> None:

@@ -17,6 +17,7 @@ from tether.core._credentials import Known
 from tether.core._decision import Grant, PendingApprovals, Snapshot, TaskState
 from tether.core._flow import FlowPolicy, FlowState, ToolProfile
 from tether.core._intent import Intent, decode_intent
+from tether.core._scanning import ScanLimits
 from tether.core._verify import TaskClaims
 from tether.store import IdentityRow, Store, TaskRow
 
@@ -109,6 +110,7 @@ class SnapshotLoader:
         flow_policy: FlowPolicy,
         known: tuple[Known, ...] = (),
         flows: bool = True,
+        limits: ScanLimits | None = None,
     ) -> Snapshot:
         """The snapshot of the task ``claims`` name (with ``flows``: the tree's flow states)."""
         row = self._store.get_task(claims.task_id)
@@ -138,6 +140,7 @@ class SnapshotLoader:
             known_secrets=known,
             profile=profile,
             flow_policy=flow_policy,
+            limits=limits or ScanLimits(),
         )
 
     def pending(

@@ -57,6 +57,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -88,14 +89,18 @@ from tether.cluster import Node, join
 from tether.core import digest
 from tether.core._decision import TaskState, call_entities, tree_state
 from tether.core._flow import (
+    OVERSIZED,
     FlowPolicy,
     FlowState,
+    ResultReading,
     SideEffect,
     ToolProfile,
     flow_context,
     merge,
+    read_result,
 )
 from tether.core._risk import Control, risk_tags
+from tether.core._scanning import Deadline, ScanExceeded
 from tether.core._verify import PROOF_WINDOW
 from tether.enforcement import FlowUnavailable, ObservationRefused, Receipt
 from tether.gateway._auth import Authenticator, Caller, Refusal, challenge, tool_call
@@ -564,6 +569,7 @@ class Gateway:
             detail={**detail, "flow_profile": self.config.flow},
             profile=profile,
             flow_policy=self.config.flow_policy,
+            limits=self.config.limits,
         )
 
     def _flow_state(self, caller: Caller) -> FlowState:
@@ -703,7 +709,7 @@ class Gateway:
             # An upstream's error text may echo what it was given: scrub it too.
             redactions: Counter[str] = Counter()
             message = redact_text(exc.message, redactions, self._known())[0]
-            seq = self._record_result(
+            seq, _ = self._record_result(
                 caller, name, args, klass, receipt, detail, exc.code, redactions, None
             )
             return _error_result(
@@ -715,11 +721,36 @@ class Gateway:
                     "decision_receipt": receipt.seq,
                 },
             )
-        result, redactions = redact_result(answer, self._known())
-        outcome = "error" if result.is_error else "ok"
-        seq = self._record_result(
-            caller, name, args, klass, receipt, detail, outcome, redactions, _observed(result)
+        # Scrubbing and reading an upstream's answer is work on attacker text: off the event
+        # loop, within the configured size and time (past either, nothing of it is passed on).
+        known = self._known()
+        result, redactions, reading = await anyio.to_thread.run_sync(
+            self._scan, answer, known, klass
         )
+        outcome = "error" if answer.is_error else "ok"
+        seq, refused = self._record_result(
+            caller,
+            name,
+            args,
+            klass,
+            receipt,
+            detail,
+            outcome,
+            redactions,
+            _observed(result) if result is not None else None,
+            reading,
+        )
+        if result is None or refused is not None:
+            code, message = refused or (
+                "result.oversized",
+                f"the upstream's answer is larger than {self.config.limits.max_result_bytes} "
+                f"bytes, or took longer than {self.config.limits.scan_seconds:g} s to scan; "
+                "the task is labelled as having read untrusted content",
+            )
+            return _error_result(
+                f"result withheld [{code}]: {message}",
+                {"effect": "allow", "code": code, "receipt": seq, "decision_receipt": receipt.seq},
+            )
         label = {
             "sensitivity": str(klass.sensitivity),
             "trusted": klass.trusted,
@@ -729,6 +760,22 @@ class Gateway:
             "decision_receipt": receipt.seq,
         }
         return result.model_copy(update={"meta": {META_LABEL: label}})
+
+    def _scan(
+        self, answer: types.CallToolResult, known: list[Any], klass: ToolClass
+    ) -> tuple[types.CallToolResult | None, Counter[str], ResultReading]:
+        """Scrub an upstream's answer and read its values, within the configured limits:
+        ``(None, ..., OVERSIZED)`` when it is too large or its scan too slow."""
+        limits = self.config.limits
+        deadline = Deadline(limits.scan_seconds, time.monotonic)
+        try:
+            if len(answer.model_dump_json(by_alias=True)) > limits.max_result_bytes:
+                raise ScanExceeded("the answer is too large")
+            result, redactions = redact_result(answer, known, deadline=deadline)
+            reading = read_result(_observed(result), tool_profile(klass), deadline=deadline)
+        except ScanExceeded:
+            return None, Counter(), OVERSIZED
+        return result, redactions, reading
 
     def _known(self) -> list[Any]:
         """The brokered values to scrub from what upstreams answer (empty if unavailable:
@@ -874,10 +921,13 @@ class Gateway:
         outcome: str,
         redactions: Counter[str],
         observed: Any,
-    ) -> int:
+        reading: ResultReading | None = None,
+    ) -> tuple[int, tuple[str, str] | None]:
         """Observe the answer through the one pipeline: the task tree's labels and flow
-        state (when the upstream answered: ``observed`` is the scrubbed result) and the
-        result's receipt, in one transaction."""
+        state (when the upstream answered: ``observed`` is the scrubbed result, ``reading``
+        what scanning it found) and the result's receipt, in one transaction. Returns the
+        receipt and, when the observation was refused, its code and message: a result the
+        flow state did not take is not passed on."""
         label = {
             "upstream": detail["upstream"],
             "tool_identity": detail["tool_identity"],
@@ -893,10 +943,12 @@ class Gateway:
                 outcome=outcome,
                 detail={**detail, "redactions": dict(redactions), "args_digest": digest(args)},
                 label=label,
+                reading=reading,
+                limits=self.config.limits,
             )
         except ObservationRefused as exc:
-            return exc.seq or receipt.seq
-        return observation.seq
+            return exc.seq or receipt.seq, (exc.code, exc.message)
+        return observation.seq, None
 
     # -- HTTP -----------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:

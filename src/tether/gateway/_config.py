@@ -34,6 +34,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from tether._errors import IdentityRejected, UsageError
 from tether.core import parse_spiffe_id
 from tether.core._flow import REVIEWED, STRICT, FlowPolicy
+from tether.core._scanning import ScanLimits
 from tether.core._verify import PROOF_WINDOW
 from tether.gateway._catalogue import CatalogueFile, ToolEntry, validate_entries
 
@@ -135,6 +136,11 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # The information-flow profile: "reviewed" holds an untrusted-sink call (or a
     # privileged tool reached after discovery) for a human; "strict" denies it.
     flow: Literal["reviewed", "strict"] = "reviewed"
+    # How much untrusted data one call's arguments or one upstream result may make the
+    # gateway scan: larger arguments are denied (call.oversized); a larger result, or one
+    # whose scan takes longer than scan_seconds, is withheld and labels the task as having
+    # read untrusted, oversized content.
+    limits: ScanLimits = ScanLimits()
 
     @property
     def flow_policy(self) -> FlowPolicy:
@@ -337,6 +343,7 @@ def parse_config(
         problems.append("port: must be between 1 and 65535")
     if not 1024 <= config.max_body_bytes <= 16 * 1024 * 1024:
         problems.append("max_body_bytes: must be between 1 KiB and 16 MiB")
+    problems.extend(f"limits.{problem}" for problem in config.limits.problems())
     approval = config.approval
     if approval.mode == "wait" and not 0 < approval.timeout_seconds <= MAX_APPROVAL_WAIT:
         problems.append(

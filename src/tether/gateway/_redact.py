@@ -16,27 +16,29 @@ from collections.abc import Iterable
 import mcp_types as types
 
 from tether.core._credentials import Known, redact_text, redact_value
+from tether.core._scanning import Deadline
 
 __all__ = ["Known", "redact_result", "redact_text", "redact_value"]
 
 
 def _redact_block(
-    block: types.ContentBlock, counts: Counter[str], known: list[Known]
+    block: types.ContentBlock,
+    counts: Counter[str],
+    known: list[Known],
+    deadline: Deadline | None = None,
 ) -> types.ContentBlock:
     if isinstance(block, types.TextContent):
-        return block.model_copy(
-            update={"text": redact_text(block.text, counts, known)[0], "meta": None}
-        )
+        text = redact_text(block.text, counts, known, deadline=deadline)[0]
+        return block.model_copy(update={"text": text, "meta": None})
     if isinstance(block, types.EmbeddedResource) and isinstance(
         block.resource, types.TextResourceContents
     ):
-        resource = block.resource.model_copy(
-            update={"text": redact_text(block.resource.text, counts, known)[0], "meta": None}
-        )
+        text = redact_text(block.resource.text, counts, known, deadline=deadline)[0]
+        resource = block.resource.model_copy(update={"text": text, "meta": None})
         return block.model_copy(update={"resource": resource, "meta": None})
     if isinstance(block, types.ResourceLink):
         update = {
-            field: redact_text(value, counts, known)[0]
+            field: redact_text(value, counts, known, deadline=deadline)[0]
             for field in ("uri", "name", "description", "title")
             if isinstance(value := getattr(block, field, None), str)
         }
@@ -46,19 +48,23 @@ def _redact_block(
 
 
 def redact_result(
-    result: types.CallToolResult, known: Iterable[Known] = ()
+    result: types.CallToolResult,
+    known: Iterable[Known] = (),
+    *,
+    deadline: Deadline | None = None,
 ) -> tuple[types.CallToolResult, Counter[str]]:
     """The result with secrets redacted from its text, resources and structured content.
 
-    The upstream's own ``_meta`` is dropped: it is not the agent's to see.
+    The upstream's own ``_meta`` is dropped: it is not the agent's to see. Raises
+    :class:`~tether.core._scanning.ScanExceeded` once ``deadline`` is past.
     """
     counts: Counter[str] = Counter()
     values = list(known)
-    content = [_redact_block(block, counts, values) for block in result.content]
+    content = [_redact_block(block, counts, values, deadline) for block in result.content]
     structured = (
         None
         if result.structured_content is None
-        else redact_value(result.structured_content, counts, known=values)
+        else redact_value(result.structured_content, counts, known=values, deadline=deadline)
     )
     if structured is None:
         return types.CallToolResult(content=content, is_error=result.is_error), counts

@@ -66,13 +66,16 @@ class Observation:
 
     ``sensitivity`` is the label the result was given (``public`` ... ``secret``),
     ``untrusted`` whether it carried content nobody vouches for (it now taints the task),
-    ``receipt`` (``seq``, ``hash``) where the observation is recorded in the audit chain."""
+    ``receipt`` (``seq``, ``hash``) where the observation is recorded in the audit chain,
+    ``oversized`` whether it was too large or too slow to scan (then it counts as untrusted
+    content whose values are unknown)."""
 
     task_id: str
     tool: str
     sensitivity: str
     untrusted: bool
     receipt: dict[str, Any]
+    oversized: bool = False
 
 
 def reportable(result: Any) -> Any:
@@ -318,4 +321,5 @@ def observation(body: dict[str, Any]) -> Observation:
         sensitivity=body["sensitivity"],
         untrusted=body["untrusted"],
         receipt=body["receipt"],
+        oversized=bool(body.get("oversized", False)),
     )

@@ -981,14 +981,14 @@ async def task_result(request: Request, task_id: str, data: S.ResultIn) -> S.Obs
         htu=request_uri(request),
     )
     try:
-        seen = await asyncio.to_thread(observe) if ctx.node is not None else observe()
+        # Always in a worker thread: scanning a result (bounded by the node's limits) must
+        # not hold up the event loop.
+        seen = await asyncio.to_thread(observe)
     except ObservationRefused as exc:
         if exc.code.startswith(("token.", "proof.")):
             raise Unauthorized(exc.message, code=exc.code) from None
         if exc.code == "result.unknown_decision":
             raise NotFound(exc.message) from None
-        if exc.code == "result.oversized":
-            raise HTTPException(status_code=413, detail=exc.message) from None
         raise Conflict(exc.message, code=exc.code) from None
     return S.ObservationOut(
         task_id=seen.task_id,
@@ -996,6 +996,7 @@ async def task_result(request: Request, task_id: str, data: S.ResultIn) -> S.Obs
         sensitivity=seen.sensitivity,
         untrusted=seen.untrusted,
         receipt=S.ReceiptRef(seq=seen.seq, hash=seen.hash),
+        oversized=seen.oversized,
     )
 
 

@@ -246,6 +246,8 @@ class ObservationOut(msgspec.Struct):
     sensitivity: str
     untrusted: bool
     receipt: ReceiptRef
+    #: Too large, or too slow, to scan: observed as untrusted content of unknown values.
+    oversized: bool = False
 
 
 class ApprovalOut(msgspec.Struct):

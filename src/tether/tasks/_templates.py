@@ -20,6 +20,7 @@ import msgspec
 
 from tether._errors import InvalidIntent, UsageError
 from tether.core._intent import MAX_TTL_SECONDS, Intent, parse_intent
+from tether.core._scanning import linear
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -58,9 +59,12 @@ def parse_template(raw: Any) -> Template:
     for name, spec in template.params.items():
         if spec.pattern is not None:
             try:
-                re.compile(spec.pattern)
-            except re.error as exc:
-                raise InvalidIntent(f"parameter {name!r}: bad pattern: {exc}") from None
+                linear(spec.pattern)
+            except ValueError as exc:
+                raise InvalidIntent(
+                    f"parameter {name!r}: bad pattern: {exc} (patterns are matched in linear "
+                    "time, RE2 syntax: no look-around or back-references)"
+                ) from None
     used = set(_PLACEHOLDER.findall(json.dumps(template.intent)))
     unknown = used - set(template.params)
     if unknown:
@@ -94,7 +98,7 @@ def _coerce(name: str, spec: ParamSpec, value: Any) -> Any:
     if isinstance(value, str):
         if len(value) > min(spec.max_length, MAX_PARAM_LENGTH):
             raise InvalidIntent(f"parameter {name!r} is too long")
-        if spec.pattern is not None and re.fullmatch(spec.pattern, value) is None:
+        if spec.pattern is not None and linear(spec.pattern).fullmatch(value) is None:
             raise InvalidIntent(f"parameter {name!r}={value!r} does not match {spec.pattern!r}")
     if isinstance(value, int | float) and not isinstance(value, bool):
         if not math.isfinite(value):
