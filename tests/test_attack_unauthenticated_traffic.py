@@ -19,8 +19,8 @@ from litestar.testing import TestClient
 
 from tether import ProofKey, Tether, parse_intent
 from tether.core import Sensitivity, SideEffect, ToolProfile
+from tether.enforcement._unauthenticated import DESCRIPTIONS, UnauthenticatedTraffic
 from tether.server import ServerSettings, create_app, create_metrics_app
-from tether.server._unauthenticated import DESCRIPTIONS, UnauthenticatedTraffic
 
 from .conftest import AGENT, PERMIT_ALL
 

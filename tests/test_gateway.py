@@ -28,6 +28,7 @@ from mcp.shared.exceptions import MCPError
 from tether import FrozenClock, ProofKey, Tether
 from tether.core import FlowState
 from tether.core._verify import PROOF_WINDOW
+from tether.enforcement._unauthenticated import UnauthenticatedTraffic
 
 from .mcp_support import tool_server
 from .mcp_support.harness import (
@@ -142,6 +143,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         approval={"mode": "wait", "timeout_seconds": 4, "poll_interval_seconds": 0.1},
     )
     gateway = GatewayServer(home, config, port).start().pin_all()
+    # Each refusal's receipt is examined here: sample every one (interval 0); the default
+    # sampling (one receipt per address per minute) is tested on its own gateway below.
+    gateway.gateway.unauthenticated = UnauthenticatedTraffic(interval=0.0, rate=0.0)
     try:
         yield Env(tether=tether, gateway=gateway, repo=repo, home=home)
     finally:
@@ -188,6 +192,35 @@ def test_no_token_gets_401_with_challenge_and_a_receipt(env: Env) -> None:
     assert len(rejects) == before + 1
     assert rejects[-1]["reasons"][0]["code"] == "token.missing"
     assert rejects[-1]["effect"] == "deny"
+
+
+def test_unauthenticated_refusals_are_sampled_and_rate_limited(env: Env) -> None:
+    """Attacker: an unauthenticated network caller hammering the gateway with no token
+    and with garbage tokens. The store is not theirs to fill: one receipt per source
+    address per interval says how many were refused, past the address's rate it is
+    answered 429, and a caller with a live token on the same address is unaffected."""
+    gateway = env.gateway.gateway
+    saved = gateway.unauthenticated
+    gateway.unauthenticated = UnauthenticatedTraffic(rate=5.0, burst=20.0, interval=60.0)
+    try:
+        before = len(receipts(env.tether, "gateway.reject", 5000))
+        body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+        statuses = []
+        with httpx.Client(timeout=10) as client:
+            for i in range(60):
+                headers = {} if i % 2 else {"Authorization": f"DPoP garbage.{i}.x", "DPoP": "x"}
+                statuses.append(client.post(env.url, headers=headers, json=body).status_code)
+        assert set(statuses[:20]) == {401} and statuses.count(429) >= 30, statuses
+        rejects = receipts(env.tether, "gateway.reject", 5000)[before:]
+        assert len(rejects) == 1, rejects
+        assert rejects[0]["detail"]["refused"] == 1 and rejects[0]["detail"]["source"]
+        # A live token's call on the same address still goes through.
+        key, _task_id, token = env.task(["git.git_status"])
+        call = _status_call(env)
+        ok = raw_call(env.url, _signed(token, key, env.url, call), call)
+        assert ok.status_code == 200, ok.text
+    finally:
+        gateway.unauthenticated = saved
 
 
 def test_official_client_without_credentials_is_refused(env: Env) -> None:

@@ -103,6 +103,7 @@ from tether.core._risk import Control, risk_tags
 from tether.core._scanning import Deadline, ScanExceeded
 from tether.core._verify import PROOF_WINDOW
 from tether.enforcement import FlowUnavailable, ObservationRefused, Receipt
+from tether.enforcement._unauthenticated import UnauthenticatedTraffic
 from tether.gateway._auth import Authenticator, Caller, Refusal, challenge, tool_call
 from tether.gateway._catalogue import ToolClass, classify, tool_profile
 from tether.gateway._config import APPROVAL_SAFETY_MARGIN, ConfigError, GatewayConfig, load_config
@@ -223,6 +224,8 @@ class Gateway:
         self.upstreams = {u.name: Upstream(u, known=self._known) for u in config.upstreams}
         #: The pinned tool definitions (tether.gateway._pins), compared at every tools/list read.
         self.pins = ToolPins(tether)
+        #: Refusals of callers who proved nothing: counted and sampled, not a receipt each.
+        self.unauthenticated = UnauthenticatedTraffic()
         for listed in self.upstreams.values():
             listed.on_tools = self._tools_listed
         self.connections: dict[tuple[str, str], TaskConnection] = {}
@@ -1020,6 +1023,11 @@ class Gateway:
         call = tool_call(rpc)
         rpc_method = rpc.get("method") if isinstance(rpc, dict) else None
         claims = refusal.claims
+        if claims is None:
+            # Nobody proved anything: counted, one receipt per source address per interval
+            # (not per request), 429 past the address's rate, a fixed description.
+            await self._refuse_unauthenticated(refusal, scope, rpc, receive, send)
+            return
         try:
             record = self.tether.audit.append(
                 "gateway.reject",
@@ -1069,6 +1077,62 @@ class Gateway:
             },
         )
         await response(scope, receive, send)
+
+    async def _refuse_unauthenticated(
+        self, refusal: Refusal, scope: Scope, rpc: Any, receive: Receive, send: Send
+    ) -> None:
+        client = scope.get("client")
+        source = str(client[0])[:64] if client else "unknown"
+        accounted = self.unauthenticated.refuse(source, refusal.code)
+        seq: int | None = None
+        if not accounted.limited and accounted.receipt_for:
+            try:
+                seq = self.tether.audit.append(
+                    "gateway.reject",
+                    effect="deny",
+                    reasons=[{"code": accounted.code, "message": accounted.description}],
+                    risk_tags=list(risk_tags(*refusal.controls)),
+                    detail={
+                        "gateway": self.config.resource,
+                        "http_status": refusal.status,
+                        "http_method": scope["method"],
+                        "source": source,
+                        "refused": accounted.receipt_for,
+                        "interval_seconds": self.unauthenticated.interval,
+                    },
+                ).seq
+            except Exception:  # the refusal stands even if the audit log is unavailable
+                log.exception("could not record refused requests")
+        status = 429 if accounted.limited else refusal.status
+        message = (
+            "too many unauthenticated requests from this address"
+            if accounted.limited
+            else accounted.description
+        )
+        rpc_id = rpc.get("id") if isinstance(rpc, dict) else None
+        error = "rate_limited" if accounted.limited else refusal.error or "invalid_request"
+        body = {
+            "jsonrpc": "2.0",
+            "id": rpc_id if isinstance(rpc_id, str | int) else None,
+            "error": {
+                "code": INVALID_REQUEST,
+                "message": f"{status} {error}: {message}",
+                "data": {
+                    "error": error,
+                    "error_description": message,
+                    "reason": accounted.code,
+                    "receipt": seq,
+                },
+            },
+        }
+        headers = {"Cache-Control": "no-store"}
+        if accounted.limited:
+            headers["Retry-After"] = "1"
+        else:
+            headers["WWW-Authenticate"] = challenge(
+                refusal.error, message, self.config.metadata_url
+            )
+        await JSONResponse(body, status_code=status, headers=headers)(scope, receive, send)
 
     async def _metadata_endpoint(self, request: Request) -> Response:
         return JSONResponse(self.metadata(), headers={"Cache-Control": "max-age=300"})

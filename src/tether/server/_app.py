@@ -55,6 +55,7 @@ from tether.core._policy import build_snapshot
 from tether.core._risk import Control, risk_tags
 from tether.core._verify import jwk_thumbprint, token_hash
 from tether.enforcement import ObservationRefused
+from tether.enforcement._unauthenticated import OTHER, UnauthenticatedTraffic, bounded_code
 from tether.gateway._profiles import profiles_from_catalogue
 from tether.policy import default_schema
 from tether.secrets import SecretInfo, lease_dict
@@ -72,7 +73,6 @@ from tether.server._auth import (
 )
 from tether.server._oauth import OAuth, OAuthError
 from tether.server._observe import LOG, Metrics, configure_logging, log_request
-from tether.server._unauthenticated import OTHER, UnauthenticatedTraffic, bounded_code
 from tether.store import ApprovalRow, IdentityRow, TaskRow
 
 MAX_BODY = 1024 * 1024
