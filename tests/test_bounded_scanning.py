@@ -418,7 +418,7 @@ def test_the_gateway_withholds_an_oversized_result_and_labels_the_task(
         approval={"mode": "return"},
         limits={"max_result_bytes": 4096, "max_argument_bytes": 8192},
     )
-    gateway = GatewayServer(home, config, port).start()
+    gateway = GatewayServer(home, config, port).start().pin_all()
     key = ProofKey()
     intent = parse_intent(
         {
