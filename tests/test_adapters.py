@@ -36,7 +36,7 @@ from .server_support import Server
 
 AGENT = "spiffe://acme.example/agent/bill-payer"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "demo"
-PAYEE = "DE89370400440532013000"
+PAYEE = "DE50526018159083016613"
 OTHER = "GB33BUKB20201555555555"
 BANK = {"read_bills": "bank.read_bills", "send_money": "bank.send_money"}
 

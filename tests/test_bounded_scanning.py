@@ -286,7 +286,7 @@ def test_an_oversized_result_is_untrusted_content_of_unknown_values() -> None:
         state,
         intent,
         "bank.pay",
-        {"iban": "DE89370400440532013000"},
+        {"iban": "DE50526018159083016613"},
         pay,
         FlowPolicy(),
         declared=True,
@@ -295,7 +295,7 @@ def test_an_oversized_result_is_untrusted_content_of_unknown_values() -> None:
     assert "oversized result from ledger.read was not scanned" in findings[0].message
     # The same result read normally grounds the account it names.
     read = observe_result(
-        start("pay the invoice"), "ledger.read", {"iban": "DE89370400440532013000"}, ledger
+        start("pay the invoice"), "ledger.read", {"iban": "DE50526018159083016613"}, ledger
     )
     assert not read.untrusted_read and "de89370400440532013000" in read.trusted_values
 

@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "demo"
 AGENT = "spiffe://acme.example/agent/bill-payer"
-PAYEE = "DE89370400440532013000"
+PAYEE = "DE50526018159083016613"
 
 
 class CLI:

@@ -419,3 +419,22 @@ def test_cedar_policies_read_context_flow(task: tuple[Tether, ProofKey, str]) ->
 def test_flow_state_round_trips_as_json() -> None:
     state = _after_inbox("hello")
     assert msgspec.json.decode(msgspec.json.encode(state), type=FlowState) == state
+
+
+@pytest.mark.store_independent
+def test_egress_host_patterns_match_the_host_alone() -> None:
+    """Compromised agent: after a confidential read, a destination that only ends like
+    an allowed host (in its path, query or fragment) is not that host."""
+    from tether.core._flow import _egress_allowed
+
+    intent = parse_intent(
+        {"purpose": "p", "capabilities": [{"tool": "web.post"}], "egress": ["*.corp.example"]}
+    )
+    assert _egress_allowed(intent, "https://api.corp.example/upload")
+    for hostile in (
+        "https://evil.example/x.corp.example",
+        "https://evil.example/?.corp.example",
+        "https://evil.example#.corp.example",
+        "evil.example\\x.corp.example",
+    ):
+        assert not _egress_allowed(intent, hostile), hostile

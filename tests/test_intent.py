@@ -98,11 +98,11 @@ def test_malformed_intents_are_refused(raw: dict[str, object]) -> None:
 
 def test_template_renders_typed_parameters() -> None:
     template = load_template_file(EXAMPLES / "templates" / "pay-bill.toml")
-    intent = render(template, {"payee": "DE89370400440532013000", "max_amount": "750"})
+    intent = render(template, {"payee": "DE50526018159083016613", "max_amount": "750"})
     send = next(c for c in intent.capabilities if c.tool == "bank.send_money")
-    assert send.args["recipient"].equals == "DE89370400440532013000"
+    assert send.args["recipient"].equals == "DE50526018159083016613"
     assert send.args["amount"].max == 750.0
-    assert "DE89370400440532013000" in intent.purpose
+    assert "DE50526018159083016613" in intent.purpose
 
 
 @pytest.mark.parametrize(
@@ -110,9 +110,9 @@ def test_template_renders_typed_parameters() -> None:
     [
         {},
         {"payee": "not an iban"},
-        {"payee": "DE89370400440532013000", "max_amount": "999999"},
-        {"payee": "DE89370400440532013000", "max_amount": "lots"},
-        {"payee": "DE89370400440532013000", "extra": "1"},
+        {"payee": "DE50526018159083016613", "max_amount": "999999"},
+        {"payee": "DE50526018159083016613", "max_amount": "lots"},
+        {"payee": "DE50526018159083016613", "extra": "1"},
     ],
 )
 def test_template_parameters_are_validated(params: dict[str, str]) -> None:

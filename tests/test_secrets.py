@@ -261,7 +261,7 @@ def test_detection_formats_entropy_and_brokered() -> None:
             "password": "correct horse battery",
             "sha": "3f786850e387550fdab836ed7e6dc881de23001b",
             "id": "550e8400-e29b-41d4-a716-446655440000",
-            "iban": "DE89370400440532013000",
+            "iban": "DE50526018159083016613",
         },
         known,
     )

@@ -23,7 +23,7 @@ from .server_support import Server
 AGENT = "spiffe://acme.example/agent/bill-payer"
 HELPER = "spiffe://acme.example/agent/helper"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "demo"
-PAYEE = "DE89370400440532013000"
+PAYEE = "DE50526018159083016613"
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ from .server_support import Server
 
 AGENT = "spiffe://acme.example/agent/bill-payer"
 OWNER = "alice@acme.example"
-PAYEE = "DE89370400440532013000"
+PAYEE = "DE50526018159083016613"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "demo"
 
 SQL = ("' OR 1=1; --", '"; DROP TABLE tasks; --')

@@ -328,7 +328,14 @@ def serve(
     app = create_app(tether, settings)
     sys.stderr.write(f"tether: serving {tether.trust_domain} on http://{host}:{port}\n")
     if metrics_at is None:
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            proxy_headers=False,  # the per-address limits are not the caller's to choose
+        )
         return
     sys.stderr.write(f"tether: /metrics on http://{metrics_at[0]}:{metrics_at[1]}\n")
 
@@ -340,7 +347,11 @@ def serve(
             yield
 
     servers = [
-        cls(uvicorn.Config(a, host=h, port=p, log_level="warning", access_log=False))
+        cls(
+            uvicorn.Config(
+                a, host=h, port=p, log_level="warning", access_log=False, proxy_headers=False
+            )
+        )
         for cls, a, h, p in (
             (uvicorn.Server, app, host, port),
             (MetricsServer, create_metrics_app(app), *metrics_at),

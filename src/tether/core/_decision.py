@@ -495,22 +495,30 @@ def _refusal(exc: BaseException, context: Mapping[str, Any]) -> Decision:
             effect=Effect.DENY,
             reasons=(Reason(exc.code, exc.message), *exc.more),
             policies=exc.policies,
-            risk_tags=risk_tags(*exc.controls),
+            risk_tags=_tags(*exc.controls),
             **context,
         )
     if isinstance(exc, TetherError):
         return Decision(
             effect=Effect.DENY,
             reasons=(Reason(exc.code, exc.message),),
-            risk_tags=risk_tags(Control.TASK_TOKEN),
+            risk_tags=_tags(Control.TASK_TOKEN),
             **context,
         )
     return Decision(
         effect=Effect.DENY,
         reasons=(Reason("internal.error", f"decision failed: {type(exc).__name__}"),),
-        risk_tags=risk_tags(Control.PER_CALL_POLICY),
+        risk_tags=_tags(Control.PER_CALL_POLICY),
         **context,
     )
+
+
+def _tags(*controls: Control) -> tuple[str, ...]:
+    """A refusal's risk tags; if tagging itself fails, none: the reason matters more."""
+    try:
+        return risk_tags(*controls)
+    except Exception:
+        return ()
 
 
 def identify(verified: Verified | None, call: Call) -> dict[str, Any]:

@@ -557,7 +557,16 @@ def _egress_allowed(intent: Intent, value: Any) -> bool:
     for item in texts:
         key = normalise(str(item))
         url = _url_key(key)
-        if not any(fnmatch.fnmatchcase(k, normalise(p)) for p in intent.egress for k in (key, url)):
+        # A pattern without a path names hosts (or addresses): it is matched against the
+        # host alone, so "*.corp.example" never matches "evil.example/x.corp.example".
+        cut = min((i for i in (url.find(c, 1) for c in "/?#\\") if i > 0), default=len(url))
+        host = url[:cut]
+        if not any(
+            any(fnmatch.fnmatchcase(k, normalise(pattern)) for k in (key, url))
+            if "/" in pattern
+            else fnmatch.fnmatchcase(host, normalise(pattern))
+            for pattern in intent.egress
+        ):
             return False
     return True
 

@@ -24,7 +24,7 @@ from tether.tokens import ProofKey
 OWNER = "alice@acme.example"
 AGENT = "spiffe://acme.example/agent/bill-payer"
 HELPER = "spiffe://acme.example/agent/statement-reader"
-PAYEE = "DE89370400440532013000"
+PAYEE = "DE50526018159083016613"
 IDENTITIES = (
     ("spiffe://acme.example/human/alice", "human", "Finance lead"),
     (AGENT, "agent", "Pays supplier bills"),

@@ -53,7 +53,7 @@ def several_nodes(
         admin_a.register_identity(NIGHT_SHIFT, kind="agent", owner="alice@acme.example")
         agent = Client([url_a, url_b], key=ProofKey())
         agent.attest(admin_a.join_token(NIGHT_SHIFT))
-        task = agent.open_task(template="pay-bill", params={"payee": "DE89370400440532013000"})
+        task = agent.open_task(template="pay-bill", params={"payee": "DE50526018159083016613"})
         line.say("one task, its calls alternating between the nodes (budget: 4 calls)")
         effects = []
         for turn in range(5):
@@ -62,7 +62,7 @@ def several_nodes(
             effects.append(_effect(line, agent, task.token, node, "bank.read_bills"))
         ok &= effects == ["allow"] * 4 + ["deny"]
 
-        second = agent.open_task(template="pay-bill", params={"payee": "DE89370400440532013000"})
+        second = agent.open_task(template="pay-bill", params={"payee": "DE50526018159083016613"})
         admin_a.post(f"/v1/tasks/{second.task_id}/end")
         line.say("a second task, ended on node A; its next call goes to node B")
         agent.requests.base_url = url_b
@@ -81,7 +81,7 @@ def several_nodes(
     line.say("node B stopped; the agent's client, given both nodes, fails over to node A")
     agent.requests.base_url = url_b
     try:
-        third = agent.open_task(template="pay-bill", params={"payee": "DE89370400440532013000"})
+        third = agent.open_task(template="pay-bill", params={"payee": "DE50526018159083016613"})
         ok &= agent.requests.base_url == url_a
         ok &= _effect(line, agent, third.token, "A", "bank.read_bills") == "allow"
         third.end()

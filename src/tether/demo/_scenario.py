@@ -43,7 +43,7 @@ from tether.tokens import ProofKey
 
 AGENT = "spiffe://acme.example/agent/bill-payer"
 HELPER = "spiffe://acme.example/agent/statement-reader"
-PAYEE = "DE89370400440532013000"
+PAYEE = "DE50526018159083016613"
 
 
 def _call(line: Timeline, task: Task, tool: str, args: dict[str, Any]) -> str:

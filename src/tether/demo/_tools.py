@@ -20,8 +20,8 @@ LEDGER_DSN = "postgres://ledger_ro:" + "Tr0ub4dor-ledger" + "@ledger.internal:54
 AWS_KEY_ID = "AKIA" + "EXAMPLE7DEMO2KEY"
 
 BILLS = [
-    {"payee": "DE89370400440532013000", "biller": "Stadtwerke", "amount": 240.0, "due": "05-31"},
-    {"payee": "DE89370400440532013000", "biller": "Stadtwerke", "amount": 1200.0, "due": "06-30"},
+    {"payee": "DE50526018159083016613", "biller": "Stadtwerke", "amount": 240.0, "due": "05-31"},
+    {"payee": "DE50526018159083016613", "biller": "Stadtwerke", "amount": 1200.0, "due": "06-30"},
 ]
 
 server = MCPServer("acme-bank", version="1.0.0")

@@ -194,11 +194,13 @@ def _strings(value: Any) -> list[str]:
 
 
 def _observed(result: types.CallToolResult) -> Any:
-    """What the flow state records of a result: its structured content, else its text
-    (a block without text is recorded by kind, so an untrusted tool's image counts too)."""
+    """What the flow state records of a result: its structured content and its text, both
+    (a model reads the text: an upstream cannot hide an injection behind innocuous
+    structured content); a block without text is recorded by kind, so an untrusted
+    tool's image counts too."""
+    parts: list[Any] = []
     if result.structured_content is not None:
-        return result.structured_content
-    parts: list[str] = []
+        parts.append(result.structured_content)
     for block in result.content:
         if isinstance(block, types.TextContent):
             parts.append(block.text)
@@ -1259,6 +1261,9 @@ def run_gateway(
                 log_level="warning",
                 access_log=False,
                 server_header=False,
+                # Never take the peer address from X-Forwarded-For: the per-address limits
+                # must not be the caller's to choose.
+                proxy_headers=False,
             )
         )
         server.run()
