@@ -297,7 +297,7 @@ def test_an_oversized_result_is_untrusted_content_of_unknown_values() -> None:
     read = observe_result(
         start("pay the invoice"), "ledger.read", {"iban": "DE50526018159083016613"}, ledger
     )
-    assert not read.untrusted_read and "de89370400440532013000" in read.trusted_values
+    assert not read.untrusted_read and "de50526018159083016613" in read.trusted_values
 
 
 # -- the pipeline (HTTP and in-process doors) ---------------------------------------------------
