@@ -473,6 +473,28 @@ def test_a_store_of_the_previous_schema_is_upgraded_and_adopted(tmp_path: Path) 
     t.close()
 
 
+@pytest.mark.sqlite_only("the store writer edits the home's SQLite file")
+def test_adopt_is_no_lure_on_a_store_already_authenticated(tmp_path: Path) -> None:
+    """Store writer without the KEK: strips the tag of every key row (Tether then refuses
+    to use them and names `tether keys adopt`) hoping the operator adopts its own rows.
+    The receipts are tagged already, so this is no upgrade: adopt is refused."""
+    import sqlite3
+
+    home = tmp_path / "home"
+    Tether.init(home, "acme.example").close()
+    db = sqlite3.connect(home / "tether.db")
+    db.execute("UPDATE signing_keys SET mac = NULL")
+    db.commit()
+    db.close()
+    t = Tether.open(home)
+    try:
+        with pytest.raises(UsageError, match="written without the KEK"):
+            t.keys.adopt(t.clock.now())
+        assert all(not ok for _, ok in t.keys.all_keys())  # nothing was blessed
+    finally:
+        t.close()
+
+
 def test_two_writers_share_one_tree(tmp_path: Path) -> None:
     """Store writer without the KEK, against two nodes (or processes) appending to one
     store: each signs heads over the other's receipts only after checking their tags."""

@@ -206,6 +206,15 @@ class KeyRing:
         rows = self._store.list_keys()
         if any(self.authentic(r) for r in rows):
             raise UsageError("the key set is authenticated already: nothing to adopt")
+        # A store whose receipts already carry tags was made (or adopted) by this version:
+        # its key rows were tagged too, so untagged rows now are a store writer's doing,
+        # not an upgrade (adopting them would bless the writer's keys).
+        if next(iter(self._store.iter_record_macs()), None) is not None:
+            raise UsageError(
+                "the receipts are authenticated already, so untagged key rows were not left "
+                "by an upgrade: the store has been written without the KEK; restore it from "
+                "a backup instead of adopting its keys"
+            )
         adopted = []
         with self._store.transaction():
             for row in rows:
