@@ -160,3 +160,35 @@ def test_format_check_write_and_print(tmp_path: Path) -> None:
     assert formatted != source and "// reads" in formatted and 'Tool::"kb.read"' in formatted
     assert run("policy", "format", str(directory), "--check")[0] == 0
     assert run("policy", "validate", str(directory))[0] == 0
+
+
+def test_admission_cases_see_the_context_admission_builds(tmp_path: Path) -> None:
+    """A case opening a task with a pattern is judged on what the pattern covers, as
+    admission judges it: ``shell.*`` puts ``shell.exec`` in ``context.tools``."""
+    directory = policies(
+        tmp_path,
+        admit='@id("admit") permit (principal, action == Action::"open_task", resource)\n'
+        'unless { context.tools.contains("shell.exec") };',
+    )
+    cases = tmp_path / "cases.toml"
+    cases.write_text(
+        f"""
+[[case]]
+name = "a pattern that covers shell.exec"
+agent = "{AGENT}"
+owner = "o@acme.example"
+action = "open_task"
+intent = {{ purpose = "p", capabilities = [{{ tool = "shell.*" }}] }}
+expect = "deny"
+
+[[case]]
+name = "a plain read"
+agent = "{AGENT}"
+owner = "o@acme.example"
+action = "open_task"
+intent = {{ purpose = "p", capabilities = [{{ tool = "kb.read" }}] }}
+expect = "allow"
+"""
+    )
+    code, output = run("policy", "test", str(directory), str(cases))
+    assert code == 0, output

@@ -61,7 +61,7 @@ task and its ancestors; flow rules; credentials in the arguments; approval
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import lru_cache
@@ -89,7 +89,7 @@ from tether.core._flow import (
     read_result,
     start,
 )
-from tether.core._intent import Intent, match_capability
+from tether.core._intent import Intent, covered_tools, is_pattern, match_capability
 from tether.core._policy import CedarOutcome, PolicySnapshot
 from tether.core._risk import Control, risk_tags
 from tether.core._scanning import MAX_ARGUMENT_BYTES, ScanLimits
@@ -271,6 +271,21 @@ def call_context(
         "root": chain[-1] if chain else "",
         "args": args,
         "flow": flow,
+    }
+
+
+def admission_context(intent: Intent, known: Iterable[str]) -> dict[str, Any]:
+    """Cedar's ``context`` for ``open_task``: ``tools`` holds what the capabilities cover
+    (a pattern expanded over the ``known`` tool names), ``patterns`` the patterns as
+    written."""
+    return {
+        "purpose": intent.purpose,
+        "data_ceiling": str(intent.data_ceiling),
+        "on_behalf_of": intent.on_behalf_of or "",
+        "max_calls": intent.budget.max_calls,
+        "ttl_seconds": intent.ttl_seconds,
+        "tools": covered_tools(intent, known),
+        "patterns": sorted({c.tool for c in intent.capabilities if is_pattern(c.tool)}),
     }
 
 

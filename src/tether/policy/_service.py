@@ -10,6 +10,7 @@ import json
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from tether._errors import InvalidPolicy, UsageError
 from tether.audit import Auditor
@@ -82,42 +83,32 @@ class PolicyService:
                 risk_tags=list(risk_tags(Control.PER_CALL_POLICY, Control.AUDIT)),
             )
             raise
-        if shadow:
-            body = json.dumps({"sources": sources, "schema": schema}, sort_keys=True)
-            with self._store.transaction():
+        detail: dict[str, Any] = {
+            "origin": origin,
+            "digest": snapshot.digest,
+            "count": len(snapshot.policies),
+        }
+        with self._store.transaction():
+            if shadow:
+                body = json.dumps({"sources": sources, "schema": schema}, sort_keys=True)
                 self._store.set_meta(SHADOW_BODY, body)
                 self._store.set_meta(SHADOW_DIGEST, snapshot.digest)
-                self._auditor.append(
-                    "policy.shadow",
-                    effect="allow",
-                    policies=list(snapshot.policy_ids)[:1000],
-                    detail={
-                        "origin": origin,
-                        "digest": snapshot.digest,
-                        "count": len(snapshot.policies),
-                        "enforced": False,
-                    },
-                    risk_tags=list(risk_tags(Control.PER_CALL_POLICY, Control.AUDIT)),
+                detail["enforced"] = False
+            else:
+                detail["snapshot_id"] = self._store.add_policy(
+                    snapshot.digest, json.dumps(sources, sort_keys=True), schema, self._clock.now()
                 )
-            self._shadow, self._shadow_digest = snapshot, snapshot.digest
-            return snapshot
-        with self._store.transaction():
-            snapshot_id = self._store.add_policy(
-                snapshot.digest, json.dumps(sources, sort_keys=True), schema, self._clock.now()
-            )
             self._auditor.append(
-                "policy.load",
+                kind,
                 effect="allow",
                 policies=list(snapshot.policy_ids)[:1000],
-                detail={
-                    "origin": origin,
-                    "digest": snapshot.digest,
-                    "count": len(snapshot.policies),
-                    "snapshot_id": snapshot_id,
-                },
+                detail=detail,
                 risk_tags=list(risk_tags(Control.PER_CALL_POLICY, Control.AUDIT)),
             )
-        self._snapshot, self._snapshot_id = snapshot, snapshot_id
+        if shadow:
+            self._shadow, self._shadow_digest = snapshot, snapshot.digest
+        else:
+            self._snapshot, self._snapshot_id = snapshot, detail["snapshot_id"]
         return snapshot
 
     def clear_shadow(self, *, origin: str = "api") -> str | None:

@@ -28,9 +28,14 @@ from typing import Any
 import cedarpy
 
 from tether._errors import InvalidPolicy, TetherError, UsageError
-from tether.core._decision import call_context, cedar_value, principal_entities
+from tether.core._decision import (
+    admission_context,
+    call_context,
+    cedar_value,
+    principal_entities,
+)
 from tether.core._flow import FlowState, ToolProfile, flow_context
-from tether.core._intent import parse_intent
+from tether.core._intent import Intent, parse_intent
 from tether.core._policy import PolicyRecord, PolicySnapshot, build_snapshot
 
 SCHEMA_FILE = "schema.cedarschema"
@@ -185,6 +190,9 @@ class Case:
     resource: dict[str, str]
     context: dict[str, Any]
     entities: list[dict[str, Any]] = field(default_factory=list)
+    #: ``open_task``: the requested intent, whose patterns are expanded over the set's
+    #: names when it is run (as admission expands them over the trust domain's).
+    intent: Intent | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,19 +250,14 @@ def _case(entry: Any, default_name: str) -> Case:
     principal, entities = principal_entities(agent, owner, str(entry.get("kind", "agent")))
     action = str(entry.get("action", "call_tool"))
     raw_intent = entry.get("intent") or {"purpose": "policy test"}
+    admitted: Intent | None = None
     try:
         if action == "open_task":
             intent = parse_intent(raw_intent)
             template = str(entry.get("template", "adhoc"))
             resource = {"type": "Template", "id": template}
-            context: dict[str, Any] = {
-                "purpose": intent.purpose,
-                "data_ceiling": str(intent.data_ceiling),
-                "on_behalf_of": intent.on_behalf_of or "",
-                "max_calls": intent.budget.max_calls,
-                "ttl_seconds": intent.ttl_seconds,
-                "tools": sorted({c.tool for c in intent.capabilities}),
-            }
+            context: dict[str, Any] = admission_context(intent, ())  # see run_cases
+            admitted = intent
         elif action == "call_tool":
             tool = entry.get("tool")
             if not isinstance(tool, str) or not tool:
@@ -287,7 +290,16 @@ def _case(entry: Any, default_name: str) -> Case:
     except (TetherError, ValueError, TypeError) as exc:
         raise UsageError(f"{name}: {exc}") from None
     entities.append({"uid": resource, "attrs": {}, "parents": []})
-    return Case(name, str(expect), action, principal, resource, context, entities)
+    return Case(
+        name,
+        str(expect),
+        action,
+        principal,
+        resource,
+        context,
+        entities,
+        admitted,
+    )
 
 
 def run_cases(snapshot: PolicySnapshot, cases: list[Case]) -> list[CaseResult]:
@@ -295,11 +307,15 @@ def run_cases(snapshot: PolicySnapshot, cases: list[Case]) -> list[CaseResult]:
     decision)."""
     results = []
     for case in cases:
+        context = case.context
+        if case.intent is not None:
+            # Offline there is no catalogue: the names the policies write are the known ones.
+            context = admission_context(case.intent, snapshot.named_strings)
         outcome = snapshot.evaluate(
             case.principal,
             case.action,
             case.resource,
-            case.context,
+            context,
             cedarpy.Entities.from_json_str(json.dumps(case.entities)),
         )
         if outcome.errors:

@@ -12,13 +12,18 @@ import msgspec
 from tether._errors import AdmissionRejected, IdentityRejected, InvalidIntent, NotFound, Rejected
 from tether.audit import Auditor
 from tether.core._clock import Clock
-from tether.core._decision import call_context, call_entities, cedar_value, principal_entities
+from tether.core._decision import (
+    admission_context,
+    call_context,
+    call_entities,
+    cedar_value,
+    principal_entities,
+)
 from tether.core._delegation import DelegationRejected, check_narrowing
 from tether.core._flow import FlowState, empty_flow_context
 from tether.core._intent import (
     Capability,
     Intent,
-    covered_tools,
     decode_intent,
     intent_digest,
     intent_to_builtins,
@@ -333,16 +338,8 @@ class TaskService:
             known.update(self.known_tools())
         principal, entities = principal_entities(agent_id, owner, kind)
         resource = {"type": "Template", "id": name}
-        patterns = sorted({c.tool for c in intent.capabilities if is_pattern(c.tool)})
-        context = {
-            "purpose": intent.purpose,
-            "data_ceiling": str(intent.data_ceiling),
-            "on_behalf_of": intent.on_behalf_of or "",
-            "max_calls": intent.budget.max_calls,
-            "ttl_seconds": intent.ttl_seconds,
-            "tools": covered_tools(intent, known),
-            "patterns": patterns,
-        }
+        context = admission_context(intent, known)
+        patterns: list[str] = context["patterns"]
         entities = [*entities, {"uid": resource, "attrs": {}, "parents": []}]
         outcome = snapshot.evaluate(principal, "open_task", resource, context, entities)
         if outcome.errors or not outcome.allowed or outcome.approval or delegated:
