@@ -519,3 +519,38 @@ def test_two_writers_share_one_tree(tmp_path: Path) -> None:
     assert not report.ok and report.first_bad == last
     a.close()
     b.close()
+
+
+def test_uncovered_tail_deleted_under_a_node_is_never_overwritten(
+    tmp_path: Path, clock: FrozenClock
+) -> None:
+    """Store writer without the KEK: deletes the newest receipts before any head covers
+    them. The node that wrote them refuses to reuse their positions (its next call is
+    refused, the log is not extended), so the deletion cannot be papered over."""
+    t = Tether.ephemeral("acme.example", clock=clock, head_every=1000)
+    t.register_identity(AGENT, kind="agent", owner="alice@acme.example")
+    quiet(t)
+    t.policies.load({"all.cedar": PERMIT_ALL})
+    key, _task_id, token = open_simple_task(t, max_calls=10)
+    args = {"path": "/a"}
+    first = t.authorize(
+        token=token,
+        proof=key.prove(token, "fs.read", args, now=clock.now()),
+        tool="fs.read",
+        args=args,
+    )
+    assert first.effect == "allow"
+    count = _count(t)
+    for table in ("audit_records", "audit_macs"):
+        t.store.execute_unsafe(f"DELETE FROM {table} WHERE seq > ?", (count - 2,))  # noqa: S608
+    args = {"path": "/b"}
+    clock.advance(1)
+    with pytest.raises(LogTampered) as caught:
+        t.authorize(
+            token=token,
+            proof=key.prove(token, "fs.read", args, now=clock.now()),
+            tool="fs.read",
+            args=args,
+        )
+    assert caught.value.position == count - 1
+    assert _count(t) == count - 2  # nothing was written in their place

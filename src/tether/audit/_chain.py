@@ -194,6 +194,10 @@ class Auditor:
         with self._store.transaction():
             last = self._store.last_record()
             seq = 1 if last is None else last.seq + 1
+            if self._written and seq <= max(self._written):
+                # This node committed that position and no head covers it yet: the tail
+                # was deleted under it. Appending would overwrite its receipt unseen.
+                raise LogTampered(seq, f"receipt {seq} this node wrote is missing")
             prev = GENESIS if last is None else last.hash
             now = self._clock.now()
             body = {"seq": seq, "at": round(now, 6), "kind": kind}
