@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from tether._errors import Conflict, UsageError
 from tether.approvals import Approvals
-from tether.audit import Auditor, VerifyReport
+from tether.audit import Auditor, RowTags, VerifyReport
 from tether.core._clock import Clock, SystemClock
 from tether.core._decision import (
     DECIDE_HTM,
@@ -162,6 +162,9 @@ class Tether:
             known_secrets=self.broker.known,
         )
 
+        # A store made before rows carried tags has them added once, here, with the KEK.
+        self.audit.rows.adopt()
+
     def __repr__(self) -> str:
         return f"Tether(trust_domain={self.trust_domain!r})"
 
@@ -176,6 +179,7 @@ class Tether:
             if store.last_record() is not None or store.get_meta("trust_domain") is not None:
                 raise Conflict("a trust domain already exists here")
             store.set_meta("trust_domain", parse_trust_domain(trust_domain))
+            RowTags(store, sealer).mark()  # every row of this store is tagged from birth
             keyring = KeyRing(store, sealer, trust_domain)
             jwt_key = keyring.create(JWT_USE, clock.now())
             ca_key = keyring.create(CA_USE, clock.now())
@@ -713,7 +717,7 @@ class Tether:
         issuers = self.user_issuers()
         issuers[issuer] = {"issuer": issuer, "audience": audience, "jwks": jwks}
         with self.store.transaction():
-            self.store.set_meta("user_issuers", json.dumps(issuers, sort_keys=True))
+            self.audit.rows.set_setting("user_issuers", json.dumps(issuers, sort_keys=True))
             self.audit.append(
                 "issuer.add",
                 effect="allow",
@@ -722,7 +726,9 @@ class Tether:
             )
 
     def user_issuers(self) -> dict[str, dict[str, Any]]:
-        raw = self.store.get_meta("user_issuers")
+        # Tagged: an issuer a store writer added (their own JWKS, to mint user tokens for
+        # token exchange) is refused with everything else in the setting.
+        raw = self.audit.rows.setting("user_issuers")
         issuers: dict[str, dict[str, Any]] = json.loads(raw) if raw else {}
         return issuers
 

@@ -20,6 +20,7 @@ from typing import Any
 from tether._errors import Conflict, NotFound, Rejected, UsageError
 from tether.approvals._review import text_flags
 from tether.audit import Auditor
+from tether.audit._rows import APPROVAL, approval_fields
 from tether.core._clock import Clock
 from tether.core._decision import DEFAULT_MAX_PENDING_APPROVALS
 from tether.core._risk import Control, risk_tags
@@ -77,7 +78,7 @@ class Approvals:
         """The pending approval for this exact call (created if there is none)."""
         existing = self._store.find_approval(task_id, tool, args_digest, "pending")
         now = self._clock.now()
-        if existing is not None and existing.expires_at > now:
+        if existing is not None and existing.expires_at > now and self._authentic(existing):
             return existing
         row = ApprovalRow(
             approval_id="apr_" + uuid.uuid4().hex,
@@ -93,6 +94,7 @@ class Approvals:
             expires_at=now + self.ttl,
         )
         self._store.add_approval(row)
+        self._auditor.rows.tag(APPROVAL, row.approval_id, approval_fields(row))
         self._auditor.append(
             "approval.request",
             chain=[agent_id],
@@ -110,7 +112,7 @@ class Approvals:
     ) -> ApprovalRow | None:
         """An approved, unexpired approval for exactly this call under this policy."""
         # Filtered in the query, so a stale or older approval never shadows a valid one.
-        return self._store.find_approval(
+        row = self._store.find_approval(
             task_id,
             tool,
             args_digest,
@@ -118,9 +120,25 @@ class Approvals:
             unexpired_at=self._clock.now(),
             policy_digest=policy_digest,
         )
+        return row if row is not None and self._authentic(row) else None
+
+    def _authentic(self, row: ApprovalRow) -> bool:
+        """Whether the approval was written (and decided) with the KEK: an approval a
+        store writer added or flipped to approved grants nothing."""
+        return self._auditor.rows.authentic(APPROVAL, row.approval_id, approval_fields(row))
+
+    def _retag(self, approval_id: str) -> ApprovalRow:
+        row = self._store.get_approval(approval_id)
+        assert row is not None
+        self._auditor.rows.tag(APPROVAL, approval_id, approval_fields(row))
+        return row
 
     def consume(self, approval_id: str) -> bool:
-        return self._store.use_approval(approval_id, self._clock.now())
+        with self._store.transaction():
+            if not self._store.use_approval(approval_id, self._clock.now()):
+                return False
+            self._retag(approval_id)
+        return True
 
     def decide(self, approval_id: str, *, approve: bool, by: str, comment: str = "") -> ApprovalRow:
         """Approve or deny a pending approval; ``comment`` (the human's words, at most
@@ -128,7 +146,9 @@ class Approvals:
         if len(comment) > MAX_COMMENT:
             raise UsageError(f"a comment is at most {MAX_COMMENT} characters")
         row = self._store.get_approval(approval_id)
-        if row is None:
+        if row is None or not self._authentic(row):
+            # Refused as unknown: a pending approval added in the store without the KEK
+            # (a call dressed up for a human to approve) is not one.
             raise NotFound(f"approval {approval_id} does not exist")
         if self.separation_of_duties:
             conflict = self.conflict_of_interest(row, by)
@@ -149,6 +169,7 @@ class Approvals:
         with self._store.transaction():
             if not self._store.decide_approval(approval_id, status, by, self._clock.now()):
                 raise Conflict(f"approval {approval_id} is {row.status} or expired, not pending")
+            decided = self._retag(approval_id)
             self._auditor.append(
                 "approval.decide",
                 chain=[by, row.agent_id],
@@ -163,8 +184,6 @@ class Approvals:
                 },
                 risk_tags=list(risk_tags(Control.APPROVAL, Control.AUDIT)),
             )
-        decided = self._store.get_approval(approval_id)
-        assert decided is not None
         return decided
 
     def conflict_of_interest(self, row: ApprovalRow, by: str) -> str | None:

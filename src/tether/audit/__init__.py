@@ -10,6 +10,7 @@ from tether.audit._chain import (
     Witness,
     record_hash,
 )
+from tether.audit._rows import RowTags, RowTampered
 from tether.audit._verifier import Report as BundleReport
 from tether.audit._verifier import verify_bundle
 
@@ -19,6 +20,8 @@ __all__ = [
     "Auditor",
     "BundleReport",
     "LogTampered",
+    "RowTags",
+    "RowTampered",
     "VerifyReport",
     "Witness",
     "record_hash",

@@ -42,6 +42,7 @@ from jwt.algorithms import ECAlgorithm
 
 from tether._errors import InfrastructureError
 from tether.audit._merkle import Frontier, Tree, leaf_hash
+from tether.audit._rows import RowTags
 from tether.audit._verifier import (
     BUNDLE_FORMAT,
     HEAD_TYP,
@@ -185,6 +186,14 @@ class Auditor:
         self._written: dict[int, bytes] = {}
         #: The newest head this process signed or checked, and its frontier.
         self._known_head: tuple[str, Frontier] | None = None
+        self._rows = RowTags(store, sealer) if sealer is not None else None
+
+    @property
+    def rows(self) -> RowTags:
+        """The authenticated rows of this store (:mod:`tether.audit._rows`)."""
+        if self._rows is None:
+            raise InfrastructureError("no key-encryption key: rows cannot be authenticated")
+        return self._rows
 
     def _tag(self, body: str) -> str | None:
         return None if self._sealer is None else self._sealer.mac(RECEIPT_MAC, body.encode())

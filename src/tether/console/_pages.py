@@ -136,7 +136,7 @@ class Console:
         env.globals["effects"] = _words.EFFECTS
         return cls(
             tether=tether,
-            sessions=Sessions(tether.store, tether.clock),
+            sessions=Sessions(tether.store, tether.clock, tether.audit.rows),
             risks=AcceptedRisks(tether.store, tether.audit, tether.clock),
             env=env,
             sign_in_limiter=RateLimiter(rate=1.0, burst=10.0),

@@ -53,6 +53,7 @@ from urllib.parse import urlsplit
 
 from litestar import Request
 
+from tether.audit._rows import CONSOLE_SESSION, RowTags, session_fields
 from tether.core._clock import Clock
 from tether.store import ConsoleSessionRow, Store
 
@@ -191,9 +192,10 @@ def csrf_token(session_id: str) -> str:
 class Sessions:
     """The console sessions, kept in the store (shared by every node over it)."""
 
-    def __init__(self, store: Store, clock: Clock) -> None:
+    def __init__(self, store: Store, clock: Clock, rows: RowTags) -> None:
         self._store = store
         self._clock = clock
+        self._rows = rows
 
     def create(self, credential_id: str, role: str, owner: str) -> Session:
         """A new session (a fresh id on every sign-in: no fixation). Expired sessions of
@@ -210,7 +212,9 @@ class Sessions:
             seen_at=now,
             expires_at=now + MAX_SECONDS,
         )
-        self._store.add_console_session(row)
+        with self._store.transaction():
+            self._store.add_console_session(row)
+            self._rows.tag(CONSOLE_SESSION, row.session_hash, session_fields(row))
         return _session(session_id, row)
 
     def get(self, session_id: str | None, *, touch: bool = True) -> Session | None:
@@ -222,8 +226,8 @@ class Sessions:
         now = self._clock.now()
         digest = session_hash(session_id)
         row = self._store.get_console_session(digest)
-        if row is None:
-            return None
+        if row is None or not self._rows.authentic(CONSOLE_SESSION, digest, session_fields(row)):
+            return None  # a session row written without the KEK signs nobody in
         if now - row.seen_at >= IDLE_SECONDS or now >= row.expires_at:
             self._store.delete_console_session(digest)
             return None

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from tether._errors import InvalidIntent
+from tether._errors import InfrastructureError, InvalidIntent
 from tether.core._canonical import digest
 from tether.core._scanning import linear
 
@@ -166,6 +166,23 @@ def validate_intent(intent: Intent) -> None:
 
 def intent_digest(intent: Intent) -> str:
     return digest(msgspec.to_builtins(intent))
+
+
+class IntentTampered(InfrastructureError):
+    """A stored intent does not hash to the digest its task (and token) were issued with."""
+
+    code = "task.intent_tampered"
+
+
+def decode_verified_intent(text: str, expected_digest: str, task_id: str = "") -> Intent:
+    """Decode a stored intent and check it against the digest signed into the task's
+    tokens: an intent widened in the store (more tools, more budget) is refused."""
+    intent = decode_intent(text)
+    if intent_digest(intent) != expected_digest:
+        raise IntentTampered(
+            f"the stored intent of task {task_id} does not match the digest it was issued with"
+        )
+    return intent
 
 
 def intent_to_builtins(intent: Intent) -> dict[str, Any]:

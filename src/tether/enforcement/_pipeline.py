@@ -185,7 +185,7 @@ class Enforcement:
         self._auditor = auditor
         self._clock = clock
         self._approvals = approvals
-        self.loader = SnapshotLoader(store)
+        self.loader = SnapshotLoader(store, auditor.rows)
         self._proofs = ProofVerifier()
         self._tokens: TokenVerifier | None = None
         self._keys_version: tuple[str, ...] = ()

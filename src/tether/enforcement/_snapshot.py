@@ -13,10 +13,19 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from tether._errors import InfrastructureError
+from tether.audit._rows import (
+    APPROVAL,
+    IDENTITY,
+    TASK,
+    RowTags,
+    approval_fields,
+    identity_fields,
+    task_fields,
+)
 from tether.core._credentials import Known
 from tether.core._decision import Grant, PendingApprovals, Snapshot, TaskState
 from tether.core._flow import FlowPolicy, FlowState, ToolProfile
-from tether.core._intent import Intent, decode_intent
+from tether.core._intent import Intent, decode_verified_intent
 from tether.core._scanning import ScanLimits
 from tether.core._verify import TaskClaims
 from tether.store import IdentityRow, Store, TaskRow
@@ -34,20 +43,30 @@ class FlowUnavailable(InfrastructureError):
 
 
 class SnapshotLoader:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, rows: RowTags) -> None:
         self._store = store
+        #: Identities, tasks and approvals are read only when their tags check: a row a
+        #: store writer added or edited without the KEK refuses the call
+        #: (``store.row_tampered``) or grants nothing.
+        self._rows = rows
         self._intents: dict[str, Intent] = {}
         #: A node's memory (:mod:`tether.cluster`); ``None`` in a lone process.
         self.memory: NodeMemory | None = None
 
+    def _stored_identity(self, spiffe_id: str) -> IdentityRow | None:
+        row = self._store.get_identity(spiffe_id)
+        if row is None or not self._rows.authentic(IDENTITY, spiffe_id, identity_fields(row)):
+            return None  # unknown, or written without the KEK: no identity at all
+        return row
+
     def _identity(self, spiffe_id: str) -> IdentityRow | None:
         memory = self.memory
         if memory is None:
-            return self._store.get_identity(spiffe_id)
+            return self._stored_identity(spiffe_id)
         row = memory.identity(spiffe_id)
         if row is None:
             generation = memory.generation
-            row = self._store.get_identity(spiffe_id)
+            row = self._stored_identity(spiffe_id)
             if row is not None:
                 memory.put_identity(row, generation)
         return row
@@ -55,12 +74,14 @@ class SnapshotLoader:
     def _intent(self, row: TaskRow) -> Intent:
         intent = self._intents.get(row.intent_digest)
         if intent is None:
+            intent = decode_verified_intent(row.intent_json, row.intent_digest, row.task_id)
             if len(self._intents) > 4096:
                 self._intents.clear()
-            intent = self._intents[row.intent_digest] = decode_intent(row.intent_json)
+            self._intents[row.intent_digest] = intent
         return intent
 
     def state(self, row: TaskRow) -> TaskState:
+        self._rows.require(TASK, row.task_id, task_fields(row))
         agent = self._identity(row.agent_id)
         intent = self._intent(row)
         return TaskState(
@@ -162,6 +183,6 @@ class SnapshotLoader:
         row = self._store.find_approval(
             task_id, tool, args_digest, "approved", unexpired_at=now, policy_digest=policy_digest
         )
-        if row is None:
-            return None
+        if row is None or not self._rows.authentic(APPROVAL, row.approval_id, approval_fields(row)):
+            return None  # an approval written without the KEK approves nothing
         return Grant(approval_id=row.approval_id, decided_by=row.decided_by or "")

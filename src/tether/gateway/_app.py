@@ -259,7 +259,7 @@ class Gateway:
     def _check_identities(self) -> None:
         problems: list[str] = []
         for upstream in self.config.upstreams:
-            row = self.tether.store.get_identity(upstream.identity)
+            row = self.tether.identities.lookup(upstream.identity)
             where = f"upstream {upstream.name!r}: identity {upstream.identity}"
             if row is None:
                 problems.append(

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import mcp_types as types
 
 from tether._errors import InfrastructureError, UsageError
+from tether.audit._rows import SETTING
 from tether.core import digest
 from tether.core._risk import Control, risk_tags
 
@@ -170,6 +171,10 @@ class ToolPins:
         with self._lock:
             if raw == self._raw:
                 return self._parsed
+        if raw is not None and not self._tether.audit.rows.authentic(
+            SETTING, PINS_KEY, {"value": raw}
+        ):
+            raise PinsUnavailable("the pinned tool definitions were written without the KEK")
         parsed = {} if raw is None else _decode(raw)
         with self._lock:
             self._raw, self._parsed = raw, parsed
@@ -258,6 +263,10 @@ class ToolPins:
             # across nodes, so no concurrent pin is lost.
             store.last_record()
             raw = store.get_meta(PINS_KEY)
+            if raw is not None and not self._tether.audit.rows.authentic(
+                SETTING, PINS_KEY, {"value": raw}
+            ):
+                raise PinsUnavailable("the pinned tool definitions were written without the KEK")
             pins = {} if raw is None else _decode(raw)
             mine = dict(pins.get(upstream, {}))
             now = self._tether.clock.now()
@@ -295,5 +304,5 @@ class ToolPins:
                 changes.append(PinChange(upstream, name, previous, value, record.seq))
             if changes:
                 pins[upstream] = mine
-                store.set_meta(PINS_KEY, _encode(pins))
+                self._tether.audit.rows.set_setting(PINS_KEY, _encode(pins))
         return changes

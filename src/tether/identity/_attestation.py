@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from tether._errors import AttestationRejected, IdentityRejected
 from tether.audit import Auditor
+from tether.audit._rows import JOIN_TOKEN
 from tether.core._clock import Clock
 from tether.core._risk import Control, risk_tags
 from tether.core._spiffe_id import parse_spiffe_id
@@ -64,6 +65,7 @@ class Attestor:
         token = JOIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
         with self._store.transaction():
             self._store.add_join_token(_hash(token), identity.spiffe_id, self._clock.now() + ttl)
+            self._auditor.rows.tag(JOIN_TOKEN, _hash(token), {"spiffe_id": identity.spiffe_id})
             self._auditor.append(
                 "attestation.join_token",
                 chain=[identity.spiffe_id],
@@ -87,7 +89,12 @@ class Attestor:
         network door that counts and samples refusals of callers who proved nothing)."""
         now = self._clock.now()
         tags = list(risk_tags(Control.WORKLOAD_IDENTITY))
-        spiffe_id = self._store.consume_join_token(_hash(join_token), now)
+        token_hash = _hash(join_token)
+        spiffe_id = self._store.consume_join_token(token_hash, now)
+        if spiffe_id is not None and not self._auditor.rows.authentic(
+            JOIN_TOKEN, token_hash, {"spiffe_id": spiffe_id}
+        ):
+            spiffe_id = None  # a join token a store writer put in is no join token
         if spiffe_id is None and record_refusal:
             self._auditor.append(
                 "attestation.attest",

@@ -22,6 +22,7 @@ from enum import StrEnum
 
 from tether._errors import IdentityRejected, UsageError
 from tether.audit import Auditor
+from tether.audit._rows import CREDENTIAL, credential_fields
 from tether.core._clock import Clock
 from tether.core._risk import Control, risk_tags
 from tether.store import CredentialRow, Store
@@ -66,6 +67,7 @@ class Credentials:
         )
         with self._store.transaction():
             self._store.add_credential(row)
+            self._auditor.rows.tag(CREDENTIAL, credential_id, credential_fields(row))
             self._auditor.append(
                 "credential.create",
                 chain=[owner],
@@ -87,6 +89,9 @@ class Credentials:
             row is None
             or row.disabled_at is not None
             or not hmac.compare_digest(row.secret_hash, _hash(secret))
+            # A credential row written without the KEK (a store writer's own admin) is
+            # no credential at all.
+            or not self._auditor.rows.authentic(CREDENTIAL, credential_id, credential_fields(row))
         ):
             raise IdentityRejected("unknown or wrong admin credential", code="credential.invalid")
         return row

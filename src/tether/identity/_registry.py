@@ -7,6 +7,7 @@ from enum import StrEnum
 
 from tether._errors import Conflict, IdentityRejected, NotFound
 from tether.audit import Auditor
+from tether.audit._rows import IDENTITY, identity_fields
 from tether.core._clock import Clock
 from tether.core._risk import Control, risk_tags
 from tether.core._spiffe_id import parse_spiffe_id
@@ -74,6 +75,7 @@ class IdentityRegistry:
             if self._store.get_identity(row.spiffe_id) is not None:
                 raise Conflict(f"identity {row.spiffe_id} is already registered")
             self._store.add_identity(row)
+            self._auditor.rows.tag(IDENTITY, row.spiffe_id, identity_fields(row))
             self._auditor.append(
                 "identity.register",
                 chain=[row.spiffe_id],
@@ -83,8 +85,18 @@ class IdentityRegistry:
             )
         return row
 
-    def get(self, spiffe_id: str) -> IdentityRow:
+    def lookup(self, spiffe_id: str) -> IdentityRow | None:
+        """The registered identity, or ``None``: unknown, or its row was written without
+        the KEK (an identity a store writer added, re-owned or re-activated is none)."""
         row = self._store.get_identity(spiffe_id)
+        if row is None or not self._auditor.rows.authentic(
+            IDENTITY, row.spiffe_id, identity_fields(row)
+        ):
+            return None
+        return row
+
+    def get(self, spiffe_id: str) -> IdentityRow:
+        row = self.lookup(spiffe_id)
         if row is None:
             raise NotFound(f"identity {spiffe_id} is not registered")
         return row
@@ -97,4 +109,7 @@ class IdentityRegistry:
         row = self.get(spiffe_id)
         if not self._store.disable_identity(spiffe_id, self._clock.now()):
             raise Conflict(f"identity {spiffe_id} is already disabled")
-        return self.get(row.spiffe_id)
+        disabled = self._store.get_identity(row.spiffe_id)
+        assert disabled is not None
+        self._auditor.rows.tag(IDENTITY, disabled.spiffe_id, identity_fields(disabled))
+        return disabled

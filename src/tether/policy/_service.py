@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from tether._errors import InvalidPolicy, UsageError
-from tether.audit import Auditor
+from tether.audit import Auditor, RowTampered
+from tether.audit._rows import POLICY, policy_fields
 from tether.core._clock import Clock
 from tether.core._policy import PolicySnapshot, build_snapshot
 from tether.core._risk import Control, risk_tags
 from tether.policy._shadow import ShadowReport, shadow_report
-from tether.store import Store
+from tether.store import PolicyRow, Store
 
 SCHEMA_FILE = "schema.cedarschema"
 SHADOW_BODY = "policy.shadow"
@@ -91,13 +92,22 @@ class PolicyService:
         with self._store.transaction():
             if shadow:
                 body = json.dumps({"sources": sources, "schema": schema}, sort_keys=True)
-                self._store.set_meta(SHADOW_BODY, body)
-                self._store.set_meta(SHADOW_DIGEST, snapshot.digest)
+                self._auditor.rows.set_setting(SHADOW_BODY, body)
+                self._auditor.rows.set_setting(SHADOW_DIGEST, snapshot.digest)
                 detail["enforced"] = False
             else:
-                detail["snapshot_id"] = self._store.add_policy(
-                    snapshot.digest, json.dumps(sources, sort_keys=True), schema, self._clock.now()
+                sources_json = json.dumps(sources, sort_keys=True)
+                snapshot_id = self._store.add_policy(
+                    snapshot.digest, sources_json, schema, self._clock.now()
                 )
+                self._auditor.rows.tag(
+                    POLICY,
+                    str(snapshot_id),
+                    policy_fields(
+                        PolicyRow(snapshot_id, snapshot.digest, sources_json, schema, 0.0)
+                    ),
+                )
+                detail["snapshot_id"] = snapshot_id
             self._auditor.append(
                 kind,
                 effect="allow",
@@ -117,8 +127,8 @@ class PolicyService:
             current = self._store.get_meta(SHADOW_DIGEST)
             if not current:
                 return None
-            self._store.set_meta(SHADOW_DIGEST, "")
-            self._store.set_meta(SHADOW_BODY, "")
+            self._auditor.rows.set_setting(SHADOW_DIGEST, "")
+            self._auditor.rows.set_setting(SHADOW_BODY, "")
             self._auditor.append(
                 "policy.shadow",
                 effect="allow",
@@ -131,7 +141,10 @@ class PolicyService:
 
     def shadow_digest(self) -> str | None:
         """The digest of the shadow set in the store now (None: shadow mode is off)."""
-        return self._store.get_meta(SHADOW_DIGEST) or None
+        try:
+            return self._auditor.rows.setting(SHADOW_DIGEST) or None
+        except RowTampered:
+            return None  # a shadow set written without the KEK is none
 
     def shadow_report(self, *, limit: int = 50) -> ShadowReport:
         """What the current shadow set would have changed, from the receipts."""
@@ -147,10 +160,13 @@ class PolicyService:
             return self._shadow
         self._shadow_stale = False
         self._shadow_read = time.monotonic()
-        current = self._store.get_meta(SHADOW_DIGEST) or None
+        current = self.shadow_digest()
         if current != self._shadow_digest:
             self._shadow, self._shadow_digest = None, current
-            body = self._store.get_meta(SHADOW_BODY) if current else None
+            try:
+                body = self._auditor.rows.setting(SHADOW_BODY) if current else None
+            except RowTampered:
+                body = None
             if body:
                 try:
                     data = json.loads(body)
@@ -177,6 +193,13 @@ class PolicyService:
         if self._snapshot is None or self._snapshot_id != active_id:
             row = self._store.active_policy()
             assert row is not None
+            # A policy set a store writer put in without the KEK is refused, and with it
+            # every decision (fail closed), until an operator loads a set again.
+            try:
+                self._auditor.rows.require(POLICY, str(row.id), policy_fields(row))
+            except RowTampered:
+                self._stale = True  # refused again on every call, not only the first
+                raise
             self._snapshot = build_snapshot(json.loads(row.sources_json), row.schema)
             self._snapshot_id = row.id
         return self._snapshot

@@ -37,6 +37,7 @@ from typing import Any
 
 from tether._errors import InfrastructureError, Rejected
 from tether.audit import Auditor
+from tether.audit._rows import IDENTITY, TASK, identity_fields, task_fields
 from tether.core._clock import Clock
 from tether.core._credentials import Known
 from tether.core._risk import Control, risk_tags
@@ -157,8 +158,14 @@ class Broker:
             raise LeaseRejected(f"task {task_id[:80]} is not known", code="lease.task")
         if task.status != "open" or task.expires_at <= now:
             raise LeaseRejected(f"task {task_id} is {task.status}", code="lease.task")
+        if not self._auditor.rows.authentic(TASK, task.task_id, task_fields(task)):
+            raise LeaseRejected(f"task {task_id} fails its authentication", code="lease.task")
         agent = self._store.get_identity(task.agent_id)
-        if agent is None or agent.status != "active":
+        if (
+            agent is None
+            or agent.status != "active"
+            or not self._auditor.rows.authentic(IDENTITY, agent.spiffe_id, identity_fields(agent))
+        ):
             raise LeaseRejected(f"agent {task.agent_id} is disabled", code="lease.agent")
         return task
 

@@ -177,8 +177,61 @@ def authenticated(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # t
 
 def source_address(connection: ASGIConnection) -> str:  # type: ignore[type-arg]
     """The peer of the connection (a proxy's, behind one)."""
-    client = connection.scope.get("client")
+    return source_address_of(connection.scope)
+
+
+def source_address_of(scope: Any) -> str:
+    """The peer address of an ASGI scope (never a forwarded header)."""
+    client = scope.get("client")
     return str(client[0])[:64] if client else "unknown"
+
+
+#: Public, cheap and writing nothing: health probes, trust bundles and the API's schema
+#: stay answered.
+_NEVER_SHED = frozenset(
+    {
+        "/healthz",
+        "/livez",
+        "/readyz",
+        "/.well-known/jwks.json",
+        "/.well-known/spiffe-bundle",
+        "/.well-known/oauth-authorization-server",
+    }
+)
+
+
+def _never_shed(path: str) -> bool:
+    return path in _NEVER_SHED or path == "/openapi.json" or path.startswith("/schema")
+
+
+def _presents_admin_credential(scope: Any) -> bool:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            return bool(value[:12].lower() == b"bearer tadm_")
+    return False
+
+
+async def _send_rate_limited(send: Any) -> None:
+    body = json.dumps(
+        {
+            "status_code": 429,
+            "detail": "too many unauthenticated requests from this address",
+            "error": "rate_limited",
+            "error_description": "too many unauthenticated requests from this address",
+        }
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 429,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", b"1"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def refuse_unauthenticated(
@@ -289,6 +342,18 @@ def _error_response(request: Request, exc: Exception) -> Response[Any]:  # type:
         and _is_decision_call(request, status)
     ):
         _refused_decision(ctx, request, status, code, message)
+    elif (
+        ctx is not None
+        and principal is None
+        and not request.state.get("accounted")
+        and 400 <= status < 500
+        and status != 429
+    ):
+        # Any other refusal of a caller who proved nothing (a malformed body or key at a
+        # door that needs no credential, an unknown route) is charged to its address too:
+        # counted, sampled, and past the rate answered 429 before any work.
+        with contextlib.suppress(RateLimited, Unauthorized, Forbidden, HTTPException):
+            refuse_unauthenticated(ctx, request, bounded_code(code), status=status)
     if ctx is not None and principal is not None and status >= 400:
         # A refused request from a known principal leaves a receipt.
         with contextlib.suppress(TetherError):
@@ -1476,6 +1541,21 @@ class _Observe:
             return
         started = time.perf_counter()
         status = {"code": 500}
+        ctx = scope["app"].state.get("ctx") if "app" in scope else None
+        if (
+            ctx is not None
+            and ctx.unauthenticated.limited(source_address_of(scope))
+            and not _presents_admin_credential(scope)
+            and not _never_shed(str(scope.get("path", "")))
+        ):
+            # An address past its rate of refusals is answered before any work: no body
+            # read, no token or proof verified, no store touched. An operator's admin
+            # credential (cheap to check: a hash and a row) still gets through, so an
+            # attacker behind the operators' proxy cannot lock them out.
+            ctx.metrics.unauthenticated.labels("rate_limited").inc()
+            await _send_rate_limited(send)
+            log_request(scope["method"], "unmatched", 429, started, None)
+            return
 
         async def capture(message: Any) -> None:
             if message["type"] == "http.response.start":

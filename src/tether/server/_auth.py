@@ -109,7 +109,7 @@ class Authenticator:
         )
         if claims.jkt is None:
             raise Unauthorized("JWT-SVID is not bound to a key (cnf.jkt)", code="invalid_token")
-        identity = self.tether.store.get_identity(claims.spiffe_id)
+        identity = self.tether.identities.lookup(claims.spiffe_id)
         if identity is None or identity.status != "active":
             raise Unauthorized(
                 f"{claims.spiffe_id} is not an active identity", code="identity.disabled"

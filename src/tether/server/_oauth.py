@@ -232,7 +232,7 @@ class OAuth:
         try:
             claims = self.tether.enforcement.verify_token(token, now=now)
             state = self.tether.store.get_task(claims.task_id)
-            agent = self.tether.store.get_identity(claims.subject)
+            agent = self.tether.identities.lookup(claims.subject)
             if (
                 state is None
                 or state.status != "open"

@@ -1338,6 +1338,24 @@ class PostgresStore:
             counts.setdefault(str(tid), {})[str(effect)] = int(count)
         return counts
 
+    # -- authenticated rows ----------------------------------------------------------------
+    def put_row_tag(self, kind: str, key: str, tag: str) -> None:
+        self._run(
+            "INSERT INTO row_tags (kind, key, tag) VALUES (%s, %s, %s) "
+            "ON CONFLICT (kind, key) DO UPDATE SET tag = excluded.tag",
+            (kind, key, tag),
+        )
+
+    def get_row_tag(self, kind: str, key: str) -> str | None:
+        row = self._one("SELECT tag FROM row_tags WHERE kind = %s AND key = %s", (kind, key))
+        return None if row is None else str(row[0])
+
+    def row_tags(self, kind: str) -> dict[str, str]:
+        return {
+            str(key): str(tag)
+            for key, tag in self._all("SELECT key, tag FROM row_tags WHERE kind = %s", (kind,))
+        }
+
     def add_accepted_risk(self, row: AcceptedRiskRow) -> None:
         self._run(
             f"INSERT INTO accepted_risks ({_RISK_COLS}) "

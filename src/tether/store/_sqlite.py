@@ -118,6 +118,8 @@ CREATE TABLE IF NOT EXISTS console_sessions (
   session_hash TEXT PRIMARY KEY, credential_id TEXT NOT NULL, role TEXT NOT NULL,
   owner TEXT NOT NULL, created_at REAL NOT NULL, seen_at REAL NOT NULL,
   expires_at REAL NOT NULL, flash TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS row_tags (
+  kind TEXT NOT NULL, key TEXT NOT NULL, tag TEXT NOT NULL, PRIMARY KEY (kind, key));
 CREATE INDEX IF NOT EXISTS tasks_opened ON tasks (opened_at, task_id);
 CREATE INDEX IF NOT EXISTS audit_records_task ON audit_records (json_extract(body, '$.task_id'));
 """
@@ -1103,6 +1105,24 @@ class SQLiteStore:
         for task_id, effect, count in rows:
             counts.setdefault(str(task_id), {})[str(effect)] = int(count)
         return counts
+
+    # -- authenticated rows ----------------------------------------------------------------
+    def put_row_tag(self, kind: str, key: str, tag: str) -> None:
+        self._run(
+            "INSERT INTO row_tags (kind, key, tag) VALUES (?, ?, ?) "
+            "ON CONFLICT (kind, key) DO UPDATE SET tag = excluded.tag",
+            (kind, key, tag),
+        )
+
+    def get_row_tag(self, kind: str, key: str) -> str | None:
+        row = self._one("SELECT tag FROM row_tags WHERE kind = ? AND key = ?", (kind, key))
+        return None if row is None else str(row[0])
+
+    def row_tags(self, kind: str) -> dict[str, str]:
+        return {
+            str(key): str(tag)
+            for key, tag in self._all("SELECT key, tag FROM row_tags WHERE kind = ?", (kind,))
+        }
 
     def add_accepted_risk(self, row: AcceptedRiskRow) -> None:
         self._run(

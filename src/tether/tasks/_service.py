@@ -11,6 +11,7 @@ import msgspec
 
 from tether._errors import AdmissionRejected, IdentityRejected, InvalidIntent, NotFound, Rejected
 from tether.audit import Auditor
+from tether.audit._rows import TASK, task_fields
 from tether.core._clock import Clock
 from tether.core._decision import (
     admission_context,
@@ -24,7 +25,7 @@ from tether.core._flow import FlowState, empty_flow_context
 from tether.core._intent import (
     Capability,
     Intent,
-    decode_intent,
+    decode_verified_intent,
     intent_digest,
     intent_to_builtins,
     is_pattern,
@@ -281,6 +282,7 @@ class TaskService:
                         f"agent {agent_id} is disabled", code="identity.disabled"
                     )
                 self._store.add_task(row)
+                self._auditor.rows.tag(TASK, row.task_id, task_fields(row))
                 if resources:
                     self._store.put_task_resources(task_id, json.dumps(list(resources)))
                 self._auditor.append(
@@ -384,7 +386,7 @@ class TaskService:
         now = self._clock.now()
         row = self.get(task_id)
         chain = list(json.loads(row.chain_json)) or [row.agent_id]
-        intent = decode_intent(row.intent_json)
+        intent = self.intent_of(row)
         snapshot = self._policies.snapshot()
         try:
             self._renewable(row, chain, intent, now)
@@ -455,7 +457,7 @@ class TaskService:
             if now - max(last or 0.0, row.opened_at) >= intent.idle_seconds:
                 raise RenewalRejected(f"task {row.task_id} is idle", code="task.idle")
         for spiffe_id in chain:
-            identity = self._store.get_identity(spiffe_id)
+            identity = self._registry.lookup(spiffe_id)
             if identity is None or identity.status != "active":
                 raise RenewalRejected(f"{spiffe_id} is disabled", code="identity.disabled")
         parent_id = row.parent_task_id
@@ -466,7 +468,7 @@ class TaskService:
                     f"ancestor task {parent_id} is {parent.status}", code="delegation.parent"
                 )
             parent_id = parent.parent_task_id
-        agent = self._store.get_identity(row.agent_id)
+        agent = self._registry.lookup(row.agent_id)
         assert agent is not None
         outcome, _patterns = self._admission(
             agent.spiffe_id,
@@ -527,13 +529,14 @@ class TaskService:
         self, agent_id: str, parent: TaskRow, intent: Intent, now: float
     ) -> tuple[Intent, tuple[str, ...]]:
         """Check a delegated intent against its parent's; return it and the actor chain."""
+        self._auditor.rows.require(TASK, parent.task_id, task_fields(parent))
         parent_chain = tuple(json.loads(parent.chain_json))
         try:
             if parent.status != "open" or parent.expires_at <= now:
                 raise DelegationRejected(
                     f"parent task {parent.task_id} is {parent.status}", code="delegation.parent"
                 )
-            parent_intent = decode_intent(parent.intent_json)
+            parent_intent = self.intent_of(parent)
             if intent.on_behalf_of is None and parent_intent.on_behalf_of is not None:
                 intent = msgspec.structs.replace(intent, on_behalf_of=parent_intent.on_behalf_of)
             used = self._flow_used(parent.task_id)
@@ -571,21 +574,34 @@ class TaskService:
                 f"the flow state of task {task_id} cannot be read", code="delegation.parent"
             ) from None
 
-    def get(self, task_id: str) -> TaskRow:
+    def _stored(self, task_id: str) -> TaskRow:
         row = self._store.get_task(task_id)
         if row is None:
             raise NotFound(f"task {task_id} is not known")
         return row
 
+    def get(self, task_id: str) -> TaskRow:
+        """The task, its row authenticated (:class:`tether.audit.RowTampered` when a store
+        writer added it, re-pointed its agent or parent, or re-opened it)."""
+        row = self._stored(task_id)
+        self._auditor.rows.require(TASK, row.task_id, task_fields(row))
+        return row
+
     def intent_of(self, row: TaskRow) -> Intent:
-        return decode_intent(row.intent_json)
+        """The task's intent, checked against the digest its tokens carry."""
+        return decode_verified_intent(row.intent_json, row.intent_digest, row.task_id)
 
     def end(self, task_id: str, *, reason: str = "ended", status: str = "ended") -> TaskRow:
-        """End (or revoke) one task and revoke its token, durably, with a receipt."""
-        row = self.get(task_id)
+        """End (or revoke) one task and revoke its token, durably, with a receipt. A task
+        whose row fails its authentication is ended all the same (and stays untagged)."""
+        row = self._stored(task_id)
+        authentic = self._auditor.rows.authentic(TASK, row.task_id, task_fields(row))
         now = self._clock.now()
         with self._store.transaction():
             closed = self._store.close_task(task_id, status, reason, now)
+            if closed and authentic:
+                ended = self._stored(task_id)
+                self._auditor.rows.tag(TASK, task_id, task_fields(ended))
             self._store.revoke_token(row.token_id, task_id, reason, now)
             leases = (
                 self.leases.revoke_for_task(task_id, reason, status=status)
@@ -614,7 +630,7 @@ class TaskService:
                         risk_tags(*controls, *((Control.SECRET_BROKERING,) if leases else ()))
                     ),
                 )
-        return self.get(task_id)
+        return self._stored(task_id)
 
     def revoke_for_agent(self, agent_id: str, reason: str) -> list[str]:
         revoked = []
@@ -632,7 +648,7 @@ class TaskService:
                 self.end(row.task_id, reason="ttl elapsed", status="expired")
                 expired.append(row.task_id)
             elif '"idle_seconds"' in row.intent_json:
-                idle = decode_intent(row.intent_json).idle_seconds
+                idle = self.intent_of(row).idle_seconds
                 last = self._store.task_last_activity(row.task_id)
                 if idle is not None and now - max(last or 0.0, row.opened_at) >= idle:
                     self.end(row.task_id, reason=f"idle for {idle}s", status="expired")
