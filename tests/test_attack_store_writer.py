@@ -343,3 +343,30 @@ def test_a_store_made_before_rows_were_tagged_is_adopted_once(
         assert t.identities.lookup(AGENT) is None  # not adopted again
     finally:
         t.close()
+
+
+def test_rows_put_back_to_an_earlier_authentic_state_fail_audit_verify(t: Tether) -> None:
+    """Store writer: saves a task's and an identity's rows and tags while they are live,
+    and after the kill and the offboarding puts them back as they were (each tag still
+    checks). The log's ending receipts contradict them: ``audit verify`` names the
+    first."""
+    _key, task_id, _token = open_simple_task(t)
+    saved_tags = t.store.execute_fetch("SELECT kind, key, tag FROM row_tags")
+    t.disable_identity(AGENT)
+    assert t.verify_audit().ok
+    _sql(
+        t,
+        "UPDATE tasks SET status = 'open', ended_at = NULL, end_reason = NULL WHERE task_id = ?",
+        task_id,
+    )
+    _sql(
+        t, "UPDATE identities SET status = 'active', disabled_at = NULL WHERE spiffe_id = ?", AGENT
+    )
+    for kind, key, tag in saved_tags:
+        _sql(t, "UPDATE row_tags SET tag = ? WHERE kind = ? AND key = ?", tag, kind, key)
+    assert t.identities.lookup(AGENT) is not None  # the tag alone cannot tell
+    report = t.verify_audit()
+    assert not report.ok
+    ended = [r for r in t.audit.tail(20) if r["kind"] == "task.revoked"]
+    assert report.first_bad == ended[0]["seq"]
+    assert "open again" in (report.problem or "")

@@ -154,6 +154,66 @@ class Witness:
         return None
 
 
+class _Endings:
+    """What the log says was ended for good: tasks ended or revoked, identities
+    disabled, signing keys revoked, approvals decided. A row put back to an earlier state
+    it really had (its tag from then still checks) contradicts these receipts, which the
+    signed heads and the witness keep from being deleted in turn."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, int] = {}
+        self.identities: dict[str, int] = {}
+        self.keys: dict[str, int] = {}
+        self.approvals: dict[str, int] = {}
+
+    def note(self, seq: int, body: dict[str, Any]) -> None:
+        kind = body.get("kind")
+        detail = body.get("detail")
+        detail = detail if isinstance(detail, dict) else {}
+        if kind in ("task.end", "task.revoked", "task.expired"):
+            if isinstance(body.get("task_id"), str):
+                self.tasks[body["task_id"]] = seq
+        elif kind == "identity.disable":
+            chain = body.get("chain")
+            if isinstance(chain, list) and chain and isinstance(chain[0], str):
+                self.identities[chain[0]] = seq
+        elif kind == "keys.revoke":
+            if isinstance(detail.get("kid"), str):
+                self.keys[detail["kid"]] = seq
+        elif (
+            kind == "approval.decide"
+            and not detail.get("refused")
+            and isinstance(detail.get("approval_id"), str)
+        ):
+            self.approvals[detail["approval_id"]] = seq
+
+    def rolled_back(self, store: Store) -> tuple[int, str] | None:
+        """The first receipt whose ending the store's rows no longer show, and why."""
+        found: list[tuple[int, str]] = []
+        for task_id, seq in self.tasks.items():
+            task = store.get_task(task_id)
+            if task is not None and task.status == "open":
+                found.append((seq, f"task {task_id} ended at receipt {seq} is open again"))
+        for spiffe_id, seq in self.identities.items():
+            identity = store.get_identity(spiffe_id)
+            if identity is not None and identity.status == "active":
+                found.append(
+                    (seq, f"identity {spiffe_id} disabled at receipt {seq} is active again")
+                )
+        if self.keys:
+            revoked = {k.kid: k.revoked_at for k in store.list_keys()}
+            for kid, seq in self.keys.items():
+                if kid in revoked and revoked[kid] is None:
+                    found.append((seq, f"key {kid} revoked at receipt {seq} is trusted again"))
+        for approval_id, seq in self.approvals.items():
+            approval = store.get_approval(approval_id)
+            if approval is not None and approval.status == "pending":
+                found.append(
+                    (seq, f"approval {approval_id} decided at receipt {seq} is pending again")
+                )
+        return min(found) if found else None
+
+
 class Auditor:
     """Appends receipts, signs and publishes tree heads, verifies the log, exports it."""
 
@@ -470,6 +530,7 @@ class Auditor:
         tag: tuple[int, str] | None = next(tags, None)
         untagged = self._untagged_upto()
         bad_tag: tuple[int, str] | None = None
+        endings = _Endings()
         for row in self._store.iter_records():
             if row.seq != expected:
                 return self._bad(count, expected, f"record {expected} is missing")
@@ -489,6 +550,7 @@ class Auditor:
             if row.seq in cp_seqs:
                 hashes[row.seq] = row.hash
             tag, bad_tag = self._check_tag(row, tags, tag, untagged, bad_tag)
+            endings.note(row.seq, body)
             frontier.append(leaf_hash(row.body.encode()))
             if frontier.size in wanted:
                 roots[frontier.size] = frontier.root()
@@ -518,6 +580,9 @@ class Auditor:
                 witnessed = check_witness(self.witness.lines(), heads, keys, td, count)
         except Rejected as bad:
             return self._bad(count, bad.position, bad.problem, len(checkpoints))
+        rolled_back = endings.rolled_back(self._store)
+        if rolled_back is not None:
+            return self._bad(count, rolled_back[0], rolled_back[1], len(checkpoints))
         newest = heads[-1].size if heads else 0
         if count - newest >= max(self.head_every, 1) and count > untagged:
             return self._bad(

@@ -14,8 +14,8 @@ What a tag cannot show is *age*: a row put back, with its tag, to an earlier sta
 really had (an approval back to ``approved`` after its use, a disabled identity back to
 ``active``) passes. Those transitions also leave a receipt in the verifiable log, whose
 signed heads and witness show any deletion, so ``tether audit verify`` compares the
-ending receipts with the rows (:meth:`RowTags.rolled_back`); and a node keeps what it saw
-revoked in memory. See ``docs/security.md``.
+ending receipts with the rows and names the first one a row contradicts; and a node
+keeps what it saw revoked in memory. See ``docs/security.md``.
 """
 
 from __future__ import annotations
