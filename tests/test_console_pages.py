@@ -376,9 +376,7 @@ def test_a_disabled_credential_ends_its_session(tether: Tether) -> None:
     row, secret = tether.credentials.create("admin", "eve@acme.example")
     with console_client(tether) as client:
         sign_in(client, secret)
-        tether.store.execute_unsafe(
-            "UPDATE credentials SET disabled_at = 1 WHERE credential_id = ?", (row.credential_id,)
-        )
+        tether.credentials.disable(row.credential_id, by="root@acme.example")
         assert client.get("/console/identities", follow_redirects=False).status_code == 303
 
 
@@ -1041,9 +1039,7 @@ def test_a_disabled_credential_ends_its_session_on_every_node(
     with console_client(first) as one, console_client(second) as two:
         sign_in(one, secret)
         two.cookies.update(one.cookies)
-        first.store.execute_unsafe(
-            "UPDATE credentials SET disabled_at = 1 WHERE credential_id = ?", (row.credential_id,)
-        )
+        first.credentials.disable(row.credential_id, by="root@acme.example")
         assert two.get("/console/identities", follow_redirects=False).status_code == 303
         assert session_rows(first) == []
         assert one.get("/console/identities", follow_redirects=False).status_code == 303

@@ -234,6 +234,7 @@ def credential_fields(row: CredentialRow) -> dict[str, Any]:
         "owner": row.owner,
         "created_at": row.created_at,
         "disabled_at": row.disabled_at,
+        "expires_at": row.expires_at,
     }
 
 

@@ -27,6 +27,8 @@ from tether._errors import InvalidPolicy, TetherError, UsageError
 from tether._tether import Tether
 from tether.core._intent import decode_intent
 from tether.core._verify import strict_json
+from tether.identity._credentials import credential_dict
+from tether.store import CredentialRow
 from tether.tokens import ProofKey
 
 app = typer.Typer(
@@ -134,26 +136,50 @@ def _open(home: Path | None) -> Tether:
 def init(
     trust_domain: Annotated[str, typer.Option("--trust-domain", help="e.g. acme.example")],
     admin: Annotated[str | None, typer.Option("--admin", help="email of the first admin")] = None,
+    credential_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--credential-file",
+            help="write the first admin credential to this new 0600 file, not to the "
+            "terminal (for compose and Kubernetes: never a log)",
+        ),
+    ] = None,
+    ttl: TtlOpt = None,
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
     """Create a trust domain: signing key, X.509 CA, sealed at rest; and an admin credential,
-    shown once."""
+    shown once (or written to ``--credential-file``)."""
+    if credential_file is not None and credential_file.exists():
+        raise UsageError(f"{credential_file} exists: a credential file is never overwritten")
     tether = Tether.init(home_dir(home), trust_domain)
     keys = tether.jwks()["keys"]
-    _, secret = tether.credentials.create("admin", admin or f"admin@{trust_domain}")
+    row, secret = tether.credentials.create(
+        "admin", admin or f"admin@{trust_domain}", ttl=ttl, by="tether init"
+    )
+    if credential_file is not None:
+        write_secret_file(credential_file, secret)
     result = {
         "trust_domain": tether.trust_domain,
         "home": str(home_dir(home)),
         "jwt_kid": keys[0]["kid"],
-        "admin_credential": secret,
+        "credential_id": row.credential_id,
+        "expires_at": row.expires_at,
+        **(
+            {"admin_credential": secret}
+            if credential_file is None
+            else {"credential_file": str(credential_file)}
+        ),
     }
 
     def human() -> None:
         out.print(
             f"[green]✓[/] trust domain [bold]{tether.trust_domain}[/] created in {home_dir(home)}"
         )
-        out.print(f"admin credential (shown once, stored hashed): {secret}")
+        if credential_file is None:
+            out.print(f"admin credential (shown once, stored hashed): {secret}")
+        else:
+            out.print(f"admin credential {row.credential_id} written to {credential_file} (0600)")
 
     emit(result, as_json, human)
 
@@ -523,25 +549,136 @@ def gateway_pin(
     emit(result, as_json, human)
 
 
+TtlOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--ttl",
+        help="seconds the credential lives (default $TETHER_CREDENTIAL_TTL or 30 days; "
+        "at most 366 days)",
+    ),
+]
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--output",
+        "-o",
+        help="write the credential to this file (created 0600, never overwritten) "
+        "instead of printing it",
+    ),
+]
+
+
+def _iso(at: float) -> str:
+    """An instant as ISO 8601 in UTC, to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+
+
+def write_secret_file(path: Path, secret: str) -> None:
+    """Write a secret to a new file, mode 0600 from its creation (never overwriting)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise UsageError(f"{path} exists: a credential file is never overwritten") from None
+    except OSError as exc:
+        raise UsageError(f"cannot create {path}: {exc}") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(secret + "\n")
+
+
+def _issued(row: CredentialRow, secret: str, output: Path | None, as_json: bool) -> None:
+    if output is not None:
+        write_secret_file(output, secret)
+    result = credential_dict(row, time.time())
+    if output is None:
+        result["credential"] = secret
+    else:
+        result["credential_file"] = str(output)
+
+    def human() -> None:
+        if output is None:
+            out.print(secret, markup=False)
+        else:
+            out.print(
+                f"[green]✓[/] credential {row.credential_id} ({row.role}, {row.owner}) "
+                f"written to {output} (0600)"
+            )
+
+    emit(result, as_json, human)
+
+
 @admin_app.command("create")
 def admin_create(
     role: Annotated[str, typer.Option("--role", help="admin, owner, approver or auditor")],
     owner: Annotated[str, typer.Option("--owner", help="the human's email")],
+    ttl: TtlOpt = None,
+    output: OutputOpt = None,
+    by: Annotated[str | None, typer.Option("--by", help="who creates it (receipt)")] = None,
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
-    """Create an admin credential (shown once, stored hashed)."""
-    row, secret = _open(home).credentials.create(role, owner)
-    emit(
-        {
-            "credential_id": row.credential_id,
-            "role": row.role,
-            "owner": row.owner,
-            "credential": secret,
-        },
-        as_json,
-        lambda: out.print(secret),
-    )
+    """Create an admin credential, expiring (shown once, stored hashed)."""
+    row, secret = _open(home).credentials.create(role, owner, ttl=ttl, by=_who(by))
+    _issued(row, secret, output, as_json)
+
+
+@admin_app.command("list")
+def admin_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Every admin credential: id, role, owner, status, expiry (never a secret or hash)."""
+    tether = _open(home)
+    now = tether.clock.now()
+    rows = [credential_dict(r, now) for r in tether.credentials.list()]
+
+    def human() -> None:
+        table = Table("credential", "role", "owner", "status", "expires")
+        for r in rows:
+            expires = r["expires_at"]
+            table.add_row(
+                r["credential_id"],
+                r["role"],
+                r["owner"],
+                r["status"],
+                "never" if expires is None else _iso(expires),
+            )
+        out.print(table)
+
+    emit({"credentials": rows}, as_json, human)
+
+
+@admin_app.command("show")
+def admin_show(credential_id: str, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """One admin credential."""
+    tether = _open(home)
+    row = credential_dict(tether.credentials.show(credential_id), tether.clock.now())
+    emit(row, as_json, lambda: out.print_json(data=row))
+
+
+@admin_app.command("disable")
+def admin_disable(
+    credential_id: str,
+    reason: Annotated[str, typer.Option("--reason")] = "",
+    by: Annotated[str | None, typer.Option("--by", help="who disables it (receipt)")] = None,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Disable an admin credential now (its console sessions end with it)."""
+    tether = _open(home)
+    row = tether.credentials.disable(credential_id, by=_who(by), reason=reason)
+    result = credential_dict(row, tether.clock.now())
+    emit(result, as_json, lambda: out.print(f"[green]✓[/] credential {credential_id} disabled"))
+
+
+@admin_app.command("rotate")
+def admin_rotate(
+    credential_id: str,
+    ttl: TtlOpt = None,
+    output: OutputOpt = None,
+    by: Annotated[str | None, typer.Option("--by", help="who rotates it (receipt)")] = None,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """A new secret for the same role and owner; the old credential is disabled at once."""
+    row, secret = _open(home).credentials.rotate(credential_id, by=_who(by), ttl=ttl)
+    _issued(row, secret, output, as_json)
 
 
 @app.command("issuer")

@@ -76,6 +76,7 @@ from tether.core._flow import FlowState
 from tether.core._intent import Intent, decode_intent
 from tether.core._risk import Control, risk_tags
 from tether.identity import Role
+from tether.identity._credentials import credential_status
 from tether.secrets import lease_dict
 from tether.server._auth import Forbidden, Principal, RateLimited, RateLimiter, require
 from tether.store import ApprovalRow, RecordRow, TaskRow
@@ -188,8 +189,12 @@ def _session(request: Request, *, touch: bool = True) -> Session:  # type: ignor
     if session is None:
         raise NeedSignIn
     credential = console.tether.store.get_credential(session.credential_id)
-    if credential is None or credential.disabled_at is not None:
-        console.sessions.end(session)
+    if (
+        credential is None
+        or credential_status(credential, console.tether.clock.now()) != "enabled"
+        or credential.role != session.role
+    ):
+        console.sessions.end(session)  # disabled, expired or changed since sign-in
         raise NeedSignIn
     request.state.principal = _principal(session)
     # The API's per-principal rate limit applies to the console's requests too.

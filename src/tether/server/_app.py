@@ -57,6 +57,7 @@ from tether.core._verify import jwk_thumbprint, token_hash
 from tether.enforcement import ObservationRefused
 from tether.enforcement._unauthenticated import OTHER, UnauthenticatedTraffic, bounded_code
 from tether.gateway._profiles import profiles_from_catalogue
+from tether.identity._credentials import credential_dict
 from tether.policy import default_schema
 from tether.secrets import SecretInfo, lease_dict
 from tether.server import _schemas as S
@@ -73,7 +74,7 @@ from tether.server._auth import (
 )
 from tether.server._oauth import OAuth, OAuthError
 from tether.server._observe import LOG, Metrics, configure_logging, log_request
-from tether.store import ApprovalRow, IdentityRow, TaskRow
+from tether.store import ApprovalRow, CredentialRow, IdentityRow, TaskRow
 
 MAX_BODY = 1024 * 1024
 # OpenTelemetry: a no-op until the deployment configures an SDK and an exporter.
@@ -1425,6 +1426,102 @@ async def kill(request: Request, data: S.KillIn) -> S.KillSwitchOut:  # type: ig
     return S.KillSwitchOut(tasks=result["tasks"], leases=result["leases"])
 
 
+# -- admin credentials -------------------------------------------------------------------
+def _credential_out(row: CredentialRow, now: float) -> S.CredentialOut:
+    return S.CredentialOut(**credential_dict(row, now))
+
+
+def _own_or_admin(principal: Principal, credential_id: str) -> None:
+    """Admins manage every credential; anyone else only the one they present."""
+    if not (principal.kind == "admin" and principal.id == credential_id):
+        require(principal)
+
+
+@get("/v1/credentials", tags=["credentials"], responses=_ERRORS, guards=[authenticated])
+async def credential_list(request: Request) -> list[S.CredentialOut]:  # type: ignore[type-arg]
+    """Every admin credential, never a hash (admin only)."""
+    require(_principal(request))
+    tether = _ctx(request).tether
+    now = tether.clock.now()
+    rows = await asyncio.to_thread(tether.credentials.list)
+    return [_credential_out(r, now) for r in rows]
+
+
+@post(
+    "/v1/credentials",
+    tags=["credentials"],
+    responses=_ERRORS,
+    status_code=201,
+    guards=[authenticated],
+)
+async def credential_create(
+    request: Request,  # type: ignore[type-arg]
+    data: S.CredentialIn,
+) -> S.CredentialIssuedOut:
+    """A new admin credential (admin only), expiring; its secret is shown once."""
+    principal = _principal(request)
+    require(principal)
+    tether = _ctx(request).tether
+    row, secret = tether.credentials.create(
+        data.role, data.owner, ttl=data.ttl_seconds, by=principal.name
+    )
+    return S.CredentialIssuedOut(secret, _credential_out(row, tether.clock.now()))
+
+
+@get(
+    "/v1/credentials/{credential_id:str}",
+    tags=["credentials"],
+    responses=_ERRORS,
+    guards=[authenticated],
+)
+async def credential_show(request: Request, credential_id: str) -> S.CredentialOut:  # type: ignore[type-arg]
+    """One credential (admin, or the credential itself)."""
+    _own_or_admin(_principal(request), credential_id)
+    tether = _ctx(request).tether
+    return _credential_out(tether.credentials.show(credential_id), tether.clock.now())
+
+
+@post(
+    "/v1/credentials/{credential_id:str}/disable",
+    tags=["credentials"],
+    responses=_ERRORS,
+    status_code=200,
+    guards=[authenticated],
+)
+async def credential_disable(
+    request: Request,  # type: ignore[type-arg]
+    credential_id: str,
+    data: S.CredentialDisableIn,
+) -> S.CredentialOut:
+    """Disable a credential now (admin, or the credential itself); a receipt says who."""
+    principal = _principal(request)
+    _own_or_admin(principal, credential_id)
+    tether = _ctx(request).tether
+    row = tether.credentials.disable(credential_id, by=principal.name, reason=data.reason)
+    return _credential_out(row, tether.clock.now())
+
+
+@post(
+    "/v1/credentials/{credential_id:str}/rotate",
+    tags=["credentials"],
+    responses=_ERRORS,
+    status_code=201,
+    guards=[authenticated],
+)
+async def credential_rotate(
+    request: Request,  # type: ignore[type-arg]
+    credential_id: str,
+    data: S.CredentialRotateIn,
+) -> S.CredentialIssuedOut:
+    """A new secret for the same role and owner, the old one disabled at once (admin, or
+    the credential itself)."""
+    principal = _principal(request)
+    _own_or_admin(principal, credential_id)
+    tether = _ctx(request).tether
+    row, secret = tether.credentials.rotate(credential_id, by=principal.name, ttl=data.ttl_seconds)
+    return S.CredentialIssuedOut(secret, _credential_out(row, tether.clock.now()))
+
+
 async def _reap_forever(ctx: Context) -> None:
     """The reaper: at start, then every ``reap_interval`` seconds (in a worker thread:
     it may talk to a database server). It also deletes expired console sessions."""
@@ -1663,6 +1760,11 @@ def create_app(tether: Tether, settings: ServerSettings | None = None) -> Litest
             lease_revoke,
             kill_switch,
             kill,
+            credential_list,
+            credential_create,
+            credential_show,
+            credential_disable,
+            credential_rotate,
         ],
         state=State({"ctx": Context(tether, settings)}),
         exception_handlers={Exception: _error_response},

@@ -409,3 +409,39 @@ class TraceOut(msgspec.Struct):
 class KillSwitchOut(msgspec.Struct):
     tasks: list[str]
     leases: list[str]
+
+
+class CredentialIn(Strict):
+    """``POST /v1/credentials``: a new admin credential (admin only)."""
+
+    role: Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+    owner: Annotated[str, msgspec.Meta(min_length=3, max_length=320)]
+    #: How long it lives, in seconds (the default: ``$TETHER_CREDENTIAL_TTL``, 30 days).
+    ttl_seconds: Annotated[float, msgspec.Meta(gt=0, le=366 * 86400)] | None = None
+
+
+class CredentialRotateIn(Strict):
+    ttl_seconds: Annotated[float, msgspec.Meta(gt=0, le=366 * 86400)] | None = None
+
+
+class CredentialDisableIn(Strict):
+    reason: Annotated[str, msgspec.Meta(max_length=500)] = ""
+
+
+class CredentialOut(msgspec.Struct):
+    """A credential as it may be shown: never its hash."""
+
+    credential_id: str
+    role: str
+    owner: str
+    status: str  # enabled | disabled | expired
+    created_at: float
+    expires_at: float | None
+    disabled_at: float | None
+
+
+class CredentialIssuedOut(msgspec.Struct):
+    """A new credential: ``credential`` is the only copy of its secret."""
+
+    credential: str
+    info: CredentialOut

@@ -51,6 +51,9 @@ class CredentialRow(msgspec.Struct, frozen=True):
     owner: str
     created_at: float
     disabled_at: float | None = None
+    #: When it stops working by itself (``None``: never; only credentials made before
+    #: credentials expired have none).
+    expires_at: float | None = None
 
 
 class ConsoleSessionRow(msgspec.Struct, frozen=True):
@@ -262,6 +265,9 @@ class Store(Protocol):
     def add_credential(self, row: CredentialRow) -> None: ...
     def get_credential(self, credential_id: str) -> CredentialRow | None: ...
     def list_credentials(self) -> list[CredentialRow]: ...
+    def disable_credential(self, credential_id: str, at: float) -> bool:
+        """Disable an enabled credential; False if it is unknown or disabled already."""
+        ...
 
     def add_console_session(self, row: ConsoleSessionRow) -> None: ...
     def get_console_session(self, session_hash: str) -> ConsoleSessionRow | None: ...

@@ -85,7 +85,7 @@ _TASK_COLS = (
     "task_id, agent_id, parent_task_id, template, intent_json, intent_digest, jkt, token_id, "
     "status, calls_used, opened_at, expires_at, ended_at, end_reason, chain_json"
 )
-_CREDENTIAL_COLS = "credential_id, secret_hash, role, owner, created_at, disabled_at"
+_CREDENTIAL_COLS = "credential_id, secret_hash, role, owner, created_at, disabled_at, expires_at"
 _APPROVAL_COLS = (
     "approval_id, task_id, agent_id, tool, args_digest, args_json, policy_digest, "
     "reasons_json, status, created_at, expires_at, decided_by, decided_at"
@@ -651,7 +651,7 @@ class PostgresStore:
     # -- credentials and approvals -----------------------------------------------------
     def add_credential(self, row: CredentialRow) -> None:
         self._run(
-            f"INSERT INTO credentials ({_CREDENTIAL_COLS}) VALUES (%s, %s, %s, %s, %s, %s)",
+            f"INSERT INTO credentials ({_CREDENTIAL_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s)",
             (
                 row.credential_id,
                 row.secret_hash,
@@ -659,6 +659,7 @@ class PostgresStore:
                 row.owner,
                 row.created_at,
                 row.disabled_at,
+                row.expires_at,
             ),
         )
 
@@ -676,6 +677,16 @@ class PostgresStore:
                 f"SELECT {_CREDENTIAL_COLS} FROM credentials ORDER BY created_at, ord"
             )
         ]
+
+    def disable_credential(self, credential_id: str, at: float) -> bool:
+        return bool(
+            self._do(
+                "UPDATE credentials SET disabled_at = %s WHERE credential_id = %s "
+                "AND disabled_at IS NULL",
+                (at, credential_id),
+                "count",
+            )
+        )
 
     def add_console_session(self, row: ConsoleSessionRow) -> None:
         self._run(

@@ -33,9 +33,10 @@ from tether.store._interface import (
     SecretVersionRow,
     TaskRow,
 )
-from tether.store.migrations.sqlite import v2_verifiable_log
+from tether.store.migrations.sqlite import v2_verifiable_log, v3_credential_expiry
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
+_CREDENTIAL_COLS = "credential_id, secret_hash, role, owner, created_at, disabled_at, expires_at"
 _KEY_COLS = (
     "kid, use, sealed, public_jwk, cert_pem, created_at, retired_at, verify_until, revoked_at, mac"
 )
@@ -70,7 +71,7 @@ CREATE TABLE IF NOT EXISTS revocations (
   token_id TEXT PRIMARY KEY, task_id TEXT NOT NULL, reason TEXT NOT NULL, revoked_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS credentials (
   credential_id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL, role TEXT NOT NULL,
-  owner TEXT NOT NULL, created_at REAL NOT NULL, disabled_at REAL);
+  owner TEXT NOT NULL, created_at REAL NOT NULL, disabled_at REAL, expires_at REAL);
 CREATE TABLE IF NOT EXISTS approvals (
   approval_id TEXT PRIMARY KEY, task_id TEXT NOT NULL, agent_id TEXT NOT NULL, tool TEXT NOT NULL,
   args_digest TEXT NOT NULL, args_json TEXT NOT NULL, policy_digest TEXT NOT NULL,
@@ -166,7 +167,7 @@ class SQLiteStore:
 
     def _migrate(self, version: str) -> None:
         """Bring a store made by an older Tether to :data:`SCHEMA_VERSION`."""
-        steps = {"2": v2_verifiable_log}
+        steps = {"2": v2_verifiable_log, "3": v3_credential_expiry}
         with self.transaction():
             for target in range(int(version) + 1, int(SCHEMA_VERSION) + 1):
                 step = steps.get(str(target))
@@ -447,7 +448,8 @@ class SQLiteStore:
     # -- credentials and approvals -----------------------------------------------------
     def add_credential(self, row: CredentialRow) -> None:
         self._run(
-            "INSERT INTO credentials VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO credentials (credential_id, secret_hash, role, owner, created_at, "
+            "disabled_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
                 row.credential_id,
                 row.secret_hash,
@@ -455,17 +457,29 @@ class SQLiteStore:
                 row.owner,
                 row.created_at,
                 row.disabled_at,
+                row.expires_at,
             ),
         )
 
     def get_credential(self, credential_id: str) -> CredentialRow | None:
-        row = self._one("SELECT * FROM credentials WHERE credential_id = ?", (credential_id,))
+        row = self._one(
+            f"SELECT {_CREDENTIAL_COLS} FROM credentials WHERE credential_id = ?", (credential_id,)
+        )
         return None if row is None else CredentialRow(*row)
 
     def list_credentials(self) -> list[CredentialRow]:
         return [
-            CredentialRow(*r) for r in self._all("SELECT * FROM credentials ORDER BY created_at")
+            CredentialRow(*r)
+            for r in self._all(f"SELECT {_CREDENTIAL_COLS} FROM credentials ORDER BY created_at")
         ]
+
+    def disable_credential(self, credential_id: str, at: float) -> bool:
+        cur = self._run(
+            "UPDATE credentials SET disabled_at = ? WHERE credential_id = ? "
+            "AND disabled_at IS NULL",
+            (at, credential_id),
+        )
+        return cur.rowcount == 1
 
     def add_console_session(self, row: ConsoleSessionRow) -> None:
         self._run(
