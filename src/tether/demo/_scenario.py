@@ -31,6 +31,7 @@ import jwt
 import uvicorn
 from spiffe import JwtBundle, JwtSvid, TrustDomain
 
+from tether._errors import TetherError
 from tether._tether import Tether
 from tether.demo._console import check_console
 from tether.demo._gateway import BANK, drive, gateway_config
@@ -254,6 +255,19 @@ def run(*, examples: Path, home: Path | None = None, once: bool = True, port: in
         )
         _call(line, other, "bank.read_bills", {})
 
+        line.heading("Admin credentials: expiring, rotated, attributed")
+        listed_credentials = admin.get("/v1/credentials")
+        approver_id = next(c for c in listed_credentials if c["role"] == "approver")
+        rotated = admin.post(f"/v1/credentials/{approver_id['credential_id']}/rotate", {})
+        approver = Client(url, admin=rotated["credential"])
+        line.say(
+            f"{len(listed_credentials)} credentials, each expiring; bob's approver credential "
+            f"rotated (the old secret disabled at once, a receipt names root@acme.example)"
+        )
+
+        line.heading("A store writer without the KEK")
+        tamper_ok = _store_writer(line, tether, agent)
+
         line.heading("Several nodes, one truth")
         nodes_ok = several_nodes(line, workdir, url, _port(port + 1), admin_secret, _serve, _stop)
 
@@ -285,7 +299,7 @@ def run(*, examples: Path, home: Path | None = None, once: bool = True, port: in
         counts = {e: line.effects.count(e) for e in sorted(set(line.effects))}
         console.print(f"\n[bold]Done.[/] decisions: {counts}")
         ok = bool(report["ok"]) and {"allow", "deny", "approval_required"} <= set(line.effects)
-        ok = ok and nodes_ok
+        ok = ok and nodes_ok and tamper_ok
         if not once:
             gateway = (
                 f"\nThe MCP gateway is serving on [bold]{gateway_url}[/]." if gateway_url else ""
@@ -310,6 +324,42 @@ def run(*, examples: Path, home: Path | None = None, once: bool = True, port: in
             tether.close()
         if home is None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _store_writer(line: Timeline, tether: Tether, agent: Client) -> bool:
+    """Someone with write access to the database, not the KEK, re-activates the
+    offboarded agent with plain SQL: its row no longer authenticates, so it opens
+    nothing, and the log's verification names the receipt the row contradicts. The row
+    is then put back as Tether left it."""
+    rows = tether.store.execute_fetch(
+        "SELECT status, disabled_at FROM identities WHERE spiffe_id = ?", (AGENT,)
+    )
+    status, disabled_at = rows[0]
+    tether.store.execute_unsafe(
+        "UPDATE identities SET status = 'active', disabled_at = NULL WHERE spiffe_id = ?",
+        (AGENT,),
+    )
+    line.say("UPDATE identities SET status = 'active' … (the offboarded agent, re-activated)")
+    try:
+        agent.open_task(template="pay-bill", params={"payee": PAYEE})
+        refused = False
+        line.detail("[red]the re-activated agent opened a task[/]")
+    except TetherError as exc:
+        refused = True
+        line.detail(f"↳ the agent opens nothing: [red]{exc.code}[/] (its row fails its tag)")
+    report = tether.verify_audit(sign=False)
+    line.detail(
+        f"↳ audit verify: [red]receipt {report.first_bad}[/]: {report.problem}"
+        if not report.ok
+        else "[red]audit verify saw nothing[/]"
+    )
+    tether.store.execute_unsafe(
+        "UPDATE identities SET status = ?, disabled_at = ? WHERE spiffe_id = ?",
+        (status, disabled_at, AGENT),
+    )
+    restored = tether.verify_audit(sign=False).ok
+    line.detail(f"↳ the row put back as Tether left it: log verified again: {restored}")
+    return refused and not report.ok and restored
 
 
 def _through_gateway(
