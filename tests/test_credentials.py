@@ -171,3 +171,38 @@ def test_the_cli_writes_credentials_to_0600_files_never_to_the_terminal(tmp_path
     shown = cli.json("admin", "show", rotated["credential_id"])
     assert shown["status"] == "disabled"
     assert json.dumps(shown).find("secret_hash") == -1
+
+
+def test_the_console_lists_rotates_and_disables(tether: Tether) -> None:
+    _row, admin = tether.credentials.create("admin", "root@acme.example")
+    other, other_secret = tether.credentials.create("approver", "bob@acme.example")
+    with console_client(tether) as client:
+        token = sign_in(client, admin)
+        page = client.get("/console/credentials")
+        assert page.status_code == 200 and other.credential_id in page.text
+        assert other_secret.split(".")[1] not in page.text
+        rotated = client.post(
+            f"/console/credentials/{other.credential_id}",
+            data={"csrf": token, "action": "rotate"},
+        )
+        assert rotated.status_code == 200
+        assert rotated.headers["cache-control"] == "no-store"
+        new_secret = rotated.text.split("<pre><code>")[1].split("</code>")[0]
+        assert tether.credentials.verify(new_secret).owner == "bob@acme.example"
+        with pytest.raises(IdentityRejected):
+            tether.credentials.verify(other_secret)
+        assert _receipt(tether, "credential.rotate")["chain"] == ["root@acme.example"]
+        new_id = tether.credentials.verify(new_secret).credential_id
+        off = client.post(
+            f"/console/credentials/{new_id}",
+            data={"csrf": token, "action": "disable"},
+            follow_redirects=False,
+        )
+        assert off.status_code == 303
+        with pytest.raises(IdentityRejected):
+            tether.credentials.verify(new_secret)
+    # An approver has no credentials page.
+    with console_client(tether) as client:
+        _row, approver = tether.credentials.create("approver", "eve@acme.example")
+        sign_in(client, approver)
+        assert client.get("/console/credentials").status_code == 403

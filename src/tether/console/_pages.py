@@ -76,7 +76,7 @@ from tether.core._flow import FlowState
 from tether.core._intent import Intent, decode_intent
 from tether.core._risk import Control, risk_tags
 from tether.identity import Role
-from tether.identity._credentials import credential_status
+from tether.identity._credentials import credential_dict, credential_status
 from tether.secrets import lease_dict
 from tether.server._auth import Forbidden, Principal, RateLimited, RateLimiter, require
 from tether.store import ApprovalRow, RecordRow, TaskRow
@@ -545,6 +545,44 @@ async def offboard(request: Request) -> Redirect:  # type: ignore[type-arg]
         "/console/identities",
         f"{spiffe_id} offboarded; {len(revoked)} task(s) revoked",
     )
+
+
+# -- admin credentials -----------------------------------------------------------------------
+@get("/credentials")
+async def credentials(request: Request) -> Response[str]:  # type: ignore[type-arg]
+    """Every admin credential (admins): role, owner, status, expiry; disable or rotate."""
+    session = _page(request)
+    console = _console(request)
+    now = console.tether.clock.now()
+    rows = [credential_dict(r, now) for r in console.tether.credentials.list()]
+    return console.render("credentials.html", request, session, rows=rows, issued=None)
+
+
+@post("/credentials/{credential_id:str}")
+async def credential_change(request: Request, credential_id: str) -> Response[Any]:  # type: ignore[type-arg]
+    """Disable a credential, or rotate it (its new secret shown once, on this page only)."""
+    session, form = await _form(request)
+    console = _console(request)
+    action = form.get("action", "")
+    if action == "disable":
+        console.tether.credentials.disable(
+            credential_id, by=session.owner, reason=form.get("reason", "")[:500]
+        )
+        return _back(console, session, "/console/credentials", f"{credential_id} disabled")
+    if action != "rotate":
+        raise UsageError("action must be disable or rotate")
+    row, secret = console.tether.credentials.rotate(credential_id, by=session.owner)
+    now = console.tether.clock.now()
+    rows = [credential_dict(r, now) for r in console.tether.credentials.list()]
+    response = console.render(
+        "credentials.html",
+        request,
+        session,
+        rows=rows,
+        issued={"credential_id": row.credential_id, "replaces": credential_id, "secret": secret},
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 # -- tasks ----------------------------------------------------------------------------------
@@ -1090,6 +1128,8 @@ HANDLERS = [
     static,
     identities,
     offboard,
+    credentials,
+    credential_change,
     tasks,
     task_detail,
     task_end,
