@@ -500,6 +500,8 @@ def test_the_inventory_flags_unowned_idle_and_standing_privileges(
             "UPDATE tasks SET expires_at = opened_at + 7 * 86400 WHERE task_id = ?", (task_id,)
         )
         clock.advance(31 * 86400)
+        # A month on, the first admin credential has expired: a fresh one signs in.
+        _row, admin = tether.credentials.create("admin", "root@acme.example")
         sign_in(client, admin)
         page = client.get("/console/identities").text
         assert "standing privilege: 1 task(s) living over a day" in page
