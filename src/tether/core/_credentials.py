@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tether.core._fingerprints import Fingerprints
 from tether.core._scanning import SPACE, Deadline, check, linear
 
 if TYPE_CHECKING:
@@ -121,7 +122,9 @@ FORMATS: tuple[Format, ...] = (
     ),
     Format(
         "aws_access_key",
-        r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA)[0-9A-Z]{16}\b",
+        # No word boundary on either side: a key glued to other characters (``xAKIA...``,
+        # ``AKIA..._old``) is still a key.
+        r"(?:AKIA|ASIA|AGPA|AIDA|AROA)[0-9A-Z]{16}",
         _whole("aws_access_key"),
     ),
     Format(
@@ -232,7 +235,7 @@ class Known:
 class _KnownValues:
     """Brokered values, ready to be found: one by one when few, in one RE2 pass when many."""
 
-    __slots__ = ("_labels", "_pattern", "values")
+    __slots__ = ("_labels", "_pattern", "prints", "values")
 
     def __init__(self, known: Iterable[Known]) -> None:
         items = sorted(
@@ -247,28 +250,37 @@ class _KnownValues:
         self._pattern: LinearPattern | None = None
         if len(self.values) > KNOWN_ONE_BY_ONE:
             self._pattern = linear("|".join(_literal(v) for v in self.values), capture=False)
+        # Every other form of the same values: encoded, split, reversed, cut in pieces.
+        self.prints: Fingerprints | None = (
+            Fingerprints((label, value) for value, label in self._labels.items())
+            if self.values
+            else None
+        )
 
     def first(self, text: str) -> str | None:
-        """The label of a brokered value ``text`` holds, or ``None``."""
+        """The label of a brokered value ``text`` holds, as it is or in any form, or
+        ``None``."""
         if self._pattern is None:
             for value in self.values:
                 if value in text:
                     return self._labels[value]
-            return None
-        match = self._pattern.search(text)
-        return None if match is None else self._labels[match.group(0)]
+        else:
+            match = self._pattern.search(text)
+            if match is not None:
+                return self._labels[match.group(0)]
+        return None if self.prints is None else self.prints.first(text)
 
-    def redact(self, text: str, found: Counter[str]) -> str:
+    def redact(self, text: str, found: Counter[str], deadline: Deadline | None = None) -> str:
         if self._pattern is None:
             for value in self.values:
                 if value in text:
                     found["brokered"] += text.count(value)
                     text = text.replace(value, "[REDACTED:brokered]")
-            return text
-        text, n = self._pattern.subn("[REDACTED:brokered]", text)
-        if n:
-            found["brokered"] += n
-        return text
+        else:
+            text, n = self._pattern.subn("[REDACTED:brokered]", text)
+            if n:
+                found["brokered"] += n
+        return text if self.prints is None else self.prints.redact(text, found, deadline)
 
 
 def _literal(value: str) -> str:
@@ -323,7 +335,7 @@ class CredentialScanner:
         """``text`` with every credential replaced by ``[REDACTED:<kind>]``."""
         if len(text) < MIN_CANDIDATE_LENGTH:
             return text
-        text = self.known.redact(text, found)
+        text = self.known.redact(text, found, deadline)
         check(deadline)
         if _ANY_FORMAT.search(text) is not None:
             for fmt in FORMATS:
@@ -470,6 +482,12 @@ def find_credentials(value: Any, known: Iterable[Known] = (), *, path: str = "$"
                         out.append(Finding("named_credential", child))
                     continue
                 stack.append((member, child, depth + 1))
+    if not any(f.secret is not None for f in out):
+        # A brokered value cut in pieces over several strings (in any order: one piece is
+        # at least half of it, or the pieces are in order once the strings are joined).
+        label = scanner.known.first(_JOIN.join(_strings(value)))
+        if label is not None:
+            out.append(Finding("brokered", f"{path} (split across strings)", label))
     # A path is made of member names the caller chose: it must not carry a credential either.
     return sorted(
         (Finding(f.kind, scanner.redact(f.path[:200], Counter()), f.secret) for f in out),
