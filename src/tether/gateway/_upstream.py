@@ -52,12 +52,16 @@ REFRESH_SECONDS = 30.0
 
 
 class UpstreamError(Exception):
-    """A call to an upstream failed; ``code`` says how (for the agent and the receipt)."""
+    """A call to an upstream failed; ``code`` says how (for the agent and the receipt).
 
-    def __init__(self, code: str, message: str) -> None:
+    ``quotes_upstream``: the message carries the upstream's own words (a JSON-RPC error's
+    message), content nobody vouches for that the agent will read."""
+
+    def __init__(self, code: str, message: str, *, quotes_upstream: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.quotes_upstream = quotes_upstream
 
 
 class InjectedHeaders(httpx2.Auth):
@@ -297,9 +301,12 @@ class Upstream:
                 raise UpstreamError(
                     "upstream.unavailable",
                     f"upstream {self.name!r} closed the connection: {exc.message}",
+                    quotes_upstream=True,
                 ) from None
             raise UpstreamError(
-                "upstream.error", f"upstream {self.name!r} refused {tool!r}: {exc.message}"
+                "upstream.error",
+                f"upstream {self.name!r} refused {tool!r}: {exc.message}",
+                quotes_upstream=True,
             ) from None
         except (ValidationError, RuntimeError, ValueError, TypeError) as exc:
             raise UpstreamError(
