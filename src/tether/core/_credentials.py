@@ -421,19 +421,21 @@ class Finding:
         return f"{self.path} carries {what}"
 
 
-def _strings(value: Any, depth: int = 0) -> Iterator[str]:
-    """Every string in a JSON value, member names included (down to ``MAX_DEPTH``)."""
+def _strings(value: Any, depth: int = 0, *, keys: bool = True) -> Iterator[str]:
+    """Every string in a JSON value, member names included unless ``keys`` is false (down
+    to ``MAX_DEPTH``)."""
     if isinstance(value, str):
         yield value
     elif depth > MAX_DEPTH:
         return
     elif isinstance(value, list):
         for item in value:
-            yield from _strings(item, depth + 1)
+            yield from _strings(item, depth + 1, keys=keys)
     elif isinstance(value, dict):
         for key, member in value.items():
-            yield str(key)
-            yield from _strings(member, depth + 1)
+            if keys:
+                yield str(key)
+            yield from _strings(member, depth + 1, keys=keys)
 
 
 def _nothing_to_find(value: Any, scanner: CredentialScanner) -> bool:
@@ -453,7 +455,10 @@ def find_credentials(value: Any, known: Iterable[Known] = (), *, path: str = "$"
     """Every credential in a JSON value (at most one finding per string)."""
     scanner = CredentialScanner(known)
     out: list[Finding] = []
-    if not _has_named_member(value) and _nothing_to_find(value, scanner):
+    # A brokered value cut in pieces over several strings: the strings joined in order
+    # show it (or one piece, at least half of it, does, in any order).
+    split = scanner.known.first(_JOIN.join(_strings(value, keys=False))) if known else None
+    if split is None and not _has_named_member(value) and _nothing_to_find(value, scanner):
         return out
     stack: list[tuple[Any, str, int]] = [(value, path, 0)]
     while stack:
@@ -482,12 +487,8 @@ def find_credentials(value: Any, known: Iterable[Known] = (), *, path: str = "$"
                         out.append(Finding("named_credential", child))
                     continue
                 stack.append((member, child, depth + 1))
-    if not any(f.secret is not None for f in out):
-        # A brokered value cut in pieces over several strings (in any order: one piece is
-        # at least half of it, or the pieces are in order once the strings are joined).
-        label = scanner.known.first(_JOIN.join(_strings(value)))
-        if label is not None:
-            out.append(Finding("brokered", f"{path} (split across strings)", label))
+    if split is not None and not any(f.secret is not None for f in out):
+        out.append(Finding("brokered", f"{path} (split across strings)", split))
     # A path is made of member names the caller chose: it must not carry a credential either.
     return sorted(
         (Finding(f.kind, scanner.redact(f.path[:200], Counter()), f.secret) for f in out),

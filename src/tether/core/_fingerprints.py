@@ -21,8 +21,10 @@ Each view is searched in one RE2 pass for all fingerprints of all values at once
 **Partial matches.** A value whose normalised form has ``m`` characters is found from any
 piece of ``max(8, ceil(m / 2))`` characters or more (capped at 48: a long value, a
 private key, is found from any 48 characters of it): a value cut in two, wherever the cut
-and in whatever order the pieces come, leaves one piece at least half as long. A value
-cut in three or more scattered pieces each below that threshold is not recognised.
+and in whatever order the pieces come, leaves one piece at least half as long. The same
+holds for its hex encoding. A value cut in three or more scattered pieces each below that
+threshold, or a base64 or base32 encoding cut in pieces, is not recognised (the pieces
+in order, once the strings of one call are joined, are).
 
 Base64 and base32 fingerprints are the encoded characters that depend on the value's
 bytes alone, for each alignment of the value in the encoded data (three for base64,
@@ -239,7 +241,8 @@ class Fingerprints:
                 backwards = shape[::-1]
                 add(normal_prints, backwards, _Owner(label, backwards, 0))
             hexed = data.hex()
-            add(normal_prints, hexed, _Owner(label, hexed, 0))
+            for literal, offset in _windows(hexed):
+                add(normal_prints, literal, _Owner(label, hexed, offset))
             for core in _aligned(data, "b32"):
                 add(normal_prints, core, _Owner(label, core, 0))
         self._compact = _View(compact_prints)

@@ -48,6 +48,8 @@ log = logging.getLogger("tether.gateway")
 
 CLIENT_INFO = types.Implementation(name="tether-gateway", version="0.1.0")
 MAX_BACKOFF = 10.0
+#: The MCP SDK's own message for a connection that closed under a call.
+CLOSED_MESSAGE = "Connection closed"
 REFRESH_SECONDS = 30.0
 
 
@@ -225,7 +227,7 @@ class Upstream:
                     f"no answer within {self.config.connect_timeout_seconds:g} s of connecting"
                 )
         except Exception as exc:  # any failure: note it, reconnect
-            self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+            self.last_error = self._scrub(f"{type(exc).__name__}: {exc}"[:500])
         finally:
             self._client = None
             self._ready = anyio.Event()
@@ -265,8 +267,16 @@ class Upstream:
 
     def _mark_broken(self, client: Client, why: str) -> None:
         if client is self._client:  # a stale client's failure says nothing of the new one
-            self.last_error = why
+            self.last_error = self._scrub(why)
             self._broken.set()
+
+    def _scrub(self, text: str) -> str:
+        """``text`` (an upstream's words, for the log) without credentials in any form."""
+        try:
+            known = self.known() if self.known is not None else []
+        except Exception:
+            known = []
+        return redact_text(text[:2000], known=known)[0]
 
     # -- calls -----------------------------------------------------------------------------
     async def _client_within(self, seconds: float) -> Client:
@@ -301,7 +311,8 @@ class Upstream:
                 raise UpstreamError(
                     "upstream.unavailable",
                     f"upstream {self.name!r} closed the connection: {exc.message}",
-                    quotes_upstream=True,
+                    # An upstream can send this code itself, with words of its own.
+                    quotes_upstream=exc.message != CLOSED_MESSAGE,
                 ) from None
             raise UpstreamError(
                 "upstream.error",
