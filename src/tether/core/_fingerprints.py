@@ -61,6 +61,10 @@ WINDOW = 24
 #: values sharing a piece): past it, the window still matches but fewer extensions are tried.
 MAX_OWNERS = 4
 REDACTED = "[REDACTED:brokered]"
+#: RE2's memory for one view's alternation of fingerprints: a few hundred values make
+#: thousands of literals, whose DFA needs more than a single pattern's default (past the
+#: budget RE2 stays linear, but an order of magnitude slower).
+PRINTS_MEMORY = 64 << 20
 
 #: White space (Python's ``str.isspace``), zero-width characters and NUL: nothing a reader
 #: sees between two halves of a value.
@@ -88,6 +92,28 @@ def normal(text: str) -> str:
     """``text`` without white space or separators, ASCII lower-cased (length per kept
     character is one: positions map back one to one)."""
     return text.translate(_NORMAL)
+
+
+_ESCAPE = linear(r"%[0-9A-Fa-f]{2}", capture=False)
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def percent_decode(text: str) -> str:
+    """``text`` with each ``%XX`` replaced by the code point ``XX`` (the same text as
+    :func:`percent_decoded`'s, without the positions); ``text`` itself when it holds no
+    escape (one RE2 pass tells)."""
+    if _ESCAPE.search(text) is None:
+        return text
+    parts = text.split("%")
+    out = [parts[0]]
+    for part in parts[1:]:
+        if len(part) >= 2 and part[0] in _HEX and part[1] in _HEX:
+            out.append(chr(int(part[:2], 16)) + part[2:])
+        else:
+            out.append("%" + part)
+    return "".join(out)
 
 
 def percent_decoded(text: str) -> tuple[str, list[int]]:
@@ -168,7 +194,9 @@ class _View:
         self.pattern: LinearPattern | None = None
         if literals:
             ordered = sorted(literals, key=len, reverse=True)  # leftmost-first: longest first
-            self.pattern = linear("|".join(_literal(v) for v in ordered), capture=False)
+            self.pattern = linear(
+                "|".join(_literal(v) for v in ordered), capture=False, memory=PRINTS_MEMORY
+            )
 
     def first(self, view: str) -> str | None:
         if self.pattern is None:
@@ -177,17 +205,19 @@ class _View:
         return None if match is None else self.owners[match.group(0)][0].label
 
     def spans(self, view: str, deadline: Deadline | None) -> list[tuple[int, int]]:
-        """Where fingerprints match in ``view``, each window extended along its value."""
+        """Where fingerprints match in ``view``, each window extended along its value.
+
+        One pass of the pattern over the view (non-overlapping matches); a match inside
+        the extension of the one before is skipped. Each extension is bounded by its
+        value's length and never reaches back past the span before it."""
         if self.pattern is None:
             return []
         out: list[tuple[int, int]] = []
-        pos = 0
         floor = 0
-        while pos <= len(view):
-            match = self.pattern.search(view, pos)
-            if match is None:
-                break
+        for count, match in enumerate(self.pattern.finditer(view)):
             start, end = match.span()
+            if start < floor:
+                continue
             best = (start, end)
             for owner in self.owners[match.group(0)][:MAX_OWNERS]:
                 form, offset = owner.form, owner.offset
@@ -200,8 +230,9 @@ class _View:
                 if b - a > best[1] - best[0]:
                     best = (a, b)
             out.append(best)
-            floor = pos = max(best[1], start + 1)
-            check(deadline)
+            floor = best[1]
+            if count % 256 == 0:
+                check(deadline)
         return out
 
 
@@ -260,15 +291,18 @@ class Fingerprints:
     def redact(self, text: str, found: Counter[str], deadline: Deadline | None = None) -> str:
         """``text`` with every brokered value found in any view replaced."""
         for decoded in (False, True):
-            if decoded and "%" not in text:
+            if decoded and percent_decode(text) == text:
                 break
             for kind in (self._compact, self._normal):
                 check(deadline)
-                source, starts = percent_decoded(text) if decoded else (text, None)
+                source = percent_decode(text) if decoded else text  # text as redacted so far
                 drop = _COMPACT_DROP if kind is self._compact else _NORMAL_DROP
                 view = compact(source) if kind is self._compact else normal(source)
                 if kind.pattern is None or kind.pattern.search(view) is None:
                     continue
+                starts: list[int] | None = None
+                if decoded:  # where each decoded character came from (only on a match)
+                    source, starts = percent_decoded(text)
                 kept = [i for i, c in enumerate(source) if c not in drop]
                 spans = []
                 for a, b in kind.spans(view, deadline):
@@ -284,7 +318,10 @@ class Fingerprints:
 
 
 def _views(text: str) -> list[str]:
-    return [text, percent_decoded(text)[0]] if "%" in text else [text]
+    if "%" not in text:
+        return [text]
+    decoded = percent_decode(text)
+    return [text] if decoded == text else [text, decoded]
 
 
 def _replace(text: str, spans: list[tuple[int, int]], found: Counter[str]) -> str:
