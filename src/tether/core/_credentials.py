@@ -2,8 +2,12 @@
 
 What is recognised:
 
-- **brokered values**: the exact values of the secrets Tether brokers (every version still
-  usable) and of the dynamic credentials it minted, wherever they appear in a string;
+- **brokered values**: the values of the secrets Tether brokers (every version still
+  usable) and of the dynamic credentials it minted, wherever they appear in a string, as
+  they are or disguised: hex, base64/base64url, base32, percent-encoded, split by white
+  space or separators, reversed, upper-cased, or a piece of half the value or more (see
+  :mod:`tether.core._fingerprints`); in arguments, also cut over several strings of one
+  call;
 - **known formats**: cloud and SaaS API keys (AWS ``AKIA``/``ASIA``, OpenAI- and
   Anthropic-style ``sk-``, GitHub ``ghp_``/``gho_``/``ghu_``/``ghs_``/``ghr_`` and
   ``github_pat_``, Slack ``xox?-``), PEM private keys, bearer tokens and JWTs, passwords in
