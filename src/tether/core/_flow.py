@@ -32,10 +32,15 @@ Rules (reason codes):
     untrusted content has entered the task and a write, egress or destructive
     call has a sink argument (recipient, URL, amount, path, or a link or
     account number inside free text) that the user's request and trusted data
-    do not ground: approval or deny, by profile.
+    do not ground: approval or deny, by profile. Every argument is looked at:
+    the catalogue's sinks by their kind (however wrapped in lists or mappings),
+    any other parameter, and member names, for the addresses, links and account
+    numbers they hold.
 ``flow.confidential_egress``
     confidential (or secret) data has been read and an egress call sends to a
-    destination outside the intent's allowed egress: deny.
+    destination outside the intent's allowed egress (every destination in a
+    destination argument, and any address, link or account number in a
+    parameter the catalogue does not describe): deny.
 ``flow.discovery_privilege``
     a privileged tool the intent does not name explicitly (only a wildcard
     covers it) is reached after discovery calls: approval.
