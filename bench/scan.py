@@ -35,7 +35,7 @@ from typing import Any
 
 from tether import parse_intent
 from tether.core import SideEffect, SinkKind, ToolProfile
-from tether.core._credentials import find_credentials, redact_text, redact_value
+from tether.core._credentials import Known, find_credentials, redact_text, redact_value
 from tether.core._flow import atoms, read_result, start, ungrounded
 from tether.core._intent import Sensitivity, match_capability
 
@@ -46,6 +46,8 @@ LEGACY_SIZES = (4 * 1024, 8 * 1024, 16 * 1024)
 LEGACY_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
 FETCH = ToolProfile(side_effect=SideEffect.READ, sensitivity=Sensitivity.PUBLIC)
 STATE = start("mail the summary to partner@acme.example")
+#: Brokered values, as many as a busy deployment holds (their fingerprints: every form).
+KNOWN = [Known(f"key-{i}", f"brk-{i:04d}-Q9vX2mLr7TzK") for i in range(200)]
 INTENT = parse_intent(
     {
         "purpose": "look things up",
@@ -116,6 +118,21 @@ CASES: list[tuple[str, str, Callable[[int], Callable[[], object]]]] = [
                 {"text": fill("write to bob@acme.example about it. ", n)}, Counter()
             )
         ),
+    ),
+    (
+        "brokered value detection",
+        "'%4' repeated (percent-decoded view), 200 values",
+        lambda n: lambda: find_credentials({"body": fill("%4", n)}, KNOWN),
+    ),
+    (
+        "brokered value redaction",
+        "a piece of one value, spaced, repeated; 200 values",
+        lambda n: lambda: redact_text(fill("brk 0042 Q9vX2m ", n), known=KNOWN),
+    ),
+    (
+        "brokered value redaction",
+        "hex of one value, repeated; 200 values",
+        lambda n: lambda: redact_text(fill(b"brk-0042-Q9vX2mLr7TzK".hex(), n), known=KNOWN),
     ),
     (
         "intent argument pattern",

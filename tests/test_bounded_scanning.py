@@ -141,8 +141,11 @@ def test_brokered_values_many_and_large() -> None:
     """Malicious upstream MCP server or tool result: a megabyte of text against 200
     brokered values (one RE2 pass, not one search per value), one of them echoed."""
     known = [Known(f"key-{i}", f"brk-{i:04d}-Q9vX2mLr7TzK") for i in range(200)]
-    clean = "brk-0000-Q9vX2mLr7Tz" * (MB // 20)
+    clean = "brk-0000-Lr7Tz" * (MB // 14)
     assert find_credentials({"page": clean}, known) == []
+    # Twenty of a value's 21 characters are that value, cut: a piece of it.
+    (piece,) = find_credentials({"page": "brk-0000-Q9vX2mLr7Tz" * (MB // 20)}, known)
+    assert (piece.kind, piece.secret) == ("brokered", "key-0")
     leaked = clean + " brk-0123-Q9vX2mLr7TzK " + clean
     (finding,) = find_credentials({"page": leaked}, known)
     assert (finding.kind, finding.secret) == ("brokered", "key-123")

@@ -2,8 +2,12 @@
 
 What is recognised:
 
-- **brokered values**: the exact values of the secrets Tether brokers (every version still
-  usable) and of the dynamic credentials it minted, wherever they appear in a string;
+- **brokered values**: the values of the secrets Tether brokers (every version still
+  usable) and of the dynamic credentials it minted, wherever they appear in a string, as
+  they are or disguised: hex, base64/base64url, base32, percent-encoded, split by white
+  space or separators, reversed, upper-cased, or a piece of half the value or more (see
+  :mod:`tether.core._fingerprints`); in arguments, also cut over several strings of one
+  call;
 - **known formats**: cloud and SaaS API keys (AWS ``AKIA``/``ASIA``, OpenAI- and
   Anthropic-style ``sk-``, GitHub ``ghp_``/``gho_``/``ghu_``/``ghs_``/``ghr_`` and
   ``github_pat_``, Slack ``xox?-``), PEM private keys, bearer tokens and JWTs, passwords in
@@ -36,6 +40,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tether.core._fingerprints import Fingerprints
 from tether.core._scanning import SPACE, Deadline, check, linear
 
 if TYPE_CHECKING:
@@ -121,7 +126,9 @@ FORMATS: tuple[Format, ...] = (
     ),
     Format(
         "aws_access_key",
-        r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA)[0-9A-Z]{16}\b",
+        # No word boundary on either side: a key glued to other characters (``xAKIA...``,
+        # ``AKIA..._old``) is still a key.
+        r"(?:AKIA|ASIA|AGPA|AIDA|AROA)[0-9A-Z]{16}",
         _whole("aws_access_key"),
     ),
     Format(
@@ -232,7 +239,7 @@ class Known:
 class _KnownValues:
     """Brokered values, ready to be found: one by one when few, in one RE2 pass when many."""
 
-    __slots__ = ("_labels", "_pattern", "values")
+    __slots__ = ("_labels", "_pattern", "prints", "values")
 
     def __init__(self, known: Iterable[Known]) -> None:
         items = sorted(
@@ -247,28 +254,37 @@ class _KnownValues:
         self._pattern: LinearPattern | None = None
         if len(self.values) > KNOWN_ONE_BY_ONE:
             self._pattern = linear("|".join(_literal(v) for v in self.values), capture=False)
+        # Every other form of the same values: encoded, split, reversed, cut in pieces.
+        self.prints: Fingerprints | None = (
+            Fingerprints((label, value) for value, label in self._labels.items())
+            if self.values
+            else None
+        )
 
     def first(self, text: str) -> str | None:
-        """The label of a brokered value ``text`` holds, or ``None``."""
+        """The label of a brokered value ``text`` holds, as it is or in any form, or
+        ``None``."""
         if self._pattern is None:
             for value in self.values:
                 if value in text:
                     return self._labels[value]
-            return None
-        match = self._pattern.search(text)
-        return None if match is None else self._labels[match.group(0)]
+        else:
+            match = self._pattern.search(text)
+            if match is not None:
+                return self._labels[match.group(0)]
+        return None if self.prints is None else self.prints.first(text)
 
-    def redact(self, text: str, found: Counter[str]) -> str:
+    def redact(self, text: str, found: Counter[str], deadline: Deadline | None = None) -> str:
         if self._pattern is None:
             for value in self.values:
                 if value in text:
                     found["brokered"] += text.count(value)
                     text = text.replace(value, "[REDACTED:brokered]")
-            return text
-        text, n = self._pattern.subn("[REDACTED:brokered]", text)
-        if n:
-            found["brokered"] += n
-        return text
+        else:
+            text, n = self._pattern.subn("[REDACTED:brokered]", text)
+            if n:
+                found["brokered"] += n
+        return text if self.prints is None else self.prints.redact(text, found, deadline)
 
 
 def _literal(value: str) -> str:
@@ -323,7 +339,7 @@ class CredentialScanner:
         """``text`` with every credential replaced by ``[REDACTED:<kind>]``."""
         if len(text) < MIN_CANDIDATE_LENGTH:
             return text
-        text = self.known.redact(text, found)
+        text = self.known.redact(text, found, deadline)
         check(deadline)
         if _ANY_FORMAT.search(text) is not None:
             for fmt in FORMATS:
@@ -409,19 +425,21 @@ class Finding:
         return f"{self.path} carries {what}"
 
 
-def _strings(value: Any, depth: int = 0) -> Iterator[str]:
-    """Every string in a JSON value, member names included (down to ``MAX_DEPTH``)."""
+def _strings(value: Any, depth: int = 0, *, keys: bool = True) -> Iterator[str]:
+    """Every string in a JSON value, member names included unless ``keys`` is false (down
+    to ``MAX_DEPTH``)."""
     if isinstance(value, str):
         yield value
     elif depth > MAX_DEPTH:
         return
     elif isinstance(value, list):
         for item in value:
-            yield from _strings(item, depth + 1)
+            yield from _strings(item, depth + 1, keys=keys)
     elif isinstance(value, dict):
         for key, member in value.items():
-            yield str(key)
-            yield from _strings(member, depth + 1)
+            if keys:
+                yield str(key)
+            yield from _strings(member, depth + 1, keys=keys)
 
 
 def _nothing_to_find(value: Any, scanner: CredentialScanner) -> bool:
@@ -441,7 +459,10 @@ def find_credentials(value: Any, known: Iterable[Known] = (), *, path: str = "$"
     """Every credential in a JSON value (at most one finding per string)."""
     scanner = CredentialScanner(known)
     out: list[Finding] = []
-    if not _has_named_member(value) and _nothing_to_find(value, scanner):
+    # A brokered value cut in pieces over several strings: the strings joined in order
+    # show it (or one piece, at least half of it, does, in any order).
+    split = scanner.known.first(_JOIN.join(_strings(value, keys=False))) if known else None
+    if split is None and not _has_named_member(value) and _nothing_to_find(value, scanner):
         return out
     stack: list[tuple[Any, str, int]] = [(value, path, 0)]
     while stack:
@@ -470,6 +491,8 @@ def find_credentials(value: Any, known: Iterable[Known] = (), *, path: str = "$"
                         out.append(Finding("named_credential", child))
                     continue
                 stack.append((member, child, depth + 1))
+    if split is not None and not any(f.secret is not None for f in out):
+        out.append(Finding("brokered", f"{path} (split across strings)", split))
     # A path is made of member names the caller chose: it must not carry a credential either.
     return sorted(
         (Finding(f.kind, scanner.redact(f.path[:200], Counter()), f.secret) for f in out),

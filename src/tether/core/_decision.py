@@ -74,6 +74,7 @@ from tether._errors import TetherError
 from tether.core._canonical import digest
 from tether.core._credentials import Known, find_credentials
 from tether.core._flow import (
+    OVERSIZED,
     UNDESCRIBED,
     FlowPolicy,
     FlowState,
@@ -92,7 +93,7 @@ from tether.core._flow import (
 from tether.core._intent import Intent, covered_tools, is_pattern, match_capability
 from tether.core._policy import CedarOutcome, PolicySnapshot
 from tether.core._risk import Control, risk_tags
-from tether.core._scanning import MAX_ARGUMENT_BYTES, ScanLimits
+from tether.core._scanning import MAX_ARGUMENT_BYTES, ScanExceeded, ScanLimits
 from tether.core._verify import (
     ProofVerifier,
     TaskClaims,
@@ -879,7 +880,10 @@ def observe(
     """
     state = check_live(verified.claims, snapshot, now)
     if reading is None:
-        reading = read_result(result, snapshot.profile)
+        try:
+            reading = read_result(result, snapshot.profile)
+        except ScanExceeded:
+            reading = OVERSIZED
     profile = snapshot.profile
     own = snapshot.flows.get(state.task_id) or start(state.intent.request or "")
     flows = [(state.task_id, observe_result(own, tool, result, profile, reading=reading))]

@@ -32,10 +32,15 @@ Rules (reason codes):
     untrusted content has entered the task and a write, egress or destructive
     call has a sink argument (recipient, URL, amount, path, or a link or
     account number inside free text) that the user's request and trusted data
-    do not ground: approval or deny, by profile.
+    do not ground: approval or deny, by profile. Every argument is looked at:
+    the catalogue's sinks by their kind (however wrapped in lists or mappings),
+    any other parameter, and member names, for the addresses, links and account
+    numbers they hold.
 ``flow.confidential_egress``
     confidential (or secret) data has been read and an egress call sends to a
-    destination outside the intent's allowed egress: deny.
+    destination outside the intent's allowed egress (every destination in a
+    destination argument, and any address, link or account number in a
+    parameter the catalogue does not describe): deny.
 ``flow.discovery_privilege``
     a privileged tool the intent does not name explicitly (only a wildcard
     covers it) is reached after discovery calls: approval.
@@ -56,7 +61,7 @@ import msgspec
 
 from tether.core._canonical import digest
 from tether.core._intent import Budget, Intent, Sensitivity
-from tether.core._scanning import SPACE, Deadline, check, linear
+from tether.core._scanning import SPACE, Deadline, ScanExceeded, check, linear
 
 MAX_TRACKED_VALUES = 20_000
 MAX_VALUE_LENGTH = 512
@@ -192,20 +197,45 @@ class Finding(msgspec.Struct, frozen=True):
     message: str
 
 
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
 # -- values ---------------------------------------------------------------------------------
 
 # Linear-time patterns (RE2): results and arguments are attacker text.
 _EMAIL = linear(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+", capture=False)
 _LINK = rf"[^{SPACE}<>\"'()]"
+# A link: with a scheme or "www.", anything up to white space; otherwise a host name with a
+# top-level domain of any letters (or punycode, ``xn--``), an optional port and path. A
+# bare ``name.ext`` whose last part is a usual file extension (and no common top-level
+# domain), or is capitalised like a word (``Mr.Smith``), is a file or prose: see
+# :func:`_bare_host`.
 _URL = linear(
     rf"(?:https?://{_LINK}+)"
     rf"|(?:\bwww\.{_LINK}+)"
-    r"|(?:\b[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.(?:com|org|net|io|dev|ai|co|info|biz|app|xyz|gov|edu"
-    rf"|uk|de|fr|eu|ch|us)\b(?:/{_LINK}*)?)",
+    r"|(?:\b[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.(?:xn--[A-Za-z0-9-]{1,59}|[A-Za-z]{2,63})\b"
+    rf"(?::[0-9]{{1,5}})?(?:/{_LINK}*)?)",
     ignore_case=True,
     capture=False,
 )
+_COMMON_TLDS = frozenset(
+    _words("com org net io dev ai co info biz app xyz gov edu uk de fr eu ch us")
+)
+_FILE_EXTENSIONS = frozenset(
+    _words(
+        """txt pdf doc docx xls xlsx xlsm ppt pptx odt ods odp rtf csv tsv json jsonl xml yaml
+        yml toml ini cfg conf log md rst tex html htm css js mjs ts tsx jsx py pyc rb go rs java
+        kt cpp hpp cs php pl sh bash zsh bat sql db sqlite jpg jpeg png gif bmp svg webp ico tif
+        tiff heic mp3 mp4 m4a wav ogg flac mov avi mkv webm zip tar gz tgz bz2 xz rar iso dmg exe
+        dll so bin dat bak tmp lock pem crt cer key pub env ics vcf eml msg ipynb parquet whl apk
+        jar war pkl npy pages numbers"""
+    )
+)
 _IBAN = linear(rf"\b[A-Z]{{2}}[0-9]{{2}}(?:[{SPACE}]?[A-Z0-9]){{8,30}}\b", capture=False)
+# An account number written in lower or mixed case, as one word: counted when its IBAN
+# check digits hold (mod 97), so a word that only looks like one (``ab12cdefghij``) is not.
+_IBAN_ANY_CASE = linear(r"\b[A-Za-z]{2}[0-9]{2}[A-Za-z0-9]{8,30}\b", capture=False)
 _TRAILING = ".,;:!?)]}'\""
 
 
@@ -243,11 +273,47 @@ def atoms(text: str, deadline: Deadline | None = None) -> set[str]:
         text_without = text
     if "." in text_without or "://" in text_without:
         for match in _URL.finditer(text_without):
-            found.add(_url_key(match.group()))
+            link = match.group()
+            if _bare_host(link) and _not_a_host(link):
+                continue
+            found.add(_url_key(link))
         check(deadline)
     for match in _IBAN.finditer(text):
         found.add(match.group().replace(" ", "").lower())
+    check(deadline)
+    for match in _IBAN_ANY_CASE.finditer(text):
+        word = match.group()
+        if not word.isupper() and _iban_checksum(word):
+            found.add(word.lower())
     return found
+
+
+def _bare_host(link: str) -> bool:
+    """Whether a link has no scheme, no ``www.``, no port and no path: a bare host name."""
+    lower = link.lower()
+    return not lower.startswith(("http://", "https://", "www.")) and not any(
+        c in link for c in "/:"
+    )
+
+
+def _not_a_host(name: str) -> bool:
+    """Whether a bare ``a.b`` is a file name or prose rather than a host: its last part is
+    a usual file extension (and not a common top-level domain), or written like a word
+    (``Mr.Smith``, ``done.Then``), neither all lower nor all upper case."""
+    last = name.rstrip(".").rsplit(".", 1)[-1]
+    if last.startswith(("xn--", "XN--")):
+        return False
+    lower = last.lower()
+    if lower in _COMMON_TLDS:
+        return False
+    return lower in _FILE_EXTENSIONS or not (last.islower() or last.isupper())
+
+
+def _iban_checksum(word: str) -> bool:
+    """Whether ``word`` passes the IBAN check (ISO 13616: mod 97 of the rearranged digits)."""
+    text = (word[4:] + word[:4]).upper()
+    digits = "".join(str(int(c, 36)) for c in text)
+    return int(digits) % 97 == 1
 
 
 def _keys(value: str, deadline: Deadline | None = None) -> set[str]:
@@ -262,26 +328,35 @@ def _keys(value: str, deadline: Deadline | None = None) -> set[str]:
 
 
 TRUSTED, IDENTIFIER, CONTENT = 2, 1, 0
+CONTENT_NAME = -1  # a member name in content nobody vouches for
 
 
 def _scalars(
     value: Any, trust: int, fields: frozenset[str], ids: frozenset[str], depth: int = 0
-) -> Iterator[tuple[str, int]]:
-    """(text, trust) for every scalar in a result; a field's trust covers its subtree."""
+) -> Iterator[tuple[str | None, int]]:
+    """(text, trust) for every scalar and every member name in a result; a field's trust
+    covers its subtree, and a mapping's trust its member names (a trusted mapping's keys
+    say, e.g., who a file is shared with; an untrusted one's are content its author chose).
+    ``true``, ``false`` and ``null`` are content too (as ``None``: no value, but read).
+
+    Raises :class:`~tether.core._scanning.ScanExceeded` past ``MAX_WALK_DEPTH``: what is
+    nested deeper is not walked, so the result counts as untrusted and oversized, never
+    as content nobody saw."""
     if depth > MAX_WALK_DEPTH:
-        return
+        raise ScanExceeded(f"the result is nested deeper than {MAX_WALK_DEPTH} levels")
     if isinstance(value, Mapping):
         for key, item in value.items():
-            if trust == TRUSTED and isinstance(key, str):
-                yield key, TRUSTED  # keys of a trusted mapping (e.g. who a file is shared with)
             name = str(key)
+            # An untrusted member name is looked at for what it holds (CONTENT: its
+            # addresses and links), not remembered as a value of its own.
+            yield name, TRUSTED if trust == TRUSTED else CONTENT_NAME
             inner = TRUSTED if name in fields else IDENTIFIER if name in ids else CONTENT
             yield from _scalars(item, max(trust, inner), fields, ids, depth + 1)
     elif isinstance(value, list | tuple | set | frozenset):
         for item in value:
             yield from _scalars(item, trust, fields, ids, depth + 1)
     elif isinstance(value, bool) or value is None:
-        return
+        yield None, trust
     else:
         yield str(value), trust
 
@@ -345,12 +420,18 @@ def read_result(
     saw_untrusted = False
     for text, trust in _scalars(result, top, fields, ids):
         check(deadline)
+        if text is None:  # a boolean or null: read, with no value to remember
+            saw_untrusted = saw_untrusted or trust != TRUSTED
+            continue
         if not text.strip():
             continue
         if trust == TRUSTED:
             trusted |= _keys(text, deadline)
             continue
         saw_untrusted = True
+        if trust == CONTENT_NAME:
+            untrusted |= atoms(text, deadline)
+            continue
         if trust == IDENTIFIER:
             inner = atoms(text, deadline)
             whole = normalise(text)
@@ -378,7 +459,10 @@ def observe_result(
     ``reading`` is the result already scanned (:func:`read_result`, or :data:`OVERSIZED`
     for a result too large or too slow to scan); without it, ``result`` is scanned here."""
     if reading is None:
-        reading = read_result(result, profile)
+        try:
+            reading = read_result(result, profile)
+        except ScanExceeded:
+            reading = OVERSIZED
     values = state.trusted_values
     if reading.trusted and len(values) < MAX_TRACKED_VALUES:
         values = values | reading.trusted
@@ -504,19 +588,27 @@ def grounded(state: FlowState, key: str) -> bool:
     return False
 
 
-def ungrounded(state: FlowState, value: Any, kind: SinkKind) -> list[str]:
-    """The parts of a sink argument that nothing trusted grounds (empty: all grounded)."""
+def ungrounded(state: FlowState, value: Any, kind: SinkKind, depth: int = 0) -> list[str]:
+    """The parts of a sink argument that nothing trusted grounds (empty: all grounded).
+
+    A value wrapped in lists or mappings is judged leaf by leaf with the sink's own kind
+    (wrapping never loosens the check); member names are free text (every address, link
+    or account number in them must be grounded). Nesting past ``MAX_WALK_DEPTH`` is not
+    walked: it is reported as ungrounded."""
+    if depth > MAX_WALK_DEPTH:
+        return [f"(nested deeper than {MAX_WALK_DEPTH} levels)"]
     if value is None or isinstance(value, bool):
         return []
     if isinstance(value, list | tuple):
         out: list[str] = []
         for item in value:
-            out.extend(ungrounded(state, item, kind))
+            out.extend(ungrounded(state, item, kind, depth + 1))
         return out
     if isinstance(value, Mapping):
         out = []
-        for item in value.values():
-            out.extend(ungrounded(state, item, SinkKind.TEXT))
+        for name, item in value.items():
+            out.extend(ungrounded(state, str(name), SinkKind.TEXT, depth + 1))
+            out.extend(ungrounded(state, item, kind, depth + 1))
         return out
     if _is_number(value):
         if kind is SinkKind.TEXT:
@@ -530,9 +622,39 @@ def ungrounded(state: FlowState, value: Any, kind: SinkKind) -> list[str]:
     inner = atoms(text)
     if kind is SinkKind.TEXT:
         return sorted(a for a in inner if not grounded(state, a))
-    if inner and all(grounded(state, a) for a in inner) and len(whole) > 64:
+    # Long prose in a value sink: judged by the addresses, links and accounts inside it.
+    # A long value without white space is an identifier, path or address: it must be
+    # grounded as a whole, whatever grounded values it also holds.
+    if inner and len(whole) > 64 and " " in whole and all(grounded(state, a) for a in inner):
         return []
     return [whole[:80]]
+
+
+def _leaves(value: Any, depth: int = 0) -> Iterator[str | None]:
+    """Every string and number in an argument, member names included; ``None`` for
+    nesting past ``MAX_WALK_DEPTH`` (not walked: the caller treats it as unknown)."""
+    if depth > MAX_WALK_DEPTH:
+        yield None
+    elif isinstance(value, Mapping):
+        for name, item in value.items():
+            yield str(name)
+            yield from _leaves(item, depth + 1)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _leaves(item, depth + 1)
+    elif value is not None and not isinstance(value, bool):
+        yield str(value)
+
+
+def destinations_in(value: Any) -> set[str] | None:
+    """The addresses, links and account numbers anywhere in an argument (``None`` when it
+    is nested too deep to tell)."""
+    found: set[str] = set()
+    for leaf in _leaves(value):
+        if leaf is None:
+            return None
+        found |= atoms(leaf)
+    return found
 
 
 def origin_of(state: FlowState, key: str) -> str:
@@ -551,24 +673,32 @@ def origin_of(state: FlowState, key: str) -> str:
 
 
 def _egress_allowed(intent: Intent, value: Any) -> bool:
+    """Whether every destination in a destination argument is within the intent's egress:
+    each string in it (however wrapped in lists or mappings, member names included) as a
+    whole, and each address, link or account number inside it."""
     if not intent.egress:
         return False
-    texts = value if isinstance(value, list | tuple) else [value]
-    for item in texts:
-        key = normalise(str(item))
-        url = _url_key(key)
-        # A pattern without a path names hosts (or addresses): it is matched against the
-        # host alone, so "*.corp.example" never matches "evil.example/x.corp.example".
-        cut = min((i for i in (url.find(c, 1) for c in "/?#\\") if i > 0), default=len(url))
-        host = url[:cut]
-        if not any(
-            any(fnmatch.fnmatchcase(k, normalise(pattern)) for k in (key, url))
-            if "/" in pattern
-            else fnmatch.fnmatchcase(host, normalise(pattern))
-            for pattern in intent.egress
-        ):
+    for leaf in _leaves(value):
+        if leaf is None:
+            return False
+        if not _allowed(intent, leaf) or not all(_allowed(intent, a) for a in atoms(leaf)):
             return False
     return True
+
+
+def _allowed(intent: Intent, item: str) -> bool:
+    key = normalise(item)
+    url = _url_key(key)
+    # A pattern without a path names hosts (or addresses): it is matched against the
+    # host alone, so "*.corp.example" never matches "evil.example/x.corp.example".
+    cut = min((i for i in (url.find(c, 1) for c in "/?#\\") if i > 0), default=len(url))
+    host = url[:cut]
+    return any(
+        any(fnmatch.fnmatchcase(k, normalise(pattern)) for k in (key, url))
+        if "/" in pattern
+        else fnmatch.fnmatchcase(host, normalise(pattern))
+        for pattern in intent.egress
+    )
 
 
 # -- rules ----------------------------------------------------------------------------------
@@ -633,6 +763,16 @@ def evaluate_flow(
             for n in names
             if args.get(n) not in (None, "", []) and not _egress_allowed(intent, args[n])
         ]
+        # A parameter the catalogue does not describe (a mail tool's ``bcc``, say) is a
+        # destination when it holds one: every address, link or account number in it
+        # must be within the intent's egress too.
+        described = set(names) | set(profile.sinks or ())
+        for name, value in args.items():
+            if name in described:
+                continue
+            found = destinations_in(value)
+            if found is None or any(not _allowed(intent, a) for a in found):
+                outside.append(name)
         if outside:
             shown = ", ".join(f"{n}={_show(args[n])}" for n in outside)
             findings.append(
@@ -649,10 +789,14 @@ def evaluate_flow(
     if policy.untrusted_sink is not RuleEffect.OFF and acts and state.untrusted_read:
         sinks = profile.sinks if profile.sinks is not None else dict.fromkeys(args, SinkKind.VALUE)
         loose: list[str] = []
-        for name, kind in sinks.items():
-            if name not in args:
-                continue
-            for part in ungrounded(state, args[name], kind):
+        # Every argument: the catalogue's sinks by their kind; any other parameter (one the
+        # catalogue does not name: ``bcc``, a nested recipient) as free text, whose
+        # addresses, links and account numbers must be grounded all the same.
+        for name, value in args.items():
+            kind = sinks.get(name, SinkKind.TEXT)
+            for part in ungrounded(state, str(name), SinkKind.TEXT):
+                loose.append(f"(a parameter name)={part!r} ({origin_of(state, part)})")
+            for part in ungrounded(state, value, kind):
                 loose.append(f"{name}={part!r} ({origin_of(state, part)})")
         if loose:
             findings.append(

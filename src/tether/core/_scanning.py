@@ -46,14 +46,21 @@ if TYPE_CHECKING:
     LinearMatch: TypeAlias = re2._Match[str]
 
 
-def linear(pattern: str, *, ignore_case: bool = False, capture: bool = True) -> LinearPattern:
+def linear(
+    pattern: str,
+    *,
+    ignore_case: bool = False,
+    capture: bool = True,
+    memory: int = PATTERN_MEMORY,
+) -> LinearPattern:
     """``pattern`` compiled for linear-time matching (raises ``ValueError`` when RE2
     cannot run it: look-around, back-references, possessive quantifiers).
 
     ``capture=False`` for a pattern only asked whether and where it matches: RE2 then
-    never works out groups (its fastest engine, even on a long match)."""
+    never works out groups (its fastest engine, even on a long match). ``memory``: RE2's
+    budget for the pattern (a large alternation of literals needs more to keep its DFA)."""
     options = re2.Options()
-    options.max_mem = PATTERN_MEMORY
+    options.max_mem = memory
     options.log_errors = False
     if not capture:
         options.never_capture = True

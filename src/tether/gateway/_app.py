@@ -209,6 +209,12 @@ def _observed(result: types.CallToolResult) -> Any:
             parts.append(text if isinstance(text, str) else f"[resource] {block.resource.uri}")
         elif isinstance(block, types.ResourceLink):
             parts.append(str(block.uri))
+            # Its name, title and description are shown to the agent as well.
+            parts.extend(
+                value
+                for field in ("name", "title", "description")
+                if isinstance(value := getattr(block, field, None), str)
+            )
         else:
             parts.append(f"[{block.type}]")
     return parts
@@ -714,8 +720,16 @@ class Gateway:
             # An upstream's error text may echo what it was given: scrub it too.
             redactions: Counter[str] = Counter()
             message = redact_text(exc.message, redactions, self._known())[0]
+            # An error in the upstream's own words is content the agent reads, from a
+            # source nobody vouches for: observed as such (an injection can come this way).
+            said = [message] if exc.quotes_upstream else None
+            reading = (
+                await anyio.to_thread.run_sync(self._read_error, message, klass)
+                if said is not None
+                else None
+            )
             seq, _ = self._record_result(
-                caller, name, args, klass, receipt, detail, exc.code, redactions, None
+                caller, name, args, klass, receipt, detail, exc.code, redactions, said, reading
             )
             return _error_result(
                 f"upstream failure [{exc.code}]: {message}",
@@ -781,6 +795,26 @@ class Gateway:
         except ScanExceeded:
             return None, Counter(), OVERSIZED
         return result, redactions, reading
+
+    def _read_error(self, message: str, klass: ToolClass) -> ResultReading:
+        """An upstream's error text, read as untrusted content within the limits (whatever
+        the catalogue says of the tool's results: no field of an error is asserted)."""
+        limits = self.config.limits
+        profile = msgspec.structs.replace(
+            tool_profile(klass),
+            trusted=False,
+            trusted_fields=(),
+            identifier_fields=(),
+            identifiers=False,
+        )
+        if len(message) > limits.max_result_bytes:
+            return OVERSIZED
+        try:
+            return read_result(
+                [message], profile, deadline=Deadline(limits.scan_seconds, time.monotonic)
+            )
+        except ScanExceeded:
+            return OVERSIZED
 
     def _known(self) -> list[Any]:
         """The brokered values to scrub from what upstreams answer (empty if unavailable:

@@ -2,7 +2,8 @@
 
 What is recognised is described in :mod:`tether.core._credentials`: the values Tether
 brokers (so an upstream that echoes the credential it was given is caught), known
-credential formats, and high-entropy strings. Each match is replaced by
+credential formats, and high-entropy strings. Brokered values are found encoded, split,
+reversed or in pieces too (:mod:`tether.core._fingerprints`). Each match is replaced by
 ``[REDACTED:<kind>]``; the counts per kind are returned so the redaction can be
 recorded. Redaction is deliberately eager: a false positive costs a string, a miss
 leaks a credential into a model's context.

@@ -48,16 +48,22 @@ log = logging.getLogger("tether.gateway")
 
 CLIENT_INFO = types.Implementation(name="tether-gateway", version="0.1.0")
 MAX_BACKOFF = 10.0
+#: The MCP SDK's own message for a connection that closed under a call.
+CLOSED_MESSAGE = "Connection closed"
 REFRESH_SECONDS = 30.0
 
 
 class UpstreamError(Exception):
-    """A call to an upstream failed; ``code`` says how (for the agent and the receipt)."""
+    """A call to an upstream failed; ``code`` says how (for the agent and the receipt).
 
-    def __init__(self, code: str, message: str) -> None:
+    ``quotes_upstream``: the message carries the upstream's own words (a JSON-RPC error's
+    message), content nobody vouches for that the agent will read."""
+
+    def __init__(self, code: str, message: str, *, quotes_upstream: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.quotes_upstream = quotes_upstream
 
 
 class InjectedHeaders(httpx2.Auth):
@@ -221,7 +227,7 @@ class Upstream:
                     f"no answer within {self.config.connect_timeout_seconds:g} s of connecting"
                 )
         except Exception as exc:  # any failure: note it, reconnect
-            self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+            self.last_error = self._scrub(f"{type(exc).__name__}: {exc}"[:500])
         finally:
             self._client = None
             self._ready = anyio.Event()
@@ -261,8 +267,16 @@ class Upstream:
 
     def _mark_broken(self, client: Client, why: str) -> None:
         if client is self._client:  # a stale client's failure says nothing of the new one
-            self.last_error = why
+            self.last_error = self._scrub(why)
             self._broken.set()
+
+    def _scrub(self, text: str) -> str:
+        """``text`` (an upstream's words, for the log) without credentials in any form."""
+        try:
+            known = self.known() if self.known is not None else []
+        except Exception:
+            known = []
+        return redact_text(text[:2000], known=known)[0]
 
     # -- calls -----------------------------------------------------------------------------
     async def _client_within(self, seconds: float) -> Client:
@@ -297,9 +311,13 @@ class Upstream:
                 raise UpstreamError(
                     "upstream.unavailable",
                     f"upstream {self.name!r} closed the connection: {exc.message}",
+                    # An upstream can send this code itself, with words of its own.
+                    quotes_upstream=exc.message != CLOSED_MESSAGE,
                 ) from None
             raise UpstreamError(
-                "upstream.error", f"upstream {self.name!r} refused {tool!r}: {exc.message}"
+                "upstream.error",
+                f"upstream {self.name!r} refused {tool!r}: {exc.message}",
+                quotes_upstream=True,
             ) from None
         except (ValidationError, RuntimeError, ValueError, TypeError) as exc:
             raise UpstreamError(
