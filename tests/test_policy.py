@@ -264,3 +264,14 @@ def test_arguments_policies_cannot_see_faithfully_are_refused() -> None:
         cedar_value(100.00004)
     with pytest.raises(ValueError, match="__"):
         cedar_value({"__entity": {"type": "Agent", "id": "x"}})
+
+
+def test_a_set_in_a_policy_scope_is_refused_with_a_hint(tether: Tether) -> None:
+    """`resource in [..]` in a scope is a parser error Cedar names by its grammar only;
+    the refusal says what to write instead."""
+    with pytest.raises(InvalidPolicy) as caught:
+        tether.policies.load(
+            {"a.cedar": 'permit (principal, action, resource in [Tool::"a", Tool::"b"]);'}
+        )
+    assert "a.cedar:1" in str(caught.value)
+    assert ".contains(resource)" in str(caught.value)

@@ -91,6 +91,21 @@ def split_statements(text: str) -> list[tuple[int, str]]:
     return statements
 
 
+_SCOPE_SET = re.compile(r"\b(principal|resource)\s+in\s*\[", re.ASCII)
+
+
+def _hint(statement: str) -> str:
+    """What to write instead, for mistakes Cedar's parser names only by its grammar."""
+    found = _SCOPE_SET.search(statement.split(")", 1)[0])
+    if found is None:
+        return ""
+    var = found.group(1)
+    return (
+        f" (hint: a policy's scope takes one entity, `{var} in Group::\"…\"`, not a set; "
+        f"test a set in the condition: `when {{ [Tool::\"a\", Tool::\"b\"].contains({var}) }}`)"
+    )
+
+
 def _parse_file(name: str, text: str) -> list[PolicyRecord]:
     statements = split_statements(text)
     try:
@@ -100,7 +115,7 @@ def _parse_file(name: str, text: str) -> list[PolicyRecord]:
             try:
                 cedarpy.PolicySet.from_str(statement)
             except (ValueError, RuntimeError) as inner:
-                raise InvalidPolicy(f"{name}:{line}: {inner}") from None
+                raise InvalidPolicy(f"{name}:{line}: {inner}{_hint(statement)}") from None
         raise InvalidPolicy(f"{name}: {exc}") from None
     if est.get("templates"):
         raise InvalidPolicy(f"{name}: policy templates (?principal/?resource) are not supported")
