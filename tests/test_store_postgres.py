@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import textwrap
@@ -559,3 +560,16 @@ def test_every_pooled_session_bounds_statements_lock_waits_and_idle_transactions
             assert store.execute_fetch("SHOW lock_timeout") == [("10s",)]
     finally:
         store.close()
+
+
+def test_an_unreachable_server_is_named_as_such() -> None:
+    """A refused connection is reported as what it is (with the password redacted), not
+    as the connection pool's "initialization incomplete"."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(InfrastructureError) as caught:
+        PostgresStore(f"postgresql://tether:hunter2@127.0.0.1:{port}/test")
+    message = str(caught.value)
+    assert "refused" in message.lower()
+    assert "hunter2" not in message and "initialization" not in message

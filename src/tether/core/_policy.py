@@ -101,8 +101,8 @@ def _hint(statement: str) -> str:
         return ""
     var = found.group(1)
     return (
-        f" (hint: a policy's scope takes one entity, `{var} in Group::\"…\"`, not a set; "
-        f"test a set in the condition: `when {{ [Tool::\"a\", Tool::\"b\"].contains({var}) }}`)"
+        f' (hint: a policy\'s scope takes one entity, `{var} in Group::"…"`, not a set; '
+        f'test a set in the condition: `when {{ [Tool::"a", Tool::"b"].contains({var}) }}`)'
     )
 
 

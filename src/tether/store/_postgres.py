@@ -211,6 +211,14 @@ class PostgresStore:
         self._drop_schema = drop_schema_on_close
         self._tx = _TxState()
         self._closed = False
+        # One direct connection first: an unreachable or refusing server is said at once
+        # ("connection refused", "password authentication failed"), not after the pool's
+        # wait as "pool initialization incomplete".
+        try:
+            psycopg.connect(url, connect_timeout=max(1, min(int(timeout), 5))).close()
+        except psycopg.Error as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InfrastructureError(f"cannot open store {redact(url)}: {redact(first)}") from None
         try:
             self._pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
                 url,
