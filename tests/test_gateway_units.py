@@ -105,6 +105,9 @@ def test_minimal_configuration_defaults(tmp_path: Path) -> None:
         (_upstream(call_timeout_seconds=0), "call_timeout_seconds"),
         (_upstream(stdio={"command": "x", "env": {"K": "env:TETHER_TEST_UNSET"}}), "not set"),
         (_upstream(stdio={"command": "x", "cwd": "does-not-exist"}), "not a directory"),
+        (_upstream(stdio={"command": "x", "inherit": ["TETHER_KEK"]}), "never passed"),
+        (_upstream(stdio={"command": "x", "inherit": ["NOT_SET_ANYWHERE_4"]}), "not set"),
+        (_upstream(stdio={"command": "x", "inherit": ["BAD-NAME"]}), "must match"),
         (_upstream(catalogue="missing.toml"), "cannot read"),
         (_upstream(tools={"t": {"side_effect": "launch"}}), "side_effect"),
         (_upstream(tools={"t": {"sinks": [""]}}), "sink name is empty"),
@@ -141,6 +144,19 @@ def test_environment_references_are_resolved(
     config = parse_config(data, base=tmp_path)
     http = config.upstreams[0].http
     assert http is not None and http.headers == {"Authorization": "s3cret"}
+
+
+def test_a_stdio_upstream_gets_only_the_variables_it_lists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stdio upstream never gets the gateway's whole environment; what it needs is
+    listed (``env``) or passed through by name (``inherit``), and nothing else."""
+    monkeypatch.setenv("GIT_AUTHOR_NAME", "Tether Test")
+    monkeypatch.setenv("UNRELATED_SECRET", "x")
+    data = _upstream(stdio={"command": "python", "env": {"A": "1"}, "inherit": ["GIT_AUTHOR_NAME"]})
+    stdio = parse_config(data, base=tmp_path).upstreams[0].stdio
+    assert stdio is not None
+    assert stdio.env == {"A": "1", "GIT_AUTHOR_NAME": "Tether Test"}
 
 
 def test_catalogue_files_and_inline_entries_merge(tmp_path: Path) -> None:

@@ -55,12 +55,19 @@ class ConfigError(UsageError):
 
 
 class StdioTransport(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Launch the upstream as a child process and speak MCP over its stdin/stdout."""
+    """Launch the upstream as a child process and speak MCP over its stdin/stdout.
+
+    The child gets a minimal environment, never the gateway's own (which may hold
+    ``TETHER_KEK`` and every upstream's secrets): the MCP SDK's safe defaults (``HOME``,
+    ``LOGNAME``, ``PATH``, ``SHELL``, ``TERM``, ``USER``), plus ``env`` (values, or
+    ``env:NAME`` read from the gateway's environment), plus the variables named in
+    ``inherit``, passed through by name. Anything else is not there: list it."""
 
     command: str
     args: tuple[str, ...] = ()
     env: dict[str, str] = {}
     cwd: str | None = None
+    inherit: tuple[str, ...] = ()
 
 
 class HttpTransport(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -254,7 +261,19 @@ def _check_upstream(
             if not Path(cwd).is_dir():
                 problems.append(f"{where}.stdio.cwd: {cwd} is not a directory")
         env = _resolve_env(stdio.env, f"{where}.stdio.env", problems)
-        stdio = msgspec.structs.replace(stdio, env=env, cwd=cwd)
+        for name in stdio.inherit:
+            if not ENV_NAME.fullmatch(name):
+                problems.append(f"{where}.stdio.inherit: {name!r} must match {ENV_NAME.pattern}")
+            elif name.upper().startswith("TETHER_"):
+                problems.append(
+                    f"{where}.stdio.inherit: {name!r}: Tether's own settings (the KEK among "
+                    "them) are never passed to an upstream"
+                )
+            elif name not in os.environ:
+                problems.append(f"{where}.stdio.inherit: environment variable {name!r} is not set")
+            elif name not in env:
+                env[name] = os.environ[name]
+        stdio = msgspec.structs.replace(stdio, env=env, cwd=cwd, inherit=())
     if http is not None:
         _check_url(http.url, f"{where}.http.url", problems)
         headers = _resolve_env(http.headers, f"{where}.http.headers", problems)
