@@ -326,7 +326,7 @@ class Auditor:
 
     def _forget_written(self, upto: int) -> None:
         """Drop the leaves a head (this node's or another's) covers now."""
-        for seq in [s for s in self._written if s <= upto]:
+        for seq in [s for s in list(self._written) if s <= upto]:
             self._written.pop(seq, None)
 
     def _read_leaves(self, after: int, upto: int, wanted: set[int]) -> dict[int, bytes]:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgspec
+
+T = TypeVar("T")
 
 
 class KeyRow(msgspec.Struct, frozen=True):
@@ -195,6 +197,17 @@ class Store(Protocol):
     def after_commit(self, callback: Callable[[], object]) -> None:
         """Run ``callback`` once the current transaction commits (at once outside one);
         dropped if it rolls back."""
+        ...
+
+    #: Group commit: the most decisions one commit holds (0: every one commits alone).
+    group_commit: int
+
+    def grouped(self, work: Callable[[], T]) -> T:
+        """Run ``work`` (a decision: its changes and its receipt) in the node's open commit
+        group: concurrent decisions share one transaction and one commit, each isolated
+        by a savepoint (one that raises is rolled back alone); returns ``work``'s result
+        once the commit holding it is durable, then runs its ``after_commit`` callbacks.
+        Inside a transaction of the calling thread it joins that transaction."""
         ...
 
     def close(self) -> None: ...

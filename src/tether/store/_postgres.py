@@ -47,7 +47,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -55,6 +55,7 @@ from psycopg import sql as psql
 from psycopg_pool import ConnectionPool
 
 from tether._errors import Conflict, InfrastructureError, UsageError
+from tether.store._group import GroupCommit, GroupYield, group_limit_from_env
 from tether.store._interface import (
     AcceptedRiskRow,
     ApprovalRow,
@@ -72,6 +73,8 @@ from tether.store._interface import (
     SecretVersionRow,
     TaskRow,
 )
+
+T = TypeVar("T")
 
 #: First key of the audit chain's advisory lock (the second is the schema's hash).
 CHAIN_LOCK_CLASS = 0x54455448  # "TETH"
@@ -183,6 +186,15 @@ class _TxState(threading.local):
     conn: psycopg.Connection[tuple[Any, ...]] | None = None
     depth: int = 0
     callbacks: list[Callable[[], object]]
+    #: This transaction holds the log's lock (taken once, kept to its end).
+    chain_locked: bool = False
+    #: The transaction is a commit group's (:meth:`PostgresStore.grouped`); its current
+    #: unit may yield a row it would wait for, and did.
+    group: bool = False
+    may_yield: bool = False
+    yielded: bool = False
+    #: ``chain_locked`` when the current unit's savepoint was taken.
+    unit_chain_locked: bool = False
 
     def __init__(self) -> None:
         self.callbacks = []
@@ -211,6 +223,9 @@ class PostgresStore:
         self._drop_schema = drop_schema_on_close
         self._tx = _TxState()
         self._closed = False
+        #: The most decisions one commit holds (:meth:`grouped`); 0: group commit off.
+        self.group_commit = group_limit_from_env()
+        self._committer = GroupCommit(self, self.group_commit or 1)
         try:
             self._pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
                 url,
@@ -310,6 +325,7 @@ class PostgresStore:
             self._pool.putconn(conn)
             raise InfrastructureError(f"store error: {exc}") from None
         tx.conn, tx.depth, tx.callbacks = conn, 1, []
+        tx.chain_locked = False
         try:
             try:
                 yield
@@ -340,6 +356,109 @@ class PostgresStore:
             return
         callback()
 
+    # -- group commit (tether.store._group) --------------------------------------------
+    def grouped(self, work: Callable[[], T]) -> T:
+        """Run ``work`` (a decision: its changes and its receipt) in this node's open
+        commit group, isolated by a savepoint, and return once the commit holding it is
+        durable; its ``after_commit`` callbacks run then, in this thread. The group takes
+        the log's lock once for all its receipts. Inside a transaction of this thread, or
+        with :attr:`group_commit` 0, it is simply ``with transaction(): work()``."""
+        if self.group_commit <= 0 or self._tx.conn is not None:
+            with self.transaction():
+                return work()
+        self._committer.limit = self.group_commit
+        return self._committer.run(work)
+
+    def _group_begin(self) -> None:
+        try:
+            conn = self._pool.getconn()
+        except Exception as exc:
+            raise InfrastructureError(f"store unavailable: {exc}") from None
+        try:
+            conn.execute("BEGIN")
+        except Exception as exc:
+            self._pool.putconn(conn)
+            raise InfrastructureError(f"store error: {exc}") from None
+        tx = self._tx
+        tx.conn, tx.depth, tx.callbacks = conn, 1, []
+        tx.chain_locked, tx.group = False, True
+
+    def _group_conn(self) -> psycopg.Connection[tuple[Any, ...]]:
+        conn = self._tx.conn
+        if conn is None or not self._tx.group:
+            raise InfrastructureError("store error: no commit group is open")
+        return conn
+
+    def _group_savepoint(self, may_yield: bool) -> None:
+        tx = self._tx
+        conn = self._group_conn()
+        tx.depth, tx.callbacks = 1, []
+        tx.may_yield, tx.yielded, tx.unit_chain_locked = may_yield, False, tx.chain_locked
+        try:
+            conn.execute("SAVEPOINT tether_unit")
+        except psycopg.Error as exc:
+            raise InfrastructureError(f"store error: {exc}") from None
+
+    def _group_undo(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+        """Roll the unit back to its savepoint (its locks too, the log's if it took it)."""
+        tx = self._tx
+        try:
+            conn.execute("ROLLBACK TO SAVEPOINT tether_unit")
+            conn.execute("RELEASE SAVEPOINT tether_unit")
+        except psycopg.Error as exc:
+            raise InfrastructureError(f"store error: {exc}") from None
+        tx.chain_locked = tx.unit_chain_locked
+
+    def _group_release(self) -> tuple[str, list[Callable[[], object]]]:
+        tx = self._tx
+        conn = self._group_conn()
+        callbacks, tx.callbacks = tx.callbacks, []
+        tx.depth, tx.may_yield = 1, False
+        status = conn.info.transaction_status
+        if tx.yielded or status == psycopg.pq.TransactionStatus.INERROR:
+            self._group_undo(conn)
+            return ("yielded" if tx.yielded else "failed"), []
+        if status != psycopg.pq.TransactionStatus.INTRANS:
+            raise InfrastructureError("store error: the group's transaction was lost")
+        try:
+            conn.execute("RELEASE SAVEPOINT tether_unit")
+        except psycopg.Error as exc:
+            raise InfrastructureError(f"store error: {exc}") from None
+        return "kept", callbacks
+
+    def _group_rollback(self) -> bool:
+        tx = self._tx
+        conn = self._group_conn()
+        tx.depth, tx.callbacks, tx.may_yield = 1, [], False
+        self._group_undo(conn)
+        return tx.yielded
+
+    def _group_end(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+        tx = self._tx
+        tx.conn, tx.depth, tx.callbacks = None, 0, []
+        tx.chain_locked = tx.group = tx.may_yield = tx.yielded = False
+        self._pool.putconn(conn)
+
+    def _group_commit(self) -> None:
+        conn = self._group_conn()
+        try:
+            if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+                conn.execute("ROLLBACK")
+                raise InfrastructureError("store error: the transaction failed")
+            conn.execute("COMMIT")
+        except psycopg.Error as exc:
+            raise InfrastructureError(f"store error at commit: {exc}") from None
+        finally:
+            self._group_end(conn)
+
+    def _group_abort(self) -> None:
+        conn = self._group_conn()
+        try:
+            with contextlib.suppress(psycopg.Error):  # broken: the pool discards it
+                conn.execute("ROLLBACK")
+        finally:
+            self._group_end(conn)
+
     def lock_task(self, task_id: str) -> None:
         """Hold the row locks of the task and of its ancestors, the root first, until the
         current transaction ends (no-op outside one).
@@ -354,9 +473,16 @@ class PostgresStore:
                 " UNION ALL SELECT t.task_id, t.parent_task_id, p.depth + 1"
                 " FROM tasks t JOIN path p ON t.task_id = p.parent_task_id WHERE p.depth < 32)"
                 " SELECT t.task_id FROM tasks t JOIN path p ON p.task_id = t.task_id"
-                " ORDER BY p.depth DESC FOR UPDATE OF t",
+                " ORDER BY p.depth DESC FOR UPDATE OF t" + self._nowait(),
                 (task_id,),
             )
+
+    def _nowait(self) -> str:
+        """``NOWAIT`` when this transaction is a commit group's that holds the log's lock:
+        waiting for a row then could wait for a node that waits for the log; the unit
+        yields instead, to run first in the next group (:class:`GroupYield`)."""
+        tx = self._tx
+        return " NOWAIT" if tx.group and tx.may_yield and tx.chain_locked else ""
 
     def lock_identity(self, spiffe_id: str) -> str | None:
         """The identity's status, its row share-locked until the transaction ends."""
@@ -391,6 +517,12 @@ class PostgresStore:
                 return self._exec(pooled, query, params, fetch)
         except psycopg.IntegrityError as exc:
             raise Conflict(f"already exists: {exc}") from None
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected) as exc:
+            tx = self._tx
+            if tx.group and tx.may_yield:
+                tx.yielded = True
+                raise GroupYield(f"store busy: {exc}") from None
+            raise InfrastructureError(f"store error: {exc}") from None
         except psycopg.Error as exc:
             raise InfrastructureError(f"store error: {exc}") from None
 
@@ -942,12 +1074,15 @@ class PostgresStore:
         return [HeadRow(*r) for r in rows]
 
     def last_record(self) -> RecordRow | None:
-        if self._tx.conn is not None:
-            # The chain's append lock, until this transaction ends (see the module doc).
+        tx = self._tx
+        if tx.conn is not None and not tx.chain_locked:
+            # The chain's append lock, until this transaction ends (see the module doc):
+            # taken once per transaction, so once per commit group.
             self._run(
                 "SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))",
                 (CHAIN_LOCK_CLASS,),
             )
+            tx.chain_locked = True
         row = self._one(f"SELECT {_RECORD_COLS} FROM audit_records ORDER BY seq DESC LIMIT 1")
         return None if row is None else RecordRow(*row)
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -13,9 +14,10 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tether._errors import Conflict, InfrastructureError
+from tether.store._group import GroupCommit, group_limit_from_env
 from tether.store._interface import (
     AcceptedRiskRow,
     ApprovalRow,
@@ -36,6 +38,7 @@ from tether.store._interface import (
 from tether.store.migrations.sqlite import v2_verifiable_log
 
 SCHEMA_VERSION = "2"
+T = TypeVar("T")
 _KEY_COLS = (
     "kid, use, sealed, public_jwk, cert_pem, created_at, retired_at, verify_until, revoked_at, mac"
 )
@@ -155,7 +158,11 @@ class SQLiteStore:
             raise InfrastructureError(f"cannot open store {self.path}: {exc}") from None
         self._lock = threading.RLock()
         self._depth = 0
+        self._owner = 0  # the thread whose transaction is open (while _depth > 0)
         self._after_commit: list[Callable[[], object]] = []
+        #: The most decisions one commit holds (:meth:`grouped`); 0: group commit off.
+        self.group_commit = group_limit_from_env()
+        self._committer = GroupCommit(self, self.group_commit or 1)
         version = self.get_meta("schema_version")
         if version is None:  # new: its tables were made at the newest version
             self.set_meta("schema_version", SCHEMA_VERSION)
@@ -182,6 +189,7 @@ class SQLiteStore:
             outer = self._depth == 0
             if outer:
                 self._run("BEGIN IMMEDIATE")
+                self._owner = threading.get_ident()
             self._depth += 1
             try:
                 yield
@@ -209,6 +217,72 @@ class SQLiteStore:
                     self._after_commit.append(callback)
                 return
         callback()
+
+    # -- group commit (tether.store._group) --------------------------------------------
+    def grouped(self, work: Callable[[], T]) -> T:
+        """Run ``work`` (a decision: its changes and its receipt) in this store's open
+        commit group, isolated by a savepoint, and return once the commit holding it is
+        durable; its ``after_commit`` callbacks run then, in this thread. Inside a
+        transaction of this thread, or with :attr:`group_commit` 0, it is simply
+        ``with transaction(): work()``."""
+        mine = self._depth > 0 and self._owner == threading.get_ident()
+        if self.group_commit <= 0 or mine:
+            with self.transaction():
+                return work()
+        self._committer.limit = self.group_commit
+        return self._committer.run(work)
+
+    def _group_begin(self) -> None:
+        self._lock.acquire()
+        try:
+            self._run("BEGIN IMMEDIATE")
+        except BaseException:
+            self._lock.release()
+            raise
+        self._owner = threading.get_ident()
+        self._depth, self._after_commit = 1, []
+
+    def _group_savepoint(self, may_yield: bool) -> None:
+        del may_yield  # SQLite's writer holds every row: nothing to yield to
+        self._depth, self._after_commit = 1, []
+        self._run("SAVEPOINT tether_unit")
+
+    def _group_release(self) -> tuple[str, list[Callable[[], object]]]:
+        callbacks, self._after_commit = self._after_commit, []
+        self._depth = 1
+        if not self._db.in_transaction:  # SQLite rolled it back (disk full, I/O error)
+            raise InfrastructureError("store error: the transaction was rolled back")
+        self._run("RELEASE SAVEPOINT tether_unit")
+        return "kept", callbacks
+
+    def _group_rollback(self) -> bool:
+        self._depth, self._after_commit = 1, []
+        if not self._db.in_transaction:
+            raise InfrastructureError("store error: the transaction was rolled back")
+        self._run("ROLLBACK TO SAVEPOINT tether_unit")
+        self._run("RELEASE SAVEPOINT tether_unit")
+        return False
+
+    def _group_commit(self) -> None:
+        try:
+            self._run("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            raise
+        finally:
+            self._depth, self._after_commit = 0, []
+            self._lock.release()
+
+    def _group_abort(self) -> None:
+        try:
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+        finally:
+            self._depth, self._after_commit = 0, []
+            self._lock.release()
 
     def _run(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         try:
