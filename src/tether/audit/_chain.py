@@ -211,7 +211,9 @@ class Auditor:
             self._store.after_commit(lambda: self._written.__setitem__(seq, leaf))
             if seq % self.checkpoint_every == 0:
                 self._checkpoint(row)
-            due = seq - self._head_size >= self.head_every
+            # A head this process signed past ``seq`` was rolled back with its transaction
+            # (or savepoint): read the store's newest head again.
+            due = seq - self._head_size >= self.head_every or self._head_size >= seq
             if due or now - self._head_at >= self.head_interval:
                 self._sign_head(seq, now, current=(seq, leaf))
             return row

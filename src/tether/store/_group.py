@@ -120,6 +120,12 @@ class GroupCommit:
         self.groups = 0
         self.units = 0
 
+    @property
+    def pending(self) -> int:
+        """Units queued, not yet run in a group."""
+        with self._cond:
+            return len(self._queue)
+
     def run(self, work: Callable[[], T]) -> T:
         """Run ``work`` in the node's open group; return once its commit is durable."""
         unit: _Unit[T] = _Unit(work)

@@ -225,7 +225,8 @@ class PostgresStore:
         self._closed = False
         #: The most decisions one commit holds (:meth:`grouped`); 0: group commit off.
         self.group_commit = group_limit_from_env()
-        self._committer = GroupCommit(self, self.group_commit or 1)
+        #: The commit queue :meth:`grouped` hands decisions to.
+        self.committer = GroupCommit(self, self.group_commit or 1)
         try:
             self._pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
                 url,
@@ -366,8 +367,8 @@ class PostgresStore:
         if self.group_commit <= 0 or self._tx.conn is not None:
             with self.transaction():
                 return work()
-        self._committer.limit = self.group_commit
-        return self._committer.run(work)
+        self.committer.limit = self.group_commit
+        return self.committer.run(work)
 
     def _group_begin(self) -> None:
         try:

@@ -162,7 +162,8 @@ class SQLiteStore:
         self._after_commit: list[Callable[[], object]] = []
         #: The most decisions one commit holds (:meth:`grouped`); 0: group commit off.
         self.group_commit = group_limit_from_env()
-        self._committer = GroupCommit(self, self.group_commit or 1)
+        #: The commit queue :meth:`grouped` hands decisions to.
+        self.committer = GroupCommit(self, self.group_commit or 1)
         version = self.get_meta("schema_version")
         if version is None:  # new: its tables were made at the newest version
             self.set_meta("schema_version", SCHEMA_VERSION)
@@ -229,8 +230,8 @@ class SQLiteStore:
         if self.group_commit <= 0 or mine:
             with self.transaction():
                 return work()
-        self._committer.limit = self.group_commit
-        return self._committer.run(work)
+        self.committer.limit = self.group_commit
+        return self.committer.run(work)
 
     def _group_begin(self) -> None:
         self._lock.acquire()
