@@ -82,10 +82,13 @@ class _Writer(threading.Thread):
         self.answered.set()
 
 
-def _receipt(t: Tether, name: str) -> Callable[[], RecordRow]:
-    def work() -> RecordRow:
+def _receipt(t: Tether, name: str, *, later: bool = False) -> Callable[[], Any]:
+    """A unit: one change and one receipt (appended at once, or at the group's end)."""
+
+    def work() -> Any:
         t.store.set_meta(f"unit.{name}", "written")
-        return t.audit.append("decision", effect="allow", tool="fs.read", detail={"unit": name})
+        append = t.audit.append_later if later else t.audit.append
+        return append("decision", effect="allow", tool="fs.read", detail={"unit": name})
 
     return work
 
@@ -147,7 +150,8 @@ def _in_one_group(t: Tether, works: list[Callable[[], Any]]) -> list[_Writer]:
     return writers
 
 
-def test_a_failing_decision_rolls_back_alone(nodes: tuple[Tether, Tether]) -> None:
+@pytest.mark.parametrize("later", [False, True], ids=["receipt-at-once", "receipt-at-group-end"])
+def test_a_failing_decision_rolls_back_alone(nodes: tuple[Tether, Tether], later: bool) -> None:
     """Three decisions in one group, the middle one fails after writing its changes and its
     receipt: its neighbours' changes and receipts commit, its own are gone, and the log
     has no hole."""
@@ -156,10 +160,11 @@ def test_a_failing_decision_rolls_back_alone(nodes: tuple[Tether, Tether]) -> No
     start = 0 if before is None else before.seq
 
     def failing() -> None:
-        _receipt(t, "b")()
+        _receipt(t, "b", later=later)()
         raise ValueError("the decision broke after its receipt")
 
-    a, b, c = _in_one_group(t, [_receipt(t, "a"), failing, _receipt(t, "c")])
+    works = [_receipt(t, "a", later=later), failing, _receipt(t, "c", later=later)]
+    a, b, c = _in_one_group(t, works)
     assert a.error is None and c.error is None
     assert isinstance(b.error, ValueError)
     assert (a.result.seq, c.result.seq) == (start + 1, start + 2)
@@ -174,7 +179,8 @@ def test_nothing_is_answered_before_its_commit(nodes: tuple[Tether, Tether]) -> 
     """A decision whose work is done waits, unanswered and unseen by other connections,
     until the group holding its receipt has committed; then it is answered and seen."""
     t, _ = nodes
-    group = _Group(t, [_receipt(t, "a"), _receipt(t, "b"), _receipt(t, "c")], hold=True)
+    works = [_receipt(t, "a"), _receipt(t, "b", later=True), _receipt(t, "c")]
+    group = _Group(t, works, hold=True)
     a, b, c = group.start()
     assert group.last_done.wait(PATIENCE)  # c's work is done, so a's and b's are
     assert not b.answered.wait(0.3)

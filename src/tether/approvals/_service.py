@@ -93,7 +93,7 @@ class Approvals:
             expires_at=now + self.ttl,
         )
         self._store.add_approval(row)
-        self._auditor.append(
+        self._auditor.append_later(
             "approval.request",
             chain=[agent_id],
             task_id=task_id,

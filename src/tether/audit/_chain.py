@@ -153,6 +153,30 @@ class Witness:
         return None
 
 
+class PendingReceipt:
+    """A receipt appended at the end of its commit group (:meth:`Auditor.append_later`):
+    its position and hash are known once the group has appended it, before the group
+    commits, so before whoever waits on the group is answered."""
+
+    __slots__ = ("row",)
+
+    def __init__(self) -> None:
+        self.row: RecordRow | None = None
+
+    def _written(self) -> RecordRow:
+        if self.row is None:
+            raise InfrastructureError("the receipt has not been appended")
+        return self.row
+
+    @property
+    def seq(self) -> int:
+        return self._written().seq
+
+    @property
+    def hash(self) -> str:
+        return self._written().hash
+
+
 class Auditor:
     """Appends receipts, signs and publishes tree heads, verifies the log, exports it."""
 
@@ -217,6 +241,21 @@ class Auditor:
             if due or now - self._head_at >= self.head_interval:
                 self._sign_head(seq, now, current=(seq, leaf))
             return row
+
+    def append_later(self, kind: str, **fields: Any) -> RecordRow | PendingReceipt:
+        """Append one receipt at the end of the current commit group (a decision run by
+        :meth:`tether.store.Store.grouped`), after every decision of the group: the log's
+        lock is taken then, once, after the group's row locks, and held only to its
+        commit. Dropped with the decision if it is rolled back. Outside a group it is
+        :meth:`append`."""
+        pending = PendingReceipt()
+
+        def write() -> None:
+            pending.row = self.append(kind, **fields)
+
+        if self._store.defer(write):
+            return pending
+        return self.append(kind, **fields)
 
     # -- signed tree heads ----------------------------------------------------------------
     def _head_keys(self) -> tuple[dict[str, ec.EllipticCurvePublicKey], dict[str, float | None]]:

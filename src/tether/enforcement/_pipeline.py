@@ -462,7 +462,9 @@ class Enforcement:
         return plan.use_approval
 
     def _append(self, decision: Decision, started: float, detail: dict[str, Any] | None) -> Any:
-        return self._auditor.append(
+        # In a commit group, appended after every decision of the group (see
+        # Auditor.append_later); its position is known once the group has committed.
+        return self._auditor.append_later(
             "decision",
             chain=list(decision.chain),
             task_id=decision.task_id,
@@ -546,7 +548,7 @@ class Enforcement:
             except Exception as exc:
                 code = str(getattr(exc, "code", "internal.error"))
                 message = getattr(exc, "message", None) or type(exc).__name__
-                record = self._auditor.append(
+                refused = self._auditor.append(
                     "result",
                     **base,
                     effect="deny",
@@ -554,7 +556,7 @@ class Enforcement:
                     risk_tags=list(risk_tags(Control.AUDIT)),
                     detail={**(detail or {}), "decision_receipt": decision_seq},
                 )
-                raise ObservationRefused(code, message, record.seq) from None
+                raise ObservationRefused(code, message, refused.seq) from None
             if reading is not None:
                 for task_id, flow in plan.flows:
                     self._store.put_task_flow(task_id, msgspec.json.encode(flow), now)
@@ -589,7 +591,7 @@ class Enforcement:
                         "content whose values are unknown",
                     }
                 )
-            record = self._auditor.append(
+            record = self._auditor.append_later(
                 "result",
                 **base,
                 effect="allow",

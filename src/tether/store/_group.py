@@ -70,16 +70,22 @@ class GroupHost(Protocol):
         """Start one unit: a savepoint, the unit's own ``after_commit`` list."""
         ...
 
-    def _group_release(self) -> tuple[str, list[Callable[[], object]]]:
-        """The unit returned: ``("kept", its after_commit callbacks)``; ``("yielded", [])``
-        when it yielded on the way (its work rolled back, to be run again); ``("failed",
-        [])`` when the transaction failed under it (its work rolled back). Raises only
-        when the group's transaction itself is lost."""
+    def _group_release(
+        self,
+    ) -> tuple[str, list[Callable[[], object]], list[Callable[[], object]]]:
+        """The unit returned: ``("kept", its after_commit callbacks, its deferred work)``;
+        ``("yielded", [], [])`` when it yielded on the way (its work rolled back, to be
+        run again); ``("failed", [], [])`` when the transaction failed under it (its work
+        rolled back). Raises only when the group's transaction itself is lost."""
         ...
 
     def _group_rollback(self) -> bool:
         """The unit failed: roll back to its savepoint, drop its callbacks. True when
         it yielded (to be run again)."""
+        ...
+
+    def _group_callbacks(self) -> list[Callable[[], object]]:
+        """The ``after_commit`` callbacks registered since the last unit (by deferred work)."""
         ...
 
     def _group_commit(self) -> None:
@@ -92,7 +98,16 @@ class GroupHost(Protocol):
 
 
 class _Unit(Generic[T]):
-    __slots__ = ("callbacks", "context", "done", "error", "result", "retried", "work")
+    __slots__ = (
+        "callbacks",
+        "context",
+        "deferred",
+        "done",
+        "error",
+        "result",
+        "retried",
+        "work",
+    )
 
     def __init__(self, work: Callable[[], T]) -> None:
         self.work = work
@@ -101,6 +116,8 @@ class _Unit(Generic[T]):
         self.result: Any = None
         self.error: BaseException | None = None
         self.callbacks: list[Callable[[], object]] = []
+        #: Work the unit handed to :meth:`Store.defer`: run after every unit of the group.
+        self.deferred: list[Callable[[], object]] = []
         self.retried = False
 
 
@@ -166,7 +183,7 @@ class GroupCommit:
                 self._finish(units, exc)
             return
         ready: list[_Unit[Any]] = []
-        deferred: list[_Unit[Any]] = []  # yielded: first in the next group
+        yielded: list[_Unit[Any]] = []  # first in the next group
         broken: BaseException | None = None
         while True:
             with self._cond:
@@ -183,23 +200,33 @@ class GroupCommit:
                         self._wake.wait()
                     self._committing = True
                     self._filling = False
-                    self._queue[:0] = deferred
+                    self._queue[:0] = yielded
                     self._cond.notify_all()
                     break
             for index, unit in enumerate(batch):
-                broken = self._run_unit(unit, ready, deferred)
+                broken = self._run_unit(unit, ready, yielded)
                 if broken is not None:
                     with self._cond:  # not run: the next group runs them first
                         self._queue[:0] = [u for u in batch[index:] if not u.done]
                     break
         error: BaseException | None = broken
+        if broken is None and ready:
+            try:
+                # The units' deferred work (their receipts, appended to the log): the log's
+                # lock is taken here, after every row lock of the group, until the commit.
+                for unit in ready:
+                    for deferred in unit.deferred:
+                        unit.context.run(deferred)
+                        unit.callbacks.extend(host._group_callbacks())
+            except BaseException as exc:
+                error = exc
         try:
-            if broken is None and ready:
+            if error is None and ready:
                 host._group_commit()
             else:
                 host._group_abort()
         except BaseException as exc:
-            error = exc
+            error = error or exc
         with self._cond:
             self._committing = False
             self._wake.notify_all()
@@ -209,7 +236,7 @@ class GroupCommit:
             self._finish(ready, error)
 
     def _run_unit(
-        self, unit: _Unit[Any], ready: list[_Unit[Any]], deferred: list[_Unit[Any]]
+        self, unit: _Unit[Any], ready: list[_Unit[Any]], yielded: list[_Unit[Any]]
     ) -> BaseException | None:
         """Run one unit in its savepoint; the error that broke the group's transaction, if
         one did (then the group is rolled back and its units answered with it)."""
@@ -222,30 +249,30 @@ class GroupCommit:
             unit.result = unit.context.run(unit.work)
         except BaseException as exc:
             try:
-                yielded = host._group_rollback()
+                gave_way = host._group_rollback()
             except BaseException as broke:
                 with self._cond:
                     self._finish([unit], exc)
                 return broke
-            if yielded and not unit.retried:
+            if gave_way and not unit.retried:
                 unit.retried = True
-                deferred.append(unit)
+                yielded.append(unit)
             else:
                 with self._cond:
                     self._finish([unit], exc)
             return None
         try:
-            status, callbacks = host._group_release()
+            status, callbacks, deferred = host._group_release()
         except BaseException as exc:
             with self._cond:
                 self._finish([unit], exc)
             return exc
         if status == "kept":
-            unit.callbacks = callbacks
+            unit.callbacks, unit.deferred = callbacks, deferred
             ready.append(unit)
         elif status == "yielded" and not unit.retried:
             unit.retried = True
-            deferred.append(unit)
+            yielded.append(unit)
         else:
             with self._cond:
                 self._finish([unit], InfrastructureError("store error: the transaction failed"))

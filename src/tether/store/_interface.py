@@ -210,6 +210,13 @@ class Store(Protocol):
         Inside a transaction of the calling thread it joins that transaction."""
         ...
 
+    def defer(self, work: Callable[[], object]) -> bool:
+        """Inside a decision run by :meth:`grouped`: run ``work`` in the group's transaction
+        after every decision of the group, before its commit (dropped with the decision if
+        it is rolled back); the audit log appends its receipts so, taking its lock last.
+        False, and ``work`` not taken, anywhere else."""
+        ...
+
     def close(self) -> None: ...
 
     def lock_task(self, task_id: str) -> None:

@@ -195,9 +195,13 @@ class _TxState(threading.local):
     yielded: bool = False
     #: ``chain_locked`` when the current unit's savepoint was taken.
     unit_chain_locked: bool = False
+    #: A unit is running, and the work it defers to the end of its group.
+    in_unit: bool = False
+    deferred: list[Callable[[], object]]
 
     def __init__(self) -> None:
         self.callbacks = []
+        self.deferred = []
 
 
 class PostgresStore:
@@ -370,6 +374,16 @@ class PostgresStore:
         self.committer.limit = self.group_commit
         return self.committer.run(work)
 
+    def defer(self, work: Callable[[], object]) -> bool:
+        """Inside a decision of a commit group: run ``work`` in the group's transaction
+        after every decision of the group, before its commit (dropped if the decision is
+        rolled back). False, and ``work`` not taken, anywhere else."""
+        tx = self._tx
+        if not (tx.group and tx.in_unit):
+            return False
+        tx.deferred.append(work)
+        return True
+
     def _group_begin(self) -> None:
         try:
             conn = self._pool.getconn()
@@ -393,8 +407,9 @@ class PostgresStore:
     def _group_savepoint(self, may_yield: bool) -> None:
         tx = self._tx
         conn = self._group_conn()
-        tx.depth, tx.callbacks = 1, []
+        tx.depth, tx.callbacks, tx.deferred = 1, [], []
         tx.may_yield, tx.yielded, tx.unit_chain_locked = may_yield, False, tx.chain_locked
+        tx.in_unit = True
         try:
             conn.execute("SAVEPOINT tether_unit")
         except psycopg.Error as exc:
@@ -410,34 +425,42 @@ class PostgresStore:
             raise InfrastructureError(f"store error: {exc}") from None
         tx.chain_locked = tx.unit_chain_locked
 
-    def _group_release(self) -> tuple[str, list[Callable[[], object]]]:
+    def _group_release(
+        self,
+    ) -> tuple[str, list[Callable[[], object]], list[Callable[[], object]]]:
         tx = self._tx
         conn = self._group_conn()
         callbacks, tx.callbacks = tx.callbacks, []
-        tx.depth, tx.may_yield = 1, False
+        deferred, tx.deferred = tx.deferred, []
+        tx.depth, tx.may_yield, tx.in_unit = 1, False, False
         status = conn.info.transaction_status
         if tx.yielded or status == psycopg.pq.TransactionStatus.INERROR:
             self._group_undo(conn)
-            return ("yielded" if tx.yielded else "failed"), []
+            return ("yielded" if tx.yielded else "failed"), [], []
         if status != psycopg.pq.TransactionStatus.INTRANS:
             raise InfrastructureError("store error: the group's transaction was lost")
         try:
             conn.execute("RELEASE SAVEPOINT tether_unit")
         except psycopg.Error as exc:
             raise InfrastructureError(f"store error: {exc}") from None
-        return "kept", callbacks
+        return "kept", callbacks, deferred
+
+    def _group_callbacks(self) -> list[Callable[[], object]]:
+        callbacks, self._tx.callbacks = self._tx.callbacks, []
+        return callbacks
 
     def _group_rollback(self) -> bool:
         tx = self._tx
         conn = self._group_conn()
-        tx.depth, tx.callbacks, tx.may_yield = 1, [], False
+        tx.depth, tx.callbacks, tx.deferred = 1, [], []
+        tx.may_yield = tx.in_unit = False
         self._group_undo(conn)
         return tx.yielded
 
     def _group_end(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
         tx = self._tx
-        tx.conn, tx.depth, tx.callbacks = None, 0, []
-        tx.chain_locked = tx.group = tx.may_yield = tx.yielded = False
+        tx.conn, tx.depth, tx.callbacks, tx.deferred = None, 0, [], []
+        tx.chain_locked = tx.group = tx.may_yield = tx.yielded = tx.in_unit = False
         self._pool.putconn(conn)
 
     def _group_commit(self) -> None:

@@ -164,6 +164,8 @@ class SQLiteStore:
         self.group_commit = group_limit_from_env()
         #: The commit queue :meth:`grouped` hands decisions to.
         self.committer = GroupCommit(self, self.group_commit or 1)
+        self._in_unit = False  # a unit of a commit group is running (on self._owner)
+        self._deferred: list[Callable[[], object]] = []
         version = self.get_meta("schema_version")
         if version is None:  # new: its tables were made at the newest version
             self.set_meta("schema_version", SCHEMA_VERSION)
@@ -233,6 +235,15 @@ class SQLiteStore:
         self.committer.limit = self.group_commit
         return self.committer.run(work)
 
+    def defer(self, work: Callable[[], object]) -> bool:
+        """Inside a decision of a commit group: run ``work`` in the group's transaction
+        after every decision of the group, before its commit (dropped if the decision is
+        rolled back). False, and ``work`` not taken, anywhere else."""
+        if not (self._in_unit and self._owner == threading.get_ident()):
+            return False
+        self._deferred.append(work)
+        return True
+
     def _group_begin(self) -> None:
         self._lock.acquire()
         try:
@@ -245,19 +256,28 @@ class SQLiteStore:
 
     def _group_savepoint(self, may_yield: bool) -> None:
         del may_yield  # SQLite's writer holds every row: nothing to yield to
-        self._depth, self._after_commit = 1, []
+        self._depth, self._after_commit, self._deferred = 1, [], []
         self._run("SAVEPOINT tether_unit")
+        self._in_unit = True
 
-    def _group_release(self) -> tuple[str, list[Callable[[], object]]]:
+    def _group_release(
+        self,
+    ) -> tuple[str, list[Callable[[], object]], list[Callable[[], object]]]:
         callbacks, self._after_commit = self._after_commit, []
-        self._depth = 1
+        deferred, self._deferred = self._deferred, []
+        self._depth, self._in_unit = 1, False
         if not self._db.in_transaction:  # SQLite rolled it back (disk full, I/O error)
             raise InfrastructureError("store error: the transaction was rolled back")
         self._run("RELEASE SAVEPOINT tether_unit")
-        return "kept", callbacks
+        return "kept", callbacks, deferred
+
+    def _group_callbacks(self) -> list[Callable[[], object]]:
+        callbacks, self._after_commit = self._after_commit, []
+        return callbacks
 
     def _group_rollback(self) -> bool:
-        self._depth, self._after_commit = 1, []
+        self._depth, self._after_commit, self._deferred = 1, [], []
+        self._in_unit = False
         if not self._db.in_transaction:
             raise InfrastructureError("store error: the transaction was rolled back")
         self._run("ROLLBACK TO SAVEPOINT tether_unit")
@@ -273,7 +293,8 @@ class SQLiteStore:
                     self._db.execute("ROLLBACK")
             raise
         finally:
-            self._depth, self._after_commit = 0, []
+            self._depth, self._after_commit, self._deferred = 0, [], []
+            self._in_unit = False
             self._lock.release()
 
     def _group_abort(self) -> None:
@@ -282,7 +303,8 @@ class SQLiteStore:
                 with contextlib.suppress(sqlite3.Error):
                     self._db.execute("ROLLBACK")
         finally:
-            self._depth, self._after_commit = 0, []
+            self._depth, self._after_commit, self._deferred = 0, [], []
+            self._in_unit = False
             self._lock.release()
 
     def _run(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
