@@ -197,6 +197,14 @@ class _TxState(threading.local):
     unit_chain_locked: bool = False
     #: A unit is running, and the work it defers to the end of its group.
     in_unit: bool = False
+    #: The unit's savepoint is taken before its first statement (a unit that runs none,
+    #: deferring its receipt only, costs no round trip).
+    need_savepoint: bool = False
+    savepoint: bool = False
+    #: The newest receipt this transaction appended, under the log's lock: the next
+    #: append chains onto it without reading it back.
+    tip: RecordRow | None = None
+    unit_tip: RecordRow | None = None
     deferred: list[Callable[[], object]]
 
     def __init__(self) -> None:
@@ -330,7 +338,7 @@ class PostgresStore:
             self._pool.putconn(conn)
             raise InfrastructureError(f"store error: {exc}") from None
         tx.conn, tx.depth, tx.callbacks = conn, 1, []
-        tx.chain_locked = False
+        tx.chain_locked, tx.tip = False, None
         try:
             try:
                 yield
@@ -396,7 +404,7 @@ class PostgresStore:
             raise InfrastructureError(f"store error: {exc}") from None
         tx = self._tx
         tx.conn, tx.depth, tx.callbacks = conn, 1, []
-        tx.chain_locked, tx.group = False, True
+        tx.chain_locked, tx.group, tx.tip = False, True, None
 
     def _group_conn(self) -> psycopg.Connection[tuple[Any, ...]]:
         conn = self._tx.conn
@@ -406,24 +414,23 @@ class PostgresStore:
 
     def _group_savepoint(self, may_yield: bool) -> None:
         tx = self._tx
-        conn = self._group_conn()
+        self._group_conn()  # a group is open on this thread
         tx.depth, tx.callbacks, tx.deferred = 1, [], []
         tx.may_yield, tx.yielded, tx.unit_chain_locked = may_yield, False, tx.chain_locked
-        tx.in_unit = True
-        try:
-            conn.execute("SAVEPOINT tether_unit")
-        except psycopg.Error as exc:
-            raise InfrastructureError(f"store error: {exc}") from None
+        tx.unit_tip, tx.in_unit, tx.need_savepoint, tx.savepoint = tx.tip, True, True, False
 
     def _group_undo(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
         """Roll the unit back to its savepoint (its locks too, the log's if it took it)."""
         tx = self._tx
-        try:
-            conn.execute("ROLLBACK TO SAVEPOINT tether_unit")
-            conn.execute("RELEASE SAVEPOINT tether_unit")
-        except psycopg.Error as exc:
-            raise InfrastructureError(f"store error: {exc}") from None
-        tx.chain_locked = tx.unit_chain_locked
+        tx.need_savepoint = False
+        if tx.savepoint:
+            tx.savepoint = False
+            try:
+                conn.execute("ROLLBACK TO SAVEPOINT tether_unit")
+                conn.execute("RELEASE SAVEPOINT tether_unit")
+            except psycopg.Error as exc:
+                raise InfrastructureError(f"store error: {exc}") from None
+        tx.chain_locked, tx.tip = tx.unit_chain_locked, tx.unit_tip
 
     def _group_release(
         self,
@@ -439,10 +446,13 @@ class PostgresStore:
             return ("yielded" if tx.yielded else "failed"), [], []
         if status != psycopg.pq.TransactionStatus.INTRANS:
             raise InfrastructureError("store error: the group's transaction was lost")
-        try:
-            conn.execute("RELEASE SAVEPOINT tether_unit")
-        except psycopg.Error as exc:
-            raise InfrastructureError(f"store error: {exc}") from None
+        tx.need_savepoint = False
+        if tx.savepoint:
+            tx.savepoint = False
+            try:
+                conn.execute("RELEASE SAVEPOINT tether_unit")
+            except psycopg.Error as exc:
+                raise InfrastructureError(f"store error: {exc}") from None
         return "kept", callbacks, deferred
 
     def _group_callbacks(self) -> list[Callable[[], object]]:
@@ -461,6 +471,8 @@ class PostgresStore:
         tx = self._tx
         tx.conn, tx.depth, tx.callbacks, tx.deferred = None, 0, [], []
         tx.chain_locked = tx.group = tx.may_yield = tx.yielded = tx.in_unit = False
+        tx.need_savepoint = tx.savepoint = False
+        tx.tip = tx.unit_tip = None
         self._pool.putconn(conn)
 
     def _group_commit(self) -> None:
@@ -536,6 +548,9 @@ class PostgresStore:
         try:
             conn = self._tx.conn
             if conn is not None:
+                if self._tx.need_savepoint:  # a commit group's unit: its first statement
+                    conn.execute("SAVEPOINT tether_unit")
+                    self._tx.need_savepoint, self._tx.savepoint = False, True
                 return self._exec(conn, query, params, fetch)
             with self._pool.connection() as pooled:
                 return self._exec(pooled, query, params, fetch)
@@ -1042,6 +1057,12 @@ class PostgresStore:
 
     # -- audit ------------------------------------------------------------------------
     def insert_record(self, row: RecordRow, mac: str | None = None) -> None:
+        self._insert_record(row, mac)
+        tx = self._tx
+        if tx.conn is not None and tx.chain_locked:
+            tx.tip = row
+
+    def _insert_record(self, row: RecordRow, mac: str | None) -> None:
         if mac is None:
             self._run(
                 f"INSERT INTO audit_records ({_RECORD_COLS}) VALUES (%s, %s, %s, %s, %s)",
@@ -1099,6 +1120,8 @@ class PostgresStore:
 
     def last_record(self) -> RecordRow | None:
         tx = self._tx
+        if tx.conn is not None and tx.chain_locked and tx.tip is not None:
+            return tx.tip  # appended by this transaction, under the lock it still holds
         if tx.conn is not None and not tx.chain_locked:
             # The chain's append lock, until this transaction ends (see the module doc):
             # taken once per transaction, so once per commit group.
