@@ -24,6 +24,12 @@ the database:
   commit or rollback: two nodes never both append the same position. The primary
   key on ``audit_records.seq`` is the backstop. The lock is taken when the receipt
   is appended, at the end of a transaction's work, so it is held briefly.
+* Group commit (:meth:`PostgresStore.grouped`, :mod:`tether.store._group`): the
+  decisions of a node's threads share one transaction, each in a savepoint; their
+  receipts are appended after every decision of the group (the log's lock taken once,
+  after the group's row locks) and the group commits once. A decision that would wait
+  for a row while its group already holds the log's lock yields (``NOWAIT``) and runs
+  first in the next group.
 
 Errors: a duplicate key (any integrity violation) is :class:`tether.Conflict`;
 every other database or pool failure is :class:`tether.InfrastructureError`, so a
