@@ -1,8 +1,15 @@
-"""Benchmark the verifiable audit log against the plain hash chain, in one process.
+"""Benchmark the verifiable audit log against the plain hash chain, and group commit.
 
-Run ``.venv/bin/python bench/log.py [--store memory|file|postgresql] [--verify N]``
-(``file``: SQLite on disk, synchronous=FULL; ``postgresql``: a throwaway schema of
-``$TETHER_TEST_POSTGRES_URL``, default ``postgresql://postgres@127.0.0.1:5432/test``).
+Run from the repository root (no ``make`` needed)::
+
+    PYTHONPATH=src .venv/bin/python bench/log.py --store file          # SQLite on disk
+    PYTHONPATH=src .venv/bin/python bench/log.py --store memory        # CPU cost alone
+    PYTHONPATH=src .venv/bin/python bench/log.py --store postgresql    # + 1/2/3 nodes
+    PYTHONPATH=src .venv/bin/python bench/log.py --store postgresql --scale-only \
+        --nodes 1,2,3 --writers 8 --seconds 4 --rounds 3                # group commit only
+
+(``--store file``: SQLite on disk, synchronous=FULL; ``postgresql``: throwaway schemas of
+``$TETHER_TEST_POSTGRES_URL``, default ``postgresql://postgres@127.0.0.1:5432/test``.)
 
 Measured:
 
@@ -16,9 +23,15 @@ Measured:
   (every step of the walk is per receipt: one SHA-256 for the chain, one for the leaf,
   one HMAC, amortised tree nodes);
 * the time to export a bundle of every receipt and to verify it offline;
-* with ``--store postgresql``: receipts/s with one, two and three writers appending at
-  once to one trust domain (each its own ``Tether`` and connection pool on the same
-  schema, as nodes are; threads of this process, 5 s each): the one lock's ceiling.
+* group commit (``Store.grouped``, as decisions use it): receipts/s appended by
+  ``--writers`` threads per node for ``--seconds``, each receipt answered only once
+  committed, with group commit off (``TETHER_GROUP_COMMIT=0``: one transaction and one
+  commit per receipt, as before) and on (the default, 64 at most per commit), rounds
+  alternating, medians quoted. With ``--store postgresql``: 1, 2 and 3 nodes
+  (``--nodes``), each a separate process with its own store and connection pool on one
+  schema of one trust domain; with ``--store file``: one SQLite node (its store is one
+  writer). Each run's log is verified afterwards. Reported: appends/s per node count and
+  mode, on/off ratio per node count, and the scaling factor of n nodes over one.
 
 Results: a table on stdout and JSON in bench/results/log-STORE.json.
 """
@@ -27,7 +40,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
+import secrets
 import statistics
 import tempfile
 import threading
@@ -37,6 +52,7 @@ from typing import Any
 
 from tether import FrozenClock, Tether
 from tether.audit import Auditor, verify_bundle
+from tether.store._group import DEFAULT_GROUP_LIMIT
 
 ROUNDS = 7
 PER_ROUND = 2000
@@ -116,41 +132,136 @@ def run(store: str, verify_n: int, per_round: int = PER_ROUND) -> dict[str, Any]
     }
 
 
-def _write_until(i: int, node: Tether, stop: threading.Event, done: list[int]) -> None:
-    while not stop.is_set():
-        node.audit.append("decision", effect="allow", tool="fs.read", detail={"n": i})
-        done[i] += 1
+def _node(
+    home: str, url: str | None, writers: int, group: int, ready: Any, start: Any, stop: Any
+) -> tuple[int, int, int]:
+    """One node (run in its own process): ``writers`` threads appending receipts through
+    ``Store.grouped`` from ``start`` to ``stop``; (receipts, groups, units grouped)."""
+    node = Tether.open(home, database_url=url)
+    node.store.group_commit = group
+    done = [0] * writers
+
+    def write(index: int) -> None:
+        start.wait()
+        while not stop.is_set():
+            node.store.grouped(
+                lambda: node.audit.append_later(
+                    "decision", effect="allow", tool="fs.read", detail={"w": index}
+                )
+            )
+            done[index] += 1
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
+    for thread in threads:
+        thread.start()
+    ready.release()
+    for thread in threads:
+        thread.join()
+    committer = getattr(node.store, "committer", None)
+    groups = getattr(committer, "groups", 0)
+    units = getattr(committer, "units", 0)
+    node.close()
+    return sum(done), groups, units
 
 
-def writers(counts: list[int], seconds: float = 5.0) -> dict[str, float]:
-    """Receipts/s with ``n`` writers on one PostgreSQL trust domain, for each ``n``."""
-    from tether.store import PostgresStore  # noqa: PLC0415
+def _node_main(args: tuple[Any, ...]) -> tuple[int, int, int]:
+    return _node(*args)
 
-    result: dict[str, float] = {}
-    for n in counts:
-        first = Tether.ephemeral("acme.example", database_url=POSTGRES_URL)
-        dsn = getattr(first.store, "dsn", "")
-        sealer = first.keys._sealer  # the nodes of one trust domain share the KEK
-        nodes = [first] + [Tether(PostgresStore(dsn), sealer) for _ in range(n - 1)]
-        counts_done = [0] * n
-        stop = threading.Event()
 
-        threads = [
-            threading.Thread(target=_write_until, args=(i, t, stop, counts_done))
-            for i, t in enumerate(nodes)
-        ]
-        start = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        time.sleep(seconds)
-        stop.set()
-        for thread in threads:
-            thread.join()
-        result[str(n)] = round(sum(counts_done) / (time.perf_counter() - start))
-        assert first.audit.verify(sign=False).ok
-        for t in nodes[1:]:
-            t.store.close()
-        first.store.close()
+def _fresh_home(store: str, tmp: Path, name: str) -> tuple[Path, str | None, Any]:
+    """A new trust domain for one run: its home, its database URL (PostgreSQL: a fresh
+    schema), and how to drop it."""
+    home = tmp / name
+    if store != "postgresql":
+        Tether.init(home, "acme.example").close()
+        return home, None, lambda: None
+    from tether.store import migrate, url_with_schema  # noqa: PLC0415
+
+    schema = f"bench_gc_{secrets.token_hex(4)}"
+    url = url_with_schema(POSTGRES_URL, schema)
+    migrate(url)
+    Tether.init(home, "acme.example", database_url=url).close()
+
+    def drop() -> None:
+        import psycopg  # noqa: PLC0415
+
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+    return home, url, drop
+
+
+def _measure(
+    store: str, tmp: Path, nodes: int, writers: int, group: int, seconds: float
+) -> dict[str, Any]:
+    """Receipts/s of ``nodes`` node processes with ``writers`` writers each, group commit
+    ``group`` (0: off); the log verified afterwards."""
+    home, url, drop = _fresh_home(store, tmp, f"gc-{nodes}-{group}-{secrets.token_hex(3)}")
+    ctx = mp.get_context("spawn")
+    manager = ctx.Manager()
+    ready, start, stop = manager.Semaphore(0), manager.Event(), manager.Event()
+    try:
+        with ctx.Pool(nodes) as pool:
+            jobs = pool.map_async(
+                _node_main,
+                [(str(home), url, writers, group, ready, start, stop)] * nodes,
+            )
+            for _ in range(nodes):
+                ready.acquire()
+            began = time.perf_counter()
+            start.set()
+            time.sleep(seconds)
+            stop.set()
+            results = jobs.get()
+            elapsed = time.perf_counter() - began
+        check = Tether.open(home, database_url=url)
+        report = check.audit.verify(sign=False)
+        check.store.close()
+        assert report.ok, report
+        total = sum(r[0] for r in results)
+        assert report.records >= total
+        groups, units = sum(r[1] for r in results), sum(r[2] for r in results)
+        return {
+            "per_s": total / elapsed,
+            "receipts": total,
+            "per_commit": round(units / groups, 1) if groups else 1.0,
+        }
+    finally:
+        manager.shutdown()
+        drop()
+
+
+def group_commit(
+    store: str, nodes: list[int], writers: int, seconds: float, rounds: int
+) -> dict[str, Any]:
+    """Appends/s with group commit off and on, by node count (medians of ``rounds``)."""
+    result: dict[str, Any] = {"writers_per_node": writers, "seconds": seconds, "rounds": rounds}
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        for n in nodes:
+            rates: dict[str, list[float]] = {"off": [], "on": []}
+            per_commit: list[float] = []
+            for _ in range(rounds):
+                for mode, group in (("off", 0), ("on", DEFAULT_GROUP_LIMIT)):
+                    run_ = _measure(store, tmp, n, writers, group, seconds)
+                    rates[mode].append(run_["per_s"])
+                    if mode == "on":
+                        per_commit.append(run_["per_commit"])
+            off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
+            result[f"{n}_nodes"] = {
+                "off_per_s": round(off),
+                "on_per_s": round(on),
+                "on_over_off": round(on / off, 2),
+                "receipts_per_commit_on": statistics.median(per_commit),
+                "off_rounds": [round(r) for r in rates["off"]],
+                "on_rounds": [round(r) for r in rates["on"]],
+            }
+        one = result.get("1_nodes")
+        if one is not None:
+            for n in nodes:
+                row = result[f"{n}_nodes"]
+                row["off_over_1_node"] = round(row["off_per_s"] / one["off_per_s"], 2)
+                row["on_over_1_node"] = round(row["on_per_s"] / one["on_per_s"], 2)
     return result
 
 
@@ -159,15 +270,30 @@ def main() -> None:
     parser.add_argument("--store", choices=("memory", "file", "postgresql"), default="memory")
     parser.add_argument("--verify", type=int, default=100_000)
     parser.add_argument("--per-round", type=int, default=PER_ROUND)
+    parser.add_argument("--scale-only", action="store_true", help="group commit only")
+    parser.add_argument("--nodes", default="1,2,3", help="PostgreSQL node counts")
+    parser.add_argument("--writers", type=int, default=8, help="writer threads per node")
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    result: dict[str, Any] = run(args.store, args.verify, args.per_round)
-    if args.store == "postgresql":
-        result["receipts_per_s_by_writers"] = writers([1, 2, 3])
+    result: dict[str, Any] = {"store": args.store}
+    if not args.scale_only:
+        result.update(run(args.store, args.verify, args.per_round))
+    if args.store != "memory":
+        counts = [int(n) for n in args.nodes.split(",")] if args.store == "postgresql" else [1]
+        result["group_commit"] = group_commit(
+            args.store, counts, args.writers, args.seconds, args.rounds
+        )
     for key, value in result.items():
-        print(f"| {key} | {value} |")
+        if isinstance(value, dict):
+            for sub, row in value.items():
+                print(f"| {key}.{sub} | {row} |")
+        else:
+            print(f"| {key} | {value} |")
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    (out / f"log-{args.store}.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = f"log-{args.store}{'-group' if args.scale_only else ''}.json"
+    (out / name).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ class Approvals:
         )
         self._store.add_approval(row)
         self._auditor.rows.tag(APPROVAL, row.approval_id, approval_fields(row))
-        self._auditor.append(
+        self._auditor.append_later(
             "approval.request",
             chain=[agent_id],
             task_id=task_id,

@@ -214,6 +214,30 @@ class _Endings:
         return min(found) if found else None
 
 
+class PendingReceipt:
+    """A receipt appended at the end of its commit group (:meth:`Auditor.append_later`):
+    its position and hash are known once the group has appended it, before the group
+    commits, so before whoever waits on the group is answered."""
+
+    __slots__ = ("row",)
+
+    def __init__(self) -> None:
+        self.row: RecordRow | None = None
+
+    def _written(self) -> RecordRow:
+        if self.row is None:
+            raise InfrastructureError("the receipt has not been appended")
+        return self.row
+
+    @property
+    def seq(self) -> int:
+        return self._written().seq
+
+    @property
+    def hash(self) -> str:
+        return self._written().hash
+
+
 class Auditor:
     """Appends receipts, signs and publishes tree heads, verifies the log, exports it."""
 
@@ -244,6 +268,8 @@ class Auditor:
         #: Leaf hashes of the receipts this process committed that no head covers yet: a
         #: head signs what this node wrote, not what the store holds by then.
         self._written: dict[int, bytes] = {}
+        #: The newest position this process committed: never appended over again.
+        self._max_written = 0
         #: The newest head this process signed or checked, and its frontier.
         self._known_head: tuple[str, Frontier] | None = None
         self._rows = RowTags(store, sealer) if sealer is not None else None
@@ -255,6 +281,11 @@ class Auditor:
             raise InfrastructureError("no key-encryption key: rows cannot be authenticated")
         return self._rows
 
+    def _remember(self, seq: int, leaf: bytes) -> None:
+        """A receipt this process committed (its leaf kept until a head covers it)."""
+        self._written[seq] = leaf
+        self._max_written = max(self._max_written, seq)
+
     def _tag(self, body: str) -> str | None:
         return None if self._sealer is None else self._sealer.mac(RECEIPT_MAC, body.encode())
 
@@ -263,7 +294,7 @@ class Auditor:
         with self._store.transaction():
             last = self._store.last_record()
             seq = 1 if last is None else last.seq + 1
-            if self._written and seq <= max(self._written):
+            if seq <= self._max_written:
                 # This node committed that position and no head covers it yet: the tail
                 # was deleted under it. Appending would overwrite its receipt unseen.
                 raise LogTampered(seq, f"receipt {seq} this node wrote is missing")
@@ -277,13 +308,30 @@ class Auditor:
             )
             self._store.insert_record(row, self._tag(text))
             leaf = leaf_hash(text.encode())
-            self._store.after_commit(lambda: self._written.__setitem__(seq, leaf))
+            self._store.after_commit(lambda: self._remember(seq, leaf))
             if seq % self.checkpoint_every == 0:
                 self._checkpoint(row)
-            due = seq - self._head_size >= self.head_every
+            # A head this process signed past ``seq`` was rolled back with its transaction
+            # (or savepoint): read the store's newest head again.
+            due = seq - self._head_size >= self.head_every or self._head_size >= seq
             if due or now - self._head_at >= self.head_interval:
                 self._sign_head(seq, now, current=(seq, leaf))
             return row
+
+    def append_later(self, kind: str, **fields: Any) -> RecordRow | PendingReceipt:
+        """Append one receipt at the end of the current commit group (a decision run by
+        :meth:`tether.store.Store.grouped`), after every decision of the group: the log's
+        lock is taken then, once, after the group's row locks, and held only to its
+        commit. Dropped with the decision if it is rolled back. Outside a group it is
+        :meth:`append`."""
+        pending = PendingReceipt()
+
+        def write() -> None:
+            pending.row = self.append(kind, **fields)
+
+        if self._store.defer(write):
+            return pending
+        return self.append(kind, **fields)
 
     # -- signed tree heads ----------------------------------------------------------------
     def _head_keys(self) -> tuple[dict[str, ec.EllipticCurvePublicKey], dict[str, float | None]]:
@@ -395,7 +443,7 @@ class Auditor:
 
     def _forget_written(self, upto: int) -> None:
         """Drop the leaves a head (this node's or another's) covers now."""
-        for seq in [s for s in self._written if s <= upto]:
+        for seq in [s for s in list(self._written) if s <= upto]:
             self._written.pop(seq, None)
 
     def _read_leaves(self, after: int, upto: int, wanted: set[int]) -> dict[int, bytes]:

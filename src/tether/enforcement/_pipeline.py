@@ -327,21 +327,25 @@ class Enforcement:
                     token_digest=claims.token_digest,
                 )
             decision = refusal(exc, context)
-            with self._store.transaction():
-                record = self._append(decision, started, detail)
+            record = self._store.grouped(lambda: self._append(decision, started, detail))
             return Receipt(decision, record.seq, record.hash, self._latency(started))
         self._decisions += 1
         if self._decisions % PURGE_EVERY == 0:
             self._store.purge_proofs(now)
+        checked = verified
+
+        def work() -> tuple[Decision, str | None, Any]:
+            # One task's calls one at a time, across nodes: the budgets, flow states and
+            # approvals of the tree are read and written under these row locks.
+            self._store.lock_task(checked.claims.task_id)
+            decision, approval_id = self._decide_locked(
+                checked, call, now, profile, flow_policy, limits
+            )
+            return decision, approval_id, self._append(decision, started, detail)
+
         try:
-            with self._store.transaction():
-                # One task's calls one at a time, across nodes: the budgets, flow states
-                # and approvals of the tree are read and written under these row locks.
-                self._store.lock_task(verified.claims.task_id)
-                decision, approval_id = self._decide_locked(
-                    verified, call, now, profile, flow_policy, limits
-                )
-                record = self._append(decision, started, detail)
+            # In the node's commit group: answered once the commit holding it is durable.
+            decision, approval_id, record = self._store.grouped(work)
         except Exception as exc:  # the store failed mid-way: nothing applied, still a receipt
             code = exc.code if isinstance(exc, TetherError) else "internal.error"
             decision = Decision(
@@ -350,8 +354,8 @@ class Enforcement:
                 risk_tags=risk_tags(Control.PER_CALL_POLICY),
                 **identify(verified, call),
             )
-            with self._store.transaction():
-                record = self._append(decision, started, detail)
+            failed = decision
+            record = self._store.grouped(lambda: self._append(failed, started, detail))
             approval_id = None
         return Receipt(decision, record.seq, record.hash, self._latency(started), approval_id)
 
@@ -458,7 +462,9 @@ class Enforcement:
         return plan.use_approval
 
     def _append(self, decision: Decision, started: float, detail: dict[str, Any] | None) -> Any:
-        return self._auditor.append(
+        # In a commit group, appended after every decision of the group (see
+        # Auditor.append_later); its position is known once the group has committed.
+        return self._auditor.append_later(
             "decision",
             chain=list(decision.chain),
             task_id=decision.task_id,
@@ -514,7 +520,6 @@ class Enforcement:
             reading = read_untrusted(result, profile, limits or self.limits)
         oversized = reading is not None and reading.oversized
         now = self._clock.now()
-        controls = [Control.AUDIT, Control.INFORMATION_FLOW]
         base = {
             "chain": list(claims.chain),
             "task_id": claims.task_id,
@@ -522,7 +527,9 @@ class Enforcement:
             "tool": tool[:256],
             "token_digest": claims.token_digest,
         }
-        with self._store.transaction():
+
+        def work() -> Any:
+            controls = [Control.AUDIT, Control.INFORMATION_FLOW]
             self._store.lock_task(claims.task_id)
             try:
                 self._check_decision(decision_seq, claims.task_id, tool)
@@ -541,7 +548,7 @@ class Enforcement:
             except Exception as exc:
                 code = str(getattr(exc, "code", "internal.error"))
                 message = getattr(exc, "message", None) or type(exc).__name__
-                record = self._auditor.append(
+                refused = self._auditor.append(
                     "result",
                     **base,
                     effect="deny",
@@ -549,7 +556,7 @@ class Enforcement:
                     risk_tags=list(risk_tags(Control.AUDIT)),
                     detail={**(detail or {}), "decision_receipt": decision_seq},
                 )
-                raise ObservationRefused(code, message, record.seq) from None
+                raise ObservationRefused(code, message, refused.seq) from None
             if reading is not None:
                 for task_id, flow in plan.flows:
                     self._store.put_task_flow(task_id, msgspec.json.encode(flow), now)
@@ -571,20 +578,20 @@ class Enforcement:
                     now,
                 )
             if label and label.get("redactions"):
-                controls.append(Control.SECRET_BROKERING)
+                controls = [*controls, Control.SECRET_BROKERING]
             reasons = [{"code": f"result.{outcome}", "message": f"the tool answered: {outcome}"}]
             if oversized:
-                limits = limits or self.limits
+                bounds = limits or self.limits
                 reasons.append(
                     {
                         "code": "result.oversized",
                         "message": "the result was larger than "
-                        f"{limits.max_result_bytes} bytes, or took longer than "
-                        f"{limits.scan_seconds:g} s, to scan: the task has read untrusted "
+                        f"{bounds.max_result_bytes} bytes, or took longer than "
+                        f"{bounds.scan_seconds:g} s, to scan: the task has read untrusted "
                         "content whose values are unknown",
                     }
                 )
-            record = self._auditor.append(
+            record = self._auditor.append_later(
                 "result",
                 **base,
                 effect="allow",
@@ -600,6 +607,10 @@ class Enforcement:
                     "agent": state.agent_id,
                 },
             )
+            return record
+
+        # In the node's commit group: answered once the commit holding it is durable.
+        record = self._store.grouped(work)
         return Observation(
             task_id=claims.task_id,
             tool=tool,

@@ -1086,9 +1086,11 @@ async def decision(request: Request, data: S.AuthorizeIn) -> S.AuthorizeOut:  # 
             htm=request.method,
             htu=request_uri(request),
         )
-        # Over PostgreSQL, decisions run in worker threads: one waiting on the database
-        # does not hold up the next, nor /livez. (SQLite serializes writers anyway.)
-        receipt = await asyncio.to_thread(decide) if ctx.node is not None else decide()
+        # Decisions run in worker threads: one waiting on the database does not hold up
+        # the next, nor /livez, and concurrent ones share a commit (group commit, on by
+        # default). With group commit off, SQLite decides on the loop (one writer anyway).
+        threaded = ctx.node is not None or ctx.tether.store.group_commit > 0
+        receipt = await asyncio.to_thread(decide) if threaded else decide()
         d = receipt.decision
         span.set_attributes(
             {

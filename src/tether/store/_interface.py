@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgspec
+
+T = TypeVar("T")
 
 
 class KeyRow(msgspec.Struct, frozen=True):
@@ -198,6 +200,24 @@ class Store(Protocol):
     def after_commit(self, callback: Callable[[], object]) -> None:
         """Run ``callback`` once the current transaction commits (at once outside one);
         dropped if it rolls back."""
+        ...
+
+    #: Group commit: the most decisions one commit holds (0: every one commits alone).
+    group_commit: int
+
+    def grouped(self, work: Callable[[], T]) -> T:
+        """Run ``work`` (a decision: its changes and its receipt) in the node's open commit
+        group: concurrent decisions share one transaction and one commit, each isolated
+        by a savepoint (one that raises is rolled back alone); returns ``work``'s result
+        once the commit holding it is durable, then runs its ``after_commit`` callbacks.
+        Inside a transaction of the calling thread it joins that transaction."""
+        ...
+
+    def defer(self, work: Callable[[], object]) -> bool:
+        """Inside a decision run by :meth:`grouped`: run ``work`` in the group's transaction
+        after every decision of the group, before its commit (dropped with the decision if
+        it is rolled back); the audit log appends its receipts so, taking its lock last.
+        False, and ``work`` not taken, anywhere else."""
         ...
 
     def close(self) -> None: ...

@@ -24,6 +24,12 @@ the database:
   commit or rollback: two nodes never both append the same position. The primary
   key on ``audit_records.seq`` is the backstop. The lock is taken when the receipt
   is appended, at the end of a transaction's work, so it is held briefly.
+* Group commit (:meth:`PostgresStore.grouped`, :mod:`tether.store._group`): the
+  decisions of a node's threads share one transaction, each in a savepoint; their
+  receipts are appended after every decision of the group (the log's lock taken once,
+  after the group's row locks) and the group commits once. A decision that would wait
+  for a row while its group already holds the log's lock yields (``NOWAIT``) and runs
+  first in the next group.
 
 Errors: a duplicate key (any integrity violation) is :class:`tether.Conflict`;
 every other database or pool failure is :class:`tether.InfrastructureError`, so a
@@ -47,7 +53,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -55,6 +61,7 @@ from psycopg import sql as psql
 from psycopg_pool import ConnectionPool
 
 from tether._errors import Conflict, InfrastructureError, UsageError
+from tether.store._group import GroupCommit, GroupYield, group_limit_from_env
 from tether.store._interface import (
     AcceptedRiskRow,
     ApprovalRow,
@@ -72,6 +79,8 @@ from tether.store._interface import (
     SecretVersionRow,
     TaskRow,
 )
+
+T = TypeVar("T")
 
 #: First key of the audit chain's advisory lock (the second is the schema's hash).
 CHAIN_LOCK_CLASS = 0x54455448  # "TETH"
@@ -183,9 +192,30 @@ class _TxState(threading.local):
     conn: psycopg.Connection[tuple[Any, ...]] | None = None
     depth: int = 0
     callbacks: list[Callable[[], object]]
+    #: This transaction holds the log's lock (taken once, kept to its end).
+    chain_locked: bool = False
+    #: The transaction is a commit group's (:meth:`PostgresStore.grouped`); its current
+    #: unit may yield a row it would wait for, and did.
+    group: bool = False
+    may_yield: bool = False
+    yielded: bool = False
+    #: ``chain_locked`` when the current unit's savepoint was taken.
+    unit_chain_locked: bool = False
+    #: A unit is running, and the work it defers to the end of its group.
+    in_unit: bool = False
+    #: The unit's savepoint is taken before its first statement (a unit that runs none,
+    #: deferring its receipt only, costs no round trip).
+    need_savepoint: bool = False
+    savepoint: bool = False
+    #: The newest receipt this transaction appended, under the log's lock: the next
+    #: append chains onto it without reading it back.
+    tip: RecordRow | None = None
+    unit_tip: RecordRow | None = None
+    deferred: list[Callable[[], object]]
 
     def __init__(self) -> None:
         self.callbacks = []
+        self.deferred = []
 
 
 class PostgresStore:
@@ -219,6 +249,10 @@ class PostgresStore:
         except psycopg.Error as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InfrastructureError(f"cannot open store {redact(url)}: {redact(first)}") from None
+        #: The most decisions one commit holds (:meth:`grouped`); 0: group commit off.
+        self.group_commit = group_limit_from_env()
+        #: The commit queue :meth:`grouped` hands decisions to.
+        self.committer = GroupCommit(self, self.group_commit or 1)
         try:
             self._pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
                 url,
@@ -318,6 +352,7 @@ class PostgresStore:
             self._pool.putconn(conn)
             raise InfrastructureError(f"store error: {exc}") from None
         tx.conn, tx.depth, tx.callbacks = conn, 1, []
+        tx.chain_locked, tx.tip = False, None
         try:
             try:
                 yield
@@ -348,6 +383,132 @@ class PostgresStore:
             return
         callback()
 
+    # -- group commit (tether.store._group) --------------------------------------------
+    def grouped(self, work: Callable[[], T]) -> T:
+        """Run ``work`` (a decision: its changes and its receipt) in this node's open
+        commit group, isolated by a savepoint, and return once the commit holding it is
+        durable; its ``after_commit`` callbacks run then, in this thread. The group takes
+        the log's lock once for all its receipts. Inside a transaction of this thread, or
+        with :attr:`group_commit` 0, it is simply ``with transaction(): work()``."""
+        if self.group_commit <= 0 or self._tx.conn is not None:
+            with self.transaction():
+                return work()
+        self.committer.limit = self.group_commit
+        return self.committer.run(work)
+
+    def defer(self, work: Callable[[], object]) -> bool:
+        """Inside a decision of a commit group: run ``work`` in the group's transaction
+        after every decision of the group, before its commit (dropped if the decision is
+        rolled back). False, and ``work`` not taken, anywhere else."""
+        tx = self._tx
+        if not (tx.group and tx.in_unit):
+            return False
+        tx.deferred.append(work)
+        return True
+
+    def _group_begin(self) -> None:
+        try:
+            conn = self._pool.getconn()
+        except Exception as exc:
+            raise InfrastructureError(f"store unavailable: {exc}") from None
+        try:
+            conn.execute("BEGIN")
+        except Exception as exc:
+            self._pool.putconn(conn)
+            raise InfrastructureError(f"store error: {exc}") from None
+        tx = self._tx
+        tx.conn, tx.depth, tx.callbacks = conn, 1, []
+        tx.chain_locked, tx.group, tx.tip = False, True, None
+
+    def _group_conn(self) -> psycopg.Connection[tuple[Any, ...]]:
+        conn = self._tx.conn
+        if conn is None or not self._tx.group:
+            raise InfrastructureError("store error: no commit group is open")
+        return conn
+
+    def _group_savepoint(self, may_yield: bool) -> None:
+        tx = self._tx
+        self._group_conn()  # a group is open on this thread
+        tx.depth, tx.callbacks, tx.deferred = 1, [], []
+        tx.may_yield, tx.yielded, tx.unit_chain_locked = may_yield, False, tx.chain_locked
+        tx.unit_tip, tx.in_unit, tx.need_savepoint, tx.savepoint = tx.tip, True, True, False
+
+    def _group_undo(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+        """Roll the unit back to its savepoint (its locks too, the log's if it took it)."""
+        tx = self._tx
+        tx.need_savepoint = False
+        if tx.savepoint:
+            tx.savepoint = False
+            try:
+                conn.execute("ROLLBACK TO SAVEPOINT tether_unit")
+                conn.execute("RELEASE SAVEPOINT tether_unit")
+            except psycopg.Error as exc:
+                raise InfrastructureError(f"store error: {exc}") from None
+        tx.chain_locked, tx.tip = tx.unit_chain_locked, tx.unit_tip
+
+    def _group_release(
+        self,
+    ) -> tuple[str, list[Callable[[], object]], list[Callable[[], object]]]:
+        tx = self._tx
+        conn = self._group_conn()
+        callbacks, tx.callbacks = tx.callbacks, []
+        deferred, tx.deferred = tx.deferred, []
+        tx.depth, tx.may_yield, tx.in_unit = 1, False, False
+        status = conn.info.transaction_status
+        if tx.yielded or status == psycopg.pq.TransactionStatus.INERROR:
+            self._group_undo(conn)
+            return ("yielded" if tx.yielded else "failed"), [], []
+        if status != psycopg.pq.TransactionStatus.INTRANS:
+            raise InfrastructureError("store error: the group's transaction was lost")
+        tx.need_savepoint = False
+        if tx.savepoint:
+            tx.savepoint = False
+            try:
+                conn.execute("RELEASE SAVEPOINT tether_unit")
+            except psycopg.Error as exc:
+                raise InfrastructureError(f"store error: {exc}") from None
+        return "kept", callbacks, deferred
+
+    def _group_callbacks(self) -> list[Callable[[], object]]:
+        callbacks, self._tx.callbacks = self._tx.callbacks, []
+        return callbacks
+
+    def _group_rollback(self) -> bool:
+        tx = self._tx
+        conn = self._group_conn()
+        tx.depth, tx.callbacks, tx.deferred = 1, [], []
+        tx.may_yield = tx.in_unit = False
+        self._group_undo(conn)
+        return tx.yielded
+
+    def _group_end(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+        tx = self._tx
+        tx.conn, tx.depth, tx.callbacks, tx.deferred = None, 0, [], []
+        tx.chain_locked = tx.group = tx.may_yield = tx.yielded = tx.in_unit = False
+        tx.need_savepoint = tx.savepoint = False
+        tx.tip = tx.unit_tip = None
+        self._pool.putconn(conn)
+
+    def _group_commit(self) -> None:
+        conn = self._group_conn()
+        try:
+            if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+                conn.execute("ROLLBACK")
+                raise InfrastructureError("store error: the transaction failed")
+            conn.execute("COMMIT")
+        except psycopg.Error as exc:
+            raise InfrastructureError(f"store error at commit: {exc}") from None
+        finally:
+            self._group_end(conn)
+
+    def _group_abort(self) -> None:
+        conn = self._group_conn()
+        try:
+            with contextlib.suppress(psycopg.Error):  # broken: the pool discards it
+                conn.execute("ROLLBACK")
+        finally:
+            self._group_end(conn)
+
     def lock_task(self, task_id: str) -> None:
         """Hold the row locks of the task and of its ancestors, the root first, until the
         current transaction ends (no-op outside one).
@@ -362,9 +523,16 @@ class PostgresStore:
                 " UNION ALL SELECT t.task_id, t.parent_task_id, p.depth + 1"
                 " FROM tasks t JOIN path p ON t.task_id = p.parent_task_id WHERE p.depth < 32)"
                 " SELECT t.task_id FROM tasks t JOIN path p ON p.task_id = t.task_id"
-                " ORDER BY p.depth DESC FOR UPDATE OF t",
+                " ORDER BY p.depth DESC FOR UPDATE OF t" + self._nowait(),
                 (task_id,),
             )
+
+    def _nowait(self) -> str:
+        """``NOWAIT`` when this transaction is a commit group's that holds the log's lock:
+        waiting for a row then could wait for a node that waits for the log; the unit
+        yields instead, to run first in the next group (:class:`GroupYield`)."""
+        tx = self._tx
+        return " NOWAIT" if tx.group and tx.may_yield and tx.chain_locked else ""
 
     def lock_identity(self, spiffe_id: str) -> str | None:
         """The identity's status, its row share-locked until the transaction ends."""
@@ -394,11 +562,20 @@ class PostgresStore:
         try:
             conn = self._tx.conn
             if conn is not None:
+                if self._tx.need_savepoint:  # a commit group's unit: its first statement
+                    conn.execute("SAVEPOINT tether_unit")
+                    self._tx.need_savepoint, self._tx.savepoint = False, True
                 return self._exec(conn, query, params, fetch)
             with self._pool.connection() as pooled:
                 return self._exec(pooled, query, params, fetch)
         except psycopg.IntegrityError as exc:
             raise Conflict(f"already exists: {exc}") from None
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected) as exc:
+            tx = self._tx
+            if tx.group and tx.may_yield:
+                tx.yielded = True
+                raise GroupYield(f"store busy: {exc}") from None
+            raise InfrastructureError(f"store error: {exc}") from None
         except psycopg.Error as exc:
             raise InfrastructureError(f"store error: {exc}") from None
 
@@ -905,6 +1082,12 @@ class PostgresStore:
 
     # -- audit ------------------------------------------------------------------------
     def insert_record(self, row: RecordRow, mac: str | None = None) -> None:
+        self._insert_record(row, mac)
+        tx = self._tx
+        if tx.conn is not None and tx.chain_locked:
+            tx.tip = row
+
+    def _insert_record(self, row: RecordRow, mac: str | None) -> None:
         if mac is None:
             self._run(
                 f"INSERT INTO audit_records ({_RECORD_COLS}) VALUES (%s, %s, %s, %s, %s)",
@@ -961,12 +1144,17 @@ class PostgresStore:
         return [HeadRow(*r) for r in rows]
 
     def last_record(self) -> RecordRow | None:
-        if self._tx.conn is not None:
-            # The chain's append lock, until this transaction ends (see the module doc).
+        tx = self._tx
+        if tx.conn is not None and tx.chain_locked and tx.tip is not None:
+            return tx.tip  # appended by this transaction, under the lock it still holds
+        if tx.conn is not None and not tx.chain_locked:
+            # The chain's append lock, until this transaction ends (see the module doc):
+            # taken once per transaction, so once per commit group.
             self._run(
                 "SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))",
                 (CHAIN_LOCK_CLASS,),
             )
+            tx.chain_locked = True
         row = self._one(f"SELECT {_RECORD_COLS} FROM audit_records ORDER BY seq DESC LIMIT 1")
         return None if row is None else RecordRow(*row)
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -13,9 +14,10 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tether._errors import Conflict, InfrastructureError
+from tether.store._group import GroupCommit, group_limit_from_env
 from tether.store._interface import (
     AcceptedRiskRow,
     ApprovalRow,
@@ -37,6 +39,7 @@ from tether.store.migrations.sqlite import v2_verifiable_log, v3_credential_expi
 
 SCHEMA_VERSION = "3"
 _CREDENTIAL_COLS = "credential_id, secret_hash, role, owner, created_at, disabled_at, expires_at"
+T = TypeVar("T")
 _KEY_COLS = (
     "kid, use, sealed, public_jwk, cert_pem, created_at, retired_at, verify_until, revoked_at, mac"
 )
@@ -158,7 +161,14 @@ class SQLiteStore:
             raise InfrastructureError(f"cannot open store {self.path}: {exc}") from None
         self._lock = threading.RLock()
         self._depth = 0
+        self._owner = 0  # the thread whose transaction is open (while _depth > 0)
         self._after_commit: list[Callable[[], object]] = []
+        #: The most decisions one commit holds (:meth:`grouped`); 0: group commit off.
+        self.group_commit = group_limit_from_env()
+        #: The commit queue :meth:`grouped` hands decisions to.
+        self.committer = GroupCommit(self, self.group_commit or 1)
+        self._in_unit = False  # a unit of a commit group is running (on self._owner)
+        self._deferred: list[Callable[[], object]] = []
         version = self.get_meta("schema_version")
         if version is None:  # new: its tables were made at the newest version
             self.set_meta("schema_version", SCHEMA_VERSION)
@@ -185,6 +195,7 @@ class SQLiteStore:
             outer = self._depth == 0
             if outer:
                 self._run("BEGIN IMMEDIATE")
+                self._owner = threading.get_ident()
             self._depth += 1
             try:
                 yield
@@ -212,6 +223,92 @@ class SQLiteStore:
                     self._after_commit.append(callback)
                 return
         callback()
+
+    # -- group commit (tether.store._group) --------------------------------------------
+    def grouped(self, work: Callable[[], T]) -> T:
+        """Run ``work`` (a decision: its changes and its receipt) in this store's open
+        commit group, isolated by a savepoint, and return once the commit holding it is
+        durable; its ``after_commit`` callbacks run then, in this thread. Inside a
+        transaction of this thread, or with :attr:`group_commit` 0, it is simply
+        ``with transaction(): work()``."""
+        mine = self._depth > 0 and self._owner == threading.get_ident()
+        if self.group_commit <= 0 or mine:
+            with self.transaction():
+                return work()
+        self.committer.limit = self.group_commit
+        return self.committer.run(work)
+
+    def defer(self, work: Callable[[], object]) -> bool:
+        """Inside a decision of a commit group: run ``work`` in the group's transaction
+        after every decision of the group, before its commit (dropped if the decision is
+        rolled back). False, and ``work`` not taken, anywhere else."""
+        if not (self._in_unit and self._owner == threading.get_ident()):
+            return False
+        self._deferred.append(work)
+        return True
+
+    def _group_begin(self) -> None:
+        self._lock.acquire()
+        try:
+            self._run("BEGIN IMMEDIATE")
+        except BaseException:
+            self._lock.release()
+            raise
+        self._owner = threading.get_ident()
+        self._depth, self._after_commit = 1, []
+
+    def _group_savepoint(self, may_yield: bool) -> None:
+        del may_yield  # SQLite's writer holds every row: nothing to yield to
+        self._depth, self._after_commit, self._deferred = 1, [], []
+        self._run("SAVEPOINT tether_unit")
+        self._in_unit = True
+
+    def _group_release(
+        self,
+    ) -> tuple[str, list[Callable[[], object]], list[Callable[[], object]]]:
+        callbacks, self._after_commit = self._after_commit, []
+        deferred, self._deferred = self._deferred, []
+        self._depth, self._in_unit = 1, False
+        if not self._db.in_transaction:  # SQLite rolled it back (disk full, I/O error)
+            raise InfrastructureError("store error: the transaction was rolled back")
+        self._run("RELEASE SAVEPOINT tether_unit")
+        return "kept", callbacks, deferred
+
+    def _group_callbacks(self) -> list[Callable[[], object]]:
+        callbacks, self._after_commit = self._after_commit, []
+        return callbacks
+
+    def _group_rollback(self) -> bool:
+        self._depth, self._after_commit, self._deferred = 1, [], []
+        self._in_unit = False
+        if not self._db.in_transaction:
+            raise InfrastructureError("store error: the transaction was rolled back")
+        self._run("ROLLBACK TO SAVEPOINT tether_unit")
+        self._run("RELEASE SAVEPOINT tether_unit")
+        return False
+
+    def _group_commit(self) -> None:
+        try:
+            self._run("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            raise
+        finally:
+            self._depth, self._after_commit, self._deferred = 0, [], []
+            self._in_unit = False
+            self._lock.release()
+
+    def _group_abort(self) -> None:
+        try:
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+        finally:
+            self._depth, self._after_commit, self._deferred = 0, [], []
+            self._in_unit = False
+            self._lock.release()
 
     def _run(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         try:
