@@ -1,0 +1,63 @@
+"""More attacks by someone who can write the store (the SQLite file or the PostgreSQL
+role) but does not hold the KEK: fields of authenticated rows left out of their tags,
+and rows not tagged at all.
+
+Each attack writes rows with plain SQL, as such a writer would, and then tries to use
+them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tether import ProofKey, Tether, parse_intent
+from tether._errors import TetherError
+
+from .conftest import AGENT, PERMIT_ALL
+
+
+def _sql(t: Tether, statement: str, *params: Any) -> None:
+    t.store.execute_unsafe(statement, tuple(params))
+
+
+def _call(t: Tether, key: ProofKey, token: str, tool: str, args: dict[str, Any]) -> Any:
+    return t.authorize(
+        token=token, proof=key.prove(token, tool, args, now=t.clock.now()), tool=tool, args=args
+    )
+
+
+@pytest.fixture
+def t(tether: Tether) -> Tether:
+    tether.policies.load({"all.cedar": PERMIT_ALL})
+    return tether
+
+
+def test_an_expired_task_given_a_later_end_in_the_store_lives_no_longer(t: Tether) -> None:
+    """Store writer: pushes an expired task's end (``expires_at``) a year ahead, then has
+    its agent renew the token and call on."""
+    key = ProofKey()
+    intent = parse_intent(
+        {
+            "purpose": "test",
+            "capabilities": [{"tool": "fs.read"}],
+            "budget": {"max_calls": 50},
+            "ttl_seconds": 600,
+        }
+    )
+    task = t.open_task(AGENT, proof_jwk=key.jwk, intent=intent)
+    assert _call(t, key, task.token, "fs.read", {"path": "/a"}).decision.effect == "allow"
+    t.clock.advance(601)  # type: ignore[attr-defined]
+    _sql(
+        t,
+        "UPDATE tasks SET expires_at = ? WHERE task_id = ?",
+        t.clock.now() + 365 * 86400,
+        task.task_id,
+    )
+    try:
+        renewed = t.renew_task(task.task_id)
+    except TetherError:
+        return  # refused: the task's end is authenticated
+    receipt = _call(t, key, renewed.token, "fs.read", {"path": "/b"})
+    assert receipt.decision.effect == "deny"
