@@ -265,6 +265,7 @@ def task_fields(row: TaskRow) -> dict[str, Any]:
         "intent_digest": row.intent_digest,
         "jkt": row.jkt,
         "opened_at": row.opened_at,
+        "expires_at": row.expires_at,
         "chain": row.chain_json,
         "status": row.status,
         "ended_at": row.ended_at,
