@@ -48,7 +48,7 @@ def test_an_expired_task_given_a_later_end_in_the_store_lives_no_longer(t: Tethe
     )
     task = t.open_task(AGENT, proof_jwk=key.jwk, intent=intent)
     assert _call(t, key, task.token, "fs.read", {"path": "/a"}).decision.effect == "allow"
-    t.clock.advance(601)  # type: ignore[attr-defined]
+    t.clock.advance(601)
     _sql(
         t,
         "UPDATE tasks SET expires_at = ? WHERE task_id = ?",
@@ -61,3 +61,33 @@ def test_an_expired_task_given_a_later_end_in_the_store_lives_no_longer(t: Tethe
         return  # refused: the task's end is authenticated
     receipt = _call(t, key, renewed.token, "fs.read", {"path": "/b"})
     assert receipt.decision.effect == "deny"
+
+
+FORBID_READ = (
+    '\n@id("no-read")\n'
+    'forbid (principal, action == Action::"call_tool", resource == Tool::"fs.read");'
+)
+
+
+def test_a_tightened_policy_deleted_from_the_store_does_not_bring_back_the_old_one(
+    t: Tether,
+) -> None:
+    """Store writer: deletes the newest policy set (an operator's tightening) so the
+    older, wider set, whose row and tag are authentic, is the newest again."""
+    key = ProofKey()
+    intent = parse_intent(
+        {"purpose": "test", "capabilities": [{"tool": "fs.read"}], "budget": {"max_calls": 50}}
+    )
+    task = t.open_task(AGENT, proof_jwk=key.jwk, intent=intent)
+    assert _call(t, key, task.token, "fs.read", {"path": "/a"}).decision.effect == "allow"
+    t.policies.load({"all.cedar": PERMIT_ALL + FORBID_READ})
+    assert _call(t, key, task.token, "fs.read", {"path": "/b"}).decision.effect == "deny"
+    newest = t.store.execute_fetch("SELECT max(id) FROM policy_snapshots")[0][0]
+    _sql(t, "DELETE FROM policy_snapshots WHERE id = ?", newest)
+    _sql(t, "DELETE FROM row_tags WHERE kind = 'policy' AND key = ?", str(newest))
+    receipt = _call(t, key, task.token, "fs.read", {"path": "/c"})
+    if receipt.decision.effect == "allow":
+        report = t.verify_audit()
+        assert not report.ok, "the wider policy decides again and audit verify sees nothing"
+    else:
+        assert receipt.decision.effect == "deny"
