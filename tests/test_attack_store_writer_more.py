@@ -8,12 +8,15 @@ them.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
 from tether import ProofKey, Tether, parse_intent
 from tether._errors import TetherError
+from tether.core import Sensitivity, SideEffect, ToolProfile
+from tether.secrets import LeaseRejected
 
 from .conftest import AGENT, PERMIT_ALL
 
@@ -90,3 +93,45 @@ def test_a_tightened_policy_deleted_from_the_store_does_not_bring_back_the_old_o
     report = t.verify_audit()
     assert not report.ok
     assert "policy set" in (report.problem or "")
+
+
+CANARY = "cnry-" + "Q9vX2mLr7TzK4pWs8Yd3"
+
+
+def test_a_secret_widened_to_every_tool_in_the_store_is_not_leased_to_another_tool(
+    permissive: Tether,
+) -> None:
+    """Store writer: widens a secret kept for ``billing.*`` to every tool (its
+    ``meta_json``), so an allowed call of a search tool leases the billing key."""
+    t = permissive
+    t.catalogue.load(
+        {
+            "billing.*": ToolProfile(
+                side_effect=SideEffect.WRITE, sensitivity=Sensitivity.INTERNAL, trusted=True
+            ),
+            "search.query": ToolProfile(
+                side_effect=SideEffect.READ, sensitivity=Sensitivity.INTERNAL
+            ),
+        },
+        origin="tests",
+    )
+    t.put_secret("billing-key", CANARY, kind="api_key", meta={"tools": ["billing.*"]})
+    key = ProofKey()
+    intent = parse_intent(
+        {
+            "purpose": "look things up",
+            "capabilities": [{"tool": "search.query"}, {"tool": "billing.*"}],
+            "budget": {"max_calls": 50},
+        }
+    )
+    task = t.open_task(AGENT, proof_jwk=key.jwk, intent=intent)
+    allowed = _call(t, key, task.token, "search.query", {"q": "x"})
+    assert allowed.decision.effect == "allow"
+    with pytest.raises(LeaseRejected):
+        t.lease(task.task_id, "billing-key", tool="search.query", receipt=allowed)
+    raw = t.store.execute_fetch("SELECT meta_json FROM secrets WHERE name = 'billing-key'")[0][0]
+    meta = json.loads(raw)
+    meta["tools"] = ["*"]
+    _sql(t, "UPDATE secrets SET meta_json = ? WHERE name = 'billing-key'", json.dumps(meta))
+    with pytest.raises(TetherError):
+        t.lease(task.task_id, "billing-key", tool="search.query", receipt=allowed)
