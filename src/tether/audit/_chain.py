@@ -165,6 +165,8 @@ class _Endings:
         self.identities: dict[str, int] = {}
         self.keys: dict[str, int] = {}
         self.approvals: dict[str, int] = {}
+        #: The newest policy set loaded: (receipt, snapshot id, digest).
+        self.policy: tuple[int, int, str] | None = None
 
     def note(self, seq: int, body: dict[str, Any]) -> None:
         kind = body.get("kind")
@@ -186,6 +188,13 @@ class _Endings:
             and isinstance(detail.get("approval_id"), str)
         ):
             self.approvals[detail["approval_id"]] = seq
+        elif (
+            kind == "policy.load"
+            and body.get("effect") == "allow"
+            and isinstance(detail.get("snapshot_id"), int)
+            and isinstance(detail.get("digest"), str)
+        ):
+            self.policy = (seq, detail["snapshot_id"], detail["digest"])
 
     def rolled_back(self, store: Store) -> tuple[int, str] | None:
         """The first receipt whose ending the store's rows no longer show, and why."""
@@ -210,6 +219,17 @@ class _Endings:
             if approval is not None and approval.status == "pending":
                 found.append(
                     (seq, f"approval {approval_id} decided at receipt {seq} is pending again")
+                )
+        if self.policy is not None:
+            seq, snapshot_id, digest = self.policy
+            active = store.active_policy()
+            if active is None or active.id != snapshot_id or active.digest != digest:
+                found.append(
+                    (
+                        seq,
+                        f"policy set {snapshot_id} loaded at receipt {seq} is not the "
+                        f"active one (the store's is {active.id if active else 'none'})",
+                    )
                 )
         return min(found) if found else None
 

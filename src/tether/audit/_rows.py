@@ -2,9 +2,10 @@
 
 Someone who can write the store but does not hold the KEK can add, edit or re-point
 rows. For the rows that grant authority (an admin credential and its role, a console
-session, a join token, an identity's owner and status, a task's agent, parent, intent
-and key binding, an approval and its status, a policy set, a tagged setting such as the
-tool catalogue or the pinned tool definitions), Tether keeps an HMAC of the row's fields
+session, a join token, an identity's owner and status, a task's agent, parent, intent,
+key binding and end, an approval and its status, a policy set, a brokered secret's
+metadata (which tools it may be leased for), a tagged setting such as the tool
+catalogue or the pinned tool definitions), Tether keeps an HMAC of the row's fields
 under a key derived from the KEK, one key per kind (``row_tags``). A row whose tag is
 missing or wrong is treated as absent: an unknown credential, an unknown identity, a
 task that cannot be decided (denied with ``store.row_tampered``), an approval that
@@ -32,6 +33,7 @@ from tether.store import (
     CredentialRow,
     IdentityRow,
     PolicyRow,
+    SecretRow,
     Store,
     TaskRow,
 )
@@ -51,9 +53,20 @@ TASK = "task"
 APPROVAL = "approval"
 POLICY = "policy"
 SETTING = "setting"
+SECRET = "secret"  # noqa: S105 (a kind of row, not a secret)
 
 
-KINDS = (CREDENTIAL, CONSOLE_SESSION, JOIN_TOKEN, IDENTITY, TASK, APPROVAL, POLICY, SETTING)
+KINDS = (
+    CREDENTIAL,
+    CONSOLE_SESSION,
+    JOIN_TOKEN,
+    IDENTITY,
+    TASK,
+    APPROVAL,
+    POLICY,
+    SETTING,
+    SECRET,
+)
 
 #: The settings (meta keys) kept tagged: the tool catalogue, the pinned tool definitions,
 #: the shadow policy set and the trusted user-token issuers.
@@ -207,6 +220,9 @@ class RowTags:
             for approval in store.list_approvals():
                 self.tag(APPROVAL, approval.approval_id, approval_fields(approval))
                 count += 1
+            for secret in store.list_secrets():
+                self.tag(SECRET, secret.name, secret_fields(secret))
+                count += 1
             policy = store.active_policy()
             if policy is not None:
                 self.tag(POLICY, str(policy.id), policy_fields(policy))
@@ -266,6 +282,7 @@ def task_fields(row: TaskRow) -> dict[str, Any]:
         "intent_digest": row.intent_digest,
         "jkt": row.jkt,
         "opened_at": row.opened_at,
+        "expires_at": row.expires_at,
         "chain": row.chain_json,
         "status": row.status,
         "ended_at": row.ended_at,
@@ -288,3 +305,14 @@ def approval_fields(row: ApprovalRow) -> dict[str, Any]:
 
 def policy_fields(row: PolicyRow) -> dict[str, Any]:
     return {"digest": row.digest, "sources": row.sources_json, "schema": row.schema}
+
+
+def secret_fields(row: SecretRow) -> dict[str, Any]:
+    """What a brokered secret is and which tools it may be leased for (``meta_json``)."""
+    return {
+        "kind": row.kind,
+        "meta": row.meta_json,
+        "created_at": row.created_at,
+        "created_by": row.created_by,
+        "disabled_at": row.disabled_at,
+    }

@@ -39,6 +39,8 @@ class PolicyService:
         self._clock = clock
         self._snapshot: PolicySnapshot | None = None
         self._snapshot_id: int | None = None
+        #: The newest policy set this process has loaded or seen: sets only get newer.
+        self._highest_id = 0
         #: Re-check the store's active snapshot on every call (a lone process); a node
         #: told of new snapshots by events (:mod:`tether.cluster`) turns this off.
         self.check_every_call = True
@@ -119,6 +121,7 @@ class PolicyService:
             self._shadow, self._shadow_digest = snapshot, snapshot.digest
         else:
             self._snapshot, self._snapshot_id = snapshot, detail["snapshot_id"]
+            self._highest_id = max(self._highest_id, detail["snapshot_id"])
         return snapshot
 
     def clear_shadow(self, *, origin: str = "api") -> str | None:
@@ -190,6 +193,11 @@ class PolicyService:
             if self._snapshot is None or self._snapshot_id is not None:
                 self._snapshot, self._snapshot_id = build_snapshot({}, default_schema()), None
             return self._snapshot
+        if active_id < self._highest_id:
+            # Policy sets only ever get newer: an older one active again means the newer
+            # rows were deleted by a store writer. Refused (fail closed), on every call.
+            self._stale = True
+            raise RowTampered(POLICY, str(active_id))
         if self._snapshot is None or self._snapshot_id != active_id:
             row = self._store.active_policy()
             assert row is not None
@@ -202,4 +210,5 @@ class PolicyService:
                 raise
             self._snapshot = build_snapshot(json.loads(row.sources_json), row.schema)
             self._snapshot_id = row.id
+            self._highest_id = max(self._highest_id, row.id)
         return self._snapshot

@@ -27,6 +27,7 @@ import msgspec
 
 from tether._errors import Conflict, InfrastructureError, NotFound, UsageError
 from tether.audit import Auditor
+from tether.audit._rows import SECRET, secret_fields
 from tether.core._clock import Clock
 from tether.core._credentials import Known
 from tether.core._risk import Control, risk_tags
@@ -180,16 +181,16 @@ class Vault:
         with self._store.transaction():
             if self._store.get_secret(name) is not None:
                 raise Conflict(f"secret {name} exists: rotate it instead", code="secret.exists")
-            self._store.add_secret(
-                SecretRow(
-                    name=name,
-                    kind=kind,
-                    description=description,
-                    meta_json=msgspec.json.encode(parsed).decode(),
-                    created_at=now,
-                    created_by=by,
-                )
+            secret_row = SecretRow(
+                name=name,
+                kind=kind,
+                description=description,
+                meta_json=msgspec.json.encode(parsed).decode(),
+                created_at=now,
+                created_by=by,
             )
+            self._store.add_secret(secret_row)
+            self._auditor.rows.tag(SECRET, name, secret_fields(secret_row))
             self._add_version(name, 1, secret, by, now)
             self._auditor.append(
                 "secret.put",
@@ -308,6 +309,9 @@ class Vault:
         row = self._store.get_secret(check_name(name))
         if row is None or row.disabled_at is not None:
             raise NotFound(f"no secret named {name}", code="secret.unknown")
+        # Which tools a secret may be leased for is in its row: one a store writer put in
+        # or widened without the KEK is refused.
+        self._auditor.rows.require(SECRET, row.name, secret_fields(row))
         return row
 
     @staticmethod
