@@ -25,8 +25,12 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from tether._errors import InfrastructureError
+import msgspec
+
+from tether._errors import InfrastructureError, TetherError
 from tether.core._canonical import canonical_json
+from tether.core._flow import start as start_flow
+from tether.core._intent import decode_intent
 from tether.store import (
     ApprovalRow,
     ConsoleSessionRow,
@@ -54,6 +58,7 @@ APPROVAL = "approval"
 POLICY = "policy"
 SETTING = "setting"
 SECRET = "secret"  # noqa: S105 (a kind of row, not a secret)
+FLOW = "flow"
 
 
 KINDS = (
@@ -66,6 +71,7 @@ KINDS = (
     POLICY,
     SETTING,
     SECRET,
+    FLOW,
 )
 
 #: The settings (meta keys) kept tagged: the tool catalogue, the pinned tool definitions,
@@ -157,6 +163,30 @@ class RowTags:
             self._reported.add((kind, key))
             log.error("%s row %r ignored: %s (written without the KEK?)", kind, key, why)
 
+    # -- flow states ---------------------------------------------------------------------
+    def _flow_material(self, task_id: str, state: bytes) -> bytes:
+        return b"flow\n" + task_id.encode() + b"\n" + state
+
+    def put_flow(self, task_id: str, state: bytes, at: float) -> None:
+        """Store a task's encoded flow state with its tag (one per state: what the task
+        has read is as authority-bearing as what it may do)."""
+        self._store.put_task_flow(task_id, state, at)
+        tag = self._sealer.mac(f"row {FLOW} v1", self._flow_material(task_id, state))
+        self._store.put_row_tag(FLOW, task_id, tag)
+
+    def flow(self, task_id: str) -> bytes:
+        """A task's encoded flow state, its tag checked. Every task has one from its
+        opening, so a missing state was deleted: :class:`RowTampered`, like a wrong tag
+        (a task that forgot what it read would let an injected call through)."""
+        raw = self._store.get_task_flow(task_id)
+        tag = self._store.get_row_tag(FLOW, task_id)
+        if raw is None or not self._sealer.mac_ok(
+            f"row {FLOW} v1", self._flow_material(task_id, raw), tag
+        ):
+            self._report(FLOW, task_id, "it is missing" if raw is None else "its tag is wrong")
+            raise RowTampered(FLOW, task_id)
+        return raw
+
     # -- tagged settings ---------------------------------------------------------------
     def set_setting(self, key: str, value: str) -> None:
         """A setting kept in the store's meta table, with its tag."""
@@ -216,6 +246,10 @@ class RowTags:
                 count += 1
             for task in store.list_tasks():
                 self.tag(TASK, task.task_id, task_fields(task))
+                raw = store.get_task_flow(task.task_id)
+                if raw is None:  # a task with no state yet gets a fresh task's
+                    raw = initial_flow(task.intent_json)
+                self.put_flow(task.task_id, raw, task.opened_at)
                 count += 1
             for approval in store.list_approvals():
                 self.tag(APPROVAL, approval.approval_id, approval_fields(approval))
@@ -241,6 +275,15 @@ class RowTags:
 # What grants authority, and what a legitimate change rewrites with a new tag. Counters and
 # activity times that move on every call (a task's calls used, a session's last activity)
 # are left out: forging them grants nothing a policy relies on.
+
+
+def initial_flow(intent_json: str) -> bytes:
+    """The encoded flow state a task starts with (its user request grounded)."""
+    try:
+        request = decode_intent(intent_json).request or ""
+    except TetherError:
+        request = ""
+    return msgspec.json.encode(start_flow(request))
 
 
 def credential_fields(row: CredentialRow) -> dict[str, Any]:

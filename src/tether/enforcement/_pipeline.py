@@ -456,7 +456,7 @@ class Enforcement:
             for ancestor in plan.spend[1:]:
                 store.spend_call(ancestor, 1 << 62)
         for task_id, state in plan.flows:
-            store.put_task_flow(task_id, msgspec.json.encode(state), now)
+            self._auditor.rows.put_flow(task_id, msgspec.json.encode(state), now)
         if plan.touch is not None:
             store.touch_task(plan.touch, now)
         return plan.use_approval
@@ -559,7 +559,7 @@ class Enforcement:
                 raise ObservationRefused(code, message, refused.seq) from None
             if reading is not None:
                 for task_id, flow in plan.flows:
-                    self._store.put_task_flow(task_id, msgspec.json.encode(flow), now)
+                    self._auditor.rows.put_flow(task_id, msgspec.json.encode(flow), now)
             if outcome in ("ok", "error"):
                 extra = {"oversized": True} if oversized else {}
                 self._store.add_task_label(
@@ -653,4 +653,4 @@ class Enforcement:
                 before = snapshot.flows.get(member.task_id) or start(member.intent.request or "")
                 after = observe_content(before, source, text)
                 if after != before:
-                    self._store.put_task_flow(member.task_id, msgspec.json.encode(after), now)
+                    self._auditor.rows.put_flow(member.task_id, msgspec.json.encode(after), now)

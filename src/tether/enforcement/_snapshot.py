@@ -112,9 +112,7 @@ class SnapshotLoader:
         return known if known is not None else self._store.token_revoked(token_id)
 
     def flow(self, task_id: str) -> FlowState | None:
-        raw = self._store.get_task_flow(task_id)
-        if raw is None:
-            return None
+        raw = self._rows.flow(task_id)  # RowTampered when missing or edited: refused
         try:
             return msgspec.json.decode(raw, type=FlowState)
         except msgspec.DecodeError as exc:

@@ -10,8 +10,8 @@ from typing import Any, Protocol
 import msgspec
 
 from tether._errors import AdmissionRejected, IdentityRejected, InvalidIntent, NotFound, Rejected
-from tether.audit import Auditor
-from tether.audit._rows import TASK, task_fields
+from tether.audit import Auditor, RowTampered
+from tether.audit._rows import TASK, initial_flow, task_fields
 from tether.core._clock import Clock
 from tether.core._decision import (
     admission_context,
@@ -283,6 +283,7 @@ class TaskService:
                     )
                 self._store.add_task(row)
                 self._auditor.rows.tag(TASK, row.task_id, task_fields(row))
+                self._auditor.rows.put_flow(row.task_id, initial_flow(row.intent_json), now)
                 if resources:
                     self._store.put_task_resources(task_id, json.dumps(list(resources)))
                 self._auditor.append(
@@ -564,9 +565,13 @@ class TaskService:
     def _flow_used(self, task_id: str) -> FlowState:
         """What a task (and its subtree) has spent and which tools it used; unreadable
         state refuses the delegation (fail closed)."""
-        raw = self._store.get_task_flow(task_id)
-        if raw is None:
-            return FlowState()
+        try:
+            raw = self._auditor.rows.flow(task_id)
+        except RowTampered:
+            raise DelegationRejected(
+                f"the flow state of task {task_id} fails its authentication",
+                code="delegation.parent",
+            ) from None
         try:
             return msgspec.json.decode(raw, type=FlowState)
         except msgspec.DecodeError:
