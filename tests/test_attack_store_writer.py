@@ -370,3 +370,21 @@ def test_rows_put_back_to_an_earlier_authentic_state_fail_audit_verify(t: Tether
     ended = [r for r in t.audit.tail(20) if r["kind"] == "task.revoked"]
     assert report.first_bad == ended[0]["seq"]
     assert "open again" in (report.problem or "")
+
+
+def test_a_widened_template_opens_nothing(t: Tether) -> None:
+    """Store writer: adds a tool to an intent template, so every task opened with it
+    could call that tool."""
+    t.add_template(
+        {"name": "reader", "intent": {"purpose": "read", "capabilities": [{"tool": "fs.read"}]}}
+    )
+    opened = t.open_task(AGENT, proof_jwk=ProofKey().jwk, template="reader")
+    assert opened.task_id
+    body = json.loads(t.store.get_template("reader") or "{}")
+    body["intent"]["capabilities"].append({"tool": "shell.exec"})
+    _sql(t, "UPDATE templates SET body = ? WHERE name = 'reader'", json.dumps(body))
+    with pytest.raises(RowTampered):
+        t.open_task(AGENT, proof_jwk=ProofKey().jwk, template="reader")
+    refused = [r for r in t.audit.tail(5) if r["kind"] == "task.open"][-1]
+    assert refused["effect"] == "deny"
+    assert refused["reasons"][0]["code"] == "store.row_tampered"

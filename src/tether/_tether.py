@@ -367,7 +367,7 @@ class Tether:
             sort_keys=True,
         )
         with self.store.transaction():
-            self.store.put_template(template.name, body, self.clock.now())
+            self.audit.rows.put_template(template.name, body, self.clock.now())
             self.audit.append(
                 "template.add",
                 effect="allow",

@@ -59,6 +59,7 @@ POLICY = "policy"
 SETTING = "setting"
 SECRET = "secret"  # noqa: S105 (a kind of row, not a secret)
 FLOW = "flow"
+TEMPLATE = "template"
 
 
 KINDS = (
@@ -72,6 +73,7 @@ KINDS = (
     SETTING,
     SECRET,
     FLOW,
+    TEMPLATE,
 )
 
 #: The settings (meta keys) kept tagged: the tool catalogue, the pinned tool definitions,
@@ -162,6 +164,20 @@ class RowTags:
                 self._reported.clear()
             self._reported.add((kind, key))
             log.error("%s row %r ignored: %s (written without the KEK?)", kind, key, why)
+
+    # -- intent templates ----------------------------------------------------------------
+    def put_template(self, name: str, body: str, at: float) -> None:
+        self._store.put_template(name, body, at)
+        self.tag(TEMPLATE, name, {"body": body})
+
+    def template(self, name: str) -> str | None:
+        """A template's body, its tag checked (:class:`RowTampered`: a template a store
+        writer added or widened, with more tools or a larger budget, opens nothing)."""
+        body = self._store.get_template(name)
+        if body is None:
+            return None
+        self.require(TEMPLATE, name, {"body": body})
+        return body
 
     # -- flow states ---------------------------------------------------------------------
     def _flow_material(self, task_id: str, state: bytes) -> bytes:
@@ -256,6 +272,9 @@ class RowTags:
                 count += 1
             for secret in store.list_secrets():
                 self.tag(SECRET, secret.name, secret_fields(secret))
+                count += 1
+            for name, body in store.list_templates():
+                self.tag(TEMPLATE, name, {"body": body})
                 count += 1
             policy = store.active_policy()
             if policy is not None:

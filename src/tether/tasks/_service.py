@@ -183,7 +183,13 @@ class TaskService:
                 "give either a template or an explicit intent", code="admission.request"
             )
         if template is not None:
-            body = self._store.get_template(template)
+            try:
+                body = self._auditor.rows.template(template)
+            except RowTampered as exc:
+                self._deny(
+                    "task.open", [agent.spiffe_id], exc.code, exc.message, Control.INTENT_BINDING
+                )
+                raise
             if body is None:
                 self._deny(
                     "task.open",
@@ -360,7 +366,7 @@ class TaskService:
 
     def _template_patterns(self, name: str) -> frozenset[str]:
         """The capability patterns template ``name`` writes out itself (no parameter)."""
-        body = self._store.get_template(name) if name != ADHOC_TEMPLATE else None
+        body = self._auditor.rows.template(name) if name != ADHOC_TEMPLATE else None
         if body is None:
             return frozenset()
         caps = json.loads(body).get("intent", {}).get("capabilities", [])
