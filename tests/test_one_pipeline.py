@@ -24,8 +24,10 @@ import httpx
 import pytest
 
 from tether import ProofKey, Tether, parse_intent
+from tether.enforcement import ObservationRefused
 from tether.gateway._profiles import profiles_from_catalogue
 
+from .conftest import open_simple_task
 from .mcp_support.harness import (
     AGENT,
     POLICIES,
@@ -242,3 +244,24 @@ def test_both_doors_leave_identical_decisions_and_receipts(env: Env) -> None:
             h.policies,
         ), tool
         assert g.result == h.result, tool
+
+
+def test_a_refused_result_keeps_its_receipt(permissive: Tether) -> None:
+    """Compromised agent: reports a result for a decision that was never made. The
+    refusal names a receipt, and that receipt is in the log (it is not rolled back with
+    the refused observation)."""
+    t = permissive
+    key, _task_id, token = open_simple_task(t)
+    result = {"text": "made up"}
+    proof = key.prove_result(
+        token, "fs.read", 9999, result, now=t.clock.now(), htm="POST", htu="urn:tether:decide"
+    )
+    with pytest.raises(ObservationRefused) as refused:
+        t.observe(token=token, proof=proof, tool="fs.read", receipt=9999, result=result)
+    seq = refused.value.seq
+    assert seq is not None
+    stored = t.store.get_record(seq)
+    assert stored is not None
+    body = json.loads(stored.body)
+    assert body["kind"] == "result" and body["effect"] == "deny"
+    assert t.verify_audit().ok

@@ -556,7 +556,9 @@ class Enforcement:
                     risk_tags=list(risk_tags(Control.AUDIT)),
                     detail={**(detail or {}), "decision_receipt": decision_seq},
                 )
-                raise ObservationRefused(code, message, refused.seq) from None
+                # Returned, not raised: raised here it would roll back the very receipt
+                # that says why (the refusal commits with it).
+                return ObservationRefused(code, message, refused.seq)
             if reading is not None:
                 for task_id, flow in plan.flows:
                     self._auditor.rows.put_flow(task_id, msgspec.json.encode(flow), now)
@@ -611,6 +613,8 @@ class Enforcement:
 
         # In the node's commit group: answered once the commit holding it is durable.
         record = self._store.grouped(work)
+        if isinstance(record, ObservationRefused):
+            raise record
         return Observation(
             task_id=claims.task_id,
             tool=tool,
