@@ -219,6 +219,10 @@ def setup_tether(
     files["bench-admission.cedar"] = ADHOC_ADMISSION
     admin.load_policies(files)
     admin.add_template(tomllib.loads((DEMO / "templates" / "pay-bill.toml").read_text()))
+    # What the bank's tools do (an undescribed tool is judged most restrictively, and
+    # its reads would exceed the intent's data ceiling).
+    catalogue = tomllib.loads((DEMO / "bank.catalogue.toml").read_text())
+    admin.post("/v1/catalogue", {"tools": catalogue["tools"], "prefix": "bank"})
     key = ProofKey()
     intent = {
         "purpose": "HTTP authorize benchmark",

@@ -113,6 +113,9 @@ class RowTags:
         #: reading the same row again skips the HMAC (the tag itself is still read).
         self._good: dict[tuple[str, str], tuple[str, bytes]] = {}
         self._reported: set[tuple[str, str]] = set()
+        #: task id -> the flow state and tag last written or checked here: read back
+        #: unchanged (a byte comparison), it needs no HMAC of the whole state again.
+        self._flows: dict[str, tuple[bytes, str]] = {}
 
     def _material(self, kind: str, key: str, fields: Mapping[str, Any]) -> bytes:
         return canonical_json({"kind": kind, "key": key, "fields": dict(fields)})
@@ -189,6 +192,12 @@ class RowTags:
         self._store.put_task_flow(task_id, state, at)
         tag = self._sealer.mac(f"row {FLOW} v1", self._flow_material(task_id, state))
         self._store.put_row_tag(FLOW, task_id, tag)
+        self._remember_flow(task_id, state, tag)
+
+    def _remember_flow(self, task_id: str, state: bytes, tag: str) -> None:
+        if len(self._flows) > 4096:
+            self._flows.clear()
+        self._flows[task_id] = (state, tag)
 
     def flow(self, task_id: str) -> bytes:
         """A task's encoded flow state, its tag checked. Every task has one from its
@@ -196,11 +205,15 @@ class RowTags:
         (a task that forgot what it read would let an injected call through)."""
         raw = self._store.get_task_flow(task_id)
         tag = self._store.get_row_tag(FLOW, task_id)
+        if raw is not None and tag is not None and self._flows.get(task_id) == (raw, tag):
+            return raw  # the very state and tag this process wrote or checked last
         if raw is None or not self._sealer.mac_ok(
             f"row {FLOW} v1", self._flow_material(task_id, raw), tag
         ):
             self._report(FLOW, task_id, "it is missing" if raw is None else "its tag is wrong")
             raise RowTampered(FLOW, task_id)
+        assert tag is not None  # mac_ok refuses a missing tag
+        self._remember_flow(task_id, raw, tag)
         return raw
 
     # -- tagged settings ---------------------------------------------------------------
