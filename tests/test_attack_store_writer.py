@@ -42,9 +42,8 @@ def _call(t: Tether, key: ProofKey, token: str, tool: str, args: dict[str, Any])
 
 
 @pytest.fixture
-def t(tether: Tether) -> Tether:
-    tether.policies.load({"all.cedar": PERMIT_ALL})
-    return tether
+def t(permissive: Tether) -> Tether:
+    return permissive
 
 
 def test_an_admin_credential_row_of_ones_own_is_no_credential(t: Tether) -> None:

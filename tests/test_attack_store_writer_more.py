@@ -9,7 +9,6 @@ them.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 
@@ -19,22 +18,12 @@ from tether.core import Sensitivity, SideEffect, SinkKind, ToolProfile
 from tether.secrets import LeaseRejected
 
 from .conftest import AGENT, PERMIT_ALL
-
-
-def _sql(t: Tether, statement: str, *params: Any) -> None:
-    t.store.execute_unsafe(statement, tuple(params))
-
-
-def _call(t: Tether, key: ProofKey, token: str, tool: str, args: dict[str, Any]) -> Any:
-    return t.authorize(
-        token=token, proof=key.prove(token, tool, args, now=t.clock.now()), tool=tool, args=args
-    )
+from .test_attack_store_writer import _call, _sql
 
 
 @pytest.fixture
-def t(tether: Tether) -> Tether:
-    tether.policies.load({"all.cedar": PERMIT_ALL})
-    return tether
+def t(permissive: Tether) -> Tether:
+    return permissive
 
 
 def test_an_expired_task_given_a_later_end_in_the_store_lives_no_longer(t: Tether) -> None:

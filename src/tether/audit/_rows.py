@@ -128,19 +128,10 @@ class RowTags:
         transaction that writes the row)."""
         self._store.put_row_tag(kind, key, self.tag_of(kind, key, fields))
 
-    def authentic(
-        self,
-        kind: str,
-        key: str,
-        fields: Mapping[str, Any],
-        tag: str | None = None,
-        *,
-        read: bool = True,
-    ) -> bool:
-        """Whether the row's stored tag (or ``tag``, read in bulk) matches its fields.
-        A failure is logged once per row."""
-        if read:
-            tag = self._store.get_row_tag(kind, key)
+    def authentic(self, kind: str, key: str, fields: Mapping[str, Any]) -> bool:
+        """Whether the row's stored tag matches its fields. A failure is logged once per
+        row."""
+        tag = self._store.get_row_tag(kind, key)
         if tag is None:
             self._report(kind, key, "it has no tag")
             return False
@@ -167,6 +158,15 @@ class RowTags:
                 self._reported.clear()
             self._reported.add((kind, key))
             log.error("%s row %r ignored: %s (written without the KEK?)", kind, key, why)
+
+    # -- identities ----------------------------------------------------------------------
+    def identity(self, spiffe_id: str) -> IdentityRow | None:
+        """The registered identity, or ``None``: unknown, or its row was written without
+        the KEK (an identity a store writer added, re-owned or re-activated is none)."""
+        row = self._store.get_identity(spiffe_id)
+        if row is None or not self.authentic(IDENTITY, row.spiffe_id, identity_fields(row)):
+            return None
+        return row
 
     # -- intent templates ----------------------------------------------------------------
     def put_template(self, name: str, body: str, at: float) -> None:
@@ -234,9 +234,7 @@ class RowTags:
     # -- upgrade -------------------------------------------------------------------------
     def marked(self) -> bool:
         value = self._store.get_meta(ROWS_TAGGED_META)
-        return value is not None and self.authentic(
-            SETTING, ROWS_TAGGED_META, {"value": value}, read=True
-        )
+        return value is not None and self.authentic(SETTING, ROWS_TAGGED_META, {"value": value})
 
     def mark(self) -> None:
         self.set_setting(ROWS_TAGGED_META, "1")

@@ -15,11 +15,9 @@ import msgspec
 from tether._errors import InfrastructureError
 from tether.audit._rows import (
     APPROVAL,
-    IDENTITY,
     TASK,
     RowTags,
     approval_fields,
-    identity_fields,
     task_fields,
 )
 from tether.core._credentials import Known
@@ -53,20 +51,14 @@ class SnapshotLoader:
         #: A node's memory (:mod:`tether.cluster`); ``None`` in a lone process.
         self.memory: NodeMemory | None = None
 
-    def _stored_identity(self, spiffe_id: str) -> IdentityRow | None:
-        row = self._store.get_identity(spiffe_id)
-        if row is None or not self._rows.authentic(IDENTITY, spiffe_id, identity_fields(row)):
-            return None  # unknown, or written without the KEK: no identity at all
-        return row
-
     def _identity(self, spiffe_id: str) -> IdentityRow | None:
         memory = self.memory
         if memory is None:
-            return self._stored_identity(spiffe_id)
+            return self._rows.identity(spiffe_id)
         row = memory.identity(spiffe_id)
         if row is None:
             generation = memory.generation
-            row = self._stored_identity(spiffe_id)
+            row = self._rows.identity(spiffe_id)
             if row is not None:
                 memory.put_identity(row, generation)
         return row

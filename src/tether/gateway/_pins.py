@@ -165,17 +165,22 @@ class ToolPins:
         self._warned: set[tuple[str, str, str | None, str]] = set()
 
     # -- reading ---------------------------------------------------------------------------
+    def _decode_checked(self, raw: str | None) -> PinMap:
+        """The stored pins, their tag checked (:class:`PinsUnavailable` if they were
+        written without the KEK)."""
+        if raw is not None and not self._tether.audit.rows.authentic(
+            SETTING, PINS_KEY, {"value": raw}
+        ):
+            raise PinsUnavailable("the pinned tool definitions were written without the KEK")
+        return {} if raw is None else _decode(raw)
+
     def pinned(self) -> PinMap:
         """Every pin, read from the store now (:class:`PinsUnavailable` if unreadable)."""
         raw = self._tether.store.get_meta(PINS_KEY)
         with self._lock:
             if raw == self._raw:
                 return self._parsed
-        if raw is not None and not self._tether.audit.rows.authentic(
-            SETTING, PINS_KEY, {"value": raw}
-        ):
-            raise PinsUnavailable("the pinned tool definitions were written without the KEK")
-        parsed = {} if raw is None else _decode(raw)
+        parsed = self._decode_checked(raw)
         with self._lock:
             self._raw, self._parsed = raw, parsed
         return parsed
@@ -262,12 +267,7 @@ class ToolPins:
             # already): the pins are read, changed and written by one writer at a time,
             # across nodes, so no concurrent pin is lost.
             store.last_record()
-            raw = store.get_meta(PINS_KEY)
-            if raw is not None and not self._tether.audit.rows.authentic(
-                SETTING, PINS_KEY, {"value": raw}
-            ):
-                raise PinsUnavailable("the pinned tool definitions were written without the KEK")
-            pins = {} if raw is None else _decode(raw)
+            pins = self._decode_checked(store.get_meta(PINS_KEY))
             mine = dict(pins.get(upstream, {}))
             now = self._tether.clock.now()
             for name, value in sorted(wanted.items()):

@@ -88,12 +88,7 @@ class IdentityRegistry:
     def lookup(self, spiffe_id: str) -> IdentityRow | None:
         """The registered identity, or ``None``: unknown, or its row was written without
         the KEK (an identity a store writer added, re-owned or re-activated is none)."""
-        row = self._store.get_identity(spiffe_id)
-        if row is None or not self._auditor.rows.authentic(
-            IDENTITY, row.spiffe_id, identity_fields(row)
-        ):
-            return None
-        return row
+        return self._auditor.rows.identity(spiffe_id)
 
     def get(self, spiffe_id: str) -> IdentityRow:
         row = self.lookup(spiffe_id)

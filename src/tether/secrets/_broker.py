@@ -37,7 +37,7 @@ from typing import Any
 
 from tether._errors import InfrastructureError, Rejected
 from tether.audit import Auditor
-from tether.audit._rows import IDENTITY, TASK, identity_fields, task_fields
+from tether.audit._rows import TASK, task_fields
 from tether.core._clock import Clock
 from tether.core._credentials import Known
 from tether.core._risk import Control, risk_tags
@@ -160,12 +160,8 @@ class Broker:
             raise LeaseRejected(f"task {task_id} is {task.status}", code="lease.task")
         if not self._auditor.rows.authentic(TASK, task.task_id, task_fields(task)):
             raise LeaseRejected(f"task {task_id} fails its authentication", code="lease.task")
-        agent = self._store.get_identity(task.agent_id)
-        if (
-            agent is None
-            or agent.status != "active"
-            or not self._auditor.rows.authentic(IDENTITY, agent.spiffe_id, identity_fields(agent))
-        ):
+        agent = self._auditor.rows.identity(task.agent_id)
+        if agent is None or agent.status != "active":
             raise LeaseRejected(f"agent {task.agent_id} is disabled", code="lease.agent")
         return task
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl
 
+import msgspec
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 from litestar import Litestar, Request, Response, delete, get, post
@@ -57,6 +58,7 @@ from tether.core._verify import jwk_thumbprint, token_hash
 from tether.enforcement import ObservationRefused
 from tether.enforcement._unauthenticated import OTHER, UnauthenticatedTraffic, bounded_code
 from tether.gateway._profiles import profiles_from_catalogue
+from tether.identity._credentials import PREFIX as CREDENTIAL_PREFIX
 from tether.identity._credentials import credential_dict
 from tether.policy import default_schema
 from tether.secrets import SecretInfo, lease_dict
@@ -208,19 +210,15 @@ def _never_shed(path: str) -> bool:
 def _presents_admin_credential(scope: Any) -> bool:
     for name, value in scope.get("headers", ()):
         if name == b"authorization":
-            return bool(value[:12].lower() == b"bearer tadm_")
+            return bool(value.lower().startswith(b"bearer " + CREDENTIAL_PREFIX.encode()))
     return False
 
 
 async def _send_rate_limited(send: Any) -> None:
-    body = json.dumps(
-        {
-            "status_code": 429,
-            "detail": "too many unauthenticated requests from this address",
-            "error": "rate_limited",
-            "error_description": "too many unauthenticated requests from this address",
-        }
-    ).encode()
+    message = "too many unauthenticated requests from this address"
+    body = msgspec.json.encode(
+        S.ErrorOut(status_code=429, detail=message, error="rate_limited", error_description=message)
+    )
     await send(
         {
             "type": "http.response.start",

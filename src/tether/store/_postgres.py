@@ -342,15 +342,7 @@ class PostgresStore:
             finally:
                 tx.depth -= 1
             return
-        try:
-            conn = self._pool.getconn()
-        except Exception as exc:
-            raise InfrastructureError(f"store unavailable: {exc}") from None
-        try:
-            conn.execute("BEGIN")
-        except Exception as exc:
-            self._pool.putconn(conn)
-            raise InfrastructureError(f"store error: {exc}") from None
+        conn = self._begin()
         tx.conn, tx.depth, tx.callbacks = conn, 1, []
         tx.chain_locked, tx.tip = False, None
         try:
@@ -374,6 +366,19 @@ class PostgresStore:
             self._pool.putconn(conn)
         for callback in callbacks:
             callback()
+
+    def _begin(self) -> psycopg.Connection[tuple[Any, ...]]:
+        """A pooled connection with a transaction begun on it."""
+        try:
+            conn = self._pool.getconn()
+        except Exception as exc:
+            raise InfrastructureError(f"store unavailable: {exc}") from None
+        try:
+            conn.execute("BEGIN")
+        except Exception as exc:
+            self._pool.putconn(conn)
+            raise InfrastructureError(f"store error: {exc}") from None
+        return conn
 
     def after_commit(self, callback: Callable[[], object]) -> None:
         tx = self._tx
@@ -407,15 +412,7 @@ class PostgresStore:
         return True
 
     def _group_begin(self) -> None:
-        try:
-            conn = self._pool.getconn()
-        except Exception as exc:
-            raise InfrastructureError(f"store unavailable: {exc}") from None
-        try:
-            conn.execute("BEGIN")
-        except Exception as exc:
-            self._pool.putconn(conn)
-            raise InfrastructureError(f"store error: {exc}") from None
+        conn = self._begin()
         tx = self._tx
         tx.conn, tx.depth, tx.callbacks = conn, 1, []
         tx.chain_locked, tx.group, tx.tip = False, True, None
