@@ -26,6 +26,7 @@ from tether.core._decision import (
 )
 from tether.core._flow import (
     AppProfile,
+    Audience,
     Finding,
     FlowInput,
     FlowPolicy,
@@ -49,6 +50,7 @@ from tether.core._intent import (
     ArgConstraint,
     Budget,
     Capability,
+    Disclosure,
     Intent,
     Sensitivity,
     authorization_details,
@@ -57,6 +59,16 @@ from tether.core._intent import (
     intent_to_builtins,
     match_capability,
     parse_intent,
+)
+from tether.core._labels import (
+    CLASSIFIERS,
+    Declared,
+    FieldLabel,
+    Label,
+    LabelOrigin,
+    classify,
+    declared,
+    label_result,
 )
 from tether.core._policy import CedarOutcome, PolicySnapshot, build_snapshot, empty_snapshot
 from tether.core._risk import Control, risk_tags
@@ -79,7 +91,17 @@ from tether.core._verify import (
 __all__ = [
     "DECIDE_HTM",
     "DECIDE_HTU",
+    "CLASSIFIERS",
     "AppProfile",
+    "Audience",
+    "Declared",
+    "Disclosure",
+    "FieldLabel",
+    "Label",
+    "LabelOrigin",
+    "classify",
+    "declared",
+    "label_result",
     "ArgConstraint",
     "Budget",
     "Call",

@@ -116,6 +116,16 @@ def check_narrowing(
     extra = set(child.egress) - set(parent.egress)
     if extra:
         raise DelegationRejected(f"egress {sorted(extra)} is not allowed to the parent")
+    for grant in child.disclose:
+        # Each (class, destination) a child may disclose, its parent may disclose too.
+        for pattern in grant.to:
+            if not any(
+                pattern in theirs.to and theirs.data.rank >= grant.data.rank
+                for theirs in parent.disclose
+            ):
+                raise DelegationRejected(
+                    f"disclosing {grant.data} data to {pattern!r} is not allowed to the parent"
+                )
     if child.budget.max_calls > parent_calls_left:
         raise DelegationRejected(
             f"budget of {child.budget.max_calls} calls exceeds the parent's remaining "

@@ -41,6 +41,13 @@ Rules (reason codes):
     destination outside the intent's allowed egress (every destination in a
     destination argument, and any address, link or account number in a
     parameter the catalogue does not describe): deny.
+``flow.confidential_content``
+    an argument of a call whose audience is wider than the task alone (egress, or a
+    write to a shared place: a ticket, a channel, a document) carries content the
+    task tree read labelled confidential or secret (its data fingerprints,
+    :mod:`tether.core._winnow`), even to a destination in the intent's egress,
+    unless the intent discloses that data class to that destination: approval or
+    deny, by profile.
 ``flow.discovery_privilege``
     a privileged tool the intent does not name explicitly (only a wildcard
     covers it) is reached after discovery calls: approval.
@@ -61,12 +68,23 @@ import msgspec
 
 from tether.core._canonical import digest
 from tether.core._intent import Budget, Intent, Sensitivity
+from tether.core._labels import (
+    CLASSIFIERS,
+    Declared,
+    FieldLabel,
+    Label,
+    LabelOrigin,
+    label_result,
+)
 from tether.core._scanning import SPACE, Deadline, ScanExceeded, check, linear
+from tether.core._winnow import carried, fingerprints_of
 
 MAX_TRACKED_VALUES = 20_000
 MAX_VALUE_LENGTH = 512
 MAX_HISTORY = 1_000
 MAX_WALK_DEPTH = 12
+#: Data fingerprints a task's flow state keeps (past this, new content is not kept).
+MAX_FINGERPRINTS = 20_000
 
 
 class SideEffect(StrEnum):
@@ -81,6 +99,16 @@ class SinkKind(StrEnum):
 
     VALUE = "value"  # the whole value must be grounded (an address, an IBAN, a path, an id)
     TEXT = "text"  # free text: each link, address or account number inside must be grounded
+
+
+class Audience(StrEnum):
+    """Who can see what a call writes or sends: the task's own principal only (a draft,
+    a note to self), the organisation (an internal channel), or anyone (egress, a
+    ticket a customer reads). Undescribed: ``external``, the widest."""
+
+    PRIVATE = "private"
+    INTERNAL = "internal"
+    EXTERNAL = "external"
 
 
 class Origin(StrEnum):
@@ -122,6 +150,29 @@ class ToolProfile(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_
     description: str = ""
     # Words and phrases of a user request that ask for this tool's action (intent compiler).
     phrases: tuple[str, ...] = ()
+    # Per-result labels (tether.core._labels): catalogue rules on result fields; the
+    # content classifiers to run (None: all); whether the upstream's declared labels
+    # may lower the default (they may always raise it).
+    result_labels: tuple[FieldLabel, ...] = ()
+    classifiers: tuple[str, ...] | None = None
+    trust_result_labels: bool = False
+    # Who sees what the call writes or sends (None: by side effect; see ``audience_of``).
+    audience: Audience | None = None
+
+
+def audience_of(profile: ToolProfile) -> Audience | None:
+    """Who sees what a call of this tool writes or sends (``None``: a read, no sink)."""
+    if profile.audience is not None:
+        return profile.audience
+    if profile.side_effect is SideEffect.READ and not profile.destinations:
+        return None
+    return Audience.EXTERNAL
+
+
+def check_classifiers(names: tuple[str, ...] | None) -> list[str]:
+    """What is wrong with a catalogue's classifier names (empty: nothing)."""
+    unknown = sorted(set(names or ()) - set(CLASSIFIERS))
+    return [f"unknown classifiers {unknown}; known: {sorted(CLASSIFIERS)}"] if unknown else []
 
 
 UNDESCRIBED = ToolProfile()
@@ -146,9 +197,14 @@ class FlowPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_d
     confidential_egress: RuleEffect = RuleEffect.DENY
     discovery_privilege: RuleEffect = RuleEffect.APPROVAL
     budgets: RuleEffect = RuleEffect.DENY
+    confidential_content: RuleEffect = RuleEffect.APPROVAL
 
 
-STRICT = FlowPolicy(untrusted_sink=RuleEffect.DENY, discovery_privilege=RuleEffect.DENY)
+STRICT = FlowPolicy(
+    untrusted_sink=RuleEffect.DENY,
+    discovery_privilege=RuleEffect.DENY,
+    confidential_content=RuleEffect.DENY,
+)
 REVIEWED = FlowPolicy()
 
 
@@ -174,6 +230,9 @@ class FlowState(msgspec.Struct, frozen=True, omit_defaults=True):
     trusted_values: frozenset[str] = frozenset()
     untrusted_values: dict[str, str] = {}  # value -> the tool whose untrusted content held it
     spend: float = 0.0
+    # Data fingerprints of content read labelled confidential or above (tether.core._winnow):
+    # hash -> "sensitivity:tool".
+    fingerprints: dict[int, str] = {}
 
     @property
     def untrusted_read(self) -> bool:
@@ -399,22 +458,49 @@ class ResultReading(msgspec.Struct, frozen=True):
     untrusted: frozenset[str] = frozenset()
     untrusted_read: bool = False
     oversized: bool = False
+    #: The result's label and its origin (``None``: not labelled; the tool's default).
+    label: Label | None = None
+    #: Fingerprints of its content labelled confidential or above.
+    fingerprints: dict[int, str] = {}
 
 
 OVERSIZED = ResultReading(untrusted_read=True, oversized=True)
 
 
-def read_result(
-    result: Any, profile: ToolProfile, *, deadline: Deadline | None = None
-) -> ResultReading:
-    """Scan a tool's result (JSON-like) for the values it holds, by trust.
+def oversized_reading(profile: ToolProfile, declared: Declared | None = None) -> ResultReading:
+    """What is known of a result too large, or too slow, to scan: untrusted, values
+    unknown, labelled the most restrictive of the tool's default and the upstream's
+    declaration."""
+    said = declared.sensitivity if declared is not None else None
+    if said is not None and said.rank > profile.sensitivity.rank:
+        label = Label(said, LabelOrigin.UPSTREAM, declared.why if declared else "")
+        return ResultReading(untrusted_read=True, oversized=True, label=label)
+    return OVERSIZED
 
-    Every pattern is linear in the text; ``deadline`` is checked between passes and
-    scalars, and raises :class:`~tether.core._scanning.ScanExceeded` once it is past
-    (the caller then applies :data:`OVERSIZED`)."""
+
+def read_result(
+    result: Any,
+    profile: ToolProfile,
+    *,
+    deadline: Deadline | None = None,
+    declared: Declared | None = None,
+) -> ResultReading:
+    """Scan a tool's result (JSON-like) for the values it holds, by trust, and label it.
+
+    ``declared`` is what the upstream said of the result in its ``_meta``
+    (:func:`tether.core._labels.declared`): a declaration that it is untrusted makes
+    the whole result content nobody vouches for; that it is trusted counts only where
+    the catalogue trusts the upstream's labels. Every pattern is linear in the text;
+    ``deadline`` is checked between passes and scalars, and raises
+    :class:`~tether.core._scanning.ScanExceeded` once it is past (the caller then
+    applies :func:`oversized_reading`)."""
     fields = frozenset(profile.trusted_fields)
     ids = frozenset(profile.identifier_fields)
     top = TRUSTED if profile.trusted else IDENTIFIER if profile.identifiers else CONTENT
+    if declared is not None and declared.trusted is False:
+        fields, ids, top = frozenset(), frozenset(), CONTENT
+    elif declared is not None and declared.trusted and profile.trust_result_labels:
+        top = TRUSTED
     trusted: set[str] = set()
     untrusted: set[str] = set()
     saw_untrusted = False
@@ -441,8 +527,24 @@ def read_result(
         else:
             inner = _keys(text, deadline)
         untrusted |= inner
+    labelled = label_result(
+        result,
+        default=profile.sensitivity,
+        rules=profile.result_labels,
+        classifiers=frozenset(profile.classifiers) if profile.classifiers is not None else None,
+        declared_label=declared,
+        trust_declared=profile.trust_result_labels,
+        deadline=deadline,
+    )
+    prints = fingerprints_of(
+        ((text, str(level)) for text, level in labelled.sensitive_texts), deadline
+    )
     return ResultReading(
-        trusted=frozenset(trusted), untrusted=frozenset(untrusted), untrusted_read=saw_untrusted
+        trusted=frozenset(trusted),
+        untrusted=frozenset(untrusted),
+        untrusted_read=saw_untrusted,
+        label=labelled.label,
+        fingerprints=prints,
     )
 
 
@@ -470,10 +572,19 @@ def observe_result(
     fresh = {k: tool for k in sorted(reading.untrusted) if k not in seen}
     if fresh and len(seen) < MAX_TRACKED_VALUES:
         seen = {**seen, **fresh}
-    sensitive = profile.sensitivity.rank >= Sensitivity.CONFIDENTIAL.rank
+    level = reading.label.sensitivity if reading.label is not None else profile.sensitivity
+    sensitive = level.rank >= Sensitivity.CONFIDENTIAL.rank
+    prints = state.fingerprints
+    if reading.fingerprints and len(prints) < MAX_FINGERPRINTS:
+        fresh_prints = {
+            k: f"{v}:{tool}" for k, v in reading.fingerprints.items() if k not in prints
+        }
+        if fresh_prints:
+            prints = {**prints, **fresh_prints}
     return msgspec.structs.replace(
         state,
-        max_sensitivity=max(state.max_sensitivity, profile.sensitivity, key=lambda s: s.rank),
+        max_sensitivity=max(state.max_sensitivity, level, key=lambda s: s.rank),
+        fingerprints=prints,
         sensitive_sources=_add(state.sensitive_sources, tool)
         if sensitive
         else state.sensitive_sources,
@@ -533,6 +644,9 @@ def merge(own: FlowState, tree: Iterable[FlowState]) -> FlowState:
             request=merged.request or other.request,
             request_values=merged.request_values | other.request_values,
             discovery_calls=max(merged.discovery_calls, other.discovery_calls),
+            fingerprints={**other.fingerprints, **merged.fingerprints}
+            if other.fingerprints
+            else merged.fingerprints,
         )
     return merged
 
@@ -687,6 +801,11 @@ def _egress_allowed(intent: Intent, value: Any) -> bool:
 
 
 def _allowed(intent: Intent, item: str) -> bool:
+    return _matches(intent.egress, item)
+
+
+def _matches(patterns: Sequence[str], item: str) -> bool:
+    """Whether a destination matches one of ``patterns`` (the intent's egress syntax)."""
     key = normalise(item)
     url = _url_key(key)
     # A pattern without a path names hosts (or addresses): it is matched against the
@@ -697,8 +816,31 @@ def _allowed(intent: Intent, item: str) -> bool:
         any(fnmatch.fnmatchcase(k, normalise(pattern)) for k in (key, url))
         if "/" in pattern
         else fnmatch.fnmatchcase(host, normalise(pattern))
-        for pattern in intent.egress
+        for pattern in patterns
     )
+
+
+def _disclosed(
+    intent: Intent, level: Sensitivity, tool: str, profile: ToolProfile, args: Mapping[str, Any]
+) -> bool:
+    """Whether the intent discloses data of ``level`` through this call: one of its
+    disclosures of that class (or a higher one) names the tool, or every destination in
+    the call's destination arguments (at least one)."""
+    for grant in intent.disclose:
+        if grant.data.rank < level.rank:
+            continue
+        if any(fnmatch.fnmatchcase(tool, pattern) for pattern in grant.to):
+            return True
+        found: list[str] = []
+        for name in profile.destinations:
+            for leaf in _leaves(args.get(name)):
+                if leaf is None:
+                    return False
+                found.append(leaf)
+                found.extend(atoms(leaf))
+        if found and all(_matches(grant.to, item) for item in found):
+            return True
+    return False
 
 
 # -- rules ----------------------------------------------------------------------------------
@@ -808,6 +950,41 @@ def evaluate_flow(
                     f"{', '.join(state.untrusted_sources[:3])}); {tool} is {profile.side_effect} "
                     f"and its sink arguments are not grounded in the user's request or trusted "
                     f"data: " + "; ".join(loose[:4]),
+                )
+            )
+
+    audience = audience_of(profile)
+    if (
+        policy.confidential_content is not RuleEffect.OFF
+        and state.fingerprints
+        and audience is not None
+        and audience is not Audience.PRIVATE
+    ):
+        carriers: dict[str, dict[int, str]] = {}
+        for name, value in args.items():
+            hit = carried(value, state.fingerprints)
+            if hit:
+                carriers[name] = hit
+        if not carriers:  # split across arguments: read together
+            hit = carried(list(args.values()), state.fingerprints)
+            if hit:
+                carriers["(arguments together)"] = hit
+        tags = {tag for hits in carriers.values() for tag in hits.values()}
+        levels = {Sensitivity(tag.split(":", 1)[0]) for tag in tags}
+        kept = [lv for lv in levels if not _disclosed(intent, lv, tool, profile, args)]
+        if kept:
+            level = max(kept, key=lambda lv: lv.rank)
+            sources = sorted({tag.split(":", 1)[1] for tag in tags})
+            findings.append(
+                Finding(
+                    "confidential_content",
+                    "flow.confidential_content",
+                    policy.confidential_content,
+                    f"{', '.join(sorted(carriers))} of {tool} carr"
+                    f"{'ies' if len(carriers) == 1 else 'y'} {level} content the task read "
+                    f"(from {', '.join(sources[:3])}); the call's audience ({audience}) is "
+                    f"wider than {level} data's, and the intent discloses no {level} data "
+                    "to it",
                 )
             )
 

@@ -90,12 +90,23 @@ class Budget(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defau
     max_spend: float | None = None
 
 
+class Disclosure(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Data of class ``data`` (or below) the task may hand to the destinations or tools
+    ``to`` names (the egress syntax: addresses, host and link patterns; or tool-name
+    globs for a write to a shared place), even though its audience is wider."""
+
+    data: Sensitivity
+    to: tuple[str, ...]
+
+
 class Intent(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     purpose: str
     capabilities: tuple[Capability, ...]
     data_ceiling: Sensitivity = Sensitivity.INTERNAL
     egress: tuple[str, ...] = ()
     budget: Budget = Budget()
+    # Confidential data the task may disclose, and to whom (flow.confidential_content).
+    disclose: tuple[Disclosure, ...] = ()
     ttl_seconds: int = 600
     on_behalf_of: str | None = None
     # The user's request the intent was made from: values it names ground sink arguments.
@@ -149,6 +160,13 @@ def validate_intent(intent: Intent) -> None:
         raise InvalidIntent("budget.max_spend must be a finite, non-negative number")
     if intent.request is not None and len(intent.request) > MAX_REQUEST_LENGTH:
         raise InvalidIntent(f"request must be at most {MAX_REQUEST_LENGTH} characters")
+    if len(intent.disclose) > MAX_CAPABILITIES:
+        raise InvalidIntent(f"at most {MAX_CAPABILITIES} disclosures")
+    for grant in intent.disclose:
+        if not grant.to or any(not p or len(p) > MAX_PATTERN_LENGTH for p in grant.to):
+            raise InvalidIntent(
+                f"disclose: each needs destinations of 1-{MAX_PATTERN_LENGTH} characters"
+            )
     for cap in intent.capabilities:
         if not cap.tool or len(cap.tool) > MAX_PATTERN_LENGTH:
             raise InvalidIntent(f"tool pattern must be 1-{MAX_PATTERN_LENGTH} characters")

@@ -62,6 +62,7 @@ from tether.core._flow import (
     read_result,
     start,
 )
+from tether.core._labels import Label
 from tether.core._risk import Control, risk_tags
 from tether.core._scanning import Deadline, ScanExceeded, ScanLimits
 from tether.core._verify import (
@@ -519,6 +520,14 @@ class Enforcement:
         if reading is None and result is not None:
             reading = read_untrusted(result, profile, limits or self.limits)
         oversized = reading is not None and reading.oversized
+        # The result's own label (per-result: upstream, catalogue field, classifier), else
+        # the tool's default; its origin goes into the receipt.
+        labelled = (
+            reading.label
+            if reading is not None and reading.label is not None
+            else Label(profile.sensitivity)
+        )
+        sensitivity = str(labelled.sensitivity)
         now = self._clock.now()
         base = {
             "chain": list(claims.chain),
@@ -567,12 +576,13 @@ class Enforcement:
                 self._store.add_task_label(
                     claims.task_id,
                     tool,
-                    str(profile.sensitivity),
+                    sensitivity,
                     profile.trusted and not oversized,
                     msgspec.json.encode(
                         {
                             **(label or {}),
                             **extra,
+                            "label": labelled.to_dict(),
                             "outcome": outcome,
                             "decision_receipt": decision_seq,
                         }
@@ -602,7 +612,8 @@ class Enforcement:
                 detail={
                     **(detail or {}),
                     "outcome": outcome,
-                    "sensitivity": str(profile.sensitivity),
+                    "sensitivity": sensitivity,
+                    "label": labelled.to_dict(),
                     "trusted": profile.trusted and not oversized,
                     "oversized": oversized,
                     "decision_receipt": decision_seq,
@@ -618,7 +629,7 @@ class Enforcement:
         return Observation(
             task_id=claims.task_id,
             tool=tool,
-            sensitivity=str(profile.sensitivity),
+            sensitivity=sensitivity,
             untrusted=not profile.trusted or oversized,
             seq=record.seq,
             hash=record.hash,

@@ -29,7 +29,7 @@ from tether._errors import UsageError
 from tether.audit import Auditor
 from tether.core._canonical import digest
 from tether.core._clock import Clock
-from tether.core._flow import UNDESCRIBED, ToolProfile
+from tether.core._flow import UNDESCRIBED, ToolProfile, check_classifiers
 from tether.core._risk import Control, risk_tags
 from tether.store import Store
 
@@ -67,6 +67,9 @@ class ToolCatalogue:
         for name in entries:
             if not isinstance(name, str) or not 0 < len(name) <= 256:
                 raise UsageError("catalogue keys are tool names or patterns of 1-256 characters")
+            problems = check_classifiers(entries[name].classifiers)
+            if problems:
+                raise UsageError(f"catalogue entry {name!r}: {problems[0]}")
         body = {name: msgspec.to_builtins(profile) for name, profile in sorted(entries.items())}
         text = json.dumps(body, sort_keys=True)
         value = digest(body)

@@ -97,8 +97,10 @@ from tether.core._flow import (
     ToolProfile,
     flow_context,
     merge,
+    oversized_reading,
     read_result,
 )
+from tether.core._labels import declared
 from tether.core._risk import Control, risk_tags
 from tether.core._scanning import Deadline, ScanExceeded
 from tether.core._verify import PROOF_WINDOW
@@ -203,6 +205,10 @@ def _observed(result: types.CallToolResult) -> Any:
         parts.append(result.structured_content)
     for block in result.content:
         if isinstance(block, types.TextContent):
+            if result.structured_content is not None and _same_json(
+                block.text, result.structured_content
+            ):
+                continue  # the structured content as text (MCP's compatibility copy)
             parts.append(block.text)
         elif isinstance(block, types.EmbeddedResource):
             text = getattr(block.resource, "text", None)
@@ -218,6 +224,17 @@ def _observed(result: types.CallToolResult) -> Any:
         else:
             parts.append(f"[{block.type}]")
     return parts
+
+
+def _same_json(text: str, value: Any) -> bool:
+    """Whether ``text`` is JSON for exactly ``value``."""
+    stripped = text.lstrip()
+    if not stripped.startswith(("{", "[")):
+        return False
+    try:
+        return bool(json.loads(text) == value)
+    except (ValueError, RecursionError):
+        return False
 
 
 class Gateway:
@@ -771,7 +788,11 @@ class Gateway:
                 {"effect": "allow", "code": code, "receipt": seq, "decision_receipt": receipt.seq},
             )
         label = {
-            "sensitivity": str(klass.sensitivity),
+            **(
+                reading.label.to_dict()
+                if reading is not None and reading.label is not None
+                else {"sensitivity": str(klass.sensitivity)}
+            ),
             "trusted": klass.trusted,
             "upstream": upstream.name,
             "redactions": dict(redactions),
@@ -787,13 +808,17 @@ class Gateway:
         ``(None, ..., OVERSIZED)`` when it is too large or its scan too slow."""
         limits = self.config.limits
         deadline = Deadline(limits.scan_seconds, time.monotonic)
+        # What the upstream declares of its answer (its ``_meta``, dropped before the
+        # agent sees the result): a label that counts as the catalogue allows.
+        said = declared(answer.meta)
+        profile = tool_profile(klass)
         try:
             if len(answer.model_dump_json(by_alias=True)) > limits.max_result_bytes:
                 raise ScanExceeded("the answer is too large")
             result, redactions = redact_result(answer, known, deadline=deadline)
-            reading = read_result(_observed(result), tool_profile(klass), deadline=deadline)
+            reading = read_result(_observed(result), profile, deadline=deadline, declared=said)
         except ScanExceeded:
-            return None, Counter(), OVERSIZED
+            return None, Counter(), oversized_reading(profile, said)
         return result, redactions, reading
 
     def _read_error(self, message: str, klass: ToolClass) -> ResultReading:

@@ -28,7 +28,18 @@ What the information-flow rules also use (:mod:`tether.core._flow`; all optional
 - ``privileged``: a tool an intent should name explicitly (not only through a
   wildcard) when it is reached after ``discovery`` tools (listing, searching);
 - ``spend``: the parameter carrying an amount spent (the intent's spend budget);
-- ``phrases``: words of a user request that ask for this tool (intent compiler).
+- ``phrases``: words of a user request that ask for this tool (intent compiler);
+- ``result_labels``: per-result labels from result fields (``[[tools.X.result_labels]]``
+  with ``field`` and a ``values`` table mapping the field's values to sensitivities,
+  and ``otherwise``): a knowledge base's ``classification``, say; ``classifiers``: the
+  content classifiers to run on its results (default: all of ``credentials``,
+  ``payment_cards``, ``national_ids``, ``markings``); ``trust_result_labels``: the
+  upstream's own labels in a result's ``_meta`` may lower the default (they always
+  may raise it); see :mod:`tether.core._labels`;
+- ``audience``: who sees what the tool writes or sends: ``private`` (the task's own
+  principal: a draft), ``internal`` or ``external`` (the default for anything not a
+  read): content labelled confidential may only reach ``private`` sinks unless the
+  intent discloses it (``flow.confidential_content``).
 
 A tool nobody described, or a field an entry leaves out, takes the most
 restrictive value: destructive, secret, untrusted, every parameter a sink.
@@ -56,7 +67,8 @@ import msgspec
 
 from tether.core import Sensitivity
 from tether.core._flow import UNDESCRIBED as UNDESCRIBED_PROFILE
-from tether.core._flow import SideEffect, SinkKind, ToolProfile
+from tether.core._flow import Audience, SideEffect, SinkKind, ToolProfile, check_classifiers
+from tether.core._labels import FieldLabel
 
 MAX_SINKS = 64
 MAX_FIELDS = 64
@@ -80,6 +92,10 @@ class ToolEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_de
     discovery: bool = False
     spend: str | None = None
     phrases: tuple[str, ...] = ()
+    result_labels: tuple[FieldLabel, ...] = ()
+    classifiers: tuple[str, ...] | None = None
+    trust_result_labels: bool = False
+    audience: Audience | None = None
     note: str = ""
 
 
@@ -108,6 +124,10 @@ class ToolClass:
     spend: str | None = None
     phrases: tuple[str, ...] = ()
     description: str = ""
+    result_labels: tuple[FieldLabel, ...] = ()
+    classifiers: tuple[str, ...] | None = None
+    trust_result_labels: bool = False
+    audience: Audience | None = None
 
     def sink_arguments(self, args: Mapping[str, Any]) -> list[str]:
         """The arguments of this call that feed a sink (present and not empty)."""
@@ -133,6 +153,10 @@ class ToolClass:
                 out[name] = True
         if self.spend is not None:
             out["spend"] = self.spend
+        if self.audience is not None:
+            out["audience"] = str(self.audience)
+        if self.result_labels:
+            out["result_labels"] = [rule.field for rule in self.result_labels]
         return out
 
 
@@ -166,6 +190,10 @@ def classify(entries: Mapping[str, ToolEntry], tool: str) -> ToolClass:
         spend=entry.spend,
         phrases=entry.phrases,
         description=entry.note,
+        result_labels=entry.result_labels,
+        classifiers=entry.classifiers,
+        trust_result_labels=entry.trust_result_labels,
+        audience=entry.audience,
     )
 
 
@@ -197,6 +225,10 @@ def tool_profile(klass: ToolClass) -> ToolProfile:
         spend=klass.spend,
         description=klass.description,
         phrases=klass.phrases,
+        result_labels=klass.result_labels,
+        classifiers=klass.classifiers,
+        trust_result_labels=klass.trust_result_labels,
+        audience=klass.audience,
     )
 
 
@@ -236,6 +268,16 @@ def validate_entries(entries: Mapping[str, ToolEntry], where: str) -> list[str]:
             if any(not v or len(v) > MAX_NAME for v in values):
                 problems.append(
                     f"{where}: tool {name!r}: each of {field} must be 1-{MAX_NAME} characters"
+                )
+        for problem in check_classifiers(entry.classifiers):
+            problems.append(f"{where}: tool {name!r}: {problem}")
+        if len(entry.result_labels) > MAX_FIELDS:
+            problems.append(f"{where}: tool {name!r}: at most {MAX_FIELDS} result_labels")
+        for rule in entry.result_labels:
+            if not rule.field or len(rule.field) > MAX_NAME or not rule.values:
+                problems.append(
+                    f"{where}: tool {name!r}: each result label needs a field of 1-{MAX_NAME} "
+                    "characters and at least one value"
                 )
         if entry.spend is not None and not 0 < len(entry.spend) <= MAX_NAME:
             problems.append(f"{where}: tool {name!r}: spend must be 1-{MAX_NAME} characters")

@@ -1,0 +1,382 @@
+"""Result labels: the sensitivity and trust of what one call returned, and their origin.
+
+A tool's catalogue entry gives a default sensitivity, but one knowledge-base tool
+returns the public FAQ and the acquisition memo alike: the label must follow the
+data. A result's label comes from, in order:
+
+1. **what the upstream declares** in the result's ``_meta``: Tether's own
+   ``tether.dev/label`` (``{"sensitivity": ..., "trusted": ...}``), FIDES-style
+   ``ifc`` labels (``{"confidentiality": ..., "integrity": ...}``) and the MCP
+   trust and sensitivity hints (``sensitiveHint`` low/medium/high, ``privateHint``,
+   ``secretHint``, ``openWorldHint``). A declaration more restrictive than the
+   tool's default always counts; a less restrictive one only where the catalogue
+   trusts that upstream's labels (``trust_result_labels``): an upstream cannot
+   launder data by calling it public unless an operator said its labels are its
+   word;
+2. **catalogue rules on result fields** (:class:`FieldLabel`): a field such as a
+   document's ``classification`` labels the record that holds it (its whole
+   subtree), up or down, as the operator mapped its values;
+3. **content classifiers** (:data:`CLASSIFIERS`): credentials, payment card numbers,
+   national identifiers and explicit markings (CONFIDENTIAL, INTERNAL ONLY, ...),
+   each a linear-time pattern, which only ever raise a label;
+4. the **tool's default** (the catalogue's ``sensitivity``).
+
+Each label carries its origin (:class:`Label`), which the result's receipt keeps.
+Text labelled confidential or above is handed back with its label so the flow
+state can fingerprint it (:mod:`tether.core._winnow`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from enum import StrEnum
+from typing import Any
+
+import msgspec
+
+from tether.core._intent import Sensitivity
+from tether.core._scanning import Deadline, ScanExceeded, check, linear
+
+#: The ``_meta`` key under which an upstream (or another Tether) declares a label.
+META_LABEL_KEY = "tether.dev/label"
+MAX_LABEL_DEPTH = 12
+
+
+class LabelOrigin(StrEnum):
+    UPSTREAM = "upstream"
+    CATALOGUE = "catalogue"
+    CLASSIFIER = "classifier"
+    TOOL = "tool"
+
+
+class Label(msgspec.Struct, frozen=True):
+    """A result's (or a part's) sensitivity and where it came from (``why``: the
+    declaration, field or classifier that set it)."""
+
+    sensitivity: Sensitivity
+    origin: LabelOrigin = LabelOrigin.TOOL
+    why: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        out = {"sensitivity": str(self.sensitivity), "origin": str(self.origin)}
+        if self.why:
+            out["why"] = self.why
+        return out
+
+
+class FieldLabel(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """A catalogue rule on a result field: the record holding ``field`` (a member name,
+    or a dotted path such as ``metadata.classification``) is labelled by its value.
+
+    ``values`` maps the field's value (compared without case or surrounding space) to
+    a sensitivity; ``otherwise`` labels a value not listed (``None``: the tool's default).
+    """
+
+    field: str
+    values: dict[str, Sensitivity]
+    otherwise: Sensitivity | None = None
+
+
+class Declared(msgspec.Struct, frozen=True):
+    """What an upstream declared of one result: a sensitivity and whether it vouches
+    for the content (``None``: nothing said)."""
+
+    sensitivity: Sensitivity | None = None
+    trusted: bool | None = None
+    why: str = ""
+
+
+# -- declarations ---------------------------------------------------------------------------
+
+_WORDS: dict[str, Sensitivity] = {
+    "public": Sensitivity.PUBLIC,
+    "low": Sensitivity.PUBLIC,
+    "internal": Sensitivity.INTERNAL,
+    "medium": Sensitivity.INTERNAL,
+    "private": Sensitivity.CONFIDENTIAL,
+    "confidential": Sensitivity.CONFIDENTIAL,
+    "high": Sensitivity.CONFIDENTIAL,
+    "restricted": Sensitivity.CONFIDENTIAL,
+    "secret": Sensitivity.SECRET,
+}
+_TRUSTED = frozenset({"trusted", "high", "user", "system"})
+_UNTRUSTED = frozenset({"untrusted", "low", "external", "open_world", "tool"})
+
+
+def _word(value: Any) -> Sensitivity | None:
+    if isinstance(value, str):
+        return _WORDS.get(value.strip().lower())
+    return None
+
+
+def declared(meta: Any) -> Declared | None:
+    """The label an upstream's result ``_meta`` declares, or ``None``.
+
+    A declaration Tether cannot read (an unknown word, a wrong type) is not ignored: it
+    counts as the most restrictive (secret, untrusted), since whoever wrote it meant
+    the data to be handled with care."""
+    if not isinstance(meta, Mapping):
+        return None
+    found: list[Sensitivity] = []
+    trust: list[bool] = []
+    why: list[str] = []
+    own = meta.get(META_LABEL_KEY)
+    if own is not None:
+        why.append(META_LABEL_KEY)
+        if isinstance(own, Mapping):
+            if "sensitivity" in own:
+                found.append(_word(own["sensitivity"]) or Sensitivity.SECRET)
+            if "trusted" in own:
+                trust.append(own["trusted"] is True)
+        else:
+            found.append(Sensitivity.SECRET)
+            trust.append(False)
+    ifc = meta.get("ifc")
+    if ifc is not None:
+        why.append("ifc")
+        if isinstance(ifc, Mapping):
+            conf = ifc.get("confidentiality")
+            if conf is not None:
+                if isinstance(conf, list):  # a reader set: anything narrower than everyone
+                    wide = any(str(r).lower() in ("*", "public", "everyone") for r in conf)
+                    found.append(Sensitivity.PUBLIC if wide else Sensitivity.CONFIDENTIAL)
+                else:
+                    found.append(_word(conf) or Sensitivity.SECRET)
+            integrity = ifc.get("integrity")
+            if integrity is not None:
+                word = str(integrity).strip().lower()
+                trust.append(word in _TRUSTED and word not in _UNTRUSTED)
+        else:
+            found.append(Sensitivity.SECRET)
+            trust.append(False)
+    hints = {k: meta[k] for k in ("sensitiveHint", "privateHint", "secretHint") if k in meta}
+    if hints:
+        why.append("hints")
+    if "sensitiveHint" in hints:
+        found.append(_word(hints["sensitiveHint"]) or Sensitivity.SECRET)
+    if hints.get("privateHint") is True:
+        found.append(Sensitivity.CONFIDENTIAL)
+    if hints.get("secretHint") is True:
+        found.append(Sensitivity.SECRET)
+    if "openWorldHint" in meta:
+        why.append("openWorldHint")
+        trust.append(meta["openWorldHint"] is False)
+    if not why:
+        return None
+    return Declared(
+        sensitivity=max(found, key=lambda s: s.rank) if found else None,
+        # Several declarations: trusted only if every one says so.
+        trusted=all(trust) if trust else None,
+        why=", ".join(why),
+    )
+
+
+# -- classifiers ----------------------------------------------------------------------------
+
+#: The content classifiers, by name: what each finds and the label it gives.
+CLASSIFIERS: dict[str, Sensitivity] = {
+    "credentials": Sensitivity.SECRET,
+    "payment_cards": Sensitivity.CONFIDENTIAL,
+    "national_ids": Sensitivity.CONFIDENTIAL,
+    "markings": Sensitivity.CONFIDENTIAL,
+}
+
+_CREDENTIALS = linear(
+    r"(?:AKIA|ASIA)[0-9A-Z]{16}"
+    r"|-----BEGIN [A-Z ]{0,24}PRIVATE KEY-----"
+    r"|gh[pousr]_[0-9A-Za-z]{36,}"
+    r"|github_pat_[0-9A-Za-z_]{40,}"
+    r"|xox[abposr]-[0-9A-Za-z-]{10,}"
+    r"|sk_live_[0-9A-Za-z]{20,}"
+    r"|eyJ[0-9A-Za-z_-]{8,}\.eyJ[0-9A-Za-z_-]{8,}\.[0-9A-Za-z_-]{8,}",
+    capture=False,
+)
+# A card number: 13 to 19 digits, in groups split by single spaces or dashes, with a
+# scheme's prefix; counted when its Luhn check holds.
+_CARD = linear(r"(?:^|[^0-9])((?:[0-9][ -]?){12,18}[0-9])(?:[^0-9]|$)")
+_CARD_PREFIXES = ("4", "34", "37", "51", "52", "53", "54", "55", "2", "6011", "65", "35")
+# A US social security number, written with its dashes (area 000, 666 and 9xx do not exist).
+_SSN = linear(r"(?:^|[^0-9-])([0-8][0-9]{2})-([0-9]{2})-([0-9]{4})(?:[^0-9-]|$)")
+# Explicit markings, as documents carry them: capitals, a whole phrase.
+_MARKINGS: dict[str, Sensitivity] = {
+    "TOP SECRET": Sensitivity.SECRET,
+    "STRICTLY CONFIDENTIAL": Sensitivity.CONFIDENTIAL,
+    "CONFIDENTIAL": Sensitivity.CONFIDENTIAL,
+    "RESTRICTED": Sensitivity.CONFIDENTIAL,
+    "INTERNAL ONLY": Sensitivity.INTERNAL,
+    "INTERNAL USE ONLY": Sensitivity.INTERNAL,
+    "FOR INTERNAL USE": Sensitivity.INTERNAL,
+}
+_MARKING = linear(
+    r"(?:^|[^A-Za-z])(" + "|".join(sorted(_MARKINGS, key=len, reverse=True)) + r")(?:[^A-Za-z]|$)"
+)
+
+
+def _luhn(digits: str) -> bool:
+    total = 0
+    for index, char in enumerate(reversed(digits)):
+        value = int(char)
+        if index % 2:
+            value = value * 2 - 9 if value > 4 else value * 2
+        total += value
+    return total % 10 == 0
+
+
+def _cards(text: str) -> bool:
+    if sum(c.isdigit() for c in text) < 13:
+        return False
+    for match in _CARD.finditer(text):
+        digits = "".join(c for c in match.group(1) if c.isdigit())
+        if 13 <= len(digits) <= 19 and digits.startswith(_CARD_PREFIXES) and _luhn(digits):
+            return True
+    return False
+
+
+def _ssns(text: str) -> bool:
+    for match in _SSN.finditer(text):
+        area, group, serial = match.group(1), match.group(2), match.group(3)
+        if area not in ("000", "666") and group != "00" and serial != "0000":
+            return True
+    return False
+
+
+def _markings(text: str) -> Sensitivity | None:
+    best: Sensitivity | None = None
+    for match in _MARKING.finditer(text):
+        found = _MARKINGS[match.group(1)]
+        if best is None or found.rank > best.rank:
+            best = found
+    return best
+
+
+def classify(
+    text: str, enabled: frozenset[str] | None = None, deadline: Deadline | None = None
+) -> tuple[Sensitivity, str] | None:
+    """The highest label the content classifiers give ``text`` and which one gave it
+    (``None``: none fired). ``enabled``: the classifiers to run (``None``: all)."""
+
+    def on(name: str) -> bool:
+        return enabled is None or name in enabled
+
+    best: tuple[Sensitivity, str] | None = None
+
+    def take(found: Sensitivity, name: str) -> None:
+        nonlocal best
+        if best is None or found.rank > best[0].rank:
+            best = (found, name)
+
+    if on("credentials") and _CREDENTIALS.search(text):
+        take(Sensitivity.SECRET, "credentials")
+    check(deadline)
+    if on("markings") and (m := _markings(text)):
+        take(m, "markings")
+    check(deadline)
+    if on("payment_cards") and _cards(text):
+        take(Sensitivity.CONFIDENTIAL, "payment_cards")
+    check(deadline)
+    if on("national_ids") and "-" in text and _ssns(text):
+        take(Sensitivity.CONFIDENTIAL, "national_ids")
+    return best
+
+
+# -- labelling a result ---------------------------------------------------------------------
+
+
+class Labelled(msgspec.Struct, frozen=True):
+    """A result's label, and its texts labelled confidential or above (to fingerprint)."""
+
+    label: Label
+    sensitive_texts: tuple[tuple[str, Sensitivity], ...] = ()
+
+
+def _lookup(mapping: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    value: Any = mapping
+    for part in path:
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _field_label(
+    mapping: Mapping[str, Any], rules: tuple[FieldLabel, ...], default: Label
+) -> Label | None:
+    """The label a catalogue field rule gives the record ``mapping`` (``None``: no rule
+    names a field it holds). Several rules: the most restrictive."""
+    best: Label | None = None
+    for rule in rules:
+        value = _lookup(mapping, tuple(rule.field.split(".")))
+        if value is None or isinstance(value, Mapping | list):
+            continue
+        word = str(value).strip().lower()
+        mapped = rule.values.get(word)
+        if mapped is None:
+            mapped = next((v for k, v in rule.values.items() if k.strip().lower() == word), None)
+        found = mapped if mapped is not None else rule.otherwise
+        label = (
+            Label(found, LabelOrigin.CATALOGUE, f"{rule.field}={word[:40]}")
+            if found is not None
+            else default
+        )
+        if best is None or label.sensitivity.rank > best.sensitivity.rank:
+            best = label
+    return best
+
+
+def _texts(
+    value: Any, label: Label, rules: tuple[FieldLabel, ...], default: Label, depth: int = 0
+) -> Iterator[tuple[str, Label]]:
+    """Every string (and number) in a result with the label of the record holding it."""
+    if depth > MAX_LABEL_DEPTH:
+        raise ScanExceeded(f"the result is nested deeper than {MAX_LABEL_DEPTH} levels")
+    if isinstance(value, Mapping):
+        if rules:
+            own = _field_label(value, rules, default)
+            if own is not None:
+                label = own
+        for item in value.values():
+            yield from _texts(item, label, rules, default, depth + 1)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _texts(item, label, rules, default, depth + 1)
+    elif isinstance(value, str):
+        yield value, label
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        yield str(value), label
+
+
+def label_result(
+    result: Any,
+    *,
+    default: Sensitivity,
+    rules: tuple[FieldLabel, ...] = (),
+    classifiers: frozenset[str] | None = None,
+    declared_label: Declared | None = None,
+    trust_declared: bool = False,
+    deadline: Deadline | None = None,
+) -> Labelled:
+    """Label ``result`` (JSON-like): see the module's docstring for the order.
+
+    Raises :class:`~tether.core._scanning.ScanExceeded` when the deadline passes or the
+    result is nested too deep (the caller treats it as unscanned: its label is the most
+    restrictive of the tool's default and the upstream's declaration)."""
+    base = Label(default, LabelOrigin.TOOL)
+    if declared_label is not None and declared_label.sensitivity is not None:
+        said = declared_label.sensitivity
+        if said.rank > default.rank or (trust_declared and said != default):
+            base = Label(said, LabelOrigin.UPSTREAM, declared_label.why)
+    # The result's label is the most restrictive of its parts' (a record a field rule
+    # labels public counts as public, whatever the tool's default); nothing in it: the base.
+    top: Label | None = None
+    sensitive: list[tuple[str, Sensitivity]] = []
+    for text, held in _texts(result, base, rules, base):
+        check(deadline)
+        found = classify(text, classifiers, deadline) if text.strip() else None
+        label = held
+        if found is not None and found[0].rank > held.sensitivity.rank:
+            label = Label(found[0], LabelOrigin.CLASSIFIER, found[1])
+        if label.sensitivity.rank >= Sensitivity.CONFIDENTIAL.rank:
+            sensitive.append((text, label.sensitivity))
+        if top is None or label.sensitivity.rank > top.sensitivity.rank:
+            top = label
+    return Labelled(label=top or base, sensitive_texts=tuple(sensitive))
