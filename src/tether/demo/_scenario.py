@@ -152,9 +152,13 @@ def run(*, examples: Path, home: Path | None = None, once: bool = True, port: in
         line.heading("Policy and intent template")
         files = {p.name: p.read_text() for p in sorted((examples / "policies").glob("*.cedar"))}
         loaded = admin.load_policies(files)
-        # The tool catalogue every door judges calls by: the bank's tools, by name.
-        catalogue = tomllib.loads((examples / "bank.catalogue.toml").read_text())
-        admin.post("/v1/catalogue", {"tools": catalogue["tools"], "prefix": "bank"})
+        # The tool catalogue every door judges calls by: the bank's and the support
+        # desk's tools, by name.
+        tools: dict[str, Any] = {}
+        for prefix in ("bank", "support"):
+            found = tomllib.loads((examples / f"{prefix}.catalogue.toml").read_text())
+            tools.update({f"{prefix}.{name}": entry for name, entry in found["tools"].items()})
+        admin.post("/v1/catalogue", {"tools": tools})
         line.say(f"{len(loaded['policies'])} Cedar policies validated and loaded")
         template = tomllib.loads((examples / "templates" / "pay-bill.toml").read_text())
         admin.add_template(template)
@@ -247,6 +251,9 @@ def run(*, examples: Path, home: Path | None = None, once: bool = True, port: in
                 line, tether, examples, url, port + 66, agent, approver, servers
             )
 
+        line.heading("Labels that follow the data")
+        _labels(line, agent, admin, files)
+
         line.heading("Offboarding")
         other = agent.open_task(template="pay-bill", params={"payee": PAYEE})
         disabled = admin.disable_identity(AGENT)
@@ -324,6 +331,68 @@ def run(*, examples: Path, home: Path | None = None, once: bool = True, port: in
             tether.close()
         if home is None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+SUPPORT_POLICY = """
+@id("support-desk")
+permit (principal, action == Action::"call_tool", resource)
+when {
+  resource == Tool::"support.kb_retrieve" || resource == Tool::"support.send_email" ||
+  resource == Tool::"support.ticket_comment" || resource == Tool::"support.save_draft"
+};
+
+@id("adhoc-tasks")
+permit (principal, action == Action::"open_task", resource == Template::"adhoc");
+"""
+CUSTOMER = "customer@client.example"
+FAQ = {
+    "id": "faq-returns",
+    "title": "Returns",
+    "classification": "public",
+    "body": "Unused items may be returned within thirty days of delivery for a full refund, "
+    "paid back to the original payment method within five working days.",
+}
+MEMO = {
+    "id": "memo-heron",
+    "title": "Project Heron",
+    "classification": "confidential",
+    "body": "The board approved buying a regional competitor for forty two million euros; "
+    "nobody outside the deal team may hear of it before the March announcement.",
+}
+
+
+def _labels(line: Timeline, agent: Client, admin: Client, files: dict[str, str]) -> None:
+    """One knowledge-base tool returns the public FAQ and the confidential memo: each
+    result is labelled by its own classification, and the memo is held on its way to the
+    customer (an allowed destination) and to the customer's ticket; the FAQ is not."""
+    admin.load_policies({**files, "support.cedar": SUPPORT_POLICY})
+    intent = {
+        "purpose": "Answer a customer's question about returns",
+        "capabilities": [
+            {"tool": f"support.{name}"}
+            for name in ("kb_retrieve", "send_email", "ticket_comment", "save_draft")
+        ],
+        "data_ceiling": "confidential",
+        "egress": [CUSTOMER],
+        "ttl_seconds": 300,
+    }
+    request = f"Answer {CUSTOMER} about returns, by e-mail and on ticket T-1001"
+    with agent.task(intent=intent, request=request) as task:
+        for doc in (FAQ, MEMO):
+            args = {"doc_id": doc["id"]}
+            read = task.authorize("support.kb_retrieve", args)
+            seen = task.report("support.kb_retrieve", int(read.receipt["seq"]), dict(doc))
+            line.detail(
+                f"{doc['id']}: labelled {seen.sensitivity} by its classification field "
+                f"[dim]receipt #{seen.receipt['seq']}[/]"
+            )
+        for tool, args in (
+            ("support.send_email", {"to": CUSTOMER, "subject": "Returns", "body": FAQ["body"]}),
+            ("support.send_email", {"to": CUSTOMER, "subject": "FYI", "body": MEMO["body"]}),
+            ("support.ticket_comment", {"ticket_id": "T-1001", "text": MEMO["body"].upper()}),
+            ("support.save_draft", {"text": MEMO["body"]}),
+        ):
+            _call(line, task, tool, args)
 
 
 def _store_writer(line: Timeline, tether: Tether, agent: Client) -> bool:
