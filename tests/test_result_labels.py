@@ -7,6 +7,11 @@ re-wrapped, split across arguments, or through a sub-task's delegation).
 
 from __future__ import annotations
 
+import base64
+import textwrap
+import urllib.parse
+from collections.abc import Callable
+
 import pytest
 
 from tether.core import (
@@ -26,6 +31,7 @@ from tether.core import (
     evaluate_flow,
     label_result,
     merge,
+    observe_call,
     observe_result,
     parse_intent,
     start_flow,
@@ -289,3 +295,64 @@ def test_a_sub_task_sees_its_parents_fingerprints_and_cannot_widen_disclosure() 
 def test_a_bad_disclosure_is_refused(bad: dict[str, object]) -> None:
     with pytest.raises(Exception, match=r"disclose|invalid intent"):
         _intent(disclose=[bad])
+
+
+def test_a_text_sent_a_few_words_at_a_time_is_caught_at_its_second_piece() -> None:
+    """Prompt-injected agent: cuts the memo into pieces too short to carry two
+    fingerprints each, one piece per call, and through sibling sub-tasks. At most one
+    piece carrying a fingerprint gets out (about a dozen words); a piece of fewer than
+    nine words may carry none (the granularity of the fingerprints)."""
+    text = f"{MEMO} {MEMO.replace('board', 'council').replace('March', 'April')}"
+    read = observe_result(
+        start_flow("mail c@client.example"),
+        "kb",
+        {"classification": "confidential", "body": text},
+        KB,
+    )
+    prints = read.fingerprints
+    words = text.split()
+    pieces = [" ".join(words[i : i + 9]) for i in range(0, len(words), 9)]
+    intent = _intent()
+    state = read
+    out = 0
+    for piece in pieces:
+        args = {"to": "c@client.example", "body": piece}
+        found = evaluate_flow(state, intent, "mail", args, MAIL, FlowPolicy(), declared=True)
+        if not found:  # allowed: the call joins the flow state
+            state = observe_call(state, "mail", args, MAIL)
+            out += bool(carried(piece, prints, min_hits=1))
+        else:
+            assert [f.code for f in found] == ["flow.confidential_content"]
+    assert out <= 1
+    assert sum(bool(carried(p, prints, min_hits=1)) for p in pieces) >= 4
+    # Siblings: each sends one piece; the parent's state (which every call of its tree
+    # joins) carries what the first sent to the second.
+    one = next(p for p in pieces if len(carried(p, prints, min_hits=1)) == 1)
+    two = next(p for p in pieces if p != one and carried(p, prints, min_hits=1))
+    parent = read
+    first = merge(start_flow("mail c@client.example"), [parent])
+    args = {"to": "c@client.example", "body": one}
+    assert evaluate_flow(first, intent, "mail", args, MAIL, FlowPolicy(), declared=True) == []
+    parent = observe_call(parent, "mail", args, MAIL)
+    second = merge(start_flow("mail c@client.example"), [parent])
+    args = {"to": "c@client.example", "body": two}
+    found = evaluate_flow(second, intent, "mail", args, MAIL, FlowPolicy(), declared=True)
+    assert [f.code for f in found] == ["flow.confidential_content"]
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda t: base64.b64encode(t.encode()).decode(),
+        lambda t: base64.urlsafe_b64encode(t.encode()).decode().rstrip("="),
+        lambda t: "\n".join(textwrap.wrap(base64.b64encode(t.encode()).decode(), 76)),
+        lambda t: t.encode().hex(),
+        urllib.parse.quote,
+    ],
+    ids=["base64", "base64url", "mime", "hex", "percent"],
+)
+def test_encoded_confidential_content_is_still_carried(encode: Callable[[str], str]) -> None:
+    """Prompt-injected agent: encodes the memo before mailing it."""
+    args = {"to": "c@client.example", "body": f"data: {encode(MEMO)} end"}
+    found = evaluate_flow(_read_memo(), _intent(), "mail", args, MAIL, FlowPolicy(), declared=True)
+    assert [f.code for f in found] == ["flow.confidential_content"]

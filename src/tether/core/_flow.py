@@ -77,7 +77,7 @@ from tether.core._labels import (
     label_result,
 )
 from tether.core._scanning import SPACE, Deadline, ScanExceeded, check, linear
-from tether.core._winnow import carried, fingerprints_of
+from tether.core._winnow import MIN_HITS, carried, fingerprints_of, long_hits
 
 MAX_TRACKED_VALUES = 20_000
 MAX_VALUE_LENGTH = 512
@@ -233,6 +233,8 @@ class FlowState(msgspec.Struct, frozen=True, omit_defaults=True):
     # Data fingerprints of content read labelled confidential or above (tether.core._winnow):
     # hash -> "sensitivity:tool".
     fingerprints: dict[int, str] = {}
+    # Of those, the ones allowed calls have already carried out (a piece at a time).
+    sent: frozenset[int] = frozenset()
 
     @property
     def untrusted_read(self) -> bool:
@@ -436,8 +438,15 @@ def observe_call(
     if profile.spend is not None:
         spent = _amount(args, profile.spend) or 0.0
     record = CallRecord(tool=tool, side_effect=profile.side_effect, args_digest=digest(dict(args)))
+    sent = state.sent
+    audience = audience_of(profile)
+    if state.fingerprints and audience is not None and audience is not Audience.PRIVATE:
+        out = carried(list(args.values()), state.fingerprints, min_hits=1)
+        if out and len(sent) < MAX_FINGERPRINTS:
+            sent = sent | frozenset(out)
     return msgspec.structs.replace(
         state,
+        sent=sent,
         calls=(*state.calls, record)[-MAX_HISTORY:],
         tools=state.tools | {tool},
         discovery_calls=state.discovery_calls + (1 if profile.discovery else 0),
@@ -647,6 +656,7 @@ def merge(own: FlowState, tree: Iterable[FlowState]) -> FlowState:
             fingerprints={**other.fingerprints, **merged.fingerprints}
             if other.fingerprints
             else merged.fingerprints,
+            sent=merged.sent | other.sent,
         )
     return merged
 
@@ -961,14 +971,18 @@ def evaluate_flow(
         and audience is not Audience.PRIVATE
     ):
         carriers: dict[str, dict[int, str]] = {}
-        for name, value in args.items():
-            hit = carried(value, state.fingerprints)
-            if hit:
-                carriers[name] = hit
-        if not carriers:  # split across arguments: read together
-            hit = carried(list(args.values()), state.fingerprints)
-            if hit:
-                carriers["(arguments together)"] = hit
+        # Read together (a text split across arguments), with what allowed calls have
+        # carried out already (a text sent a few words at a time).
+        together = carried(list(args.values()), state.fingerprints, min_hits=1)
+        if together and (
+            long_hits(set(together) | state.sent) >= MIN_HITS or any(h & 1 for h in together)
+        ):
+            for name, value in args.items():
+                hit = carried(value, state.fingerprints, min_hits=1)
+                if hit:
+                    carriers[name] = hit
+            if not carriers:
+                carriers["(arguments together)"] = together
         tags = {tag for hits in carriers.values() for tag in hits.values()}
         levels = {Sensitivity(tag.split(":", 1)[0]) for tag in tags}
         kept = [lv for lv in levels if not _disclosed(intent, lv, tool, profile, args)]
