@@ -671,7 +671,13 @@ def _decide(
         budgets=budgets,
     )
     flow_ctx = flow_context(
-        msgspec.structs.replace(effective, calls=own.calls, tools=own.tools, spend=own.spend),
+        msgspec.structs.replace(
+            effective,
+            calls=own.calls,
+            call_count=own.calls_made,
+            tools=own.tools,
+            spend=own.spend,
+        ),
         call.tool,
         profile,
         findings,

@@ -81,7 +81,10 @@ from tether.core._winnow import MIN_HITS, carried, fingerprints_of, long_hits
 
 MAX_TRACKED_VALUES = 20_000
 MAX_VALUE_LENGTH = 512
-MAX_HISTORY = 1_000
+#: The most recent calls a flow state lists (the full history is in the receipts; the
+#: rules need counts and the latest tools, and a state that grows with every call costs
+#: more to read and write with every call).
+MAX_HISTORY = 32
 MAX_WALK_DEPTH = 12
 #: Data fingerprints a task's flow state keeps (past this, new content is not kept).
 MAX_FINGERPRINTS = 20_000
@@ -217,7 +220,8 @@ class CallRecord(msgspec.Struct, frozen=True):
 class FlowState(msgspec.Struct, frozen=True, omit_defaults=True):
     """What a task has done and read so far. Immutable; see :func:`observe_call`."""
 
-    calls: tuple[CallRecord, ...] = ()
+    calls: tuple[CallRecord, ...] = ()  # the latest MAX_HISTORY
+    call_count: int = 0
     tools: frozenset[str] = frozenset()
     discovery_calls: int = 0
     max_sensitivity: Sensitivity = Sensitivity.PUBLIC
@@ -235,6 +239,11 @@ class FlowState(msgspec.Struct, frozen=True, omit_defaults=True):
     fingerprints: dict[int, str] = {}
     # Of those, the ones allowed calls have already carried out (a piece at a time).
     sent: frozenset[int] = frozenset()
+
+    @property
+    def calls_made(self) -> int:
+        """How many calls the task made (a state written before ``call_count``: its list)."""
+        return max(self.call_count, len(self.calls))
 
     @property
     def untrusted_read(self) -> bool:
@@ -448,6 +457,7 @@ def observe_call(
         state,
         sent=sent,
         calls=(*state.calls, record)[-MAX_HISTORY:],
+        call_count=state.calls_made + 1,
         tools=state.tools | {tool},
         discovery_calls=state.discovery_calls + (1 if profile.discovery else 0),
         spend=state.spend + spent,
@@ -1091,7 +1101,7 @@ def flow_context(
         "untrusted_read": state.untrusted_read,
         "max_sensitivity_read": str(state.max_sensitivity),
         "sensitivity_rank": state.max_sensitivity.rank,
-        "calls": len(state.calls),
+        "calls": state.calls_made,
         "distinct_tools": len(state.tools),
         "discovery_calls": state.discovery_calls,
         "spend": int(state.spend),
