@@ -72,6 +72,7 @@ import msgspec
 import uvicorn
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import Server
+from mcp.server.request_state import RequestStateBoundary, RequestStateSecurity
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
@@ -117,6 +118,10 @@ from tether.secrets import Lease
 log = logging.getLogger("tether.gateway")
 
 CALLER_KEY = "tether.caller"
+#: The protocol version from which a held call is answered with ``input_required``.
+MRTR_VERSION = "2026-07-28"
+#: How long one round's requestState of a held call lives.
+HELD_STATE_TTL = 600.0
 TOOL_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 META_DECISION = "tether/decision"
 META_LABEL = "tether/label"
@@ -268,6 +273,20 @@ class Gateway:
             on_list_tools=self.list_tools,
             on_call_tool=self.call_tool,
             get_tool_input_schema=self.input_schema,
+        )
+        # A held call is answered, at 2026-07-28, with an ``input_required`` result whose
+        # requestState names the approval: sealed and bound (to the call, the task and this
+        # gateway) by the SDK under a key derived from the KEK, single-use here.
+        self.server.middleware.append(
+            RequestStateBoundary(
+                RequestStateSecurity(
+                    keys=[tether.keys.derived_key("mcp request state v1")],
+                    ttl=HELD_STATE_TTL,
+                    bind_principal=_task_principal,
+                    audience=config.resource,
+                ),
+                default_audience=config.resource,
+            )
         )
         self.security = self._security_settings()
         self.manager = StreamableHTTPSessionManager(
@@ -536,9 +555,15 @@ class Gateway:
     # -- calls ----------------------------------------------------------------------------
     async def call_tool(
         self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
-    ) -> types.CallToolResult:
+    ) -> types.CallToolResult | types.InputRequiredResult:
         caller = _caller(ctx)
         name, args = params.name, dict(params.arguments or {})
+        if params.request_state is not None:
+            # The retry of a held call: still pending, it is answered without a decision;
+            # approved, it is decided again below (the approval grants exactly this call).
+            answer = await self._held_retry(ctx, caller, name, args, params.request_state)
+            if answer is not None:
+                return answer
         resolved = self.resolve(name)
         if resolved is None:
             return self._gateway_deny(
@@ -565,18 +590,129 @@ class Gateway:
         try:
             receipt = self._authorize(caller, name, args, detail, profile)
             approval_status: str | None = None
-            if receipt.decision.effect == "approval_required":
+            mrtr = (
+                self.config.approval.mode == "input_required"
+                and ctx.protocol_version >= MRTR_VERSION
+            )
+            if receipt.decision.effect == "approval_required" and not mrtr:
                 receipt, approval_status = await self._approval(
                     caller, name, args, detail, profile, receipt
                 )
+            elif receipt.decision.effect == "approval_required":
+                approval_status = "pending"
         except FlowUnavailable as exc:
             return self._gateway_deny(
                 caller, name, args, "flow.state_unavailable", str(exc), detail=detail
             )
         if receipt.decision.effect != "allow":
             self._burn(caller)
+            if (
+                mrtr
+                and receipt.decision.effect == "approval_required"
+                and approval_status == "pending"
+                and receipt.approval_id is not None
+            ):
+                return self._input_required(ctx, receipt.approval_id, ask=True)
             return self._refused(receipt, approval_status)
         return await self._forward(caller, upstream, tool, name, args, klass, receipt, detail)
+
+    def _input_required(
+        self, ctx: ServerRequestContext[Any, Any], approval_id: str, *, ask: bool
+    ) -> types.InputRequiredResult:
+        """A held call at 2026-07-28: retry with this requestState once a human decided.
+        With ``ask`` and a client that takes URL-mode elicitation, the user is pointed at
+        the approval too."""
+        state = json.dumps({"approval": approval_id, "nonce": os.urandom(16).hex()})
+        requests: dict[str, types.InputRequest] | None = None
+        if ask and _takes_url_elicitation(ctx):
+            requests = {
+                "tether.approval": types.ElicitRequest(
+                    params=types.ElicitRequestURLParams(
+                        message=f"A human must approve this call (approval {approval_id}).",
+                        url=self._approval_url(approval_id),
+                    )
+                )
+            }
+        return types.InputRequiredResult(
+            input_requests=requests,
+            request_state=state,
+            _meta={META_DECISION: {"effect": "approval_required", "approval_id": approval_id}},
+        )
+
+    def _approval_url(self, approval_id: str) -> str:
+        base = self.config.authorization_servers[0].rstrip("/")
+        return f"{base}/console/approvals?id={approval_id}"
+
+    async def _held_retry(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        caller: Caller,
+        name: str,
+        args: dict[str, Any],
+        state: str,
+    ) -> types.CallToolResult | types.InputRequiredResult | None:
+        """Answer the retry of a held call: ``None`` once its approval is approved (the
+        call is then decided again); a fresh ``input_required`` while it is pending; a
+        refusal (with a receipt) when it was denied or expired, or the state was used."""
+        detail = {"protocol": ctx.protocol_version, "request_state": True}
+        try:
+            held = json.loads(state)
+            approval_id, nonce = str(held["approval"]), str(held["nonce"])
+        except (ValueError, KeyError, TypeError):
+            return self._gateway_deny(
+                caller,
+                name,
+                args,
+                "approval.state_invalid",
+                "requestState is not one this gateway minted",
+                detail=detail,
+            )
+        now = self.tether.clock.now()
+        if not self.tether.store.record_proof(f"mrtr:{nonce}", now + HELD_STATE_TTL * 2):
+            return self._gateway_deny(
+                caller,
+                name,
+                args,
+                "approval.state_replayed",
+                "this requestState has been used before",
+                detail=detail,
+            )
+        try:
+            row = self.tether.approvals.get(approval_id)
+        except NotFound:
+            row = None
+        if row is None or row.task_id != caller.claims.task_id:
+            return self._gateway_deny(
+                caller,
+                name,
+                args,
+                "approval.unknown",
+                f"approval {approval_id} is not one of this task's",
+                detail=detail,
+            )
+        status = row.status
+        settings = self.config.approval
+        if status == "pending" and settings.mode != "return":
+            end = anyio.current_time() + min(
+                settings.timeout_seconds,
+                caller.proof_iat + PROOF_WINDOW - APPROVAL_SAFETY_MARGIN - now,
+            )
+            while status == "pending" and (left := end - anyio.current_time()) > 0:
+                await anyio.sleep(min(settings.poll_interval_seconds, left))
+                status = self.tether.approvals.get(approval_id).status
+        if status == "approved":
+            return None
+        self._burn(caller)
+        if status == "pending":
+            return self._input_required(ctx, approval_id, ask=False)
+        return self._gateway_deny(
+            caller,
+            name,
+            args,
+            f"approval.{status}",
+            f"approval {approval_id} was {status}: the call was not made",
+            detail={**detail, "approval_id": approval_id},
+        )
 
     def _authorize(
         self,
@@ -693,7 +829,7 @@ class Gateway:
         """
         settings = self.config.approval
         approval_id = receipt.approval_id
-        if settings.mode != "wait" or approval_id is None:
+        if settings.mode == "return" or approval_id is None:
             return receipt, "pending"
         proof_left = (
             caller.proof_iat + PROOF_WINDOW - APPROVAL_SAFETY_MARGIN - self.tether.clock.now()
@@ -1261,6 +1397,17 @@ class _ASGIEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.gateway.mcp_endpoint(scope, receive, send)
+
+
+def _task_principal(ctx: ServerRequestContext[Any, Any]) -> str | None:
+    """Whom a requestState is bound to: the caller's task (fail closed without one)."""
+    return f"task:{_caller(ctx).claims.task_id}"
+
+
+def _takes_url_elicitation(ctx: ServerRequestContext[Any, Any]) -> bool:
+    caps = ctx.session.client_capabilities
+    elicitation = caps.elicitation if caps is not None else None
+    return elicitation is not None and elicitation.url is not None
 
 
 def _caller(ctx: ServerRequestContext[Any, Any]) -> Caller:

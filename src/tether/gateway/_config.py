@@ -120,9 +120,14 @@ class ApprovalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     call again with the same proof; the wait ends after ``timeout_seconds`` and
     never outlasts the proof's acceptance window. ``return``: answer at once
     with the approval id; the agent repeats the identical call once approved.
+    ``input_required``: to a client at MCP 2026-07-28, answer with an
+    ``input_required`` result (a URL-mode elicitation pointing at the approval when
+    the client takes one, and a sealed, single-use ``requestState``); the client
+    retries, each retry waiting up to ``timeout_seconds`` for the human, and the
+    approved call is decided again and forwarded. Older clients: as ``wait``.
     """
 
-    mode: Literal["wait", "return"] = "return"
+    mode: Literal["wait", "return", "input_required"] = "return"
     timeout_seconds: float = 30.0
     poll_interval_seconds: float = 0.5
 

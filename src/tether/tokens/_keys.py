@@ -160,6 +160,10 @@ class KeyRing:
         self.rejected: dict[str, str] = {}
         self._revoked: set[str] = set()
 
+    def derived_key(self, purpose: str) -> bytes:
+        """A key derived from the KEK for ``purpose`` (see :meth:`Sealer.derive`)."""
+        return self._sealer.derive(purpose)
+
     def invalidate(self) -> None:
         """Read the key rows from the store again on the next use."""
         self._generation += 1

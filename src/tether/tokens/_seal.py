@@ -59,6 +59,12 @@ class Sealer:
         tag.update(data)
         return tag.hexdigest()
 
+    def derive(self, purpose: str) -> bytes:
+        """A 32-byte key derived from the KEK for ``purpose`` (one key per purpose), for
+        state Tether hands out and must recognise again (an MCP ``requestState``): every
+        node under the same KEK derives the same key."""
+        return hmac.new(self._mac_root, b"derive\n" + purpose.encode(), hashlib.sha256).digest()
+
     def mac_ok(self, purpose: str, data: bytes, tag: str | None) -> bool:
         """Whether ``tag`` is :meth:`mac` of ``data`` (constant-time)."""
         return tag is not None and hmac.compare_digest(self.mac(purpose, data), tag)
