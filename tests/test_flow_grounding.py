@@ -12,6 +12,7 @@ from bench.agentdojo.profiles import PROFILES
 
 from tether import parse_intent
 from tether.core import (
+    AppProfile,
     FlowPolicy,
     FlowState,
     Sensitivity,
@@ -23,6 +24,7 @@ from tether.core import (
     observe_result,
     start_flow,
 )
+from tether.flow import RuleCompiler
 
 READ_NOTES = ToolProfile(side_effect=SideEffect.READ, sensitivity=Sensitivity.INTERNAL)
 PUBLISH = ToolProfile(
@@ -60,6 +62,10 @@ def test_a_link_run_into_the_next_sentence_is_still_the_link_the_request_names()
         state, "web.post", {"url": "http://www.drop.example", "content": "x"}, PUBLISH
     ) == ["flow.untrusted_sink"]
     # A link whose last part is a real top-level domain, or a file name, is not cut.
+    # The intent's allowed egress names it too.
+    app = AppProfile(name="web", tools={"web.post": PUBLISH, "notes.read": READ_NOTES})
+    intent = RuleCompiler().compile("Publish it on www.site.example.Thanks", app)
+    assert "site.example" in intent.egress
     plain = _after_notes("Open www.site.example.org and report.pdf")
     assert "site.example" not in plain.request_values
     assert "report" not in plain.request_values

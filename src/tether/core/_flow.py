@@ -366,10 +366,10 @@ def _scalars(
 
 def start(request: str = "") -> FlowState:
     """The state of a task that has done nothing yet; ``request`` is the user's request."""
-    return FlowState(request=normalise(request), request_values=frozenset(_request_atoms(request)))
+    return FlowState(request=normalise(request), request_values=frozenset(request_atoms(request)))
 
 
-def _request_atoms(request: str) -> set[str]:
+def request_atoms(request: str) -> set[str]:
     """The values a request names. A link run into the next sentence without a space
     (``www.example.com.Then``) names the link before it too: a host name's last part is
     never capitalised like a word."""
