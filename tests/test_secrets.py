@@ -250,6 +250,33 @@ def test_leases_die_with_their_task(t: Tether, clock: FrozenClock, how: str) -> 
 
 
 # -- hygiene on the call path ---------------------------------------------------------------------
+def test_a_write_may_set_the_credential_the_user_typed_nothing_else(t: Tether) -> None:
+    """Attacker: a prompt-injected agent (passing a credential it read, or chose, to a tool).
+
+    The user asks to set their password to a value they typed: the write that sets it
+    takes that value. Another value in the same parameter, the typed value sent by a tool
+    that sends, or a value found only inside a longer word, is still refused."""
+    key = ProofKey()
+    intent = parse_intent(
+        {
+            "purpose": "change my password",
+            "capabilities": [{"tool": tool} for tool in TOOLS],
+            "request": "Please change my password to 'zq7-Hummock-41' today.",
+        }
+    )
+    token = t.open_task(AGENT, proof_jwk=key.jwk, intent=intent).token
+    typed = {"password": "zq7-Hummock-41"}
+    assert _call(t, key, token, "billing.set_password", typed).effect == "allow"
+    chosen = {"password": "Hummock-41"}  # inside the typed word, not the word itself
+    assert _call(t, key, token, "billing.set_password", chosen).effect == "deny"
+    other = {"password": "evil-Pass-99"}
+    assert _call(t, key, token, "billing.set_password", other).effect == "deny"
+    sent = _call(
+        t, key, token, "mail.send", {"to": "a@corp.example", "password": typed["password"]}
+    )
+    assert sent.decision.reasons[0].code == "secret.egress"
+
+
 def test_detection_formats_entropy_and_brokered() -> None:
     known = [Known("billing-key", CANARY)]
     findings = find_credentials(

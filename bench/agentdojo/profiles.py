@@ -22,6 +22,11 @@ EVENT_FIELDS = ("id_", "start_time", "end_time", "participants", "all_day", "sta
 FILE_FIELDS = ("id_", "filename", "owner", "shared_with", "last_modified", "size")
 LEDGER_FIELDS = ("id", "sender", "recipient", "amount", "date", "recurring")
 MESSAGE_FIELDS = ("sender", "recipient")
+# What a write returns: the record it made. The platform assigns its id (and a file's
+# owner, size and time); every other field echoes the caller's arguments or content.
+CREATED_EMAIL_FIELDS = ("id_", "sender", "timestamp")
+CREATED_EVENT_FIELDS = ("id_",)
+CREATED_FILE_FIELDS = ("id_", "owner", "last_modified", "size")
 
 MAIL_WORDS = ("email", "e-mail", "mail", "send", "forward", "reply", "write to")
 EVENT_WORDS = ("event", "calendar", "schedule", "appointment", "meeting", "remind", "invite")
@@ -55,11 +60,13 @@ def _act(
     spend: str | None = None,
     sensitivity: Sensitivity = INTERNAL,
     trusted: bool = True,
+    fields: tuple[str, ...] = (),
 ) -> ToolProfile:
     return ToolProfile(
         side_effect=effect,
         sensitivity=sensitivity,
         trusted=trusted,
+        trusted_fields=fields,
         sinks=sinks,
         destinations=destinations,
         privileged=privileged,
@@ -75,12 +82,14 @@ SEND_EMAIL = _act(
     destinations=("recipients", "cc", "bcc"),
     trusted=False,
     sensitivity=INTERNAL,
+    fields=CREATED_EMAIL_FIELDS,
 )
 CREATE_EVENT = _act(
     W,
     {"participants": V, "title": T, "description": T, "location": T},
     (*EVENT_WORDS, "create"),
     trusted=False,
+    fields=CREATED_EVENT_FIELDS,
 )
 CALENDAR_READS = {
     "search_calendar_events": _read(fields=EVENT_FIELDS, discovery=True),
@@ -103,18 +112,35 @@ WORKSPACE = AppProfile(
         **CALENDAR_READS,
         "create_calendar_event": CREATE_EVENT,
         "cancel_calendar_event": _act(D, {"event_id": V}, ("cancel",)),
+        # Both return the whole event: its description and title are content, as when read.
         "reschedule_calendar_event": _act(
-            W, {"event_id": V}, ("reschedule", "move", "postpone", "change the time")
+            W,
+            {"event_id": V},
+            ("reschedule", "move", "postpone", "change the time"),
+            trusted=False,
+            fields=EVENT_FIELDS,
         ),
         "add_calendar_event_participants": _act(
-            W, {"event_id": V, "participants": V}, ("participant", "invite", "add")
+            W,
+            {"event_id": V, "participants": V},
+            ("participant", "invite", "add"),
+            trusted=False,
+            fields=EVENT_FIELDS,
         ),
         "append_to_file": _act(
-            W, {"file_id": V, "content": T}, ("add", "append", "update", "insert"), trusted=False
+            W,
+            {"file_id": V, "content": T},
+            ("add", "append", "update", "insert"),
+            trusted=False,
+            fields=FILE_FIELDS,
         ),
         "search_files_by_filename": _read(fields=FILE_FIELDS, discovery=True),
         "create_file": _act(
-            W, {"filename": V, "content": T}, ("create", "new file", "save"), trusted=False
+            W,
+            {"filename": V, "content": T},
+            ("create", "new file", "save"),
+            trusted=False,
+            fields=CREATED_FILE_FIELDS,
         ),
         "delete_file": _act(D, {"file_id": V}, ("delete", "remove")),
         "get_file_by_id": _read(fields=FILE_FIELDS),
@@ -125,6 +151,7 @@ WORKSPACE = AppProfile(
             ("share", "give access", "grant access"),
             destinations=("email",),
             trusted=False,
+            fields=FILE_FIELDS,
         ),
         "search_files": _read(fields=FILE_FIELDS, discovery=True),
     },

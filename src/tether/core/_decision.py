@@ -72,7 +72,7 @@ import msgspec
 
 from tether._errors import TetherError
 from tether.core._canonical import digest
-from tether.core._credentials import Known, find_credentials
+from tether.core._credentials import Known, find_credentials, named_credential
 from tether.core._flow import (
     OVERSIZED,
     UNDESCRIBED,
@@ -752,7 +752,7 @@ def _decide(
 
     # Credentials in the arguments, checked before an approval is requested, so such
     # arguments are never stored for a human to read (OWASP ASI03; NHI2, NHI7).
-    _hygiene(call.args, snapshot.known_secrets, profile)
+    _hygiene(call.args, snapshot.known_secrets, profile, state.intent.request or "")
 
     controls = (
         Control.TASK_TOKEN,
@@ -836,17 +836,22 @@ def _decide(
     return decision, plan
 
 
-def _hygiene(args: dict[str, Any], known: tuple[Known, ...], profile: ToolProfile) -> None:
+def _hygiene(
+    args: dict[str, Any], known: tuple[Known, ...], profile: ToolProfile, request: str = ""
+) -> None:
     """Refuse a call that would carry a credential out.
 
     A brokered secret's value in the arguments is refused for every tool (an agent never
     holds one; if it does, it leaked); any other recognised credential (known formats,
     high entropy, a member named like one) for a tool that writes, sends or destroys (an
-    undescribed tool counts as destructive).
+    undescribed tool counts as destructive). One exception: a tool that only writes may
+    take, in a parameter named like a credential, the very value the user typed in the
+    request (setting the password the user chose); never a tool that sends or destroys.
     """
     findings = find_credentials(args, known)
     outbound = profile.side_effect in OUTBOUND
-    refused = [f for f in findings if f.secret is not None or outbound]
+    given = _credentials_given(args, request) if profile.side_effect is SideEffect.WRITE else ()
+    refused = [f for f in findings if f.secret is not None or (outbound and f.path not in given)]
     if not refused:
         return
     what = "; ".join(f.describe() for f in refused[:3])
@@ -865,6 +870,30 @@ def _hygiene(args: dict[str, Any], known: tuple[Known, ...], profile: ToolProfil
         Control.SECRET_BROKERING,
         Control.PER_CALL_POLICY,
     )
+
+
+def _credentials_given(args: Mapping[str, Any], request: str) -> frozenset[str]:
+    """The paths (``$.name``) of top-level arguments named like a credential whose value
+    the user's request holds verbatim, as a word of its own (not a piece of a longer one)."""
+    paths = set()
+    for name, value in args.items():
+        if not isinstance(value, str) or not value.strip() or not named_credential(str(name)):
+            continue
+        at = request.find(value)
+        while at >= 0:
+            end = at + len(value)
+            before = request[at - 1] if at > 0 else " "
+            after = request[end] if end < len(request) else " "
+            if not (_joins(before) or _joins(after)):
+                paths.add(f"$.{str(name)[:64]}")
+                break
+            at = request.find(value, at + 1)
+    return frozenset(paths)
+
+
+def _joins(char: str) -> bool:
+    """Whether ``char`` continues a word, a password or an address."""
+    return char.isalnum() or char in "-_.@/+=~#$%&*^!"
 
 
 def observe(

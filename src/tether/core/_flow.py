@@ -436,7 +436,28 @@ def _scalars(
 
 def start(request: str = "") -> FlowState:
     """The state of a task that has done nothing yet; ``request`` is the user's request."""
-    return FlowState(request=normalise(request), request_values=frozenset(atoms(request)))
+    return FlowState(request=normalise(request), request_values=frozenset(request_atoms(request)))
+
+
+def request_atoms(request: str) -> set[str]:
+    """The values a request names. A link run into the next sentence without a space
+    (``www.example.com.Then``) names the link before it too: a host name's last part is
+    never capitalised like a word."""
+    found = atoms(request)
+    if "." not in request:
+        return found
+    for match in _URL.finditer(request):
+        link = match.group().rstrip(_TRAILING)
+        head, dot, last = link.rpartition(".")
+        if (
+            dot
+            and not _bare_host(link)
+            and "/" not in last
+            and last[:1].isupper()
+            and last[1:].islower()
+        ):
+            found.add(_url_key(head))
+    return found
 
 
 def observe_call(

@@ -27,7 +27,7 @@ from functools import lru_cache
 from typing import Protocol
 
 from tether._errors import InvalidIntent
-from tether.core._flow import AppProfile, SideEffect, ToolProfile, atoms, normalise
+from tether.core._flow import AppProfile, SideEffect, ToolProfile, normalise, request_atoms
 from tether.core._intent import (
     MAX_PURPOSE_LENGTH,
     MAX_REQUEST_LENGTH,
@@ -99,7 +99,7 @@ class RuleCompiler:
             purpose=purpose[:MAX_PURPOSE_LENGTH],
             capabilities=capabilities,
             data_ceiling=self.ceiling or profile.default_ceiling,
-            egress=tuple(sorted(atoms(request))),
+            egress=tuple(sorted(request_atoms(request))),
             budget=Budget(max_calls=self.max_calls),
             ttl_seconds=self.ttl_seconds,
             on_behalf_of=self.on_behalf_of,
