@@ -372,13 +372,15 @@ def configure_tracing() -> TracerProvider | None:
     exporters = [exporter for name in names if (exporter := _exporter(name, env)) is not None]
     if not exporters:
         return None
-    defaults: dict[str, Any] = {"service.version": __version__}
+    detected = Resource.create()  # OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
+    defaults: dict[str, Any] = {}
     if "OTEL_SERVICE_NAME" not in env and "service.name=" not in env.get(
         "OTEL_RESOURCE_ATTRIBUTES", ""
     ):
-        defaults["service.name"] = "tether"
-    # The variables win over these defaults.
-    provider = TracerProvider(resource=Resource(defaults).merge(Resource.create()))
+        defaults["service.name"] = "tether"  # not the SDK's unknown_service
+    if "service.version" not in detected.attributes:
+        defaults["service.version"] = __version__
+    provider = TracerProvider(resource=detected.merge(Resource(defaults)))
     for exporter in exporters:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
