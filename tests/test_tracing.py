@@ -272,10 +272,11 @@ def _agent_calls(gw: Gw, tool: str, args: dict[str, Any]) -> tuple[trace.Span, A
 
 
 def _server_span(finished: list[ReadableSpan], tool: str) -> ReadableSpan | None:
-    for span in finished:
-        if span.name == f"tools/call {tool}" and span.kind is SpanKind.SERVER:
-            return span
-    return None
+    """The one MCP server span of a call to ``tool`` (never two: the gateway opens one only
+    when the MCP SDK did not)."""
+    found = [s for s in finished if s.name == f"tools/call {tool}" and s.kind is SpanKind.SERVER]
+    assert len(found) <= 1, found
+    return found[0] if found else None
 
 
 def test_a_gateway_call_joins_the_agents_trace(gw: Gw, spans: InMemorySpanExporter) -> None:
@@ -348,6 +349,47 @@ def test_a_denied_gateway_call_is_an_error_on_both_spans(
     assert server.status.status_code is StatusCode.ERROR
     assert decision.context is not None
     assert decision.context.trace_id == agent.get_span_context().trace_id
+
+
+def test_the_gateway_opens_the_mcp_span_when_the_mcp_sdk_does_not(
+    gw: Gw, spans: InMemorySpanExporter
+) -> None:
+    """Without the MCP SDK's server middleware the gateway's span is the same: a server span
+    parented on ``params._meta.traceparent``, with the conventions' attributes."""
+    server = gw.gateway.gateway.server
+    saved = list(server.middleware)
+    server.middleware[:] = [m for m in saved if type(m).__name__ != "OpenTelemetryMiddleware"]
+    assert len(server.middleware) < len(saved)
+    try:
+        agent, result = _agent_calls(gw, "tools.echo", {"text": "alone"})
+        _agent, refused = _agent_calls(gw, "tools.send_email", {"to": "a@b.example", "body": ""})
+    finally:
+        server.middleware[:] = saved
+    assert not result.is_error and refused.is_error
+    finished = _wait_for(
+        spans,
+        lambda done: all(
+            _server_span(done, tool) is not None for tool in ("tools.echo", "tools.send_email")
+        ),
+    )
+    echo = _server_span(finished, "tools.echo")
+    assert echo is not None and echo.context is not None
+    (decision,) = _named(finished, "execute_tool tools.echo")
+    assert decision.parent is not None and decision.parent.span_id == echo.context.span_id
+    assert echo.context.trace_id == agent.get_span_context().trace_id
+    assert agent.get_span_context().span_id in _ancestors(echo, finished)
+    on_echo = _attrs(echo)
+    assert on_echo["mcp.method.name"] == "tools/call"
+    assert on_echo["mcp.protocol.version"] == "2026-07-28"
+    assert on_echo["gen_ai.operation.name"] == "execute_tool"
+    assert on_echo["gen_ai.tool.name"] == "tools.echo"
+    assert on_echo["jsonrpc.request.id"] == on_echo["gen_ai.tool.call.id"]
+    assert on_echo["tether.effect"] == "allow"
+    assert "error.type" not in on_echo
+    denied = _server_span(finished, "tools.send_email")
+    assert denied is not None
+    assert _attrs(denied)["error.type"] == "tool_error"
+    assert denied.status.status_code is StatusCode.ERROR
 
 
 def test_gateway_content_is_recorded_only_when_opted_in(
