@@ -1,11 +1,15 @@
 """Tracing: every decision, and every tool call through the gateway, as an OpenTelemetry span.
 
-Conventions followed: the OpenTelemetry semantic conventions for generative AI
-as published in ``open-telemetry/semantic-conventions-genai`` v0.1.0 (status
-Development): the *execute tool* span (``docs/gen-ai/execute-tool.md``) and the
-Model Context Protocol spans and context propagation (``docs/gen-ai/mcp.md``),
-whose general attributes (``error.type``, ``jsonrpc.request.id``) are those of
-semantic conventions v1.41.
+Conventions followed (OpenTelemetry semantic conventions, status Development):
+
+- the Model Context Protocol spans and their context propagation:
+  ``open-telemetry/semantic-conventions-genai`` v0.1.0, ``docs/gen-ai/mcp.md``
+  (general attributes such as ``error.type`` and ``jsonrpc.request.id`` from
+  semantic conventions v1.41);
+- the *execute tool* span: semantic conventions v1.41.0,
+  ``docs/gen-ai/gen-ai-agent-spans.md`` ("Execute tool span"; since moved to
+  ``docs/gen-ai/execute-tool.md`` of semantic-conventions-genai): name
+  ``execute_tool {gen_ai.tool.name}``, kind ``INTERNAL``, content attributes opt-in.
 
 Two spans, one trace:
 
