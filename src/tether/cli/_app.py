@@ -339,6 +339,7 @@ def serve(
     ``Authorization: Bearer $TETHER_METRICS_TOKEN``."""
     import uvicorn  # noqa: PLC0415 - keeps every other verb fast to start
 
+    from tether.observability import configure_tracing  # noqa: PLC0415
     from tether.server import ServerSettings, create_app, create_metrics_app  # noqa: PLC0415
 
     metrics_at: tuple[str, int] | None = None
@@ -348,6 +349,7 @@ def serve(
             raise UsageError("--metrics-listen must be HOST:PORT")
         metrics_at = (m_host.strip("[]"), int(m_port))
     tether = _open(home)
+    configure_tracing()  # only when the OTEL_* variables ask for export
     settings = ServerSettings(
         rate=rate, burst=rate * 2, metrics_token=os.environ.get("TETHER_METRICS_TOKEN") or None
     )

@@ -74,6 +74,7 @@ from tether.core._verify import (
 )
 from tether.enforcement._snapshot import SnapshotLoader
 from tether.flow._catalogue import ToolCatalogue
+from tether.observability import traced_decision
 from tether.policy import PolicyService
 from tether.store import Store
 from tether.tokens import KeyRing
@@ -270,6 +271,7 @@ class Enforcement:
         self._store.record_proof(verified.proof_jti, self._clock.now() + PROOF_WINDOW * 2)
 
     # -- decisions ------------------------------------------------------------------------
+    @traced_decision
     def decide(
         self,
         *,

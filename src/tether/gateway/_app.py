@@ -113,6 +113,7 @@ from tether.gateway._config import APPROVAL_SAFETY_MARGIN, ConfigError, GatewayC
 from tether.gateway._pins import PinStatus, ToolPins
 from tether.gateway._redact import redact_result, redact_text
 from tether.gateway._upstream import InjectedHeaders, Upstream, UpstreamError
+from tether.observability import configure_tracing, traced_tool_call
 from tether.secrets import Lease
 
 log = logging.getLogger("tether.gateway")
@@ -553,6 +554,7 @@ class Gateway:
         )
 
     # -- calls ----------------------------------------------------------------------------
+    @traced_tool_call
     async def call_tool(
         self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult | types.InputRequiredResult:
@@ -1444,6 +1446,7 @@ def run_gateway(
         )
     where = home or config.home or os.environ.get("TETHER_HOME") or ".tether"
     tether = Tether.open(where)
+    configure_tracing()  # only when the OTEL_* variables ask for export
     if not log.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("tether gateway: %(levelname)s %(message)s"))

@@ -28,6 +28,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import httpx
 
+from tether.observability import with_trace_context
 from tether.sdk._errors import APIError, ReportFailed
 from tether.sdk._requests import (
     FailOver,
@@ -266,7 +267,11 @@ class Client:
             out = plan.out
             try:
                 response = self._http.request(
-                    out.method, out.url, headers=out.headers, json=out.json, data=out.data
+                    out.method,
+                    out.url,
+                    headers=with_trace_context(out.headers),
+                    json=out.json,
+                    data=out.data,
                 )
             except httpx.TransportError as exc:
                 if plan.retry_after(exc):
@@ -522,7 +527,11 @@ class AsyncClient:
             out = plan.out
             try:
                 response = await self._http.request(
-                    out.method, out.url, headers=out.headers, json=out.json, data=out.data
+                    out.method,
+                    out.url,
+                    headers=with_trace_context(out.headers),
+                    json=out.json,
+                    data=out.data,
                 )
             except httpx.TransportError as exc:
                 if plan.retry_after(exc):

@@ -37,7 +37,6 @@ from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import OpenAPIType, RequestBody, Schema
 from litestar.params import Body, Parameter
 from litestar.response import Redirect
-from opentelemetry import trace
 
 from tether._errors import (
     Conflict,
@@ -60,6 +59,7 @@ from tether.enforcement._unauthenticated import OTHER, UnauthenticatedTraffic, b
 from tether.gateway._profiles import profiles_from_catalogue
 from tether.identity._credentials import PREFIX as CREDENTIAL_PREFIX
 from tether.identity._credentials import credential_dict
+from tether.observability import remote_parent
 from tether.policy import default_schema
 from tether.secrets import SecretInfo, lease_dict
 from tether.server import _schemas as S
@@ -79,8 +79,6 @@ from tether.server._observe import LOG, Metrics, configure_logging, log_request
 from tether.store import ApprovalRow, CredentialRow, IdentityRow, TaskRow
 
 MAX_BODY = 1024 * 1024
-# OpenTelemetry: a no-op until the deployment configures an SDK and an exporter.
-TRACER = trace.get_tracer("tether.server")
 DECISIONS = "/v1/decisions"
 SECRETS = "/v1/secrets"
 log = logging.getLogger("tether.server")
@@ -1074,7 +1072,8 @@ async def decision(request: Request, data: S.AuthorizeIn) -> S.AuthorizeOut:  # 
     rate)."""
     ctx = _ctx(request)
     task_token = _task_token(ctx, request)
-    with TRACER.start_as_current_span("tether.decide") as span:
+    # The decision's span (tether.observability) is a child of the caller's traceparent.
+    with remote_parent(request.headers):
         decide = functools.partial(
             ctx.tether.authorize,
             token=task_token,
@@ -1089,17 +1088,7 @@ async def decision(request: Request, data: S.AuthorizeIn) -> S.AuthorizeOut:  # 
         # default). With group commit off, SQLite decides on the loop (one writer anyway).
         threaded = ctx.node is not None or ctx.tether.store.group_commit > 0
         receipt = await asyncio.to_thread(decide) if threaded else decide()
-        d = receipt.decision
-        span.set_attributes(
-            {
-                "tether.effect": str(d.effect),
-                "tether.reason": d.reasons[0].code,
-                "tether.tool": d.tool or "",
-                "tether.task_id": d.task_id or "",
-                "tether.agent": d.agent_id or "",
-                "tether.receipt_seq": receipt.seq,
-            }
-        )
+    d = receipt.decision
     ctx.metrics.decisions.labels(
         str(d.effect), bounded_code(d.reasons[0].code), _tool_label(ctx, d.tool)
     ).inc()
