@@ -44,7 +44,7 @@ import fnmatch
 import functools
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 from litestar import Request, Response, get, post
@@ -57,6 +57,7 @@ from tether.core._verify import TaskClaims, token_hash
 from tether.enforcement import ObservationRefused, Receipt
 from tether.enforcement._unauthenticated import bounded_code, describe
 from tether.server import _schemas as S
+from tether.server._app import _ERRORS, Context, _tool_label, refuse_unauthenticated
 from tether.server._auth import (
     Forbidden,
     RateLimited,
@@ -64,9 +65,6 @@ from tether.server._auth import (
     request_uri,
     single_header,
 )
-
-if TYPE_CHECKING:
-    from tether.server._app import Context
 
 T = TypeVar("T")
 
@@ -221,9 +219,6 @@ class Door:
     def unauthenticated(self, code: str) -> dict[str, Any]:
         """A caller who proved nothing: counted and sampled like any other such refusal
         (429 past its address's rate), answered with a fixed description."""
-        # Imported here: the server's app module registers this one.
-        from tether.server._app import refuse_unauthenticated  # noqa: PLC0415
-
         try:
             refuse_unauthenticated(self.ctx, self.request, code)
         except RateLimited:
@@ -277,9 +272,6 @@ class Door:
         return {"request_id": self.request_id} if self.request_id else {}
 
     def count(self, effect: str, code: str, tool: str | None) -> None:
-        # Imported here: the server's app module registers this one.
-        from tether.server._app import _tool_label  # noqa: PLC0415
-
         self.ctx.metrics.decisions.labels(
             effect, bounded_code(code), _tool_label(self.ctx, tool)
         ).inc()
@@ -319,10 +311,24 @@ class Door:
 
     # -- one evaluation --------------------------------------------------------------------
     async def evaluate(self, item: Evaluation) -> dict[str, Any]:
-        """Decide one evaluation: never raises but for shedding (429) and the store."""
-        if item.subject is None:
-            return self.unauthenticated("token.missing")
-        token, proof, problem = self.credentials(item.subject)
+        """Decide one evaluation; whatever fails on the way is a false decision with a
+        reason (never an error, but shedding: 429)."""
+        try:
+            return await self._evaluate(item)
+        except RateLimited:
+            raise
+        except Exception as exc:  # fail closed; the type only (a message could carry data)
+            code = exc.code if isinstance(exc, TetherError) else "internal.error"
+            self.count("deny", code, None)
+            return answer(
+                False,
+                "deny",
+                _reasons((code, f"the call could not be decided: {type(exc).__name__}")),
+            )
+
+    async def _evaluate(self, item: Evaluation) -> dict[str, Any]:
+        subject = item.subject or Entity(type="", id="")
+        token, proof, problem = self.credentials(subject)
         if problem is not None:
             return self.unauthenticated(problem)
         verified = self.verify_token(token)
@@ -336,7 +342,7 @@ class Door:
         except Malformed as exc:
             return self.refused(token, claims, tool, "call.malformed", exc.message)
         assert tool is not None
-        if item.subject.type != SUBJECT_TYPE or item.subject.id != claims.subject:
+        if subject.type != SUBJECT_TYPE or subject.id != claims.subject:
             return self.refused(
                 token,
                 claims,
@@ -344,7 +350,7 @@ class Door:
                 "subject.mismatch",
                 f"the subject is not the agent the task token was issued to ({claims.subject})",
                 control=Control.TASK_TOKEN,
-                detail={"subject": {"type": item.subject.type[:64], "id": item.subject.id[:256]}},
+                detail={"subject": {"type": subject.type[:64], "id": subject.id[:256]}},
             )
         if previous is not None:
             refusal = await self.observe(token, claims, tool, previous)
@@ -371,6 +377,8 @@ class Door:
         self, item: Evaluation, claims: TaskClaims
     ) -> tuple[dict[str, Any], str | None, PreviousResult | None]:
         """The arguments, the audience to check and the previous result of one evaluation."""
+        if item.subject is None:
+            raise Malformed("an evaluation needs a subject: the agent")
         if item.action is None or not item.action.name:
             raise Malformed("an evaluation needs an action whose name is the tool")
         if item.resource is None:
@@ -481,10 +489,13 @@ def _merge(top: Evaluation, item: Evaluation) -> Evaluation:
 
 
 # -- endpoints --------------------------------------------------------------------------------
-_DOC = {"tags": ["authzen"], "include_in_schema": True}
+_DOC: dict[str, Any] = {
+    "tags": ["authzen"],
+    "responses": {k: v for k, v in _ERRORS.items() if k in (413, 429, 503)},
+}
 
 
-@post(EVALUATION, status_code=200, **_DOC)  # type: ignore[arg-type]
+@post(EVALUATION, status_code=200, **_DOC)
 async def evaluation(request: Request) -> Response[dict[str, Any]]:  # type: ignore[type-arg]
     """AuthZEN Access Evaluation: may the agent (``subject``) call the tool
     (``action.name``) with ``context.arguments`` on ``resource``? Decided by the
@@ -497,7 +508,7 @@ async def evaluation(request: Request) -> Response[dict[str, Any]]:  # type: ign
     return _respond(request, await door.evaluate(item))
 
 
-@post(EVALUATIONS, status_code=200, **_DOC)  # type: ignore[arg-type]
+@post(EVALUATIONS, status_code=200, **_DOC)
 async def evaluations(request: Request) -> Response[dict[str, Any]]:  # type: ignore[type-arg]
     """AuthZEN Access Evaluations: several calls, each member defaulting to the request's
     ``subject``, ``action``, ``resource`` and ``context``; ``options.evaluations_semantic``
@@ -525,7 +536,7 @@ async def evaluations(request: Request) -> Response[dict[str, Any]]:  # type: ig
     return _respond(request, {"evaluations": results})
 
 
-@post(SEARCH_ACTION, status_code=200, **_DOC)  # type: ignore[arg-type]
+@post(SEARCH_ACTION, status_code=200, **_DOC)
 async def search_action(request: Request) -> Response[dict[str, Any]]:  # type: ignore[type-arg]
     """AuthZEN Action Search: the tools this task may call now. Each tool the task's
     intent names (a pattern: each catalogue entry it covers) is judged by the decision
@@ -560,7 +571,13 @@ async def search_action(request: Request) -> Response[dict[str, Any]]:  # type: 
         )
         return _respond(request, {"results": [], **refused})
     judge = functools.partial(_search, door, token, proof)
-    return _respond(request, await door.run(judge))
+    try:
+        found = await door.run(judge)
+    except Exception as exc:  # fail closed: nothing found; the type only
+        code = exc.code if isinstance(exc, TetherError) else "internal.error"
+        message = f"the search could not be made: {type(exc).__name__}"
+        found = {"results": [], **answer(False, "deny", _reasons((code, message)))}
+    return _respond(request, found)
 
 
 def _search(door: Door, token: str, proof: str | None) -> dict[str, Any]:
@@ -616,7 +633,7 @@ def _search(door: Door, token: str, proof: str | None) -> dict[str, Any]:
     }
 
 
-@get(CONFIGURATION, **_DOC)  # type: ignore[arg-type]
+@get(CONFIGURATION, tags=["authzen"], responses={503: _ERRORS[503]})
 async def configuration(request: Request) -> dict[str, Any]:  # type: ignore[type-arg]
     """The AuthZEN metadata of this decision point: its identifier and endpoints."""
     base = (_ctx(request).settings.public_url or "").rstrip("/")
