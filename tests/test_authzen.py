@@ -456,3 +456,37 @@ def test_another_tasks_token_and_a_subject_that_is_not_the_token_s(server: Serve
     for task in (mine, theirs):
         assert admin.get(f"/v1/tasks/{task.task_id}")["calls_used"] == 0
     assert admin.verify_audit()["ok"] is True
+
+
+def test_proofs_bind_the_decision_point_the_call_and_the_audience(server: Server) -> None:
+    """Attacker: a prompt-injected agent (or whoever sits between it and Tether) replaying
+    a proof, presenting one made for another URL or another call, or naming a resource
+    the task token is not addressed to: each a false decision with a deny receipt."""
+    admin, client = _setup(server)
+    task = client.open_task(template="pay-bill", params={"payee": PAYEE})
+    agent = Agent(server, client, task.token)
+    request = agent.request("bank.read_bills")
+    assert _evaluate(server, request).decision is True
+    replayed = _evaluate(server, request)
+    assert _context(replayed)["reasons"][0]["code"] == "proof.replayed"
+
+    assert client.key is not None
+    elsewhere = client.key.prove(
+        task.token, "bank.read_bills", {}, now=time.time(), htm="POST", htu="https://proxy/mcp"
+    )
+    request = agent.request("bank.read_bills")
+    request.subject.properties["proof"] = elsewhere
+    assert _context(_evaluate(server, request))["reasons"][0]["code"] == "proof.target"
+
+    request = agent.request("bank.read_balance")
+    request.action = Action(name="bank.send_money")
+    request.resource = Resource(type="tool", id="bank.send_money")
+    assert _context(_evaluate(server, request))["reasons"][0]["code"] == "proof.call"
+
+    request = agent.request("bank.read_bills")
+    request.resource = Resource(type="mcp_server", id="https://mcp.other.example/")
+    denied = _evaluate(server, request)
+    assert _context(denied)["reasons"][0]["code"] == "token.audience"
+    for answer in (replayed, denied):
+        assert answer.decision is False
+        assert _record(admin, _context(answer)["receipt"]["seq"])["effect"] == "deny"
