@@ -54,7 +54,7 @@ from tether._errors import InfrastructureError, TetherError
 from tether.core._decision import Call, Decision, decide
 from tether.core._risk import Control, risk_tags
 from tether.core._verify import TaskClaims, token_hash
-from tether.enforcement import ObservationRefused, Receipt
+from tether.enforcement import Observation, ObservationRefused, Receipt
 from tether.enforcement._unauthenticated import bounded_code, describe
 from tether.server import _schemas as S
 from tether.server._app import _ERRORS, Context, _tool_label, refuse_unauthenticated
@@ -352,10 +352,17 @@ class Door:
                 control=Control.TASK_TOKEN,
                 detail={"subject": {"type": subject.type[:64], "id": subject.id[:256]}},
             )
+        observed: dict[str, Any] | None = None
         if previous is not None:
-            refusal = await self.observe(token, claims, tool, previous)
-            if refusal is not None:
-                return refusal
+            seen = await self.observe(token, claims, tool, previous)
+            if not isinstance(seen, Observation):
+                return seen
+            observed = {
+                "tool": seen.tool,
+                "receipt": {"seq": seen.seq, "hash": seen.hash},
+                "sensitivity": seen.sensitivity,
+                "untrusted": seen.untrusted,
+            }
         decide_call = functools.partial(
             self.tether.authorize,
             token=token,
@@ -371,7 +378,10 @@ class Door:
         d = receipt.decision
         self.count(str(d.effect), d.reasons[0].code, d.tool)
         self.ctx.metrics.decision_latency.observe(receipt.latency_us / 1e6)
-        return _from_receipt(receipt)
+        out = _from_receipt(receipt)
+        if observed is not None:
+            out["context"]["previous_result"] = observed
+        return out
 
     def call_of(
         self, item: Evaluation, claims: TaskClaims
@@ -402,13 +412,11 @@ class Door:
                 previous = msgspec.convert(raw, PreviousResult)
             except msgspec.ValidationError as exc:
                 raise Malformed(f"context.previous_result: {exc}") from None
-            if isinstance(previous.receipt, bool):
-                raise Malformed("context.previous_result.receipt must be an integer")
         return args, audience, previous
 
     async def observe(
         self, token: str, claims: TaskClaims, tool: str, previous: PreviousResult
-    ) -> dict[str, Any] | None:
+    ) -> Observation | dict[str, Any]:
         """Observe the previous call's result through the pipeline; a refusal denies this
         call (the task's view of what it read would be incomplete)."""
         observe = functools.partial(
@@ -423,7 +431,7 @@ class Door:
             htu=self.htu,
         )
         try:
-            await self.run(observe, always=True)
+            return await self.run(observe, always=True)
         except ObservationRefused as exc:
             return self.refused(
                 token,
@@ -434,7 +442,6 @@ class Door:
                 control=Control.INFORMATION_FLOW,
                 detail={"previous_result": {"tool": previous.tool[:256], "refusal": exc.seq}},
             )
-        return None
 
 
 # -- bodies -----------------------------------------------------------------------------------
