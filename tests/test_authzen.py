@@ -294,6 +294,7 @@ def test_action_search_lists_what_the_task_may_call_now(server: Server) -> None:
         headers={"DPoP": proof},
     ).json()
     assert {r["name"] for r in found["results"]} == {"bank.read_bills", "bank.read_balance"}
+    assert found["page"] == {"next_token": ""}
     considered = {c["name"]: c for c in found["context"]["considered"]}
     assert considered["bank.send_money"]["reason"] == "intent.argument"
     # Judged, not decided: no receipt, no call of the budget spent.
@@ -593,3 +594,62 @@ def test_the_flow_scenario_through_authzen_matches_the_http_door(flow_env: Env) 
             h.policies,
         ), tool
         assert a.result == h.result, tool
+
+
+def test_what_is_not_a_request_is_a_false_decision_with_a_receipt(server: Server) -> None:
+    """Attacker: a prompt-injected agent sending whatever its enforcement point passes on
+    (a body that is not an AuthZEN request, an unknown batch semantic, a search for another
+    agent): false decisions, never an HTTP error, each with a receipt its task answers for."""
+    admin, client = _setup(server)
+    task = client.open_task(template="pay-bill", params={"payee": PAYEE})
+    assert client.key is not None
+    url = server.url + EVALUATION
+    proof = client.key.prove_request(task.token, htm="POST", htu=url, now=time.time())
+    headers = {"Authorization": f"DPoP {task.token}", "DPoP": proof}
+    for body in (b"[1, 2", b'{"subject": 7}', b'{"action": {"name": "x"}}'):
+        raw = httpx.post(url, content=body, headers=headers | {"X-Request-ID": "r-1"})
+        assert raw.status_code == 200 and raw.headers["x-request-id"] == "r-1"
+        answer = raw.json()
+        assert answer["decision"] is False
+        assert answer["context"]["reasons"][0]["code"] == "call.malformed"
+        assert answer["context"]["error"]["status"] == 400
+        receipt = _record(admin, answer["context"]["receipt"]["seq"])
+        assert receipt["task_id"] == task.task_id and receipt["effect"] == "deny"
+
+    batch = httpx.post(
+        server.url + EVALUATIONS,
+        json={"evaluations": [], "options": {"evaluations_semantic": "permit_everything"}},
+        headers=headers,
+    ).json()
+    assert batch["decision"] is False and batch["evaluations"] == []
+    assert batch["context"]["reasons"][0]["code"] == "call.malformed"
+
+    # No evaluations array: one evaluation, answered as one.
+    agent = Agent(server, client, task.token)
+    single = agent.request("bank.read_bills").model_dump(mode="json", exclude_none=True)
+    single["subject"] = agent.subject("bank.read_bills", {}, EVALUATIONS).model_dump(mode="json")
+    answer = httpx.post(server.url + EVALUATIONS, json=single).json()
+    assert answer["decision"] is True and "evaluations" not in answer
+
+    # Searching for another agent's tools with this task's token.
+    proof = client.key.prove_request(
+        task.token, htm="POST", htu=server.url + SEARCH, now=time.time()
+    )
+    found = httpx.post(
+        server.url + SEARCH,
+        json={
+            "subject": {"type": "agent", "id": OTHER_AGENT, "properties": {"token": task.token}},
+            "resource": {"type": "tool", "id": "*"},
+        },
+        headers={"DPoP": proof},
+    ).json()
+    assert found["results"] == [] and found["decision"] is False
+    assert found["context"]["reasons"][0]["code"] == "subject.mismatch"
+    assert _record(admin, found["context"]["receipt"]["seq"])["task_id"] == task.task_id
+    # And with no token at all.
+    nothing = httpx.post(
+        server.url + SEARCH, json={"subject": {"type": "agent", "id": AGENT}}
+    ).json()
+    assert nothing["results"] == [] and nothing["decision"] is False
+    assert nothing["context"]["reasons"][0]["code"] == "token.missing"
+    assert admin.get(f"/v1/tasks/{task.task_id}")["calls_used"] == 1

@@ -106,7 +106,8 @@ class Evaluation(msgspec.Struct):
 
 
 class Evaluations(Evaluation):
-    evaluations: list[Evaluation] = []
+    #: Absent: the request is one evaluation (and so is the answer).
+    evaluations: list[Evaluation] | None = None
     options: dict[str, Any] | None = None
 
 
@@ -146,16 +147,21 @@ def answer(
     reasons: list[dict[str, str]],
     *,
     receipt: dict[str, Any] | None = None,
+    error: int | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """``{"decision", "context"}``: the context names the effect, the reasons (first one
-    also as ``reason_admin``), the receipt and whatever else the decision has."""
+    also as ``reason_admin``), the receipt and whatever else the decision has; ``error``
+    (an HTTP status) says that no decision could be made, as the standard's
+    ``context.error`` (``status``, ``message``)."""
     context: dict[str, Any] = {
         "effect": effect,
         "reasons": reasons,
         "reason_admin": {"en": reasons[0]["message"]} if reasons else None,
         "receipt": receipt,
     }
+    if error is not None:
+        context["error"] = {"status": error, "message": reasons[0]["message"]}
     context.update({k: v for k, v in extra.items() if v is not None})
     return {"decision": allowed, "context": context}
 
@@ -216,11 +222,11 @@ class Door:
         return await asyncio.to_thread(fn) if threaded else fn()
 
     # -- refusals --------------------------------------------------------------------------
-    def unauthenticated(self, code: str) -> dict[str, Any]:
+    def unauthenticated(self, code: str, status: int = 401) -> dict[str, Any]:
         """A caller who proved nothing: counted and sampled like any other such refusal
         (429 past its address's rate), answered with a fixed description."""
         try:
-            refuse_unauthenticated(self.ctx, self.request, code)
+            refuse_unauthenticated(self.ctx, self.request, code, status=status)
         except RateLimited:
             raise
         except (Unauthorized, Forbidden, HTTPException):
@@ -230,6 +236,7 @@ class Door:
             False,
             "deny",
             _reasons((code, describe(code))),
+            error=status,
             sampled="request.unauthenticated",
         )
 
@@ -243,6 +250,7 @@ class Door:
         *,
         control: Control = Control.PER_CALL_POLICY,
         detail: dict[str, Any] | None = None,
+        error: int | None = None,
     ) -> dict[str, Any]:
         """A call refused before the pipeline, from a caller whose task token verifies:
         a ``decision`` deny receipt that the task is accountable for (as for a decision
@@ -266,7 +274,7 @@ class Door:
         except TetherError:
             receipt = None
         self.count("deny", code, tool)
-        return answer(False, "deny", reasons, receipt=receipt, task_id=claims.task_id)
+        return answer(False, "deny", reasons, receipt=receipt, error=error, task_id=claims.task_id)
 
     def detail(self) -> dict[str, Any]:
         return {"request_id": self.request_id} if self.request_id else {}
@@ -320,10 +328,12 @@ class Door:
         except Exception as exc:  # fail closed; the type only (a message could carry data)
             code = exc.code if isinstance(exc, TetherError) else "internal.error"
             self.count("deny", code, None)
+            status = 503 if isinstance(exc, InfrastructureError) else 500
             return answer(
                 False,
                 "deny",
                 _reasons((code, f"the call could not be decided: {type(exc).__name__}")),
+                error=status,
             )
 
     async def _evaluate(self, item: Evaluation) -> dict[str, Any]:
@@ -340,7 +350,7 @@ class Door:
         try:
             args, audience, previous = self.call_of(item, claims)
         except Malformed as exc:
-            return self.refused(token, claims, tool, "call.malformed", exc.message)
+            return self.refused(token, claims, tool, "call.malformed", exc.message, error=400)
         assert tool is not None
         if subject.type != SUBJECT_TYPE or subject.id != claims.subject:
             return self.refused(
@@ -476,8 +486,8 @@ def _malformed(door: Door, exc: Malformed) -> dict[str, Any]:
                 door.header_token, now=door.tether.clock.now()
             )
     if claims is None or door.header_token is None:
-        return door.unauthenticated(code)
-    return door.refused(door.header_token, claims, None, code, exc.message)
+        return door.unauthenticated(code, exc.status)
+    return door.refused(door.header_token, claims, None, code, exc.message, error=exc.status)
 
 
 def _ctx(request: Request) -> Context:  # type: ignore[type-arg]
@@ -527,14 +537,16 @@ async def evaluations(request: Request) -> Response[dict[str, Any]]:  # type: ig
         semantic = (batch.options or {}).get("evaluations_semantic", "execute_all")
         if semantic not in SEMANTICS:
             raise Malformed(f"options.evaluations_semantic must be one of {', '.join(SEMANTICS)}")
-        if len(batch.evaluations) > MAX_EVALUATIONS:
+        if batch.evaluations is not None and len(batch.evaluations) > MAX_EVALUATIONS:
             raise Malformed(f"a batch holds at most {MAX_EVALUATIONS} evaluations")
     except Malformed as exc:
         return _respond(request, {**_malformed(door, exc), "evaluations": []})
-    items = batch.evaluations or [Evaluation()]
+    if batch.evaluations is None:
+        # No array: an Access Evaluation request, answered as one.
+        return _respond(request, await door.evaluate(batch))
     results: list[dict[str, Any]] = []
-    for item in items:
-        result = await door.evaluate(_merge(batch, item) if batch.evaluations else batch)
+    for item in batch.evaluations:
+        result = await door.evaluate(_merge(batch, item))
         results.append(result)
         if semantic == "deny_on_first_deny" and not result["decision"]:
             break
@@ -583,7 +595,8 @@ async def search_action(request: Request) -> Response[dict[str, Any]]:  # type: 
     except Exception as exc:  # fail closed: nothing found; the type only
         code = exc.code if isinstance(exc, TetherError) else "internal.error"
         message = f"the search could not be made: {type(exc).__name__}"
-        found = {"results": [], **answer(False, "deny", _reasons((code, message)))}
+        status = 503 if isinstance(exc, InfrastructureError) else 500
+        found = {"results": [], **answer(False, "deny", _reasons((code, message)), error=status)}
     return _respond(request, found)
 
 
@@ -632,6 +645,7 @@ def _search(door: Door, token: str, proof: str | None) -> dict[str, Any]:
             considered.append({"name": tool, "effect": str(decision.effect), "reason": first.code})
     return {
         "results": results,
+        "page": {"next_token": ""},
         "context": {
             "task_id": state.task_id,
             "considered": considered,
