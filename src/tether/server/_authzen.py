@@ -29,11 +29,12 @@ Every call is decided by :meth:`tether.Tether.authorize` (the one enforcement pi
 and leaves the same receipt as the SDK and HTTP doors, with ``detail.door`` ``authzen``.
 ``decision`` is true for ``allow`` only; ``context`` carries the effect, the reasons, the
 receipt and, for a held call, the approval id. What cannot be decided is a ``false``
-decision with a reason, never a server error: a caller who proved nothing (no token, a
-token that does not verify) is counted and sampled like every unauthenticated refusal
-(``request.unauthenticated`` receipts); a caller whose token verifies but whose request
-is refused before the pipeline (a malformed evaluation, a subject that is not the
-token's, a previous result that cannot be observed) gets a ``decision`` deny receipt.
+decision with a reason, never an HTTP error (but shedding, 429): a caller who proved
+nothing (no token, a token that does not verify) is counted and sampled like every
+unauthenticated refusal (``request.unauthenticated`` receipts); a caller whose token
+verifies but whose request is refused before the pipeline (a malformed evaluation, a
+subject that is not the token's, a previous result that cannot be observed) gets a
+``decision`` deny receipt.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class Entity(msgspec.Struct):
     """A subject or a resource: ``type``, ``id`` and open ``properties``."""
 
     type: str
-    id: str
+    id: str = ""
     properties: dict[str, Any] = {}
 
 
