@@ -232,7 +232,7 @@ class Door:
             raise
         except (Unauthorized, Forbidden, HTTPException):
             pass
-        self.count("deny", code, None)
+        # Counted as an unauthenticated refusal (above), not as a decision: nobody's call.
         return answer(
             False,
             "deny",
