@@ -616,6 +616,12 @@ def test_what_is_not_a_request_is_a_false_decision_with_a_receipt(server: Server
         receipt = _record(admin, answer["context"]["receipt"]["seq"])
         assert receipt["task_id"] == task.task_id and receipt["effect"] == "deny"
 
+    big = b'{"context": {"arguments": {"x": "' + b"a" * (1024 * 1024) + b'"}}}'
+    answer = httpx.post(url, content=big, headers=headers).json()
+    assert answer["decision"] is False and answer["context"]["error"]["status"] == 413
+    assert answer["context"]["reasons"][0]["code"] == "call.oversized"
+    assert _record(admin, answer["context"]["receipt"]["seq"])["task_id"] == task.task_id
+
     batch = httpx.post(
         server.url + EVALUATIONS,
         json={"evaluations": [], "options": {"evaluations_semantic": "permit_everything"}},
