@@ -117,6 +117,13 @@ def test_no_write_endpoint_is_reachable_unauthenticated(server: Server) -> None:
     ]
     assert len(writes) >= 10
     open_by_design = {"/v1/decisions", "/v1/attest", "/oauth2/token"}
+    # The AuthZEN decision point: a task token in the body or headers; without one, a
+    # false decision (counted like any unauthenticated refusal), not a 401.
+    open_by_design |= {
+        "/access/v1/evaluation",
+        "/access/v1/evaluations",
+        "/access/v1/search/action",
+    }
     for path, method in writes:
         url = server.url + path.replace("{task_id}", "task_x").replace("{approval_id}", "apr_x")
         response = httpx.request(method.upper(), url, json={})

@@ -197,6 +197,7 @@ _NEVER_SHED = frozenset(
         "/.well-known/jwks.json",
         "/.well-known/spiffe-bundle",
         "/.well-known/oauth-authorization-server",
+        "/.well-known/authzen-configuration",
     }
 )
 
@@ -1695,6 +1696,7 @@ async def root() -> Redirect:
 def create_app(tether: Tether, settings: ServerSettings | None = None) -> Litestar:
     # Imported here: the console itself imports this package's authentication.
     from tether.console import console_router  # noqa: PLC0415
+    from tether.server._authzen import authzen_routes  # noqa: PLC0415
 
     settings = settings or ServerSettings()
     configure_logging(settings.log_level)
@@ -1754,6 +1756,7 @@ def create_app(tether: Tether, settings: ServerSettings | None = None) -> Litest
             credential_show,
             credential_disable,
             credential_rotate,
+            *authzen_routes(),
         ],
         state=State({"ctx": Context(tether, settings)}),
         exception_handlers={Exception: _error_response},
