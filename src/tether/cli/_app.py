@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -234,9 +233,32 @@ def _os_user() -> str:
         return f"uid:{os.getuid()}" if hasattr(os, "getuid") else "unknown"
 
 
+def _verbs(typer_app: typer.Typer, prefix: str) -> dict[Any, str]:
+    """The code of every command callback of ``typer_app`` and the words that run it."""
+    found: dict[Any, str] = {}
+    for command in typer_app.registered_commands:
+        if command.callback is not None:
+            name = command.name or command.callback.__name__.replace("_", "-")
+            found[command.callback.__code__] = f"{prefix} {name}"
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None and group.name:
+            found.update(_verbs(group.typer_instance, f"{prefix} {group.name}"))
+            callback = group.typer_instance.registered_callback
+            if callback is not None and callback.callback is not None:
+                found[callback.callback.__code__] = f"{prefix} {group.name}"
+    return found
+
+
 def _command_path() -> str:
-    ctx = click.get_current_context(silent=True)
-    return ctx.command_path if ctx is not None else "tether"
+    """The words of the command running now (``tether identity disable``), never its
+    arguments: found by the command's callback on the call stack."""
+    verbs = _verbs(app, "tether")
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code in verbs:
+            return verbs[frame.f_code]
+        frame = frame.f_back  # type: ignore[assignment]
+    return "tether"
 
 
 def _break_glass_open(home: Path | None) -> Tether:
@@ -1176,6 +1198,92 @@ def policy_shadow(
     emit(report, as_json, human)
 
 
+def parse_instant(text: str, option: str) -> float:
+    """An instant given on the command line: RFC 3339 / ISO 8601 (a time without a zone
+    is UTC), or seconds since the epoch."""
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.strip().replace("z", "Z"))
+    except ValueError:
+        raise UsageError(
+            f"{option} {text!r} is not a time: give RFC 3339 (2026-12-05T21:00:00Z) "
+            "or seconds since the epoch"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+@app.command()
+def replay(
+    policies: Annotated[
+        Path, typer.Option("--policies", help="directory of the candidate *.cedar files")
+    ],
+    since: Annotated[
+        str | None,
+        typer.Option(
+            "--from", help="first instant (RFC 3339 or epoch seconds)", show_default=False
+        ),
+    ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option("--to", help="last instant (RFC 3339 or epoch seconds)", show_default=False),
+    ] = None,
+    limit: Annotated[int, typer.Option(help="changed decisions to list")] = 1000,
+    fail_on_change: Annotated[
+        bool, typer.Option("--fail-on-change", help="exit 1 if any decision would change")
+    ] = False,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Re-decide the recorded calls under a candidate policy set (not loaded): every
+    decision whose effect would change (old → new, tool, task, receipt, reason codes),
+    and the calls that cannot be replayed faithfully, with why."""
+    from tether.policy._testing import read_dir  # noqa: PLC0415
+
+    sources, schema = read_dir(policies)
+    body: dict[str, Any] = {"files": sources, "schema": schema, "limit": max(0, limit)}
+    if since is not None:
+        body["from"] = parse_instant(since, "--from")
+    if until is not None:
+        body["to"] = parse_instant(until, "--to")
+    report = _api(home).post("/v1/policies/replay", body)
+    for end in ("from", "to"):  # instants, though not named like one
+        if report.get(end) is not None:
+            report[end] = rfc3339(report[end])
+
+    def human() -> None:
+        out.print(
+            f"candidate {report['candidate'][:19]}… against live {report['live'][:19]}…: "
+            f"{report['replayed']} decision(s) replayed, {report['would_change']} would "
+            f"change, {report['before_policy']} refused before the policy step, "
+            f"{report['unreplayable_count']} not replayable"
+        )
+        for transition, count in sorted(report["changes"].items()):
+            out.print(f"  {transition}: {count}")
+        if report["changed"]:
+            table = Table("receipt", "task", "tool", "old", "new", "reasons")
+            for c in report["changed"]:
+                note = "" if c["complete"] else " (later checks not replayed)"
+                table.add_row(
+                    f"#{c['seq']}", str(c["task_id"]), _shown(str(c["tool"])), c["old"],
+                    c["new"] + note,
+                    ", ".join(c["old_reasons"]) + " → " + ", ".join(c["new_reasons"]),
+                )  # fmt: skip
+            out.print(table)
+        for u in report["unreplayable"][:20]:
+            out.print(f"  not replayable: #{u['seq']} {_shown(str(u['tool']))}: {u['why']}")
+
+    emit(report, as_json, human)
+    if fail_on_change and report["would_change"]:
+        raise typer.Exit(1)
+
+
 def _policy_dir(directory: Path) -> tuple[dict[str, str], str]:
     from tether.policy._service import default_schema  # noqa: PLC0415
     from tether.policy._testing import read_dir  # noqa: PLC0415
@@ -1682,13 +1790,8 @@ def audit_verify(
         result,
         as_json,
         lambda: out.print(
-            f"[green]✓[/] {result['records']} receipts, {result['checkpoints']} checkpoints "
-            + (
-                f"and {result['heads']} signed heads ({result['witnessed']} witnessed) "
-                if "heads" in result
-                else ""
-            )
-            + "verified"
+            f"[green]✓[/] {result['records']} receipts, {result['checkpoints']} checkpoints, "
+            f"{result['heads']} signed heads, {result['witnessed']} witnessed heads verified"
             if result["ok"]
             else f"[red]✗[/] position {result['first_bad']}: {result['problem']}"
         ),
