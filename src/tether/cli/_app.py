@@ -1133,6 +1133,7 @@ def policy_load(
             "recorded on its receipt, never enforced (see `tether policy shadow`)",
         ),
     ] = False,
+    by: ByOpt = None,
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
@@ -1141,7 +1142,9 @@ def policy_load(
     from tether.policy._testing import read_dir  # noqa: PLC0415
 
     sources, schema = read_dir(directory)
-    loaded = _api(home).post("/v1/policies", {"files": sources, "schema": schema, "shadow": shadow})
+    client = _api(home)
+    _attributed(client, by)
+    loaded = client.post("/v1/policies", {"files": sources, "schema": schema, "shadow": shadow})
     what = "shadow set loaded: recorded, not enforced" if shadow else "policies loaded"
     emit(
         {
