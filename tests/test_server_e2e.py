@@ -4,6 +4,7 @@ package and authlib's OAuth client."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -133,8 +134,6 @@ def test_roles_are_enforced(server: Server) -> None:
             sys.executable,
             "-m",
             "tether",
-            "--home",
-            str(server.home),
             "admin",
             "create",
             "--role",
@@ -146,6 +145,7 @@ def test_roles_are_enforced(server: Server) -> None:
         capture_output=True,
         text=True,
         check=True,
+        env={**os.environ, "TETHER_SERVER": server.url, "TETHER_TOKEN": server.admin},
     )
     auditor = Client(server.url, admin=json.loads(proc.stdout)["credential"])
     assert auditor.verify_audit()["ok"] is True
@@ -209,6 +209,7 @@ def test_authlib_token_exchange_introspection_and_revocation(
             "tether",
             "--home",
             str(server.home),
+            "--break-glass",  # trusting an issuer is the store's own (no endpoint)
             "issuer",
             "--issuer",
             "https://idp.acme.example",
@@ -255,8 +256,6 @@ def test_authlib_token_exchange_introspection_and_revocation(
                 sys.executable,
                 "-m",
                 "tether",
-                "--home",
-                str(server.home),
                 "admin",
                 "create",
                 "--role",
@@ -268,6 +267,7 @@ def test_authlib_token_exchange_introspection_and_revocation(
             capture_output=True,
             text=True,
             check=True,
+            env={**os.environ, "TETHER_SERVER": server.url, "TETHER_TOKEN": server.admin},
         ).stdout
     )
     cid, secret = admin_row["credential"][len("tadm_") :].split(".")
