@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tether._errors import InvalidPolicy, TetherError, UsageError
+from tether._errors import Conflict, InvalidPolicy, TetherError, UsageError
 from tether._tether import Tether
 from tether.cli._client import (
     SERVER_ENV,
@@ -350,6 +350,15 @@ def _store_only(home: Path | None) -> Tether:
     return _break_glass_open(home)
 
 
+def _initialised(home: Path | None) -> bool:
+    """Whether the home (and its store) already holds a trust domain."""
+    try:
+        Tether.open(home_dir(home)).close()
+    except TetherError:
+        return False
+    return True
+
+
 # -- init, bundle, keys -----------------------------------------------------------------
 @app.command()
 def init(
@@ -364,14 +373,36 @@ def init(
         ),
     ] = None,
     ttl: TtlOpt = None,
+    exists_ok: Annotated[
+        bool,
+        typer.Option(
+            "--exists-ok",
+            help="a home (or database) that already holds a trust domain is left as it is, "
+            "exit 0 (a bootstrap job run again)",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
     """Create a trust domain: signing key, X.509 CA, sealed at rest; and an admin credential,
     shown once (or written to ``--credential-file``)."""
     if credential_file is not None and credential_file.exists():
+        if exists_ok and _initialised(home):
+            emit({"home": str(home_dir(home)), "created": False}, as_json, lambda: None)
+            return
         raise UsageError(f"{credential_file} exists: a credential file is never overwritten")
-    tether = Tether.init(home_dir(home), trust_domain)
+    try:
+        tether = Tether.init(home_dir(home), trust_domain)
+    except Conflict as exc:
+        if not exists_ok:
+            raise
+        why = exc.message
+        emit(
+            {"home": str(home_dir(home)), "created": False},
+            as_json,
+            lambda: out.print(f"{why}: left as it is"),
+        )
+        return
     keys = tether.jwks()["keys"]
     row, secret = tether.credentials.create(
         "admin", admin or f"admin@{trust_domain}", ttl=ttl, by="tether init"
