@@ -206,6 +206,10 @@ def test_home_option_and_uninitialised_home(tmp_path: Path, store_backend: str) 
     assert (tmp_path / "h2" / "kek.key").exists()
     # On PostgreSQL the home holds the KEK only; the state is in the database.
     assert (tmp_path / "h2" / "tether.db").exists() is (store_backend == "sqlite")
+    # A bootstrap job run again: refused, unless --exists-ok (then nothing changes).
+    again = ("init", "--trust-domain", "example.org", "--home", str(tmp_path / "h2"))
+    assert c.run(*again, ok=False).returncode == 2
+    assert c.json(*again, "--exists-ok")["created"] is False
 
 
 def test_authorize_without_held_key_is_refused_with_what_is_missing(cli: CLI) -> None:
