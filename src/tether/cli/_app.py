@@ -1,8 +1,18 @@
-"""The ``tether`` command line (typer + rich).
+"""The ``tether`` command line (typer + rich): the operator's client of the API.
 
-Every verb takes ``--json`` (one JSON object on stdout) and ``--home DIR``
-(default ``$TETHER_HOME``, else ``./.tether``). Errors are one line on stderr
-and a non-zero exit: 1 for a refusal or failure, 2 for bad usage.
+Every verb that reads or changes the control plane sends its request to the server
+named by ``--server`` / ``$TETHER_SERVER``, with the admin credential of
+``$TETHER_TOKEN`` or of a 0600 file (``--token-file`` / ``$TETHER_TOKEN_FILE``); the
+server checks the credential's role and names its owner in the receipt
+(:mod:`tether.cli._client`). The store is opened here, with the KEK, only for
+bootstrap (``init``, ``migrate``, the first admin credential), by the serving
+processes (``serve``, ``gateway``), and in break-glass mode (``--break-glass`` or
+``$TETHER_BREAK_GLASS=1``): then the same API is served inside this process over the
+local store, after a receipt naming the OS user.
+
+Every verb takes ``--json`` (one JSON object on stdout, instants in RFC 3339) and
+``--home DIR`` (default ``$TETHER_HOME``, else ``./.tether``). Errors are one line on
+stderr and a non-zero exit: 1 for a refusal or failure, 2 for bad usage.
 """
 
 from __future__ import annotations
