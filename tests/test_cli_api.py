@@ -7,6 +7,8 @@ import getpass
 import json
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -267,3 +269,12 @@ def test_json_instants_version_and_completion(served: tuple[Server, CLI]) -> Non
     helped = admin.run("--help", env={"COLUMNS": "200"}).stdout
     assert "--install-completion" in helped and "--show-completion" in helped
     assert "--server" in helped and "--break-glass" in helped
+    # The installed `tether` script completes verbs (bash, here).
+    script = "import sys; sys.argv[0] = 'tether'; import tether.cli; tether.cli.main()"
+    completed = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**admin.env, "_TETHER_COMPLETE": "complete_bash", "COMP_WORDS": "tether approval ",
+             "COMP_CWORD": "2"},
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert completed.stdout.split() == ["list", "approve", "deny"], completed.stderr
