@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -134,3 +135,44 @@ class Server:
             self.process.send_signal(sig)
         self.process.wait(timeout=30)
         self.process = None
+
+
+class CLI:
+    """The real ``tether`` CLI, one process per verb, talking to ``server`` with its admin
+    credential (``$TETHER_SERVER``, ``$TETHER_TOKEN``); ``home`` keeps the task keys."""
+
+    def __init__(self, home: Path, server: Server | None = None, token: str | None = None) -> None:
+        self.home = home
+        self.env = {**home_env(home), "TETHER_HOME": str(home)}
+        for name in ("TETHER_KEK", "TETHER_SERVER", "TETHER_TOKEN", "TETHER_TOKEN_FILE"):
+            self.env.pop(name, None)
+        self.env.pop("TETHER_BREAK_GLASS", None)
+        if server is not None:
+            self.env["TETHER_SERVER"] = server.url
+            self.env["TETHER_TOKEN"] = token if token is not None else server.admin
+
+    def as_(self, token: str) -> CLI:
+        """The same CLI presenting another credential."""
+        other = CLI(self.home)
+        other.env = {**self.env, "TETHER_TOKEN": token}
+        return other
+
+    def run(
+        self, *args: str, ok: bool = True, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(  # noqa: PLW1510 - the exit code is asserted
+            [sys.executable, "-m", "tether", *args],
+            capture_output=True,
+            text=True,
+            env={**self.env, **(env or {})},
+            timeout=60,
+        )
+        if ok:
+            assert result.returncode == 0, result.stderr
+        return result
+
+    def json(self, *args: str) -> Any:
+        result = self.run(*args, "--json")
+        lines = result.stdout.strip().splitlines()
+        assert len(lines) == 1, result.stdout
+        return json.loads(lines[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -108,25 +109,15 @@ def test_the_approved_call_cannot_be_replayed(held: tuple[Tether, ProofKey, str,
 
 
 def _credential(srv: Server, role: str, owner: str) -> str:
+    """A credential made with the CLI, through the server, by its first admin."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tether",
-            "--home",
-            str(srv.home),
-            "admin",
-            "create",
-            "--role",
-            role,
-            "--owner",
-            owner,
-            "--json",
-        ],
+        [sys.executable, "-m", "tether", "admin", "create", "--role", role, "--owner", owner,
+         "--json"],
         capture_output=True,
         text=True,
         check=True,
-    )
+        env={**os.environ, "TETHER_SERVER": srv.url, "TETHER_TOKEN": srv.admin},
+    )  # fmt: skip
     credential: str = json.loads(proc.stdout)["credential"]
     return credential
 

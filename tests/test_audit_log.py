@@ -370,7 +370,8 @@ def test_cli_export_verify_and_keys(tmp_path: Path) -> None:
     """Store writer without the KEK: an injected key row shows in 'keys list'; the
     exported bundle verifies with no database."""
     home = tmp_path / "home"
-    run = [sys.executable, "-m", "tether", "--home", str(home)]
+    # Keys and exports are the store's own: the operator at its host, break-glass.
+    run = [sys.executable, "-m", "tether", "--home", str(home), "--break-glass"]
     env = {**os.environ, "TETHER_WITNESS": str(tmp_path / "w.jsonl")}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:

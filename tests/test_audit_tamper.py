@@ -128,7 +128,7 @@ def test_cli_names_the_position(tmp_path: object) -> None:
     from pathlib import Path
 
     home = Path(str(tmp_path)) / "home"
-    run = [sys.executable, "-m", "tether", "--home", str(home)]
+    run = [sys.executable, "-m", "tether", "--home", str(home), "--break-glass"]
     subprocess.run(
         [*run, "init", "--trust-domain", "acme.example"], check=True, capture_output=True
     )

@@ -128,7 +128,7 @@ class Evidence:
         self, home: Path, *args: str, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
-            [sys.executable, "-m", "tether", "--home", str(home), *args],
+            [sys.executable, "-m", "tether", "--home", str(home), "--break-glass", *args],
             capture_output=True,
             text=True,
             env=env or _clean_env(),

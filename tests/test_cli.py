@@ -6,10 +6,12 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+
+from .server_support import CLI, Server
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "demo"
@@ -17,35 +19,10 @@ AGENT = "spiffe://acme.example/agent/bill-payer"
 PAYEE = "DE50526018159083016613"
 
 
-class CLI:
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.env = {**os.environ, "TETHER_HOME": str(home)}
-        self.env.pop("TETHER_KEK", None)
-
-    def run(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(  # noqa: PLW1510 - the exit code is asserted
-            [sys.executable, "-m", "tether", *args],
-            capture_output=True,
-            text=True,
-            env=self.env,
-            timeout=60,
-        )
-        if ok:
-            assert result.returncode == 0, result.stderr
-        return result
-
-    def json(self, *args: str) -> Any:
-        result = self.run(*args, "--json")
-        lines = result.stdout.strip().splitlines()
-        assert len(lines) == 1, result.stdout
-        return json.loads(lines[0])
-
-
 @pytest.fixture
-def cli(tmp_path: Path) -> CLI:
-    c = CLI(tmp_path / "home")
-    c.json("init", "--trust-domain", "acme.example")
+def cli(tmp_path: Path) -> Iterator[CLI]:
+    server = Server(tmp_path / "home").start()
+    c = CLI(tmp_path / "home", server)
     c.json(
         "identity",
         "register",
@@ -64,7 +41,10 @@ def cli(tmp_path: Path) -> CLI:
         "catalogue", "load", str(EXAMPLES / "bank.catalogue.toml"), "--prefix", "bank"
     )
     assert "bank.send_money" in described["tools"]
-    return c
+    try:
+        yield c
+    finally:
+        server.stop()
 
 
 def test_full_path_with_a_template(cli: CLI) -> None:
@@ -104,14 +84,12 @@ def test_full_path_with_a_template(cli: CLI) -> None:
     )
     assert held["effect"] == "approval_required"
     assert "large-payments-need-a-human" in held["policies"]
-    denied = cli.json(
-        "approval", "deny", held["approval_id"], "--by", "bob@acme.example",
-        "--comment", "not this month",
-    )  # fmt: skip
+    denied = cli.json("approval", "deny", held["approval_id"], "--comment", "not this month")
     assert denied["status"] == "denied"
     decided = cli.json("audit", "tail", "-n", "1")["records"][-1]
     assert decided["kind"] == "approval.decide"
     assert decided["detail"]["comment"] == "not this month"
+    assert decided["chain"][0] == "root@acme.example"  # the credential's owner
 
     shown = cli.json("task", "show", task)
     assert shown["status"] == "open" and shown["calls_used"] == 1
@@ -220,20 +198,26 @@ def test_errors_are_one_line_without_traceback(
 
 def test_home_option_and_uninitialised_home(tmp_path: Path, store_backend: str) -> None:
     c = CLI(tmp_path / "elsewhere")
-    result = c.run("identity", "list", "--home", str(tmp_path / "missing"), ok=False)
+    result = c.run(
+        "--break-glass", "identity", "list", "--home", str(tmp_path / "missing"), ok=False
+    )
     assert result.returncode == 2 and "tether init" in result.stderr
     c.json("init", "--trust-domain", "example.org", "--home", str(tmp_path / "h2"))
     assert (tmp_path / "h2" / "kek.key").exists()
     # On PostgreSQL the home holds the KEK only; the state is in the database.
     assert (tmp_path / "h2" / "tether.db").exists() is (store_backend == "sqlite")
+    # A bootstrap job run again: refused, unless --exists-ok (then nothing changes).
+    again = ("init", "--trust-domain", "example.org", "--home", str(tmp_path / "h2"))
+    assert c.run(*again, ok=False).returncode == 2
+    assert c.json(*again, "--exists-ok")["created"] is False
 
 
-def test_authorize_without_held_key_is_denied_with_a_receipt(cli: CLI) -> None:
-    result = cli.json(
-        "authorize", "--task", "task_unknown", "--tool", "bank.read_bills", "--args", "{}"
-    )
-    assert result["effect"] == "deny" and result["reasons"][0]["code"] == "token.missing"
-    assert result["receipt"]["seq"] > 0
+def test_authorize_without_held_key_is_refused_with_what_is_missing(cli: CLI) -> None:
+    result = cli.run(
+        "authorize", "--task", "task_unknown", "--tool", "bank.read_bills", "--args", "{}",
+        ok=False,
+    )  # fmt: skip
+    assert result.returncode == 2 and "no task token held for task_unknown" in result.stderr
 
 
 def test_demo_runs_and_shows_the_whole_path() -> None:
@@ -260,15 +244,19 @@ def test_demo_runs_and_shows_the_whole_path() -> None:
 
 
 def test_key_rotation_and_checkpoint(cli: CLI) -> None:
+    """Keys and checkpoints are the store's own (no endpoint): break-glass only; the
+    bundles come from the server."""
+    refused = cli.run("keys", "rotate", ok=False)
+    assert refused.returncode == 2 and "--break-glass" in refused.stderr
     before = {k["kid"] for k in cli.json("bundle", "--format", "jwks")["keys"]}
-    rotated = cli.json("keys", "rotate")
+    rotated = cli.json("--break-glass", "keys", "rotate")
     after = {k["kid"] for k in cli.json("bundle", "--format", "jwks")["keys"]}
     assert after == before | {rotated["kid"]}
-    ca = cli.json("keys", "rotate", "--use", "x509-ca")
+    ca = cli.json("--break-glass", "keys", "rotate", "--use", "x509-ca")
     assert ca["use"] == "x509-ca"
     x509_entries = [k for k in cli.json("bundle")["keys"] if k["use"] == "x509-svid"]
     assert len(x509_entries) == 2
-    checkpoint = cli.json("audit", "checkpoint")
+    checkpoint = cli.json("--break-glass", "audit", "checkpoint")
     assert checkpoint["seq"] > 0
     assert cli.json("audit", "verify")["checkpoints"] >= 1
 

@@ -19,7 +19,7 @@ from tether.identity._credentials import DEFAULT_TTL
 from tether.server import ServerSettings, create_app
 
 from .console_support import console_client, sign_in
-from .test_cli import CLI
+from .server_support import CLI, Server
 
 
 def _receipt(t: Tether, kind: str) -> dict[str, object]:
@@ -125,12 +125,26 @@ def test_the_api_lists_creates_rotates_and_disables(
 
 
 def test_the_cli_writes_credentials_to_0600_files_never_to_the_terminal(tmp_path: Path) -> None:
-    cli = CLI(tmp_path / "home")
+    """The first admin credential goes to a 0600 file; the CLI then reads it from there
+    (--token-file) to talk to the server."""
     first = tmp_path / "admin-credential"
-    result = cli.run("init", "--trust-domain", "acme.example", "--credential-file", str(first))
+    result = CLI(tmp_path / "home").run(
+        "init", "--trust-domain", "acme.example", "--admin", "root@acme.example",
+        "--credential-file", str(first),
+    )  # fmt: skip
     secret = first.read_text().strip()
     assert secret.startswith("tadm_") and secret not in result.stdout + result.stderr
     assert stat.S_IMODE(os.stat(first).st_mode) == 0o600
+    server = Server(tmp_path / "home", init=False).start()
+    try:
+        _credentials_through_the_server(tmp_path, server, first)
+    finally:
+        server.stop()
+
+
+def _credentials_through_the_server(tmp_path: Path, server: Server, first: Path) -> None:
+    cli = CLI(tmp_path / "home")
+    cli.env.update({"TETHER_SERVER": server.url, "TETHER_TOKEN_FILE": str(first)})
     made = cli.json(
         "admin",
         "create",

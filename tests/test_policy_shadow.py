@@ -17,7 +17,8 @@ from tether import Effect, ProofKey, Tether
 from tether._errors import InvalidPolicy
 
 from .conftest import AGENT, open_simple_task
-from .test_cli import CLI, EXAMPLES
+from .server_support import CLI, Server
+from .test_cli import EXAMPLES
 
 ADMIT = """
 @id("admit") permit (principal, action == Action::"open_task", resource);
@@ -129,9 +130,15 @@ def test_refusals_before_cedar_carry_no_shadow(tether: Tether) -> None:
 
 
 def test_shadow_mode_from_the_cli(tmp_path: Any) -> None:
-    """The operator's commands on a home: load --shadow, report, --off."""
-    cli = CLI(tmp_path / "home")
-    cli.json("init", "--trust-domain", "acme.example")
+    """The operator's commands, through the server: load --shadow, report, --off."""
+    server = Server(tmp_path / "home").start()
+    try:
+        _shadow_mode_from_the_cli(tmp_path, CLI(tmp_path / "home", server))
+    finally:
+        server.stop()
+
+
+def _shadow_mode_from_the_cli(tmp_path: Any, cli: CLI) -> None:
     cli.json("identity", "register", AGENT, "--kind", "agent", "--owner", "alice@acme.example")
     cli.json("template", "add", str(EXAMPLES / "templates" / "pay-bill.toml"))
     cli.json("policy", "load", str(EXAMPLES / "policies"))

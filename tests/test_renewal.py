@@ -206,7 +206,10 @@ def test_cli_delegate_renew_and_trace(tmp_path: Path) -> None:
     t.close()
 
     def run(*args: str) -> Any:
-        result = CliRunner().invoke(cli.app, ["--home", str(home), *args, "--json"])
+        # The operator at the store's host: break-glass (no server in this test).
+        result = CliRunner().invoke(
+            cli.app, ["--home", str(home), "--break-glass", *args, "--json"]
+        )
         assert result.exit_code == 0, (result.output, result.exception)
         return json.loads(result.output.strip().splitlines()[-1])
 
@@ -235,7 +238,9 @@ def test_cli_delegate_renew_and_trace(tmp_path: Path) -> None:
     assert [x["task_id"] for x in trace["tasks"]] == [parent["task_id"], child["task_id"]]
     kinds = {r["kind"] for r in trace["receipts"]}
     assert {"task.open", "task.renew", "decision"} <= kinds
-    human = CliRunner().invoke(cli.app, ["--home", str(home), "audit", "trace", child["task_id"]])
+    human = CliRunner().invoke(
+        cli.app, ["--home", str(home), "--break-glass", "audit", "trace", child["task_id"]]
+    )
     assert human.exit_code == 0 and f"delegated by {AGENT}" in human.output
 
 

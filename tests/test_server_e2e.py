@@ -4,6 +4,7 @@ package and authlib's OAuth client."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -140,8 +141,6 @@ def test_roles_are_enforced(server: Server) -> None:
             sys.executable,
             "-m",
             "tether",
-            "--home",
-            str(server.home),
             "admin",
             "create",
             "--role",
@@ -153,6 +152,7 @@ def test_roles_are_enforced(server: Server) -> None:
         capture_output=True,
         text=True,
         check=True,
+        env={**os.environ, "TETHER_SERVER": server.url, "TETHER_TOKEN": server.admin},
     )
     auditor = Client(server.url, admin=json.loads(proc.stdout)["credential"])
     assert auditor.verify_audit()["ok"] is True
@@ -216,6 +216,7 @@ def test_authlib_token_exchange_introspection_and_revocation(
             "tether",
             "--home",
             str(server.home),
+            "--break-glass",  # trusting an issuer is the store's own (no endpoint)
             "issuer",
             "--issuer",
             "https://idp.acme.example",
@@ -262,8 +263,6 @@ def test_authlib_token_exchange_introspection_and_revocation(
                 sys.executable,
                 "-m",
                 "tether",
-                "--home",
-                str(server.home),
                 "admin",
                 "create",
                 "--role",
@@ -275,6 +274,7 @@ def test_authlib_token_exchange_introspection_and_revocation(
             capture_output=True,
             text=True,
             check=True,
+            env={**os.environ, "TETHER_SERVER": server.url, "TETHER_TOKEN": server.admin},
         ).stdout
     )
     cid, secret = admin_row["credential"][len("tadm_") :].split(".")

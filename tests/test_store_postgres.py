@@ -353,8 +353,9 @@ def test_migrate_then_open_and_unmigrated_is_refused(tmp_path: Path, empty_schem
     )
     assert init.returncode == 0, init.stderr
     verify = subprocess.run(
-        [*run, "audit", "verify", "--json"], env=env, capture_output=True, text=True, check=False
-    )
+        [*run, "--break-glass", "audit", "verify", "--json"],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
     assert verify.returncode == 0 and json.loads(verify.stdout)["ok"] is True
     assert not (tmp_path / "home" / "tether.db").exists()  # the home holds the KEK only
     again_init = subprocess.run(

@@ -320,8 +320,11 @@ class Tether:
     ) -> IdentityRow:
         return self.identities.register(spiffe_id, kind=kind, owner=owner, description=description)
 
-    def disable_identity(self, spiffe_id: str) -> tuple[IdentityRow, list[str]]:
-        """Offboard: disable the identity and revoke every task and token it holds."""
+    def disable_identity(
+        self, spiffe_id: str, *, by: str | None = None
+    ) -> tuple[IdentityRow, list[str]]:
+        """Offboard: disable the identity and revoke every task and token it holds; ``by``
+        (the authenticated principal) is named in the receipt."""
         with self.store.transaction():
             for task in self.store.list_tasks(agent_id=spiffe_id, status="open"):
                 self.store.lock_task(task.task_id)  # every tree first, then the receipts
@@ -331,7 +334,7 @@ class Tether:
                 "identity.disable",
                 chain=[spiffe_id],
                 effect="allow",
-                detail={"revoked_tasks": revoked},
+                detail={"revoked_tasks": revoked, **({"by": by} if by else {})},
                 risk_tags=list(risk_tags(Control.OFFBOARDING, Control.CASCADING_REVOCATION)),
             )
         return row, revoked

@@ -1,8 +1,18 @@
-"""The ``tether`` command line (typer + rich).
+"""The ``tether`` command line (typer + rich): the operator's client of the API.
 
-Every verb takes ``--json`` (one JSON object on stdout) and ``--home DIR``
-(default ``$TETHER_HOME``, else ``./.tether``). Errors are one line on stderr
-and a non-zero exit: 1 for a refusal or failure, 2 for bad usage.
+Every verb that reads or changes the control plane sends its request to the server
+named by ``--server`` / ``$TETHER_SERVER``, with the admin credential of
+``$TETHER_TOKEN`` or of a 0600 file (``--token-file`` / ``$TETHER_TOKEN_FILE``); the
+server checks the credential's role and names its owner in the receipt
+(:mod:`tether.cli._client`). The store is opened here, with the KEK, only for
+bootstrap (``init``, ``migrate``, the first admin credential), by the serving
+processes (``serve``, ``gateway``), and in break-glass mode (``--break-glass`` or
+``$TETHER_BREAK_GLASS=1``): then the same API is served inside this process over the
+local store, after a receipt naming the OS user.
+
+Every verb takes ``--json`` (one JSON object on stdout, instants in RFC 3339) and
+``--home DIR`` (default ``$TETHER_HOME``, else ``./.tether``). Errors are one line on
+stderr and a non-zero exit: 1 for a refusal or failure, 2 for bad usage.
 """
 
 from __future__ import annotations
@@ -11,10 +21,12 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import sys
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,12 +35,21 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tether._errors import InvalidPolicy, TetherError, UsageError
+from tether._errors import Conflict, InvalidPolicy, TetherError, UsageError
 from tether._tether import Tether
+from tether.cli._client import (
+    SERVER_ENV,
+    TOKEN_ENV,
+    TOKEN_FILE_ENV,
+    Client,
+    NoServer,
+    Target,
+    resolve_target,
+)
 from tether.core._intent import decode_intent
+from tether.core._risk import Control, risk_tags
 from tether.core._verify import strict_json
 from tether.identity._credentials import credential_dict
-from tether.store import CredentialRow
 from tether.tokens import ProofKey
 
 app = typer.Typer(
@@ -70,6 +91,26 @@ out = Console(highlight=False, soft_wrap=True)
 _global_home: list[Path] = []
 
 
+#: Set when the operator asks to open the store directly, bypassing the server.
+BREAK_GLASS_ENV = "TETHER_BREAK_GLASS"
+#: The base URL of the in-process API a break-glass command talks to (never a socket).
+BREAK_GLASS_URL = "http://break-glass.tether.invalid"
+
+
+@dataclass
+class _Plane:
+    """Where this command's requests go: the options of the root command."""
+
+    server: str | None = None
+    token_file: Path | None = None
+    break_glass: bool = False
+
+
+_plane = _Plane()
+#: The API clients this command made: closed by :func:`main` on the way out.
+_clients: list[Client] = []
+
+
 def _version(value: bool) -> None:
     if value:
         from tether import __version__  # noqa: PLC0415
@@ -84,6 +125,32 @@ def _root(
         Path | None,
         typer.Option("--home", help="Tether home (default $TETHER_HOME, else ./.tether)."),
     ] = None,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            "--server",
+            help=f"URL of the Tether server every command talks to (default ${SERVER_ENV}).",
+            show_default=False,
+        ),
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--token-file",
+            help=f"a 0600 file holding the admin credential (default ${TOKEN_FILE_ENV}, "
+            f"else the credential itself in ${TOKEN_ENV}).",
+            show_default=False,
+        ),
+    ] = None,
+    break_glass: Annotated[
+        bool,
+        typer.Option(
+            "--break-glass",
+            help=f"open the local store with the KEK instead of asking a server (also "
+            f"${BREAK_GLASS_ENV}=1): every change is attributed to break-glass:$USER and a "
+            "receipt records the break-glass use.",
+        ),
+    ] = False,
     version: Annotated[
         bool,
         typer.Option(
@@ -94,6 +161,12 @@ def _root(
     _global_home.clear()
     if home is not None:
         _global_home.append(home)
+    _plane.server, _plane.token_file = server, token_file
+    _plane.break_glass = break_glass or os.environ.get(BREAK_GLASS_ENV, "").lower() in (
+        "1",
+        "true",
+        "yes",
+    )
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
@@ -113,9 +186,38 @@ def home_dir(home: Path | None) -> Path:
     return Path(os.environ.get("TETHER_HOME") or ".tether")
 
 
+#: Members holding an instant that are not named ``*_at``.
+_INSTANTS = frozenset({"at", "verify_until", "usable_until"})
+
+
+def rfc3339(at: float) -> str:
+    """An instant (seconds since the epoch) as RFC 3339 in UTC: ``2026-12-05T21:07:56Z``,
+    with milliseconds when it has a fraction of a second."""
+    whole = int(at)
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    millis = round((at - whole) * 1000)
+    if millis == 1000:
+        return rfc3339(float(whole + 1))
+    return f"{text}.{millis:03d}Z" if millis else f"{text}Z"
+
+
+def instants_as_text(value: Any, key: str = "") -> Any:
+    """``value`` with every instant (a number under a member named ``*_at``, ``at``,
+    ``verify_until`` or ``usable_until``) as RFC 3339 text."""
+    if isinstance(value, dict):
+        return {k: instants_as_text(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [instants_as_text(v, key) for v in value]
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if is_number and (key.endswith("_at") or key in _INSTANTS):
+        return rfc3339(float(value))
+    return value
+
+
 def emit(value: dict[str, Any], as_json: bool, human: Callable[[], None] | None = None) -> None:
     if as_json or human is None:
-        sys.stdout.write(json.dumps(value, sort_keys=True, default=str) + "\n")
+        text = json.dumps(instants_as_text(value), sort_keys=True, default=str)
+        sys.stdout.write(text + "\n")
     else:
         human()
 
@@ -126,9 +228,145 @@ _opened: weakref.WeakSet[Tether] = weakref.WeakSet()
 
 
 def _open(home: Path | None) -> Tether:
+    """The local store, opened with the KEK: for bootstrap and the gateway's host."""
     tether = Tether.open(home_dir(home))
     _opened.add(tether)
     return tether
+
+
+def _os_user() -> str:
+    import getpass  # noqa: PLC0415
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid:{os.getuid()}" if hasattr(os, "getuid") else "unknown"
+
+
+def _verbs(typer_app: typer.Typer, prefix: str) -> dict[Any, str]:
+    """The code of every command callback of ``typer_app`` and the words that run it."""
+    found: dict[Any, str] = {}
+    for command in typer_app.registered_commands:
+        if command.callback is not None:
+            name = command.name or command.callback.__name__.replace("_", "-")
+            found[command.callback.__code__] = f"{prefix} {name}"
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None and group.name:
+            found.update(_verbs(group.typer_instance, f"{prefix} {group.name}"))
+            callback = group.typer_instance.registered_callback
+            if callback is not None and callback.callback is not None:
+                found[callback.callback.__code__] = f"{prefix} {group.name}"
+    return found
+
+
+def _command_path() -> str:
+    """The words of the command running now (``tether identity disable``), never its
+    arguments: found by the command's callback on the call stack."""
+    verbs = _verbs(app, "tether")
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code in verbs:
+            return verbs[frame.f_code]
+        frame = frame.f_back  # type: ignore[assignment]
+    return "tether"
+
+
+def _break_glass_open(home: Path | None) -> Tether:
+    """The local store in break-glass mode: opened with the KEK, and a receipt that says
+    so, who ran it (the OS user) and what (the command, never its arguments)."""
+    tether = _open(home)
+    user = _os_user()
+    tether.audit.append(
+        "cli.break_glass",
+        chain=[f"break-glass:{user}"],
+        effect="allow",
+        reasons=[{"code": "cli.break_glass", "message": "the store was opened directly"}],
+        detail={
+            "os_user": user,
+            "host": socket.gethostname()[:255],
+            "command": _command_path()[:200],
+            "pid": os.getpid(),
+        },
+        risk_tags=list(risk_tags(Control.AUDIT)),
+    )
+    return tether
+
+
+class _BreakGlassAuth:
+    """The in-process API's authenticator in break-glass mode: every request is the
+    operator at the console of the store's host, an admin named ``break-glass:<user>``."""
+
+    def __init__(self, name: str) -> None:
+        from tether.server._auth import Principal  # noqa: PLC0415
+
+        self.principal = Principal("admin", "break-glass", "admin", name)
+
+    def authenticate(self, _request: Any) -> Any:
+        return self.principal
+
+
+def _api(home: Path | None = None) -> Client:
+    """The API this command talks to: the server (``--server``/``$TETHER_SERVER``) with
+    the operator's credential; or, in break-glass mode, the same API served in this
+    process over the local store (no socket), after a break-glass receipt."""
+    if _plane.break_glass:
+        from litestar.testing import TestClient  # noqa: PLC0415
+
+        from tether.server import ServerSettings, create_app  # noqa: PLC0415
+
+        tether = _break_glass_open(home)
+        name = f"break-glass:{_os_user()}"
+        settings = ServerSettings(rate=0.0, log_level="WARNING", reap_interval=0.0)
+        server = create_app(tether, settings)
+        server.state.ctx.auth = _BreakGlassAuth(name)
+        http = TestClient(server, base_url=BREAK_GLASS_URL)
+        client = Client(Target(BREAK_GLASS_URL, None), http=http, principal_name=name)
+    else:
+        target = resolve_target(_plane.server, _plane.token_file)
+        if target is None:
+            raise NoServer(
+                f"no Tether server to talk to: set {SERVER_ENV}=https://tether.example (or "
+                f"pass --server URL) and {TOKEN_ENV} to an admin credential (or "
+                f"{TOKEN_FILE_ENV} / --token-file to a 0600 file holding one); on the "
+                f"store's own host, --break-glass (or {BREAK_GLASS_ENV}=1) opens the store "
+                "directly and leaves a receipt saying so"
+            )
+        client = Client(target)
+    _clients.append(client)
+    return client
+
+
+def _attributed(client: Client, by: str | None) -> None:
+    """Refuse ``--by`` naming anyone but the authenticated principal: the server
+    attributes the action to the credential, never to a name the operator typed."""
+    if by is None:
+        return
+    name = client.principal_name()
+    if by != name:
+        raise UsageError(
+            f"--by {by!r} is not who this credential is ({name!r}): actions are attributed "
+            "to the authenticated principal; drop --by"
+        )
+
+
+def _store_only(home: Path | None) -> Tether:
+    """The local store for a command the API does not offer: break-glass mode only."""
+    if not _plane.break_glass:
+        raise NoServer(
+            f"'{_command_path()}' works on the store itself, which the API does not offer: "
+            f"run it on the store's host with --break-glass (or {BREAK_GLASS_ENV}=1); "
+            "a receipt records who did"
+        )
+    return _break_glass_open(home)
+
+
+def _initialised(home: Path | None) -> bool:
+    """Whether the home (and its store) already holds a trust domain."""
+    try:
+        Tether.open(home_dir(home)).close()
+    except TetherError:
+        return False
+    return True
 
 
 # -- init, bundle, keys -----------------------------------------------------------------
@@ -145,14 +383,36 @@ def init(
         ),
     ] = None,
     ttl: TtlOpt = None,
+    exists_ok: Annotated[
+        bool,
+        typer.Option(
+            "--exists-ok",
+            help="a home (or database) that already holds a trust domain is left as it is, "
+            "exit 0 (a bootstrap job run again)",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
     """Create a trust domain: signing key, X.509 CA, sealed at rest; and an admin credential,
     shown once (or written to ``--credential-file``)."""
     if credential_file is not None and credential_file.exists():
+        if exists_ok and _initialised(home):
+            emit({"home": str(home_dir(home)), "created": False}, as_json, lambda: None)
+            return
         raise UsageError(f"{credential_file} exists: a credential file is never overwritten")
-    tether = Tether.init(home_dir(home), trust_domain)
+    try:
+        tether = Tether.init(home_dir(home), trust_domain)
+    except Conflict as exc:
+        if not exists_ok:
+            raise
+        why = exc.message
+        emit(
+            {"home": str(home_dir(home)), "created": False},
+            as_json,
+            lambda: out.print(f"{why}: left as it is"),
+        )
+        return
     keys = tether.jwks()["keys"]
     row, secret = tether.credentials.create(
         "admin", admin or f"admin@{trust_domain}", ttl=ttl, by="tether init"
@@ -226,10 +486,10 @@ def bundle(
     home: HomeOpt = None,
 ) -> None:
     """Export the trust bundle (SPIFFE bundle, or the JWKS of the JWT keys)."""
-    tether = _open(home)
     if fmt not in ("spiffe", "jwks"):
         raise UsageError("--format must be spiffe or jwks")
-    emit(tether.spiffe_bundle() if fmt == "spiffe" else tether.jwks(), True)
+    path = "/.well-known/spiffe-bundle" if fmt == "spiffe" else "/.well-known/jwks.json"
+    emit(_api(home).request("GET", path, authenticated=False), True)
 
 
 @keys_app.command("rotate")
@@ -241,7 +501,7 @@ def keys_rotate(
     """Rotate a signing key; the old one keeps verifying until what it signed expires."""
     if use not in ("jwt-svid", "x509-ca"):
         raise UsageError("--use must be jwt-svid or x509-ca")
-    kid = _open(home).rotate_keys(use)
+    kid = _store_only(home).rotate_keys(use)
     emit({"use": use, "kid": kid}, as_json, lambda: out.print(f"[green]✓[/] new {use} key {kid}"))
 
 
@@ -249,7 +509,7 @@ def keys_rotate(
 def keys_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """Every signing key row: its use, state, and whether it is authentic (a row that fails
     authentication under the KEK is ignored for signing and verifying)."""
-    tether = _open(home)
+    tether = _store_only(home)
     from tether.tokens._keys import key_status  # noqa: PLC0415
 
     now = tether.clock.now()
@@ -286,7 +546,6 @@ def keys_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
 def keys_revoke(
     kid: str,
     now: Annotated[bool, typer.Option("--now", help="revoke at once (an emergency)")] = False,
-    by: Annotated[str, typer.Option("--by", help="who revokes (email)")] = "operator",
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
@@ -294,7 +553,7 @@ def keys_revoke(
     from its next call (a key still signing is replaced first)."""
     if not now:
         raise UsageError("revocation is immediate: pass --now (or 'tether keys rotate')")
-    result = _open(home).revoke_key(kid, by=by)
+    result = _store_only(home).revoke_key(kid, by=f"break-glass:{_os_user()}")
     emit(
         result,
         as_json,
@@ -310,7 +569,7 @@ def keys_adopt(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """Once, after upgrading a store made before keys and receipts were authenticated:
     tag its key rows and accept its receipts so far (run it before anyone else can have
     written the store)."""
-    tether = _open(home)
+    tether = _store_only(home)
     kids = tether.keys.adopt(tether.clock.now())
     upto = tether.audit.mark_untagged()
     result = {"adopted": kids, "untagged_receipts": upto}
@@ -423,6 +682,12 @@ def gateway(
     run_gateway(config, chosen, host=host, port=port)
 
 
+GatewayByOpt = Annotated[
+    str | None,
+    typer.Option("--by", help="who does this, on the gateway host (default: cli:$USER)"),
+]
+
+
 def _shown(text: str) -> str:
     """An upstream's word (a tool name), safe to print: no markup, no control characters."""
     return escape(text if text.isprintable() else repr(text))
@@ -448,7 +713,7 @@ def gateway_catalogue(
         bool,
         typer.Option("--pin/--no-pin", help="pin the printed tool definitions in the home's store"),
     ] = True,
-    by: ByOpt = None,
+    by: GatewayByOpt = None,
     home: HomeOpt = None,
 ) -> None:
     """Print a draft tool catalogue from an upstream's tools/list, for review, and pin the
@@ -488,7 +753,7 @@ def gateway_pin(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="show what would change, pin nothing")
     ] = False,
-    by: ByOpt = None,
+    by: GatewayByOpt = None,
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
@@ -587,10 +852,10 @@ def write_secret_file(path: Path, secret: str) -> None:
         handle.write(secret + "\n")
 
 
-def _issued(row: CredentialRow, secret: str, output: Path | None, as_json: bool) -> None:
+def _issued(credential: dict[str, Any], secret: str, output: Path | None, as_json: bool) -> None:
     if output is not None:
         write_secret_file(output, secret)
-    result = credential_dict(row, time.time())
+    result = dict(credential)
     if output is None:
         result["credential"] = secret
     else:
@@ -601,11 +866,29 @@ def _issued(row: CredentialRow, secret: str, output: Path | None, as_json: bool)
             out.print(secret, markup=False)
         else:
             out.print(
-                f"[green]✓[/] credential {row.credential_id} ({row.role}, {row.owner}) "
-                f"written to {output} (0600)"
+                f"[green]✓[/] credential {credential['credential_id']} ({credential['role']}, "
+                f"{credential['owner']}) written to {output} (0600)"
             )
 
     emit(result, as_json, human)
+
+
+ByOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--by",
+        help="refused unless it names the authenticated principal: the server attributes "
+        "every change to the credential that made it",
+        show_default=False,
+    ),
+]
+
+
+def _live_admin(tether: Tether, now: float) -> bool:
+    return any(
+        r.role == "admin" and credential_dict(r, now)["status"] == "enabled"
+        for r in tether.credentials.list()
+    )
 
 
 @admin_app.command("create")
@@ -614,21 +897,39 @@ def admin_create(
     owner: Annotated[str, typer.Option("--owner", help="the human's email")],
     ttl: TtlOpt = None,
     output: OutputOpt = None,
-    by: Annotated[str | None, typer.Option("--by", help="who creates it (receipt)")] = None,
+    by: ByOpt = None,
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
-    """Create an admin credential, expiring (shown once, stored hashed)."""
-    row, secret = _open(home).credentials.create(role, owner, ttl=ttl, by=_who(by))
-    _issued(row, secret, output, as_json)
+    """Create an admin credential, expiring (shown once, stored hashed), through the
+    server. With no server named, only the very first admin credential of a store that
+    has no live one is made locally (bootstrap)."""
+    if _plane.break_glass or resolve_target(_plane.server, _plane.token_file) is not None:
+        client = _api(home)
+        _attributed(client, by)
+        body: dict[str, Any] = {"role": role, "owner": owner}
+        if ttl is not None:
+            body["ttl_seconds"] = ttl
+        issued = client.post("/v1/credentials", body)
+        _issued(issued["info"], issued["credential"], output, as_json)
+        return
+    tether = _open(home)
+    if role != "admin" or _live_admin(tether, tether.clock.now()):
+        raise NoServer(
+            "this store has a live admin credential: create credentials through the server "
+            f"({SERVER_ENV} and {TOKEN_ENV}); only the first admin credential is made locally"
+        )
+    bootstrap = f"bootstrap:{_os_user()}"
+    if by is not None and by != bootstrap:
+        raise UsageError(f"--by {by!r}: the first admin credential is made by {bootstrap}")
+    row, secret = tether.credentials.create(role, owner, ttl=ttl, by=bootstrap)
+    _issued(credential_dict(row, tether.clock.now()), secret, output, as_json)
 
 
 @admin_app.command("list")
 def admin_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """Every admin credential: id, role, owner, status, expiry (never a secret or hash)."""
-    tether = _open(home)
-    now = tether.clock.now()
-    rows = [credential_dict(r, now) for r in tether.credentials.list()]
+    rows: list[dict[str, Any]] = _api(home).get("/v1/credentials")
 
     def human() -> None:
         table = Table("credential", "role", "owner", "status", "expires")
@@ -649,23 +950,22 @@ def admin_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
 @admin_app.command("show")
 def admin_show(credential_id: str, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """One admin credential."""
-    tether = _open(home)
-    row = credential_dict(tether.credentials.show(credential_id), tether.clock.now())
-    emit(row, as_json, lambda: out.print_json(data=row))
+    row = _api(home).get(f"/v1/credentials/{_segment(credential_id)}")
+    emit(row, as_json, lambda: out.print_json(data=instants_as_text(row)))
 
 
 @admin_app.command("disable")
 def admin_disable(
     credential_id: str,
     reason: Annotated[str, typer.Option("--reason")] = "",
-    by: Annotated[str | None, typer.Option("--by", help="who disables it (receipt)")] = None,
+    by: ByOpt = None,
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
     """Disable an admin credential now (its console sessions end with it)."""
-    tether = _open(home)
-    row = tether.credentials.disable(credential_id, by=_who(by), reason=reason)
-    result = credential_dict(row, tether.clock.now())
+    client = _api(home)
+    _attributed(client, by)
+    result = client.post(f"/v1/credentials/{_segment(credential_id)}/disable", {"reason": reason})
     emit(result, as_json, lambda: out.print(f"[green]✓[/] credential {credential_id} disabled"))
 
 
@@ -674,13 +974,23 @@ def admin_rotate(
     credential_id: str,
     ttl: TtlOpt = None,
     output: OutputOpt = None,
-    by: Annotated[str | None, typer.Option("--by", help="who rotates it (receipt)")] = None,
+    by: ByOpt = None,
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
     """A new secret for the same role and owner; the old credential is disabled at once."""
-    row, secret = _open(home).credentials.rotate(credential_id, by=_who(by), ttl=ttl)
-    _issued(row, secret, output, as_json)
+    client = _api(home)
+    _attributed(client, by)
+    body = {"ttl_seconds": ttl} if ttl is not None else {}
+    issued = client.post(f"/v1/credentials/{_segment(credential_id)}/rotate", body)
+    _issued(issued["info"], issued["credential"], output, as_json)
+
+
+def _segment(value: str) -> str:
+    """``value`` as one path segment of a URL."""
+    from urllib.parse import quote  # noqa: PLC0415
+
+    return quote(value, safe="")
 
 
 @app.command("issuer")
@@ -696,7 +1006,7 @@ def issuer_add(
         jwks_doc = strict_json(jwks_file.read_text())
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read {jwks_file}: {exc}") from None
-    _open(home).add_user_issuer(issuer, audience=audience, jwks=jwks_doc)
+    _store_only(home).add_user_issuer(issuer, audience=audience, jwks=jwks_doc)
     emit(
         {"issuer": issuer, "audience": audience},
         as_json,
@@ -705,18 +1015,6 @@ def issuer_add(
 
 
 # -- identities ------------------------------------------------------------------------
-def _identity_dict(row: Any) -> dict[str, Any]:
-    return {
-        "spiffe_id": row.spiffe_id,
-        "kind": row.kind,
-        "owner": row.owner,
-        "description": row.description,
-        "status": row.status,
-        "created_at": row.created_at,
-        "disabled_at": row.disabled_at,
-    }
-
-
 @identity_app.command("register")
 def identity_register(
     spiffe_id: str,
@@ -727,18 +1025,21 @@ def identity_register(
     home: HomeOpt = None,
 ) -> None:
     """Register an identity by SPIFFE ID."""
-    row = _open(home).register_identity(spiffe_id, kind=kind, owner=owner, description=description)
+    row = _api(home).post(
+        "/v1/identities",
+        {"spiffe_id": spiffe_id, "kind": kind, "owner": owner, "description": description},
+    )
     emit(
-        _identity_dict(row),
+        row,
         as_json,
-        lambda: out.print(f"[green]✓[/] {row.kind} {row.spiffe_id} (owner {row.owner})"),
+        lambda: out.print(f"[green]✓[/] {row['kind']} {row['spiffe_id']} (owner {row['owner']})"),
     )
 
 
 @identity_app.command("list")
 def identity_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """List identities."""
-    rows = [_identity_dict(r) for r in _open(home).identities.list()]
+    rows = _api(home).get("/v1/identities")["identities"]
 
     def human() -> None:
         table = Table("SPIFFE ID", "kind", "owner", "status")
@@ -752,19 +1053,26 @@ def identity_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
 @identity_app.command("show")
 def identity_show(spiffe_id: str, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """Show one identity."""
-    row = _identity_dict(_open(home).identities.get(spiffe_id))
-    emit(row, as_json, lambda: out.print_json(json.dumps(row)))
+    row = _api(home).get("/v1/identity", spiffe_id=spiffe_id)
+    emit(row, as_json, lambda: out.print_json(data=instants_as_text(row)))
 
 
 @identity_app.command("disable")
-def identity_disable(spiffe_id: str, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
-    """Offboard an identity: disable it and revoke every task and token it holds."""
-    row, revoked = _open(home).disable_identity(spiffe_id)
-    result = {**_identity_dict(row), "revoked_tasks": revoked}
+def identity_disable(
+    spiffe_id: str, by: ByOpt = None, as_json: JsonOpt = False, home: HomeOpt = None
+) -> None:
+    """Offboard an identity: disable it and revoke every task and token it holds (the
+    receipt names the credential that did it)."""
+    client = _api(home)
+    _attributed(client, by)
+    done = client.post("/v1/identities/disable", {"spiffe_id": spiffe_id})
+    result = {**done["identity"], "revoked_tasks": done["revoked_tasks"]}
     emit(
         result,
         as_json,
-        lambda: out.print(f"[yellow]✓[/] {spiffe_id} disabled; {len(revoked)} task(s) revoked"),
+        lambda: out.print(
+            f"[yellow]✓[/] {spiffe_id} disabled; {len(result['revoked_tasks'])} task(s) revoked"
+        ),
     )
 
 
@@ -776,10 +1084,8 @@ def identity_join_token(
     home: HomeOpt = None,
 ) -> None:
     """Mint a one-time join token a workload exchanges for its SVIDs."""
-    token = _open(home).create_join_token(spiffe_id, ttl=ttl)
-    emit(
-        {"spiffe_id": spiffe_id, "join_token": token, "ttl": ttl}, as_json, lambda: out.print(token)
-    )
+    made = _api(home).post("/v1/identities/join-token", {"spiffe_id": spiffe_id, "ttl": ttl})
+    emit(made, as_json, lambda: out.print(made["join_token"]))
 
 
 @app.command()
@@ -791,20 +1097,22 @@ def attest(
 ) -> None:
     """Redeem a join token: a fresh key pair, a JWT-SVID and an X.509-SVID bound to it."""
     key = ProofKey()
-    svids = _open(home).attest(join_token, key.public_key)
+    svids = _api(home).request(
+        "POST", "/v1/attest", json={"join_token": join_token, "jwk": key.jwk}, authenticated=False
+    )
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     _write_private(out_dir / "svid.key", key.to_pem())
-    (out_dir / "svid.pem").write_text(svids.x509_svid_pem)
-    (out_dir / "svid.jwt").write_text(svids.jwt_svid + "\n")
+    (out_dir / "svid.pem").write_text(svids["x509_svid_pem"])
+    (out_dir / "svid.jwt").write_text(svids["jwt_svid"] + "\n")
     result = {
-        "spiffe_id": svids.spiffe_id,
-        "expires_at": svids.expires_at,
+        "spiffe_id": svids["spiffe_id"],
+        "expires_at": svids["expires_at"],
         "files": sorted(str(p) for p in out_dir.iterdir()),
     }
     emit(
         result,
         as_json,
-        lambda: out.print(f"[green]✓[/] SVIDs for {svids.spiffe_id} written to {out_dir}"),
+        lambda: out.print(f"[green]✓[/] SVIDs for {result['spiffe_id']} written to {out_dir}"),
     )
 
 
@@ -815,24 +1123,38 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 # -- templates and policies ---------------------------------------------------------------
+def _read_table(file: Path) -> dict[str, Any]:
+    """A TOML (``.toml``) or JSON file holding one table."""
+    import tomllib  # noqa: PLC0415
+
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read {file}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text) if file.suffix == ".toml" else strict_json(text)
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
+        raise UsageError(f"{file}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{file} must hold a table")
+    return data
+
+
 @template_app.command("add")
 def template_add(file: Path, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """Add or replace an intent template (TOML or JSON)."""
-    template = _open(home).add_template(file)
+    template = _api(home).post("/v1/templates", {"template": _read_table(file)})
     emit(
-        {"name": template.name, "params": sorted(template.params)},
+        {"name": template["name"], "params": template["params"]},
         as_json,
-        lambda: out.print(f"[green]✓[/] template {template.name}"),
+        lambda: out.print(f"[green]✓[/] template {template['name']}"),
     )
 
 
 @template_app.command("list")
 def template_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """List intent templates."""
-    templates = [
-        {"name": t.name, "description": t.description, "params": sorted(t.params)}
-        for t in _open(home).list_templates()
-    ]
+    templates = _api(home).get("/v1/templates")["templates"]
 
     def human() -> None:
         table = Table("name", "params", "description")
@@ -854,24 +1176,29 @@ def policy_load(
             "recorded on its receipt, never enforced (see `tether policy shadow`)",
         ),
     ] = False,
+    by: ByOpt = None,
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
     """Validate and load every *.cedar file of DIRECTORY as the live policy set (or, with
-    --shadow, as the candidate set in shadow mode)."""
-    tether = _open(home)
-    if shadow:
-        from tether.policy._testing import read_dir  # noqa: PLC0415
+    --shadow, as the candidate set in shadow mode); the receipt names the credential."""
+    from tether.policy._testing import read_dir  # noqa: PLC0415
 
-        sources, schema = read_dir(directory)
-        snapshot = tether.policies.load(sources, schema, origin=str(directory), shadow=True)
-    else:
-        snapshot = tether.load_policies(directory)
+    sources, schema = read_dir(directory)
+    client = _api(home)
+    _attributed(client, by)
+    loaded = client.post("/v1/policies", {"files": sources, "schema": schema, "shadow": shadow})
     what = "shadow set loaded: recorded, not enforced" if shadow else "policies loaded"
     emit(
-        {"digest": snapshot.digest, "policies": list(snapshot.policy_ids), "shadow": shadow},
+        {
+            "digest": loaded["digest"],
+            "policies": [p["id"] for p in loaded["policies"]],
+            "shadow": shadow,
+        },
         as_json,
-        lambda: out.print(f"[green]✓[/] {len(snapshot.policies)} {what} ({snapshot.digest[:19]}…)"),
+        lambda: out.print(
+            f"[green]✓[/] {len(loaded['policies'])} {what} ({loaded['digest'][:19]}…)"
+        ),
     )
 
 
@@ -884,38 +1211,123 @@ def policy_shadow(
 ) -> None:
     """What the shadow set would change: the calls it saw and each whose effect it would
     change (would deny, would hold, would allow), from the receipts; --off ends it."""
-    policies = _open(home).policies
+    client = _api(home)
     if off:
-        removed = policies.clear_shadow(origin="cli")
+        removed = client.delete("/v1/policies/shadow")["removed"]
         emit(
             {"removed": removed},
             as_json,
             lambda: out.print("shadow mode off" if removed else "no shadow set was loaded"),
         )
         return
-    report = policies.shadow_report(limit=max(0, limit))
+    report = client.get("/v1/policies/shadow", limit=max(0, min(limit, 500)))
 
     def human() -> None:
-        if report.digest is None:
+        if report["digest"] is None:
             out.print("no shadow set (tether policy load DIR --shadow)")
             return
-        changed = sum(report.changes.values())
         out.print(
-            f"shadow set {report.digest[:19]}…: {report.evaluated} call(s) evaluated, "
-            f"{changed} would change"
+            f"shadow set {report['digest'][:19]}…: {report['evaluated']} call(s) evaluated, "
+            f"{report['would_change']} would change"
         )
-        for transition, count in sorted(report.changes.items()):
+        for transition, count in sorted(report["changes"].items()):
             out.print(f"  {transition}: {count}")
         table = Table("receipt", "agent", "tool", "live", "shadow", "policies")
-        for c in report.changed:
+        for c in report["changed"]:
             table.add_row(
                 f"#{c['seq']}", str(c["agent"]), str(c["tool"]), str(c["live"]),
                 str(c["shadow"]), ", ".join(c["policies"]),
             )  # fmt: skip
-        if report.changed:
+        if report["changed"]:
             out.print(table)
 
-    emit(report.to_dict(), as_json, human)
+    emit(report, as_json, human)
+
+
+def parse_instant(text: str, option: str) -> float:
+    """An instant given on the command line: RFC 3339 / ISO 8601 (a time without a zone
+    is UTC), or seconds since the epoch."""
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.strip().replace("z", "Z"))
+    except ValueError:
+        raise UsageError(
+            f"{option} {text!r} is not a time: give RFC 3339 (2026-12-05T21:00:00Z) "
+            "or seconds since the epoch"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+@app.command()
+def replay(
+    policies: Annotated[
+        Path, typer.Option("--policies", help="directory of the candidate *.cedar files")
+    ],
+    since: Annotated[
+        str | None,
+        typer.Option(
+            "--from", help="first instant (RFC 3339 or epoch seconds)", show_default=False
+        ),
+    ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option("--to", help="last instant (RFC 3339 or epoch seconds)", show_default=False),
+    ] = None,
+    limit: Annotated[int, typer.Option(help="changed decisions to list")] = 1000,
+    fail_on_change: Annotated[
+        bool, typer.Option("--fail-on-change", help="exit 1 if any decision would change")
+    ] = False,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Re-decide the recorded calls under a candidate policy set (not loaded): every
+    decision whose effect would change (old → new, tool, task, receipt, reason codes),
+    and the calls that cannot be replayed faithfully, with why."""
+    from tether.policy._testing import read_dir  # noqa: PLC0415
+
+    sources, schema = read_dir(policies)
+    body: dict[str, Any] = {"files": sources, "schema": schema, "limit": max(0, limit)}
+    if since is not None:
+        body["from"] = parse_instant(since, "--from")
+    if until is not None:
+        body["to"] = parse_instant(until, "--to")
+    report = _api(home).post("/v1/policies/replay", body)
+    for end in ("from", "to"):  # instants, though not named like one
+        if report.get(end) is not None:
+            report[end] = rfc3339(report[end])
+
+    def human() -> None:
+        out.print(
+            f"candidate {report['candidate'][:19]}… against live {report['live'][:19]}…: "
+            f"{report['replayed']} decision(s) replayed, {report['would_change']} would "
+            f"change, {report['before_policy']} refused before the policy step, "
+            f"{report['unreplayable_count']} not replayable"
+        )
+        for transition, count in sorted(report["changes"].items()):
+            out.print(f"  {transition}: {count}")
+        if report["changed"]:
+            table = Table("receipt", "task", "tool", "old", "new", "reasons")
+            for c in report["changed"]:
+                note = "" if c["complete"] else " (later checks not replayed)"
+                table.add_row(
+                    f"#{c['seq']}", str(c["task_id"]), _shown(str(c["tool"])), c["old"],
+                    c["new"] + note,
+                    ", ".join(c["old_reasons"]) + " → " + ", ".join(c["new_reasons"]),
+                )  # fmt: skip
+            out.print(table)
+        for u in report["unreplayable"][:20]:
+            out.print(f"  not replayable: #{u['seq']} {_shown(str(u['tool']))}: {u['why']}")
+
+    emit(report, as_json, human)
+    if fail_on_change and report["would_change"]:
+        raise typer.Exit(1)
 
 
 def _policy_dir(directory: Path) -> tuple[dict[str, str], str]:
@@ -1033,32 +1445,29 @@ def catalogue_load(
     home: HomeOpt = None,
 ) -> None:
     """Replace the trust domain's tool catalogue with the entries of FILES (a receipt)."""
-    from tether.gateway._profiles import profiles_from_file  # noqa: PLC0415
+    from tether.gateway._profiles import profiles_from_catalogue  # noqa: PLC0415
 
-    entries: dict[str, Any] = {}
+    tools: dict[str, Any] = {}
     for path in files:
-        entries.update(profiles_from_file(path, prefix))
-    value = _open(home).catalogue.load(entries, origin=", ".join(str(f) for f in files))
+        table = _read_table(path)
+        profiles_from_catalogue(table, None)  # refused here, with the file's name, if wrong
+        found = table.get("tools")
+        if isinstance(found, dict):
+            tools.update(found)
+    loaded = _api(home).post("/v1/catalogue", {"tools": tools, "prefix": prefix})
     emit(
-        {"digest": value, "tools": sorted(entries)},
+        {"digest": loaded["digest"], "tools": loaded["tools"]},
         as_json,
-        lambda: out.print(f"[green]✓[/] {len(entries)} tools described ({value[:19]}…)"),
+        lambda: out.print(
+            f"[green]✓[/] {len(loaded['tools'])} tools described ({loaded['digest'][:19]}…)"
+        ),
     )
 
 
 @catalogue_app.command("list")
 def catalogue_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """List the catalogue's entries (a tool no entry names is judged most restrictively)."""
-    entries = _open(home).catalogue.entries()
-    rows = [
-        {
-            "tool": name,
-            "side_effect": str(p.side_effect),
-            "sensitivity": str(p.sensitivity),
-            "trusted": p.trusted,
-        }
-        for name, p in sorted(entries.items())
-    ]
+    rows = _api(home).get("/v1/catalogue")["entries"]
 
     def human() -> None:
         table = Table("tool", "side effect", "sensitivity", "output")
@@ -1073,11 +1482,8 @@ def catalogue_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
 @policy_app.command("list")
 def policy_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """List the live policies."""
-    snapshot = _open(home).policies.snapshot()
-    rows = [
-        {"id": p.id, "effect": p.effect, "file": p.file, "line": p.line, "approval": p.approval}
-        for p in snapshot.policies
-    ]
+    snapshot = _api(home).get("/v1/policies")
+    rows = snapshot["policies"]
 
     def human() -> None:
         table = Table("id", "effect", "where")
@@ -1086,10 +1492,13 @@ def policy_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
             table.add_row(str(r["id"]), effect, f"{r['file']}:{r['line']}")
         out.print(table)
 
-    emit({"digest": snapshot.digest, "policies": rows}, as_json, human)
+    emit({"digest": snapshot["digest"], "policies": rows}, as_json, human)
 
 
 # -- tasks and decisions -------------------------------------------------------------------
+DECISIONS = "/v1/decisions"
+
+
 def _task_file(home: Path | None, task_id: str) -> Path:
     if not task_id.replace("_", "").isalnum():
         raise UsageError(f"malformed task id {task_id[:80]!r}")
@@ -1132,12 +1541,23 @@ def task_open(
     )
 
 
+def _intent_text(intent: str | None) -> str:
+    if intent is None:
+        return ""
+    if not intent.startswith("@"):
+        return intent
+    try:
+        return Path(intent[1:]).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read {intent[1:]}: {exc.strerror}") from None
+
+
 def _explicit_intent(template: str | None, intent: str | None) -> Any:
     if (template is None) == (intent is None):
         raise UsageError("give exactly one of --template or --intent")
     if intent is None:
         return None
-    text = Path(intent[1:]).read_text() if intent.startswith("@") else intent
+    text = _intent_text(intent)
     try:
         strict_json(text)
     except ValueError as exc:
@@ -1164,26 +1584,26 @@ def _open_and_keep(
     resources: tuple[str, ...] = (),
 ) -> None:
     explicit = _explicit_intent(template, intent)
-    tether = _open(home)
     key = ProofKey()
-    opened = tether.open_task(
-        agent,
-        proof_jwk=key.jwk,
-        template=template,
-        params=_parse_params(param or []),
-        intent=explicit,
-        request=request,
-        parent_task_id=parent,
-        resources=resources,
-    )
-    _keep_task(home, opened.task_id, opened.token, key)
+    body: dict[str, Any] = {
+        "agent": agent,
+        "jwk": key.jwk,
+        "template": template,
+        "params": _parse_params(param or []),
+        "intent": strict_json(_intent_text(intent)) if explicit is not None else None,
+        "request": request,
+        "parent_task_id": parent,
+        "resources": list(resources),
+    }
+    opened = _api(home).post("/v1/tasks", {k: v for k, v in body.items() if v is not None})
+    _keep_task(home, opened["task_id"], opened["token"], key)
     result = {
-        "task_id": opened.task_id,
-        "token": opened.token,
-        "expires_at": opened.expires_at,
+        "task_id": opened["task_id"],
+        "token": opened["token"],
+        "expires_at": opened["expires_at"],
         **(
-            {"token_expires_at": opened.token_expires_at}
-            if opened.token_expires_at != opened.expires_at
+            {"token_expires_at": opened["token_expires_at"]}
+            if opened["token_expires_at"] != opened["expires_at"]
             else {}
         ),
         **({"parent_task_id": parent} if parent else {}),
@@ -1192,8 +1612,8 @@ def _open_and_keep(
         result,
         as_json,
         lambda: out.print(
-            f"[green]✓[/] task {opened.task_id} open until "
-            f"{time.strftime('%H:%M:%S', time.localtime(opened.expires_at))}"
+            f"[green]✓[/] task {opened['task_id']} open until "
+            f"{time.strftime('%H:%M:%S', time.localtime(opened['expires_at']))}"
             + (f" (delegated from {parent})" if parent else "")
         ),
     )
@@ -1218,53 +1638,45 @@ def task_delegate(
 def task_renew(task_id: str, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """Renew a long-running task's token against the current policy (old token revoked)."""
     path = _task_file(home, task_id)
-    renewed = _open(home).renew_task(task_id)
+    renewed = _api(home).post(f"/v1/tasks/{_segment(task_id)}/renew")
     if path.exists():
         held = json.loads(path.read_text())
-        _keep_task(home, task_id, renewed.token, ProofKey.from_pem(held["proof_key"].encode()))
+        _keep_task(home, task_id, renewed["token"], ProofKey.from_pem(held["proof_key"].encode()))
     result = {
-        "task_id": renewed.task_id,
-        "token": renewed.token,
-        "expires_at": renewed.expires_at,
-        "token_expires_at": renewed.token_expires_at,
+        "task_id": renewed["task_id"],
+        "token": renewed["token"],
+        "expires_at": renewed["expires_at"],
+        "token_expires_at": renewed["token_expires_at"],
     }
     emit(
         result,
         as_json,
         lambda: out.print(
             f"[green]✓[/] task {task_id} renewed; token valid until "
-            f"{time.strftime('%H:%M:%S', time.localtime(renewed.token_expires_at))}"
+            f"{time.strftime('%H:%M:%S', time.localtime(renewed['token_expires_at']))}"
         ),
     )
 
 
-def _task_dict(row: Any) -> dict[str, Any]:
-    return {
-        "task_id": row.task_id,
-        "agent": row.agent_id,
-        "template": row.template,
-        "status": row.status,
-        "calls_used": row.calls_used,
-        "opened_at": row.opened_at,
-        "expires_at": row.expires_at,
-        "ended_at": row.ended_at,
-        "end_reason": row.end_reason,
-        "intent_digest": row.intent_digest,
-        "intent": json.loads(row.intent_json),
-    }
+def _task_dict(row: dict[str, Any]) -> dict[str, Any]:
+    keep = (
+        "task_id", "agent", "template", "status", "calls_used", "opened_at", "expires_at",
+        "ended_at", "end_reason", "intent_digest", "intent", "parent_task_id", "chain",
+    )  # fmt: skip
+    return {k: row.get(k) for k in keep}
 
 
 @task_app.command("show")
 def task_show(task_id: str, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """Show a task: status, intent, budget used."""
-    row = _task_dict(_open(home).show_task(task_id))
-    emit(row, as_json, lambda: out.print_json(json.dumps(row)))
+    row = _task_dict(_api(home).get(f"/v1/tasks/{_segment(task_id)}"))
+    emit(row, as_json, lambda: out.print_json(data=instants_as_text(row)))
 
 
 @task_app.command("end")
 def task_end(task_id: str, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """End a task; its token is revoked."""
-    row = _task_dict(_open(home).end_task(task_id))
+    row = _task_dict(_api(home).post(f"/v1/tasks/{_segment(task_id)}/end"))
     emit(row, as_json, lambda: out.print(f"[green]✓[/] task {task_id} {row['status']}"))
 
 
@@ -1283,7 +1695,9 @@ def authorize(
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
-    """Decide one tool call of a task. Exits 0 whatever the effect, unless --fail-on-deny."""
+    """Decide one tool call of a task, as its agent would: the task token and a proof
+    by the key kept under the home when the task was opened. Exits 0 whatever the
+    effect, unless --fail-on-deny."""
     try:
         call_args = strict_json(args)
     except ValueError as exc:
@@ -1291,23 +1705,34 @@ def authorize(
     if not isinstance(call_args, dict):
         raise UsageError("--args must be a JSON object")
     path = _task_file(home, task)
-    token, proof = None, None
-    tether = _open(home)
-    if path.exists():
-        held = json.loads(path.read_text())
-        token = held["token"]
-        key = ProofKey.from_pem(held["proof_key"].encode())
-        proof = key.prove(token, tool, call_args, now=tether.clock.now())
-    receipt = tether.authorize(token=token, proof=proof, tool=tool, args=call_args, task_id=task)
-    result = receipt.to_dict()
+    if not path.exists():
+        raise UsageError(
+            f"no task token held for {task} under {path.parent} (the home the task was "
+            "opened with keeps its token and proof key)"
+        )
+    held = json.loads(path.read_text())
+    token = held["token"]
+    key = ProofKey.from_pem(held["proof_key"].encode())
+    client = _api(home)
+    proof = key.prove(
+        token, tool, call_args, now=time.time(), htm="POST", htu=client.server + DECISIONS
+    )
+    result = client.request(
+        "POST",
+        DECISIONS,
+        json={"tool": tool, "args": call_args},
+        headers={"Authorization": f"DPoP {token}", "DPoP": proof},
+        authenticated=False,
+    )
 
     def human() -> None:
         colour = {"allow": "green", "deny": "red"}.get(result["effect"], "yellow")
+        approval = result.get("approval_id")
         out.print(
             f"[{colour}]{result['effect']}[/] {tool}: "
             + "; ".join(r["message"] for r in result["reasons"])
-            + (f" (approval {receipt.approval_id})" if receipt.approval_id else "")
-            + f" [dim]receipt #{receipt.seq}[/]"
+            + (f" (approval {approval})" if approval else "")
+            + f" [dim]receipt #{result['receipt']['seq']}[/]"
         )
 
     emit(result, as_json, human)
@@ -1316,22 +1741,6 @@ def authorize(
 
 
 # -- approvals ----------------------------------------------------------------------------
-def _approval_dict(row: Any) -> dict[str, Any]:
-    return {
-        "approval_id": row.approval_id,
-        "task_id": row.task_id,
-        "agent": row.agent_id,
-        "tool": row.tool,
-        "args": json.loads(row.args_json),
-        "args_digest": row.args_digest,
-        "status": row.status,
-        "reasons": json.loads(row.reasons_json),
-        "created_at": row.created_at,
-        "expires_at": row.expires_at,
-        "decided_by": row.decided_by,
-    }
-
-
 @approval_app.command("list")
 def approval_list(
     status: Annotated[str | None, typer.Option("--status")] = "pending",
@@ -1339,7 +1748,7 @@ def approval_list(
     home: HomeOpt = None,
 ) -> None:
     """List approvals (pending by default), each with the call in full."""
-    rows = [_approval_dict(r) for r in _open(home).approvals.list(status)]
+    rows = _api(home).get("/v1/approvals", status=status)["approvals"]
 
     def human() -> None:
         # A block per approval, ids on lines of their own: copied whole at any width.
@@ -1359,36 +1768,42 @@ CommentOpt = Annotated[str, typer.Option("--comment", help="kept in the receipt"
 
 
 def _decide_approval(
-    approval_id: str, approve: bool, by: str, comment: str, as_json: bool, home: Path | None
+    approval_id: str,
+    approve: bool,
+    by: str | None,
+    comment: str,
+    as_json: bool,
+    home: Path | None,
 ) -> None:
-    tether = _open(home)
-    row = _approval_dict(
-        tether.decide_approval(approval_id, approve=approve, by=by, comment=comment)
-    )
+    client = _api(home)
+    _attributed(client, by)
+    verb = "approve" if approve else "deny"
+    row = client.post(f"/v1/approvals/{_segment(approval_id)}/{verb}", {"comment": comment})
     emit(row, as_json, lambda: out.print(f"{row['status']}: {approval_id} ({row['tool']})"))
 
 
 @approval_app.command("approve")
 def approval_approve(
     approval_id: str,
-    by: Annotated[str, typer.Option("--by", help="who approves (email)")],
+    by: ByOpt = None,
     comment: CommentOpt = "",
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
-    """Approve one held call; the identical call then goes through once."""
+    """Approve one held call; the identical call then goes through once. The receipt
+    names the credential that approved it."""
     _decide_approval(approval_id, True, by, comment, as_json, home)
 
 
 @approval_app.command("deny")
 def approval_deny(
     approval_id: str,
-    by: Annotated[str, typer.Option("--by", help="who denies (email)")],
+    by: ByOpt = None,
     comment: CommentOpt = "",
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
-    """Deny one held call."""
+    """Deny one held call (the receipt names the credential that denied it)."""
     _decide_approval(approval_id, False, by, comment, as_json, home)
 
 
@@ -1416,29 +1831,18 @@ def audit_verify(
     if bundle_file is not None:
         _verify_bundle(bundle_file, trust, witness, as_json)
         return
-    report = _open(home).verify_audit()
-    result = {
-        "ok": report.ok,
-        "records": report.records,
-        "checkpoints": report.checkpoints,
-        "heads": report.heads,
-        "witnessed": report.witnessed,
-        "size": report.size,
-        "root": report.root,
-        "first_bad": report.first_bad,
-        "problem": report.problem,
-    }
+    result = _api(home).get("/v1/audit/verify")
     emit(
         result,
         as_json,
         lambda: out.print(
-            f"[green]✓[/] {report.records} receipts, {report.checkpoints} checkpoints, "
-            f"{report.heads} signed heads, {report.witnessed} witnessed heads verified"
-            if report.ok
-            else f"[red]✗[/] position {report.first_bad}: {report.problem}"
+            f"[green]✓[/] {result['records']} receipts, {result['checkpoints']} checkpoints, "
+            f"{result['heads']} signed heads, {result['witnessed']} witnessed heads verified"
+            if result["ok"]
+            else f"[red]✗[/] position {result['first_bad']}: {result['problem']}"
         ),
     )
-    if not report.ok:
+    if not result["ok"]:
         raise typer.Exit(1)
 
 
@@ -1494,7 +1898,7 @@ def audit_export(
 ) -> None:
     """Write an offline-verifiable bundle: receipts, inclusion proofs, signed heads with
     consistency proofs, public keys (check it with 'tether audit verify --bundle')."""
-    bundle = _open(home).export_audit(first, last)
+    bundle = _store_only(home).export_audit(first, last)
     out_file.write_text(json.dumps(bundle, sort_keys=True) + "\n", encoding="utf-8")
     result = {
         "file": str(out_file),
@@ -1514,7 +1918,7 @@ def audit_export(
 @audit_app.command("head")
 def audit_head(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """Sign a tree head over every receipt now (and publish it to the witness)."""
-    head = _open(home).audit.sign_head()
+    head = _store_only(home).audit.sign_head()
     result = {"size": head.size if head else None, "root": head.root if head else None}
     emit(result, as_json, lambda: out.print(f"signed head at {result['size']}"))
 
@@ -1526,7 +1930,7 @@ def audit_tail(
     home: HomeOpt = None,
 ) -> None:
     """The newest receipts."""
-    records = _open(home).audit.tail(max(1, min(limit, 10_000)))
+    records = _api(home).get("/v1/audit", limit=max(1, min(limit, 10_000)))["records"]
 
     def human() -> None:
         table = Table("#", "kind", "effect", "tool", "reason")
@@ -1547,7 +1951,7 @@ def audit_tail(
 @audit_app.command("checkpoint")
 def audit_checkpoint(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """Sign the current head of the chain now."""
-    cp = _open(home).audit.checkpoint()
+    cp = _store_only(home).audit.checkpoint()
     result = {"seq": cp.seq if cp else None, "hash": cp.hash if cp else None}
     emit(result, as_json, lambda: out.print(f"checkpoint at {result['seq']}"))
 
@@ -1622,12 +2026,11 @@ FromEnv = Annotated[
     ),
 ]
 FromStdin = Annotated[bool, typer.Option("--from-stdin", help="read the value from standard input")]
-ByOpt = Annotated[str | None, typer.Option("--by", help="who does this (default: cli:$USER)")]
 
 
-def _secret_line(info: Any) -> str:
-    versions = ", ".join(f"v{v.version} {v.state}" for v in info.versions)
-    return f"{info.name} ({info.kind}): {versions}"
+def _secret_line(info: dict[str, Any]) -> str:
+    versions = ", ".join(f"v{v['version']} {v['state']}" for v in info["versions"])
+    return f"{info['name']} ({info['kind']}): {versions}"
 
 
 @secret_app.command("put")
@@ -1681,10 +2084,29 @@ def secret_put(
         meta["overlap_seconds"] = overlap
     if rotate_command is not None:
         meta["rotate_command"] = shlex.split(rotate_command)
-    info = _open(home).put_secret(
-        name, value, kind=kind, by=_who(by), description=description, meta=meta or None
-    )
-    emit(info.to_dict(), as_json, lambda: out.print(f"[green]✓[/] sealed {_secret_line(info)}"))
+    if "rotate_command" in meta:
+        # A command to run is never accepted over HTTP: set on the store's host only.
+        tether = _store_only(home)
+        who = f"break-glass:{_os_user()}"
+        if by is not None and by != who:
+            raise UsageError(f"--by {by!r}: this change is made by {who}")
+        sealed = tether.put_secret(
+            name, value, kind=kind, by=who, description=description, meta=meta
+        ).to_dict()
+    else:
+        client = _api(home)
+        _attributed(client, by)
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError("the API takes UTF-8 secret values") from None
+        body = {"name": name, "value": text, "kind": kind, "description": description}
+        body.update({k: meta[k] for k in ("tools", "overlap_seconds", "postgres") if k in meta})
+        unknown = sorted(set(meta) - {"tools", "overlap_seconds", "postgres"})
+        if unknown:
+            raise UsageError(f"--meta: unknown member(s) {', '.join(unknown)}")
+        sealed = client.post("/v1/secrets", body)
+    emit(sealed, as_json, lambda: out.print(f"[green]✓[/] sealed {_secret_line(sealed)}"))
 
 
 @secret_app.command("rotate")
@@ -1703,27 +2125,36 @@ def secret_rotate(
     """Add a new version (from a value source, else from the secret's rotation hook);
     the previous one stays usable for the overlap window."""
     value = _read_value(from_file, from_env, from_stdin)
-    info = _open(home).rotate_secret(name, value, by=_who(by), overlap=overlap)
-    emit(info.to_dict(), as_json, lambda: out.print(f"[green]✓[/] rotated {_secret_line(info)}"))
+    client = _api(home)
+    _attributed(client, by)
+    try:
+        text = value.decode("utf-8") if value is not None else None
+    except UnicodeDecodeError:
+        raise UsageError("the API takes UTF-8 secret values") from None
+    body = {"value": text, "overlap_seconds": overlap}
+    info = client.post(
+        f"/v1/secrets/{_segment(name)}/rotate", {k: v for k, v in body.items() if v is not None}
+    )
+    emit(info, as_json, lambda: out.print(f"[green]✓[/] rotated {_secret_line(info)}"))
 
 
 @secret_app.command("list")
 def secret_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """Names, kinds and versions of the secrets (never a value)."""
-    infos = _open(home).list_secrets()
+    infos = _api(home).get("/v1/secrets")["secrets"]
 
     def human() -> None:
         table = Table("name", "kind", "versions", "tools")
         for info in infos:
             table.add_row(
-                info.name,
-                info.kind,
-                ", ".join(f"v{v.version} {v.state}" for v in info.versions),
-                ", ".join(info.tools) or "(any allowed)",
+                info["name"],
+                info["kind"],
+                ", ".join(f"v{v['version']} {v['state']}" for v in info["versions"]),
+                ", ".join(info["tools"]) or "(any allowed)",
             )
         out.print(table)
 
-    emit({"secrets": [i.to_dict() for i in infos]}, as_json, human)
+    emit({"secrets": infos}, as_json, human)
 
 
 @lease_app.command("list")
@@ -1736,9 +2167,7 @@ def lease_list(
     home: HomeOpt = None,
 ) -> None:
     """Leases (who holds what, for which task, until when; never a value)."""
-    from tether.secrets import lease_dict  # noqa: PLC0415
-
-    rows = [lease_dict(r) for r in _open(home).broker.list(task_id=task, status=status)]
+    rows = _api(home).get("/v1/leases", task_id=task, status=status)["leases"]
 
     def human() -> None:
         table = Table("lease", "task", "kind", "secret", "tool", "status", "expires")
@@ -1767,9 +2196,12 @@ def lease_revoke(
     home: HomeOpt = None,
 ) -> None:
     """Revoke one lease (a dynamic credential is destroyed at once)."""
-    done = _open(home).broker.revoke(lease_id, reason, by=_who(by))
+    client = _api(home)
+    _attributed(client, by)
+    lease = client.post(f"/v1/leases/{_segment(lease_id)}/revoke", {"reason": reason})
+    done = lease["status"] == "revoked"
     emit(
-        {"lease_id": lease_id, "revoked": done},
+        {"lease_id": lease_id, "revoked": done, "lease": lease},
         as_json,
         lambda: out.print(f"{'[green]✓[/] revoked' if done else 'not live:'} {lease_id}"),
     )
@@ -1779,7 +2211,7 @@ def lease_revoke(
 def lease_reap(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """End expired tasks and leases now and destroy what they left (the servers do this
     periodically too)."""
-    report = _open(home).reap().to_dict()
+    report = _store_only(home).reap().to_dict()
     emit(report, as_json, lambda: out.print_json(json.dumps(report)))
 
 
@@ -1821,15 +2253,17 @@ def _kill(
             raise UsageError("the kill switch needs --yes when not run interactively")
         if not typer.confirm(f"Revoke {scope} (with their sub-tasks), now?", err=True):
             raise typer.Abort()
-    result = _open(home).kill(
-        reason,
-        by=_who(by),
-        agent=agent,
-        owner=owner,
-        template=template,
-        trust_domain=trust_domain,
-        everything=everything,
-    )
+    client = _api(home)
+    _attributed(client, by)
+    body = {
+        "reason": reason,
+        "agent": agent,
+        "owner": owner,
+        "template": template,
+        "trust_domain": trust_domain,
+        "all": everything,
+    }
+    result = client.post("/v1/kill", {k: v for k, v in body.items() if v is not None})
     emit(
         result,
         as_json,
@@ -1891,7 +2325,7 @@ def kill_switch(
 def audit_trace(task_id: str, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """The whole delegation tree of a task: who delegated what to whom, every decision,
     every lease."""
-    trace = _open(home).trace(task_id)
+    trace = _api(home).get("/v1/audit/trace", task_id=task_id)
 
     def human() -> None:
         tasks = {t["task_id"]: t for t in trace["tasks"]}
@@ -1929,6 +2363,10 @@ def main() -> None:
     try:
         _run_app()
     finally:
+        for client in _clients:
+            with contextlib.suppress(Exception):
+                client.close()
+        _clients.clear()
         for tether in list(_opened):
             with contextlib.suppress(Exception):  # already reported by close itself
                 tether.close()

@@ -597,19 +597,22 @@ def decide(
         return refusal(exc, context), NOTHING
 
 
-def _cedar_effect(outcome: CedarOutcome) -> str:
+def cedar_effect(outcome: CedarOutcome) -> str:
+    """The effect of a Cedar outcome alone: ``deny`` (an error counts as one),
+    ``approval_required`` or ``allow``."""
     if outcome.errors or not outcome.allowed:
         return "deny"
     return "approval_required" if outcome.approval else "allow"
 
 
-def _shadow(
+def shadow_of(
     candidate: PolicySnapshot,
     live: CedarOutcome,
     request: tuple[dict[str, str], dict[str, str], dict[str, Any], Any],
 ) -> Shadow | None:
     """The candidate set's effect on the request the live set just saw; None if the
-    candidate cannot evaluate at all (it is only recorded, so it never decides)."""
+    candidate cannot evaluate at all (it is only recorded, so it never decides). Shadow
+    mode and :mod:`tether.policy._replay` both judge a candidate set with it."""
     principal, resource, context, entities = request
     try:
         outcome = candidate.evaluate(principal, "call_tool", resource, context, entities)
@@ -617,8 +620,8 @@ def _shadow(
         return None
     return Shadow(
         digest=candidate.digest,
-        effect=_cedar_effect(outcome),
-        live=_cedar_effect(live),
+        effect=cedar_effect(outcome),
+        live=cedar_effect(live),
         policies=outcome.policies,
         errors=tuple(e[:200] for e in outcome.errors[:3]),
     )
@@ -700,7 +703,7 @@ def _decide(
     outcome = policy.evaluate(principal, "call_tool", resource, context, entities)
     if shadow is not None:
         # ``out`` is the context every decision and refusal below is built from.
-        out["shadow"] = _shadow(shadow, outcome, (principal, resource, context, entities))
+        out["shadow"] = shadow_of(shadow, outcome, (principal, resource, context, entities))
     if outcome.errors:
         raise Refused(
             "policy.error",

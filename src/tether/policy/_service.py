@@ -18,6 +18,7 @@ from tether.audit._rows import POLICY, policy_fields
 from tether.core._clock import Clock
 from tether.core._policy import PolicySnapshot, build_snapshot
 from tether.core._risk import Control, risk_tags
+from tether.policy._replay import ReplayReport, replay
 from tether.policy._shadow import ShadowReport, shadow_report
 from tether.store import PolicyRow, Store
 
@@ -69,10 +70,12 @@ class PolicyService:
         *,
         origin: str = "api",
         shadow: bool = False,
+        by: str | None = None,
     ) -> PolicySnapshot:
         """Validate ``sources`` and make them the live set, or, with ``shadow``, the
         candidate set evaluated beside the live one on every call and recorded on its
-        receipt (``detail.shadow``) without being enforced."""
+        receipt (``detail.shadow``) without being enforced. ``by`` names who loaded it
+        (the authenticated principal), first in the receipt's chain."""
         schema = schema if schema is not None else default_schema()
         kind = "policy.shadow" if shadow else "policy.load"
         try:
@@ -80,9 +83,10 @@ class PolicyService:
         except InvalidPolicy as exc:
             self._auditor.append(
                 kind,
+                chain=[by] if by else None,
                 effect="deny",
                 reasons=[{"code": exc.code, "message": exc.message}],
-                detail={"origin": origin, "files": sorted(sources)},
+                detail={"origin": origin, "files": sorted(sources), "by": by},
                 risk_tags=list(risk_tags(Control.PER_CALL_POLICY, Control.AUDIT)),
             )
             raise
@@ -90,6 +94,7 @@ class PolicyService:
             "origin": origin,
             "digest": snapshot.digest,
             "count": len(snapshot.policies),
+            **({"by": by} if by else {}),
         }
         with self._store.transaction():
             if shadow:
@@ -112,6 +117,7 @@ class PolicyService:
                 detail["snapshot_id"] = snapshot_id
             self._auditor.append(
                 kind,
+                chain=[by] if by else None,
                 effect="allow",
                 policies=list(snapshot.policy_ids)[:1000],
                 detail=detail,
@@ -124,7 +130,7 @@ class PolicyService:
             self._highest_id = max(self._highest_id, detail["snapshot_id"])
         return snapshot
 
-    def clear_shadow(self, *, origin: str = "api") -> str | None:
+    def clear_shadow(self, *, origin: str = "api", by: str | None = None) -> str | None:
         """Stop evaluating the shadow set (a receipt); its digest, or None if none was on."""
         with self._store.transaction():
             current = self._store.get_meta(SHADOW_DIGEST)
@@ -134,13 +140,54 @@ class PolicyService:
             self._auditor.rows.set_setting(SHADOW_BODY, "")
             self._auditor.append(
                 "policy.shadow",
+                chain=[by] if by else None,
                 effect="allow",
                 reasons=[{"code": "policy.shadow_off", "message": "shadow set removed"}],
-                detail={"origin": origin, "digest": current, "enforced": False, "off": True},
+                detail={
+                    "origin": origin,
+                    "digest": current,
+                    "enforced": False,
+                    "off": True,
+                    **({"by": by} if by else {}),
+                },
                 risk_tags=list(risk_tags(Control.PER_CALL_POLICY, Control.AUDIT)),
             )
         self._shadow, self._shadow_digest = None, None
         return current
+
+    def replay(
+        self,
+        sources: dict[str, str],
+        schema: str | None = None,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 1000,
+        by: str | None = None,
+    ) -> ReplayReport:
+        """Re-decide the recorded calls of a window under a candidate set, without
+        loading it (:mod:`tether.policy._replay`); a receipt names who replayed what."""
+        candidate = build_snapshot(sources, schema if schema is not None else default_schema())
+        live = self.snapshot()
+        report = replay(
+            self._store, self._auditor.rows, live, candidate, since=since, until=until, limit=limit
+        )
+        self._auditor.append(
+            "policy.replay",
+            chain=[by] if by else None,
+            effect="allow",
+            detail={
+                "candidate": candidate.digest,
+                "live": live.digest,
+                "from": since,
+                "to": until,
+                "replayed": report.replayed,
+                "would_change": sum(report.changes.values()),
+                **({"by": by} if by else {}),
+            },
+            risk_tags=list(risk_tags(Control.PER_CALL_POLICY, Control.AUDIT)),
+        )
+        return report
 
     def shadow_digest(self) -> str | None:
         """The digest of the shadow set in the store now (None: shadow mode is off)."""

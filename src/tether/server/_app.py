@@ -690,7 +690,7 @@ async def identity_disable(request: Request, data: S.SpiffeIdIn) -> S.DisableOut
     principal = _principal(request)
     tether = _ctx(request).tether
     _may_manage(principal, _visible(principal, tether, data.spiffe_id))
-    row, revoked = tether.disable_identity(data.spiffe_id)
+    row, revoked = tether.disable_identity(data.spiffe_id, by=principal.name)
     _ctx(request).metrics.tokens.labels("revoked").inc(len(revoked))
     return S.DisableOut(identity=_identity(row), revoked_tasks=revoked)
 
@@ -781,9 +781,11 @@ async def policy_load(request: Request, data: S.PoliciesIn) -> S.PoliciesOut:  #
     """Validate and load a policy set; an invalid one is refused and the live one stays.
     With ``"shadow": true`` it becomes the shadow set instead: evaluated beside the live
     set on every call and recorded on its receipt, never enforced."""
-    require(_principal(request))
+    principal = _principal(request)
+    require(principal)
     policies = _ctx(request).tether.policies
-    return _policies_out(policies.load(data.files, data.schema, shadow=data.shadow))
+    loaded = policies.load(data.files, data.schema, shadow=data.shadow, by=principal.name)
+    return _policies_out(loaded)
 
 
 @get("/v1/policies/shadow", tags=["policies"], responses=_ERRORS, guards=[authenticated])
@@ -799,9 +801,36 @@ async def policy_shadow(request: Request, limit: int = 50) -> dict[str, Any]:  #
     guards=[authenticated],
 )  # fmt: skip
 async def policy_shadow_off(request: Request) -> dict[str, Any]:  # type: ignore[type-arg]
-    """Stop evaluating the shadow set (a receipt)."""
-    require(_principal(request))
-    return {"removed": _ctx(request).tether.policies.clear_shadow()}
+    """Stop evaluating the shadow set (a receipt naming who)."""
+    principal = _principal(request)
+    require(principal)
+    return {"removed": _ctx(request).tether.policies.clear_shadow(by=principal.name)}
+
+
+@post(
+    "/v1/policies/replay", tags=["policies"], responses=_ERRORS, status_code=200,
+    guards=[authenticated],
+)  # fmt: skip
+async def policy_replay(request: Request, data: S.ReplayIn) -> dict[str, Any]:  # type: ignore[type-arg]
+    """Re-decide the recorded calls of a window (``from``/``to``, seconds since the epoch)
+    under a candidate policy set, without loading it: every decision whose effect would
+    change, and the calls that cannot be replayed faithfully, with why (auditors and
+    admins; a receipt names who replayed which set)."""
+    principal = _principal(request)
+    require(principal, "auditor")
+    ctx = _ctx(request)
+    replay = functools.partial(
+        ctx.tether.policies.replay,
+        data.files,
+        data.schema,
+        since=data.since,
+        until=data.until,
+        limit=data.limit,
+        by=principal.name,
+    )
+    # A long log takes a while: over PostgreSQL, in a worker thread.
+    report = await asyncio.to_thread(replay) if ctx.node is not None else replay()
+    return report.to_dict()
 
 
 @post(
@@ -820,7 +849,20 @@ async def catalogue_load(request: Request, data: S.CatalogueIn) -> S.CatalogueOu
 async def catalogue_show(request: Request) -> S.CatalogueOut:  # type: ignore[type-arg]
     require(_principal(request), "owner", "approver", "auditor")
     catalogue = _ctx(request).tether.catalogue
-    return S.CatalogueOut(digest=catalogue.digest or "", tools=sorted(catalogue.entries()))
+    entries = catalogue.entries()
+    return S.CatalogueOut(
+        digest=catalogue.digest or "",
+        tools=sorted(entries),
+        entries=[
+            S.CatalogueEntryOut(
+                tool=name,
+                side_effect=str(p.side_effect),
+                sensitivity=str(p.sensitivity),
+                trusted=p.trusted,
+            )
+            for name, p in sorted(entries.items())
+        ],
+    )
 
 
 @get("/v1/policies", tags=["policies"], responses=_ERRORS, guards=[authenticated])
@@ -1211,6 +1253,10 @@ async def audit_verify(request: Request) -> S.VerifyOut:  # type: ignore[type-ar
         checkpoints=r.checkpoints,
         first_bad=r.first_bad,
         problem=r.problem,
+        heads=r.heads,
+        witnessed=r.witnessed,
+        size=r.size,
+        root=r.root,
     )
 
 
@@ -1724,6 +1770,7 @@ def create_app(tether: Tether, settings: ServerSettings | None = None) -> Litest
             policy_load,
             policy_shadow,
             policy_shadow_off,
+            policy_replay,
             catalogue_load,
             catalogue_show,
             policy_list,

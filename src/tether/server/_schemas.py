@@ -130,6 +130,17 @@ class PoliciesIn(Strict):
     shadow: bool = False
 
 
+class ReplayIn(Strict):
+    """``POST /v1/policies/replay``: a candidate set and the window of receipts (seconds
+    since the epoch, inclusive; omitted: unbounded)."""
+
+    files: dict[PolicyFileName, str]
+    schema: str | None = None
+    since: float | None = msgspec.field(default=None, name="from")
+    until: float | None = msgspec.field(default=None, name="to")
+    limit: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 1000
+
+
 class PolicyOut(msgspec.Struct):
     id: str
     effect: str
@@ -227,9 +238,19 @@ class CatalogueIn(Strict):
     prefix: str | None = None
 
 
+class CatalogueEntryOut(msgspec.Struct):
+    """How every door judges one tool: what calling it does, what it returns."""
+
+    tool: str
+    side_effect: str
+    sensitivity: str
+    trusted: bool
+
+
 class CatalogueOut(msgspec.Struct):
     digest: str
     tools: list[str]
+    entries: list[CatalogueEntryOut] = []
 
 
 class ResultIn(Strict):
@@ -282,6 +303,10 @@ class VerifyOut(msgspec.Struct):
     checkpoints: int
     first_bad: int | None = None
     problem: str | None = None
+    heads: int = 0
+    witnessed: int = 0
+    size: int | None = None
+    root: str | None = None
 
 
 class TokenOut(msgspec.Struct):
