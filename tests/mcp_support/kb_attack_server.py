@@ -13,17 +13,19 @@ the data (each tool is catalogued like ``kb_retrieve``: a read whose records car
   result's ``_meta`` says nothing);
 - ``kb_deep``: the memo's record nested deeper than Tether reads;
 - ``kb_titled``: the memo marked CONFIDENTIAL in its title, classification ``internal``;
+- ``kb_blob``: the marked note as an embedded resource's base64 blob (text/plain);
 - ``kb_passages``: a search answer whose documents carry their classification and whose
   passages (the text) refer to them by id.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
 from mcp.server.mcpserver import MCPServer
-from mcp_types import CallToolResult, TextContent
+from mcp_types import BlobResourceContents, CallToolResult, EmbeddedResource, TextContent
 
 try:
     from .kb_server import DOCS
@@ -98,6 +100,13 @@ def kb_passages(query: str) -> dict[str, Any]:
         "documents": [{"id": MEMO["id"], "classification": "confidential"}],
         "passages": [{"doc_id": MEMO["id"], "text": MEMO["body"]}],
     }
+
+
+@server.tool(description="A document as an attachment.", structured_output=False)
+def kb_blob(doc_id: str) -> CallToolResult:
+    blob = base64.b64encode(DOCS["note-canteen"]["body"].encode()).decode()
+    contents = BlobResourceContents(uri="kb://note-canteen", mime_type="text/plain", blob=blob)
+    return CallToolResult(content=[EmbeddedResource(type="resource", resource=contents)])
 
 
 @server.tool(description="Send an e-mail.", structured_output=False)
