@@ -208,6 +208,7 @@ def test_no_backtracking_pattern_reads_untrusted_text() -> None:
     agent's or an upstream's (configuration, names checked against bounded anchored
     shapes); everything else goes through :func:`tether.core._scanning.linear`."""
     reviewed = {
+        "cli/_client.py": "the admin credential format, fixed lengths",
         "console/_accepted.py": "risk tags an owner records (alternation of literals)",
         "console/_pages.py": "the console's own admin credential format",
         "core/_intent.py": "fnmatch globs on tool names of at most 256 characters",
@@ -222,8 +223,10 @@ def test_no_backtracking_pattern_reads_untrusted_text() -> None:
         "gateway/_auth.py": "one character class over a header value",
         "gateway/_config.py": "configuration values",
         "identity/_credentials.py": "admin credential format, fixed lengths",
+        "observability/_tracing.py": "reason codes Tether writes: bounded, anchored",
         "identity/_registry.py": "owner addresses: bounded classes, anchored",
         "secrets/_postgres.py": "configured identifiers",
+        "server/_authzen.py": "a request id header: one bounded character class",
         "secrets/_vault.py": "secret names",
         "store/_migrate.py": "migration files",
         "store/_postgres.py": "the configured database URL",
