@@ -693,15 +693,8 @@ class Gateway:
                 detail=detail,
             )
         status = row.status
-        settings = self.config.approval
-        if status == "pending" and settings.mode != "return":
-            end = anyio.current_time() + min(
-                settings.timeout_seconds,
-                caller.proof_iat + PROOF_WINDOW - APPROVAL_SAFETY_MARGIN - now,
-            )
-            while status == "pending" and (left := end - anyio.current_time()) > 0:
-                await anyio.sleep(min(settings.poll_interval_seconds, left))
-                status = self.tether.approvals.get(approval_id).status
+        if status == "pending" and self.config.approval.mode != "return":
+            status = await self._await_decision(caller, approval_id)
         if status == "approved":
             return None
         self._burn(caller)
@@ -833,24 +826,31 @@ class Gateway:
         approval_id = receipt.approval_id
         if settings.mode == "return" or approval_id is None:
             return receipt, "pending"
+        status = await self._await_decision(caller, approval_id)
+        if status == "approved":
+            again = self._authorize(
+                caller, name, args, {**detail, "approval_id": approval_id}, profile
+            )
+            return again, status
+        return receipt, status  # denied, expired, unknown or still pending: not made
+
+    async def _await_decision(self, caller: Caller, approval_id: str) -> str:
+        """Poll a pending approval until a human decides it or the wait is over: at most
+        ``timeout_seconds``, and never past ``APPROVAL_SAFETY_MARGIN`` seconds before the
+        caller's proof goes stale. Its status then (``unknown`` if it is gone)."""
+        settings = self.config.approval
         proof_left = (
             caller.proof_iat + PROOF_WINDOW - APPROVAL_SAFETY_MARGIN - self.tether.clock.now()
         )
         end = anyio.current_time() + min(settings.timeout_seconds, proof_left)
-        while (left := end - anyio.current_time()) > 0:
+        status = "pending"
+        while status == "pending" and (left := end - anyio.current_time()) > 0:
             await anyio.sleep(min(settings.poll_interval_seconds, left))
             try:
                 status = self.tether.approvals.get(approval_id).status
             except NotFound:
-                return receipt, "unknown"
-            if status == "approved":
-                again = self._authorize(
-                    caller, name, args, {**detail, "approval_id": approval_id}, profile
-                )
-                return again, status
-            if status != "pending":
-                return receipt, status  # denied or expired: the call is not made
-        return receipt, "pending"
+                return "unknown"
+        return status
 
     async def _forward(
         self,
