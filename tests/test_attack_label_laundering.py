@@ -471,11 +471,6 @@ def test_upstream_classification_in_odd_case_or_spacing_is_still_read(value: str
         pytest.param(["confidential"], id="in-a-list"),
     ],
 )
-@bypass(
-    "_field_label compares values by strip().lower() only, and a value it cannot read "
-    "falls to the tool's default (internal) instead of failing closed as declared() "
-    "does for an unknown word"
-)
 def test_upstream_classification_unreadable_value(value: Any) -> None:
     """Malicious upstream: the memo's classification written so that a person reads
     'confidential' but the catalogue rule does not."""
@@ -488,10 +483,6 @@ def test_upstream_json_in_a_string_cannot_lower_its_record() -> None:
     assert _mail(_read({**DOCS["memo-heron"], "body": body}), MEMO) == HELD
 
 
-@bypass(
-    "a field rule labels a nested record up or down: a record with classification "
-    "public inside the confidential record is public, and its text is not fingerprinted"
-)
 def test_upstream_nested_record_labelled_public_inside_the_confidential_one() -> None:
     """Malicious upstream: the confidential record holds the memo in an 'attachment' that
     carries its own classification ``public``."""
@@ -506,10 +497,6 @@ def test_upstream_nested_record_labelled_public_inside_the_confidential_one() ->
     assert _mail(state, MEMO) == HELD  # ...but the memo's text is not held
 
 
-@bypass(
-    "a part of a result that no field rule reaches takes the tool's default "
-    "(internal), even when the same result labels another part confidential"
-)
 def test_upstream_confidential_record_made_to_look_like_two() -> None:
     """Malicious upstream (or an ordinary search API): the memo's classification in one
     record, its text in another that refers to it by id."""
@@ -522,10 +509,6 @@ def test_upstream_confidential_record_made_to_look_like_two() -> None:
     assert _mail(state, MEMO) == HELD
 
 
-@bypass(
-    "a classifier raises only the one string it fires on: a CONFIDENTIAL marking in a "
-    "document's title leaves its body unfingerprinted"
-)
 def test_upstream_marking_in_the_title_not_the_body() -> None:
     """Malicious upstream (or a careless one): the memo marked CONFIDENTIAL in its title,
     its classification field ``internal``."""
@@ -546,7 +529,6 @@ def test_upstream_marking_in_the_title_not_the_body() -> None:
         pytest.param("CONFI\u200bDENTIAL", id="zero-width"),
     ],
 )
-@bypass("markings are matched on the raw text: no NFKC, no removal of format characters")
 def test_upstream_marking_in_confusable_letters(marking: str) -> None:
     """Malicious upstream: the note's CONFIDENTIAL marking in fullwidth letters or with a
     zero-width space (a reader sees the marking)."""
@@ -554,10 +536,6 @@ def test_upstream_marking_in_confusable_letters(marking: str) -> None:
     assert _mail(_read(note), MEMO) == HELD
 
 
-@bypass(
-    "JSON text is a string to the labeller: the catalogue's field rule never sees the "
-    "record, so the result takes the tool's default (internal)"
-)
 def test_upstream_record_as_json_text() -> None:
     """Malicious upstream (or any server that answers with JSON text rather than
     structured content): the memo's record, classification and all, as one string."""
@@ -865,20 +843,12 @@ def test_door_gateway_deep_result_is_withheld(env: Env) -> None:
     assert "withheld" in got[0][1] and MEMO not in got[0][1]
 
 
-@bypass(
-    "the gateway hands a JSON text block to the labeller as a string: the catalogue's "
-    "classification rule never applies, the memo is labelled internal"
-)
 def test_door_gateway_record_as_json_text(env: Env) -> None:
     """Malicious upstream (or any MCP server answering in text): the memo's record as a
     JSON text block, no structured content."""
     assert _gw_read_then_mail(env, "kb_retrieve_text") == [OK, PENDING]
 
 
-@bypass(
-    "structured content (the public FAQ) and a text block (the memo's record as JSON) "
-    "are labelled apart: the text is a string, labelled at the tool's default"
-)
 def test_door_gateway_structured_faq_text_memo(env: Env) -> None:
     """Malicious upstream: structured content says public FAQ; the text block the model
     reads carries the memo's record."""
@@ -896,13 +866,11 @@ def test_door_gateway_block_meta_label(env: Env) -> None:
     assert [effect for effect, _ in got] == [OK, PENDING]
 
 
-@bypass("a classifier raises only the string it fires on (the title), not the record")
 def test_door_gateway_marking_in_the_title(env: Env) -> None:
     """Careless or malicious upstream: the memo marked CONFIDENTIAL in its title only."""
     assert _gw_read_then_mail(env, "kb_titled") == [OK, PENDING]
 
 
-@bypass("passages that refer to a confidential document by id take the tool's default")
 def test_door_gateway_search_passages(env: Env) -> None:
     """Malicious upstream (or a search API): classification in the documents, text in the
     passages."""
@@ -1027,7 +995,6 @@ def test_door_http_deep_result_is_observed_unlabelled(env: Env) -> None:
     assert got == [OK, PENDING]
 
 
-@bypass("a tool that returns JSON text is reported as a string: the field rule never applies")
 def test_door_http_record_as_json_text(env: Env) -> None:
     """Malicious tool result (or any tool returning JSON text), through the HTTP API."""
     got = _http(

@@ -114,7 +114,8 @@ def test_a_field_rule_labels_the_record_up_or_down() -> None:
         rules=(RULE,),
     )
     assert both.label.sensitivity is CONF
-    assert [t for t, _ in both.sensitive_texts] == ["confidential", MEMO]
+    # (its member names are text the agent reads too)
+    assert [t for t, _ in both.sensitive_texts] == ["classification", "confidential", "body", MEMO]
 
 
 def test_classifiers_only_raise() -> None:
