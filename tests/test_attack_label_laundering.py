@@ -30,6 +30,7 @@ from typing import Any
 
 import anyio
 import httpx
+import msgspec
 import pytest
 
 from tether import ProofKey, Tether, parse_intent
@@ -176,7 +177,9 @@ HELD_ENCODINGS: dict[str, Callable[[str], Any]] = {
     "member names with nested words": lambda t: {"a": {w: {} for w in dict.fromkeys(t.split())}},
 }
 
-BYPASS_ENCODINGS: dict[str, tuple[Callable[[str], Any], str]] = {
+# Encodings that once got the memo out, each with what let it through then: every one is
+# now decoded, normalised or read in another order (tether.core._winnow).
+ONCE_BYPASSING_ENCODINGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "base64 in groups of four": (
         lambda t: " ".join(_b64(t.encode())[i : i + 4] for i in range(0, len(_b64(t.encode())), 4)),
         "a base64 run is only decoded from 16 characters without white space; groups of 4 "
@@ -282,14 +285,11 @@ def test_agent_encodings_that_are_held(name: str) -> None:
     assert _mail(_memo_read(), HELD_ENCODINGS[name](MEMO)) == HELD
 
 
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=bypass(BYPASS_ENCODINGS[n][1])) for n in sorted(BYPASS_ENCODINGS)],
-)
-def test_agent_encodings_that_get_the_memo_out(name: str) -> None:
+@pytest.mark.parametrize("name", sorted(ONCE_BYPASSING_ENCODINGS))
+def test_agent_encodings_that_once_got_the_memo_out(name: str) -> None:
     """Prompt-injected agent: mails the memo to the allowed customer, encoded so that no
-    fingerprint of it is found (mechanical encodings, not paraphrase)."""
-    encoded = BYPASS_ENCODINGS[name][0](MEMO)
+    fingerprint of it used to be found (mechanical encodings, not paraphrase)."""
+    encoded = ONCE_BYPASSING_ENCODINGS[name][0](MEMO)
     assert _mail(_memo_read(), encoded) == HELD
 
 
@@ -302,10 +302,6 @@ def test_agent_words_split_one_per_argument_are_read_together() -> None:
     assert "flow.confidential_content" in [f.code for f in found]
 
 
-@bypass(
-    "carried() reads the arguments' values, never their top-level names: a tool "
-    "that takes any properties sends the names as well"
-)
 def test_agent_memo_in_top_level_parameter_names() -> None:
     """Prompt-injected agent: the memo's words as the names of the call's arguments, to a
     webhook tool that forwards every property it is given."""
@@ -317,16 +313,24 @@ def test_agent_memo_in_top_level_parameter_names() -> None:
 
 def test_agent_nesting_past_the_scan_depth_is_held_by_another_rule() -> None:
     """Prompt-injected agent: the memo nested 13 levels deep in the body. The content rule
-    does not read that deep, but with the default catalogue the memo's body is untrusted
-    content, so the untrusted-sink rule holds what it cannot walk."""
+    reads it; with the default catalogue the memo's body is untrusted content as well, so
+    the untrusted-sink rule holds it too."""
     deep = json.loads("[" * 13 + json.dumps(MEMO) + "]" * 13)
-    assert _mail(_memo_read(), deep) == ["flow.untrusted_sink"]
+    assert _mail(_memo_read(), deep) == ["flow.untrusted_sink", *HELD]
 
 
-@bypass(
-    "_winnow._strings stops silently at MAX_DEPTH (12): deeper strings are not read, "
-    "and nothing holds what was not read when the source is trusted"
-)
+def test_agent_nesting_past_what_is_read_is_held() -> None:
+    """Prompt-injected agent: the memo nested deeper than the content rule reads at all
+    (past _winnow.MAX_DEPTH): what is not read is taken to carry the memo."""
+    from tether.core._winnow import MAX_DEPTH
+
+    deep = json.loads("[" * (MAX_DEPTH + 2) + json.dumps("hello") + "]" * (MAX_DEPTH + 2))
+    trusted_kb = msgspec.structs.replace(KB, trusted=True)
+    state = _read(dict(DOCS["memo-heron"]), trusted_kb)
+    assert _mail(state, deep) == HELD
+    assert _mail(state, "hello") == []
+
+
 def test_agent_nesting_past_the_scan_depth_from_a_trusted_source() -> None:
     """Prompt-injected agent: the memo (from a knowledge base the catalogue vouches for,
     so no untrusted-sink rule) nested 13 levels deep in the body."""
@@ -567,11 +571,6 @@ def test_upstream_record_as_json_text() -> None:
             id="ssn",
         ),
     ],
-)
-@bypass(
-    "a classifier labels the whole string, and the string is fingerprinted by word runs; "
-    "the matched value itself (a card number, a key, an SSN: 1 to 4 words) carries no "
-    "fingerprint, so it is sent alone"
 )
 def test_upstream_classified_value_sent_alone(text: str, sent: str, classifier: str) -> None:
     """Prompt-injected agent, after an upstream returned a card number, a cloud key or a
@@ -1017,3 +1016,27 @@ def test_door_gateway_zero_width_memo(env: Env) -> None:
         env, [("kb.kb_retrieve", {"doc_id": "memo-heron"}), _mail_call("\u200b".join(MEMO))]
     )
     assert [effect for effect, _ in got] == [OK, PENDING]
+
+
+def test_benign_content_still_flows_after_the_memo_is_read() -> None:
+    """(No attacker.) After the memo is read, ordinary answers still go to the customer:
+    the FAQ, numbers, dates, a plain e-mail, an unrelated attachment in base64, character
+    codes and member names of something else, a reversed FAQ."""
+    state = _memo_read()
+    email = (
+        "Hello Dana,\n\nThank you for your message of 3 March 2026. Your order 10442 was "
+        "shipped on 2026-03-05 and the refund of 42.50 EUR reaches your account within "
+        "5 to 7 working days.\n\nKind regards,\nCustomer Care"
+    )
+    for body in (
+        FAQ,
+        email,
+        FAQ.upper(),
+        FAQ[::-1],
+        "1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, 987, 1597",
+        _b64(FAQ.encode()),
+        json.dumps({"rows": [[i, f"2026-01-{i:02d}", i * 3.5] for i in range(1, 29)]}),
+        [ord(c) for c in FAQ],
+        {w: i for i, w in enumerate(FAQ.split())},
+    ):
+        assert _mail(state, body) == [], body

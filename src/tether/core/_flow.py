@@ -471,7 +471,7 @@ def observe_call(
     sent = state.sent
     audience = audience_of(profile)
     if state.fingerprints and audience is not None and audience is not Audience.PRIVATE:
-        out = carried(list(args.values()), state.fingerprints, min_hits=1)
+        out = carried(dict(args), state.fingerprints, min_hits=1)
         if out and len(sent) < MAX_FINGERPRINTS:
             sent = sent | frozenset(out)
     return msgspec.structs.replace(
@@ -577,7 +577,9 @@ def read_result(
         deadline=deadline,
     )
     prints = fingerprints_of(
-        ((text, str(level)) for text, level in labelled.sensitive_texts), deadline
+        ((text, str(level)) for text, level in labelled.sensitive_texts),
+        deadline,
+        ((value, str(level)) for value, level in labelled.sensitive_values),
     )
     return ResultReading(
         trusted=frozenset(trusted),
@@ -1004,7 +1006,7 @@ def evaluate_flow(
         carriers: dict[str, dict[int, str]] = {}
         # Read together (a text split across arguments), with what allowed calls have
         # carried out already (a text sent a few words at a time).
-        together = carried(list(args.values()), state.fingerprints, min_hits=1)
+        together = carried(dict(args), state.fingerprints, min_hits=1)
         if together and (
             long_hits(set(together) | state.sent) >= MIN_HITS or any(h & 1 for h in together)
         ):
