@@ -363,9 +363,9 @@ def _match(
         return
     for size in range(MIN_WORDS, K):
         for start in range(len(tokens) - size + 1):
-            short = _hash(tokens[start : start + size], True)
-            if short in prints:
-                hits[short] = prints[short]
+            whole = _hash(tokens[start : start + size], True)
+            if whole in prints:
+                hits[whole] = prints[whole]
 
 
 def long_hits(hits: Iterable[int]) -> int:
