@@ -600,22 +600,26 @@ def test_agent_a_confidential_grant_does_not_cover_secret_content() -> None:
 
 def test_upstream_oversized_result_in_the_gateway_is_withheld() -> None:
     """Malicious upstream: the memo nested past the labeller's depth. Unit level: the scan
-    raises, and the reading is OVERSIZED (no label beyond the tool's default, no
-    fingerprints): safe only where the door withholds the result (the gateway does;
-    see the door tests for the HTTP API)."""
+    raises; a door that withholds the result (the gateway) observes it as WITHHELD, and
+    later mail goes out; a door that hands it to the agent (the HTTP API: the SDK holds
+    it) observes it as OVERSIZED, and every later mail to the customer is held."""
+    from tether.core._flow import WITHHELD
+
     deep: Any = dict(DOCS["memo-heron"])
     for _ in range(DEPTH):
         deep = {"inner": deep}
     with pytest.raises(ScanExceeded):
         read_result(deep, KB)
-    state = observe_result(start_flow(REQUEST), "kb", deep, KB, reading=OVERSIZED)
-    assert state.oversized_sources == ("kb",) and not state.fingerprints
+    withheld = observe_result(start_flow(REQUEST), "kb", deep, KB, reading=WITHHELD)
+    assert withheld.oversized_sources == ("kb",) and not withheld.fingerprints
+    assert _mail(withheld, FAQ) == []
+    handed = observe_result(start_flow(REQUEST), "kb", deep, KB, reading=OVERSIZED)
+    assert handed.unkept_sources == ("kb",)
+    assert _mail(handed, FAQ) == HELD
+    granted = _intent(disclose=[{"data": "secret", "to": [CUSTOMER]}], data_ceiling="secret")
+    assert _mail(handed, FAQ, granted) == []
 
 
-@bypass(
-    "past MAX_FINGERPRINTS (20000) new confidential content is silently not kept; "
-    "nothing holds calls once the table is full"
-)
 def test_upstream_floods_the_fingerprint_table() -> None:
     """Malicious upstream: first answers with a long text it declares confidential (a
     declaration that raises always counts), filling the task's fingerprint table; the
@@ -972,11 +976,6 @@ def test_door_http_a_held_decision_takes_no_result(env: Env) -> None:
         assert again.status_code == 404
 
 
-@bypass(
-    "the HTTP door accepts a result too deep to scan as OVERSIZED, labelled at the "
-    "tool's default (internal) with no fingerprints, and the SDK hands it to the agent; "
-    "the gateway withholds the same answer"
-)
 def test_door_http_deep_result_is_observed_unlabelled(env: Env) -> None:
     """Malicious tool result, through the HTTP API: the memo's record nested 13 levels deep
     (the HTTP API takes JSON to 32 levels); the agent, which the SDK hands the result to,
@@ -1006,9 +1005,6 @@ def test_door_http_record_as_json_text(env: Env) -> None:
     assert got == [OK, PENDING]
 
 
-@bypass(
-    "mechanical encodings are not read (here zero-width spaces between letters), at either door"
-)
 def test_door_gateway_zero_width_memo(env: Env) -> None:
     """Prompt-injected agent, through the gateway: the memo with a zero-width space between
     every two letters (what the customer's mail client shows is the memo)."""
