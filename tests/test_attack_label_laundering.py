@@ -10,9 +10,10 @@ Two attackers, each named in every test's docstring:
   label: its ``_meta``, odd field values, nested records, JSON in strings, a record made
   to look like several, oversized answers, structured content and text that disagree.
 
-Each attempt that is held (approval_required) or denied is a plain test. Each attempt
-that gets the memo out is a strict ``xfail`` whose reason says what lets it through;
-once the hole is closed the test passes and strict ``xfail`` fails, so the mark must go.
+Each attempt that is held (approval_required) or denied is a plain test. An attempt
+that gets the memo out is marked with :func:`bypass` (a strict ``xfail`` whose reason
+says what lets it through); once the hole is closed the test passes and strict
+``xfail`` fails, so the mark must go. None is marked at present.
 """
 
 from __future__ import annotations
@@ -858,10 +859,6 @@ def test_door_gateway_structured_faq_text_memo(env: Env) -> None:
     assert _gw_read_then_mail(env, "kb_mixed") == [OK, PENDING]
 
 
-@bypass(
-    "only the result's _meta is read (declared(answer.meta)); a content block's own "
-    "_meta label is ignored"
-)
 def test_door_gateway_block_meta_label(env: Env) -> None:
     """Malicious upstream (or an honest one labelling per block): a text block whose own
     ``_meta`` says confidential."""
@@ -881,10 +878,6 @@ def test_door_gateway_search_passages(env: Env) -> None:
     assert [effect for effect, _ in got] == [OK, PENDING]
 
 
-@bypass(
-    "an embedded resource's blob is recorded as '[resource] <uri>' only: the marking "
-    "classifier never reads it, though the agent (or its client) can decode it"
-)
 def test_door_gateway_marked_note_as_a_blob(env: Env) -> None:
     """Malicious upstream: the CONFIDENTIAL-marked note as a base64 text/plain blob."""
     note = DOCS["note-canteen"]["body"]

@@ -28,6 +28,8 @@ state can fingerprint it (:mod:`tether.core._winnow`).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections.abc import Mapping
 from enum import StrEnum
@@ -170,6 +172,56 @@ def declared(meta: Any) -> Declared | None:
         trusted=all(trust) if trust else None,
         why=", ".join(why),
     )
+
+
+def declared_in(result: Any) -> Declared | None:
+    """What an upstream declares of an MCP tool result (its JSON form, ``_meta`` keys as
+    on the wire): the result's ``_meta`` and each content block's, and each embedded
+    resource's, own (a block labelled confidential labels the result). Several: the
+    most restrictive sensitivity; trusted only if every one says so."""
+    if not isinstance(result, Mapping):
+        return None
+    metas: list[Any] = [result.get("_meta")]
+    content = result.get("content")
+    if isinstance(content, list):
+        for block in content[:1024]:
+            if isinstance(block, Mapping):
+                metas.append(block.get("_meta"))
+                resource = block.get("resource")
+                if isinstance(resource, Mapping):
+                    metas.append(resource.get("_meta"))
+    found = [d for d in (declared(m) for m in metas if m is not None) if d is not None]
+    if not found:
+        return None
+    levels = [d.sensitivity for d in found if d.sensitivity is not None]
+    trust = [d.trusted for d in found if d.trusted is not None]
+    return Declared(
+        sensitivity=max(levels, key=lambda s: s.rank) if levels else None,
+        trusted=all(trust) if trust else None,
+        why=", ".join(dict.fromkeys(d.why for d in found)),
+    )
+
+
+def resource_text(resource: Any) -> str:
+    """What an embedded resource (its JSON form) shows a reader: its text, or its blob
+    decoded when that is text (UTF-8, mostly printable: the agent's client can decode it
+    as well); otherwise ``[resource] <uri>``."""
+    if not isinstance(resource, Mapping):
+        return "[resource]"
+    text = resource.get("text")
+    if isinstance(text, str):
+        return text
+    blob = resource.get("blob")
+    if isinstance(blob, str):
+        try:
+            data = base64.b64decode(blob, validate=False)
+        except (binascii.Error, ValueError):
+            data = b""
+        decoded = data.decode("utf-8", errors="replace")
+        readable = sum(1 for c in decoded if (c.isprintable() or c.isspace()) and c != "\ufffd")
+        if decoded and readable >= 0.9 * len(decoded):
+            return decoded
+    return f"[resource] {resource.get('uri', '')}"
 
 
 # -- classifiers ----------------------------------------------------------------------------
