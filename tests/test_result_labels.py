@@ -114,7 +114,8 @@ def test_a_field_rule_labels_the_record_up_or_down() -> None:
         rules=(RULE,),
     )
     assert both.label.sensitivity is CONF
-    assert [t for t, _ in both.sensitive_texts] == ["confidential", MEMO]
+    # (its member names are text the agent reads too)
+    assert [t for t, _ in both.sensitive_texts] == ["classification", "confidential", "body", MEMO]
 
 
 def test_classifiers_only_raise() -> None:
@@ -356,3 +357,28 @@ def test_encoded_confidential_content_is_still_carried(encode: Callable[[str], s
     args = {"to": "c@client.example", "body": f"data: {encode(MEMO)} end"}
     found = evaluate_flow(_read_memo(), _intent(), "mail", args, MAIL, FlowPolicy(), declared=True)
     assert [f.code for f in found] == ["flow.confidential_content"]
+
+
+def test_block_and_resource_meta_and_blobs_are_read() -> None:
+    """Malicious upstream MCP server: a confidential label on one content block's (or an
+    embedded resource's) own ``_meta``, not the result's; a marked note as a base64 blob."""
+    import base64
+
+    from tether.core._labels import declared_in, resource_text
+
+    result = {
+        "_meta": {"tether.dev/label": {"sensitivity": "public", "trusted": True}},
+        "content": [
+            {"type": "text", "text": "x", "_meta": {"sensitiveHint": "high"}},
+            {"type": "resource", "resource": {"uri": "kb://a", "text": "y", "_meta": {}}},
+        ],
+    }
+    said = declared_in(result)
+    assert said is not None and said.sensitivity is CONF
+    assert declared_in({"content": [{"type": "text", "text": "x"}]}) is None
+    note = "CONFIDENTIAL: the canteen closes early on Friday."
+    blob = {"uri": "kb://n", "blob": base64.b64encode(note.encode()).decode()}
+    assert resource_text(blob) == note
+    binary = {"uri": "kb://img", "blob": base64.b64encode(bytes(range(256))).decode()}
+    assert resource_text(binary) == "[resource] kb://img"
+    assert resource_text({"uri": "kb://t", "text": "plain"}) == "plain"

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import json
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from enum import StrEnum
@@ -77,7 +78,7 @@ from tether.core._labels import (
     label_result,
 )
 from tether.core._scanning import SPACE, Deadline, ScanExceeded, check, linear
-from tether.core._winnow import MIN_HITS, carried, fingerprints_of, long_hits
+from tether.core._winnow import MIN_HITS, MIN_WORDS, K, carried, fingerprints_of, long_hits, words
 
 MAX_TRACKED_VALUES = 20_000
 MAX_VALUE_LENGTH = 512
@@ -239,6 +240,10 @@ class FlowState(msgspec.Struct, frozen=True, omit_defaults=True):
     fingerprints: dict[int, str] = {}
     # Of those, the ones allowed calls have already carried out (a piece at a time).
     sent: frozenset[int] = frozenset()
+    # Tools whose content may be confidential but has no fingerprints kept: the table was
+    # full, or the result could not be scanned and was handed to the agent all the same.
+    # What cannot be matched is held from every audience wider than private.
+    unkept_sources: tuple[str, ...] = ()
 
     @property
     def calls_made(self) -> int:
@@ -471,7 +476,7 @@ def observe_call(
     sent = state.sent
     audience = audience_of(profile)
     if state.fingerprints and audience is not None and audience is not Audience.PRIVATE:
-        out = carried(list(args.values()), state.fingerprints, min_hits=1)
+        out = carried(dict(args), state.fingerprints, min_hits=1)
         if out and len(sent) < MAX_FINGERPRINTS:
             sent = sent | frozenset(out)
     return msgspec.structs.replace(
@@ -502,20 +507,27 @@ class ResultReading(msgspec.Struct, frozen=True):
     label: Label | None = None
     #: Fingerprints of its content labelled confidential or above.
     fingerprints: dict[int, str] = {}
+    #: An oversized result the door withheld from the agent (nothing of it to match).
+    withheld: bool = False
 
 
+#: A result too large or too slow to scan, handed to the agent all the same (the HTTP
+#: API's results, which the SDK already holds): its content cannot be matched, so every
+#: later call to an audience wider than private is held.
 OVERSIZED = ResultReading(untrusted_read=True, oversized=True)
+#: The same result withheld from the agent by the door (the gateway does).
+WITHHELD = ResultReading(untrusted_read=True, oversized=True, withheld=True)
 
 
 def oversized_reading(profile: ToolProfile, declared: Declared | None = None) -> ResultReading:
-    """What is known of a result too large, or too slow, to scan: untrusted, values
-    unknown, labelled the most restrictive of the tool's default and the upstream's
-    declaration."""
+    """What is known of a result too large, or too slow, to scan, which the door withholds
+    from the agent: untrusted, values unknown, labelled the most restrictive of the tool's
+    default and the upstream's declaration."""
     said = declared.sensitivity if declared is not None else None
     if said is not None and said.rank > profile.sensitivity.rank:
         label = Label(said, LabelOrigin.UPSTREAM, declared.why if declared else "")
-        return ResultReading(untrusted_read=True, oversized=True, label=label)
-    return OVERSIZED
+        return ResultReading(untrusted_read=True, oversized=True, label=label, withheld=True)
+    return WITHHELD
 
 
 def read_result(
@@ -577,7 +589,9 @@ def read_result(
         deadline=deadline,
     )
     prints = fingerprints_of(
-        ((text, str(level)) for text, level in labelled.sensitive_texts), deadline
+        ((text, str(level)) for text, level in labelled.sensitive_texts),
+        deadline,
+        ((value, str(level)) for value, level in labelled.sensitive_values),
     )
     return ResultReading(
         trusted=frozenset(trusted),
@@ -615,12 +629,14 @@ def observe_result(
     level = reading.label.sensitivity if reading.label is not None else profile.sensitivity
     sensitive = level.rank >= Sensitivity.CONFIDENTIAL.rank
     prints = state.fingerprints
-    if reading.fingerprints and len(prints) < MAX_FINGERPRINTS:
-        fresh_prints = {
-            k: f"{v}:{tool}" for k, v in reading.fingerprints.items() if k not in prints
-        }
-        if fresh_prints:
-            prints = {**prints, **fresh_prints}
+    unkept = state.unkept_sources
+    if reading.oversized and not reading.withheld:
+        unkept = _add(unkept, tool)
+    fresh_prints = {k: f"{v}:{tool}" for k, v in reading.fingerprints.items() if k not in prints}
+    if fresh_prints and len(prints) < MAX_FINGERPRINTS:
+        prints = {**prints, **fresh_prints}
+    elif fresh_prints:  # the table is full: fail closed rather than forget
+        unkept = _add(unkept, tool)
     return msgspec.structs.replace(
         state,
         max_sensitivity=max(state.max_sensitivity, level, key=lambda s: s.rank),
@@ -634,6 +650,7 @@ def observe_result(
         oversized_sources=_add(state.oversized_sources, tool)
         if reading.oversized
         else state.oversized_sources,
+        unkept_sources=unkept,
         trusted_values=values,
         untrusted_values=seen,
     )
@@ -671,6 +688,9 @@ def merge(own: FlowState, tree: Iterable[FlowState]) -> FlowState:
         oversized = merged.oversized_sources
         for item in other.oversized_sources:
             oversized = _add(oversized, item)
+        unkept = merged.unkept_sources
+        for item in other.unkept_sources:
+            unkept = _add(unkept, item)
         merged = msgspec.structs.replace(
             merged,
             max_sensitivity=max(
@@ -679,6 +699,7 @@ def merge(own: FlowState, tree: Iterable[FlowState]) -> FlowState:
             sensitive_sources=sensitive,
             untrusted_sources=sources,
             oversized_sources=oversized,
+            unkept_sources=unkept,
             trusted_values=merged.trusted_values | other.trusted_values,
             untrusted_values={**untrusted, **fresh} if fresh else untrusted,
             request=merged.request or other.request,
@@ -887,6 +908,23 @@ def _disclosed(
 # -- rules ----------------------------------------------------------------------------------
 
 
+def _may_carry_text(args: Mapping[str, Any], profile: ToolProfile) -> list[str]:
+    """The arguments of a call that could carry a passage of text: neither a destination
+    nor a value sink the catalogue names, and of at least ``MIN_WORDS`` words; and the
+    arguments' names, when there are many words of them."""
+    values = {n for n, kind in (profile.sinks or {}).items() if kind is SinkKind.VALUE}
+    out = [
+        str(name)
+        for name, value in args.items()
+        if name not in profile.destinations
+        and name not in values
+        and len(words(json.dumps(value, default=str))) >= MIN_WORDS
+    ]
+    if len(words(" ".join(map(str, args)))) > 2 * K:
+        out.append("(the arguments' names)")
+    return out
+
+
 def evaluate_flow(
     state: FlowState,
     intent: Intent,
@@ -997,14 +1035,14 @@ def evaluate_flow(
     audience = audience_of(profile)
     if (
         policy.confidential_content is not RuleEffect.OFF
-        and state.fingerprints
+        and (state.fingerprints or state.unkept_sources)
         and audience is not None
         and audience is not Audience.PRIVATE
     ):
         carriers: dict[str, dict[int, str]] = {}
         # Read together (a text split across arguments), with what allowed calls have
         # carried out already (a text sent a few words at a time).
-        together = carried(list(args.values()), state.fingerprints, min_hits=1)
+        together = carried(dict(args), state.fingerprints, min_hits=1)
         if together and (
             long_hits(set(together) | state.sent) >= MIN_HITS or any(h & 1 for h in together)
         ):
@@ -1017,6 +1055,25 @@ def evaluate_flow(
         tags = {tag for hits in carriers.values() for tag in hits.values()}
         levels = {Sensitivity(tag.split(":", 1)[0]) for tag in tags}
         kept = [lv for lv in levels if not _disclosed(intent, lv, tool, profile, args)]
+        if (
+            not kept
+            and state.unkept_sources
+            and _may_carry_text(args, profile)
+            and not _disclosed(intent, Sensitivity.SECRET, tool, profile, args)
+        ):
+            findings.append(
+                Finding(
+                    "confidential_content",
+                    "flow.confidential_content",
+                    policy.confidential_content,
+                    f"the task read content whose fingerprints are not kept (from "
+                    f"{', '.join(state.unkept_sources[:3])}: too large or too deep to scan, "
+                    f"or past the fingerprint table's {MAX_FINGERPRINTS}); the text "
+                    f"{tool} sends ({', '.join(_may_carry_text(args, profile)[:3])}) cannot "
+                    f"be told apart from it, and the call's audience ({audience}) is wider "
+                    "than private",
+                )
+            )
         if kept:
             level = max(kept, key=lambda lv: lv.rank)
             sources = sorted({tag.split(":", 1)[1] for tag in tags})

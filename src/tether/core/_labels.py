@@ -28,14 +28,17 @@ state can fingerprint it (:mod:`tether.core._winnow`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import base64
+import binascii
+import json
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
 import msgspec
 
 from tether.core._intent import Sensitivity
-from tether.core._scanning import Deadline, ScanExceeded, check, linear
+from tether.core._scanning import Deadline, ScanExceeded, check, linear, plain
 
 #: The ``_meta`` key under which an upstream (or another Tether) declares a label.
 META_LABEL_KEY = "tether.dev/label"
@@ -105,7 +108,7 @@ _UNTRUSTED = frozenset({"untrusted", "low", "external", "open_world", "tool"})
 
 def _word(value: Any) -> Sensitivity | None:
     if isinstance(value, str):
-        return _WORDS.get(value.strip().lower())
+        return _WORDS.get(_key(value))
     return None
 
 
@@ -169,6 +172,56 @@ def declared(meta: Any) -> Declared | None:
         trusted=all(trust) if trust else None,
         why=", ".join(why),
     )
+
+
+def declared_in(result: Any) -> Declared | None:
+    """What an upstream declares of an MCP tool result (its JSON form, ``_meta`` keys as
+    on the wire): the result's ``_meta`` and each content block's, and each embedded
+    resource's, own (a block labelled confidential labels the result). Several: the
+    most restrictive sensitivity; trusted only if every one says so."""
+    if not isinstance(result, Mapping):
+        return None
+    metas: list[Any] = [result.get("_meta")]
+    content = result.get("content")
+    if isinstance(content, list):
+        for block in content[:1024]:
+            if isinstance(block, Mapping):
+                metas.append(block.get("_meta"))
+                resource = block.get("resource")
+                if isinstance(resource, Mapping):
+                    metas.append(resource.get("_meta"))
+    found = [d for d in (declared(m) for m in metas if m is not None) if d is not None]
+    if not found:
+        return None
+    levels = [d.sensitivity for d in found if d.sensitivity is not None]
+    trust = [d.trusted for d in found if d.trusted is not None]
+    return Declared(
+        sensitivity=max(levels, key=lambda s: s.rank) if levels else None,
+        trusted=all(trust) if trust else None,
+        why=", ".join(dict.fromkeys(d.why for d in found)),
+    )
+
+
+def resource_text(resource: Any) -> str:
+    """What an embedded resource (its JSON form) shows a reader: its text, or its blob
+    decoded when that is text (UTF-8, mostly printable: the agent's client can decode it
+    as well); otherwise ``[resource] <uri>``."""
+    if not isinstance(resource, Mapping):
+        return "[resource]"
+    text = resource.get("text")
+    if isinstance(text, str):
+        return text
+    blob = resource.get("blob")
+    if isinstance(blob, str):
+        try:
+            data = base64.b64decode(blob, validate=False)
+        except (binascii.Error, ValueError):
+            data = b""
+        decoded = data.decode("utf-8", errors="replace")
+        readable = sum(1 for c in decoded if (c.isprintable() or c.isspace()) and c != "\ufffd")
+        if decoded and readable >= 0.9 * len(decoded):
+            return decoded
+    return f"[resource] {resource.get('uri', '')}"
 
 
 # -- classifiers ----------------------------------------------------------------------------
@@ -253,7 +306,10 @@ def classify(
     text: str, enabled: frozenset[str] | None = None, deadline: Deadline | None = None
 ) -> tuple[Sensitivity, str] | None:
     """The highest label the content classifiers give ``text`` and which one gave it
-    (``None``: none fired). ``enabled``: the classifiers to run (``None``: all)."""
+    (``None``: none fired). ``enabled``: the classifiers to run (``None``: all).
+
+    ``text`` is read as a reader sees it (:func:`~tether.core._scanning.plain`): a
+    marking in fullwidth letters or cut by a zero-width space is still a marking."""
 
     def on(name: str) -> bool:
         return enabled is None or name in enabled
@@ -265,6 +321,7 @@ def classify(
         if best is None or found.rank > best[0].rank:
             best = (found, name)
 
+    text = plain(text)
     if on("credentials") and _CREDENTIALS.search(text):
         take(Sensitivity.SECRET, "credentials")
     check(deadline)
@@ -279,14 +336,41 @@ def classify(
     return best
 
 
+def exact_values(text: str, enabled: frozenset[str] | None = None) -> list[str]:
+    """The values in ``text`` the classifiers find (a credential, a card number, a
+    social security number), each in one canonical form (a number's digits only), so
+    that the value sent alone, however spaced, is known for what it is."""
+
+    def on(name: str) -> bool:
+        return enabled is None or name in enabled
+
+    text = plain(text)
+    out: list[str] = []
+    if on("credentials"):
+        out.extend(m.group() for m in _CREDENTIALS.finditer(text))
+    if on("payment_cards") and sum(c.isdigit() for c in text) >= 13:
+        for match in _CARD.finditer(text):
+            digits = "".join(c for c in match.group(1) if c.isdigit())
+            if 13 <= len(digits) <= 19 and digits.startswith(_CARD_PREFIXES) and _luhn(digits):
+                out.append(digits)
+    if on("national_ids") and "-" in text:
+        for match in _SSN.finditer(text):
+            area, group, serial = match.group(1), match.group(2), match.group(3)
+            if area not in ("000", "666") and group != "00" and serial != "0000":
+                out.append(area + group + serial)
+    return out
+
+
 # -- labelling a result ---------------------------------------------------------------------
 
 
 class Labelled(msgspec.Struct, frozen=True):
-    """A result's label, and its texts labelled confidential or above (to fingerprint)."""
+    """A result's label, its texts labelled confidential or above (to fingerprint), and
+    the exact values its classifiers found in them (a card number, a key)."""
 
     label: Label
     sensitive_texts: tuple[tuple[str, Sensitivity], ...] = ()
+    sensitive_values: tuple[tuple[str, Sensitivity], ...] = ()
 
 
 def _lookup(mapping: Mapping[str, Any], path: tuple[str, ...]) -> Any:
@@ -298,51 +382,139 @@ def _lookup(mapping: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     return value
 
 
-def _field_label(
-    mapping: Mapping[str, Any], rules: tuple[FieldLabel, ...], default: Label
-) -> Label | None:
+def _key(value: str) -> str:
+    """A field value as it is compared: as a reader sees it, case folded, trimmed."""
+    return plain(value).casefold().strip()
+
+
+def _rule_label(rule: FieldLabel, value: Any) -> Sensitivity:
+    """The sensitivity ``rule`` gives a record whose field holds ``value``.
+
+    A value the rule does not list (a word it does not know, a look-alike, a qualified
+    or punctuated word, a record) is the rule's ``otherwise`` when the operator set one,
+    else the most restrictive sensitivity the rule maps to: the upstream that wrote it
+    meant something, and Tether cannot tell it meant less. A list: its most restrictive
+    item."""
+    if isinstance(value, list | tuple) and value and len(value) <= 64:
+        return max((_rule_label(rule, item) for item in value), key=lambda s: s.rank)
+    if isinstance(value, str | int | float) and not isinstance(value, bool):
+        word = _key(str(value))
+        for listed, level in rule.values.items():
+            if _key(listed) == word:
+                return level
+    if rule.otherwise is not None:
+        return rule.otherwise
+    return max(rule.values.values(), key=lambda s: s.rank, default=Sensitivity.SECRET)
+
+
+def _field_label(mapping: Mapping[str, Any], rules: tuple[FieldLabel, ...]) -> Label | None:
     """The label a catalogue field rule gives the record ``mapping`` (``None``: no rule
     names a field it holds). Several rules: the most restrictive."""
     best: Label | None = None
     for rule in rules:
         value = _lookup(mapping, tuple(rule.field.split(".")))
-        if value is None or isinstance(value, Mapping | list):
+        if value is None:
             continue
-        word = str(value).strip().lower()
-        mapped = rule.values.get(word)
-        if mapped is None:
-            mapped = next((v for k, v in rule.values.items() if k.strip().lower() == word), None)
-        found = mapped if mapped is not None else rule.otherwise
-        label = (
-            Label(found, LabelOrigin.CATALOGUE, f"{rule.field}={word[:40]}")
-            if found is not None
-            else default
-        )
+        shown = _key(value) if isinstance(value, str) else type(value).__name__
+        label = Label(_rule_label(rule, value), LabelOrigin.CATALOGUE, f"{rule.field}={shown[:40]}")
         if best is None or label.sensitivity.rank > best.sensitivity.rank:
             best = label
     return best
 
 
-def _texts(
-    value: Any, label: Label, rules: tuple[FieldLabel, ...], default: Label, depth: int = 0
-) -> Iterator[tuple[str, Label]]:
-    """Every string (and number) in a result with the label of the record holding it."""
-    if depth > MAX_LABEL_DEPTH:
-        raise ScanExceeded(f"the result is nested deeper than {MAX_LABEL_DEPTH} levels")
-    if isinstance(value, Mapping):
-        if rules:
-            own = _field_label(value, rules, default)
-            if own is not None:
-                label = own
-        for item in value.values():
-            yield from _texts(item, label, rules, default, depth + 1)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from _texts(item, label, rules, default, depth + 1)
-    elif isinstance(value, str):
-        yield value, label
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        yield str(value), label
+#: JSON inside a string is read as structured content up to this many characters (past
+#: it, or when it does not parse, the string is text).
+MAX_EMBEDDED_JSON = 256 * 1024
+
+
+def _embedded(text: str) -> Any:
+    """The JSON record or list ``text`` holds, or ``None`` (not JSON, or too long)."""
+    stripped = text.strip()
+    if len(stripped) < 2 or len(stripped) > MAX_EMBEDDED_JSON:
+        return None
+    if (stripped[0], stripped[-1]) not in (("{", "}"), ("[", "]")):
+        return None
+    try:
+        value = json.loads(stripped)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict | list) else None
+
+
+class _Part:
+    """One string of a result while it is labelled: its label, and whether a field rule
+    or a classifier set it (a part nothing labelled takes the result's label)."""
+
+    __slots__ = ("found", "label", "ruled", "text")
+
+    def __init__(self, text: str, label: Label, ruled: bool, found: Label | None) -> None:
+        self.text = text
+        self.label = label
+        self.ruled = ruled
+        self.found = found
+
+
+class _Labeller:
+    def __init__(
+        self,
+        rules: tuple[FieldLabel, ...],
+        classifiers: frozenset[str] | None,
+        deadline: Deadline | None,
+    ) -> None:
+        self.rules = rules
+        self.classifiers = classifiers
+        self.deadline = deadline
+        self.parts: list[_Part] = []
+
+    def text(self, text: str, label: Label, ruled: bool, depth: int) -> None:
+        inner = _embedded(text) if text[:1] in "{[ \t\r\n" else None
+        if inner is not None:
+            self.walk(inner, label, ruled, depth + 1)
+            return
+        check(self.deadline)
+        found = classify(text, self.classifiers, self.deadline) if text.strip() else None
+        hit = Label(found[0], LabelOrigin.CLASSIFIER, found[1]) if found is not None else None
+        if hit is not None and hit.sensitivity.rank > label.sensitivity.rank:
+            label, ruled = hit, True
+        self.parts.append(_Part(text, label, ruled, hit))
+
+    def walk(self, value: Any, label: Label, ruled: bool, depth: int = 0) -> None:
+        """Every string (and number, and member name) of ``value`` with the label of the
+        record holding it."""
+        if depth > MAX_LABEL_DEPTH:
+            raise ScanExceeded(f"the result is nested deeper than {MAX_LABEL_DEPTH} levels")
+        if isinstance(value, Mapping):
+            own = _field_label(value, self.rules) if self.rules else None
+            # The outermost record a rule labels is labelled up or down; a record inside
+            # it can only raise that label (an attachment cannot call itself public).
+            if own is not None and (not ruled or own.sensitivity.rank > label.sensitivity.rank):
+                label, ruled = own, True
+            start = len(self.parts)
+            for name, item in value.items():
+                self.text(str(name), label, ruled, depth + 1)
+                self.walk(item, label, ruled, depth + 1)
+            # A classifier that fires in a record labels the whole record: a marking in
+            # a title marks the body it heads.
+            self.raise_record(start)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                self.walk(item, label, ruled, depth + 1)
+        elif isinstance(value, str):
+            self.text(value, label, ruled, depth)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            self.text(str(value), label, ruled, depth)
+
+    def raise_record(self, start: int) -> None:
+        found: Label | None = None
+        for part in self.parts[start:]:
+            hit = part.found
+            if hit is not None and (found is None or hit.sensitivity.rank > found.sensitivity.rank):
+                found = hit
+        if found is None:
+            return
+        for part in self.parts[start:]:
+            if found.sensitivity.rank > part.label.sensitivity.rank:
+                part.label, part.ruled = found, True
 
 
 def label_result(
@@ -357,6 +529,11 @@ def label_result(
 ) -> Labelled:
     """Label ``result`` (JSON-like): see the module's docstring for the order.
 
+    JSON inside a string (a record as text) is read as the record it is. A classifier
+    that fires in a record labels the whole record; the result's label is the most
+    restrictive of its parts'; and a part no field rule nor classifier labelled (a
+    passage beside the record that says it is confidential) takes the result's label.
+
     Raises :class:`~tether.core._scanning.ScanExceeded` when the deadline passes or the
     result is nested too deep (the caller treats it as unscanned: its label is the most
     restrictive of the tool's default and the upstream's declaration)."""
@@ -365,18 +542,22 @@ def label_result(
         said = declared_label.sensitivity
         if said.rank > default.rank or (trust_declared and said != default):
             base = Label(said, LabelOrigin.UPSTREAM, declared_label.why)
+    labeller = _Labeller(rules, classifiers, deadline)
+    labeller.walk(result, base, False)
+    parts = labeller.parts
     # The result's label is the most restrictive of its parts' (a record a field rule
     # labels public counts as public, whatever the tool's default); nothing in it: the base.
     top: Label | None = None
+    for part in parts:
+        if top is None or part.label.sensitivity.rank > top.sensitivity.rank:
+            top = part.label
+    top = top or base
     sensitive: list[tuple[str, Sensitivity]] = []
-    for text, held in _texts(result, base, rules, base):
-        check(deadline)
-        found = classify(text, classifiers, deadline) if text.strip() else None
-        label = held
-        if found is not None and found[0].rank > held.sensitivity.rank:
-            label = Label(found[0], LabelOrigin.CLASSIFIER, found[1])
-        if label.sensitivity.rank >= Sensitivity.CONFIDENTIAL.rank:
-            sensitive.append((text, label.sensitivity))
-        if top is None or label.sensitivity.rank > top.sensitivity.rank:
-            top = label
-    return Labelled(label=top or base, sensitive_texts=tuple(sensitive))
+    values: list[tuple[str, Sensitivity]] = []
+    for part in parts:
+        level = part.label.sensitivity if part.ruled else top.sensitivity
+        if level.rank >= Sensitivity.CONFIDENTIAL.rank:
+            sensitive.append((part.text, level))
+            if part.found is not None:
+                values.extend((v, level) for v in exact_values(part.text, classifiers))
+    return Labelled(label=top, sensitive_texts=tuple(sensitive), sensitive_values=tuple(values))

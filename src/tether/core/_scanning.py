@@ -23,11 +23,13 @@ clock it checks.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeAlias
 
 import msgspec
 import re2
+from confusable_homoglyphs import confusables
 
 #: RE2's memory for one compiled pattern (its DFA cache); past it RE2 falls back to a
 #: slower linear engine (never to backtracking).
@@ -125,3 +127,47 @@ def check(deadline: Deadline | None) -> None:
     """:meth:`Deadline.check`, for a scan that may have no deadline."""
     if deadline is not None:
         deadline.check()
+
+
+# -- what a reader sees -------------------------------------------------------------------------
+
+# Format characters (zero-width spaces, soft hyphens, direction marks) and combining marks:
+# invisible, or drawn over the letter before them, so they change no word a reader sees.
+_INVISIBLE = linear(r"[\p{Cf}\p{Mn}]+", capture=False)
+
+
+def _confusables() -> dict[int, str]:
+    """Unicode's confusables (UTS #39, as ``confusable_homoglyphs`` ships them): each
+    character that looks like one ASCII letter or digit, to it."""
+    table: dict[int, str] = {}
+    for char, glyphs in confusables.confusables_data.items():
+        if len(char) != 1 or char.isascii():
+            continue
+        for glyph in glyphs:
+            found = glyph.get("c", "")
+            if len(found) == 1 and found.isascii() and found.isalnum():
+                table[ord(char)] = found.lower()
+                break
+    return table
+
+
+_SKELETON: dict[int, str] = {}
+
+
+def plain(text: str) -> str:
+    """``text`` as a reader sees it: NFKC-normalised (fullwidth and other compatibility
+    forms to their plain letters), format characters and combining marks removed."""
+    if text.isascii():
+        return text
+    return _INVISIBLE.sub("", unicodedata.normalize("NFKC", text))
+
+
+def skeleton(text: str) -> str:
+    """``text`` plain, case folded, with each letter that looks like an ASCII letter or
+    digit replaced by it (a Cyrillic o by a Latin o): what two texts that look alike share."""
+    folded = plain(text).casefold()
+    if folded.isascii():
+        return folded
+    if not _SKELETON:
+        _SKELETON.update(_confusables())
+    return folded.translate(_SKELETON)

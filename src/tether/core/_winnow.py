@@ -25,12 +25,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping
+import html
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from tether.core._fingerprints import percent_decode
-from tether.core._scanning import Deadline, check, linear
+from tether.core._intent import Sensitivity
+from tether.core._labels import exact_values
+from tether.core._scanning import Deadline, check, linear, skeleton
 
 K = 6
 WINDOW = 4
@@ -39,7 +43,6 @@ MIN_HITS = 2
 MIN_WORDS = 4
 #: The words of one text read for fingerprints (past this, the rest is not fingerprinted).
 MAX_WORDS = 200_000
-MAX_DEPTH = 12
 
 _WORD = linear(r"[\p{L}\p{N}]+", capture=False)
 # Runs that may be encoded text: base64 (standard or URL-safe, possibly wrapped over
@@ -52,8 +55,10 @@ MAX_DECODED = 64
 
 
 def words(text: str, deadline: Deadline | None = None) -> list[str]:
-    """The words of ``text``, case folded (a linear pass)."""
-    out = [m.group().casefold() for m in _WORD.finditer(text)]
+    """The words of ``text`` as a reader sees them (a linear pass): NFKC-normalised,
+    without format characters or combining marks, case folded, each look-alike letter
+    as the ASCII letter it looks like (:func:`~tether.core._scanning.skeleton`)."""
+    out = _WORD.findall(skeleton(text))
     check(deadline)
     return out[:MAX_WORDS]
 
@@ -93,57 +98,195 @@ def fingerprint(text: str, deadline: Deadline | None = None) -> set[int]:
 
 
 def _text(data: bytes) -> str | None:
-    """``data`` as text when it is UTF-8 and mostly printable (else not text)."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    printable = sum(1 for c in text if c.isprintable() or c.isspace())
+    """``data`` as text when it is mostly printable UTF-8 (a stray invalid byte is
+    replaced), or UTF-16 with a byte-order mark or many NUL bytes (else not text)."""
+    text = data.decode("utf-8", errors="replace")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or (
+        len(data) >= 8 and data.count(0) * 3 >= len(data)
+    ):
+        text = data.decode("utf-16", errors="replace")
+    printable = sum(1 for c in text if (c.isprintable() or c.isspace()) and c != "\ufffd")
     return text if text and printable >= 0.9 * len(text) else None
 
 
-def decoded(text: str) -> list[str]:
-    """The texts encoded inside ``text``: percent-encoding, base64 and hex runs."""
-    out: list[str] = []
-    if "%" in text:
-        plain = percent_decode(text)
-        if plain != text:
-            out.append(plain)
-    for match in _HEX.finditer(text):
-        found = _text(bytes.fromhex(match.group()))
-        if found:
-            out.append(found)
-        if len(out) >= MAX_DECODED:
-            return out
-    for match in _BASE64.finditer(text):
-        run = "".join(match.group().split()).rstrip("=")
-        run = run.replace("-", "+").replace("_", "/")
-        try:
-            data = base64.b64decode(run + "=" * (-len(run) % 4), validate=True)
-        except (binascii.Error, ValueError):
-            continue
-        found = _text(data)
-        if found:
-            out.append(found)
-        if len(out) >= MAX_DECODED:
-            break
+_HEX_SPACED = linear(r"(?:[0-9A-Fa-f]{2}[ :,.-]){11,}[0-9A-Fa-f]{2}", capture=False)
+_BASE32 = linear(r"[A-Z2-7]{16,}={0,6}", capture=False)
+_BASE85 = linear(r"[0-9A-Za-z!#$%&()*+;<=>?@^_`{|}~-]{20,}", capture=False)
+_ESCAPES = linear(r"\\(?:x[0-9A-Fa-f]{2}|u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8})", capture=False)
+_CAMEL = linear(r"\p{Ll}\p{Lu}", capture=False)
+#: How deep encodings inside encodings are decoded (base64 of base64, ...).
+MAX_NESTING = 3
+
+
+def _unescaped(text: str) -> str | None:
+    """``text`` with its ``\\xNN`` / ``\\uNNNN`` escapes decoded (``\\xNN`` as UTF-8
+    bytes)."""
+    if not text.isascii() or not _ESCAPES.search(text):
+        return None
+    try:
+        out = text.encode("ascii").decode("unicode_escape")
+    except UnicodeDecodeError:
+        return None
+    if "\\x" in text:
+        raw = out.encode("latin-1", errors="ignore")
+        if len(raw) == len(out):
+            out = raw.decode("utf-8", errors="replace")
     return out
 
 
-def _strings(value: Any, depth: int = 0) -> Iterator[str]:
-    if depth > MAX_DEPTH:
-        return
-    if isinstance(value, Mapping):
-        for name, item in value.items():
-            yield str(name)
-            yield from _strings(item, depth + 1)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from _strings(item, depth + 1)
-    elif isinstance(value, str):
-        yield value
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        yield str(value)
+def _b64(text: str) -> bytes:
+    return base64.b64decode(text, validate=True)
+
+
+def _bytes(decode: Callable[[str], bytes], text: str) -> bytes | None:
+    try:
+        return decode(text)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _decode_runs(text: str, out: list[str]) -> None:
+    """Append to ``out`` the texts encoded in ``text`` itself (one level)."""
+
+    def keep(data: bytes | None) -> None:
+        found = _text(data) if data else None
+        if found and len(out) < MAX_DECODED:
+            out.append(found)
+
+    if "%" in text:
+        plain_text = percent_decode(text)
+        if plain_text != text:
+            out.append(plain_text)
+    if "&" in text and ";" in text:
+        entities = html.unescape(text)
+        if entities != text:
+            out.append(entities)
+    if (escaped := _unescaped(text)) is not None:
+        out.append(escaped)
+    for match in _HEX.finditer(text):
+        keep(bytes.fromhex(match.group()))
+        if len(out) >= MAX_DECODED:
+            return
+    for match in _HEX_SPACED.finditer(text):
+        keep(bytes.fromhex("".join(c for c in match.group() if c not in " :,.-")))
+        if len(out) >= MAX_DECODED:
+            return
+    compact = "".join(text.split())
+    for source in (text, compact) if compact != text else (text,):
+        for match in _BASE64.finditer(source):
+            run = "".join(match.group().split()).rstrip("=")
+            run = run.replace("-", "+").replace("_", "/")
+            padded = run + "=" * (-len(run) % 4)
+            keep(_bytes(_b64, padded))
+            if len(out) >= MAX_DECODED:
+                return
+    for match in _BASE32.finditer(compact):
+        run = match.group().rstrip("=")
+        padded = run + "=" * (-len(run) % 8)
+        keep(_bytes(base64.b32decode, padded))
+    for match in _BASE85.finditer(compact):
+        run = match.group()
+        keep(_bytes(base64.b85decode, run))
+        if len(out) >= MAX_DECODED:
+            return
+
+
+def decoded(text: str) -> list[str]:
+    """The texts encoded inside ``text``: percent-encoding, HTML entities, ``\\x`` and
+    ``\\u`` escapes, hex (with or without separators), base64 (also cut in groups),
+    base32 and base85 runs; and what is encoded inside those, to :data:`MAX_NESTING`
+    levels."""
+    out: list[str] = []
+    level = [text]
+    for _ in range(MAX_NESTING):
+        found: list[str] = []
+        for item in level:
+            _decode_runs(item, found)
+        found = found[: MAX_DECODED - len(out)]
+        out.extend(found)
+        if not found or len(out) >= MAX_DECODED:
+            break
+        level = found
+    return out
+
+
+def views(text: str) -> list[str]:
+    """Other ways to read ``text`` that show the same words to a reader or a program: a
+    text of words (one separator in a dozen characters or more) ROT13, reversed and, when
+    its letters are spaced out, joined; a run of letters without separators cut where a
+    CamelCase word starts."""
+    if len(text) < 16:
+        return []
+    separators = sum(1 for c in text if not c.isalnum())
+    if separators * 12 < len(text):
+        letters = sum(1 for c in text if c.isalpha())
+        return [_camel(text)] if letters * 20 >= len(text) * 19 and _CAMEL.search(text) else []
+    out = [codecs.encode(text, "rot13"), text[::-1]]
+    parts = text.split()
+    if parts and sum(1 for p in parts if len(p) == 1) * 2 >= len(parts):
+        out.append(" ".join(seg.replace(" ", "") for seg in text.split("  ")))
+    return out
+
+
+def _camel(text: str) -> str:
+    out: list[str] = []
+    previous = ""
+    for char in text:
+        if char.isupper() and previous.islower():
+            out.append(" ")
+        out.append(char)
+        previous = char
+    return "".join(out)
+
+
+#: An argument nested deeper than this is not read: it is taken to carry content.
+MAX_DEPTH = 256
+#: What :func:`carried` reports of an argument nested too deep to read.
+UNREAD = 1
+
+
+class _Reading:
+    """The strings of an argument, in order, and other orders they may be read in: the
+    member names alone, the values alone, values by their keys' numbers, lists of
+    character codes as text."""
+
+    def __init__(self) -> None:
+        self.strings: list[str] = []
+        self.names: list[str] = []
+        self.values: list[str] = []
+        self.extra: list[str] = []
+        self.too_deep = False
+
+    def walk(self, value: Any, depth: int = 0) -> None:
+        if depth > MAX_DEPTH:
+            self.too_deep = True
+            return
+        if isinstance(value, Mapping):
+            for name, item in value.items():
+                self.strings.append(str(name))
+                self.names.append(str(name))
+                self.walk(item, depth + 1)
+            if len(value) > K and all(isinstance(v, str) for v in value.values()):
+                ordered = sorted(value.items(), key=lambda kv: _natural(str(kv[0])))
+                self.extra.append(" ".join(v for _, v in ordered))
+        elif isinstance(value, list | tuple):
+            if len(value) >= 8 and all(
+                type(v) is int and 9 <= v <= 0x10FFFF and not 0xD800 <= v <= 0xDFFF for v in value
+            ):
+                self.extra.append("".join(chr(v) for v in value))
+            for item in value:
+                self.walk(item, depth + 1)
+        elif isinstance(value, str):
+            self.strings.append(value)
+            self.values.append(value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            self.strings.append(str(value))
+            self.values.append(str(value))
+
+
+def _natural(key: str) -> tuple[str, int]:
+    digits = "".join(c for c in key if c.isdigit())
+    return ("".join(c for c in key if not c.isdigit()), int(digits[:18]) if digits else -1)
 
 
 def carried(value: Any, prints: Mapping[int, str], min_hits: int = MIN_HITS) -> dict[int, str]:
@@ -151,33 +294,78 @@ def carried(value: Any, prints: Mapping[int, str], min_hits: int = MIN_HITS) -> 
     than ``min_hits`` k-gram hashes and no whole short text). Every k-gram of its text
     is hashed (not only the kept ones), and every run of ``MIN_WORDS`` to ``K - 1``
     words for whole short texts; a value split across the strings of one argument is
-    read as one text."""
+    read as one text, and so are its member names alone, its values alone, and what is
+    encoded in it (:func:`decoded`, :func:`views`). An exact value a classifier found
+    (a card number, a key) counts alone. An argument nested deeper than
+    :data:`MAX_DEPTH` is not read: it carries :data:`UNREAD`, tagged with the most
+    restrictive content read (what is not read is not let out)."""
     if not prints:
         return {}
+    reading = _Reading()
+    reading.walk(value)
+    if reading.too_deep:
+        return {UNREAD: max(prints.values(), key=_rank)}
     tokens: list[str] = []
-    streams: list[list[str]] = []
-    for text in _strings(value):
-        tokens.extend(words(text))
-        streams.extend(words(inner) for inner in decoded(text))
+    streams: list[list[str]] = []  # read for k-grams and whole short texts
+    orders: list[list[str]] = []  # other orders of the same words: read for k-grams
     hits: dict[int, str] = {}
+    for text in reading.strings:
+        tokens.extend(words(text))
+        for inner in decoded(text):
+            streams.append(words(inner))
+            _exact(inner, prints, hits)
+        orders.extend(words(inner) for inner in views(text))
+        _exact(text, prints, hits)
+    streams.extend(words(text) for text in reading.extra)
+    names = [w for name in reading.names for w in words(name)]
+    if len(names) >= MIN_WORDS:
+        streams.append(names)
+        streams.append([w for text in reading.values for w in words(text)])
+    orders.extend((tokens[::-1], tokens[::2], tokens[1::2]))
     for stream in (tokens, *streams):
         _match(stream, prints, hits)
+    for stream in orders:
+        _match(stream, prints, hits, short=False)
     if long_hits(hits) < min_hits and not any(h & 1 for h in hits):
         return {}
     return hits
 
 
-def _match(tokens: list[str], prints: Mapping[int, str], hits: dict[int, str]) -> None:
+def _rank(tag: str) -> int:
+    level = tag.split(":", 1)[0]
+    try:
+        return Sensitivity(level).rank
+    except ValueError:
+        return Sensitivity.SECRET.rank
+
+
+def value_print(value: str) -> int:
+    """The fingerprint of an exact value a classifier found (in its canonical form)."""
+    return _hash(["\x00value", value], True)
+
+
+def _exact(text: str, prints: Mapping[int, str], hits: dict[int, str]) -> None:
+    for value in exact_values(text):
+        found = value_print(value)
+        if found in prints:
+            hits[found] = prints[found]
+
+
+def _match(
+    tokens: list[str], prints: Mapping[int, str], hits: dict[int, str], short: bool = True
+) -> None:
     if len(tokens) < MIN_WORDS:
         return
     for gram in _grams(tokens, None):
         if gram in prints:
             hits[gram] = prints[gram]
+    if not short:
+        return
     for size in range(MIN_WORDS, K):
         for start in range(len(tokens) - size + 1):
-            short = _hash(tokens[start : start + size], True)
-            if short in prints:
-                hits[short] = prints[short]
+            whole = _hash(tokens[start : start + size], True)
+            if whole in prints:
+                hits[whole] = prints[whole]
 
 
 def long_hits(hits: Iterable[int]) -> int:
@@ -185,10 +373,17 @@ def long_hits(hits: Iterable[int]) -> int:
     return sum(1 for h in hits if not h & 1)
 
 
-def fingerprints_of(texts: Iterable[tuple[str, str]], deadline: Deadline | None) -> dict[int, str]:
-    """Fingerprints of several ``(text, tag)``: each kept hash names its text's tag."""
+def fingerprints_of(
+    texts: Iterable[tuple[str, str]],
+    deadline: Deadline | None,
+    values: Iterable[tuple[str, str]] = (),
+) -> dict[int, str]:
+    """Fingerprints of several ``(text, tag)``, and of exact ``(value, tag)`` a
+    classifier found: each kept hash names its text's tag."""
     out: dict[int, str] = {}
     for text, tag in texts:
         for value in fingerprint(text, deadline):
             out.setdefault(value, tag)
+    for exact, tag in values:
+        out.setdefault(value_print(exact), tag)
     return out

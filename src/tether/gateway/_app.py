@@ -101,7 +101,7 @@ from tether.core._flow import (
     oversized_reading,
     read_result,
 )
-from tether.core._labels import declared
+from tether.core._labels import declared_in, resource_text
 from tether.core._risk import Control, risk_tags
 from tether.core._scanning import Deadline, ScanExceeded
 from tether.core._verify import PROOF_WINDOW
@@ -217,8 +217,7 @@ def _observed(result: types.CallToolResult) -> Any:
                 continue  # the structured content as text (MCP's compatibility copy)
             parts.append(block.text)
         elif isinstance(block, types.EmbeddedResource):
-            text = getattr(block.resource, "text", None)
-            parts.append(text if isinstance(text, str) else f"[resource] {block.resource.uri}")
+            parts.append(resource_text(block.resource.model_dump(by_alias=True, mode="json")))
         elif isinstance(block, types.ResourceLink):
             parts.append(str(block.uri))
             # Its name, title and description are shown to the agent as well.
@@ -948,7 +947,7 @@ class Gateway:
         deadline = Deadline(limits.scan_seconds, time.monotonic)
         # What the upstream declares of its answer (its ``_meta``, dropped before the
         # agent sees the result): a label that counts as the catalogue allows.
-        said = declared(answer.meta)
+        said = declared_in(answer.model_dump(by_alias=True, mode="json"))
         profile = tool_profile(klass)
         try:
             if len(answer.model_dump_json(by_alias=True)) > limits.max_result_bytes:
