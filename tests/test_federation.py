@@ -1,0 +1,336 @@
+"""Federated SPIFFE trust: a second Tether trust domain, ``partner.example``, serves its
+bundle over a real HTTP server (``tether serve`` on a local port); this trust domain,
+``acme.example``, consumes it and attests its own registered identities with the
+partner's JWT-SVIDs, only as linked, only while the bundle is configured and fresh.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from spiffe import JwtBundle, JwtSvid, TrustDomain
+
+from tether import FrozenClock, Tether
+from tether._errors import AttestationRejected, NotFound, UsageError
+from tether.audit._rows import RowTampered
+from tether.core._spiffe_id import SpiffeID
+from tether.core._verify import verify_jwt_svid
+from tether.identity import issue_jwt_svid
+from tether.identity._federation import parse_bundle
+from tether.tokens import JWT_USE
+from tether.tokens._keys import public_jwk
+
+from .conftest import AGENT, OWNER
+from .server_support import Backend, Server, home_database, new_schema_url
+
+PARTNER = "partner.example"
+PARTNER_BOT = f"spiffe://{PARTNER}/agent/bot"
+ACME_AUDIENCE = "spiffe://acme.example"
+
+
+class Partner:
+    """The foreign trust domain: a real server serving its bundle, and the same home
+    opened in this process to issue its SVIDs."""
+
+    def __init__(self, home: Path) -> None:
+        if Backend.kind == "postgresql":  # a deployment of its own: a schema of its own
+            Backend.homes[home.resolve()] = new_schema_url("partner")
+        self.server = Server(home, trust_domain=PARTNER).start()
+        self.tether = Tether.open(home, database_url=home_database(home))
+        self.url = f"{self.server.url}/.well-known/spiffe-bundle"
+
+    def svid(self, spiffe_id: str = PARTNER_BOT, *, audience: str = ACME_AUDIENCE) -> str:
+        """A JWT-SVID of ``spiffe_id`` issued by the partner's own attestation."""
+        if self.tether.identities.lookup(spiffe_id) is None:
+            self.tether.register_identity(spiffe_id, kind="agent", owner="ops@partner.example")
+        token = self.tether.create_join_token(spiffe_id)
+        key = ec.generate_private_key(ec.SECP256R1())
+        return self.tether.attest(token, key.public_key(), audience=[audience]).jwt_svid
+
+    def signed(self, claims: dict[str, Any], **headers: Any) -> str:
+        """A JWT signed with the partner's active JWT-SVID key (any claims, any header)."""
+        row, key = self.tether.keys.active(JWT_USE)
+        return jwt.encode(claims, key, algorithm="ES256", headers={"kid": row.kid, **headers})
+
+    def close(self) -> None:
+        self.server.stop()
+        self.tether.close()
+
+
+@pytest.fixture
+def partner(tmp_path: Path) -> Iterator[Partner]:
+    p = Partner(tmp_path / "partner")
+    yield p
+    p.close()
+
+
+def _key() -> ec.EllipticCurvePublicKey:
+    return ec.generate_private_key(ec.SECP256R1()).public_key()
+
+
+def _records(t: Tether) -> list[dict[str, Any]]:
+    return [json.loads(r.body) for r in t.store.iter_records()]
+
+
+def _federate(t: Tether, partner: Partner, **options: Any) -> None:
+    t.attestation.federation.add(PARTNER, endpoint_url=partner.url, **options)
+    t.attestation.federation.link(AGENT, PARTNER_BOT)
+
+
+def _refused(t: Tether, svid: str, code: str) -> None:
+    """``svid`` is refused with ``code``: exactly one deny receipt, nothing issued."""
+    before = _records(t)
+    with pytest.raises(AttestationRejected) as info:
+        t.attestation.attest_federated(svid, _key())
+    assert info.value.code == code, info.value.message
+    after = _records(t)
+    assert len(after) == len(before) + 1
+    receipt = after[-1]
+    assert receipt["kind"] == "attestation.attest"
+    assert receipt["effect"] == "deny"
+    assert receipt["reasons"][0]["code"] == code
+
+
+def test_served_bundle_is_a_spiffe_bundle(tether: Tether, partner: Partner) -> None:
+    """The https_web document this trust domain serves parses with the ``spiffe`` package
+    and verifies this trust domain's JWT-SVIDs."""
+    import httpx
+
+    doc = httpx.get(partner.url, timeout=10).json()
+    assert isinstance(doc["spiffe_sequence"], int)
+    assert doc["spiffe_refresh_hint"] > 0
+    uses = {k["use"] for k in doc["keys"]}
+    assert uses == {"x509-svid", "jwt-svid"}
+    assert all("kid" not in k and len(k["x5c"]) == 1 for k in doc["keys"] if k["use"] == "x509-svid")
+    jwt_keys = [k for k in doc["keys"] if k["use"] == "jwt-svid"]
+    bundle = JwtBundle.parse(TrustDomain(PARTNER), json.dumps({"keys": jwt_keys}).encode())
+    svid = JwtSvid.parse_and_validate(partner.svid(), bundle, {ACME_AUDIENCE})
+    assert str(svid.spiffe_id) == PARTNER_BOT
+    parsed = parse_bundle(PARTNER, json.dumps(doc).encode(), fetched_at=0.0)
+    assert len(parsed.x509.x509_authorities) == 1
+
+
+def test_linked_foreign_svid_attests_the_registered_identity(
+    tether: Tether, partner: Partner
+) -> None:
+    """A partner workload's JWT-SVID gets this trust domain's SVIDs of the identity it is
+    linked to; the identity keeps its owner and its registration here."""
+    _federate(tether, partner)
+    svids = tether.attestation.attest_federated(partner.svid(), _key())
+    assert svids.spiffe_id == AGENT
+    now = tether.clock.now()
+    claims = verify_jwt_svid(
+        svids.jwt_svid, tether.keys.verification_keys(now), audience=ACME_AUDIENCE, now=now
+    )
+    assert claims.spiffe_id == AGENT
+    identity = tether.identities.get(AGENT)
+    assert identity.owner == OWNER
+    last = _records(tether)[-1]
+    assert last["effect"] == "allow"
+    assert last["detail"]["method"] == "federated_jwt_svid"
+    assert last["detail"]["attested_by"] == PARTNER_BOT
+
+
+def test_removed_trust_domain_attests_nothing(tether: Tether, partner: Partner) -> None:
+    """Attacker: a compromised workload of the partner trust domain after the operator
+    ended the federation; its SVID (still unexpired, still validly signed) is refused
+    at once, with a receipt."""
+    _federate(tether, partner)
+    svid = partner.svid()
+    tether.attestation.federation.remove(PARTNER)
+    _refused(tether, svid, "federation.unknown_trust_domain")
+    # Another node sharing the store sees the removal too: its configuration is read
+    # from the store on every attestation.
+    assert tether.attestation.federation.status() == []
+
+
+def test_never_for_an_identity_not_linked_here(tether: Tether, partner: Partner) -> None:
+    """Attacker: a compromised workload of the federated partner asking to be an identity
+    it was never linked to: a partner ID with no link, and an SVID the partner signed
+    naming this trust domain's identity directly."""
+    _federate(tether, partner)
+    _refused(tether, partner.svid(f"spiffe://{PARTNER}/agent/other"), "federation.not_linked")
+    now = time.time()
+    naming_ours = partner.signed(
+        {"sub": AGENT, "aud": [ACME_AUDIENCE], "exp": int(now + 600), "iat": int(now)},
+        typ="JWT",
+    )
+    # Only the bundle of the subject's own trust domain verifies it: acme.example's own
+    # trust domain is not federated, so the partner's key proves nothing about it.
+    _refused(tether, naming_ours, "federation.unknown_trust_domain")
+    with pytest.raises(NotFound):
+        tether.attestation.federation.link(f"spiffe://acme.example/agent/ghost", PARTNER_BOT)
+
+
+def test_hostile_foreign_svids(tether: Tether, partner: Partner) -> None:
+    """Attacker: an unauthenticated network caller (and a partner workload) presenting
+    forged, expired, misaddressed, re-headed or replayed JWT-SVIDs: each refused with its
+    reason, one receipt each, nothing issued."""
+    _federate(tether, partner)
+    now = time.time()
+    good = {"sub": PARTNER_BOT, "aud": [ACME_AUDIENCE], "exp": int(now + 600), "iat": int(now)}
+    row, _ = partner.tether.keys.active(JWT_USE)
+    forged = jwt.encode(
+        good, ec.generate_private_key(ec.SECP256R1()), algorithm="ES256", headers={"kid": row.kid}
+    )
+    _refused(tether, forged, "svid.signature")
+    _refused(tether, partner.svid(audience="spiffe://elsewhere.example"), "svid.audience")
+    expired = partner.signed({**good, "exp": int(now - 3600)})
+    _refused(tether, expired, "svid.expired")
+    _refused(tether, partner.signed(good, jku="https://attacker.example/jwks"), "svid.header")
+    hs = jwt.encode(good, "secret-secret-secret-secret-secret", algorithm="HS256")
+    _refused(tether, hs, "svid.alg")  # HS256 is never a JWT-SVID algorithm
+    hs_kid = jwt.encode(
+        good, "secret-secret-secret-secret-secret", algorithm="HS256", headers={"kid": row.kid}
+    )
+    _refused(tether, hs_kid, "svid.alg")
+    head, payload, sig = partner.signed(good).split(".")
+    _refused(tether, "not.a.jwt", "svid.malformed")
+    _refused(tether, f"{head}.{payload}.{sig[:-4]}AAAA", "svid.signature")
+    other_kid = jwt.encode(good, ec.generate_private_key(ec.SECP256R1()), algorithm="ES256",
+                           headers={"kid": "not-in-the-bundle"})
+    _refused(tether, other_kid, "svid.unknown_kid")
+    svid = partner.svid()
+    tether.attestation.attest_federated(svid, _key())
+    _refused(tether, svid, "federation.replayed")
+
+
+def test_stale_bundle_fails_closed(tether: Tether, partner: Partner, clock: FrozenClock) -> None:
+    """Attacker: an unauthenticated network caller who cuts the path to the partner's
+    bundle endpoint so that a key the partner has since removed stays trusted: the last
+    bundle is used until its max age, then nothing from that trust domain is accepted."""
+    _federate(tether, partner, refresh_interval=60, max_age=600)
+    first, second = partner.svid(), partner.svid()
+    partner.server.stop()
+    clock.advance(120)  # refresh due, the endpoint is gone: the held bundle still serves
+    assert tether.attestation.attest_federated(first, _key()).spiffe_id == AGENT
+    status = tether.attestation.federation.status()[0]
+    assert status["last_error"]
+    clock.advance(600)
+    _refused(tether, second, "federation.stale")
+    partner.server.start()
+    clock.advance(1)
+    assert tether.attestation.attest_federated(second, _key()).spiffe_id == AGENT
+
+
+def test_key_rotation_is_picked_up_at_refresh(
+    tether: Tether, partner: Partner, clock: FrozenClock
+) -> None:
+    """Attacker: a holder of the partner's revoked JWT-SVID key minting SVIDs after the
+    partner revoked it: refused from the first refresh after the revocation; SVIDs of
+    the new key are accepted from that refresh on."""
+    _federate(tether, partner, refresh_interval=60, max_age=600)
+    old_svid = partner.svid()
+    old_kid, _ = partner.tether.keys.active(JWT_USE)
+    partner.tether.revoke_key(old_kid.kid)
+    new_svid, later_old = partner.svid(), old_svid
+    # Before the refresh this node knows only the old key.
+    _refused(tether, new_svid, "svid.unknown_kid")
+    clock.advance(61)
+    assert tether.attestation.attest_federated(new_svid, _key()).spiffe_id == AGENT
+    kids = tether.attestation.federation.status()[0]["bundle"]["jwt_kids"]
+    assert old_kid.kid not in kids
+    _refused(tether, later_old, "svid.unknown_kid")
+
+
+def test_static_bundle_from_an_existing_spire(tether: Tether) -> None:
+    """A SPIRE deployment's bundle, given as a file (``spire-server bundle show -format
+    spiffe``), attests linked identities; an empty bundle (every key revoked) attests
+    nothing, as the bundle spec demands."""
+    spire = "spire.acme.internal"
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = {**public_jwk(key.public_key()), "kid": "spire-k1", "use": "jwt-svid"}
+    doc = {"keys": [jwk], "spiffe_sequence": 7}
+    federation = tether.attestation.federation
+    federation.add(spire, bundle=json.dumps(doc).encode())
+    workload = f"spiffe://{spire}/ns/prod/sa/bot"
+    federation.link(AGENT, workload)
+    now = time.time()
+    claims = {"sub": workload, "aud": ACME_AUDIENCE, "exp": int(now + 300)}
+    svid = jwt.encode(claims, key, algorithm="ES256", headers={"kid": "spire-k1", "typ": "JWT"})
+    assert tether.attestation.attest_federated(svid, _key()).spiffe_id == AGENT
+    federation.add(spire, bundle=b'{"keys": []}', replace=True)
+    assert federation.status()[0]["links"] == {workload: AGENT}
+    again = jwt.encode({**claims, "jti": "2"}, key, algorithm="ES256", headers={"kid": "spire-k1"})
+    _refused(tether, again, "federation.no_keys")
+
+
+def test_bad_configuration_changes_nothing(tether: Tether, partner: Partner) -> None:
+    """Operator mistakes are refused with a clear error and change nothing: an endpoint
+    that is plain http to another host, a bundle with duplicate members, an unreachable
+    endpoint, a link to a trust domain not federated."""
+    federation = tether.attestation.federation
+    before = len(_records(tether))
+    with pytest.raises(UsageError):
+        federation.add(PARTNER, endpoint_url="http://partner.example/.well-known/spiffe-bundle")
+    with pytest.raises(UsageError):
+        federation.add(PARTNER, bundle=b'{"keys": [], "keys": []}')
+    with pytest.raises(UsageError):
+        federation.add(PARTNER, endpoint_url="http://127.0.0.1:9/.well-known/spiffe-bundle")
+    with pytest.raises(NotFound):
+        federation.link(AGENT, PARTNER_BOT)
+    assert federation.status() == []
+    assert len(_records(tether)) == before
+
+
+def test_configuration_written_without_the_kek_is_refused(
+    tether: Tether, partner: Partner
+) -> None:
+    """Attacker: someone who can write the store but lacks the KEK, adding their own
+    trust domain and link to the federation setting: the setting fails its
+    authentication, and no foreign SVID attests anything."""
+    _federate(tether, partner)
+    forged = json.loads(tether.store.get_meta("federation") or "{}")
+    forged[PARTNER]["links"]["spiffe://partner.example/agent/evil"] = AGENT
+    tether.store.set_meta("federation", json.dumps(forged, sort_keys=True))
+    with pytest.raises(RowTampered):
+        tether.attestation.attest_federated(partner.svid("spiffe://partner.example/agent/evil"), _key())
+
+
+def test_http_routes(tether: Tether, partner: Partner) -> None:
+    """The operator's routes and the workload's ``/v1/attest/federated`` over HTTP; a
+    caller who proved nothing is refused 403 without a receipt of its own."""
+    from .console_support import console_client
+
+    _, admin = tether.credentials.create("admin", "root@acme.example")
+    auth = {"authorization": f"Bearer {admin}"}
+    with console_client(tether) as client:
+        r = client.post(
+            "/v1/federation",
+            json={"trust_domain": PARTNER, "endpoint_url": partner.url, "max_age": 900},
+            headers=auth,
+        )
+        assert r.status_code == 201, r.text
+        r = client.post(
+            "/v1/federation/links",
+            json={"spiffe_id": AGENT, "attested_by": PARTNER_BOT},
+            headers=auth,
+        )
+        assert r.status_code == 201, r.text
+        listed = client.get("/v1/federation", headers=auth).json()
+        assert listed[0]["links"] == {PARTNER_BOT: AGENT}
+        jwk = public_jwk(_key())
+        r = client.post("/v1/attest/federated", json={"jwt_svid": partner.svid(), "jwk": jwk})
+        assert r.status_code == 200, r.text
+        assert r.json()["spiffe_id"] == AGENT
+        r = client.post("/v1/attest/federated", json={"jwt_svid": "x.y.z", "jwk": jwk})
+        assert r.status_code == 403
+        assert r.json()["error"] == "svid.malformed"
+        r = client.post("/v1/federation", json={"trust_domain": PARTNER}, headers={})
+        assert r.status_code == 401
+        r = client.delete(f"/v1/federation/{PARTNER}", headers=auth)
+        assert r.status_code == 200, r.text
+        r = client.post("/v1/attest/federated", json={"jwt_svid": partner.svid(), "jwk": jwk})
+        assert r.status_code == 403
+        assert r.json()["error"] == "federation.unknown_trust_domain"
+
+
+_ = (base64, SpiffeID, issue_jwt_svid)
