@@ -6,7 +6,6 @@ partner's JWT-SVIDs, only as linked, only while the bundle is configured and fre
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from collections.abc import Iterator
@@ -21,9 +20,7 @@ from spiffe import JwtBundle, JwtSvid, TrustDomain
 from tether import FrozenClock, Tether
 from tether._errors import AttestationRejected, NotFound, UsageError
 from tether.audit._rows import RowTampered
-from tether.core._spiffe_id import SpiffeID
 from tether.core._verify import verify_jwt_svid
-from tether.identity import issue_jwt_svid
 from tether.identity._federation import parse_bundle
 from tether.tokens import JWT_USE
 from tether.tokens._keys import public_jwk
@@ -109,7 +106,9 @@ def test_served_bundle_is_a_spiffe_bundle(tether: Tether, partner: Partner) -> N
     assert doc["spiffe_refresh_hint"] > 0
     uses = {k["use"] for k in doc["keys"]}
     assert uses == {"x509-svid", "jwt-svid"}
-    assert all("kid" not in k and len(k["x5c"]) == 1 for k in doc["keys"] if k["use"] == "x509-svid")
+    assert all(
+        "kid" not in k and len(k["x5c"]) == 1 for k in doc["keys"] if k["use"] == "x509-svid"
+    )
     jwt_keys = [k for k in doc["keys"] if k["use"] == "jwt-svid"]
     bundle = JwtBundle.parse(TrustDomain(PARTNER), json.dumps({"keys": jwt_keys}).encode())
     svid = JwtSvid.parse_and_validate(partner.svid(), bundle, {ACME_AUDIENCE})
@@ -167,7 +166,7 @@ def test_never_for_an_identity_not_linked_here(tether: Tether, partner: Partner)
     # trust domain is not federated, so the partner's key proves nothing about it.
     _refused(tether, naming_ours, "federation.unknown_trust_domain")
     with pytest.raises(NotFound):
-        tether.attestation.federation.link(f"spiffe://acme.example/agent/ghost", PARTNER_BOT)
+        tether.attestation.federation.link("spiffe://acme.example/agent/ghost", PARTNER_BOT)
 
 
 def test_hostile_foreign_svids(tether: Tether, partner: Partner) -> None:
@@ -195,8 +194,12 @@ def test_hostile_foreign_svids(tether: Tether, partner: Partner) -> None:
     head, payload, sig = partner.signed(good).split(".")
     _refused(tether, "not.a.jwt", "svid.malformed")
     _refused(tether, f"{head}.{payload}.{sig[:-4]}AAAA", "svid.signature")
-    other_kid = jwt.encode(good, ec.generate_private_key(ec.SECP256R1()), algorithm="ES256",
-                           headers={"kid": "not-in-the-bundle"})
+    other_kid = jwt.encode(
+        good,
+        ec.generate_private_key(ec.SECP256R1()),
+        algorithm="ES256",
+        headers={"kid": "not-in-the-bundle"},
+    )
     _refused(tether, other_kid, "svid.unknown_kid")
     svid = partner.svid()
     tether.attestation.attest_federated(svid, _key())
@@ -281,9 +284,7 @@ def test_bad_configuration_changes_nothing(tether: Tether, partner: Partner) -> 
     assert len(_records(tether)) == before
 
 
-def test_configuration_written_without_the_kek_is_refused(
-    tether: Tether, partner: Partner
-) -> None:
+def test_configuration_written_without_the_kek_is_refused(tether: Tether, partner: Partner) -> None:
     """Attacker: someone who can write the store but lacks the KEK, adding their own
     trust domain and link to the federation setting: the setting fails its
     authentication, and no foreign SVID attests anything."""
@@ -292,7 +293,9 @@ def test_configuration_written_without_the_kek_is_refused(
     forged[PARTNER]["links"]["spiffe://partner.example/agent/evil"] = AGENT
     tether.store.set_meta("federation", json.dumps(forged, sort_keys=True))
     with pytest.raises(RowTampered):
-        tether.attestation.attest_federated(partner.svid("spiffe://partner.example/agent/evil"), _key())
+        tether.attestation.attest_federated(
+            partner.svid("spiffe://partner.example/agent/evil"), _key()
+        )
 
 
 def test_http_routes(tether: Tether, partner: Partner) -> None:
@@ -333,4 +336,33 @@ def test_http_routes(tether: Tether, partner: Partner) -> None:
         assert r.json()["error"] == "federation.unknown_trust_domain"
 
 
-_ = (base64, SpiffeID, issue_jwt_svid)
+def test_cli_manages_federation_on_a_live_server(tmp_path: Path, partner: Partner) -> None:
+    """The operator's ``tether federation add|link|list|remove`` against a real server;
+    a partner workload attests over HTTP while federated, and not after the removal."""
+    import httpx
+
+    from .server_support import CLI
+
+    acme = Server(tmp_path / "acme").start()
+    try:
+        cli = CLI(tmp_path / "acme", acme)
+        cli.json("identity", "register", AGENT, "--kind", "agent", "--owner", OWNER)
+        added = cli.json("federation", "add", PARTNER, "--endpoint", partner.url)
+        assert added["profile"] == "https_web"
+        cli.json("federation", "link", AGENT, "--attested-by", PARTNER_BOT)
+        listed = cli.json("federation", "list")["trust_domains"]
+        assert listed[0]["links"] == {PARTNER_BOT: AGENT}
+        body = {"jwt_svid": partner.svid(), "jwk": public_jwk(_key())}
+        r = httpx.post(f"{acme.url}/v1/attest/federated", json=body, timeout=10)
+        assert r.status_code == 200, r.text
+        assert r.json()["spiffe_id"] == AGENT
+        cli.json("federation", "remove", PARTNER)
+        assert cli.json("federation", "list")["trust_domains"] == []
+        body = {"jwt_svid": partner.svid(), "jwk": public_jwk(_key())}
+        r = httpx.post(f"{acme.url}/v1/attest/federated", json=body, timeout=10)
+        assert r.status_code == 403
+        assert r.json()["error"] == "federation.unknown_trust_domain"
+        bad = cli.run("federation", "add", PARTNER, ok=False)
+        assert bad.returncode == 2
+    finally:
+        acme.stop()
