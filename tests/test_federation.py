@@ -139,8 +139,8 @@ def test_linked_foreign_svid_attests_the_registered_identity(
 
 
 def test_removed_trust_domain_attests_nothing(tether: Tether, partner: Partner) -> None:
-    """Attacker: a compromised workload of the partner trust domain after the operator
-    ended the federation; its SVID (still unexpired, still validly signed) is refused
+    """Attacker: a compromised agent of the partner trust domain after the operator ended
+    the federation; its SVID (still unexpired, still validly signed) is refused
     at once, with a receipt."""
     _federate(tether, partner)
     svid = partner.svid()
@@ -152,8 +152,8 @@ def test_removed_trust_domain_attests_nothing(tether: Tether, partner: Partner) 
 
 
 def test_never_for_an_identity_not_linked_here(tether: Tether, partner: Partner) -> None:
-    """Attacker: a compromised workload of the federated partner asking to be an identity
-    it was never linked to: a partner ID with no link, and an SVID the partner signed
+    """Attacker: a compromised agent of the federated partner asking to be an identity it
+    was never linked to: a partner ID with no link, and an SVID the partner signed
     naming this trust domain's identity directly."""
     _federate(tether, partner)
     _refused(tether, partner.svid(f"spiffe://{PARTNER}/agent/other"), "federation.not_linked")
@@ -170,8 +170,8 @@ def test_never_for_an_identity_not_linked_here(tether: Tether, partner: Partner)
 
 
 def test_hostile_foreign_svids(tether: Tether, partner: Partner) -> None:
-    """Attacker: an unauthenticated network caller (and a partner workload) presenting
-    forged, expired, misaddressed, re-headed or replayed JWT-SVIDs: each refused with its
+    """Attacker: an unauthenticated network caller (and a compromised partner agent)
+    presenting forged, expired, misaddressed, re-headed or replayed JWT-SVIDs: each refused with its
     reason, one receipt each, nothing issued."""
     _federate(tether, partner)
     now = time.time()
@@ -227,10 +227,11 @@ def test_stale_bundle_fails_closed(tether: Tether, partner: Partner, clock: Froz
 def test_key_rotation_is_picked_up_at_refresh(
     tether: Tether, partner: Partner, clock: FrozenClock
 ) -> None:
-    """Attacker: a holder of the partner's revoked JWT-SVID key minting SVIDs after the
-    partner revoked it: refused from the first refresh after the revocation; SVIDs of
-    the new key are accepted from that refresh on."""
+    """Attacker: a compromised agent holding the partner's revoked JWT-SVID key, minting
+    SVIDs after the partner revoked it: refused from the first refresh after the
+    revocation; SVIDs of the new key are accepted from that refresh on."""
     _federate(tether, partner, refresh_interval=60, max_age=600)
+    sequence = tether.attestation.federation.status()[0]["bundle"]["sequence"]
     old_svid = partner.svid()
     old_kid, _ = partner.tether.keys.active(JWT_USE)
     partner.tether.revoke_key(old_kid.kid)
@@ -239,8 +240,9 @@ def test_key_rotation_is_picked_up_at_refresh(
     _refused(tether, new_svid, "svid.unknown_kid")
     clock.advance(61)
     assert tether.attestation.attest_federated(new_svid, _key()).spiffe_id == AGENT
-    kids = tether.attestation.federation.status()[0]["bundle"]["jwt_kids"]
-    assert old_kid.kid not in kids
+    held = tether.attestation.federation.status()[0]["bundle"]
+    assert old_kid.kid not in held["jwt_kids"]
+    assert held["sequence"] > sequence  # the revocation changed the bundle (§4.1.1)
     _refused(tether, later_old, "svid.unknown_kid")
 
 
