@@ -17,10 +17,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from spiffe import JwtBundle, JwtSvid, TrustDomain
 
-from tether import FrozenClock, Tether
+from tether import FrozenClock, ProofKey, Tether
 from tether._errors import AttestationRejected, NotFound, UsageError
 from tether.audit._rows import RowTampered
-from tether.core._verify import verify_jwt_svid
+from tether.core._verify import jwk_thumbprint, verify_jwt_svid
 from tether.identity._federation import parse_bundle
 from tether.tokens import JWT_USE
 from tether.tokens._keys import public_jwk
@@ -31,6 +31,7 @@ from .server_support import Backend, Server, home_database, new_schema_url
 PARTNER = "partner.example"
 PARTNER_BOT = f"spiffe://{PARTNER}/agent/bot"
 ACME_AUDIENCE = "spiffe://acme.example"
+ATTEST_URL = "https://tether.acme.example/v1/attest/federated"
 
 
 class Partner:
@@ -51,6 +52,13 @@ class Partner:
         token = self.tether.create_join_token(spiffe_id)
         key = ec.generate_private_key(ec.SECP256R1())
         return self.tether.attest(token, key.public_key(), audience=[audience]).jwt_svid
+
+    def x509(self, key: ProofKey, spiffe_id: str = PARTNER_BOT) -> str:
+        """An X.509-SVID (leaf, then the partner's CA) of ``spiffe_id`` for ``key``."""
+        if self.tether.identities.lookup(spiffe_id) is None:
+            self.tether.register_identity(spiffe_id, kind="agent", owner="ops@partner.example")
+        token = self.tether.create_join_token(spiffe_id)
+        return self.tether.attest(token, key.public_key).x509_svid_pem
 
     def signed(self, claims: dict[str, Any], **headers: Any) -> str:
         """A JWT signed with the partner's active JWT-SVID key (any claims, any header)."""
@@ -82,11 +90,15 @@ def _federate(t: Tether, partner: Partner, **options: Any) -> None:
     t.attestation.federation.link(AGENT, PARTNER_BOT)
 
 
-def _refused(t: Tether, svid: str, code: str) -> None:
-    """``svid`` is refused with ``code``: exactly one deny receipt, nothing issued."""
+def _refused(t: Tether, svid: str, code: str, proof: str | None = "jwt") -> None:
+    """``svid`` is refused with ``code``: exactly one deny receipt, nothing issued (an
+    X.509-SVID when ``proof`` is not ``"jwt"``)."""
     before = _records(t)
     with pytest.raises(AttestationRejected) as info:
-        t.attestation.attest_federated(svid, _key())
+        if proof == "jwt":
+            t.attestation.attest_federated(svid, _key())
+        else:
+            t.attestation.attest_federated_x509(svid, proof, htm="POST", htu=ATTEST_URL)
     assert info.value.code == code, info.value.message
     after = _records(t)
     assert len(after) == len(before) + 1
@@ -204,6 +216,60 @@ def test_hostile_foreign_svids(tether: Tether, partner: Partner) -> None:
     svid = partner.svid()
     tether.attestation.attest_federated(svid, _key())
     _refused(tether, svid, "federation.replayed")
+
+
+def test_foreign_x509_svid_attests_with_proof_of_its_key(tether: Tether, partner: Partner) -> None:
+    """A partner workload's X.509-SVID, with a proof signed by its key, gets this trust
+    domain's SVIDs of the linked identity, bound to that same key."""
+    _federate(tether, partner)
+    key = ProofKey()
+    chain = partner.x509(key)
+    proof = key.prove_request(chain, htm="POST", htu=ATTEST_URL, now=tether.clock.now())
+    svids = tether.attestation.attest_federated_x509(chain, proof, htm="POST", htu=ATTEST_URL)
+    assert svids.spiffe_id == AGENT
+    now = tether.clock.now()
+    claims = verify_jwt_svid(
+        svids.jwt_svid, tether.keys.verification_keys(now), audience=ACME_AUDIENCE, now=now
+    )
+    assert claims.jkt == jwk_thumbprint(key.jwk)
+    assert _records(tether)[-1]["detail"]["method"] == "federated_x509_svid"
+
+
+def test_hostile_foreign_x509_svids(tether: Tether, partner: Partner) -> None:
+    """Attacker: an unauthenticated network caller holding a partner workload's public
+    certificate but not its key, or a chain of its own making: no proof, a proof by
+    another key, a replayed proof, a proof for another chain, a certificate from a CA
+    outside the partner's bundle, a CA certificate as the leaf; each refused with its
+    reason and one receipt."""
+    _federate(tether, partner)
+    key = ProofKey()
+    chain = partner.x509(key)
+    now = tether.clock.now()
+    _refused(tether, chain, "proof.missing", proof=None)
+    thief = ProofKey()
+    stolen = thief.prove_request(chain, htm="POST", htu=ATTEST_URL, now=now)
+    _refused(tether, chain, "proof.key_mismatch", proof=stolen)
+    other_chain = partner.x509(key, f"spiffe://{PARTNER}/agent/other")
+    for_other = key.prove_request(other_chain, htm="POST", htu=ATTEST_URL, now=now)
+    _refused(tether, chain, "proof.ath", proof=for_other)
+    good = key.prove_request(chain, htm="POST", htu=ATTEST_URL, now=now)
+    tether.attestation.attest_federated_x509(chain, good, htm="POST", htu=ATTEST_URL)
+    _refused(tether, chain, "proof.replayed", proof=good)
+    # A chain of the attacker's own: its CA is not in the partner's bundle.
+    rogue = Tether.ephemeral(PARTNER)
+    try:
+        rogue.register_identity(PARTNER_BOT, kind="agent", owner="x@partner.example")
+        own = rogue.attest(rogue.create_join_token(PARTNER_BOT), key.public_key).x509_svid_pem
+    finally:
+        rogue.close()
+    proof = key.prove_request(own, htm="POST", htu=ATTEST_URL, now=now)
+    _refused(tether, own, "svid.chain", proof=proof)
+    ca_only = chain[chain.index("-----BEGIN CERTIFICATE-----", 10) :]
+    proof = key.prove_request(ca_only, htm="POST", htu=ATTEST_URL, now=now)
+    _refused(tether, ca_only, "svid.x509", proof=proof)
+    tether.attestation.federation.remove(PARTNER)
+    fresh = key.prove_request(chain, htm="POST", htu=ATTEST_URL, now=now)
+    _refused(tether, chain, "federation.unknown_trust_domain", proof=fresh)
 
 
 def test_stale_bundle_fails_closed(tether: Tether, partner: Partner, clock: FrozenClock) -> None:
@@ -326,6 +392,18 @@ def test_http_routes(tether: Tether, partner: Partner) -> None:
         r = client.post("/v1/attest/federated", json={"jwt_svid": partner.svid(), "jwk": jwk})
         assert r.status_code == 200, r.text
         assert r.json()["spiffe_id"] == AGENT
+        key = ProofKey()
+        chain = partner.x509(key)
+        url = "http://127.0.0.1:8000/v1/attest/federated"
+        proof = key.prove_request(chain, htm="POST", htu=url, now=tether.clock.now())
+        r = client.post("/v1/attest/federated", json={"x509_svid": chain}, headers={"dpop": proof})
+        assert r.status_code == 200, r.text
+        assert r.json()["spiffe_id"] == AGENT
+        r = client.post("/v1/attest/federated", json={"x509_svid": chain}, headers={"dpop": proof})
+        assert r.status_code == 403
+        assert r.json()["error"] == "proof.replayed"
+        r = client.post("/v1/attest/federated", json={"x509_svid": chain, "jwk": jwk})
+        assert r.status_code == 400
         r = client.post("/v1/attest/federated", json={"jwt_svid": "x.y.z", "jwk": jwk})
         assert r.status_code == 403
         assert r.json()["error"] == "svid.malformed"

@@ -18,17 +18,24 @@ import secrets
 import msgspec
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tether._errors import AttestationRejected, IdentityRejected, NotFound, Rejected
+from tether._errors import (
+    AttestationRejected,
+    IdentityRejected,
+    NotFound,
+    ProofRejected,
+    Rejected,
+)
 from tether.audit import Auditor
 from tether.audit._rows import JOIN_TOKEN
 from tether.core._clock import Clock
 from tether.core._risk import Control, risk_tags
 from tether.core._spiffe_id import parse_spiffe_id
+from tether.core._verify import PROOF_WINDOW, ProofVerifier, jwk_thumbprint
 from tether.identity._federation import Federation
 from tether.identity._registry import IdentityRegistry
 from tether.identity._svid import DEFAULT_SVID_TTL, issue_jwt_svid, issue_x509_svid, pem_chain
 from tether.store import Store
-from tether.tokens._keys import KeyRing
+from tether.tokens._keys import KeyRing, public_jwk
 
 JOIN_TOKEN_PREFIX = "tjt_"  # noqa: S105 - a name, not a secret
 DEFAULT_JOIN_TTL = 600.0
@@ -45,6 +52,22 @@ UNVERIFIED = frozenset(
         "federation.unknown_trust_domain",
         "federation.stale",
         "federation.no_keys",
+        "svid.x509",
+        "svid.chain",
+        "svid.key",
+        "proof.missing",
+        "proof.malformed",
+        "proof.header",
+        "proof.typ",
+        "proof.alg",
+        "proof.key",
+        "proof.key_mismatch",
+        "proof.signature",
+        "proof.claims",
+        "proof.target",
+        "proof.ath",
+        "proof.stale",
+        "proof.replayed",
     }
 )
 
@@ -75,6 +98,7 @@ class Attestor:
         self._auditor = auditor
         self._clock = clock
         self.federation = Federation(store, auditor, clock, registry)
+        self._proofs = ProofVerifier()
 
     def create_join_token(self, spiffe_id: str, *, ttl: float = DEFAULT_JOIN_TTL) -> str:
         identity = self._registry.get(str(parse_spiffe_id(spiffe_id)))
@@ -226,7 +250,66 @@ class Attestor:
                 raise
             raise AttestationRejected(exc.message, code=code) from None
 
-    def _record_refusal(self, subject: str | None, code: str, message: str) -> None:
+    def attest_federated_x509(
+        self,
+        chain_pem: str,
+        proof: str | None,
+        *,
+        htm: str,
+        htu: str,
+        audience: list[str] | None = None,
+        ttl: float = DEFAULT_SVID_TTL,
+        record_unverified: bool = True,
+    ) -> SVIDs:
+        """SVIDs of this trust domain for the identity a federated trust domain's
+        X.509-SVID attests, bound to the SVID's own key. A certificate is public, so the
+        presenter proves it holds the key: ``proof`` is a DPoP proof (RFC 9449 §4) signed
+        by it, for this request (``htm``, ``htu``) and this chain (``ath``: the SHA-256 of
+        ``chain_pem`` as sent), fresh and single use. Refusals as for
+        :meth:`attest_federated`."""
+        subject: str | None = None
+        try:
+            claims, key = self.federation.verify_x509_svid(chain_pem)
+            now = self._clock.now()
+            try:
+                checked = self._proofs.verify(
+                    proof,
+                    token=chain_pem,
+                    jkt=jwk_thumbprint(public_jwk(key)),
+                    htm=htm,
+                    htu=htu,
+                    call=None,
+                    now=now,
+                )
+            except ProofRejected as exc:
+                raise AttestationRejected(exc.message, code=exc.code) from None
+            subject = claims.spiffe_id
+            spiffe_id = self.federation.linked_identity(claims.spiffe_id)
+            with self._store.transaction():
+                if not self._store.record_proof(checked.jti, now + PROOF_WINDOW * 2):
+                    raise AttestationRejected("proof has been used before", code="proof.replayed")
+                return self._issue(
+                    spiffe_id,
+                    key,
+                    audience,
+                    ttl,
+                    {
+                        "method": "federated_x509_svid",
+                        "attested_by": claims.spiffe_id,
+                        "svid_digest": claims.token_digest,
+                    },
+                )
+        except (AttestationRejected, IdentityRejected, NotFound) as exc:
+            code = exc.code if isinstance(exc, Rejected) else "federation.not_linked"
+            if record_unverified or code not in UNVERIFIED:
+                self._record_refusal(subject, code, exc.message, "federated_x509_svid")
+            if isinstance(exc, AttestationRejected):
+                raise
+            raise AttestationRejected(exc.message, code=code) from None
+
+    def _record_refusal(
+        self, subject: str | None, code: str, message: str, method: str = "federated_jwt_svid"
+    ) -> None:
         tags = list(risk_tags(Control.WORKLOAD_IDENTITY, Control.TRUST_DOMAIN))
         self._auditor.append(
             "attestation.attest",
@@ -234,5 +317,5 @@ class Attestor:
             effect="deny",
             risk_tags=tags,
             reasons=[{"code": code, "message": message[:300]}],
-            detail={"method": "federated_jwt_svid"},
+            detail={"method": method},
         )

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import hashlib
 import ipaddress
 import json
@@ -48,10 +49,23 @@ from urllib.parse import urlsplit
 import httpx
 import jwt
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.verification import PolicyBuilder, VerificationError
+from cryptography.x509.verification import Store as CertificateStore
 from spiffe import JwtBundle, JwtSvid, TrustDomain, X509Bundle
 from spiffe.bundle.jwt_bundle.errors import AuthorityNotFoundError, JwtBundleError
 from spiffe.errors import PySpiffeError
 from spiffe.svid.errors import InvalidAlgorithmError, InvalidTypeError, TokenExpiredError
+
+# X509-SVID.md §5.2 leaf and chain checks, as the pinned ``spiffe`` package (0.3.2) makes
+# them for its own ``X509Svid.parse`` (which also wants the private key, so it cannot
+# validate a chain someone presents).
+from spiffe.svid.x509_svid import (
+    _extract_spiffe_id,
+    _validate_chain,
+    _validate_leaf_spiffe_id,
+)
 
 from tether._errors import (
     AttestationRejected,
@@ -81,6 +95,7 @@ MIN_REFRESH = 1.0
 #: A bundle older than this (since it was last fetched) attests nothing.
 DEFAULT_MAX_AGE = 3600.0
 MAX_BUNDLE_BYTES = 1024 * 1024
+MAX_CHAIN_BYTES = 64 * 1024
 FETCH_TIMEOUT = 10.0
 _HEADERS = frozenset({"alg", "kid", "typ"})
 _KNOWN_KTY = frozenset({"EC", "RSA"})
@@ -579,6 +594,72 @@ class Federation:
             trust_domain=subject.trust_domain,
             expires_at=float(svid.expiry),
             token_digest=token_hash(token),
+        )
+
+    def verify_x509_svid(self, chain_pem: str) -> tuple[ForeignClaims, ec.EllipticCurvePublicKey]:
+        """Verify an X.509-SVID of a federated trust domain (leaf first, then any
+        intermediates, PEM) against that domain's X.509 authorities (RFC 5280 path
+        validation by ``cryptography``, X509-SVID §5) or raise AttestationRejected.
+        Returns the claims and the leaf's public key (EC P-256: the key this trust
+        domain's SVIDs will be bound to)."""
+        if not isinstance(chain_pem, str) or not chain_pem or len(chain_pem) > MAX_CHAIN_BYTES:
+            raise AttestationRejected("X.509-SVID is missing or too large", code="svid.malformed")
+        try:
+            certs = x509.load_pem_x509_certificates(chain_pem.encode())
+        except ValueError:
+            raise AttestationRejected(
+                "X.509-SVID is not a PEM certificate chain", code="svid.malformed"
+            ) from None
+        leaf = certs[0]
+        try:
+            _validate_chain(certs)
+            named = _extract_spiffe_id(leaf)
+            _validate_leaf_spiffe_id(named)
+        except PySpiffeError as exc:
+            raise AttestationRejected(
+                f"X.509-SVID is not a valid leaf SVID: {str(exc)[:160]}", code="svid.x509"
+            ) from None
+        try:
+            subject = parse_spiffe_id(str(named))
+        except IdentityRejected as exc:
+            raise AttestationRejected(
+                f"X.509-SVID subject: {exc.message}", code="svid.subject"
+            ) from None
+        bundle = self.bundle(subject.trust_domain)
+        authorities = list(bundle.x509.x509_authorities)
+        if not authorities:
+            raise AttestationRejected(
+                f"the bundle of {subject.trust_domain} holds no X.509 authority: it attests "
+                "nothing",
+                code="federation.no_keys",
+            )
+        at = dt.datetime.fromtimestamp(self._clock.now(), tz=dt.UTC)
+        verifier = (
+            PolicyBuilder().store(CertificateStore(authorities)).time(at).build_client_verifier()
+        )
+        try:
+            verifier.verify(leaf, certs[1:])
+        except VerificationError as exc:
+            raise AttestationRejected(
+                f"X.509-SVID does not chain to the bundle of {subject.trust_domain}: "
+                f"{str(exc)[:160]}",
+                code="svid.chain",
+            ) from None
+        key = leaf.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+            raise AttestationRejected(
+                "X.509-SVID key must be EC P-256 (the key this trust domain's SVIDs bind)",
+                code="svid.key",
+            )
+        der = leaf.public_bytes(serialization.Encoding.DER)
+        return (
+            ForeignClaims(
+                spiffe_id=str(subject),
+                trust_domain=subject.trust_domain,
+                expires_at=leaf.not_valid_after_utc.timestamp(),
+                token_digest=hashlib.sha256(der).hexdigest(),
+            ),
+            key,
         )
 
     def linked_identity(self, foreign_id: str) -> str:

@@ -11,7 +11,8 @@ Operators (admins; auditors may list)::
 
 Workloads::
 
-    POST   /v1/attest/federated                  a foreign JWT-SVID -> this domain's SVIDs
+    POST   /v1/attest/federated                  a foreign JWT-SVID or X.509-SVID -> this
+                                                 domain's SVIDs
 
 The foreign JWT-SVID is the credential of ``/v1/attest/federated``: a refusal before its
 signature verified (its presenter proved nothing) is counted and sampled like every
@@ -38,7 +39,7 @@ from tether.server._app import (
     authenticated,
     refuse_unauthenticated,
 )
-from tether.server._auth import require
+from tether.server._auth import request_uri, require, single_header
 
 
 class FederationIn(S.Strict):
@@ -61,8 +62,9 @@ class UnlinkIn(S.Strict):
 
 
 class FederatedAttestIn(S.Strict):
-    jwt_svid: str
-    jwk: dict[str, str]
+    jwt_svid: str | None = None
+    jwk: dict[str, str] | None = None
+    x509_svid: str | None = None
     audience: list[str] | None = None
 
 
@@ -168,14 +170,31 @@ async def federation_unlink(request: Request, data: UnlinkIn) -> dict[str, Any]:
 
 @post("/v1/attest/federated", tags=["identities"], responses=_ERRORS, status_code=200)
 async def attest_federated(request: Request, data: FederatedAttestIn) -> S.AttestOut:  # type: ignore[type-arg]
-    """Exchange a federated trust domain's JWT-SVID (audience ``spiffe://<this domain>``)
-    for this trust domain's SVIDs of the identity it is linked to, bound to ``jwk``."""
-    key = _public_key(data.jwk)
+    """Exchange an SVID of a federated trust domain for this trust domain's SVIDs of the
+    identity it is linked to: a JWT-SVID (audience ``spiffe://<this domain>``) with the
+    ``jwk`` to bind them to, or an X.509-SVID (PEM, leaf first) with a ``DPoP`` proof
+    signed by its key for this request (``ath``: SHA-256 of ``x509_svid``)."""
     ctx = _ctx(request)
+    attestation = ctx.tether.attestation
     try:
-        svids = ctx.tether.attestation.attest_federated(
-            data.jwt_svid, key, audience=data.audience, record_unverified=False
-        )
+        if data.jwt_svid is not None and data.x509_svid is None and data.jwk is not None:
+            svids = attestation.attest_federated(
+                data.jwt_svid,
+                _public_key(data.jwk),
+                audience=data.audience,
+                record_unverified=False,
+            )
+        elif data.x509_svid is not None and data.jwt_svid is None and data.jwk is None:
+            svids = attestation.attest_federated_x509(
+                data.x509_svid,
+                single_header(request, "dpop"),
+                htm=request.method,
+                htu=request_uri(request),
+                audience=data.audience,
+                record_unverified=False,
+            )
+        else:
+            raise UsageError("send jwt_svid with jwk, or x509_svid with a DPoP proof")
     except Rejected as exc:
         if exc.code not in UNVERIFIED:
             raise
