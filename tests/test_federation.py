@@ -179,6 +179,9 @@ def test_never_for_an_identity_not_linked_here(tether: Tether, partner: Partner)
     _refused(tether, naming_ours, "federation.unknown_trust_domain")
     with pytest.raises(NotFound):
         tether.attestation.federation.link("spiffe://acme.example/agent/ghost", PARTNER_BOT)
+    # A linked identity offboarded here attests nothing, whatever the partner signs.
+    tether.disable_identity(AGENT)
+    _refused(tether, partner.svid(), "identity.disabled")
 
 
 def test_hostile_foreign_svids(tether: Tether, partner: Partner) -> None:
@@ -432,6 +435,8 @@ def test_cli_manages_federation_on_a_live_server(tmp_path: Path, partner: Partne
         cli.json("federation", "link", AGENT, "--attested-by", PARTNER_BOT)
         listed = cli.json("federation", "list")["trust_domains"]
         assert listed[0]["links"] == {PARTNER_BOT: AGENT}
+        refreshed = cli.json("federation", "refresh", PARTNER)
+        assert refreshed["bundle"]["jwt_kids"] and refreshed["last_error"] is None
         body = {"jwt_svid": partner.svid(), "jwk": public_jwk(_key())}
         r = httpx.post(f"{acme.url}/v1/attest/federated", json=body, timeout=10)
         assert r.status_code == 200, r.text

@@ -2437,6 +2437,26 @@ def federation_remove(trust_domain: str, as_json: JsonOpt = False, home: HomeOpt
     emit(entry, as_json, lambda: out.print(f"[green]✓[/] {trust_domain} is no longer trusted"))
 
 
+@federation_app.command("refresh")
+def federation_refresh(trust_domain: str, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Fetch a federated trust domain's bundle now (on the server that answers)."""
+    status = _api(home).post(f"/v1/federation/{_segment(trust_domain)}/refresh")
+    held = status.get("bundle") or {}
+    emit(
+        status,
+        as_json,
+        lambda: out.print(
+            f"[green]✓[/] {trust_domain}: sequence {held.get('sequence')}, "
+            f"{len(held.get('jwt_kids', []))} JWT keys"
+            + (
+                f" [red](last error: {escape(status['last_error'])})"
+                if status["last_error"]
+                else ""
+            )
+        ),
+    )
+
+
 @federation_app.command("link")
 def federation_link(
     spiffe_id: Annotated[str, typer.Argument(help="a registered identity of this domain")],
