@@ -322,6 +322,7 @@ class Federation:
             "added_by": by,
         }
         with self._store.transaction():
+            self._store.last_record()  # PostgreSQL: behind the log's lock, one change at a time
             domains = self.config()
             old = domains.get(trust_domain)
             if old is not None and not replace:
@@ -352,6 +353,7 @@ class Federation:
     def remove(self, trust_domain: str, *, by: str = "operator") -> dict[str, Any]:
         """Stop trusting ``trust_domain`` now, on every node (its links go with it)."""
         with self._store.transaction():
+            self._store.last_record()  # PostgreSQL: behind the log's lock, one change at a time
             domains = self.config()
             entry = domains.pop(trust_domain, None)
             if entry is None:
@@ -373,6 +375,7 @@ class Federation:
         local = str(parse_spiffe_id(spiffe_id))
         foreign = parse_spiffe_id(foreign_id)
         with self._store.transaction():
+            self._store.last_record()  # PostgreSQL: behind the log's lock, one change at a time
             identity = self._registry.get(local)
             domains = self.config()
             entry = domains.get(foreign.trust_domain)
@@ -395,6 +398,7 @@ class Federation:
     def unlink(self, foreign_id: str, *, by: str = "operator") -> dict[str, Any]:
         foreign = parse_spiffe_id(foreign_id)
         with self._store.transaction():
+            self._store.last_record()  # PostgreSQL: behind the log's lock, one change at a time
             domains = self.config()
             links = domains.get(foreign.trust_domain, {}).get("links", {})
             local = links.pop(str(foreign), None)
