@@ -117,7 +117,8 @@ def test_no_write_endpoint_is_reachable_unauthenticated(server: Server) -> None:
         if m in ("post", "put", "patch", "delete")
     ]
     assert len(writes) >= 10
-    open_by_design = {"/v1/decisions", "/v1/attest", "/oauth2/token"}
+    # /v1/attest/federated: the foreign SVID is the credential, as the join token is.
+    open_by_design = {"/v1/decisions", "/v1/attest", "/v1/attest/federated", "/oauth2/token"}
     # The AuthZEN decision point: a task token in the body or headers; without one, a
     # false decision (counted like any unauthenticated refusal), not a 401.
     open_by_design |= {

@@ -2358,6 +2358,127 @@ def audit_trace(task_id: str, as_json: JsonOpt = False, home: HomeOpt = None) ->
     emit(trace, as_json, human)
 
 
+# -- federated SPIFFE trust ---------------------------------------------------------------
+federation_app = typer.Typer(
+    no_args_is_help=True,
+    help="Federated SPIFFE trust: foreign trust domains whose SVIDs attest identities here.",
+)
+app.add_typer(federation_app, name="federation")
+
+
+@federation_app.command("add")
+def federation_add(
+    trust_domain: Annotated[str, typer.Argument(help="the foreign trust domain")],
+    endpoint: Annotated[
+        str | None,
+        typer.Option("--endpoint", help="its bundle endpoint URL (profile https_web)"),
+    ] = None,
+    bundle_file: Annotated[
+        Path | None,
+        typer.Option("--bundle-file", help="a static SPIFFE bundle (JWKS) file, e.g. SPIRE's"),
+    ] = None,
+    refresh: Annotated[
+        float | None,
+        typer.Option("--refresh", help="seconds between fetches (default: its refresh hint)"),
+    ] = None,
+    max_age: Annotated[
+        float | None,
+        typer.Option("--max-age", help="refuse its SVIDs when no bundle this fresh (s)"),
+    ] = None,
+    replace: Annotated[bool, typer.Option("--replace", help="replace its source")] = False,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Federate a foreign trust domain, from its bundle endpoint or a static bundle."""
+    if (endpoint is None) == (bundle_file is None):
+        raise UsageError("give --endpoint URL or --bundle-file FILE")
+    body: dict[str, Any] = {
+        "trust_domain": trust_domain,
+        "refresh_interval": refresh,
+        "max_age": max_age,
+        "replace": replace,
+    }
+    if endpoint is not None:
+        body |= {"profile": "https_web", "endpoint_url": endpoint}
+    else:
+        assert bundle_file is not None
+        try:
+            body |= {"profile": "static", "bundle": strict_json(bundle_file.read_bytes())}
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read the bundle {bundle_file}: {exc}") from None
+    entry = _api(home).post("/v1/federation", body)
+    emit(entry, as_json, lambda: out.print(f"[green]✓[/] federated {trust_domain}"))
+
+
+@federation_app.command("list")
+def federation_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """The federated trust domains, their links, and the bundle the server holds of each."""
+    rows: list[dict[str, Any]] = _api(home).get("/v1/federation")
+
+    def human() -> None:
+        table = Table("trust domain", "source", "bundle", "links")
+        for r in rows:
+            held = r["bundle"]
+            table.add_row(
+                r["trust_domain"],
+                r["endpoint_url"] or "static",
+                "none" if held is None else f"seq {held['sequence']}, {len(held['jwt_kids'])} keys",
+                ", ".join(f"{f} -> {local}" for f, local in r["links"].items()),
+            )
+        out.print(table)
+
+    emit({"trust_domains": rows}, as_json, human)
+
+
+@federation_app.command("remove")
+def federation_remove(trust_domain: str, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Stop trusting a foreign trust domain now (its links go with it)."""
+    entry = _api(home).delete(f"/v1/federation/{_segment(trust_domain)}")
+    emit(entry, as_json, lambda: out.print(f"[green]✓[/] {trust_domain} is no longer trusted"))
+
+
+@federation_app.command("refresh")
+def federation_refresh(trust_domain: str, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Fetch a federated trust domain's bundle now (on the server that answers)."""
+    status = _api(home).post(f"/v1/federation/{_segment(trust_domain)}/refresh")
+    held = status.get("bundle") or {}
+    emit(
+        status,
+        as_json,
+        lambda: out.print(
+            f"[green]✓[/] {trust_domain}: sequence {held.get('sequence')}, "
+            f"{len(held.get('jwt_kids', []))} JWT keys"
+            + (
+                f" [red](last error: {escape(status['last_error'])})"
+                if status["last_error"]
+                else ""
+            )
+        ),
+    )
+
+
+@federation_app.command("link")
+def federation_link(
+    spiffe_id: Annotated[str, typer.Argument(help="a registered identity of this domain")],
+    attested_by: Annotated[
+        str, typer.Option("--attested-by", help="the foreign SPIFFE ID whose SVIDs attest it")
+    ],
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Let SVIDs of a foreign SPIFFE ID attest a registered identity."""
+    body = {"spiffe_id": spiffe_id, "attested_by": attested_by}
+    result = _api(home).post("/v1/federation/links", body)
+    emit(result, as_json, lambda: out.print(f"[green]✓[/] {attested_by} attests {spiffe_id}"))
+
+
+@federation_app.command("unlink")
+def federation_unlink(attested_by: str, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """A foreign SPIFFE ID attests no identity any more."""
+    result = _api(home).post("/v1/federation/unlink", {"attested_by": attested_by})
+    emit(result, as_json, lambda: out.print(f"[green]✓[/] {attested_by} attests nothing"))
+
+
 def main() -> None:
     """Entry point: one clear line on stderr for any error, never a traceback."""
     try:

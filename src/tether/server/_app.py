@@ -1743,6 +1743,7 @@ def create_app(tether: Tether, settings: ServerSettings | None = None) -> Litest
     # Imported here: the console itself imports this package's authentication.
     from tether.console import console_router  # noqa: PLC0415
     from tether.server._authzen import authzen_routes  # noqa: PLC0415
+    from tether.server._federation import federation_routes  # noqa: PLC0415
 
     settings = settings or ServerSettings()
     configure_logging(settings.log_level)
@@ -1804,6 +1805,7 @@ def create_app(tether: Tether, settings: ServerSettings | None = None) -> Litest
             credential_disable,
             credential_rotate,
             *authzen_routes(),
+            *federation_routes(),
         ],
         state=State({"ctx": Context(tether, settings)}),
         exception_handlers={Exception: _error_response},

@@ -392,5 +392,14 @@ class KeyRing:
             )
         for r in self.trusted(JWT_USE, now):
             keys.append({**json.loads(r.public_jwk), "kid": r.kid, "use": "jwt-svid"})
-        sequence = len(self._key_rows())
+        # §4.1.1: it changes on every change of the content and never goes back. A key
+        # enters the bundle when its row is made and leaves it when revoked or past its
+        # verify_until; rows are never deleted and each of these steps happens once.
+        sequence = sum(
+            1
+            + (r.retired_at is not None)
+            + self._revoked_now(r)
+            + (r.retired_at is not None and (r.verify_until or 0) <= now)
+            for r in self._key_rows()
+        )
         return {"keys": keys, "spiffe_sequence": sequence, "spiffe_refresh_hint": REFRESH_HINT}
