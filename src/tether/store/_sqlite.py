@@ -160,6 +160,11 @@ class SQLiteStore:
         except (sqlite3.Error, OSError) as exc:
             raise InfrastructureError(f"cannot open store {self.path}: {exc}") from None
         self._lock = threading.RLock()
+        #: A second, read-only connection for the key set, which every decision reads
+        #: before its transaction: WAL lets it read the last commit while a commit group
+        #: holds ``_lock`` through its fsync (opened on first use; none in memory).
+        self._reader: sqlite3.Connection | None = None
+        self._reader_lock = threading.Lock()
         self._depth = 0
         self._owner = 0  # the thread whose transaction is open (while _depth > 0)
         self._after_commit: list[Callable[[], object]] = []
@@ -330,6 +335,33 @@ class SQLiteStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        with self._reader_lock:
+            if self._reader is not None:
+                self._reader.close()
+
+    def _read_committed(self, sql: str) -> list[tuple[Any, ...]]:
+        """Rows of ``sql`` as last committed, through the reader connection, so a read
+        outside any transaction never waits for a commit group's fsync. Inside this
+        thread's transaction (which may have changed them), or in memory, through the
+        main connection."""
+        if (
+            self.path == ":memory:"
+            or self.path.startswith("file:")
+            or (self._depth > 0 and self._owner == threading.get_ident())
+        ):
+            return self._all(sql)
+        try:
+            with self._reader_lock:
+                if self._reader is None:
+                    reader = sqlite3.connect(
+                        self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+                    )
+                    reader.execute("PRAGMA query_only=ON")
+                    self._reader = reader
+                rows: list[tuple[Any, ...]] = self._reader.execute(sql).fetchall()
+                return rows
+        except sqlite3.Error as exc:
+            raise InfrastructureError(f"store error: {exc}") from None
 
     def lock_task(self, task_id: str) -> None:
         """A no-op: ``BEGIN IMMEDIATE`` serializes every transaction already."""
@@ -381,7 +413,9 @@ class SQLiteStore:
     def list_keys(self) -> list[KeyRow]:
         return [
             KeyRow(*r)
-            for r in self._all(f"SELECT {_KEY_COLS} FROM signing_keys ORDER BY created_at, rowid")
+            for r in self._read_committed(
+                f"SELECT {_KEY_COLS} FROM signing_keys ORDER BY created_at, rowid"
+            )
         ]
 
     def update_key(self, row: KeyRow) -> None:
