@@ -160,10 +160,11 @@ class SQLiteStore:
         except (sqlite3.Error, OSError) as exc:
             raise InfrastructureError(f"cannot open store {self.path}: {exc}") from None
         self._lock = threading.RLock()
-        #: A second, read-only connection for the key set, which every decision reads
-        #: before its transaction: WAL lets it read the last commit while a commit group
-        #: holds ``_lock`` through its fsync (opened on first use; none in memory).
-        self._reader: sqlite3.Connection | None = None
+        #: Read-only connections, one per thread, for the key set every decision reads
+        #: before its transaction: WAL lets them read the last commit while a commit
+        #: group holds ``_lock`` through its fsync (opened on first use; none in memory).
+        self._readers = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
         self._reader_lock = threading.Lock()
         self._depth = 0
         self._owner = 0  # the thread whose transaction is open (while _depth > 0)
@@ -336,8 +337,9 @@ class SQLiteStore:
         with self._lock:
             self._db.close()
         with self._reader_lock:
-            if self._reader is not None:
-                self._reader.close()
+            for reader in self._reader_conns:
+                reader.close()
+            self._reader_conns.clear()
 
     def _read_committed(self, sql: str) -> list[tuple[Any, ...]]:
         """Rows of ``sql`` as last committed, through the reader connection, so a read
@@ -351,15 +353,17 @@ class SQLiteStore:
         ):
             return self._all(sql)
         try:
-            with self._reader_lock:
-                if self._reader is None:
-                    reader = sqlite3.connect(
-                        self.path, isolation_level=None, check_same_thread=False, timeout=30.0
-                    )
-                    reader.execute("PRAGMA query_only=ON")
-                    self._reader = reader
-                rows: list[tuple[Any, ...]] = self._reader.execute(sql).fetchall()
-                return rows
+            reader: sqlite3.Connection | None = getattr(self._readers, "conn", None)
+            if reader is None:
+                reader = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+                )
+                reader.execute("PRAGMA query_only=ON")
+                with self._reader_lock:
+                    self._reader_conns.append(reader)
+                self._readers.conn = reader
+            rows: list[tuple[Any, ...]] = reader.execute(sql).fetchall()
+            return rows
         except sqlite3.Error as exc:
             raise InfrastructureError(f"store error: {exc}") from None
 
