@@ -854,11 +854,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{main_row.ratio_to_floor or 0:.2f}x the floor's throughput"
     )
     for r in rows:
-        if r.server_allow is not None:
+        if r.audit_records is not None:
+            counted = "" if r.server_allow is None else f"{r.server_allow:,.0f} allows counted, "
             print(
-                f"  {r.store}: the server counted {r.server_allow:,.0f} allows for "
-                f"{r.sent:,} requests sent; audit chain {r.audit_records:,} records, "
-                f"ok={r.audit_ok}; home on {r.home_fs}"
+                f"  {r.server} ({r.store}): {counted}{r.sent:,} requests sent; audit chain "
+                f"{r.audit_records:,} records, ok={r.audit_ok}; home on {r.home_fs}"
             )
     noisy = [r for r in rows if r.cpu_cores.get("rest_of_machine", 0.0) > NOISE_CORES]
     for r in noisy:
