@@ -11,7 +11,10 @@ In one run, each server a separate ``uvicorn`` process with the same settings as
 * ``tether serve`` over an on-disk home (SQLite WAL, ``synchronous=FULL``: one fsync per
   receipt), hammered with ``POST /v1/decisions``, each request carrying a task token and
   its own single-use DPoP proof, signed before the clock starts;
-* with ``--tmpfs``, the same over a home on /dev/shm, where fsync costs nothing.
+* with ``--tmpfs``, the same over a home on /dev/shm, where fsync costs nothing;
+* with ``--postgres``, ``tether serve`` over a fresh PostgreSQL schema with one worker,
+  then with ``--workers 2`` (not pinned: the workers, PostgreSQL and this generator share
+  the cores), and the scaling factor between the two.
 
 The load generator is this process: ``--clients`` closed-loop clients (default 32), each
 on its own keep-alive HTTP/1.1 connection, run for ``--warmup`` + ``--duration`` seconds.

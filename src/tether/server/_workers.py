@@ -9,8 +9,10 @@ Only over PostgreSQL. Each worker is a node of the cluster (:mod:`tether.cluster
 it hears the others' revocations, kill switch and policy changes, and every receipt is
 appended under the audit chain's advisory lock, so the workers write one consistent
 chain and Merkle log as separate nodes do. Over SQLite :func:`refuse_sqlite` refuses:
-nothing would tell one worker of what another keeps in memory (revoked tokens, the
-kill switch), and the file takes one writer at a time anyway.
+every commit takes the one file's write lock, so workers would queue on it (and one
+that waited past the busy timeout would refuse its decisions) instead of adding
+throughput, while one process already decides in threads and commits concurrent
+decisions together (group commit).
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ def refuse_sqlite(tether: Tether, workers: int) -> None:
     if workers > 1 and not (isinstance(dsn, str) and is_postgres_url(dsn)):
         raise UsageError(
             f"--workers {workers} needs a PostgreSQL store (TETHER_DATABASE_URL): over "
-            "SQLite the workers would not hear each other's revocations and kill switch, "
-            "and the file takes one writer at a time; run one worker, or move to PostgreSQL"
+            "SQLite every commit takes the file's one write lock, so more workers would "
+            "queue on it, not decide more; one worker already commits concurrent decisions "
+            "together. Run one worker, or move to PostgreSQL"
         )
 
 
