@@ -491,6 +491,52 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def flow_growth(opts: argparse.Namespace) -> dict[str, Any]:
+    """``Tether.authorize`` at call ``k`` of one task, each allowed call followed by its
+    result (two new addresses and a link, trusted): the task's flow state grows with
+    what it read. Returns the median µs over a window of calls around each ``k``."""
+    bench = Bench(opts)
+    text, tool, _ = policy_text(10, approval=not opts.no_approval_policy)
+    bench.t.policies.load({"gen.cedar": text})
+    bench.open_task()
+    window = 20
+    marks = sorted({int(k) for k in opts.flow_growth.split(",") if k.strip()})
+    timings: dict[int, list[float]] = {k: [] for k in marks}
+    for call in range(1, max(marks) + window + 1):
+        proof = bench.key.prove(bench.token, tool, ARGS, now=bench.now)
+        t0 = time.perf_counter()
+        receipt = bench.t.authorize(token=bench.token, proof=proof, tool=tool, args=ARGS)
+        elapsed = time.perf_counter() - t0
+        assert receipt.decision.allowed, receipt.decision.reasons
+        for k in marks:
+            if k <= call < k + window:
+                timings[k].append(elapsed)
+        result = {
+            "note": f"ask ops{call}@acme.example or lead{call}@acme.example, "
+            f"see https://wiki.acme.example/page/{call}"
+        }
+        result_proof = bench.key.prove_result(
+            bench.token,
+            tool,
+            receipt.seq,
+            result,
+            now=bench.now,
+            htm="POST",
+            htu="urn:tether:decide",
+        )
+        bench.t.observe(
+            token=bench.token, proof=result_proof, tool=tool, receipt=receipt.seq, result=result
+        )
+    raw = bench.t.store.get_task_flow(bench.task_id) or b""
+    return {
+        "median_us_at_call": {
+            str(k): round(sorted(v)[len(v) // 2] * 1e6, 1) for k, v in timings.items()
+        },
+        "flow_state_bytes_at_end": len(raw),
+        "store": opts.store,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -537,8 +583,17 @@ def main() -> None:
         help="SQLite in memory, or on disk in WAL mode with synchronous=FULL (one fsync "
         "per receipt) for the authorize figures (default: %(default)s)",
     )
+    parser.add_argument(
+        "--flow-growth",
+        metavar="K,K",
+        help="only time authorize at these calls of one task, each call's result observed "
+        "(e.g. 10,1000): what the task's growing flow state costs a call",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "decide.json")
     opts = parser.parse_args()
+    if opts.flow_growth:
+        print(json.dumps(flow_growth(opts), indent=2))
+        return
     sizes = [int(s) for s in opts.sizes.split(",") if s.strip()]
 
     started = time.perf_counter()

@@ -11,7 +11,10 @@ In one run, each server a separate ``uvicorn`` process with the same settings as
 * ``tether serve`` over an on-disk home (SQLite WAL, ``synchronous=FULL``: one fsync per
   receipt), hammered with ``POST /v1/decisions``, each request carrying a task token and
   its own single-use DPoP proof, signed before the clock starts;
-* with ``--tmpfs``, the same over a home on /dev/shm, where fsync costs nothing.
+* with ``--tmpfs``, the same over a home on /dev/shm, where fsync costs nothing;
+* with ``--postgres``, ``tether serve`` over a fresh PostgreSQL schema with one worker,
+  then with ``--workers 2`` (not pinned: the workers, PostgreSQL and this generator share
+  the cores), and the scaling factor between the two.
 
 The load generator is this process: ``--clients`` closed-loop clients (default 32), each
 on its own keep-alive HTTP/1.1 connection, run for ``--warmup`` + ``--duration`` seconds.
@@ -123,8 +126,18 @@ def can_pin() -> bool:
 class ServerProcess:
     """One server process on loopback, its output in ``log``."""
 
-    def __init__(self, argv: list[str], port: int, path: str, log: Path, *, pin: bool) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        port: int,
+        path: str,
+        log: Path,
+        *,
+        pin: bool,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.argv = argv
+        self.env = env
         self.port = port
         self.url = f"http://{HOST}:{port}{path}"
         self.log = log
@@ -133,7 +146,7 @@ class ServerProcess:
 
     def start(self, probe: httpx.Request) -> ServerProcess:
         with self.log.open("ab") as log:
-            self.process = subprocess.Popen(self.argv, stdout=log, stderr=log)
+            self.process = subprocess.Popen(self.argv, stdout=log, stderr=log, env=self.env)
         if self.pin:
             # Threads the server starts later (SQLite, anyio) inherit the mask.
             os.sched_setaffinity(self.process.pid, {SERVER_CPU})
@@ -169,12 +182,13 @@ def start_floor(work: Path, *, pin: bool) -> ServerProcess:
     return server.start(httpx.Request("POST", server.url, content=BODY))
 
 
-def tether_cli(home: Path, *args: str) -> dict[str, Any]:
+def tether_cli(home: Path, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-m", "tether", "--home", str(home), *args, "--json"],
         check=True,
         capture_output=True,
         text=True,
+        env=env,
     )
     result: dict[str, Any] = json.loads(out.stdout)
     return result
@@ -189,17 +203,29 @@ class TetherServer:
     tokens: list[str]
 
 
-def start_tether(home: Path, clients: int, *, pin: bool) -> TetherServer:
-    """``tether init`` and ``tether serve`` over ``home``; one agent, one task per client."""
+def start_tether(
+    home: Path,
+    clients: int,
+    *,
+    pin: bool,
+    database_url: str | None = None,
+    workers: int = 1,
+) -> TetherServer:
+    """``tether init`` and ``tether serve`` over ``home`` (over ``database_url``, a fresh
+    PostgreSQL schema, when given); one agent, one task per client."""
     home.mkdir(parents=True)
+    env = None
+    if database_url is not None:
+        env = {**os.environ, "TETHER_DATABASE_URL": database_url}
+        tether_cli(home, "migrate", env=env)
     admin_secret = tether_cli(
-        home, "init", "--trust-domain", TRUST_DOMAIN, "--admin", f"root@{TRUST_DOMAIN}"
+        home, "init", "--trust-domain", TRUST_DOMAIN, "--admin", f"root@{TRUST_DOMAIN}", env=env
     )["admin_credential"]
     port = free_port()
     argv = [sys.executable, "-m", "tether", "--home", str(home), "serve"]
     # The per-principal limiter would throttle a benchmark; a huge rate keeps its cost.
-    argv += ["--port", str(port), "--rate", "1e9"]
-    server = ServerProcess(argv, port, "/v1/decisions", home / "server.log", pin=pin)
+    argv += ["--port", str(port), "--rate", "1e9", "--workers", str(workers)]
+    server = ServerProcess(argv, port, "/v1/decisions", home / "server.log", pin=pin, env=env)
     server.start(httpx.Request("GET", f"http://{HOST}:{port}/healthz"))
     try:
         return setup_tether(home, server, admin_secret, clients)
@@ -302,8 +328,34 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / TICK
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of process ``pid`` and of its descendants (``--workers``' processes)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat[1])
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == parent and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    total = 0.0
+    for member in tree:
+        try:
+            total += cpu_seconds(member)
+        except OSError:  # gone meanwhile
+            continue
+    return total
+
+
 def cpu_snapshot(server_pid: int) -> tuple[float, float, float, float]:
-    return (time.perf_counter(), cpu_seconds(server_pid), time.process_time(), machine_busy())
+    return (time.perf_counter(), tree_cpu_seconds(server_pid), time.process_time(), machine_busy())
 
 
 def machine_busy() -> float:
@@ -646,13 +698,16 @@ def run_tether(srv: TetherServer, store: str, opts: argparse.Namespace, floor_rp
         target = Target(srv.server.port, "/v1/decisions", srv.tokens, proofs)
         tally = run_load(target, opts, srv.server.process.pid)
         del signed, proofs
-        row = summarize("tether serve", store, tally, opts.duration)
-        text = httpx.get(
-            f"http://{HOST}:{srv.server.port}/metrics",
-            headers={"Authorization": f"Bearer {srv.admin.requests.admin}"},
-            timeout=30,
-        ).text
-        row.server_allow = metric_total(text, "tether_decisions_total", effect="allow")
+        workers = int(srv.server.argv[srv.server.argv.index("--workers") + 1])
+        name = "tether serve" + (f" --workers {workers}" if workers > 1 else "")
+        row = summarize(name, store, tally, opts.duration)
+        if workers == 1:  # with more, /metrics answers for the one worker it reached
+            text = httpx.get(
+                f"http://{HOST}:{srv.server.port}/metrics",
+                headers={"Authorization": f"Bearer {srv.admin.requests.admin}"},
+                timeout=30,
+            ).text
+            row.server_allow = metric_total(text, "tether_decisions_total", effect="allow")
         report = srv.admin.verify_audit()
         row.audit_records, row.audit_ok = report["records"], report["ok"]
         row.home_fs = filesystem(srv.home)
@@ -660,6 +715,28 @@ def run_tether(srv: TetherServer, store: str, opts: argparse.Namespace, floor_rp
         srv.admin.close()
         srv.server.stop()
     return row
+
+
+def run_postgres(work: Path, opts: argparse.Namespace, floor_rps: float, workers: int) -> Row:
+    """``tether serve --workers N`` over a fresh PostgreSQL schema, dropped afterwards.
+    Not pinned: the workers, PostgreSQL and the generator share the machine's cores."""
+    import psycopg  # noqa: PLC0415 - only this mode needs it
+
+    from tether.store import url_with_schema  # noqa: PLC0415
+
+    schema = f"tether_http_bench_{os.getpid()}_{workers}"
+    with psycopg.connect(opts.database_url, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        url = url_with_schema(opts.database_url, schema)
+        srv = start_tether(
+            work / "home", opts.clients, pin=False, database_url=url, workers=workers
+        )
+        return run_tether(srv, "postgresql", opts, floor_rps)
+    finally:
+        with psycopg.connect(opts.database_url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -683,6 +760,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         dest="pin",
         action="store_false",
         help="do not pin the servers to CPU 0 and the generator to CPU 1",
+    )
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="also run tether over PostgreSQL with one worker and with --workers 2 (the "
+        "servers not pinned), and report the scaling factor",
+    )
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("TETHER_TEST_DATABASE", "postgresql://postgres@127.0.0.1:5432/test"),
+        help="the PostgreSQL database --postgres uses (a fresh schema, dropped after)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the homes and server logs")
     parser.add_argument("--out", type=Path, default=RESULTS / "http_authorize.json")
@@ -737,6 +825,10 @@ def main(argv: list[str] | None = None) -> int:
             print("tether serve, home on tmpfs (/dev/shm): POST /v1/decisions", flush=True)
             srv = start_tether(shm / "home", opts.clients, pin=opts.pin)
             rows.append(run_tether(srv, "tmpfs", opts, floor.rps))
+        if opts.postgres:
+            for workers in (1, 2):
+                print(f"tether serve --workers {workers} over PostgreSQL", flush=True)
+                rows.append(run_postgres(work / f"pg-{workers}", opts, floor.rps, workers))
         for row in rows[1:]:
             row.ratio_to_floor = round(row.rps / floor.rps, 3) if floor.rps else None
     finally:
@@ -765,11 +857,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{main_row.ratio_to_floor or 0:.2f}x the floor's throughput"
     )
     for r in rows:
-        if r.server_allow is not None:
+        if r.audit_records is not None:
+            counted = "" if r.server_allow is None else f"{r.server_allow:,.0f} allows counted, "
             print(
-                f"  {r.store}: the server counted {r.server_allow:,.0f} allows for "
-                f"{r.sent:,} requests sent; audit chain {r.audit_records:,} records, "
-                f"ok={r.audit_ok}; home on {r.home_fs}"
+                f"  {r.server} ({r.store}): {counted}{r.sent:,} requests sent; audit chain "
+                f"{r.audit_records:,} records, ok={r.audit_ok}; home on {r.home_fs}"
             )
     noisy = [r for r in rows if r.cpu_cores.get("rest_of_machine", 0.0) > NOISE_CORES]
     for r in noisy:
@@ -777,6 +869,15 @@ def main(argv: list[str] | None = None) -> int:
             f"  warning: the rest of the machine used {r.cpu_cores['rest_of_machine']:.2f} "
             f"cores during the {r.server} ({r.store}) run: the figures are not from a quiet "
             "machine"
+        )
+    pg = {r.server: r for r in rows if r.store == "postgresql"}
+    scaling = None
+    if len(pg) == 2:
+        one, two = pg["tether serve"], pg["tether serve --workers 2"]
+        scaling = round(two.rps / one.rps, 3) if one.rps else None
+        print(
+            f"  postgresql: {one.rps:,.0f} decisions/s with one worker, {two.rps:,.0f} with "
+            f"--workers 2: a scaling factor of {scaling}"
         )
     for name, ok in checks.items():
         print(f"  {'PASS' if ok else 'FAIL'} {name}")
@@ -812,6 +913,7 @@ def main(argv: list[str] | None = None) -> int:
                 },
                 "targets": {"decisions_per_s": TARGET_RPS, "p99_ms": TARGET_P99_MS},
                 "checks": checks,
+                "workers_scaling_postgresql": scaling,
                 "rows": [asdict(r) for r in rows],
             },
             indent=2,

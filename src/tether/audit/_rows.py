@@ -22,8 +22,8 @@ keeps what it saw revoked in memory. See ``docs/security.md``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -44,6 +44,8 @@ from tether.store import (
 from tether.tokens._seal import Sealer
 
 log = logging.getLogger("tether.audit")
+
+T = TypeVar("T")
 
 #: Meta key: set (and tagged) once every row of the store carries its tag.
 ROWS_TAGGED_META = "rows_tagged"
@@ -113,9 +115,10 @@ class RowTags:
         #: reading the same row again skips the HMAC (the tag itself is still read).
         self._good: dict[tuple[str, str], tuple[str, bytes]] = {}
         self._reported: set[tuple[str, str]] = set()
-        #: task id -> the flow state and tag last written or checked here: read back
-        #: unchanged (a byte comparison), it needs no HMAC of the whole state again.
-        self._flows: dict[str, tuple[bytes, str]] = {}
+        #: task id -> the flow state and tag last written or checked here, and the state
+        #: decoded (once asked for): read back unchanged (a byte comparison), it needs no
+        #: HMAC of the whole state again, nor decoding.
+        self._flows: dict[str, tuple[bytes, str, Any]] = {}
 
     def _material(self, kind: str, key: str, fields: Mapping[str, Any]) -> bytes:
         return canonical_json({"kind": kind, "key": key, "fields": dict(fields)})
@@ -186,18 +189,33 @@ class RowTags:
     def _flow_material(self, task_id: str, state: bytes) -> bytes:
         return b"flow\n" + task_id.encode() + b"\n" + state
 
-    def put_flow(self, task_id: str, state: bytes, at: float) -> None:
+    def put_flow(self, task_id: str, state: bytes, at: float, decoded: Any = None) -> None:
         """Store a task's encoded flow state with its tag (one per state: what the task
-        has read is as authority-bearing as what it may do)."""
+        has read is as authority-bearing as what it may do). ``decoded``: the value
+        ``state`` encodes, kept for :meth:`flow_state`."""
         self._store.put_task_flow(task_id, state, at)
         tag = self._sealer.mac(f"row {FLOW} v1", self._flow_material(task_id, state))
         self._store.put_row_tag(FLOW, task_id, tag)
-        self._remember_flow(task_id, state, tag)
+        self._remember_flow(task_id, state, tag, decoded)
 
-    def _remember_flow(self, task_id: str, state: bytes, tag: str) -> None:
+    def _remember_flow(self, task_id: str, state: bytes, tag: str, decoded: Any = None) -> None:
         if len(self._flows) > 4096:
             self._flows.clear()
-        self._flows[task_id] = (state, tag)
+        self._flows[task_id] = (state, tag, decoded)
+
+    def flow_state(self, task_id: str, decode: Callable[[bytes], T]) -> T:
+        """A task's flow state checked as :meth:`flow` checks it, then decoded by
+        ``decode``: the very bytes this process wrote or decoded last are not decoded
+        again (a task's state grows with what it read; its calls should not)."""
+        raw = self.flow(task_id)
+        held = self._flows.get(task_id)
+        if held is not None and held[2] is not None and held[0] == raw:
+            value: T = held[2]
+            return value
+        value = decode(raw)
+        if held is not None and held[0] == raw:
+            self._flows[task_id] = (raw, held[1], value)
+        return value
 
     def flow(self, task_id: str) -> bytes:
         """A task's encoded flow state, its tag checked. Every task has one from its
@@ -205,7 +223,8 @@ class RowTags:
         (a task that forgot what it read would let an injected call through)."""
         raw = self._store.get_task_flow(task_id)
         tag = self._store.get_row_tag(FLOW, task_id)
-        if raw is not None and tag is not None and self._flows.get(task_id) == (raw, tag):
+        held = self._flows.get(task_id)
+        if raw is not None and tag is not None and held is not None and held[:2] == (raw, tag):
             return raw  # the very state and tag this process wrote or checked last
         if raw is None or not self._sealer.mac_ok(
             f"row {FLOW} v1", self._flow_material(task_id, raw), tag

@@ -589,13 +589,23 @@ def serve(
             "$TETHER_METRICS_TOKEN, if set, is required there too",
         ),
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            min=1,
+            help="server processes sharing the listener (PostgreSQL only); each is a node "
+            "and applies --rate on its own",
+        ),
+    ] = 1,
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
     """Serve the HTTP API (and /metrics, /openapi.json) over the home's store.
 
     ``/metrics`` on the API's listener takes an admin or auditor credential, or
-    ``Authorization: Bearer $TETHER_METRICS_TOKEN``."""
+    ``Authorization: Bearer $TETHER_METRICS_TOKEN``. ``--workers N`` runs N processes
+    over one PostgreSQL store (refused over SQLite)."""
     import uvicorn  # noqa: PLC0415 - keeps every other verb fast to start
 
     from tether.observability import configure_tracing  # noqa: PLC0415
@@ -612,6 +622,33 @@ def serve(
     settings = ServerSettings(
         rate=rate, burst=rate * 2, metrics_token=os.environ.get("TETHER_METRICS_TOKEN") or None
     )
+    if workers > 1:
+        from tether.server._workers import (  # noqa: PLC0415
+            WORKER_ENV,
+            refuse_sqlite,
+            worker_environment,
+        )
+
+        refuse_sqlite(tether, workers)
+        if metrics_at is not None:
+            raise UsageError("--metrics-listen serves one process: not with --workers")
+        os.environ[WORKER_ENV] = worker_environment(home_dir(home).resolve(), settings)
+        sys.stderr.write(
+            f"tether: serving {tether.trust_domain} on http://{host}:{port} "
+            f"with {workers} workers\n"
+        )
+        tether.close()  # each worker opens its own store
+        uvicorn.run(
+            "tether.server._workers:worker_app",
+            factory=True,
+            workers=workers,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            proxy_headers=False,
+        )
+        return
     app = create_app(tether, settings)
     sys.stderr.write(f"tether: serving {tether.trust_domain} on http://{host}:{port}\n")
     if metrics_at is None:

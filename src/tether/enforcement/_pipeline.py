@@ -405,7 +405,7 @@ class Enforcement:
             snapshot = dataclasses.replace(snapshot, grant=grant, pending=pending)
             decision, plan = decide(verified, snapshot, call, policy, now, shadow)
         try:
-            approval_id = self._apply(decision, plan, call, policy.digest, now)
+            approval_id = self._apply(decision, plan, call, policy.digest, now, snapshot.task)
         except _LostRace as lost:
             return (
                 msgspec.structs.replace(
@@ -419,9 +419,16 @@ class Enforcement:
         return decision, approval_id
 
     def _apply(
-        self, decision: Decision, plan: Plan, call: Call, policy_digest: str, now: float
+        self,
+        decision: Decision,
+        plan: Plan,
+        call: Call,
+        policy_digest: str,
+        now: float,
+        task: TaskState | None = None,
     ) -> str | None:
-        """Carry out a plan inside the decision's transaction; the approval id, if any."""
+        """Carry out a plan inside the decision's transaction; the approval id, if any.
+        ``task``: the task as this transaction read it (its row checked, under its lock)."""
         store = self._store
         if plan.request_approval:
             assert decision.task_id and decision.agent_id and decision.args_digest
@@ -448,9 +455,12 @@ class Enforcement:
         if plan.spend:
             # The locks make the snapshot current; spend_call re-checks anyway (the task's
             # token and life) so a store that lost a lock cannot overspend.
-            task = store.get_task(plan.spend[0])
-            limit = self.loader.state(task).intent.budget.max_calls if task else 0
-            token_id = task.token_id if task else ""
+            if task is not None and task.task_id == plan.spend[0]:
+                limit, token_id = task.intent.budget.max_calls, task.token_id
+            else:
+                row = store.get_task(plan.spend[0])
+                limit = self.loader.state(row).intent.budget.max_calls if row else 0
+                token_id = row.token_id if row else ""
             if not store.spend_call(plan.spend[0], limit, token_id=token_id, now=now):
                 raise _LostRace(
                     Reason("budget.calls_exhausted", f"call budget of {limit} is spent"),
@@ -459,7 +469,7 @@ class Enforcement:
             for ancestor in plan.spend[1:]:
                 store.spend_call(ancestor, 1 << 62)
         for task_id, state in plan.flows:
-            self._auditor.rows.put_flow(task_id, msgspec.json.encode(state), now)
+            self._auditor.rows.put_flow(task_id, msgspec.json.encode(state), now, state)
         if plan.touch is not None:
             store.touch_task(plan.touch, now)
         return plan.use_approval
@@ -572,7 +582,7 @@ class Enforcement:
                 return ObservationRefused(code, message, refused.seq)
             if reading is not None:
                 for task_id, flow in plan.flows:
-                    self._auditor.rows.put_flow(task_id, msgspec.json.encode(flow), now)
+                    self._auditor.rows.put_flow(task_id, msgspec.json.encode(flow), now, flow)
             if outcome in ("ok", "error"):
                 extra = {"oversized": True} if oversized else {}
                 self._store.add_task_label(
@@ -670,4 +680,6 @@ class Enforcement:
                 before = snapshot.flows.get(member.task_id) or start(member.intent.request or "")
                 after = observe_content(before, source, text)
                 if after != before:
-                    self._auditor.rows.put_flow(member.task_id, msgspec.json.encode(after), now)
+                    self._auditor.rows.put_flow(
+                        member.task_id, msgspec.json.encode(after), now, after
+                    )

@@ -40,6 +40,10 @@ class FlowUnavailable(InfrastructureError):
     code = "flow.state_unavailable"
 
 
+def _decode_flow(raw: bytes) -> FlowState:
+    return msgspec.json.decode(raw, type=FlowState)
+
+
 class SnapshotLoader:
     def __init__(self, store: Store, rows: RowTags) -> None:
         self._store = store
@@ -104,9 +108,8 @@ class SnapshotLoader:
         return known if known is not None else self._store.token_revoked(token_id)
 
     def flow(self, task_id: str) -> FlowState | None:
-        raw = self._rows.flow(task_id)  # RowTampered when missing or edited: refused
-        try:
-            return msgspec.json.decode(raw, type=FlowState)
+        try:  # RowTampered when missing or edited: refused
+            return self._rows.flow_state(task_id, _decode_flow)
         except msgspec.DecodeError as exc:
             raise FlowUnavailable(
                 f"the flow state of task {task_id} cannot be read: {exc}"

@@ -160,6 +160,12 @@ class SQLiteStore:
         except (sqlite3.Error, OSError) as exc:
             raise InfrastructureError(f"cannot open store {self.path}: {exc}") from None
         self._lock = threading.RLock()
+        #: Read-only connections, one per thread, for the key set every decision reads
+        #: before its transaction: WAL lets them read the last commit while a commit
+        #: group holds ``_lock`` through its fsync (opened on first use; none in memory).
+        self._readers = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._reader_lock = threading.Lock()
         self._depth = 0
         self._owner = 0  # the thread whose transaction is open (while _depth > 0)
         self._after_commit: list[Callable[[], object]] = []
@@ -330,6 +336,36 @@ class SQLiteStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        with self._reader_lock:
+            for reader in self._reader_conns:
+                reader.close()
+            self._reader_conns.clear()
+
+    def _read_committed(self, sql: str) -> list[tuple[Any, ...]]:
+        """Rows of ``sql`` as last committed, through the reader connection, so a read
+        outside any transaction never waits for a commit group's fsync. Inside this
+        thread's transaction (which may have changed them), or in memory, through the
+        main connection."""
+        if (
+            self.path == ":memory:"
+            or self.path.startswith("file:")
+            or (self._depth > 0 and self._owner == threading.get_ident())
+        ):
+            return self._all(sql)
+        try:
+            reader: sqlite3.Connection | None = getattr(self._readers, "conn", None)
+            if reader is None:
+                reader = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+                )
+                reader.execute("PRAGMA query_only=ON")
+                with self._reader_lock:
+                    self._reader_conns.append(reader)
+                self._readers.conn = reader
+            rows: list[tuple[Any, ...]] = reader.execute(sql).fetchall()
+            return rows
+        except sqlite3.Error as exc:
+            raise InfrastructureError(f"store error: {exc}") from None
 
     def lock_task(self, task_id: str) -> None:
         """A no-op: ``BEGIN IMMEDIATE`` serializes every transaction already."""
@@ -381,7 +417,9 @@ class SQLiteStore:
     def list_keys(self) -> list[KeyRow]:
         return [
             KeyRow(*r)
-            for r in self._all(f"SELECT {_KEY_COLS} FROM signing_keys ORDER BY created_at, rowid")
+            for r in self._read_committed(
+                f"SELECT {_KEY_COLS} FROM signing_keys ORDER BY created_at, rowid"
+            )
         ]
 
     def update_key(self, row: KeyRow) -> None:
