@@ -4,6 +4,7 @@ written to a 0600 file and never to a log."""
 
 from __future__ import annotations
 
+import base64
 import getpass
 import json
 import os
@@ -183,3 +184,210 @@ def test_the_first_admin_credential_goes_to_a_0600_file_never_to_a_log(tmp_path:
         assert cli.json("admin", "list")["credentials"][0]["owner"] == ROOT_ADMIN
     finally:
         server.stop()
+
+
+# -- the bootstrap credential as a Kubernetes Secret -----------------------------------------
+
+
+class StandInAPIServer:
+    """A stand-in for the Kubernetes API server's Secret endpoints (no cluster runs here):
+    HTTPS with its own CA, the service account's bearer token required, ``GET`` answers
+    404 or the Secret, ``POST`` creates (201) or answers 409, as Kubernetes does."""
+
+    def __init__(self, base: Path, token: str) -> None:
+        import datetime
+        import ssl
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubernetes")])
+        now = datetime.datetime.now(datetime.UTC)
+        import ipaddress
+
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            )
+            .sign(key, hashes.SHA256())
+        )
+        self.account = base / "serviceaccount"
+        self.account.mkdir()
+        (self.account / "token").write_text(token)
+        (self.account / "namespace").write_text("tether\n")
+        (self.account / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_file = base / "apiserver.key"
+        key_file.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        self.secrets: dict[str, dict[str, Any]] = {}
+        self.requests: list[tuple[str, str, str]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+            def _answer(self, status: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _allowed(self) -> bool:
+                server.requests.append(
+                    (self.command, self.path, self.headers.get("Authorization", ""))
+                )
+                if self.headers.get("Authorization") != f"Bearer {token}":
+                    self._answer(401, {"kind": "Status", "message": "Unauthorized"})
+                    return False
+                return True
+
+            def do_GET(self) -> None:
+                if not self._allowed():
+                    return
+                name = self.path.rsplit("/", 1)[-1]
+                if name in server.secrets:
+                    self._answer(200, server.secrets[name])
+                else:
+                    self._answer(404, {"kind": "Status", "message": f'"{name}" not found'})
+
+            def do_POST(self) -> None:
+                if not self._allowed():
+                    return
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                name = body["metadata"]["name"]
+                if name in server.secrets:
+                    self._answer(409, {"kind": "Status", "message": "already exists"})
+                    return
+                server.secrets[name] = body
+                self._answer(201, body)
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        cert_file = base / "apiserver.crt"
+        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        context.load_cert_chain(cert_file, key_file)
+        self.http.socket = context.wrap_socket(self.http.socket, server_side=True)
+        self.port = self.http.server_address[1]
+        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
+        self.thread.start()
+
+    def env(self) -> dict[str, str]:
+        return {
+            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "KUBERNETES_SERVICE_PORT": str(self.port),
+            "TETHER_SERVICE_ACCOUNT_DIR": str(self.account),
+        }
+
+    def stop(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+
+
+def test_on_kubernetes_the_first_admin_credential_goes_to_a_secret(tmp_path: Path) -> None:
+    """Plays whoever reads the init Job's logs (``kubectl logs job/tether-init``): the
+    credential is created as a Secret through the API server, as the pod's service
+    account, and appears in no output; a second run of the Job changes nothing; a Secret
+    that exists already is never overwritten, and then no trust domain is made."""
+    account_token = "sa-" + "x" * 40
+    api = StandInAPIServer(tmp_path, account_token)
+    home = tmp_path / "home"
+    env = {**home_env(home), "TETHER_HOME": str(home), **api.env()}
+
+    def init(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(  # noqa: PLW1510 - the exit code is asserted
+            [
+                sys.executable,
+                "-m",
+                "tether",
+                "init",
+                "--trust-domain",
+                "acme.example",
+                "--admin",
+                ROOT_ADMIN,
+                "--exists-ok",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+
+    try:
+        # A Secret of that name exists: refused before a trust domain is made.
+        api.secrets["taken"] = {"metadata": {"name": "taken"}}
+        taken = init("--credential-secret", "taken")
+        assert taken.returncode == 2 and "never overwritten" in taken.stderr
+
+        made = init("--credential-secret", "tether-admin-credential", "--json")
+        assert made.returncode == 0, made.stderr
+        created = api.secrets["tether-admin-credential"]
+        secret = base64.b64decode(created["data"]["credential"]).decode()
+        assert secret.startswith("tadm_")
+        assert secret not in made.stdout + made.stderr
+        assert secret.split(".")[1] not in made.stdout + made.stderr
+        result = json.loads(made.stdout)
+        assert result["credential_secret"] == "Secret tether/tether-admin-credential"
+        assert (
+            created["metadata"]["annotations"]["tether.dev/credential-id"]
+            == (result["credential_id"])
+        )
+        assert {m for m, _p, _a in api.requests} == {"GET", "POST"}
+        assert {a for _m, _p, a in api.requests} == {f"Bearer {account_token}"}
+        assert all(p.startswith("/api/v1/namespaces/tether/secrets") for _m, p, _a in api.requests)
+
+        before = len(api.requests)
+        again = init("--credential-secret", "tether-admin-credential")
+        assert again.returncode == 0 and "left as it is" in again.stdout
+        assert len(api.requests) == before  # the Job run again asks nothing of the API
+
+        # The credential in the Secret is the first admin's.
+        server = Server(home, init=False).start()
+        try:
+            cli = CLI(home, server, token=secret)
+            assert cli.json("admin", "list")["credentials"][0]["owner"] == ROOT_ADMIN
+        finally:
+            server.stop()
+    finally:
+        api.stop()
+
+    # Outside a pod: a clear usage error, nothing made.
+    outside = subprocess.run(  # noqa: PLW1510 - the exit code is asserted
+        [
+            sys.executable,
+            "-m",
+            "tether",
+            "init",
+            "--trust-domain",
+            "acme.example",
+            "--credential-secret",
+            "tether-admin-credential",
+        ],
+        capture_output=True,
+        text=True,
+        env={**home_env(tmp_path / "other"), "TETHER_HOME": str(tmp_path / "other")},
+        timeout=60,
+    )
+    assert outside.returncode == 2 and "--credential-file" in outside.stderr

@@ -379,7 +379,17 @@ def init(
         typer.Option(
             "--credential-file",
             help="write the first admin credential to this new 0600 file, not to the "
-            "terminal (for compose and Kubernetes: never a log)",
+            "terminal (for compose: never a log)",
+        ),
+    ] = None,
+    credential_secret: Annotated[
+        str | None,
+        typer.Option(
+            "--credential-secret",
+            help="inside a Kubernetes pod: create this Secret ([NAMESPACE/]NAME, key "
+            "'credential') with the first admin credential, as the pod's service account "
+            "(never a log; never overwritten)",
+            show_default=False,
         ),
     ] = None,
     ttl: TtlOpt = None,
@@ -395,51 +405,82 @@ def init(
     home: HomeOpt = None,
 ) -> None:
     """Create a trust domain: signing key, X.509 CA, sealed at rest; and an admin credential,
-    shown once (or written to ``--credential-file``)."""
-    if credential_file is not None and credential_file.exists():
-        if exists_ok and _initialised(home):
-            emit({"home": str(home_dir(home)), "created": False}, as_json, lambda: None)
-            return
-        raise UsageError(f"{credential_file} exists: a credential file is never overwritten")
-    try:
-        tether = Tether.init(home_dir(home), trust_domain)
-    except Conflict as exc:
-        if not exists_ok:
-            raise
-        why = exc.message
+    shown once (or written to ``--credential-file`` or ``--credential-secret``)."""
+    from tether.cli._k8s import SecretWriter, in_cluster  # noqa: PLC0415
+
+    if credential_file is not None and credential_secret is not None:
+        raise UsageError("give --credential-file or --credential-secret, not both")
+
+    def left_as_it_is(why: str) -> None:
         emit(
             {"home": str(home_dir(home)), "created": False},
             as_json,
             lambda: out.print(f"{why}: left as it is"),
         )
+
+    delivering = credential_file is not None or credential_secret is not None
+    if exists_ok and delivering and _initialised(home):
+        # Run again (a bootstrap job): nothing to make, nothing to deliver.
+        left_as_it_is("the trust domain exists")
         return
-    keys = tether.jwks()["keys"]
-    row, secret = tether.credentials.create(
-        "admin", admin or f"admin@{trust_domain}", ttl=ttl, by="tether init"
-    )
-    if credential_file is not None:
-        write_secret_file(credential_file, secret)
+    if credential_file is not None and credential_file.exists():
+        raise UsageError(f"{credential_file} exists: a credential file is never overwritten")
+    writer = SecretWriter(in_cluster(credential_secret)) if credential_secret else None
+    try:
+        if writer is not None:
+            writer.check_absent()  # before anything is made that could not be delivered
+        try:
+            tether = Tether.init(home_dir(home), trust_domain)
+        except Conflict as exc:
+            if not exists_ok:
+                raise
+            left_as_it_is(exc.message)
+            return
+        _opened.add(tether)
+        keys = tether.jwks()["keys"]
+        row, secret = tether.credentials.create(
+            "admin", admin or f"admin@{trust_domain}", ttl=ttl, by="tether init"
+        )
+        delivered: dict[str, Any] = {"admin_credential": secret}
+        try:
+            if credential_file is not None:
+                write_secret_file(credential_file, secret)
+                delivered = {"credential_file": str(credential_file)}
+            elif writer is not None:
+                writer.create(secret, credential_id=row.credential_id, expires_at=row.expires_at)
+                delivered = {"credential_secret": writer.where}
+        except TetherError as exc:
+            # Not delivered: disabled now, so no copy of it can ever be used; the store
+            # has no live admin credential, so 'tether admin create' makes the next one.
+            tether.credentials.disable(row.credential_id, by="tether init", reason="not delivered")
+            raise type(exc)(
+                f"{exc.message}; the trust domain was made and its admin credential "
+                f"{row.credential_id} disabled: make another on the store's host with "
+                "'tether admin create --role admin --owner EMAIL --output FILE'",
+                code=exc.code,
+            ) from None
+    finally:
+        if writer is not None:
+            writer.close()
     result = {
         "trust_domain": tether.trust_domain,
         "home": str(home_dir(home)),
         "jwt_kid": keys[0]["kid"],
         "credential_id": row.credential_id,
         "expires_at": row.expires_at,
-        **(
-            {"admin_credential": secret}
-            if credential_file is None
-            else {"credential_file": str(credential_file)}
-        ),
+        **delivered,
     }
 
     def human() -> None:
         out.print(
             f"[green]✓[/] trust domain [bold]{tether.trust_domain}[/] created in {home_dir(home)}"
         )
-        if credential_file is None:
+        if "admin_credential" in delivered:
             out.print(f"admin credential (shown once, stored hashed): {secret}")
         else:
-            out.print(f"admin credential {row.credential_id} written to {credential_file} (0600)")
+            where = delivered.get("credential_file") or delivered.get("credential_secret")
+            mode = " (0600)" if "credential_file" in delivered else ""
+            out.print(f"admin credential {row.credential_id} written to {where}{mode}")
 
     emit(result, as_json, human)
 
