@@ -391,3 +391,79 @@ def test_on_kubernetes_the_first_admin_credential_goes_to_a_secret(tmp_path: Pat
         timeout=60,
     )
     assert outside.returncode == 2 and "--credential-file" in outside.stderr
+
+
+# -- a gateway refusal as the MCP client sees it --------------------------------------------
+
+
+def test_a_gateway_refusal_reaches_the_agent_as_one_clear_error(tmp_path: Path) -> None:
+    """Plays an agent whose task has ended, then an unauthenticated network caller: the
+    gateway answers 401 with ``WWW-Authenticate: DPoP ... resource_metadata=...`` (the MCP
+    authorization spec's discovery) and a JSON-RPC error naming the reason; the official
+    ``mcp`` client raises it inside two nested exception groups (its own task groups), and
+    ``tether.sdk.refusals_unwrapped`` turns that into one ``GatewayRefused``."""
+    import anyio
+    import httpx
+    from mcp import Client
+
+    from tether.sdk import GatewayRefused, gateway_refusal, refusals_unwrapped
+
+    from .mcp_support.harness import (
+        GatewayServer,
+        build_config,
+        free_port,
+        init_home,
+        mcp_client,
+        open_task,
+        tools_upstream,
+    )
+
+    home = tmp_path / "home"
+    tether = init_home(home, {"tools": TOOLS_IDENTITY})
+    port = free_port()
+    config = build_config(port, tmp_path, [tools_upstream("tools", TOOLS_IDENTITY)])
+    gateway = GatewayServer(home, config, port).start().pin_all()
+    try:
+        url = gateway.url
+        bare = httpx.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+        assert bare.status_code == 401
+        challenge = bare.headers["www-authenticate"]
+        assert challenge.startswith("DPoP ") and "resource_metadata=" in challenge
+        metadata_url = challenge.split('resource_metadata="')[1].split('"')[0]
+        assert httpx.get(metadata_url).json()["resource"] == url
+
+        key, task = open_task(tether, ["tools.echo"], resource=url)
+        tether.end_task(task.task_id)
+
+        async def connect_ended() -> None:
+            async with mcp_client(url, task.token, key):
+                pass
+
+        with pytest.raises(BaseException) as raw:
+            anyio.run(connect_ended)
+        # What the MCP SDK raises: the refusal two exception groups deep.
+        assert isinstance(raw.value, BaseExceptionGroup)
+        assert any(isinstance(e, BaseExceptionGroup) for e in raw.value.exceptions)
+        found = gateway_refusal(raw.value)
+        assert found is not None and found.status == 401 and found.error == "invalid_token"
+
+        with pytest.raises(GatewayRefused) as refused, refusals_unwrapped():
+            anyio.run(connect_ended)
+        assert refused.value.status == 401 and refused.value.reason
+        assert str(refused.value).startswith("401 invalid_token: ")
+        assert isinstance(refused.value.receipt, int | None)
+
+        async def connect_bare() -> None:
+            async with Client(url, mode="legacy"):
+                pass
+
+        with pytest.raises(GatewayRefused) as anonymous, refusals_unwrapped():
+            anyio.run(connect_bare)
+        assert anonymous.value.status == 401 and anonymous.value.reason == "token.missing"
+
+        # Anything else goes through unchanged.
+        with pytest.raises(ZeroDivisionError), refusals_unwrapped():
+            _ = 1 / 0
+    finally:
+        gateway.stop()
+        tether.close()
