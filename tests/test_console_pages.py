@@ -1082,3 +1082,25 @@ def test_the_sign_in_form_is_rate_limited_per_address(tether: Tether) -> None:
         codes = [client.get("/console/sign-in").status_code for _ in range(40)]
     assert codes[:30] == [200] * 30
     assert 429 in codes[30:]
+
+
+def test_an_ended_task_shows_its_token_void_not_expiring(tether: Tether, admin: str) -> None:
+    """An ended task's token is void: the task list and page say so, never "in 1 min"."""
+    tether.policies.load({"all.cedar": APPROVAL_POLICY})
+    _key, task_id, _token = open_simple_task(tether)
+    _key2, open_id, _token2 = open_simple_task(tether)
+    tether.end_task(task_id)
+    with console_client(tether) as client:
+        sign_in(client, admin)
+        listed = client.get("/console/tasks?status=all").text
+        rows = {
+            m.group(1): m.group(2)
+            for m in re.finditer(
+                r'<code>(task_[^<]+)</code>.*?<td class="token-expires">(.*?)</td>', listed, re.S
+            )
+        }
+        assert "void: task ended" in rows[task_id]
+        assert rows[open_id].startswith("in ")
+        page = client.get(f"/console/tasks/{task_id}").text
+        token_line = page.split('class="token-expires">')[1].split("</dd>")[0]
+        assert "void since" in token_line and "ended" in token_line and " in " not in token_line
