@@ -47,12 +47,7 @@ def test_the_readme_tour_runs_against_a_server(tmp_path: Path) -> None:
     tether = shim / "tether"
     tether.write_text(f'#!/bin/sh\nexec {sys.executable} -m tether "$@"\n')
     tether.chmod(0o755)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("TETHER_") or k in ("TETHER_DATABASE_URL",)
-    }
-    env.pop("TETHER_DATABASE_URL", None)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
     env["PATH"] = f"{shim}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = str(ROOT / "src")
     wrapped = (
