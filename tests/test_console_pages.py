@@ -1104,3 +1104,20 @@ def test_an_ended_task_shows_its_token_void_not_expiring(tether: Tether, admin: 
         page = client.get(f"/console/tasks/{task_id}").text
         token_line = page.split('class="token-expires">')[1].split("</dd>")[0]
         assert "void since" in token_line and "ended" in token_line and " in " not in token_line
+
+
+def test_chart_labels_fit_and_keep_their_whole_text() -> None:
+    """A long framework label is cut at a word with an ellipsis to fit the chart's label
+    column, and its whole text stays the element's title; a short one is left whole."""
+    from tether.console._report import LABEL_CHARS, Row, bar_chart
+
+    long = Row(key="NHI7", name="Long-Lived Secrets and Overprivileged Identities", tag="x")
+    short = Row(key="ASI01", name="Goal Hijack", tag="y", allow=1)
+    svg = str(bar_chart([long, short]))
+    labels = re.findall(r'<text class="chart-label"[^>]*><title>([^<]*)</title>([^<]*)</text>', svg)
+    (long_title, long_shown), (short_title, short_shown) = labels
+    assert long_title == "NHI7 Long-Lived Secrets and Overprivileged Identities"
+    assert long_shown.endswith("…") and len(long_shown) <= LABEL_CHARS
+    assert long_title.startswith(long_shown[:-1])
+    assert long_shown[:-1].endswith(("Secrets", "and", "Overprivileged"))  # a whole word
+    assert short_title == short_shown == "ASI01 Goal Hijack"
