@@ -67,6 +67,13 @@ def test_a_pin_goes_through_the_server_and_names_the_credential(
     server, admin = served
     config = _gateway_config(tmp_path / "gateway.toml")
 
+    approver = admin.as_(
+        admin.json("admin", "create", "--role", "approver", "--owner", "bob@acme.example")[
+            "credential"
+        ]
+    )
+    lesser = approver.run("gateway", "pin", str(config), "tools", ok=False)
+    assert lesser.returncode == 1 and "approver" in lesser.stderr  # pins are an admin's
     posing = admin.run(
         "gateway", "pin", str(config), "tools", "--by", "mallory@evil.test", ok=False
     )
