@@ -1102,7 +1102,7 @@ def test_an_ended_task_shows_its_token_void_not_expiring(tether: Tether, admin: 
         assert "void: task ended" in rows[task_id]
         assert rows[open_id].startswith("in ")
         page = client.get(f"/console/tasks/{task_id}").text
-        token_line = page.split('class="token-expires">')[1].split("</dd>")[0]
+        token_line = page.split("<dt>Token expires</dt>")[1].split("</dd>")[0]
         assert "void since" in token_line and "ended" in token_line and " in " not in token_line
 
 

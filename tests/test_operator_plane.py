@@ -8,6 +8,7 @@ import base64
 import getpass
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -361,6 +362,8 @@ def test_on_kubernetes_the_first_admin_credential_goes_to_a_secret(tmp_path: Pat
             created["metadata"]["annotations"]["tether.dev/credential-id"]
             == (result["credential_id"])
         )
+        expires = created["metadata"]["annotations"]["tether.dev/expires-at"]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", expires), expires
         assert {m for m, _p, _a in api.requests} == {"GET", "POST"}
         assert {a for _m, _p, a in api.requests} == {f"Bearer {account_token}"}
         assert all(p.startswith("/api/v1/namespaces/tether/secrets") for _m, p, _a in api.requests)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,8 @@ class SecretWriter:
         """Create the Secret; an error (never a retry that could replace it) otherwise."""
         annotations = {f"{ANNOTATION}/credential-id": credential_id}
         if expires_at is not None:
-            annotations[f"{ANNOTATION}/expires-at"] = f"{expires_at:.0f}"
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_at))
+            annotations[f"{ANNOTATION}/expires-at"] = stamp  # RFC 3339, UTC
         body = {
             "apiVersion": "v1",
             "kind": "Secret",
