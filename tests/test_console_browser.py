@@ -282,12 +282,16 @@ def test_audit_verification_shows_success_then_the_tampered_record(world: World,
 def test_an_owner_may_not_approve_her_own_agent_and_deceptive_text_is_flagged(
     world: World, page: Any
 ) -> None:
-    """Attacker: a prompt-injected agent whose held call names a look-alike recipient
-    (Cyrillic letters among Latin ones) and hides a right-to-left override in its text.
-    The approval card shows the agent's owner and chain, flags both tricks and shows the
-    override as an escape; the agent's own owner, holding an approver credential, gets no
-    Approve button (separation of duties), another approver does."""
-    from tether.demo._console import OWNER
+    """Attacker: a prompt-injected sub-agent, handed a task by the owner's agent, whose
+    held call names a look-alike recipient (Cyrillic letters among Latin ones), hides a
+    right-to-left override in its text and a zero-width space in a reference. The
+    approval card shows the agent's owner and the delegation chain, flags the three
+    tricks and shows the invisible characters as escapes; the owner of the agents of the
+    delegation tree, holding an approver credential, gets no Approve button (separation
+    of duties), another approver does."""
+    from tether.demo._console import AGENT, OWNER
+    from tether.sdk import Client
+    from tether.tokens import ProofKey
 
     owners_approver = world.tether.credentials.create("approver", OWNER)[1]
     task = world.demo.agent.open_task(
@@ -297,8 +301,24 @@ def test_an_owner_may_not_approve_her_own_agent_and_deceptive_text_is_flagged(
             "budget": {"max_calls": 3},
         }
     )
-    deceptive = {"text": "wire it to p\u0430ypal-billing", "title": "invoice \u202egpj.exe"}
-    held = task.authorize("notes.write", deceptive)
+    helper = Client(world.url, key=ProofKey())
+    helper.attest(Client(world.url, admin=world.admin).join_token(HELPER, ttl=300))
+    handed = task.delegate(
+        helper.requests.svid or "",
+        intent={
+            "purpose": "Write one note",
+            "capabilities": [{"tool": "notes.write"}],
+            "budget": {"max_calls": 1},
+            "ttl_seconds": 300,
+        },
+    )
+    child = helper.adopt(handed["task_id"], handed["access_token"])
+    deceptive = {
+        "text": "wire it to p\u0430ypal-billing",
+        "title": "invoice \u202egpj.exe",
+        "ref": "INV-\u200b2026",
+    }
+    held = child.authorize("notes.write", deceptive)
     assert held.effect == "approval_required" and held.approval_id
     approval = str(held.approval_id)
 
@@ -306,12 +326,16 @@ def test_an_owner_may_not_approve_her_own_agent_and_deceptive_text_is_flagged(
     card = page.locator(f"#{approval}")
     text = card.inner_text()
     assert OWNER in card.locator(".owner").inner_text()
+    chain = card.locator(".chain").inner_text()
+    assert AGENT in chain and HELPER in chain and "←" in chain
     assert "You may not decide this call" in text and "separation of duties" in text
     assert card.locator("button[value=approve]").count() == 0
     flags = card.locator(".flags").inner_text()
     assert "mixed script" in flags and "CYRILLIC and LATIN" in flags
     assert "bidi" in flags and "U+202E" in flags
-    assert "\\u202e" in card.locator("pre.args").inner_text()  # shown, not obeyed
+    assert "zero width" in flags and "U+200B" in flags
+    args = card.locator("pre.args").inner_text()
+    assert "\\u202e" in args and "\\u200b" in args  # shown, not obeyed
     shot(page, "08-separation-of-duties")
     page.context.clear_cookies()
 

@@ -1082,3 +1082,42 @@ def test_the_sign_in_form_is_rate_limited_per_address(tether: Tether) -> None:
         codes = [client.get("/console/sign-in").status_code for _ in range(40)]
     assert codes[:30] == [200] * 30
     assert 429 in codes[30:]
+
+
+def test_an_ended_task_shows_its_token_void_not_expiring(tether: Tether, admin: str) -> None:
+    """An ended task's token is void: the task list and page say so, never "in 1 min"."""
+    tether.policies.load({"all.cedar": APPROVAL_POLICY})
+    _key, task_id, _token = open_simple_task(tether)
+    _key2, open_id, _token2 = open_simple_task(tether)
+    tether.end_task(task_id)
+    with console_client(tether) as client:
+        sign_in(client, admin)
+        listed = client.get("/console/tasks?status=all").text
+        rows = {
+            m.group(1): m.group(2)
+            for m in re.finditer(
+                r'<code>(task_[^<]+)</code>.*?<td class="token-expires">(.*?)</td>', listed, re.S
+            )
+        }
+        assert "void: task ended" in rows[task_id]
+        assert rows[open_id].startswith("in ")
+        page = client.get(f"/console/tasks/{task_id}").text
+        token_line = page.split("<dt>Token expires</dt>")[1].split("</dd>")[0]
+        assert "void since" in token_line and "ended" in token_line and " in " not in token_line
+
+
+def test_chart_labels_fit_and_keep_their_whole_text() -> None:
+    """A long framework label is cut at a word with an ellipsis to fit the chart's label
+    column, and its whole text stays the element's title; a short one is left whole."""
+    from tether.console._report import LABEL_CHARS, Row, bar_chart
+
+    long = Row(key="NHI7", name="Long-Lived Secrets and Overprivileged Identities", tag="x")
+    short = Row(key="ASI01", name="Goal Hijack", tag="y", allow=1)
+    svg = str(bar_chart([long, short]))
+    labels = re.findall(r'<text class="chart-label"[^>]*><title>([^<]*)</title>([^<]*)</text>', svg)
+    (long_title, long_shown), (short_title, short_shown) = labels
+    assert long_title == "NHI7 Long-Lived Secrets and Overprivileged Identities"
+    assert long_shown.endswith("…") and len(long_shown) <= LABEL_CHARS
+    assert long_title.startswith(long_shown[:-1])
+    assert long_shown[:-1].endswith(("Secrets", "and", "Overprivileged"))  # a whole word
+    assert short_title == short_shown == "ASI01 Goal Hijack"

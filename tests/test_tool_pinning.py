@@ -104,8 +104,9 @@ class Rig:
         return f"http://127.0.0.1:{self.port}/mcp"
 
     def cli(self, *args: str, ok: bool = True) -> Any:
-        """``tether --home HOME ARGS`` in this process, as an operator would run it."""
-        result = CliRunner().invoke(cli.app, ["--home", str(self.home), *args])
+        """``tether --home HOME --break-glass ARGS`` in this process, as an operator on
+        the gateway's host would run it."""
+        result = CliRunner().invoke(cli.app, ["--home", str(self.home), "--break-glass", *args])
         if ok:
             assert result.exit_code == 0, (result.output, result.exception)
         return result

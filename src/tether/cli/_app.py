@@ -379,7 +379,17 @@ def init(
         typer.Option(
             "--credential-file",
             help="write the first admin credential to this new 0600 file, not to the "
-            "terminal (for compose and Kubernetes: never a log)",
+            "terminal (for compose: never a log)",
+        ),
+    ] = None,
+    credential_secret: Annotated[
+        str | None,
+        typer.Option(
+            "--credential-secret",
+            help="inside a Kubernetes pod: create this Secret ([NAMESPACE/]NAME, key "
+            "'credential') with the first admin credential, as the pod's service account "
+            "(never a log; never overwritten)",
+            show_default=False,
         ),
     ] = None,
     ttl: TtlOpt = None,
@@ -395,51 +405,82 @@ def init(
     home: HomeOpt = None,
 ) -> None:
     """Create a trust domain: signing key, X.509 CA, sealed at rest; and an admin credential,
-    shown once (or written to ``--credential-file``)."""
-    if credential_file is not None and credential_file.exists():
-        if exists_ok and _initialised(home):
-            emit({"home": str(home_dir(home)), "created": False}, as_json, lambda: None)
-            return
-        raise UsageError(f"{credential_file} exists: a credential file is never overwritten")
-    try:
-        tether = Tether.init(home_dir(home), trust_domain)
-    except Conflict as exc:
-        if not exists_ok:
-            raise
-        why = exc.message
+    shown once (or written to ``--credential-file`` or ``--credential-secret``)."""
+    from tether.cli._k8s import SecretWriter, in_cluster  # noqa: PLC0415
+
+    if credential_file is not None and credential_secret is not None:
+        raise UsageError("give --credential-file or --credential-secret, not both")
+
+    def left_as_it_is(why: str) -> None:
         emit(
             {"home": str(home_dir(home)), "created": False},
             as_json,
             lambda: out.print(f"{why}: left as it is"),
         )
+
+    delivering = credential_file is not None or credential_secret is not None
+    if exists_ok and delivering and _initialised(home):
+        # Run again (a bootstrap job): nothing to make, nothing to deliver.
+        left_as_it_is("the trust domain exists")
         return
-    keys = tether.jwks()["keys"]
-    row, secret = tether.credentials.create(
-        "admin", admin or f"admin@{trust_domain}", ttl=ttl, by="tether init"
-    )
-    if credential_file is not None:
-        write_secret_file(credential_file, secret)
+    if credential_file is not None and credential_file.exists():
+        raise UsageError(f"{credential_file} exists: a credential file is never overwritten")
+    writer = SecretWriter(in_cluster(credential_secret)) if credential_secret else None
+    try:
+        if writer is not None:
+            writer.check_absent()  # before anything is made that could not be delivered
+        try:
+            tether = Tether.init(home_dir(home), trust_domain)
+        except Conflict as exc:
+            if not exists_ok:
+                raise
+            left_as_it_is(exc.message)
+            return
+        _opened.add(tether)
+        keys = tether.jwks()["keys"]
+        row, secret = tether.credentials.create(
+            "admin", admin or f"admin@{trust_domain}", ttl=ttl, by="tether init"
+        )
+        delivered: dict[str, Any] = {"admin_credential": secret}
+        try:
+            if credential_file is not None:
+                write_secret_file(credential_file, secret)
+                delivered = {"credential_file": str(credential_file)}
+            elif writer is not None:
+                writer.create(secret, credential_id=row.credential_id, expires_at=row.expires_at)
+                delivered = {"credential_secret": writer.where}
+        except TetherError as exc:
+            # Not delivered: disabled now, so no copy of it can ever be used; the store
+            # has no live admin credential, so 'tether admin create' makes the next one.
+            tether.credentials.disable(row.credential_id, by="tether init", reason="not delivered")
+            raise type(exc)(
+                f"{exc.message}; the trust domain was made and its admin credential "
+                f"{row.credential_id} disabled: make another on the store's host with "
+                "'tether admin create --role admin --owner EMAIL --output FILE'",
+                code=exc.code,
+            ) from None
+    finally:
+        if writer is not None:
+            writer.close()
     result = {
         "trust_domain": tether.trust_domain,
         "home": str(home_dir(home)),
         "jwt_kid": keys[0]["kid"],
         "credential_id": row.credential_id,
         "expires_at": row.expires_at,
-        **(
-            {"admin_credential": secret}
-            if credential_file is None
-            else {"credential_file": str(credential_file)}
-        ),
+        **delivered,
     }
 
     def human() -> None:
         out.print(
             f"[green]✓[/] trust domain [bold]{tether.trust_domain}[/] created in {home_dir(home)}"
         )
-        if credential_file is None:
+        if "admin_credential" in delivered:
             out.print(f"admin credential (shown once, stored hashed): {secret}")
         else:
-            out.print(f"admin credential {row.credential_id} written to {credential_file} (0600)")
+            where = delivered.get("credential_file") or delivered.get("credential_secret")
+            mode = " (0600)" if "credential_file" in delivered else ""
+            out.print(f"admin credential {row.credential_id} written to {where}{mode}")
 
     emit(result, as_json, human)
 
@@ -721,7 +762,12 @@ def gateway(
 
 GatewayByOpt = Annotated[
     str | None,
-    typer.Option("--by", help="who does this, on the gateway host (default: cli:$USER)"),
+    typer.Option(
+        "--by",
+        help="refused unless it names the authenticated principal: a pin is attributed "
+        "to the credential that made it (break-glass:$USER with --break-glass)",
+        show_default=False,
+    ),
 ]
 
 
@@ -742,40 +788,58 @@ def _gateway_home(home: Path | None, configured: str | None) -> Path:
     return Path(configured) if configured else Path(".tether")
 
 
+def _pin_api(home: Path, by: str | None) -> Client:
+    """The API that pins reviewed definitions: the server, or break-glass over ``home``;
+    checked before the upstream is contacted, so a refusal costs nothing."""
+    if not _plane.break_glass and resolve_target(_plane.server, _plane.token_file) is None:
+        raise NoServer(
+            f"pinning goes through the server: set {SERVER_ENV} and {TOKEN_ENV} (or "
+            f"{TOKEN_FILE_ENV}) to an admin's; on the store's host, --break-glass (a receipt "
+            "records who did); 'tether gateway catalogue --no-pin' only prints the draft"
+        )
+    client = _api(home)
+    _attributed(client, by)
+    return client
+
+
+def _pin(client: Client, upstream: str, tools: list[Any], *, dry_run: bool, source: str) -> Any:
+    wire = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in tools]
+    body = {"upstream": upstream, "tools": wire, "dry_run": dry_run, "source": source}
+    return client.post("/v1/pins", body)
+
+
 @gateway_app.command("catalogue")
 def gateway_catalogue(
     config: Annotated[Path, typer.Option("--config", help="gateway TOML file")],
     upstream: Annotated[str, typer.Option("--upstream", help="upstream name")],
     pin: Annotated[
         bool,
-        typer.Option("--pin/--no-pin", help="pin the printed tool definitions in the home's store"),
+        typer.Option(
+            "--pin/--no-pin",
+            help="pin the printed tool definitions, through the server (or --break-glass)",
+        ),
     ] = True,
     by: GatewayByOpt = None,
     home: HomeOpt = None,
 ) -> None:
     """Print a draft tool catalogue from an upstream's tools/list, for review, and pin the
-    definitions it printed (a receipt for each new or changed pin)."""
+    definitions it printed (a receipt for each new or changed pin, naming the
+    authenticated admin)."""
     from tether.gateway._config import load_config  # noqa: PLC0415 - keeps other verbs fast
     from tether.gateway._import import draft_catalogue, read_upstream_tools  # noqa: PLC0415
-    from tether.gateway._pins import ToolPins  # noqa: PLC0415
 
     loaded = load_config(config, resolve_catalogues=False)
     target = loaded.upstream(upstream)
-    tether = Tether.open(_gateway_home(home, loaded.home)) if pin else None
-    try:
-        tools = read_upstream_tools(target)
-        draft = draft_catalogue(target, tools)
-        if tether is not None:
-            changes = ToolPins(tether).pin(
-                target.name, [t for t in tools if t.name], by=_who(by), source="catalogue"
-            )
-            sys.stderr.write(
-                f"tether: pinned the definitions of {len(tools)} tools of upstream "
-                f"{target.name!r} ({len(changes)} new or changed)\n"
-            )
-    finally:
-        if tether is not None:
-            tether.close()
+    client = _pin_api(_gateway_home(home, loaded.home), by) if pin else None
+    tools = read_upstream_tools(target)
+    draft = draft_catalogue(target, tools)
+    named = [t for t in tools if t.name]
+    if client is not None and named:
+        done = _pin(client, target.name, named, dry_run=False, source="catalogue")
+        sys.stderr.write(
+            f"tether: pinned the definitions of {len(named)} tools of upstream "
+            f"{target.name!r} ({len(done['changed'])} new or changed, by {done['by']})\n"
+        )
     sys.stdout.write(draft)
 
 
@@ -794,48 +858,36 @@ def gateway_pin(
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
-    """Pin an upstream's current tool definitions after reviewing them (a receipt per changed
-    pin): a tool whose definition changed since it was pinned is hidden and refused by the
-    gateway until it is pinned again. Prints the changes (previous and new digest)."""
+    """Pin an upstream's current tool definitions after reviewing them, through the server
+    (a receipt per changed pin, naming the authenticated admin): a tool whose definition
+    changed since it was pinned is hidden and refused by the gateway until it is pinned
+    again. Prints the changes (previous and new digest)."""
     from tether.gateway._config import load_config  # noqa: PLC0415 - keeps other verbs fast
     from tether.gateway._import import read_upstream_tools  # noqa: PLC0415
-    from tether.gateway._pins import ToolPins, definition_digest  # noqa: PLC0415
 
     loaded = load_config(config, resolve_catalogues=False)
     target = loaded.upstream(upstream)
-    tether = Tether.open(_gateway_home(home, loaded.home))
-    try:
-        offered = {t.name: t for t in read_upstream_tools(target) if t.name}
-        names = sorted(set(tool)) if tool else sorted(offered)
-        missing = [n for n in names if n not in offered]
-        if missing:
-            raise UsageError(
-                f"upstream {target.name!r} offers no tool named {', '.join(map(repr, missing))}"
-            )
-        pins = ToolPins(tether)
-        changed: list[dict[str, Any]]
-        if dry_run:
-            before = pins.pinned().get(target.name, {})
-            changed = []
-            for n in names:
-                previous = before[n].digest if n in before else None
-                value = definition_digest(offered[n])
-                if value != previous:
-                    changed.append({"tool": n, "previous": previous, "digest": value})
-        else:
-            done = pins.pin(target.name, [offered[n] for n in names], by=_who(by))
-            changed = [c.to_dict() for c in done]
-    finally:
-        tether.close()
+    client = _pin_api(_gateway_home(home, loaded.home), by)
+    offered = {t.name: t for t in read_upstream_tools(target) if t.name}
+    names = sorted(set(tool)) if tool else sorted(offered)
+    missing = [n for n in names if n not in offered]
+    if missing:
+        raise UsageError(
+            f"upstream {target.name!r} offers no tool named {', '.join(map(repr, missing))}"
+        )
+    if not names:
+        raise UsageError(f"upstream {target.name!r} offers no tools to pin")
+    done = _pin(client, target.name, [offered[n] for n in names], dry_run=dry_run, source="pin")
+    changed: list[dict[str, Any]] = done["changed"]
     for c in changed:
         c["description"] = offered[c["tool"]].description or ""
-    touched = {c["tool"] for c in changed}
-    unchanged = [n for n in names if n not in touched]
+    unchanged: list[str] = done["unchanged"]
     result = {
         "upstream": target.name,
         "dry_run": dry_run,
         "changed": changed,
         "unchanged": unchanged,
+        "by": done["by"],
     }
 
     def human() -> None:
@@ -2039,17 +2091,6 @@ def _read_meta(meta_file: Path | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UsageError(f"{meta_file} must hold a table")
     return data
-
-
-def _who(by: str | None) -> str:
-    if by:
-        return by
-    import getpass  # noqa: PLC0415
-
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "cli"
 
 
 FromFile = Annotated[

@@ -124,6 +124,18 @@ def build(counts: list[tuple[str, str, int]], accepted: dict[str, list[str]]) ->
     return sections
 
 
+#: Characters of a row's label that fit the chart's label column (11 px text, 230 px).
+LABEL_CHARS = 34
+
+
+def _shorten(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters at a word boundary, ending with an ellipsis."""
+    cut = text[: limit - 1]
+    if " " in cut[limit // 2 :]:
+        cut = cut[: cut.rindex(" ")]
+    return cut.rstrip(" ,;:-") + "…"
+
+
 def bar_chart(rows: list[Row]) -> Markup:
     """A horizontal stacked bar chart (allow, approval, deny) as inline SVG. Colours come
     from the stylesheet (classes), so the strict style policy holds and it prints."""
@@ -136,8 +148,14 @@ def bar_chart(rows: list[Row]) -> Markup:
     ]
     for i, row in enumerate(rows):
         y = 4 + i * row_h
-        label = escape(f"{row.key} {row.name}"[:34])
-        parts.append(f'<text class="chart-label" x="0" y="{y + 14}">{label}</text>')
+        full = f"{row.key} {row.name}"
+        # What fits the label column, cut at a word with an ellipsis; the whole label is
+        # the element's title (shown on hover, read by screen readers) and in the table.
+        short = full if len(full) <= LABEL_CHARS else _shorten(full, LABEL_CHARS)
+        parts.append(
+            f'<text class="chart-label" x="0" y="{y + 14}"><title>{escape(full)}</title>'
+            f"{escape(short)}</text>"
+        )
         x = float(label_w)
         for css, value in (("allow", row.allow), ("approval", row.approval), ("deny", row.deny)):
             if value:

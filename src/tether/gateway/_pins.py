@@ -306,3 +306,57 @@ class ToolPins:
                 pins[upstream] = mine
                 self._tether.audit.rows.set_setting(PINS_KEY, _encode(pins))
         return changes
+
+
+#: Where a reviewed definition was read from, as the pin's receipt says.
+PIN_SOURCES = ("pin", "catalogue")
+MAX_PINNED_TOOLS = 1000
+
+
+def pin_reviewed(
+    tether: Tether,
+    upstream: str,
+    wire_tools: list[dict[str, Any]],
+    *,
+    by: str,
+    dry_run: bool = False,
+    source: str = "pin",
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Pin reviewed tool definitions sent as MCP ``Tool`` JSON (the API's ``/v1/pins``):
+    the changes (``tool``, ``previous``, ``digest``, ``receipt``) and the names left as
+    they were. With ``dry_run`` nothing is written and no receipt is made."""
+    if source not in PIN_SOURCES:
+        raise UsageError(f"source must be one of {', '.join(PIN_SOURCES)}", code="gateway.pin")
+    if not wire_tools or len(wire_tools) > MAX_PINNED_TOOLS:
+        raise UsageError(f"pin 1-{MAX_PINNED_TOOLS} tools at a time", code="gateway.pin")
+    tools: dict[str, types.Tool] = {}
+    for wire in wire_tools:
+        try:
+            tool = types.Tool.model_validate(wire)
+        except ValueError as exc:
+            raise UsageError(f"not an MCP tool definition: {exc}", code="gateway.pin") from None
+        if tool.name in tools:
+            raise UsageError(f"tool {tool.name[:40]!r} is given twice", code="gateway.pin")
+        tools[tool.name] = tool
+    pins = ToolPins(tether)
+    changed: list[dict[str, Any]]
+    if dry_run:
+        before = pins.pinned().get(upstream, {})
+        changed = [
+            {
+                "tool": name,
+                "previous": before[name].digest if name in before else None,
+                "digest": definition_digest(tool),
+                "receipt": None,
+            }
+            for name, tool in sorted(tools.items())
+            if name not in before or before[name].digest != definition_digest(tool)
+        ]
+    else:
+        done = pins.pin(upstream, list(tools.values()), by=by, source=source)
+        changed = [
+            {"tool": c.tool, "previous": c.previous, "digest": c.digest, "receipt": c.receipt}
+            for c in done
+        ]
+    touched = {c["tool"] for c in changed}
+    return changed, sorted(n for n in tools if n not in touched)

@@ -2,6 +2,7 @@
 
 from tether.sdk._client import AsyncClient, AsyncTask, Client, Task
 from tether.sdk._errors import APIError, ApprovalRequired, Denied, ReportFailed
+from tether.sdk._gateway_refusal import GatewayRefused, gateway_refusal, refusals_unwrapped
 from tether.sdk._mcp_auth import TetherHttpxAuth, TetherMCPAuth
 from tether.sdk._requests import Observation, Verdict
 
@@ -12,10 +13,13 @@ __all__ = [
     "AsyncTask",
     "Client",
     "Denied",
+    "GatewayRefused",
     "Observation",
     "ReportFailed",
     "Task",
     "TetherHttpxAuth",
     "TetherMCPAuth",
     "Verdict",
+    "gateway_refusal",
+    "refusals_unwrapped",
 ]

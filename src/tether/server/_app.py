@@ -845,6 +845,32 @@ async def catalogue_load(request: Request, data: S.CatalogueIn) -> S.CatalogueOu
     return S.CatalogueOut(digest=value, tools=sorted(entries))
 
 
+@post("/v1/pins", tags=["policies"], responses=_ERRORS, status_code=200, guards=[authenticated])
+async def pins_set(request: Request, data: S.PinsIn) -> S.PinsOut:  # type: ignore[type-arg]
+    """Pin an upstream's reviewed tool definitions (``tether gateway pin``): a receipt
+    per new or changed pin, attributed to the authenticated admin; ``dry_run`` only
+    reports what would change."""
+    from tether.gateway._pins import pin_reviewed  # noqa: PLC0415 - the MCP types load late
+
+    principal = _principal(request)
+    require(principal)
+    changed, unchanged = pin_reviewed(
+        _ctx(request).tether,
+        data.upstream,
+        data.tools,
+        by=principal.name,
+        dry_run=data.dry_run,
+        source=data.source,
+    )
+    return S.PinsOut(
+        upstream=data.upstream,
+        dry_run=data.dry_run,
+        changed=[S.PinChangeOut(**c) for c in changed],
+        unchanged=unchanged,
+        by=principal.name,
+    )
+
+
 @get("/v1/catalogue", tags=["policies"], responses=_ERRORS, guards=[authenticated])
 async def catalogue_show(request: Request) -> S.CatalogueOut:  # type: ignore[type-arg]
     require(_principal(request), "owner", "approver", "auditor")
@@ -1774,6 +1800,7 @@ def create_app(tether: Tether, settings: ServerSettings | None = None) -> Litest
             policy_replay,
             catalogue_load,
             catalogue_show,
+            pins_set,
             policy_list,
             policy_dry_run,
             task_open,

@@ -238,6 +238,30 @@ class CatalogueIn(Strict):
     prefix: str | None = None
 
 
+class PinsIn(Strict):
+    """Reviewed tool definitions of one upstream (MCP ``Tool`` objects as JSON) to pin."""
+
+    upstream: str
+    tools: list[dict[str, Any]]
+    dry_run: bool = False
+    source: str = "pin"
+
+
+class PinChangeOut(msgspec.Struct):
+    tool: str
+    previous: str | None
+    digest: str
+    receipt: int | None = None
+
+
+class PinsOut(msgspec.Struct):
+    upstream: str
+    dry_run: bool
+    changed: list[PinChangeOut]
+    unchanged: list[str]
+    by: str
+
+
 class CatalogueEntryOut(msgspec.Struct):
     """How every door judges one tool: what calling it does, what it returns."""
 
