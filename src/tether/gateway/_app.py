@@ -30,6 +30,17 @@ approval id (``[approval] mode``). The upstream's answer is scrubbed of
 secrets, labelled with the tool's sensitivity and trust, recorded in the
 task's labels, flow state and a receipt, then returned.
 
+The lean path. An ordinary 2026-07-28 ``tools/call`` (no requestState, no progress
+token, approvals not in ``input_required`` mode) is not handed to the MCP SDK's server:
+the request passes the SDK's own checks (the same functions: content type, host, origin,
+``Accept``, routing headers against the body, the per-request envelope, ``Mcp-Param-*``
+headers, the params' shape; anything they reject is served by the SDK, which answers it,
+-32020 for a header that disagrees with the body), then the same ``call_tool`` handler
+decides it once and forwards it, and its result is shaped by the SDK's serializer and sent
+as one JSON response. Calls to a streamable-HTTP upstream on 2026-07-28 are sent directly
+over its pooled connection (:meth:`Upstream.call_tool`). ``Gateway.lean_calls`` counts
+the calls served so.
+
 Brokered credentials (``[[upstreams.credentials]]``). The agent never holds them.
 An upstream that needs one is run **once per task**: at the task's first allowed
 call to it, the gateway takes a lease on each configured secret (bound to the task,
