@@ -432,8 +432,10 @@ def role_gateway(
     out = phases.report()
     if app is not None:  # which path the calls took (counters, not timing)
         gateway = app.state.gateway
-        out["lean_calls"] = gateway.lean_calls
-        out["direct_upstream_calls"] = sum(u.direct_calls for u in gateway.upstreams.values())
+        out["lean_calls"] = getattr(gateway, "lean_calls", None)
+        out["direct_upstream_calls"] = sum(
+            getattr(u, "direct_calls", 0) for u in gateway.upstreams.values()
+        )
     if profiler is not None:
         text = io.StringIO()
         stats = pstats.Stats(profiler, stream=text).strip_dirs()
@@ -479,6 +481,15 @@ class Process:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"{self.role} did not listen on {HOST}:{self.port}")
+
+    def cpu_seconds(self) -> float | None:
+        """The process's CPU time so far (user + system), from ``/proc`` (Linux only)."""
+        try:
+            stat = Path(f"/proc/{self.process.pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = stat.rsplit(")", 1)[1].split()  # fields 3 on; utime and stime are 14, 15
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self, timeout: float = 20.0) -> dict[str, Any]:
         """Stop the server (gracefully: close its stdin) and read its report, if any."""
@@ -592,7 +603,10 @@ async def timed_calls(client: Any, name: str, count: int, spans: list[tuple[int,
 
 
 async def run_calls(
-    urls: dict[str, str], tasks: list[Task], options: argparse.Namespace
+    urls: dict[str, str],
+    tasks: list[Task],
+    options: argparse.Namespace,
+    mark: Callable[[str], None] = lambda _when: None,
 ) -> tuple[dict[str, list[tuple[int, int]]], dict[str, str | None]]:
     spans: dict[str, list[tuple[int, int]]] = {target: [] for target in urls}
     protocols: dict[str, str | None] = {}
@@ -611,12 +625,14 @@ async def run_calls(
         for target, client in clients.items():
             await timed_calls(client, tool_name(target), options.warmup // share[target], [])
         order = list(clients)
+        mark("start")
         for round_no in range(options.rounds):
             shift = round_no % len(order)
             for target in order[shift:] + order[:shift]:
                 count = max(1, options.calls // options.rounds // share[target])
                 gc.collect()
                 await timed_calls(clients[target], tool_name(target), count, spans[target])
+        mark("end")
     return spans, protocols
 
 
@@ -675,8 +691,16 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
             process.wait_ready(deadline)
         urls = {"direct": upstream.url} | {name: p.url for name, p in servers.items()}
         urls = {target: urls[target] for target in TARGETS if target in urls}
+        # Each server's CPU time over the timed calls: what a call costs its process,
+        # much less sensitive to a busy machine than the wall-clock latency.
+        by_role = {"direct": upstream} | servers
+        cpu: dict[str, dict[str, float | None]] = {"start": {}, "end": {}}
+
+        def mark(when: str) -> None:
+            cpu[when] = {name: by_role[name].cpu_seconds() for name in urls}
+
         started = time.monotonic()
-        spans, protocols = asyncio.run(run_calls(urls, tasks, options))
+        spans, protocols = asyncio.run(run_calls(urls, tasks, options, mark))
         elapsed = time.monotonic() - started
         signing = signing_cost(*tasks[-1], gateway_url)
         for name in ("gateway", "sdk_passthrough"):
@@ -697,6 +721,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
             name: inside_summary(report, len(spans[name])) for name, report in reports.items()
         },
         "profile": reports.get("gateway", {}).get("profile"),
+        "cpu_per_call_us": cpu_per_call(cpu, spans),
         "paths": {
             key: reports.get("gateway", {}).get(key)
             for key in ("lean_calls", "direct_upstream_calls")
@@ -705,6 +730,21 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         "elapsed_s": round(elapsed, 1),
         "load": [round(x, 2) for x in (*load_before, *os.getloadavg())],
     }
+
+
+def cpu_per_call(
+    cpu: dict[str, dict[str, float | None]], spans: dict[str, list[tuple[int, int]]]
+) -> dict[str, float]:
+    """Each server's CPU time over the timed calls, per call to it (µs). ``direct`` is the
+    upstream, which serves every row's calls: its figure is per call of all rows."""
+    out: dict[str, float] = {}
+    total = sum(len(values) for values in spans.values())
+    for name, values in spans.items():
+        start, end = cpu["start"].get(name), cpu["end"].get(name)
+        calls = total if name == "direct" else len(values)
+        if start is not None and end is not None and calls:
+            out[name] = round((end - start) / calls * 1e6, 1)
+    return out
 
 
 def legs(client: list[tuple[int, int]], report: dict[str, Any]) -> dict[str, Any] | None:
@@ -851,6 +891,7 @@ def build_report(result: dict[str, Any], options: argparse.Namespace) -> dict[st
         "legs": result["legs"],
         "gateway_profile": result["profile"],
         "gateway_paths": result["paths"],
+        "cpu_per_call_us": result["cpu_per_call_us"],
         "gateway_by_position": result["by_position"],
         "method": {
             "calls_per_target": options.calls,
@@ -910,6 +951,11 @@ def describe(report: dict[str, Any]) -> str:
         )
     lines.append(f"  protocols: {report['protocols']}")
     lines.append(f"  gateway paths (counters): {report['gateway_paths']}")
+    if report["cpu_per_call_us"]:
+        lines += ["", "  CPU time of each server per call to it, over the timed calls (µs):"]
+        for name, value in report["cpu_per_call_us"].items():
+            what = "the upstream, per call of every row" if name == "direct" else name
+            lines.append(f"    {what:<44}{value:>10.1f}")
     parts = report["gateway_breakdown"]
     lines += ["", "  Tether's own work per call (medians, µs):"]
     for label, value in parts["tether_work_us"].items():
