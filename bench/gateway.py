@@ -47,6 +47,7 @@ import gc
 import importlib.util
 import inspect
 import io
+import itertools
 import json
 import logging
 import os
@@ -110,10 +111,14 @@ SLOW_SHARE = 5
 ROLES = ("upstream", *TARGETS[1:])
 TARGET_ADDED_US = 1000.0
 TARGET_RATIO = 3.0
+TARGET_RELAY_RATIO = 2.0  # the gateway adds at most this times what the bare relay adds
+# Where in its task a gateway call falls (its position, from 0), for --calls-per-task.
+POSITION_EDGES = (0, 10, 100, 250, 500, 750, 1000, 2000, 5000)
 START_TIMEOUT = 60.0
 SIGN_SAMPLES = 2000
 BUSY_LOAD = 0.5  # a 1-minute load average above this at the start is flagged
 ENDPOINT = "endpoint (whole request)"
+UPSTREAM_CALL = "upstream call (round trip)"
 # The gateway's own work per call, as timed inside its process (see role_gateway).
 STEPS = (
     "authenticate (token, proof, task)",
@@ -399,10 +404,11 @@ def role_gateway(
     phases = Phases()
     phases.wrap(_app.Gateway, "mcp_endpoint", ENDPOINT, stamps=True)
     phases.wrap(_auth.Authenticator, "authenticate", STEPS[0])
+    phases.wrap(_app.Gateway, "_lean_params", "lean path: the SDK's request checks")
     phases.wrap(_app.Gateway, "call_tool", "tools/call handler")
     phases.wrap(_app.Gateway, "_flow_check", STEPS[1])  # gone once flow moved into decide
     phases.wrap(_app.Gateway, "_authorize", STEPS[2])
-    phases.wrap(_upstream.Upstream, "call_tool", "upstream call (MCP client round trip)")
+    phases.wrap(_upstream.Upstream, "call_tool", UPSTREAM_CALL)
     phases.wrap(_app.Gateway, "_known", STEPS[3])
     phases.wrap(_app, "redact_result", STEPS[4])
     phases.wrap(_app.Gateway, "_record_result", STEPS[5])
@@ -410,8 +416,10 @@ def role_gateway(
     config = _app.load_config(config_path)
     gateway_tether = Tether.open(home)
     profiler = cProfile.Profile() if profile else None
+    app = None
     try:
-        server = _uvicorn(_app.create_gateway_app(gateway_tether, config), port)
+        app = _app.create_gateway_app(gateway_tether, config)
+        server = _uvicorn(app, port)
         if profiler is not None:
             profiler.enable()
         server.run()
@@ -422,6 +430,12 @@ def role_gateway(
     if report is None:
         return
     out = phases.report()
+    if app is not None:  # which path the calls took (counters, not timing)
+        gateway = app.state.gateway
+        out["lean_calls"] = getattr(gateway, "lean_calls", None)
+        out["direct_upstream_calls"] = sum(
+            getattr(u, "direct_calls", 0) for u in gateway.upstreams.values()
+        )
     if profiler is not None:
         text = io.StringIO()
         stats = pstats.Stats(profiler, stream=text).strip_dirs()
@@ -467,6 +481,15 @@ class Process:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"{self.role} did not listen on {HOST}:{self.port}")
+
+    def cpu_seconds(self) -> float | None:
+        """The process's CPU time so far (user + system), from ``/proc`` (Linux only)."""
+        try:
+            stat = Path(f"/proc/{self.process.pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = stat.rsplit(")", 1)[1].split()  # fields 3 on; utime and stime are 14, 15
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self, timeout: float = 20.0) -> dict[str, Any]:
         """Stop the server (gracefully: close its stdin) and read its report, if any."""
@@ -580,7 +603,10 @@ async def timed_calls(client: Any, name: str, count: int, spans: list[tuple[int,
 
 
 async def run_calls(
-    urls: dict[str, str], tasks: list[Task], options: argparse.Namespace
+    urls: dict[str, str],
+    tasks: list[Task],
+    options: argparse.Namespace,
+    mark: Callable[[str], None] = lambda _when: None,
 ) -> tuple[dict[str, list[tuple[int, int]]], dict[str, str | None]]:
     spans: dict[str, list[tuple[int, int]]] = {target: [] for target in urls}
     protocols: dict[str, str | None] = {}
@@ -599,12 +625,14 @@ async def run_calls(
         for target, client in clients.items():
             await timed_calls(client, tool_name(target), options.warmup // share[target], [])
         order = list(clients)
+        mark("start")
         for round_no in range(options.rounds):
             shift = round_no % len(order)
             for target in order[shift:] + order[:shift]:
                 count = max(1, options.calls // options.rounds // share[target])
                 gc.collect()
                 await timed_calls(clients[target], tool_name(target), count, spans[target])
+        mark("end")
     return spans, protocols
 
 
@@ -663,8 +691,16 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
             process.wait_ready(deadline)
         urls = {"direct": upstream.url} | {name: p.url for name, p in servers.items()}
         urls = {target: urls[target] for target in TARGETS if target in urls}
+        # Each server's CPU time over the timed calls: what a call costs its process,
+        # much less sensitive to a busy machine than the wall-clock latency.
+        by_role = {"direct": upstream} | servers
+        cpu: dict[str, dict[str, float | None]] = {"start": {}, "end": {}}
+
+        def mark(when: str) -> None:
+            cpu[when] = {name: by_role[name].cpu_seconds() for name in urls}
+
         started = time.monotonic()
-        spans, protocols = asyncio.run(run_calls(urls, tasks, options))
+        spans, protocols = asyncio.run(run_calls(urls, tasks, options, mark))
         elapsed = time.monotonic() - started
         signing = signing_cost(*tasks[-1], gateway_url)
         for name in ("gateway", "sdk_passthrough"):
@@ -685,9 +721,30 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
             name: inside_summary(report, len(spans[name])) for name, report in reports.items()
         },
         "profile": reports.get("gateway", {}).get("profile"),
+        "cpu_per_call_us": cpu_per_call(cpu, spans),
+        "paths": {
+            key: reports.get("gateway", {}).get(key)
+            for key in ("lean_calls", "direct_upstream_calls")
+        },
+        "by_position": by_position(spans["gateway"], reports.get("gateway", {}), options),
         "elapsed_s": round(elapsed, 1),
         "load": [round(x, 2) for x in (*load_before, *os.getloadavg())],
     }
+
+
+def cpu_per_call(
+    cpu: dict[str, dict[str, float | None]], spans: dict[str, list[tuple[int, int]]]
+) -> dict[str, float]:
+    """Each server's CPU time over the timed calls, per call to it (µs). ``direct`` is the
+    upstream, which serves every row's calls: its figure is per call of all rows."""
+    out: dict[str, float] = {}
+    total = sum(len(values) for values in spans.values())
+    for name, values in spans.items():
+        start, end = cpu["start"].get(name), cpu["end"].get(name)
+        calls = total if name == "direct" else len(values)
+        if start is not None and end is not None and calls:
+            out[name] = round((end - start) / calls * 1e6, 1)
+    return out
 
 
 def legs(client: list[tuple[int, int]], report: dict[str, Any]) -> dict[str, Any] | None:
@@ -713,6 +770,40 @@ def legs(client: list[tuple[int, int]], report: dict[str, Any]) -> dict[str, Any
         "client call to endpoint start": summarize([e - s for s, e, _n in paired]),
         "endpoint start to client done": summarize([n - e for _s, e, n in paired]),
     }
+
+
+def by_position(
+    client: list[tuple[int, int]], report: dict[str, Any], options: argparse.Namespace
+) -> dict[str, Any]:
+    """The gateway's timed calls grouped by their position in their task (0: a task's
+    first call): the client's latency and the gateway's steps, medians per group. With
+    ``--calls-per-task 1000`` this says whether a call costs the same at 10 and at 1,000.
+
+    Call ``i`` of the timed ones is the gateway's ``1 + warmup + i``-th ``tools/call``
+    (the first call and the warm-up come before); the client moves to a new task every
+    ``--calls-per-task`` calls."""
+    first = 1 + options.warmup
+    positions = [(first + i) % options.calls_per_task for i in range(len(client))]
+    steps = {
+        label: report.get("phases", {}).get(label, [])[-len(client) :]
+        for label in (STEPS[0], STEPS[2], STEPS[5], UPSTREAM_CALL)
+    }
+    out: dict[str, Any] = {}
+    for low, high in itertools.pairwise(POSITION_EDGES):
+        if low >= options.calls_per_task:
+            break
+        chosen = [i for i, p in enumerate(positions) if low <= p < high]
+        if not chosen:
+            continue
+        group = {"calls": len(chosen)}
+        group["client_median_us"] = summarize([client[i][1] - client[i][0] for i in chosen])[
+            "median_us"
+        ]
+        for label, samples in steps.items():
+            if len(samples) == len(client):
+                group[label] = summarize([samples[i] for i in chosen])["median_us"]
+        out[f"{low}-{min(high, options.calls_per_task) - 1}"] = group
+    return out
 
 
 def inside_summary(report: dict[str, Any], last: int) -> dict[str, Any]:
@@ -748,7 +839,7 @@ def breakdown(result: dict[str, Any]) -> dict[str, Any]:
     endpoint = _median(gateway, "endpoint (whole request)")
     if endpoint:
         out["gateway_endpoint_us"] = endpoint
-        out["gateway_upstream_call_us"] = _median(gateway, "upstream call (MCP client round trip)")
+        out["gateway_upstream_call_us"] = _median(gateway, UPSTREAM_CALL)
         out["gateway_mcp_machinery_us"] = round(
             endpoint - _median(gateway, STEPS[0]) - _median(gateway, "tools/call handler"),
             1,
@@ -762,6 +853,13 @@ def build_report(result: dict[str, Any], options: argparse.Namespace) -> dict[st
     gateway_added = round(gateway["median_us"] - direct["median_us"], 1)
     proxy_added = round(proxy["median_us"] - direct["median_us"], 1)
     ratio = round(proxy_added / gateway_added, 2) if gateway_added > 0 else None
+    relay = stats.get("http_relay")
+    relay_added = round(relay["median_us"] - direct["median_us"], 1) if relay else None
+    over_relay = (
+        round(gateway_added / relay_added, 2)
+        if relay_added is not None and relay_added > 0
+        else None
+    )
     headline: dict[str, Any] = {
         "direct_us": direct["median_us"],
         "gateway_us": gateway["median_us"],
@@ -771,6 +869,9 @@ def build_report(result: dict[str, Any], options: argparse.Namespace) -> dict[st
         "proxy_added_over_gateway_added": ratio,
         "target_gateway_added_le_1ms": gateway_added <= TARGET_ADDED_US,
         "target_3x_less_than_proxy": (proxy_added > 0 if ratio is None else ratio >= TARGET_RATIO),
+        "relay_added_us": relay_added,
+        "gateway_added_over_relay_added": over_relay,
+        "target_le_2x_relay": over_relay is not None and over_relay <= TARGET_RELAY_RATIO,
         "direct_p90_us": direct["p90_us"],
         "gateway_p90_us": gateway["p90_us"],
         "fastmcp_proxy_p90_us": proxy["p90_us"],
@@ -789,6 +890,9 @@ def build_report(result: dict[str, Any], options: argparse.Namespace) -> dict[st
         "inside": result["inside"],
         "legs": result["legs"],
         "gateway_profile": result["profile"],
+        "gateway_paths": result["paths"],
+        "cpu_per_call_us": result["cpu_per_call_us"],
+        "gateway_by_position": result["by_position"],
         "method": {
             "calls_per_target": options.calls,
             "warmup_per_target": options.warmup,
@@ -838,8 +942,20 @@ def describe(report: dict[str, Any]) -> str:
         f"  fastmcp proxy adds {h['proxy_added_us']:.1f} µs: "
         f"{h['proxy_added_over_gateway_added']}x the gateway's "
         f"(target ≥ {TARGET_RATIO:g}x: {met[h['target_3x_less_than_proxy']]})",
-        f"  protocols: {report['protocols']}",
     ]
+    if h["gateway_added_over_relay_added"] is not None:
+        lines.append(
+            f"  the bare http_relay adds {h['relay_added_us']:.1f} µs: the gateway adds "
+            f"{h['gateway_added_over_relay_added']}x that "
+            f"(target ≤ {TARGET_RELAY_RATIO:g}x: {met[h['target_le_2x_relay']]})"
+        )
+    lines.append(f"  protocols: {report['protocols']}")
+    lines.append(f"  gateway paths (counters): {report['gateway_paths']}")
+    if report["cpu_per_call_us"]:
+        lines += ["", "  CPU time of each server per call to it, over the timed calls (µs):"]
+        for name, value in report["cpu_per_call_us"].items():
+            what = "the upstream, per call of every row" if name == "direct" else name
+            lines.append(f"    {what:<44}{value:>10.1f}")
     parts = report["gateway_breakdown"]
     lines += ["", "  Tether's own work per call (medians, µs):"]
     for label, value in parts["tether_work_us"].items():
@@ -863,6 +979,18 @@ def describe(report: dict[str, Any]) -> str:
             lines += ["", f"  {name}, each call split at its endpoint (µs):    median       p90"]
             for label, s in split.items():
                 lines.append(f"    {label:<44}{s['median_us']:>10.1f}{s['p90_us']:>10.1f}")
+    if report["gateway_by_position"]:
+        lines += ["", "  gateway calls by position in their task (medians, µs):"]
+        for span, group in report["gateway_by_position"].items():
+            rest = ", ".join(
+                f"{label.split(' (')[0]} {value:.0f}"
+                for label, value in group.items()
+                if label not in ("calls", "client_median_us")
+            )
+            client = group["client_median_us"]
+            lines.append(
+                f"    calls {span:<10} n={group['calls']:<5} client {client:>8.1f}  ({rest})"
+            )
     env = report["environment"]
     if env["busy"]:
         lines += [

@@ -10,8 +10,13 @@ is handed to the ``on_tools`` callback (the gateway compares every definition wi
 its pin, see :mod:`tether.gateway._pins`). A connection that does not come up
 within the upstream's ``connect_timeout_seconds`` is abandoned and retried.
 
-Calls are bounded by ``call_timeout_seconds``. Every failure (a timeout, a
-dead process, a malformed answer) becomes an :class:`UpstreamError` with a
+Calls are bounded by ``call_timeout_seconds``. A call to a streamable-HTTP upstream
+that speaks the stateless generation (2026-07-28) is made by the gateway itself: one
+POST of the JSON-RPC request over the connection's pooled HTTP client, the answer
+(JSON or SSE) read within a size bound and checked as the SDK client checks it (the
+JSON-RPC envelope, the result's shape, the tool's output schema). Everything else (stdio,
+the 2025-11-25 session, ``tools/list``) goes through the MCP SDK's client. Every failure
+(a timeout, a dead process, a malformed answer) becomes an :class:`UpstreamError` with a
 code the agent can read; the gateway keeps serving the other upstreams.
 The gateway's own credentials for an upstream come from the configuration
 (``headers``/``env``) or from the secret broker (``[[upstreams.credentials]]``: then
@@ -22,6 +27,7 @@ token is never passed on.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -33,12 +39,28 @@ from typing import Any
 
 import anyio
 import httpx2
+import jsonschema  # type: ignore[import-untyped]
 import mcp_types as types
+import msgspec
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
-from mcp_types import CONNECTION_CLOSED
+from mcp.shared.inbound import (
+    MCP_METHOD_HEADER,
+    MCP_NAME_HEADER,
+    MCP_PROTOCOL_VERSION_HEADER,
+    encode_header_value,
+    mcp_param_headers,
+    x_mcp_header_map,
+)
+from mcp_types import (
+    CLIENT_CAPABILITIES_META_KEY,
+    CLIENT_INFO_META_KEY,
+    CONNECTION_CLOSED,
+    PROTOCOL_VERSION_META_KEY,
+)
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 
 from tether.core._credentials import Known, redact_text
@@ -51,6 +73,10 @@ MAX_BACKOFF = 10.0
 #: The MCP SDK's own message for a connection that closed under a call.
 CLOSED_MESSAGE = "Connection closed"
 REFRESH_SECONDS = 30.0
+#: Room for the JSON-RPC envelope and JSON escapes around an answer of the configured
+#: size: a direct call reads at most ``4 * max_result_bytes + ANSWER_SLACK`` bytes.
+ANSWER_SLACK = 64 * 1024
+_CLIENT_INFO = CLIENT_INFO.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 class UpstreamError(Exception):
@@ -64,6 +90,26 @@ class UpstreamError(Exception):
         self.code = code
         self.message = message
         self.quotes_upstream = quotes_upstream
+
+
+class AnswerTooLarge(UpstreamError):
+    """The upstream's answer went past the size bound: nothing of it is read further."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("result.oversized", message)
+
+
+class _Envelope(msgspec.Struct):
+    """A JSON-RPC message from the upstream, decoded no deeper than its envelope."""
+
+    jsonrpc: str | None = None
+    id: int | str | None = None
+    method: str | None = None
+    result: msgspec.Raw = msgspec.Raw(b"")  # empty: no result
+    error: dict[str, Any] | None = None
+
+
+_ENVELOPE = msgspec.json.Decoder(_Envelope)
 
 
 class InjectedHeaders(httpx2.Auth):
@@ -115,10 +161,12 @@ async def connect(
     config: UpstreamConfig,
     auth: httpx2.Auth | None = None,
     known: Callable[[], list[Known]] | None = None,
+    on_http: Callable[[httpx2.AsyncClient], None] | None = None,
 ) -> AsyncIterator[Client]:
     """An entered MCP client for ``config`` (used by the supervisor and by catalogue import).
 
     A stdio upstream's standard error reaches the gateway's through :class:`ScrubbedStderr`.
+    ``on_http`` is given the HTTP client (and its connection pool) of an HTTP upstream.
     """
     async with AsyncExitStack() as stack:
         if config.stdio is not None:
@@ -142,6 +190,8 @@ async def connect(
                     ),
                 )
             )
+            if on_http is not None:
+                on_http(http)
             transport = streamable_http_client(config.http.url, http_client=http)
         client = Client(transport, mode=config.protocol, client_info=CLIENT_INFO, cache=None)
         yield await stack.enter_async_context(client)
@@ -170,8 +220,13 @@ class Upstream:
         label: str | None = None,
         known: Callable[[], list[Known]] | None = None,
         on_tools: Callable[[Upstream], None] | None = None,
+        max_answer_bytes: int | None = None,
     ) -> None:
         self.config = config
+        #: The most bytes of one answer read on a direct call (``None``: no bound).
+        self.max_answer_bytes = max_answer_bytes
+        #: Calls made directly over the pooled HTTP client (not through the SDK's client).
+        self.direct_calls = 0
         #: Called after every read of ``tools/list`` (``self.tools`` is the new listing).
         self.on_tools = on_tools
         self.auth = auth
@@ -183,6 +238,9 @@ class Upstream:
         self.protocol_version: str | None = None
         self.attempted = anyio.Event()
         self._client: Client | None = None
+        self._http: httpx2.AsyncClient | None = None
+        self._ids = itertools.count(1)
+        self._output_validators: dict[str, tuple[Any, Any]] = {}
         self._ready = anyio.Event()
         self._broken = anyio.Event()
 
@@ -201,9 +259,10 @@ class Upstream:
     async def _connect_once(self) -> bool:
         deadline = anyio.current_time() + self.config.connect_timeout_seconds
         connected = False
+        http: list[httpx2.AsyncClient] = []
         try:
             with anyio.CancelScope(deadline=deadline) as scope:
-                async with connect(self.config, self.auth, self.known) as client:
+                async with connect(self.config, self.auth, self.known, http.append) as client:
                     listing = await list_all_tools(client)
                     scope.deadline = math.inf
                     connected = True
@@ -211,6 +270,7 @@ class Upstream:
                     self._listed()
                     self.protocol_version = client.protocol_version
                     self._client = client
+                    self._http = http[0] if http else None
                     self._broken = anyio.Event()
                     self.state, self.last_error = "ready", None
                     self._ready.set()
@@ -230,6 +290,7 @@ class Upstream:
             self.last_error = self._scrub(f"{type(exc).__name__}: {exc}"[:500])
         finally:
             self._client = None
+            self._http = None
             self._ready = anyio.Event()
             self.state = "down"
             self.attempted.set()
@@ -291,14 +352,24 @@ class Upstream:
             )
         return client
 
+    def direct(self) -> bool:
+        """Whether calls go directly over the pooled HTTP client: a streamable-HTTP
+        upstream on the stateless generation (no session to carry)."""
+        return self._http is not None and self.protocol_version in MODERN_PROTOCOL_VERSIONS
+
     async def call_tool(self, tool: str, args: dict[str, Any]) -> types.CallToolResult:
-        """Call ``tool`` upstream within the call timeout; raise :class:`UpstreamError`."""
+        """Call ``tool`` upstream within the call timeout; raise :class:`UpstreamError`
+        (:class:`AnswerTooLarge` for a direct call whose answer passed the size bound)."""
         timeout = self.config.call_timeout_seconds
         started = anyio.current_time()
         client = await self._client_within(timeout)
         remaining = max(0.1, timeout - (anyio.current_time() - started))
+        http = self._http if self.direct() else None
         try:
             with anyio.fail_after(remaining):
+                if http is not None:
+                    self.direct_calls += 1
+                    return await self._call_direct(http, tool, args)
                 return await client.call_tool(tool, args)
         except TimeoutError:
             raise UpstreamError(
@@ -319,6 +390,8 @@ class Upstream:
                 f"upstream {self.name!r} refused {tool!r}: {exc.message}",
                 quotes_upstream=True,
             ) from None
+        except UpstreamError:
+            raise
         except (ValidationError, RuntimeError, ValueError, TypeError) as exc:
             raise UpstreamError(
                 "upstream.invalid_response",
@@ -331,6 +404,126 @@ class Upstream:
                 "upstream.unavailable",
                 f"upstream {self.name!r} failed: {type(exc).__name__}",
             ) from None
+
+    async def _call_direct(
+        self, http: httpx2.AsyncClient, tool: str, args: dict[str, Any]
+    ) -> types.CallToolResult:
+        """One ``tools/call`` POSTed as the SDK's client would send it, answered in JSON
+        or SSE; the answer is read within ``max_answer_bytes`` and checked as the SDK's
+        client checks it. Raises :class:`MCPError` for a JSON-RPC error, ``ValueError``
+        for a malformed answer, :class:`AnswerTooLarge` past the bound."""
+        assert self.config.http is not None and self.protocol_version is not None
+        version = self.protocol_version
+        request_id = next(self._ids)
+        body = msgspec.json.encode(
+            {
+                "jsonrpc": "2.0",
+                "id": request_id,
+                "method": "tools/call",
+                "params": {
+                    "name": tool,
+                    "arguments": args,
+                    "_meta": {
+                        PROTOCOL_VERSION_META_KEY: version,
+                        CLIENT_INFO_META_KEY: _CLIENT_INFO,
+                        CLIENT_CAPABILITIES_META_KEY: {},
+                    },
+                },
+            }
+        )
+        headers = {
+            "accept": "application/json, text/event-stream",
+            "content-type": "application/json",
+            MCP_PROTOCOL_VERSION_HEADER: version,
+            MCP_METHOD_HEADER: "tools/call",
+            MCP_NAME_HEADER: encode_header_value(tool),
+        }
+        listed = self.tools.get(tool)
+        if listed is not None:
+            header_map = x_mcp_header_map(listed.input_schema)
+            if header_map:
+                headers.update(mcp_param_headers(header_map, args))
+        async with http.stream(
+            "POST", self.config.http.url, content=body, headers=headers
+        ) as response:
+            kind = response.headers.get("content-type", "").partition(";")[0].strip().lower()
+            if kind == "text/event-stream" and response.status_code == 200:
+                raw = await self._from_events(response, request_id)
+            else:
+                raw = await self._read_bounded(response)
+                if kind != "application/json":
+                    raise ValueError(f"HTTP {response.status_code} {kind or 'without a type'}")
+        message = _ENVELOPE.decode(raw)
+        if message.jsonrpc != "2.0" or message.id != request_id:
+            raise ValueError("an answer to another request")
+        if message.error is not None:
+            code, said = message.error.get("code"), message.error.get("message")
+            if not isinstance(code, int) or not isinstance(said, str):
+                raise ValueError("a malformed JSON-RPC error")
+            raise MCPError(code, said)
+        if not message.result:
+            raise ValueError("no result")
+        result = msgspec.json.decode(message.result)
+        if not isinstance(result, dict) or result.get("resultType", "complete") != "complete":
+            raise ValueError("not a complete tool result")
+        answer = types.CallToolResult.model_validate(result)
+        self._check_output(tool, answer)
+        return answer
+
+    async def _read_bounded(self, response: httpx2.Response) -> bytes:
+        limit = self._answer_limit()
+        data = bytearray()
+        async for chunk in response.aiter_bytes():
+            data.extend(chunk)
+            if limit is not None and len(data) > limit:
+                raise AnswerTooLarge(f"upstream {self.name!r} answered more than {limit} bytes")
+        return bytes(data)
+
+    async def _from_events(self, response: httpx2.Response, request_id: int) -> bytes:
+        """The data of the SSE ``message`` event answering ``request_id``; notifications
+        and anything else before it are skipped, all of it within the size bound."""
+        limit = self._answer_limit()
+        seen = 0
+        data: list[str] = []
+        event = "message"
+        async for line in response.aiter_lines():
+            seen += len(line) + 1
+            if limit is not None and seen > limit:
+                raise AnswerTooLarge(f"upstream {self.name!r} answered more than {limit} bytes")
+            if line.startswith("data:"):
+                data.append(line[5:].removeprefix(" "))
+            elif line.startswith("event:"):
+                event = line[6:].strip()
+            elif not line and data:
+                payload = "\n".join(data).encode()
+                data, kind, event = [], event, "message"
+                if kind != "message":
+                    continue
+                head = _ENVELOPE.decode(payload)
+                if head.id == request_id and head.method is None:
+                    return payload
+        raise ValueError("the event stream ended without an answer")
+
+    def _answer_limit(self) -> int | None:
+        if self.max_answer_bytes is None:
+            return None
+        return 4 * self.max_answer_bytes + ANSWER_SLACK
+
+    def _check_output(self, tool: str, answer: types.CallToolResult) -> None:
+        """The tool's declared output schema holds, as the SDK's client checks it."""
+        listed = self.tools.get(tool)
+        schema = listed.output_schema if listed is not None else None
+        if schema is None:
+            return
+        if answer.structured_content is None:
+            raise RuntimeError(f"tool {tool!r} has an output schema but no structured content")
+        cached = self._output_validators.get(tool)
+        if cached is None or cached[0] is not schema:
+            validator = jsonschema.validators.validator_for(schema)(schema)
+            cached = self._output_validators[tool] = (schema, validator)
+        error = jsonschema.exceptions.best_match(cached[1].iter_errors(answer.structured_content))
+        if error is not None:
+            raise RuntimeError(f"invalid structured content from tool {tool!r}")
 
 
 async def read_tools(config: UpstreamConfig) -> list[types.Tool]:
