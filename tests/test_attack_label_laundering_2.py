@@ -273,6 +273,17 @@ def test_agent_the_figure_and_the_date_in_digits() -> None:
     assert _mail(_memo_read(), text) == HELD
 
 
+def test_agent_memo_in_arguments_the_catalogue_does_not_describe() -> None:
+    """Prompt-injected agent: the memo as a base64 attachment in an argument the mail
+    tool's catalogue entry does not describe; and five words at a time as the names of
+    undescribed arguments."""
+    state = _memo_read()
+    attachment = [{"filename": "notes.txt", "content_base64": _b64(MEMO.encode())}]
+    assert _mail(state, "See the attached notes.", attachments=attachment) == HELD
+    names = {"_".join(WORDS[i : i + 5]): "1" for i in range(0, len(WORDS), 5)}
+    assert _mail(state, "Hello", **names) == HELD
+
+
 # -- scan limits ----------------------------------------------------------------------------
 
 
@@ -512,6 +523,7 @@ def test_upstream_memo_body_obfuscated_in_the_result(body: str) -> None:
     assert _mail(_read(_confidential(body=body)), MEMO) == HELD
 
 
+@bypass("each string of a result is fingerprinted alone; strings under MIN_WORDS words are not")
 def test_door_http_result_as_three_word_strings(env: Env) -> None:  # noqa: F811
     """Malicious tool result, through the HTTP API: the memo's record with its body as a
     list of three-word strings (the agent reads the memo whole); the agent mails it."""
@@ -520,6 +532,65 @@ def test_door_http_result_as_three_word_strings(env: Env) -> None:  # noqa: F811
         env,
         [
             ("kb.kb_retrieve", {"doc_id": "memo-heron"}, doc),
+            ("kb.send_email", {"to": CUSTOMER, "subject": "s", "body": MEMO}, "sent"),
+        ],
+    )
+    assert got == [OK, PENDING]
+
+
+_RECORD = json.dumps(DOCS["memo-heron"])
+
+TEXT_RECORDS: dict[str, tuple[str, str]] = {
+    "after a one-line preamble": (
+        f"Result:\n{_RECORD}",
+        "JSON in a string is read as a record only when the whole string is JSON: with a "
+        "preamble the classification field is never seen and the text takes the tool's "
+        "default (internal), so nothing is fingerprinted",
+    ),
+    "in a markdown code fence": (
+        f"```json\n{_RECORD}\n```",
+        "a fenced JSON block (as many MCP servers and models write it) is not read as JSON",
+    ),
+    "followed by a trailer": (
+        f"{_RECORD}\n\n(end of record)",
+        "text after the JSON makes the whole string plain text",
+    ),
+    "padded past the embedded-JSON limit": (
+        json.dumps({**DOCS["memo-heron"], "pad": "x" * 300_000}),
+        "JSON text longer than MAX_EMBEDDED_JSON (256 KiB) is read as plain text: the "
+        "classification field is not seen",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=bypass(reason))
+        for name, (_, reason) in sorted(TEXT_RECORDS.items())
+    ],
+)
+def test_upstream_record_as_json_text_not_alone(name: str) -> None:
+    """Malicious upstream (or an ordinary one answering in text): the memo's record as
+    JSON text, with a preamble, in a code fence, with a trailer, or padded long; the agent
+    reads the memo and mails it."""
+    assert _mail(_read(TEXT_RECORDS[name][0]), MEMO) == HELD
+
+
+def test_upstream_record_as_json_text_padded_with_white_space() -> None:
+    """Malicious upstream: the memo's record as JSON text followed by 300,000 spaces
+    (white space is trimmed before the embedded-JSON limit is checked)."""
+    assert _mail(_read(_RECORD + " " * 300_000), MEMO) == HELD
+
+
+@bypass("a record in JSON text with a preamble is plain text at the HTTP API too (internal)")
+def test_door_http_result_as_fenced_json(env: Env) -> None:  # noqa: F811
+    """Malicious tool result, through the HTTP API: the memo's record as a fenced JSON
+    block; the agent mails the memo."""
+    got = _http(
+        env,
+        [
+            ("kb.kb_retrieve", {"doc_id": "memo-heron"}, f"```json\n{_RECORD}\n```"),
             ("kb.send_email", {"to": CUSTOMER, "subject": "s", "body": MEMO}, "sent"),
         ],
     )
