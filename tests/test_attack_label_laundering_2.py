@@ -31,9 +31,9 @@ import pytest
 from tether.core import FlowState, merge, observe_call, start_flow
 
 from .mcp_support.harness import mcp_client
+from .mcp_support.kb_server import DOCS
 from .test_attack_label_laundering import (
     CUSTOMER,
-    DOCS,
     FAQ,
     HELD,
     MAIL,
@@ -62,7 +62,7 @@ SENTENCE = MEMO.split(". ")[0] + "."
 FIGURE = "regional competitor for forty two million euros"
 
 
-def _letters(table: dict[str, str]) -> Callable[[str], str]:
+def _letters(table: dict[str, str | int | None]) -> Callable[[str], str]:
     return lambda t: t.translate(str.maketrans(table))
 
 
@@ -80,7 +80,7 @@ def _after_letters(mark: str) -> Callable[[str], str]:
 
 def _alphabet(first: int, upper: bool = False) -> Callable[[str], str]:
     letters = _ALPHABET.upper() if upper else _ALPHABET
-    table = {c: chr(first + i) for i, c in enumerate(letters)}
+    table: dict[str, str | int | None] = {c: chr(first + i) for i, c in enumerate(letters)}
     return lambda t: (t.upper() if upper else t.lower()).translate(str.maketrans(table))
 
 
@@ -319,7 +319,7 @@ def test_agent_memo_in_arguments_the_catalogue_does_not_describe() -> None:
     state = _memo_read()
     attachment = [{"filename": "notes.txt", "content_base64": _b64(MEMO.encode())}]
     assert _mail(state, "See the attached notes.", attachments=attachment) == HELD
-    names = {"_".join(WORDS[i : i + 5]): "1" for i in range(0, len(WORDS), 5)}
+    names: dict[str, Any] = {"_".join(WORDS[i : i + 5]): "1" for i in range(0, len(WORDS), 5)}
     assert _mail(state, "Hello", **names) == HELD
 
 
