@@ -21,21 +21,35 @@ import codecs
 import gzip
 import json
 import quopri
+import sys
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
+from tether import ProofKey, parse_intent
 from tether.core import FlowState, merge, observe_call, start_flow
+from tether.gateway._profiles import profiles_from_catalogue
 
-from .mcp_support.harness import mcp_client
+from .mcp_support.harness import (
+    AGENT,
+    GatewayServer,
+    build_config,
+    free_port,
+    init_home,
+    mcp_client,
+)
 from .mcp_support.kb_server import DOCS
+from .server_support import Server
 from .test_attack_label_laundering import (
+    CATALOGUE,
     CUSTOMER,
     FAQ,
     HELD,
+    KB_IDENTITY,
     MAIL,
     MEMO,
     OK,
@@ -766,3 +780,107 @@ def test_door_gateway_benign_reply_after_the_memo(env: Env) -> None:  # noqa: F8
     )
     calls = [("kb.kb_retrieve", {"doc_id": "memo-heron"}), _mail_call(reply), _mail_call(FAQ)]
     assert [effect for effect, _ in _gateway(env, calls)] == [OK, OK, OK]
+
+
+# =========================================================================================
+# Result shapes at the gateway, from a real MCP upstream
+# =========================================================================================
+
+SHAPES_SERVER = Path(__file__).parent / "mcp_support" / "kb_shapes_server.py"
+SHAPES = ["kb_fenced", "kb_pieces", "kb_stock"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    base = tmp_path_factory.mktemp("shapes")
+    home = base / "home"
+    tether = init_home(home, {"kb": KB_IDENTITY})
+    catalogue: dict[str, dict[str, Any]] = {
+        **{name: dict(CATALOGUE["kb_retrieve"]) for name in SHAPES},
+        "send_email": CATALOGUE["send_email"],
+    }
+    tether.catalogue.load(profiles_from_catalogue({"tools": catalogue}, prefix="kb"))
+    port = free_port()
+    upstream = {
+        "name": "kb",
+        "identity": KB_IDENTITY,
+        "stdio": {"command": sys.executable, "args": [str(SHAPES_SERVER)]},
+        "tools": catalogue,
+    }
+    config = build_config(port, base, [upstream], approval={"mode": "return"}, flow="reviewed")
+    gateway = GatewayServer(home, config, port).start().pin_all()
+    server = Server(home, init=False).start()
+    try:
+        yield Env(tether=tether, gateway=gateway, server=server)
+    finally:
+        server.stop()
+        gateway.stop()
+        tether.close()
+
+
+def _shape_then_mail(doors: Env, tool: str, body: str) -> list[tuple[str, str]]:
+    key = ProofKey()
+    raw: dict[str, Any] = {
+        "purpose": "answer a customer",
+        "capabilities": [{"tool": f"kb.{t}"} for t in (*SHAPES, "send_email")],
+        "data_ceiling": "confidential",
+        "egress": [CUSTOMER],
+        "request": REQUEST,
+    }
+    token = doors.tether.open_task(
+        AGENT, proof_jwk=key.jwk, intent=parse_intent(raw), resources=(doors.gateway.url,)
+    ).token
+    calls = [(f"kb.{tool}", {"doc_id": "memo-heron"}), _mail_call(body)]
+
+    async def run() -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        async with mcp_client(doors.gateway.url, token, key, "2026-07-28") as client:
+            for name, args in calls:
+                answer = await client.call_tool(name, args)
+                meta = answer.meta or {}
+                seq = (meta.get("tether/label") or {}).get("decision_receipt") or (
+                    meta.get("tether/decision") or {}
+                ).get("receipt")
+                assert isinstance(seq, int), meta
+                d = _receipt(doors, seq)
+                out.append((d["effect"], d["reasons"][0]["code"]))
+        return out
+
+    return anyio.run(run)
+
+
+def test_door_gateway_tasks_of_the_shapes_fixture_work(shapes: Env) -> None:
+    """(No attacker.) The shapes upstream answers through the gateway, and a plain reply
+    goes out after its fenced record is read."""
+    assert _shape_then_mail(shapes, "kb_fenced", "Thank you, we will reply soon.") == [OK, OK]
+
+
+@bypass(
+    "the gateway reads a fenced JSON text block as plain text: the record's classification "
+    "is never seen, the memo is labelled internal and not fingerprinted"
+)
+def test_door_gateway_fenced_json_record(shapes: Env) -> None:
+    """Malicious upstream (or an ordinary one writing markdown), through the gateway: the
+    memo's record as fenced JSON text; the agent mails the memo."""
+    assert _shape_then_mail(shapes, "kb_fenced", MEMO) == [OK, PENDING]
+
+
+@bypass(
+    "the gateway fingerprints each string of the record alone: three-word pieces give no "
+    "fingerprint, so the confidential record's text is mailed unmatched"
+)
+def test_door_gateway_record_in_three_word_pieces(shapes: Env) -> None:
+    """Malicious upstream, through the gateway: the memo's record (classification
+    confidential) with its body as three-word strings; the agent mails the memo."""
+    assert _shape_then_mail(shapes, "kb_pieces", MEMO) == [OK, PENDING]
+
+
+@bypass(
+    "denial of service at the gateway: a confidential record's short lines are kept as "
+    "whole-text hashes, and one match holds an ordinary reply"
+)
+def test_door_gateway_stock_phrases_poison_replies(shapes: Env) -> None:
+    """Malicious upstream (poisoning), through the gateway: a confidential record of stock
+    phrases; an ordinary reply should still go out."""
+    reply = "Hello Dana,\n\nThank you for your message. Kind regards, Customer Care"
+    assert _shape_then_mail(shapes, "kb_stock", reply) == [OK, OK]
