@@ -36,6 +36,7 @@ from tether._tether import Tether
 from tether.demo._console import check_console
 from tether.demo._gateway import BANK, drive, gateway_config
 from tether.demo._nodes import several_nodes
+from tether.demo._standards import authzen, federation
 from tether.demo._timeline import Timeline, console
 from tether.gateway import Gateway, ToolPins
 from tether.sdk import ApprovalRequired, Client, Denied, Task
@@ -253,6 +254,12 @@ def run(*, examples: Path, home: Path | None = None, once: bool = True, port: in
 
         line.heading("Labels that follow the data")
         _labels(line, agent, admin, files)
+
+        line.heading("AuthZEN: another enforcement point asks, the same pipeline decides")
+        authzen(line, url, agent, AGENT, PAYEE)
+
+        line.heading("Federated SPIFFE trust: a partner's workload")
+        federation(line, url, admin, admin_secret, _serve, _stop, _port(port + 2))
 
         line.heading("Offboarding")
         other = agent.open_task(template="pay-bill", params={"payee": PAYEE})
