@@ -212,6 +212,8 @@ class Endpoint:
         self.headers: dict[str, str] = {"content-type": "application/json"}
         self.body = b'{"keys": []}'
         self.drip: float | None = None
+        #: When set, the answer's last byte waits for it (a refresh held open).
+        self.gate: threading.Event | None = None
         self.hits = 0
         owner = self
 
@@ -223,6 +225,12 @@ class Endpoint:
                     self.send_header(name, value)
                 self.send_header("content-length", str(len(owner.body)))
                 self.end_headers()
+                if owner.gate is not None:
+                    self.wfile.write(owner.body[:-1])
+                    self.wfile.flush()
+                    owner.gate.wait(60)
+                    self.wfile.write(owner.body[-1:])
+                    return
                 if owner.drip is None:
                     self.wfile.write(owner.body)
                     return
@@ -707,6 +715,72 @@ def test_slow_drip_endpoint_is_cut_off(endpoint: Endpoint, monkeypatch: pytest.M
     endpoint.drip = 2.0 / len(endpoint.body)
     with pytest.raises((httpx.TimeoutException, BundleError)):
         fetch_bundle(endpoint.url)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bypass: a bundle without spiffe_sequence replaces one that had a sequence; the "
+    "rollback check compares only when both carry one, so a removed key attests again",
+)
+def test_rollback_by_dropping_the_sequence(
+    tether: Tether, endpoint: Endpoint, clock: FrozenClock
+) -> None:
+    """Attacker: a compromised host serving a foreign trust domain's bundle endpoint (or a
+    stale cache in front of it) answering an old copy of the bundle with its
+    ``spiffe_sequence`` left out, to bring back a key the domain removed: not taken."""
+    old = Domain(EVIL, kid="old")
+    endpoint.body = old.bundle_bytes(sequence=5)
+    federation = tether.attestation.federation
+    federation.add(EVIL, endpoint_url=endpoint.url, refresh_interval=60)
+    federation.link(AGENT, EVIL_BOT)
+    endpoint.body = Domain(EVIL, kid="new").bundle_bytes(sequence=6)
+    clock.advance(61)
+    federation.refresh(EVIL)
+    endpoint.body = old.bundle_bytes(sequence=None)
+    clock.advance(61)
+    _refused(tether, old.sign(old.claims(EVIL_BOT)), "svid.unknown_kid")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=httpx.TimeoutException,
+    reason="bypass: /v1/attest/federated is an async handler that fetches the bundle "
+    "synchronously; while a foreign endpoint holds that fetch open, the server's event "
+    "loop answers nobody (one unauthenticated request stalls every caller)",
+)
+def test_a_held_refresh_does_not_stall_the_server(tmp_path: Path, endpoint: Endpoint) -> None:
+    """Attacker: a malicious foreign trust domain whose bundle endpoint holds a refresh
+    open (its last byte never comes), triggered by an unauthenticated network caller
+    posting any SVID naming that domain: the server keeps answering other requests (here
+    its own bundle endpoint, within 5 s) while that attestation waits."""
+    from .server_support import CLI, Server
+
+    evil = Domain(EVIL)
+    endpoint.body = evil.bundle_bytes()
+    acme = Server(tmp_path / "acme").start()
+    gate = threading.Event()
+    try:
+        cli = CLI(tmp_path / "acme", acme)
+        cli.json("identity", "register", AGENT, "--kind", "agent", "--owner", "a@acme.example")
+        cli.json("federation", "add", EVIL, "--endpoint", endpoint.url, "--refresh", "1")
+        cli.json("federation", "link", AGENT, "--attested-by", EVIL_BOT)
+        time.sleep(1.5)  # the refresh is due
+        hits = endpoint.hits
+        endpoint.gate = gate
+        forged = Domain(EVIL).sign(evil.claims(EVIL_BOT))
+        body = {"jwt_svid": forged, "jwk": public_jwk(_key())}
+        stalled = threading.Thread(
+            target=lambda: httpx.post(f"{acme.url}/v1/attest/federated", json=body, timeout=90),
+            daemon=True,
+        )
+        stalled.start()
+        while endpoint.hits == hits:
+            time.sleep(0.05)
+        r = httpx.get(f"{acme.url}/.well-known/spiffe-bundle", timeout=5)
+        assert r.status_code == 200
+    finally:
+        gate.set()
+        acme.stop()
 
 
 # -- someone who can write the store but does not hold the KEK ---------------------------
