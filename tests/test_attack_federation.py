@@ -683,7 +683,7 @@ def test_compressed_bundle_bomb(tether: Tether, endpoint: Endpoint) -> None:
     """Attacker: a malicious foreign trust domain's endpoint answering a small gzip body
     that inflates far beyond the 1 MiB bundle limit: refused, and never held in memory
     much beyond the limit."""
-    inflated = b'{"keys": [' + b" " * (48 * 1024 * 1024) + b"]}"
+    inflated = b'{"keys": [' + b" " * (16 * 1024 * 1024) + b"]}"
     endpoint.body = gzip.compress(inflated, compresslevel=9)
     endpoint.headers = {"content-type": "application/json", "content-encoding": "gzip"}
     assert len(endpoint.body) < 128 * 1024
