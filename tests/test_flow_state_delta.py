@@ -9,6 +9,8 @@ from another task is refused (``store.row_tampered``).
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -118,6 +120,31 @@ def test_a_state_written_whole_before_deltas_still_loads_and_moves_on(tether: Te
         rows.put_flow_state("task-1", state, 2.0)
         assert _rows(tether).flow_state("task-1") == state
     assert _deltas(tether.store, "task-1")
+
+
+@pytest.mark.sqlite_only("rebuilds a store of the previous SQLite schema")
+def test_a_store_of_the_previous_schema_is_upgraded_and_its_states_load(tmp_path: Path) -> None:
+    """A SQLite store of schema 3 (states written whole, no deltas table) opens at
+    schema 4; a task's state loads as it was and carries on in deltas."""
+    home = tmp_path / "home"
+    states = _states(6)
+    t = Tether.init(home, "acme.example")
+    _write_whole(t, "task-1", states[3])
+    t.close()
+    db = sqlite3.connect(home / "tether.db")
+    db.execute("DROP TABLE task_flow_deltas")
+    db.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    t = Tether.open(home)
+    try:
+        assert t.store.get_meta("schema_version") == "4"
+        assert t.audit.rows.flow_state("task-1") == states[3]
+        t.audit.rows.put_flow_state("task-1", states[4], 2.0)
+        assert _rows(t).flow_state("task-1") == states[4]
+        assert _deltas(t.store, "task-1")
+    finally:
+        t.close()
 
 
 def test_a_state_that_loses_values_is_written_whole_again(tether: Tether) -> None:
