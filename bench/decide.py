@@ -527,12 +527,17 @@ def flow_growth(opts: argparse.Namespace) -> dict[str, Any]:
         bench.t.observe(
             token=bench.token, proof=result_proof, tool=tool, receipt=receipt.seq, result=result
         )
-    raw = bench.t.store.get_task_flow(bench.task_id) or b""
+    store = bench.t.store
+    row = store.get_task_flow(bench.task_id) or b""
+    deltas = store.task_flow_deltas(bench.task_id, 0, 1 << 40)
     return {
         "median_us_at_call": {
             str(k): round(sorted(v)[len(v) // 2] * 1e6, 1) for k, v in timings.items()
         },
-        "flow_state_bytes_at_end": len(raw),
+        "flow_state_bytes_at_end": len(bench.t.audit.rows.flow(bench.task_id)),
+        "flow_row_bytes_at_end": len(row),  # rewritten on each call
+        "flow_deltas_at_end": len(deltas),  # appended, one per call that added values
+        "flow_delta_bytes_at_end": sum(len(d) for _, d in deltas),
         "store": opts.store,
     }
 

@@ -21,7 +21,6 @@ from typing import Any
 
 import anyio
 import mcp_types as types
-import msgspec
 import pytest
 
 from tether import Tether
@@ -240,9 +239,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Tether, 
 
 
 def _flow(tether: Tether, task_id: str) -> FlowState:
-    raw = tether.store.get_task_flow(task_id)
-    assert raw is not None
-    return msgspec.json.decode(raw, type=FlowState)
+    return tether.audit.rows.flow_state(task_id)
 
 
 def test_the_gateway_redacts_a_disguised_key_and_observes_what_an_upstream_hides(

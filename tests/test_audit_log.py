@@ -455,6 +455,7 @@ def test_a_store_of_the_previous_schema_is_upgraded_and_adopted(tmp_path: Path) 
         "ALTER TABLE signing_keys DROP COLUMN revoked_at",
         "ALTER TABLE credentials DROP COLUMN expires_at",
         "DROP TABLE row_tags",
+        "DROP TABLE task_flow_deltas",
         "DELETE FROM meta WHERE key = 'rows_tagged'",
         "UPDATE meta SET value = '1' WHERE key = 'schema_version'",
     ):
@@ -462,7 +463,7 @@ def test_a_store_of_the_previous_schema_is_upgraded_and_adopted(tmp_path: Path) 
     db.commit()
     db.close()
     t = Tether.open(home)
-    assert t.store.get_meta("schema_version") == "3"
+    assert t.store.get_meta("schema_version") == "4"
     assert all(not ok for _, ok in t.keys.all_keys())
     assert t.jwks()["keys"] == []
     assert not t.verify_audit(sign=False).ok

@@ -6,6 +6,7 @@ from __future__ import annotations
 import msgspec
 
 from tether import ProofKey, Tether, parse_intent
+from tether.audit._rows import RowTags
 from tether.core import FlowState
 
 from .conftest import AGENT
@@ -47,13 +48,12 @@ def _task_that_read_untrusted_content(t: Tether) -> tuple[ProofKey, str, str]:
 
 
 def test_the_state_kept_decoded_is_the_state_stored(permissive: Tether) -> None:
-    """What the decision path reads without decoding equals the stored bytes decoded."""
+    """What the decision path reads without decoding equals the stored state, as another
+    process reads it."""
     t = permissive
     _, _, task_id = _task_that_read_untrusted_content(t)
     kept = t.enforcement.loader.flow(task_id)
-    raw = t.store.get_task_flow(task_id)
-    assert raw is not None and kept is not None
-    stored = msgspec.json.decode(raw, type=FlowState)
+    stored = RowTags(t.store, t.keys._sealer).flow_state(task_id)
     assert kept == stored
     assert stored.untrusted_read and stored.call_count == 3
 

@@ -20,13 +20,11 @@ from typing import Any
 
 import anyio
 import httpx
-import msgspec
 import pytest
 from mcp.shared.auth import ProtectedResourceMetadata
 from mcp.shared.exceptions import MCPError
 
 from tether import FrozenClock, ProofKey, Tether
-from tether.core import FlowState
 from tether.core._verify import PROOF_WINDOW
 from tether.enforcement._unauthenticated import UnauthenticatedTraffic
 
@@ -536,9 +534,7 @@ def test_untrusted_content_cannot_flow_to_an_egress_sink(env: Env) -> None:
     assert [(source, trusted) for source, _s, trusted, _d, _a in labels] == [
         ("web.fetch_page", False)
     ]
-    stored = env.tether.store.get_task_flow(task_id)
-    assert stored is not None
-    state = msgspec.json.decode(stored, type=FlowState)
+    state = env.tether.audit.rows.flow_state(task_id)
     assert state.untrusted_sources == ("web.fetch_page",)
     assert "attacker@evil.example" in state.untrusted_values
     held = _decisions(env, task_id)[-1]

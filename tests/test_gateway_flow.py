@@ -117,9 +117,7 @@ def _decision(result: Any) -> dict[str, Any]:
 
 
 def _state(home: Home, task_id: str) -> FlowState:
-    raw = home.tether.store.get_task_flow(task_id)
-    assert raw is not None
-    return msgspec.json.decode(raw, type=FlowState)
+    return home.tether.audit.rows.flow_state(task_id)
 
 
 def test_catalogue_flow_facts_become_the_core_profile() -> None:

@@ -21,14 +21,17 @@ keeps what it saw revoked in memory. See ``docs/security.md``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence
+from itertools import islice
+from typing import Any
 
 import msgspec
 
 from tether._errors import InfrastructureError, TetherError
 from tether.core._canonical import canonical_json
+from tether.core._flow import FlowState
 from tether.core._flow import start as start_flow
 from tether.core._intent import decode_intent
 from tether.store import (
@@ -44,8 +47,6 @@ from tether.store import (
 from tether.tokens._seal import Sealer
 
 log = logging.getLogger("tether.audit")
-
-T = TypeVar("T")
 
 #: Meta key: set (and tagged) once every row of the store carries its tag.
 ROWS_TAGGED_META = "rows_tagged"
@@ -115,10 +116,9 @@ class RowTags:
         #: reading the same row again skips the HMAC (the tag itself is still read).
         self._good: dict[tuple[str, str], tuple[str, bytes]] = {}
         self._reported: set[tuple[str, str]] = set()
-        #: task id -> the flow state and tag last written or checked here, and the state
-        #: decoded (once asked for): read back unchanged (a byte comparison), it needs no
-        #: HMAC of the whole state again, nor decoding.
-        self._flows: dict[str, tuple[bytes, str, Any]] = {}
+        #: task id -> its flow state's row and tag last written or checked here, with the
+        #: state they name (see :meth:`flow_state`).
+        self._flows: dict[str, _Held] = {}
 
     def _material(self, kind: str, key: str, fields: Mapping[str, Any]) -> bytes:
         return canonical_json({"kind": kind, "key": key, "fields": dict(fields)})
@@ -186,54 +186,115 @@ class RowTags:
         return body
 
     # -- flow states ---------------------------------------------------------------------
+    # A task's flow state is kept in two parts (see :class:`FlowHead`): its tagged row
+    # holds everything but the values it has read, with the count of its deltas and the
+    # digest chaining them; each call that adds values appends one delta. A store writer
+    # who deletes, edits, reorders or re-points a delta breaks the chain the tagged row
+    # names: the state is refused (:class:`RowTampered`). A process keeps the state it
+    # checked last and reads only the deltas it lacks.
     def _flow_material(self, task_id: str, state: bytes) -> bytes:
         return b"flow\n" + task_id.encode() + b"\n" + state
 
     def put_flow(self, task_id: str, state: bytes, at: float, decoded: Any = None) -> None:
-        """Store a task's encoded flow state with its tag (one per state: what the task
-        has read is as authority-bearing as what it may do). ``decoded``: the value
-        ``state`` encodes, kept for :meth:`flow_state`."""
-        self._store.put_task_flow(task_id, state, at)
-        tag = self._sealer.mac(f"row {FLOW} v1", self._flow_material(task_id, state))
-        self._store.put_row_tag(FLOW, task_id, tag)
-        self._remember_flow(task_id, state, tag, decoded)
+        """Store a task's encoded flow state (``decoded``: the value it encodes, when at
+        hand); see :meth:`put_flow_state`."""
+        value = decoded if isinstance(decoded, FlowState) else None
+        if value is None:
+            value = msgspec.json.decode(state, type=FlowState)
+        self.put_flow_state(task_id, value, at)
 
-    def _remember_flow(self, task_id: str, state: bytes, tag: str, decoded: Any = None) -> None:
+    def put_flow_state(self, task_id: str, state: FlowState, at: float) -> None:
+        """Store a task's flow state with its tag (what the task has read is as
+        authority-bearing as what it may do). When the stored state is the one this
+        process checked or wrote last and ``state`` only adds values to it, one delta is
+        appended and the small row rewritten; otherwise the state is written whole again
+        (its values in a first delta)."""
+        store = self._store
+        held = self._flows.get(task_id)
+        if held is not None and (
+            held.legacy
+            or store.get_task_flow(task_id) != held.raw
+            or store.get_row_tag(FLOW, task_id) != held.tag
+        ):
+            held = None
+        delta = _delta(held.state, state) if held is not None else None
+        if held is not None and delta is not None:
+            deltas, chain = held.deltas, held.chain
+            if not delta.empty:
+                encoded = msgspec.json.encode(delta)
+                deltas, chain = deltas + 1, _link(chain, encoded)
+                store.put_task_flow_delta(task_id, deltas, encoded, at)
+        else:
+            store.drop_task_flow_deltas(task_id)
+            deltas, chain = 0, _seed(task_id)
+            whole = _values(state)
+            if not whole.empty:
+                encoded = msgspec.json.encode(whole)
+                deltas, chain = 1, _link(chain, encoded)
+                store.put_task_flow_delta(task_id, 1, encoded, at)
+        raw = msgspec.json.encode(_head(state, deltas, chain))
+        store.put_task_flow(task_id, raw, at)
+        tag = self._sealer.mac(f"row {FLOW} v1", self._flow_material(task_id, raw))
+        store.put_row_tag(FLOW, task_id, tag)
+        self._remember_flow(task_id, _Held(raw, tag, deltas, chain, state))
+
+    def _remember_flow(self, task_id: str, held: _Held) -> None:
         if len(self._flows) > 4096:
             self._flows.clear()
-        self._flows[task_id] = (state, tag, decoded)
+        self._flows[task_id] = held
 
-    def flow_state(self, task_id: str, decode: Callable[[bytes], T]) -> T:
-        """A task's flow state checked as :meth:`flow` checks it, then decoded by
-        ``decode``: the very bytes this process wrote or decoded last are not decoded
-        again (a task's state grows with what it read; its calls should not)."""
-        raw = self.flow(task_id)
+    def flow_state(self, task_id: str) -> FlowState:
+        """A task's flow state, checked. Every task has one from its opening, so a missing
+        state was deleted: :class:`RowTampered`, like a wrong tag or a broken chain of
+        deltas (a task that forgot what it read would let an injected call through). The
+        row this process wrote or checked last, read back unchanged (a byte comparison),
+        needs no HMAC nor decoding again; a row another process moved on is checked and
+        only the deltas added since are read."""
+        store = self._store
+        raw = store.get_task_flow(task_id)
+        tag = store.get_row_tag(FLOW, task_id)
         held = self._flows.get(task_id)
-        if held is not None and held[2] is not None and held[0] == raw:
-            value: T = held[2]
-            return value
-        value = decode(raw)
-        if held is not None and held[0] == raw:
-            self._flows[task_id] = (raw, held[1], value)
-        return value
-
-    def flow(self, task_id: str) -> bytes:
-        """A task's encoded flow state, its tag checked. Every task has one from its
-        opening, so a missing state was deleted: :class:`RowTampered`, like a wrong tag
-        (a task that forgot what it read would let an injected call through)."""
-        raw = self._store.get_task_flow(task_id)
-        tag = self._store.get_row_tag(FLOW, task_id)
-        held = self._flows.get(task_id)
-        if raw is not None and tag is not None and held is not None and held[:2] == (raw, tag):
-            return raw  # the very state and tag this process wrote or checked last
+        if raw is not None and held is not None and (held.raw, held.tag) == (raw, tag):
+            return held.state
         if raw is None or not self._sealer.mac_ok(
             f"row {FLOW} v1", self._flow_material(task_id, raw), tag
         ):
             self._report(FLOW, task_id, "it is missing" if raw is None else "its tag is wrong")
             raise RowTampered(FLOW, task_id)
         assert tag is not None  # mac_ok refuses a missing tag
-        self._remember_flow(task_id, raw, tag)
-        return raw
+        head = msgspec.json.decode(raw, type=FlowHead)
+        if not head.chain:  # written whole, before deltas: all of it is in its row
+            whole = _plain(head, None)
+            self._remember_flow(task_id, _Held(raw, tag, 0, "", whole, legacy=True))
+            return whole
+        state: FlowState | None = None
+        if held is not None and not held.legacy and held.deltas <= head.deltas:
+            state = self._extend(task_id, head, held.deltas, held.chain, held.state)
+        if state is None:
+            state = self._extend(task_id, head, 0, _seed(task_id), None)
+        if state is None:
+            self._report(FLOW, task_id, "its deltas do not chain to it")
+            raise RowTampered(FLOW, task_id)
+        self._remember_flow(task_id, _Held(raw, tag, head.deltas, head.chain, state))
+        return state
+
+    def _extend(
+        self, task_id: str, head: FlowHead, after: int, chain: str, base: FlowState | None
+    ) -> FlowState | None:
+        """The state ``head`` names from ``base`` (the state after delta ``after``, whose
+        chain is ``chain``) and the deltas after it; ``None`` unless they chain to it."""
+        rows = self._store.task_flow_deltas(task_id, after, head.deltas)
+        if [seq for seq, _ in rows] != list(range(after + 1, head.deltas + 1)):
+            return None
+        for _, encoded in rows:
+            chain = _link(chain, encoded)
+        if chain != head.chain:
+            return None
+        return _plain(head, base, [msgspec.json.decode(d, type=FlowDelta) for _, d in rows])
+
+    def flow(self, task_id: str) -> bytes:
+        """A task's flow state, checked as :meth:`flow_state` checks it, encoded whole."""
+        return msgspec.json.encode(self.flow_state(task_id))
 
     # -- tagged settings ---------------------------------------------------------------
     def set_setting(self, key: str, value: str) -> None:
@@ -408,3 +469,123 @@ def secret_fields(row: SecretRow) -> dict[str, Any]:
         "created_by": row.created_by,
         "disabled_at": row.disabled_at,
     }
+
+
+# -- a task's flow state, kept as a tagged head and appended deltas -----------------------
+
+
+class FlowHead(FlowState, frozen=True, omit_defaults=True):
+    """A task's flow state as its tagged row holds it: all but the values it has read
+    (``trusted_values``, ``untrusted_values``, ``fingerprints``, ``sent``), which are in
+    its ``deltas`` numbered from 1, and ``chain``, the digest chaining them
+    (:func:`_link` from :func:`_seed`). A row written before deltas has no ``chain`` and
+    holds the whole state."""
+
+    deltas: int = 0
+    chain: str = ""
+
+
+class FlowDelta(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The values one call added to a task's flow state."""
+
+    trusted: frozenset[str] = frozenset()
+    untrusted: dict[str, str] = {}
+    fingerprints: dict[int, str] = {}
+    sent: frozenset[int] = frozenset()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.trusted or self.untrusted or self.fingerprints or self.sent)
+
+
+class _Held(msgspec.Struct):
+    """A flow state's row and tag as written or checked here, and the state they name."""
+
+    raw: bytes
+    tag: str
+    deltas: int
+    chain: str
+    state: FlowState
+    legacy: bool = False  # a row written whole, before deltas
+
+
+_VALUES = frozenset(("trusted_values", "untrusted_values", "fingerprints", "sent"))
+_KEPT = tuple(f for f in FlowState.__struct_fields__ if f not in _VALUES)
+
+
+def _seed(task_id: str) -> str:
+    return hashlib.sha256(b"tether flow deltas v1\n" + task_id.encode()).hexdigest()
+
+
+def _link(chain: str, delta: bytes) -> str:
+    return hashlib.sha256(bytes.fromhex(chain) + delta).hexdigest()
+
+
+def _head(state: FlowState, deltas: int, chain: str) -> FlowHead:
+    return FlowHead(**{f: getattr(state, f) for f in _KEPT}, deltas=deltas, chain=chain)
+
+
+def _values(state: FlowState) -> FlowDelta:
+    return FlowDelta(
+        trusted=state.trusted_values,
+        untrusted=state.untrusted_values,
+        fingerprints=state.fingerprints,
+        sent=state.sent,
+    )
+
+
+def _plain(head: FlowHead, base: FlowState | None, deltas: Sequence[FlowDelta] = ()) -> FlowState:
+    """The state ``head`` names: its own values (a row written whole) or ``base``'s, with
+    ``deltas`` added in order."""
+    source: FlowState = base if base is not None else head
+    trusted, untrusted = source.trusted_values, source.untrusted_values
+    prints, sent = source.fingerprints, source.sent
+    for delta in deltas:
+        if delta.trusted:
+            trusted = trusted | delta.trusted
+        if delta.untrusted:
+            untrusted = {**untrusted, **delta.untrusted}
+        if delta.fingerprints:
+            prints = {**prints, **delta.fingerprints}
+        if delta.sent:
+            sent = sent | delta.sent
+    return FlowState(
+        **{f: getattr(head, f) for f in _KEPT},
+        trusted_values=trusted,
+        untrusted_values=untrusted,
+        fingerprints=prints,
+        sent=sent,
+    )
+
+
+def _added(before: dict[Any, str], after: dict[Any, str]) -> dict[Any, str] | None:
+    """The entries ``after`` adds to ``before`` (appended after them), or ``None`` when it
+    does not only add."""
+    if after is before:
+        return {}
+    if len(after) < len(before) or not before.items() <= after.items():
+        return None
+    tail = dict(islice(after.items(), len(before), None))
+    if len(tail) + len(before) != len(after) or any(k in before for k in tail):
+        return None
+    return tail
+
+
+def _delta(before: FlowState, after: FlowState) -> FlowDelta | None:
+    """What ``after`` adds to ``before``'s values, or ``None`` when it does not only add
+    (then the state is written whole)."""
+    trusted: frozenset[str] = frozenset()
+    if after.trusted_values is not before.trusted_values:
+        if not before.trusted_values <= after.trusted_values:
+            return None
+        trusted = after.trusted_values - before.trusted_values
+    sent: frozenset[int] = frozenset()
+    if after.sent is not before.sent:
+        if not before.sent <= after.sent:
+            return None
+        sent = after.sent - before.sent
+    untrusted = _added(before.untrusted_values, after.untrusted_values)
+    prints = _added(before.fingerprints, after.fingerprints)
+    if untrusted is None or prints is None:
+        return None
+    return FlowDelta(trusted=trusted, untrusted=untrusted, fingerprints=prints, sent=sent)

@@ -469,7 +469,7 @@ class Enforcement:
             for ancestor in plan.spend[1:]:
                 store.spend_call(ancestor, 1 << 62)
         for task_id, state in plan.flows:
-            self._auditor.rows.put_flow(task_id, msgspec.json.encode(state), now, state)
+            self._auditor.rows.put_flow_state(task_id, state, now)
         if plan.touch is not None:
             store.touch_task(plan.touch, now)
         return plan.use_approval
@@ -582,7 +582,7 @@ class Enforcement:
                 return ObservationRefused(code, message, refused.seq)
             if reading is not None:
                 for task_id, flow in plan.flows:
-                    self._auditor.rows.put_flow(task_id, msgspec.json.encode(flow), now, flow)
+                    self._auditor.rows.put_flow_state(task_id, flow, now)
             if outcome in ("ok", "error"):
                 extra = {"oversized": True} if oversized else {}
                 self._store.add_task_label(
@@ -680,6 +680,4 @@ class Enforcement:
                 before = snapshot.flows.get(member.task_id) or start(member.intent.request or "")
                 after = observe_content(before, source, text)
                 if after != before:
-                    self._auditor.rows.put_flow(
-                        member.task_id, msgspec.json.encode(after), now, after
-                    )
+                    self._auditor.rows.put_flow_state(member.task_id, after, now)

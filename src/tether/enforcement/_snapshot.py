@@ -40,10 +40,6 @@ class FlowUnavailable(InfrastructureError):
     code = "flow.state_unavailable"
 
 
-def _decode_flow(raw: bytes) -> FlowState:
-    return msgspec.json.decode(raw, type=FlowState)
-
-
 class SnapshotLoader:
     def __init__(self, store: Store, rows: RowTags) -> None:
         self._store = store
@@ -109,7 +105,7 @@ class SnapshotLoader:
 
     def flow(self, task_id: str) -> FlowState | None:
         try:  # RowTampered when missing or edited: refused
-            return self._rows.flow_state(task_id, _decode_flow)
+            return self._rows.flow_state(task_id)
         except msgspec.DecodeError as exc:
             raise FlowUnavailable(
                 f"the flow state of task {task_id} cannot be read: {exc}"

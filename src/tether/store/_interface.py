@@ -333,6 +333,19 @@ class Store(Protocol):
         """Store (or replace) the task's encoded flow state."""
         ...
 
+    def put_task_flow_delta(self, task_id: str, seq: int, delta: bytes, at: float) -> None:
+        """Store (or replace) the task's flow delta number ``seq`` (from 1)."""
+        ...
+
+    def task_flow_deltas(self, task_id: str, after: int, upto: int) -> list[tuple[int, bytes]]:
+        """(seq, delta) of the task's flow deltas numbered above ``after`` up to ``upto``,
+        in order."""
+        ...
+
+    def drop_task_flow_deltas(self, task_id: str) -> None:
+        """Delete the task's flow deltas (its state is written whole again)."""
+        ...
+
     def revoke_token(self, token_id: str, task_id: str, reason: str, at: float) -> None: ...
     def token_revoked(self, token_id: str) -> bool: ...
     def revocations_since(self, at: float) -> list[tuple[str, float]]:

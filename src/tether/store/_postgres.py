@@ -1047,6 +1047,24 @@ class PostgresStore:
             (task_id, state, at),
         )
 
+    def put_task_flow_delta(self, task_id: str, seq: int, delta: bytes, at: float) -> None:
+        self._run(
+            "INSERT INTO task_flow_deltas (task_id, seq, delta, at) VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT (task_id, seq) DO UPDATE SET delta = excluded.delta, at = excluded.at",
+            (task_id, seq, delta, at),
+        )
+
+    def task_flow_deltas(self, task_id: str, after: int, upto: int) -> list[tuple[int, bytes]]:
+        rows = self._all(
+            "SELECT seq, delta FROM task_flow_deltas WHERE task_id = %s AND seq > %s "
+            "AND seq <= %s ORDER BY seq",
+            (task_id, after, upto),
+        )
+        return [(int(r[0]), bytes(r[1])) for r in rows]
+
+    def drop_task_flow_deltas(self, task_id: str) -> None:
+        self._run("DELETE FROM task_flow_deltas WHERE task_id = %s", (task_id,))
+
     # -- revocations and proofs ---------------------------------------------------------
     def revoke_token(self, token_id: str, task_id: str, reason: str, at: float) -> None:
         self._run(

@@ -35,9 +35,13 @@ from tether.store._interface import (
     SecretVersionRow,
     TaskRow,
 )
-from tether.store.migrations.sqlite import v2_verifiable_log, v3_credential_expiry
+from tether.store.migrations.sqlite import (
+    v2_verifiable_log,
+    v3_credential_expiry,
+    v4_flow_deltas,
+)
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 _CREDENTIAL_COLS = "credential_id, secret_hash, role, owner, created_at, disabled_at, expires_at"
 T = TypeVar("T")
 _KEY_COLS = (
@@ -88,6 +92,9 @@ CREATE TABLE IF NOT EXISTS task_labels (
 CREATE INDEX IF NOT EXISTS task_labels_task ON task_labels (task_id);
 CREATE TABLE IF NOT EXISTS task_flow (
   task_id TEXT PRIMARY KEY, state BLOB NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS task_flow_deltas (
+  task_id TEXT NOT NULL, seq INTEGER NOT NULL, delta BLOB NOT NULL, at REAL NOT NULL,
+  PRIMARY KEY (task_id, seq));
 CREATE TABLE IF NOT EXISTS proofs (jti TEXT PRIMARY KEY, expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS secrets (
   name TEXT PRIMARY KEY, kind TEXT NOT NULL, description TEXT NOT NULL, meta_json TEXT NOT NULL,
@@ -183,7 +190,7 @@ class SQLiteStore:
 
     def _migrate(self, version: str) -> None:
         """Bring a store made by an older Tether to :data:`SCHEMA_VERSION`."""
-        steps = {"2": v2_verifiable_log, "3": v3_credential_expiry}
+        steps = {"2": v2_verifiable_log, "3": v3_credential_expiry, "4": v4_flow_deltas}
         with self.transaction():
             for target in range(int(version) + 1, int(SCHEMA_VERSION) + 1):
                 step = steps.get(str(target))
@@ -781,6 +788,24 @@ class SQLiteStore:
             "state = excluded.state, updated_at = excluded.updated_at",
             (task_id, state, at),
         )
+
+    def put_task_flow_delta(self, task_id: str, seq: int, delta: bytes, at: float) -> None:
+        self._run(
+            "INSERT INTO task_flow_deltas VALUES (?, ?, ?, ?) ON CONFLICT (task_id, seq) "
+            "DO UPDATE SET delta = excluded.delta, at = excluded.at",
+            (task_id, seq, delta, at),
+        )
+
+    def task_flow_deltas(self, task_id: str, after: int, upto: int) -> list[tuple[int, bytes]]:
+        rows = self._all(
+            "SELECT seq, delta FROM task_flow_deltas WHERE task_id = ? AND seq > ? "
+            "AND seq <= ? ORDER BY seq",
+            (task_id, after, upto),
+        )
+        return [(int(r[0]), bytes(r[1])) for r in rows]
+
+    def drop_task_flow_deltas(self, task_id: str) -> None:
+        self._run("DELETE FROM task_flow_deltas WHERE task_id = ?", (task_id,))
 
     # -- revocations and proofs ---------------------------------------------------------
     def revoke_token(self, token_id: str, task_id: str, reason: str, at: float) -> None:
