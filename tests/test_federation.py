@@ -361,7 +361,7 @@ def test_configuration_written_without_the_kek_is_refused(tether: Tether, partne
     authentication, and no foreign SVID attests anything."""
     _federate(tether, partner)
     forged = json.loads(tether.store.get_meta("federation") or "{}")
-    forged[PARTNER]["links"]["spiffe://partner.example/agent/evil"] = AGENT
+    forged["trust_domains"][PARTNER]["links"]["spiffe://partner.example/agent/evil"] = AGENT
     tether.store.set_meta("federation", json.dumps(forged, sort_keys=True))
     with pytest.raises(RowTampered):
         tether.attestation.attest_federated(
