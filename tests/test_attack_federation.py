@@ -746,12 +746,15 @@ def test_failed_refresh_is_not_retried_per_request(
 def test_rolled_back_federation_setting(tether: Tether, partner: Partner) -> None:
     """Attacker: someone who can write the store but lacks the KEK, who copied the
     federation setting and its tag while the partner was federated and writes both back
-    after the operator removed the partner: nothing from the partner attests."""
+    after the operator removed the partner: nothing from the partner attests on the node
+    that saw the removal, and the audit verification names the removal's receipt (which a
+    node started after the rollback needs, having seen no newer version)."""
     _federate(tether, partner)
     value = tether.store.get_meta("federation")
     tag = tether.store.get_row_tag(SETTING_ROW, "federation")
     assert value is not None and tag is not None
     tether.attestation.federation.remove(PARTNER)
+    assert tether.verify_audit().ok
     tether.store.set_meta("federation", value)
     tether.store.put_row_tag(SETTING_ROW, "federation", tag)
     svid = partner.svid()
@@ -759,6 +762,11 @@ def test_rolled_back_federation_setting(tether: Tether, partner: Partner) -> Non
     with pytest.raises((AttestationRejected, RowTampered)):
         tether.attestation.attest_federated(svid, _key())
     assert _issued(tether) == before
+    report = tether.verify_audit()
+    assert not report.ok
+    removed = [r for r in _records(tether) if r["kind"] == "federation.remove"]
+    assert report.first_bad == removed[-1]["seq"]
+    assert "federation setting" in (report.problem or "")
 
 
 def test_forged_federation_setting_and_tag_swap(tether: Tether, partner: Partner) -> None:

@@ -18,17 +18,24 @@ written by the attestor):
    (``federation.unknown_trust_domain``).
 2. The configuration (trust domains, their sources, the links) is one tagged setting of
    the store: every node reads it on every attestation, so a removal holds everywhere at
-   once, and a configuration written without the KEK is refused as a whole.
+   once, and a configuration written without the KEK is refused as a whole. Every change
+   raises its version (named with its digest in the change's receipt); a node refuses a
+   setting older than the newest it has seen (an authentic older value put back).
 3. A fetched bundle is kept in this node's memory and refreshed when its refresh interval
    (the operator's, or the bundle's ``spiffe_refresh_hint``, or five minutes) has passed;
    a failed refresh keeps the last bundle, which is refused once it is older than the
-   trust domain's ``max_age`` (``federation.stale``): fail closed.
-4. A bundle whose ``spiffe_sequence`` is lower than the one held is not taken (a rollback
-   to keys since removed); an empty bundle, or one with no ``jwt-svid`` key, attests
-   nothing (§4.1.3, JWT-SVID §6.2).
+   trust domain's ``max_age`` (``federation.stale``): fail closed; it is not tried again
+   for min(refresh interval, 30 s). A fetch takes only an uncompressed answer of at most
+   1 MiB, whole within ``FETCH_TIMEOUT``.
+4. A bundle whose ``spiffe_sequence`` is lower than the one held, or left out when the
+   held one has one, is not taken (a rollback to keys since removed); an empty bundle,
+   or one with no ``jwt-svid`` key, attests nothing (§4.1.3, JWT-SVID §6.2).
 5. Bundles and SVIDs are parsed and validated by the ``spiffe`` package (``JwtBundle``,
    ``X509Bundle``, ``JwtSvid.parse_and_validate``); Tether adds the header allowlist
-   (only ``alg``, ``kid``, ``typ``), duplicate-key-free JSON and the injected clock.
+   (only ``alg``, ``kid``, ``typ``), duplicate-key-free JSON of canonical base64url, a
+   numeric ``exp``, the injected clock, and single use keyed on the signing input (so a
+   malleated or re-padded signature over the same claims is the same SVID).
+6. This trust domain's own name cannot be federated.
 """
 
 from __future__ import annotations
