@@ -269,11 +269,6 @@ def endpoint() -> Iterator[Endpoint]:
 
 
 # -- an unauthenticated network caller ---------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="bypass: single use keys on the token's text; the same ES256 signature with "
-    "s replaced by n - s verifies again (ECDSA malleability) and attests a second time",
-)
 def test_replay_with_the_twin_signature(tether: Tether, partner: Partner) -> None:
     """Attacker: an unauthenticated network caller holding a partner JWT-SVID that has
     already attested (seen in a log or on the wire): it re-encodes the signature as
@@ -307,11 +302,6 @@ def test_replay_with_a_respelled_signature(tether: Tether, partner: Partner) -> 
     assert _issued(tether) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bypass: single use keys on the token's text; the same token with '==' padding "
-    "after the signature verifies again (PyJWT accepts it) and attests a second time",
-)
 def test_replay_with_a_padded_signature(tether: Tether, partner: Partner) -> None:
     """Attacker: an unauthenticated network caller holding a partner JWT-SVID that has
     already attested: it appends base64 padding to the signature segment and presents
@@ -403,12 +393,6 @@ def test_audience_and_time_extremes(tether: Tether, partner: Partner) -> None:
     assert _issued(tether) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="bypass (fail-open on the refusal path): a JWT-SVID without exp raises KeyError "
-    "inside the spiffe package, uncaught by verify_jwt_svid: no reason code, no receipt",
-)
 def test_exp_missing(tether: Tether, partner: Partner) -> None:
     """Attacker: a compromised foreign trust domain signing a JWT-SVID with no ``exp``
     (JWT-SVID §3 requires one): refused with its reason and a receipt."""
@@ -418,13 +402,6 @@ def test_exp_missing(tether: Tether, partner: Partner) -> None:
     _refused(tether, partner.signed(claims), "svid.invalid")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="bypass (fail-open on the refusal path): a JWT-SVID whose exp is a string passes "
-    "the spiffe package and breaks Tether's own expiry check with a TypeError: no reason "
-    "code, no receipt, an unhandled error",
-)
 def test_exp_of_the_wrong_type(tether: Tether, partner: Partner) -> None:
     """Attacker: a compromised foreign trust domain signing a JWT-SVID whose ``exp`` is the
     string ``"9999999999"``: a malformed SVID, refused with its reason and a receipt."""
@@ -509,11 +486,6 @@ def test_foreign_domain_names_another_domains_id(tether: Tether, partner: Partne
     assert _issued(tether) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bypass: the JWT-SVID payload and header are parsed by PyJWT with last-member-"
-    "wins; the documented duplicate-free JSON is not enforced on foreign SVIDs",
-)
 def test_duplicate_members_in_a_foreign_svid(tether: Tether) -> None:
     """Attacker: a malicious foreign trust domain signing a JWT-SVID whose payload names
     two subjects (the first not linked, the last linked): a reader that keeps the first
@@ -567,11 +539,6 @@ def test_foreign_x509_chains(tether: Tether) -> None:
     assert _issued(tether) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bypass: the local trust domain can be federated; a foreign bundle then signs "
-    "SVIDs of spiffe://<this domain>/... that attest local identities",
-)
 def test_the_local_trust_domain_cannot_be_federated(tether: Tether) -> None:
     """Attacker: a malicious foreign trust domain that gets its bundle federated under
     this trust domain's own name (acme.example): it must be refused at once, so that no
@@ -627,13 +594,6 @@ def test_hostile_bundle_endpoint_answers(tether: Tether, endpoint: Endpoint) -> 
     assert len(_records(tether)) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="bypass (fail-open on the refusal path): a bundle of deeply nested JSON raises "
-    "RecursionError through parse_bundle; refresh does not keep the held bundle, every "
-    "attestation of that domain ends in an unhandled error without a receipt",
-)
 def test_deeply_nested_bundle_at_refresh(
     tether: Tether, endpoint: Endpoint, clock: FrozenClock
 ) -> None:
@@ -674,11 +634,6 @@ def test_sequence_rollback_keeps_the_held_bundle(
     assert "went back" in (federation.status()[0]["last_error"] or "")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bypass: the 1 MiB bundle limit is checked after httpx decodes each chunk; a "
-    "gzip answer of a few KiB inflates to tens of MiB in memory before it is refused",
-)
 def test_compressed_bundle_bomb(tether: Tether, endpoint: Endpoint) -> None:
     """Attacker: a malicious foreign trust domain's endpoint answering a small gzip body
     that inflates far beyond the 1 MiB bundle limit: refused, and never held in memory
@@ -698,11 +653,6 @@ def test_compressed_bundle_bomb(tether: Tether, endpoint: Endpoint) -> None:
     assert peak < 8 * federation_module.MAX_BUNDLE_BYTES, f"peak {peak} bytes"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bypass: FETCH_TIMEOUT bounds each read, not the fetch; an endpoint dripping "
-    "one byte at a time holds the fetch (and the attestation waiting on it) without end",
-)
 def test_slow_drip_endpoint_is_cut_off(endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch) -> None:
     """Attacker: a malicious foreign trust domain's endpoint answering its bundle one
     byte at a time, each within the read timeout: the fetch as a whole must give up after
@@ -717,11 +667,6 @@ def test_slow_drip_endpoint_is_cut_off(endpoint: Endpoint, monkeypatch: pytest.M
         fetch_bundle(endpoint.url)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bypass: a bundle without spiffe_sequence replaces one that had a sequence; the "
-    "rollback check compares only when both carry one, so a removed key attests again",
-)
 def test_rollback_by_dropping_the_sequence(
     tether: Tether, endpoint: Endpoint, clock: FrozenClock
 ) -> None:
@@ -741,13 +686,6 @@ def test_rollback_by_dropping_the_sequence(
     _refused(tether, old.sign(old.claims(EVIL_BOT)), "svid.unknown_kid")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=httpx.TimeoutException,
-    reason="bypass: /v1/attest/federated is an async handler that fetches the bundle "
-    "synchronously; while a foreign endpoint holds that fetch open, the server's event "
-    "loop answers nobody (one unauthenticated request stalls every caller)",
-)
 def test_a_held_refresh_does_not_stall_the_server(tmp_path: Path, endpoint: Endpoint) -> None:
     """Attacker: a malicious foreign trust domain whose bundle endpoint holds a refresh
     open (its last byte never comes), triggered by an unauthenticated network caller
@@ -783,12 +721,6 @@ def test_a_held_refresh_does_not_stall_the_server(tmp_path: Path, endpoint: Endp
         acme.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bypass: a failed refresh leaves the held bundle's fetched_at as it was, so "
-    "every later attestation naming that domain fetches again (no backoff): each "
-    "unauthenticated request drives an outbound fetch, each up to FETCH_TIMEOUT",
-)
 def test_failed_refresh_is_not_retried_per_request(
     tether: Tether, endpoint: Endpoint, clock: FrozenClock
 ) -> None:
@@ -811,21 +743,18 @@ def test_failed_refresh_is_not_retried_per_request(
 
 
 # -- someone who can write the store but does not hold the KEK ---------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="bypass: the federation setting's tag covers (name, value) only; an older "
-    "authentic value with its tag, written back without the KEK, re-federates a removed "
-    "trust domain and its links",
-)
 def test_rolled_back_federation_setting(tether: Tether, partner: Partner) -> None:
     """Attacker: someone who can write the store but lacks the KEK, who copied the
     federation setting and its tag while the partner was federated and writes both back
-    after the operator removed the partner: nothing from the partner attests."""
+    after the operator removed the partner: nothing from the partner attests on the node
+    that saw the removal, and the audit verification names the removal's receipt (which a
+    node started after the rollback needs, having seen no newer version)."""
     _federate(tether, partner)
     value = tether.store.get_meta("federation")
     tag = tether.store.get_row_tag(SETTING_ROW, "federation")
     assert value is not None and tag is not None
     tether.attestation.federation.remove(PARTNER)
+    assert tether.verify_audit().ok
     tether.store.set_meta("federation", value)
     tether.store.put_row_tag(SETTING_ROW, "federation", tag)
     svid = partner.svid()
@@ -833,6 +762,11 @@ def test_rolled_back_federation_setting(tether: Tether, partner: Partner) -> Non
     with pytest.raises((AttestationRejected, RowTampered)):
         tether.attestation.attest_federated(svid, _key())
     assert _issued(tether) == before
+    report = tether.verify_audit()
+    assert not report.ok
+    removed = [r for r in _records(tether) if r["kind"] == "federation.remove"]
+    assert report.first_bad == removed[-1]["seq"]
+    assert "federation setting" in (report.problem or "")
 
 
 def test_forged_federation_setting_and_tag_swap(tether: Tether, partner: Partner) -> None:
@@ -844,7 +778,7 @@ def test_forged_federation_setting_and_tag_swap(tether: Tether, partner: Partner
     value = tether.store.get_meta("federation")
     assert value is not None
     forged = json.loads(value)
-    forged[PARTNER]["links"][PARTNER_BOT] = "spiffe://acme.example/agent/admin"
+    forged["trust_domains"][PARTNER]["links"][PARTNER_BOT] = "spiffe://acme.example/agent/admin"
     tether.store.set_meta("federation", json.dumps(forged, sort_keys=True))
     with pytest.raises(RowTampered):
         tether.attestation.attest_federated(svid, _key())

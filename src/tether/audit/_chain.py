@@ -167,6 +167,8 @@ class _Endings:
         self.approvals: dict[str, int] = {}
         #: The newest policy set loaded: (receipt, snapshot id, digest).
         self.policy: tuple[int, int, str] | None = None
+        #: The newest federation change: (receipt, setting version, setting digest).
+        self.federation: tuple[int, int, str] | None = None
 
     def note(self, seq: int, body: dict[str, Any]) -> None:
         kind = body.get("kind")
@@ -195,6 +197,13 @@ class _Endings:
             and isinstance(detail.get("digest"), str)
         ):
             self.policy = (seq, detail["snapshot_id"], detail["digest"])
+        elif (
+            isinstance(kind, str)
+            and kind.startswith("federation.")
+            and isinstance(detail.get("setting_version"), int)
+            and isinstance(detail.get("setting_digest"), str)
+        ):
+            self.federation = (seq, detail["setting_version"], detail["setting_digest"])
 
     def rolled_back(self, store: Store) -> tuple[int, str] | None:
         """The first receipt whose ending the store's rows no longer show, and why."""
@@ -229,6 +238,18 @@ class _Endings:
                         seq,
                         f"policy set {snapshot_id} loaded at receipt {seq} is not the "
                         f"active one (the store's is {active.id if active else 'none'})",
+                    )
+                )
+        if self.federation is not None:
+            seq, version, digest = self.federation
+            value = store.get_meta("federation")
+            held = hashlib.sha256(value.encode()).hexdigest() if value is not None else None
+            if held != digest:
+                found.append(
+                    (
+                        seq,
+                        f"the federation setting of version {version} written at receipt "
+                        f"{seq} is not the store's",
                     )
                 )
         return min(found) if found else None

@@ -18,17 +18,24 @@ written by the attestor):
    (``federation.unknown_trust_domain``).
 2. The configuration (trust domains, their sources, the links) is one tagged setting of
    the store: every node reads it on every attestation, so a removal holds everywhere at
-   once, and a configuration written without the KEK is refused as a whole.
+   once, and a configuration written without the KEK is refused as a whole. Every change
+   raises its version (named with its digest in the change's receipt); a node refuses a
+   setting older than the newest it has seen (an authentic older value put back).
 3. A fetched bundle is kept in this node's memory and refreshed when its refresh interval
    (the operator's, or the bundle's ``spiffe_refresh_hint``, or five minutes) has passed;
    a failed refresh keeps the last bundle, which is refused once it is older than the
-   trust domain's ``max_age`` (``federation.stale``): fail closed.
-4. A bundle whose ``spiffe_sequence`` is lower than the one held is not taken (a rollback
-   to keys since removed); an empty bundle, or one with no ``jwt-svid`` key, attests
-   nothing (§4.1.3, JWT-SVID §6.2).
+   trust domain's ``max_age`` (``federation.stale``): fail closed; it is not tried again
+   for min(refresh interval, 30 s). A fetch takes only an uncompressed answer of at most
+   1 MiB, whole within ``FETCH_TIMEOUT``.
+4. A bundle whose ``spiffe_sequence`` is lower than the one held, or left out when the
+   held one has one, is not taken (a rollback to keys since removed); an empty bundle,
+   or one with no ``jwt-svid`` key, attests nothing (§4.1.3, JWT-SVID §6.2).
 5. Bundles and SVIDs are parsed and validated by the ``spiffe`` package (``JwtBundle``,
    ``X509Bundle``, ``JwtSvid.parse_and_validate``); Tether adds the header allowlist
-   (only ``alg``, ``kid``, ``typ``), duplicate-key-free JSON and the injected clock.
+   (only ``alg``, ``kid``, ``typ``), duplicate-key-free JSON of canonical base64url, a
+   numeric ``exp``, the injected clock, and single use keyed on the signing input (so a
+   malleated or re-padded signature over the same claims is the same SVID).
+6. This trust domain's own name cannot be federated.
 """
 
 from __future__ import annotations
@@ -40,7 +47,9 @@ import hashlib
 import ipaddress
 import json
 import logging
+import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -75,10 +84,13 @@ from tether._errors import (
     UsageError,
 )
 from tether.audit import Auditor
+from tether.audit._rows import SETTING as SETTING_ROW
+from tether.audit._rows import RowTampered
+from tether.core._canonical import b64url
 from tether.core._clock import Clock
 from tether.core._risk import Control, risk_tags
 from tether.core._spiffe_id import parse_spiffe_id, parse_trust_domain
-from tether.core._verify import DEFAULT_LEEWAY, MAX_TOKEN_BYTES, strict_json, token_hash
+from tether.core._verify import DEFAULT_LEEWAY, MAX_TOKEN_BYTES, strict_json
 from tether.identity._registry import IdentityRegistry
 from tether.store import Store
 
@@ -96,8 +108,13 @@ MIN_REFRESH = 1.0
 DEFAULT_MAX_AGE = 3600.0
 MAX_BUNDLE_BYTES = 1024 * 1024
 MAX_CHAIN_BYTES = 64 * 1024
+#: The whole fetch of a bundle (connect, headers and every byte of the body), not one read.
 FETCH_TIMEOUT = 10.0
+#: After a failed refresh, no new fetch before min(refresh interval, this): requests that
+#: name a domain whose endpoint fails do not each drive an outbound fetch.
+RETRY_BACKOFF = 30.0
 _HEADERS = frozenset({"alg", "kid", "typ"})
+_B64URL_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 _KNOWN_KTY = frozenset({"EC", "RSA"})
 
 
@@ -142,6 +159,8 @@ def parse_bundle(trust_domain: str, raw: bytes, *, fetched_at: float) -> Bundle:
         raise BundleError(f"bundle is larger than {MAX_BUNDLE_BYTES} bytes")
     try:
         doc = strict_json(raw)
+    except RecursionError:
+        raise BundleError("bundle is JSON nested too deep") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise BundleError(f"bundle is not JSON: {str(exc)[:120]}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
@@ -211,19 +230,30 @@ def check_endpoint_url(url: str) -> str:
 
 def fetch_bundle(url: str) -> bytes:
     """GET an ``https_web`` bundle endpoint (certificate checked by the system's roots; no
-    redirects followed)."""
+    redirects followed). The answer must not be compressed (``Accept-Encoding: identity``;
+    any other ``Content-Encoding`` is refused, so the size limit counts the bytes held) and
+    must arrive whole within ``FETCH_TIMEOUT`` seconds (an endpoint dripping its answer is
+    cut off)."""
+    deadline = time.monotonic() + FETCH_TIMEOUT
     with (
         httpx.Client(timeout=FETCH_TIMEOUT, follow_redirects=False) as client,
-        client.stream("GET", url, headers={"accept": "application/json"}) as response,
+        client.stream(
+            "GET", url, headers={"accept": "application/json", "accept-encoding": "identity"}
+        ) as response,
     ):
         if response.status_code != 200:
             raise BundleError(f"bundle endpoint answered {response.status_code}")
-        body = b""
-        for chunk in response.iter_bytes():
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise BundleError(f"bundle endpoint answered a {encoding[:40]!r}-encoded body")
+        body = bytearray()
+        for chunk in response.iter_raw():
             body += chunk
             if len(body) > MAX_BUNDLE_BYTES:
                 raise BundleError(f"bundle is larger than {MAX_BUNDLE_BYTES} bytes")
-        return body
+            if time.monotonic() > deadline:
+                raise BundleError(f"bundle endpoint took longer than {FETCH_TIMEOUT:g} s")
+        return bytes(body)
 
 
 def _number(value: float | None, name: str, *, low: float) -> float | None:
@@ -255,18 +285,56 @@ class Federation:
         #: trust domain -> the digest of the configuration its cached bundle came from.
         self._sources: dict[str, str] = {}
         self._errors: dict[str, str] = {}
+        #: trust domain -> when this node last tried to fetch its bundle and failed.
+        self._failed_at: dict[str, float] = {}
+        #: The highest version of the setting this node has seen (a lower one is refused).
+        self._version = 0
         self._lock = threading.Lock()
 
     # -- configuration (one tagged setting) --------------------------------------------------
     def config(self) -> dict[str, dict[str, Any]]:
         """Every federated trust domain's entry (raises RowTampered when the setting was
-        written without the KEK: no foreign SVID attests anything then)."""
-        raw = self._auditor.rows.setting(SETTING)
-        domains: dict[str, dict[str, Any]] = json.loads(raw) if raw else {}
-        return domains
+        written without the KEK, or is older than one this node has seen: no foreign SVID
+        attests anything then)."""
+        return self._read()[1]
 
-    def _save(self, domains: dict[str, dict[str, Any]]) -> None:
-        self._auditor.rows.set_setting(SETTING, json.dumps(domains, sort_keys=True))
+    def _read(self) -> tuple[int, dict[str, dict[str, Any]]]:
+        raw = self._auditor.rows.setting(SETTING)
+        if raw is None:
+            version, domains = 0, {}
+        else:
+            doc = json.loads(raw)
+            if (
+                isinstance(doc, dict)
+                and set(doc) == {"version", "trust_domains"}
+                and isinstance(doc["version"], int)
+                and isinstance(doc["trust_domains"], dict)
+            ):
+                version, domains = doc["version"], doc["trust_domains"]
+            else:  # written before the setting had a version
+                version, domains = 0, doc
+        with self._lock:
+            if version < self._version:
+                seen = self._version
+            else:
+                self._version, seen = version, version
+        if version < seen:
+            log.error(
+                "the federation setting went back from version %d to %d: refused", seen, version
+            )
+            raise RowTampered(SETTING_ROW, SETTING)
+        return version, domains
+
+    def _save(self, domains: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Write the setting with the next version; its version and digest, for the
+        change's receipt."""
+        version = self._read()[0] + 1
+        value = json.dumps({"trust_domains": domains, "version": version}, sort_keys=True)
+        self._auditor.rows.set_setting(SETTING, value)
+        return {
+            "setting_version": version,
+            "setting_digest": hashlib.sha256(value.encode()).hexdigest(),
+        }
 
     def entry(self, trust_domain: str) -> dict[str, Any]:
         entry = self.config().get(trust_domain)
@@ -293,6 +361,11 @@ class Federation:
             parse_trust_domain(trust_domain)
         except IdentityRejected as exc:
             raise UsageError(exc.message) from None
+        if trust_domain == self._registry.trust_domain:
+            raise UsageError(
+                f"{trust_domain} is this trust domain: it cannot be federated (a foreign "
+                "bundle would then verify this trust domain's own IDs)"
+            )
         if (endpoint_url is None) == (bundle is None):
             raise UsageError("give either a bundle endpoint URL or a static bundle")
         refresh = _number(refresh_interval, "refresh interval", low=MIN_REFRESH)
@@ -330,7 +403,7 @@ class Federation:
             if old is not None:
                 entry["links"] = old.get("links", {})
             domains[trust_domain] = entry
-            self._save(domains)
+            saved = self._save(domains)
             self._auditor.append(
                 "federation.add",
                 chain=[by],
@@ -341,13 +414,16 @@ class Federation:
                     "endpoint_url": endpoint_url,
                     "bundle_digest": parsed.digest,
                     "replaced": old is not None,
+                    **saved,
                 },
                 risk_tags=list(risk_tags(Control.TRUST_DOMAIN, Control.AUDIT)),
             )
+        self._read()  # this node has now seen the new version
         with self._lock:
             self._bundles[trust_domain] = parsed
             self._sources[trust_domain] = self._source_digest(entry)
             self._errors.pop(trust_domain, None)
+            self._failed_at.pop(trust_domain, None)
         return entry
 
     def remove(self, trust_domain: str, *, by: str = "operator") -> dict[str, Any]:
@@ -358,14 +434,19 @@ class Federation:
             entry = domains.pop(trust_domain, None)
             if entry is None:
                 raise NotFound(f"trust domain {trust_domain} is not federated")
-            self._save(domains)
+            saved = self._save(domains)
             self._auditor.append(
                 "federation.remove",
                 chain=[by],
                 effect="allow",
-                detail={"trust_domain": trust_domain, "links": sorted(entry.get("links", {}))},
+                detail={
+                    "trust_domain": trust_domain,
+                    "links": sorted(entry.get("links", {})),
+                    **saved,
+                },
                 risk_tags=list(risk_tags(Control.TRUST_DOMAIN, Control.OFFBOARDING)),
             )
+        self._read()  # this node has now seen the new version
         self._forget(trust_domain)
         return entry
 
@@ -385,14 +466,15 @@ class Federation:
             if str(foreign) in links:
                 raise Conflict(f"{foreign} attests {links[str(foreign)]} already")
             links[str(foreign)] = identity.spiffe_id
-            self._save(domains)
+            saved = self._save(domains)
             self._auditor.append(
                 "federation.link",
                 chain=[by, identity.spiffe_id],
                 effect="allow",
-                detail={"spiffe_id": identity.spiffe_id, "attested_by": str(foreign)},
+                detail={"spiffe_id": identity.spiffe_id, "attested_by": str(foreign), **saved},
                 risk_tags=list(risk_tags(Control.WORKLOAD_IDENTITY, Control.TRUST_DOMAIN)),
             )
+        self._read()  # this node has now seen the new version
         return {"spiffe_id": identity.spiffe_id, "attested_by": str(foreign)}
 
     def unlink(self, foreign_id: str, *, by: str = "operator") -> dict[str, Any]:
@@ -404,14 +486,15 @@ class Federation:
             local = links.pop(str(foreign), None)
             if local is None:
                 raise NotFound(f"{foreign} attests no identity")
-            self._save(domains)
+            saved = self._save(domains)
             self._auditor.append(
                 "federation.unlink",
                 chain=[by, local],
                 effect="allow",
-                detail={"spiffe_id": local, "attested_by": str(foreign)},
+                detail={"spiffe_id": local, "attested_by": str(foreign), **saved},
                 risk_tags=list(risk_tags(Control.WORKLOAD_IDENTITY, Control.OFFBOARDING)),
             )
+        self._read()  # this node has now seen the new version
         return {"spiffe_id": local, "attested_by": str(foreign)}
 
     def status(self) -> list[dict[str, Any]]:
@@ -457,6 +540,7 @@ class Federation:
             self._bundles.pop(trust_domain, None)
             self._sources.pop(trust_domain, None)
             self._errors.pop(trust_domain, None)
+            self._failed_at.pop(trust_domain, None)
 
     def bundle(self, trust_domain: str) -> Bundle:
         """The bundle of a federated trust domain, refreshed when due; raises
@@ -478,7 +562,9 @@ class Federation:
             if held is None:
                 held = self._take(trust_domain, source, entry["bundle"].encode(), now, None)
             return held
-        if held is None or now >= held.fetched_at + self._interval(entry, held):
+        if (held is None or now >= held.fetched_at + self._interval(entry, held)) and (
+            not self._backing_off(trust_domain, entry, held, now)
+        ):
             held = self._refresh(trust_domain, entry, source, held, now)
         if held is None or now >= held.fetched_at + float(entry["max_age"]):
             raise AttestationRejected(
@@ -489,9 +575,19 @@ class Federation:
         return held
 
     @staticmethod
-    def _interval(entry: dict[str, Any], held: Bundle) -> float:
-        interval = entry.get("refresh_interval") or held.refresh_hint or DEFAULT_REFRESH
+    def _interval(entry: dict[str, Any], held: Bundle | None) -> float:
+        hint = held.refresh_hint if held is not None else None
+        interval = entry.get("refresh_interval") or hint or DEFAULT_REFRESH
         return max(float(interval), MIN_REFRESH)
+
+    def _backing_off(
+        self, trust_domain: str, entry: dict[str, Any], held: Bundle | None, now: float
+    ) -> bool:
+        """Whether a fetch failed too recently to try again (min(refresh interval, 30 s))."""
+        with self._lock:
+            failed_at = self._failed_at.get(trust_domain)
+        wait = min(self._interval(entry, held), RETRY_BACKOFF)
+        return failed_at is not None and now < failed_at + wait
 
     def refresh(self, trust_domain: str) -> Bundle | None:
         """Fetch ``trust_domain``'s bundle now (``https_web``); the bundle held after it."""
@@ -522,25 +618,27 @@ class Federation:
             log.warning("bundle of %s not refreshed: %s", trust_domain, why)
             with self._lock:
                 self._errors[trust_domain] = why
+                self._failed_at[trust_domain] = now
             return held
 
     def _take(
         self, trust_domain: str, source: str, raw: bytes, now: float, held: Bundle | None
     ) -> Bundle:
         bundle = parse_bundle(trust_domain, raw, fetched_at=now)
-        if (
-            held is not None
-            and held.sequence is not None
-            and bundle.sequence is not None
-            and bundle.sequence < held.sequence
-        ):
-            raise BundleError(
-                f"spiffe_sequence went back from {held.sequence} to {bundle.sequence}"
-            )
+        if held is not None and held.sequence is not None:
+            if bundle.sequence is None:
+                raise BundleError(
+                    f"spiffe_sequence went back from {held.sequence} to none (left out)"
+                )
+            if bundle.sequence < held.sequence:
+                raise BundleError(
+                    f"spiffe_sequence went back from {held.sequence} to {bundle.sequence}"
+                )
         with self._lock:
             self._bundles[trust_domain] = bundle
             self._sources[trust_domain] = source
             self._errors.pop(trust_domain, None)
+            self._failed_at.pop(trust_domain, None)
         return bundle
 
     # -- SVIDs ---------------------------------------------------------------------------
@@ -551,23 +649,28 @@ class Federation:
         raise AttestationRejected with the reason's code."""
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_BYTES:
             raise AttestationRejected("JWT-SVID is missing or too large", code="svid.malformed")
-        try:
-            header = jwt.get_unverified_header(token)
-            unverified = jwt.decode(token, options={"verify_signature": False})
+        header, unverified, signing_input = _unverified_parts(token)
+        try:  # PyJWT's own checks of the header (crit, kid) before any key is looked up
+            jwt.get_unverified_header(token)
+            jwt.decode(token, options={"verify_signature": False})
         except jwt.PyJWTError:
             raise AttestationRejected("JWT-SVID is malformed", code="svid.malformed") from None
         if not isinstance(header, dict) or not set(header) <= _HEADERS:
             raise AttestationRejected(
                 "JWT-SVID header may carry only alg, kid, typ", code="svid.header"
             )
-        if not isinstance(unverified, dict):
-            raise AttestationRejected("JWT-SVID payload is not an object", code="svid.malformed")
         try:
             subject = parse_spiffe_id(str(unverified.get("sub", "")))
         except IdentityRejected as exc:
             raise AttestationRejected(
                 f"JWT-SVID subject: {exc.message}", code="svid.subject"
             ) from None
+        exp = unverified.get("exp")
+        if isinstance(exp, bool) or not isinstance(exp, int | float):
+            raise AttestationRejected(
+                "JWT-SVID has no exp, or one that is not a number (JWT-SVID §3)",
+                code="svid.invalid",
+            )
         bundle = self.bundle(subject.trust_domain)
         if not bundle.jwt.jwt_authorities:
             raise AttestationRejected(
@@ -590,6 +693,10 @@ class Federation:
         except PySpiffeError as exc:
             message, code = _library_reason(exc)
             raise AttestationRejected(message, code=code) from None
+        except (KeyError, TypeError, ValueError, RecursionError) as exc:
+            raise AttestationRejected(
+                f"JWT-SVID is not valid: {type(exc).__name__}", code="svid.invalid"
+            ) from None
         now = self._clock.now()
         if now >= svid.expiry + leeway:
             raise AttestationRejected("JWT-SVID has expired", code="svid.expired")
@@ -597,7 +704,9 @@ class Federation:
             spiffe_id=str(subject),
             trust_domain=subject.trust_domain,
             expires_at=float(svid.expiry),
-            token_digest=token_hash(token),
+            # The signing input as signed, not the token's text: a re-encoded or malleated
+            # signature ((r, n - s), padding) over the same claims is the same SVID.
+            token_digest=b64url(hashlib.sha256(signing_input).digest()),
         )
 
     def verify_x509_svid(self, chain_pem: str) -> tuple[ForeignClaims, ec.EllipticCurvePublicKey]:
@@ -676,6 +785,39 @@ class Federation:
                 f"{parsed} attests no identity registered here", code="federation.not_linked"
             )
         return local
+
+
+def _segment(segment: str) -> bytes:
+    """A base64url segment, decoded strictly (no padding, no other characters, no
+    unused bits set)."""
+    if _B64URL_SEGMENT.fullmatch(segment) is None or len(segment) % 4 == 1:
+        raise ValueError("not base64url")
+    data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    if b64url(data) != segment:
+        raise ValueError("not canonical base64url")
+    return data
+
+
+def _unverified_parts(token: str) -> tuple[Any, dict[str, Any], bytes]:
+    """A compact JWS's header and payload, parsed with duplicate-free JSON, and its
+    signing input (the bytes the signature covers); AttestationRejected when malformed."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise AttestationRejected("JWT-SVID is malformed", code="svid.malformed")
+    try:
+        header = strict_json(_segment(parts[0]))
+        payload = strict_json(_segment(parts[1]))
+    except RecursionError:
+        raise AttestationRejected(
+            "JWT-SVID is JSON nested too deep", code="svid.malformed"
+        ) from None
+    except (ValueError, UnicodeDecodeError, binascii.Error) as exc:
+        raise AttestationRejected(
+            f"JWT-SVID is malformed: {str(exc)[:80]}", code="svid.malformed"
+        ) from None
+    if not isinstance(payload, dict):
+        raise AttestationRejected("JWT-SVID payload is not an object", code="svid.malformed")
+    return header, payload, f"{parts[0]}.{parts[1]}".encode("ascii")
 
 
 def _library_reason(exc: Exception) -> tuple[str, str]:

@@ -22,7 +22,10 @@ disabled identity) leaves its own receipt.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
 from litestar import Request, delete, get, post
@@ -176,25 +179,31 @@ async def attest_federated(request: Request, data: FederatedAttestIn) -> S.Attes
     signed by its key for this request (``ath``: SHA-256 of ``x509_svid``)."""
     ctx = _ctx(request)
     attestation = ctx.tether.attestation
+    attest: Callable[[], Any]
+    if data.jwt_svid is not None and data.x509_svid is None and data.jwk is not None:
+        attest = functools.partial(
+            attestation.attest_federated,
+            data.jwt_svid,
+            _public_key(data.jwk),
+            audience=data.audience,
+            record_unverified=False,
+        )
+    elif data.x509_svid is not None and data.jwt_svid is None and data.jwk is None:
+        attest = functools.partial(
+            attestation.attest_federated_x509,
+            data.x509_svid,
+            single_header(request, "dpop"),
+            htm=request.method,
+            htu=request_uri(request),
+            audience=data.audience,
+            record_unverified=False,
+        )
+    else:
+        raise UsageError("send jwt_svid with jwk, or x509_svid with a DPoP proof")
     try:
-        if data.jwt_svid is not None and data.x509_svid is None and data.jwk is not None:
-            svids = attestation.attest_federated(
-                data.jwt_svid,
-                _public_key(data.jwk),
-                audience=data.audience,
-                record_unverified=False,
-            )
-        elif data.x509_svid is not None and data.jwt_svid is None and data.jwk is None:
-            svids = attestation.attest_federated_x509(
-                data.x509_svid,
-                single_header(request, "dpop"),
-                htm=request.method,
-                htu=request_uri(request),
-                audience=data.audience,
-                record_unverified=False,
-            )
-        else:
-            raise UsageError("send jwt_svid with jwk, or x509_svid with a DPoP proof")
+        # In a worker thread: the attestation may fetch a foreign bundle (up to the fetch
+        # timeout), and the event loop keeps answering everyone else meanwhile.
+        svids = await asyncio.to_thread(attest)
     except Rejected as exc:
         if exc.code not in UNVERIFIED:
             raise
