@@ -39,6 +39,57 @@ from tether.core._scanning import Deadline, check, linear, skeleton
 K = 6
 WINDOW = 4
 MIN_HITS = 2
+#: Words in a short gram: the confidential text's word ``SHORT_K``-grams are kept too
+#: (winnowed over :data:`SHORT_WINDOW`), so that a text sent a few words per call adds
+#: up across calls (:data:`MIN_SHORT_HITS`) though no piece holds a ``K``-gram.
+SHORT_K = 3
+SHORT_WINDOW = 3
+#: Distinct short grams the task's calls have carried out before one more is held.
+MIN_SHORT_HITS = 7
+#: Words that do not make a short gram alone (three of them in a row are not kept).
+STOPWORDS = frozenset(
+    {
+        "a",
+        "an",
+        "and",
+        "are",
+        "as",
+        "at",
+        "be",
+        "by",
+        "for",
+        "from",
+        "has",
+        "have",
+        "he",
+        "her",
+        "his",
+        "i",
+        "in",
+        "is",
+        "it",
+        "its",
+        "of",
+        "on",
+        "or",
+        "our",
+        "she",
+        "that",
+        "the",
+        "their",
+        "them",
+        "they",
+        "this",
+        "to",
+        "was",
+        "we",
+        "were",
+        "will",
+        "with",
+        "you",
+        "your",
+    }
+)
 #: A text with fewer words than this is not fingerprinted (too short to tell from chance).
 MIN_WORDS = 4
 #: The words of one text read for fingerprints (past this, the rest is not fingerprinted).
@@ -67,7 +118,41 @@ def _hash(items: list[str], short: bool) -> int:
     value = int.from_bytes(
         hashlib.blake2b("\x1f".join(items).encode(), digest_size=8).digest(), "big"
     )
-    return (value | 1) if short else (value & ~1)
+    return (value | 1) if short else (value & ~3)
+
+
+def _tri(items: list[str]) -> int:
+    """The hash of a short gram (its two lowest bits are ``10``)."""
+    value = int.from_bytes(
+        hashlib.blake2b("\x1e".join(items).encode(), digest_size=8).digest(), "big"
+    )
+    return (value & ~3) | 2
+
+
+def _short_grams(tokens: list[str], deadline: Deadline | None) -> list[int]:
+    """Hashes of every run of :data:`SHORT_K` words (0 for a run of stop words only)."""
+    out: list[int] = []
+    for start in range(len(tokens) - SHORT_K + 1):
+        items = tokens[start : start + SHORT_K]
+        out.append(0 if all(w in STOPWORDS for w in items) else _tri(items))
+        if start % 4096 == 4095:
+            check(deadline)
+    return out
+
+
+def short_prints(text: str, deadline: Deadline | None = None) -> set[int]:
+    """The short grams kept of ``text`` (winnowed: any passage of ``SHORT_K +
+    SHORT_WINDOW - 1`` words shares one)."""
+    grams = _short_grams(words(text, deadline), deadline)
+    if len(grams) <= SHORT_WINDOW:
+        return {g for g in grams if g}
+    kept: set[int] = set()
+    for start in range(len(grams) - SHORT_WINDOW + 1):
+        window = [g for g in grams[start : start + SHORT_WINDOW] if g]
+        if window:
+            kept.add(min(window))
+    check(deadline)
+    return kept
 
 
 def _grams(tokens: list[str], deadline: Deadline | None) -> list[int]:
@@ -289,7 +374,9 @@ def _natural(key: str) -> tuple[str, int]:
     return ("".join(c for c in key if not c.isdigit()), int(digits[:18]) if digits else -1)
 
 
-def carried(value: Any, prints: Mapping[int, str], min_hits: int = MIN_HITS) -> dict[int, str]:
+def carried(
+    value: Any, prints: Mapping[int, str], min_hits: int = MIN_HITS, short: bool = False
+) -> dict[int, str]:
     """The fingerprints in ``prints`` that an argument carries (empty: none, or fewer
     than ``min_hits`` k-gram hashes and no whole short text). Every k-gram of its text
     is hashed (not only the kept ones), and every run of ``MIN_WORDS`` to ``K - 1``
@@ -323,10 +410,11 @@ def carried(value: Any, prints: Mapping[int, str], min_hits: int = MIN_HITS) -> 
         streams.append([w for text in reading.values for w in words(text)])
     orders.extend((tokens[::-1], tokens[::2], tokens[1::2]))
     for stream in (tokens, *streams):
-        _match(stream, prints, hits)
+        _match(stream, prints, hits, grams=short)
     for stream in orders:
         _match(stream, prints, hits, short=False)
-    if long_hits(hits) < min_hits and not any(h & 1 for h in hits):
+    strong = long_hits(hits) >= min_hits or any(h & 1 for h in hits)
+    if not strong and not (short and min_hits <= 1 and hits):
         return {}
     return hits
 
@@ -352,7 +440,11 @@ def _exact(text: str, prints: Mapping[int, str], hits: dict[int, str]) -> None:
 
 
 def _match(
-    tokens: list[str], prints: Mapping[int, str], hits: dict[int, str], short: bool = True
+    tokens: list[str],
+    prints: Mapping[int, str],
+    hits: dict[int, str],
+    short: bool = True,
+    grams: bool = False,
 ) -> None:
     if len(tokens) < MIN_WORDS:
         return
@@ -361,6 +453,10 @@ def _match(
             hits[gram] = prints[gram]
     if not short:
         return
+    if grams:
+        for gram in _short_grams(tokens, None):
+            if gram in prints:
+                hits[gram] = prints[gram]
     for size in range(MIN_WORDS, K):
         for start in range(len(tokens) - size + 1):
             whole = _hash(tokens[start : start + size], True)
@@ -369,8 +465,13 @@ def _match(
 
 
 def long_hits(hits: Iterable[int]) -> int:
-    """How many of ``hits`` are k-gram hashes (not whole short texts)."""
-    return sum(1 for h in hits if not h & 1)
+    """How many of ``hits`` are k-gram hashes (not whole short texts nor short grams)."""
+    return sum(1 for h in hits if not h & 3)
+
+
+def short_hits(hits: Iterable[int]) -> int:
+    """How many of ``hits`` are short-gram hashes."""
+    return sum(1 for h in hits if h & 3 == 2)
 
 
 def fingerprints_of(
@@ -381,9 +482,29 @@ def fingerprints_of(
     """Fingerprints of several ``(text, tag)``, and of exact ``(value, tag)`` a
     classifier found: each kept hash names its text's tag."""
     out: dict[int, str] = {}
-    for text, tag in texts:
-        for value in fingerprint(text, deadline):
+
+    def keep(text: str, tag: str) -> None:
+        for value in fingerprint(text, deadline) | short_prints(text, deadline):
             out.setdefault(value, tag)
+
+    # A run of texts too short to hold a k-gram (tokens, three-word lines, member names)
+    # is also one document, joined in order.
+    run: list[str] = []
+    run_tag = ""
+    for text, tag in texts:
+        # What is encoded in the text (the agent decodes it as well) is read as text too.
+        for item in (text, *decoded(text)):
+            keep(item, tag)
+        short = len(words(text, deadline)) < K
+        if run and (not short or tag != run_tag):
+            if len(run) > 1:
+                keep(" ".join(run), run_tag)
+            run = []
+        if short:
+            run.append(text)
+            run_tag = tag
+    if len(run) > 1:
+        keep(" ".join(run), run_tag)
     for exact, tag in values:
         out.setdefault(value_print(exact), tag)
     return out
