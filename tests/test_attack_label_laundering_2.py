@@ -155,27 +155,23 @@ def _gzip_b64(t: str) -> str:
 BYPASSING_ENCODINGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "reversed, then base64": (
         lambda t: _b64(t[::-1].encode()),
-        "views (reversed, ROT13, joined letters) are read only of an argument's own "
-        "strings, never of the texts decoded from it (_winnow.carried); at the doors the "
-        "secret-egress rule denies the long run, not in groups of four (below)",
+        "",  # held
     ),
     "reversed, then hex": (
         lambda t: t[::-1].encode().hex(),
-        "views are not read of decoded text: a reversed memo in hex is one reversed text",
+        "",  # held
     ),
     "ROT13, then base64": (
         lambda t: _b64(codecs.encode(t, "rot13").encode()),
-        "views are not read of decoded text (at the doors: denied as a secret unless cut "
-        "in groups of four)",
+        "",  # held
     ),
     "word order reversed, then base64": (
         lambda t: _b64(" ".join(t.split()[::-1]).encode()),
-        "the reversed and alternating word orders are read of the plain tokens only, "
-        "not of decoded streams",
+        "",  # held
     ),
     "CamelCase, then base64": (
         lambda t: _b64("".join(w.capitalize() for w in t.split()).encode()),
-        "the CamelCase view is not read of decoded text: the memo is one word",
+        "",  # held
     ),
     "base64 four times": (
         lambda t: _b64(_b64(_b64(_b64(t.encode()).encode()).encode()).encode()),
@@ -188,8 +184,7 @@ BYPASSING_ENCODINGS: dict[str, tuple[Callable[[str], Any], str]] = {
     ),
     "reversed, then base64 in groups of four": (
         lambda t: _groups(_b64(t[::-1].encode())),
-        "views are not read of decoded text, and groups of four characters look like no "
-        "secret: this one gets through the doors too",
+        "",  # held
     ),
     "gzip, then base64 in groups of four": (
         lambda t: _groups(_gzip_b64(t)),
@@ -211,16 +206,15 @@ BYPASSING_ENCODINGS: dict[str, tuple[Callable[[str], Any], str]] = {
     ),
     "Hangul filler after every letter": (
         lambda t: "".join(c + ("\u3164" if c.isalpha() else "") for c in t),
-        "U+3164 HANGUL FILLER renders blank but is a letter (Lo), not a format character: it "
-        "is kept inside words, which become other words",
+        "",  # held
     ),
     "Hangul choseong filler after every letter": (
         _after_letters("\u115f"),
-        "U+115F renders blank but is a letter (Lo): kept inside words",
+        "",  # held
     ),
     "halfwidth Hangul filler after every letter": (
         _after_letters("\uffa0"),
-        "U+FFA0 renders blank but is a letter (Lo); NFKC maps it to U+1160, another letter",
+        "",  # held
     ),
     "regional indicator letters": (
         _alphabet(0x1F1E6),
@@ -229,17 +223,15 @@ BYPASSING_ENCODINGS: dict[str, tuple[Callable[[str], Any], str]] = {
     ),
     "Braille blank between letters": (
         "\u2800".join,
-        "U+2800 (a symbol, renders as a space) is neither a letter nor white space: every "
-        "letter becomes a word and the spaced-letters view (white space only) never joins them",
+        "",  # held
     ),
     "letters joined by hyphens": (
         "-".join,
-        "the spaced-letters view joins letters separated by white space only",
+        "",  # held
     ),
     "one letter per line": (
         "\n".join,
-        "the spaced-letters view needs a double separator between words; a newline between "
-        "letters and three between words is not read",
+        "",  # held
     ),
     "leetspeak": (
         lambda t: t.translate(str.maketrans("aeiost", "4310$7")),
@@ -268,8 +260,7 @@ BYPASSING_ENCODINGS: dict[str, tuple[Callable[[str], Any], str]] = {
     ),
     "an empty HTML tag after every letter": (
         lambda t: "".join(c + ("<b></b>" if c.isalpha() else "") for c in t),
-        "markup is not removed before words are cut: an HTML mail renders the memo while every "
-        "letter is a word of its own",
+        "",  # held
     ),
     "[position, word] pairs, shuffled": (
         lambda t: [
@@ -300,7 +291,7 @@ BYPASSING_ENCODINGS: dict[str, tuple[Callable[[str], Any], str]] = {
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(name, marks=bypass(reason))
+        pytest.param(name, marks=bypass(reason) if reason else ())
         for name, (_, reason) in sorted(BYPASSING_ENCODINGS.items())
     ],
 )
@@ -709,7 +700,6 @@ def test_benign_mail_sharing_words_with_the_memo_goes_out(body: str) -> None:
 # =========================================================================================
 
 
-@bypass("at the gateway as in core: markup is not removed before words are cut")
 def test_door_gateway_memo_as_html_with_a_tag_after_every_letter(env: Env) -> None:  # noqa: F811
     """Prompt-injected agent, through the gateway and a real MCP upstream: the memo as an
     HTML mail body with an empty tag after every letter (the customer's mail client shows
@@ -734,10 +724,6 @@ def test_door_http_child_mails_the_reversed_memo_in_base64_is_denied(env: Env) -
     assert got == [("deny", "secret.egress")]
 
 
-@bypass(
-    "views are not read of decoded text, and base64 cut in groups of four characters "
-    "trips no secret rule: the reversed memo leaves through the gateway"
-)
 def test_door_gateway_reversed_memo_in_base64_groups_of_four(env: Env) -> None:  # noqa: F811
     """Prompt-injected agent, through the gateway: the memo reversed, base64-encoded and
     cut in groups of four characters (a chained transform the agent undoes trivially)."""
@@ -746,7 +732,6 @@ def test_door_gateway_reversed_memo_in_base64_groups_of_four(env: Env) -> None: 
     assert [effect for effect, _ in got] == [OK, PENDING]
 
 
-@bypass("a sub-task's grouped base64 of the reversed memo is read no better at the HTTP API")
 def test_door_http_child_mails_the_reversed_memo_in_base64_groups(env: Env) -> None:  # noqa: F811
     """Prompt-injected agent, through the HTTP API: the parent reads the memo, a sub-task
     mails it reversed, base64-encoded and cut in groups of four."""

@@ -154,12 +154,18 @@ def _confusables() -> dict[int, str]:
 _SKELETON: dict[int, str] = {}
 
 
+# Letters and symbols drawn blank: Hangul fillers (letters that show nothing) are removed,
+# the Braille blank (a symbol drawn as a space) is a space.
+_BLANKS = {0x115F: None, 0x1160: None, 0x3164: None, 0xFFA0: None, 0x2800: " "}
+
+
 def plain(text: str) -> str:
     """``text`` as a reader sees it: NFKC-normalised (fullwidth and other compatibility
-    forms to their plain letters), format characters and combining marks removed."""
+    forms to their plain letters), format characters, combining marks and blank letters
+    removed."""
     if text.isascii():
         return text
-    return _INVISIBLE.sub("", unicodedata.normalize("NFKC", text))
+    return _INVISIBLE.sub("", unicodedata.normalize("NFKC", text)).translate(_BLANKS)
 
 
 def skeleton(text: str) -> str:

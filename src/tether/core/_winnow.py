@@ -199,6 +199,7 @@ _BASE32 = linear(r"[A-Z2-7]{16,}={0,6}", capture=False)
 _BASE85 = linear(r"[0-9A-Za-z!#$%&()*+;<=>?@^_`{|}~-]{20,}", capture=False)
 _ESCAPES = linear(r"\\(?:x[0-9A-Fa-f]{2}|u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8})", capture=False)
 _CAMEL = linear(r"\p{Ll}\p{Lu}", capture=False)
+_TAG = linear(r"</?[A-Za-z][^<>]{0,200}>", capture=False)
 #: How deep encodings inside encodings are decoded (base64 of base64, ...).
 MAX_NESTING = 3
 
@@ -302,11 +303,24 @@ def views(text: str) -> list[str]:
     CamelCase word starts."""
     if len(text) < 16:
         return []
+    out: list[str] = []
+    if "<" in text and ">" in text:  # markup, as an HTML mail shows it
+        untagged = _TAG.sub("", text)
+        if untagged != text:
+            out.append(untagged)
+            text = untagged
     separators = sum(1 for c in text if not c.isalnum())
     if separators * 12 < len(text):
         letters = sum(1 for c in text if c.isalpha())
-        return [_camel(text)] if letters * 20 >= len(text) * 19 and _CAMEL.search(text) else []
-    out = [codecs.encode(text, "rot13"), text[::-1]]
+        if letters * 20 >= len(text) * 19 and _CAMEL.search(text):
+            out.append(_camel(text))
+        return out
+    out += [codecs.encode(text, "rot13"), text[::-1]]
+    # One separator after every character (a hyphen, a line break, a blank symbol).
+    for offset in (1, 0):
+        between = text[offset::2]
+        if len(set(between)) == 1 and not between.isalnum():
+            out.append(text[1 - offset :: 2])
     parts = text.split()
     if parts and sum(1 for p in parts if len(p) == 1) * 2 >= len(parts):
         out.append(" ".join(seg.replace(" ", "") for seg in text.split("  ")))
@@ -399,8 +413,12 @@ def carried(
     for text in reading.strings:
         tokens.extend(words(text))
         for inner in decoded(text):
-            streams.append(words(inner))
+            inner_words = words(inner)
+            streams.append(inner_words)
             _exact(inner, prints, hits)
+            # Transforms applied before the encoding (reversed, ROT13, ...) are undone too.
+            orders.extend(words(view) for view in views(inner))
+            orders.extend((inner_words[::-1], inner_words[::2], inner_words[1::2]))
         orders.extend(words(inner) for inner in views(text))
         _exact(text, prints, hits)
     streams.extend(words(text) for text in reading.extra)
