@@ -647,6 +647,10 @@ def observe_result(
         prints = {**prints, **fresh_prints}
     elif fresh_prints:  # the table is full: fail closed rather than forget
         unkept = _add(unkept, tool)
+    if sensitive and not reading.fingerprints and not reading.oversized:
+        # Content labelled confidential that left no fingerprint (too few words to tell
+        # from chance, or in a shape not read): it cannot be matched, so it is not let out.
+        unkept = _add(unkept, tool)
     return msgspec.structs.replace(
         state,
         max_sensitivity=max(state.max_sensitivity, level, key=lambda s: s.rank),

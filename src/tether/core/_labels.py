@@ -376,9 +376,16 @@ class Labelled(msgspec.Struct, frozen=True):
 def _lookup(mapping: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     value: Any = mapping
     for part in path:
-        if not isinstance(value, Mapping) or part not in value:
+        if not isinstance(value, Mapping):
             return None
-        value = value[part]
+        if part in value:
+            value = value[part]
+            continue
+        # A member named as the field but in other capitals or look-alike letters.
+        wanted = _key(part)
+        value = next((item for name, item in value.items() if _key(str(name)) == wanted), None)
+        if value is None:
+            return None
     return value
 
 
