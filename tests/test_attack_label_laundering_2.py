@@ -175,12 +175,11 @@ BYPASSING_ENCODINGS: dict[str, tuple[Callable[[str], Any], str]] = {
     ),
     "base64 four times": (
         lambda t: _b64(_b64(_b64(_b64(t.encode()).encode()).encode()).encode()),
-        "decoding stops at MAX_NESTING = 3 levels",
+        "",  # held
     ),
     "gzip, then base64": (
         _gzip_b64,
-        "compressed bytes are not text and are not decompressed (at the doors: denied as "
-        "a secret unless cut in groups of four)",
+        "",  # held
     ),
     "reversed, then base64 in groups of four": (
         lambda t: _groups(_b64(t[::-1].encode())),
@@ -188,21 +187,21 @@ BYPASSING_ENCODINGS: dict[str, tuple[Callable[[str], Any], str]] = {
     ),
     "gzip, then base64 in groups of four": (
         lambda t: _groups(_gzip_b64(t)),
-        "compressed bytes are not decompressed; grouped, no secret rule fires at the doors",
+        "",  # held
     ),
     "base64 of UTF-32": (
         lambda t: _b64(t.encode("utf-32")),
-        "decoded bytes are read as UTF-8 or UTF-16 only",
+        "",  # held
     ),
     "two filler words between words": (
         lambda t: " x y ".join(t.split()),
-        "only every second word is read as another order ([::2], [1::2]); every third is not",
+        "",  # held
     ),
     "each memo word followed by two FAQ words": (
         lambda t: " ".join(
             f"{w} {a} {b}" for w, a, b in zip(t.split(), FAQ.split(), FAQ.split()[1:], strict=False)
         ),
-        "interleaving with benign text at a ratio of 1:2 breaks every k-gram of every order read",
+        "",  # held
     ),
     "Hangul filler after every letter": (
         lambda t: "".join(c + ("\u3164" if c.isalpha() else "") for c in t),
@@ -256,7 +255,7 @@ BYPASSING_ENCODINGS: dict[str, tuple[Callable[[str], Any], str]] = {
     ),
     "each word's letters reversed, words in order": (
         lambda t: " ".join(w[::-1] for w in t.split()),
-        "only the whole text reversed is read, not each word reversed in place",
+        "",  # held
     ),
     "an empty HTML tag after every letter": (
         lambda t: "".join(c + ("<b></b>" if c.isalpha() else "") for c in t),

@@ -28,6 +28,7 @@ import binascii
 import codecs
 import hashlib
 import html
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -185,8 +186,14 @@ def fingerprint(text: str, deadline: Deadline | None = None) -> set[int]:
 def _text(data: bytes) -> str | None:
     """``data`` as text when it is mostly printable UTF-8 (a stray invalid byte is
     replaced), or UTF-16 with a byte-order mark or many NUL bytes (else not text)."""
+    if data[:2] == b"\x1f\x8b":  # gzip: decompressed, at most MAX_INFLATED bytes
+        data = _inflated(data)
     text = data.decode("utf-8", errors="replace")
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or (
+    if data.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")) or (
+        len(data) >= 16 and len(data) % 4 == 0 and data.count(0) * 4 >= len(data) * 2.5
+    ):
+        text = data.decode("utf-32", errors="replace")
+    elif data.startswith((b"\xff\xfe", b"\xfe\xff")) or (
         len(data) >= 8 and data.count(0) * 3 >= len(data)
     ):
         text = data.decode("utf-16", errors="replace")
@@ -201,7 +208,7 @@ _ESCAPES = linear(r"\\(?:x[0-9A-Fa-f]{2}|u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8})", capt
 _CAMEL = linear(r"\p{Ll}\p{Lu}", capture=False)
 _TAG = linear(r"</?[A-Za-z][^<>]{0,200}>", capture=False)
 #: How deep encodings inside encodings are decoded (base64 of base64, ...).
-MAX_NESTING = 3
+MAX_NESTING = 4
 
 
 def _unescaped(text: str) -> str | None:
@@ -218,6 +225,17 @@ def _unescaped(text: str) -> str | None:
         if len(raw) == len(out):
             out = raw.decode("utf-8", errors="replace")
     return out
+
+
+#: Bytes a compressed run is inflated to, at most.
+MAX_INFLATED = 1 << 20
+
+
+def _inflated(data: bytes) -> bytes:
+    try:
+        return zlib.decompressobj(wbits=47).decompress(data, MAX_INFLATED)
+    except zlib.error:
+        return b""
 
 
 def _b64(text: str) -> bytes:
@@ -315,7 +333,11 @@ def views(text: str) -> list[str]:
         if letters * 20 >= len(text) * 19 and _CAMEL.search(text):
             out.append(_camel(text))
         return out
-    out += [codecs.encode(text, "rot13"), text[::-1]]
+    out += [
+        codecs.encode(text, "rot13"),
+        text[::-1],
+        " ".join(word[::-1] for word in text.split()),
+    ]
     # One separator after every character (a hyphen, a line break, a blank symbol).
     for offset in (1, 0):
         between = text[offset::2]
@@ -426,7 +448,8 @@ def carried(
     if len(names) >= MIN_WORDS:
         streams.append(names)
         streams.append([w for text in reading.values for w in words(text)])
-    orders.extend((tokens[::-1], tokens[::2], tokens[1::2]))
+    orders.extend((tokens[::-1], tokens[::2], tokens[1::2], tokens[::3], tokens[1::3]))
+    orders.append(tokens[2::3])
     for stream in (tokens, *streams):
         _match(stream, prints, hits, grams=short)
     for stream in orders:
