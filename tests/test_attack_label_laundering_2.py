@@ -346,9 +346,6 @@ def test_agent_memo_in_arguments_the_catalogue_does_not_describe() -> None:
 # -- scan limits ----------------------------------------------------------------------------
 
 
-@bypass(
-    "words() keeps only the first MAX_WORDS (200,000) words of a string: what follows is not read"
-)
 def test_agent_memo_after_two_hundred_thousand_filler_words() -> None:
     """Prompt-injected agent: a very long body (200,001 filler words, then the memo)."""
     assert _mail(_memo_read(), ("lorem " * 200_001) + MEMO) == HELD
@@ -654,8 +651,9 @@ STOCK_PHRASES = [
 
 @bypass(
     "denial of service: a text of fewer than K words labelled confidential is kept as one "
-    "whole-text hash, and one such match holds a call; an upstream's confidential record of "
-    "stock phrases holds every ordinary reply"
+    "whole-text hash, and one such match holds a call (and the record's short lines are "
+    "also fingerprinted joined, as one text); an upstream's confidential record of stock "
+    "phrases holds every ordinary reply"
 )
 def test_upstream_poisons_the_table_with_stock_phrases() -> None:
     """Malicious upstream (poisoning): answers with a confidential record whose lines are
@@ -842,7 +840,7 @@ def test_door_gateway_record_in_three_word_pieces(shapes: Env) -> None:
 
 @bypass(
     "denial of service at the gateway: a confidential record's short lines are kept as "
-    "whole-text hashes, and one match holds an ordinary reply"
+    "whole-text hashes (and joined, as one text), and one match holds an ordinary reply"
 )
 def test_door_gateway_stock_phrases_poison_replies(shapes: Env) -> None:
     """Malicious upstream (poisoning), through the gateway: a confidential record of stock

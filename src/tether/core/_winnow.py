@@ -106,13 +106,14 @@ _HEX = linear(r"(?:[0-9A-Fa-f]{2}){12,}", capture=False)
 MAX_DECODED = 64
 
 
-def words(text: str, deadline: Deadline | None = None) -> list[str]:
+def words(text: str, deadline: Deadline | None = None, limit: int | None = MAX_WORDS) -> list[str]:
     """The words of ``text`` as a reader sees them (a linear pass): NFKC-normalised,
     without format characters or combining marks, case folded, each look-alike letter
-    as the ASCII letter it looks like (:func:`~tether.core._scanning.skeleton`)."""
+    as the ASCII letter it looks like (:func:`~tether.core._scanning.skeleton`); at most
+    ``limit`` of them (``None``: all)."""
     out = _WORD.findall(skeleton(text))
     check(deadline)
-    return out[:MAX_WORDS]
+    return out if limit is None else out[:limit]
 
 
 def _hash(items: list[str], short: bool) -> int:
@@ -433,7 +434,7 @@ def carried(
     orders: list[list[str]] = []  # other orders of the same words: read for k-grams
     hits: dict[int, str] = {}
     for text in reading.strings:
-        tokens.extend(words(text))
+        tokens.extend(words(text, limit=None))  # what is sent is read whole
         for inner in decoded(text):
             inner_words = words(inner)
             streams.append(inner_words)
