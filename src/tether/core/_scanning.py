@@ -152,6 +152,16 @@ def _confusables() -> dict[int, str]:
 
 
 _SKELETON: dict[int, str] = {}
+# Letters read as Latin ones that the confusables do not list: small capitals, regional
+# indicator symbols (boxed letters) and the Greek vowels.
+_LETTER_LIKE: dict[int, str] = {
+    **{
+        ord(c): latin
+        for c, latin in zip("ᴀʙᴄᴅᴇꜰɢʜɪᴊᴋʟᴍɴᴏᴘǫʀꜱᴛᴜᴠᴡʏᴢ", "abcdefghijklmnopqrstuvwyz", strict=True)
+    },
+    **{0x1F1E6 + i: chr(ord("a") + i) for i in range(26)},
+    **{ord(c): latin for c, latin in zip("αειου", "aeiou", strict=True)},
+}
 
 
 # Letters and symbols drawn blank: Hangul fillers (letters that show nothing) are removed,
@@ -176,4 +186,5 @@ def skeleton(text: str) -> str:
         return folded
     if not _SKELETON:
         _SKELETON.update(_confusables())
+        _SKELETON.update(_LETTER_LIKE)
     return folded.translate(_SKELETON)
