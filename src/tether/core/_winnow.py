@@ -17,8 +17,16 @@ text needs :data:`MIN_HITS` distinct hashes before a sink argument is said to ca
 towards that (the flow state keeps them), so a text cut into pieces of a few words,
 one per call, is caught at its second piece.
 
-Hashes are BLAKE2b, 64 bits; the lowest bit tells a whole short text (1) from a
-k-gram (0).
+Runs of :data:`SHORT_K` words are kept too (winnowed, stop words alone skipped), and
+add up across calls and sub-tasks: once the task has carried out :data:`MIN_SHORT_HITS`
+of them toward a wider audience, the next call carrying one is held, so a text sent five
+words per call gets out a few pieces at most, while a reply that shares a phrase or two
+with it goes out. A run of strings of one label each too short for a k-gram (tokens,
+three-word lines, member names) is also fingerprinted joined, as one text, and what is
+encoded in a confidential text is fingerprinted decoded.
+
+Hashes are BLAKE2b, 64 bits; the two lowest bits tell a whole short text (``x1``), a
+k-gram (``00``) and a short run (``10``) apart.
 """
 
 from __future__ import annotations
