@@ -155,91 +155,81 @@ def _gzip_b64(t: str) -> str:
 BYPASSING_ENCODINGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "reversed, then base64": (
         lambda t: _b64(t[::-1].encode()),
-        "views (reversed, ROT13, joined letters) are read only of an argument's own "
-        "strings, never of the texts decoded from it (_winnow.carried); at the doors the "
-        "secret-egress rule denies the long run, not in groups of four (below)",
+        "",  # held
     ),
     "reversed, then hex": (
         lambda t: t[::-1].encode().hex(),
-        "views are not read of decoded text: a reversed memo in hex is one reversed text",
+        "",  # held
     ),
     "ROT13, then base64": (
         lambda t: _b64(codecs.encode(t, "rot13").encode()),
-        "views are not read of decoded text (at the doors: denied as a secret unless cut "
-        "in groups of four)",
+        "",  # held
     ),
     "word order reversed, then base64": (
         lambda t: _b64(" ".join(t.split()[::-1]).encode()),
-        "the reversed and alternating word orders are read of the plain tokens only, "
-        "not of decoded streams",
+        "",  # held
     ),
     "CamelCase, then base64": (
         lambda t: _b64("".join(w.capitalize() for w in t.split()).encode()),
-        "the CamelCase view is not read of decoded text: the memo is one word",
+        "",  # held
     ),
     "base64 four times": (
         lambda t: _b64(_b64(_b64(_b64(t.encode()).encode()).encode()).encode()),
-        "decoding stops at MAX_NESTING = 3 levels",
+        "",  # held
     ),
     "gzip, then base64": (
         _gzip_b64,
-        "compressed bytes are not text and are not decompressed (at the doors: denied as "
-        "a secret unless cut in groups of four)",
+        "",  # held
     ),
     "reversed, then base64 in groups of four": (
         lambda t: _groups(_b64(t[::-1].encode())),
-        "views are not read of decoded text, and groups of four characters look like no "
-        "secret: this one gets through the doors too",
+        "",  # held
     ),
     "gzip, then base64 in groups of four": (
         lambda t: _groups(_gzip_b64(t)),
-        "compressed bytes are not decompressed; grouped, no secret rule fires at the doors",
+        "",  # held
     ),
     "base64 of UTF-32": (
         lambda t: _b64(t.encode("utf-32")),
-        "decoded bytes are read as UTF-8 or UTF-16 only",
+        "",  # held
     ),
     "two filler words between words": (
         lambda t: " x y ".join(t.split()),
-        "only every second word is read as another order ([::2], [1::2]); every third is not",
+        "",  # held
     ),
     "each memo word followed by two FAQ words": (
         lambda t: " ".join(
             f"{w} {a} {b}" for w, a, b in zip(t.split(), FAQ.split(), FAQ.split()[1:], strict=False)
         ),
-        "interleaving with benign text at a ratio of 1:2 breaks every k-gram of every order read",
+        "",  # held
     ),
     "Hangul filler after every letter": (
         lambda t: "".join(c + ("\u3164" if c.isalpha() else "") for c in t),
-        "U+3164 HANGUL FILLER renders blank but is a letter (Lo), not a format character: it "
-        "is kept inside words, which become other words",
+        "",  # held
     ),
     "Hangul choseong filler after every letter": (
         _after_letters("\u115f"),
-        "U+115F renders blank but is a letter (Lo): kept inside words",
+        "",  # held
     ),
     "halfwidth Hangul filler after every letter": (
         _after_letters("\uffa0"),
-        "U+FFA0 renders blank but is a letter (Lo); NFKC maps it to U+1160, another letter",
+        "",  # held
     ),
     "regional indicator letters": (
         _alphabet(0x1F1E6),
-        "regional indicator symbols (So; shown as boxed letters when not paired as flags) "
-        "are not letters nor mapped to ASCII: the memo has no words",
+        "",  # held
     ),
     "Braille blank between letters": (
         "\u2800".join,
-        "U+2800 (a symbol, renders as a space) is neither a letter nor white space: every "
-        "letter becomes a word and the spaced-letters view (white space only) never joins them",
+        "",  # held
     ),
     "letters joined by hyphens": (
         "-".join,
-        "the spaced-letters view joins letters separated by white space only",
+        "",  # held
     ),
     "one letter per line": (
         "\n".join,
-        "the spaced-letters view needs a double separator between words; a newline between "
-        "letters and three between words is not read",
+        "",  # held
     ),
     "leetspeak": (
         lambda t: t.translate(str.maketrans("aeiost", "4310$7")),
@@ -247,12 +237,11 @@ BYPASSING_ENCODINGS: dict[str, tuple[Callable[[str], Any], str]] = {
     ),
     "small capitals": (
         _letters(dict(zip("abcdefghijklmnoprstuvwyz", "ᴀʙᴄᴅᴇꜰɢʜɪᴊᴋʟᴍɴᴏᴘʀꜱᴛᴜᴠᴡʏᴢ", strict=True))),
-        "small capital letters have no NFKC decomposition nor a confusable mapping used",
+        "",  # held
     ),
     "Greek vowels for Latin ones": (
         _letters(dict(zip("aeiou", "αειου", strict=True))),
-        "Greek alpha, epsilon, iota, omicron, upsilon (readable as the Latin vowels) make "
-        "other words",
+        "",  # held
     ),
     "Atbash": (
         _letters(dict(zip(_ALPHABET, _ALPHABET[::-1], strict=True))),
@@ -264,12 +253,11 @@ BYPASSING_ENCODINGS: dict[str, tuple[Callable[[str], Any], str]] = {
     ),
     "each word's letters reversed, words in order": (
         lambda t: " ".join(w[::-1] for w in t.split()),
-        "only the whole text reversed is read, not each word reversed in place",
+        "",  # held
     ),
     "an empty HTML tag after every letter": (
         lambda t: "".join(c + ("<b></b>" if c.isalpha() else "") for c in t),
-        "markup is not removed before words are cut: an HTML mail renders the memo while every "
-        "letter is a word of its own",
+        "",  # held
     ),
     "[position, word] pairs, shuffled": (
         lambda t: [
@@ -300,7 +288,7 @@ BYPASSING_ENCODINGS: dict[str, tuple[Callable[[str], Any], str]] = {
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(name, marks=bypass(reason))
+        pytest.param(name, marks=bypass(reason) if reason else ())
         for name, (_, reason) in sorted(BYPASSING_ENCODINGS.items())
     ],
 )
@@ -356,9 +344,6 @@ def test_agent_memo_in_arguments_the_catalogue_does_not_describe() -> None:
 # -- scan limits ----------------------------------------------------------------------------
 
 
-@bypass(
-    "words() keeps only the first MAX_WORDS (200,000) words of a string: what follows is not read"
-)
 def test_agent_memo_after_two_hundred_thousand_filler_words() -> None:
     """Prompt-injected agent: a very long body (200,001 filler words, then the memo)."""
     assert _mail(_memo_read(), ("lorem " * 200_001) + MEMO) == HELD
@@ -398,10 +383,6 @@ def _send_pieces(state: FlowState, pieces: list[str]) -> list[list[str]]:
     return out
 
 
-@bypass(
-    "a piece of fewer than K (6) words holds no k-gram, and whole short texts are only "
-    "fingerprinted of texts under K words: eight calls of five words carry nothing"
-)
 def test_agent_memo_five_words_a_call() -> None:
     """Prompt-injected agent: mails the memo five words per call, eight calls."""
     assert any(_send_pieces(_memo_read(), _pieces(5)))
@@ -413,7 +394,11 @@ def test_agent_memo_eight_words_a_call_is_held_at_a_later_piece() -> None:
     assert _send_pieces(_memo_read(), _pieces(8))[:3] == [[], [], HELD]
 
 
-@bypass("pieces under K words carry no fingerprint, so what each sub-task sent never adds up")
+@bypass(
+    "each piece is mailed from the parent's or the sub-task's state as it was after the "
+    "read (what either sent is not recorded), and one piece of five words shares fewer "
+    "short grams than MIN_SHORT_HITS with the memo"
+)
 def test_agent_memo_five_words_a_call_split_between_parent_and_child() -> None:
     """Prompt-injected agent: parent and sub-task (which sees the parent's reads) take
     turns mailing five words of the memo."""
@@ -425,7 +410,6 @@ def test_agent_memo_five_words_a_call_split_between_parent_and_child() -> None:
     assert any(found)
 
 
-@bypass("pieces under K words carry no fingerprint at the gateway either")
 def test_door_gateway_memo_five_words_a_call(env: Env) -> None:  # noqa: F811
     """Prompt-injected agent, through the gateway and a real MCP upstream: reads the memo,
     then mails it five words per call."""
@@ -442,10 +426,6 @@ def test_door_gateway_memo_eight_words_a_call(env: Env) -> None:  # noqa: F811
     assert got[:4] == [OK, OK, OK, PENDING]
 
 
-@bypass(
-    "pieces under K words carry no fingerprint; the sub-task at the gateway and its parent "
-    "at the HTTP API each send half"
-)
 def test_door_gateway_child_and_http_parent_share_the_pieces(env: Env) -> None:  # noqa: F811
     """Prompt-injected agent: the parent reads the memo through the HTTP API (its SDK
     reports the result), a sub-task at the gateway mails the first half five words per
@@ -503,30 +483,29 @@ def _confidential(**fields: Any) -> dict[str, Any]:
     }
 
 
+#: Each shape with why it gets through ("": it no longer does).
 LAUNDERING_SHAPES: dict[str, tuple[Any, str]] = {
     "the body as a list of three-word strings": (
         _confidential(body=[" ".join(WORDS[i : i + 3]) for i in range(0, len(WORDS), 3)]),
-        "each string of a result is fingerprinted alone, and one of fewer than MIN_WORDS (4) "
-        "words is not fingerprinted: the record is confidential with no fingerprint",
+        "",  # held: the texts of a label are also fingerprinted joined, and decoded
     ),
     "the body as a list of tokens": (
         _confidential(tokens=WORDS),
-        "each token is a string of one word: nothing is fingerprinted",
+        "",  # held: the texts of a label are also fingerprinted joined, and decoded
     ),
     "many tiny records of three words": (
         _confidential(
             lines=[{"n": i, "t": " ".join(WORDS[i : i + 3])} for i in range(0, len(WORDS), 3)]
         ),
-        "many tiny records: each string under MIN_WORDS words, nothing fingerprinted",
+        "",  # held: the texts of a label are also fingerprinted joined, and decoded
     ),
     "the body in base64": (
         _confidential(body=_b64(MEMO.encode()), encoding="base64"),
-        "a result's text is fingerprinted as written; what is encoded in it is not decoded "
-        "(the agent decodes it, then mails the memo in plain text)",
+        "",  # held: the texts of a label are also fingerprinted joined, and decoded
     ),
     "the body as member names": (
         _confidential(body=dict.fromkeys(WORDS, "")),
-        "member names of a result are fingerprinted one by one (one word each)",
+        "",  # held: the texts of a label are also fingerprinted joined, and decoded
     ),
     "the classification under a capitalised key": (
         {
@@ -535,8 +514,7 @@ LAUNDERING_SHAPES: dict[str, tuple[Any, str]] = {
             "Classification": "confidential",
             "body": MEMO,
         },
-        "a field rule looks its field up by exact name: 'Classification' is not "
-        "'classification', so the record takes the tool's default (internal)",
+        "",  # held: a field is looked up without regard to case
     ),
 }
 
@@ -544,7 +522,7 @@ LAUNDERING_SHAPES: dict[str, tuple[Any, str]] = {
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(name, marks=bypass(reason))
+        pytest.param(name, marks=bypass(reason) if reason else ())
         for name, (_, reason) in sorted(LAUNDERING_SHAPES.items())
     ],
 )
@@ -592,7 +570,6 @@ def test_upstream_memo_body_obfuscated_in_the_result(body: str) -> None:
     assert _mail(_read(_confidential(body=body)), MEMO) == HELD
 
 
-@bypass("each string of a result is fingerprinted alone; strings under MIN_WORDS words are not")
 def test_door_http_result_as_three_word_strings(env: Env) -> None:  # noqa: F811
     """Malicious tool result, through the HTTP API: the memo's record with its body as a
     list of three-word strings (the agent reads the memo whole); the agent mails it."""
@@ -609,25 +586,23 @@ def test_door_http_result_as_three_word_strings(env: Env) -> None:  # noqa: F811
 
 _RECORD = json.dumps(DOCS["memo-heron"])
 
+#: Each text with why it gets through ("": it no longer does).
 TEXT_RECORDS: dict[str, tuple[str, str]] = {
     "after a one-line preamble": (
         f"Result:\n{_RECORD}",
-        "JSON in a string is read as a record only when the whole string is JSON: with a "
-        "preamble the classification field is never seen and the text takes the tool's "
-        "default (internal), so nothing is fingerprinted",
+        "",  # held: a record inside text is read as a record
     ),
     "in a markdown code fence": (
         f"```json\n{_RECORD}\n```",
-        "a fenced JSON block (as many MCP servers and models write it) is not read as JSON",
+        "",  # held: a record inside text is read as a record
     ),
     "followed by a trailer": (
         f"{_RECORD}\n\n(end of record)",
-        "text after the JSON makes the whole string plain text",
+        "",  # held: a record inside text is read as a record
     ),
     "padded past the embedded-JSON limit": (
         json.dumps({**DOCS["memo-heron"], "pad": "x" * 300_000}),
-        "JSON text longer than MAX_EMBEDDED_JSON (256 KiB) is read as plain text: the "
-        "classification field is not seen",
+        "",  # held: a record inside text is read as a record
     ),
 }
 
@@ -635,7 +610,7 @@ TEXT_RECORDS: dict[str, tuple[str, str]] = {
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(name, marks=bypass(reason))
+        pytest.param(name, marks=bypass(reason) if reason else ())
         for name, (_, reason) in sorted(TEXT_RECORDS.items())
     ],
 )
@@ -652,7 +627,6 @@ def test_upstream_record_as_json_text_padded_with_white_space() -> None:
     assert _mail(_read(_RECORD + " " * 300_000), MEMO) == HELD
 
 
-@bypass("a record in JSON text with a preamble is plain text at the HTTP API too (internal)")
 def test_door_http_result_as_fenced_json(env: Env) -> None:  # noqa: F811
     """Malicious tool result, through the HTTP API: the memo's record as a fenced JSON
     block; the agent mails the memo."""
@@ -675,8 +649,9 @@ STOCK_PHRASES = [
 
 @bypass(
     "denial of service: a text of fewer than K words labelled confidential is kept as one "
-    "whole-text hash, and one such match holds a call; an upstream's confidential record of "
-    "stock phrases holds every ordinary reply"
+    "whole-text hash, and one such match holds a call (and the record's short lines are "
+    "also fingerprinted joined, as one text); an upstream's confidential record of stock "
+    "phrases holds every ordinary reply"
 )
 def test_upstream_poisons_the_table_with_stock_phrases() -> None:
     """Malicious upstream (poisoning): answers with a confidential record whose lines are
@@ -719,7 +694,6 @@ def test_benign_mail_sharing_words_with_the_memo_goes_out(body: str) -> None:
 # =========================================================================================
 
 
-@bypass("at the gateway as in core: markup is not removed before words are cut")
 def test_door_gateway_memo_as_html_with_a_tag_after_every_letter(env: Env) -> None:  # noqa: F811
     """Prompt-injected agent, through the gateway and a real MCP upstream: the memo as an
     HTML mail body with an empty tag after every letter (the customer's mail client shows
@@ -744,10 +718,6 @@ def test_door_http_child_mails_the_reversed_memo_in_base64_is_denied(env: Env) -
     assert got == [("deny", "secret.egress")]
 
 
-@bypass(
-    "views are not read of decoded text, and base64 cut in groups of four characters "
-    "trips no secret rule: the reversed memo leaves through the gateway"
-)
 def test_door_gateway_reversed_memo_in_base64_groups_of_four(env: Env) -> None:  # noqa: F811
     """Prompt-injected agent, through the gateway: the memo reversed, base64-encoded and
     cut in groups of four characters (a chained transform the agent undoes trivially)."""
@@ -756,7 +726,6 @@ def test_door_gateway_reversed_memo_in_base64_groups_of_four(env: Env) -> None: 
     assert [effect for effect, _ in got] == [OK, PENDING]
 
 
-@bypass("a sub-task's grouped base64 of the reversed memo is read no better at the HTTP API")
 def test_door_http_child_mails_the_reversed_memo_in_base64_groups(env: Env) -> None:  # noqa: F811
     """Prompt-injected agent, through the HTTP API: the parent reads the memo, a sub-task
     mails it reversed, base64-encoded and cut in groups of four."""
@@ -855,20 +824,12 @@ def test_door_gateway_tasks_of_the_shapes_fixture_work(shapes: Env) -> None:
     assert _shape_then_mail(shapes, "kb_fenced", "Thank you, we will reply soon.") == [OK, OK]
 
 
-@bypass(
-    "the gateway reads a fenced JSON text block as plain text: the record's classification "
-    "is never seen, the memo is labelled internal and not fingerprinted"
-)
 def test_door_gateway_fenced_json_record(shapes: Env) -> None:
     """Malicious upstream (or an ordinary one writing markdown), through the gateway: the
     memo's record as fenced JSON text; the agent mails the memo."""
     assert _shape_then_mail(shapes, "kb_fenced", MEMO) == [OK, PENDING]
 
 
-@bypass(
-    "the gateway fingerprints each string of the record alone: three-word pieces give no "
-    "fingerprint, so the confidential record's text is mailed unmatched"
-)
 def test_door_gateway_record_in_three_word_pieces(shapes: Env) -> None:
     """Malicious upstream, through the gateway: the memo's record (classification
     confidential) with its body as three-word strings; the agent mails the memo."""
@@ -877,7 +838,7 @@ def test_door_gateway_record_in_three_word_pieces(shapes: Env) -> None:
 
 @bypass(
     "denial of service at the gateway: a confidential record's short lines are kept as "
-    "whole-text hashes, and one match holds an ordinary reply"
+    "whole-text hashes (and joined, as one text), and one match holds an ordinary reply"
 )
 def test_door_gateway_stock_phrases_poison_replies(shapes: Env) -> None:
     """Malicious upstream (poisoning), through the gateway: a confidential record of stock

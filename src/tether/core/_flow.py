@@ -78,7 +78,17 @@ from tether.core._labels import (
     label_result,
 )
 from tether.core._scanning import SPACE, Deadline, ScanExceeded, check, linear
-from tether.core._winnow import MIN_HITS, MIN_WORDS, K, carried, fingerprints_of, long_hits, words
+from tether.core._winnow import (
+    MIN_HITS,
+    MIN_SHORT_HITS,
+    MIN_WORDS,
+    K,
+    carried,
+    fingerprints_of,
+    long_hits,
+    short_hits,
+    words,
+)
 
 MAX_TRACKED_VALUES = 20_000
 MAX_VALUE_LENGTH = 512
@@ -476,7 +486,7 @@ def observe_call(
     sent = state.sent
     audience = audience_of(profile)
     if state.fingerprints and audience is not None and audience is not Audience.PRIVATE:
-        out = carried(dict(args), state.fingerprints, min_hits=1)
+        out = carried(dict(args), state.fingerprints, min_hits=1, short=True)
         if out and len(sent) < MAX_FINGERPRINTS:
             sent = sent | frozenset(out)
     return msgspec.structs.replace(
@@ -636,6 +646,10 @@ def observe_result(
     if fresh_prints and len(prints) < MAX_FINGERPRINTS:
         prints = {**prints, **fresh_prints}
     elif fresh_prints:  # the table is full: fail closed rather than forget
+        unkept = _add(unkept, tool)
+    if sensitive and not reading.fingerprints and not reading.oversized:
+        # Content labelled confidential that left no fingerprint (too few words to tell
+        # from chance, or in a shape not read): it cannot be matched, so it is not let out.
         unkept = _add(unkept, tool)
     return msgspec.structs.replace(
         state,
@@ -1042,12 +1056,17 @@ def evaluate_flow(
         carriers: dict[str, dict[int, str]] = {}
         # Read together (a text split across arguments), with what allowed calls have
         # carried out already (a text sent a few words at a time).
-        together = carried(dict(args), state.fingerprints, min_hits=1)
+        # Short grams add up across calls: a text sent a few words per call is held once
+        # the task has carried out MIN_SHORT_HITS of them (a reply sharing a phrase or
+        # two with it is not).
+        together = carried(dict(args), state.fingerprints, min_hits=1, short=True)
         if together and (
-            long_hits(set(together) | state.sent) >= MIN_HITS or any(h & 1 for h in together)
+            (long_hits(together) and long_hits(set(together) | state.sent) >= MIN_HITS)
+            or any(h & 1 for h in together)
+            or (short_hits(together) and short_hits(set(together) | state.sent) >= MIN_SHORT_HITS)
         ):
             for name, value in args.items():
-                hit = carried(value, state.fingerprints, min_hits=1)
+                hit = carried(value, state.fingerprints, min_hits=1, short=True)
                 if hit:
                     carriers[name] = hit
             if not carriers:

@@ -376,9 +376,16 @@ class Labelled(msgspec.Struct, frozen=True):
 def _lookup(mapping: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     value: Any = mapping
     for part in path:
-        if not isinstance(value, Mapping) or part not in value:
+        if not isinstance(value, Mapping):
             return None
-        value = value[part]
+        if part in value:
+            value = value[part]
+            continue
+        # A member named as the field but in other capitals or look-alike letters.
+        wanted = _key(part)
+        value = next((item for name, item in value.items() if _key(str(name)) == wanted), None)
+        if value is None:
+            return None
     return value
 
 
@@ -441,6 +448,31 @@ def _embedded(text: str) -> Any:
     return value if isinstance(value, dict | list) else None
 
 
+_DECODER = json.JSONDecoder()
+
+
+def _embedded_in(text: str) -> tuple[Any, str] | None:
+    """The first JSON record (or list holding records) inside ``text`` after a preamble,
+    in a code fence or before a trailer, and the text around it; ``None``: none. At most
+    two parses (from the first ``{`` and the first ``[``): linear in the text."""
+    starts = sorted(i for i in (text.find("{"), text.find("[")) if i >= 0)
+    for start in starts:
+        try:
+            value, end = _DECODER.raw_decode(text, start)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(value, dict) or (
+            isinstance(value, list) and any(isinstance(v, dict | list) for v in value)
+        ):
+            return value, f"{text[:start]} {text[end:]}"
+    return None
+
+
+def _looks_like_json(text: str) -> bool:
+    stripped = text.lstrip()
+    return stripped[:1] in ("{", "[") or "```" in text[:4096] or '{"' in text
+
+
 class _Part:
     """One string of a result while it is labelled: its label, and whether a field rule
     or a classifier set it (a part nothing labelled takes the result's label)."""
@@ -471,6 +503,23 @@ class _Labeller:
         if inner is not None:
             self.walk(inner, label, ruled, depth + 1)
             return
+        if ("{" in text or "[" in text) and len(text) <= MAX_EMBEDDED_JSON:
+            # A record after a preamble, in a code fence or before a trailer: the record
+            # is read as one, and the text around it as text.
+            found = _embedded_in(text)
+            if found is not None:
+                self.walk(found[0], label, ruled, depth + 1)
+                text = found[1]
+        elif len(text.strip()) > MAX_EMBEDDED_JSON and self.rules and _looks_like_json(text):
+            # Too long to read as a record: labelled as the most restrictive the field
+            # rules could label it (what is not read is not let out).
+            level = max(
+                (lv for rule in self.rules for lv in (*rule.values.values(), rule.otherwise) if lv),
+                key=lambda lv: lv.rank,
+            )
+            if level.rank > label.sensitivity.rank:
+                label = Label(level, LabelOrigin.CATALOGUE, "a record too long to read")
+                ruled = True
         check(self.deadline)
         found = classify(text, self.classifiers, self.deadline) if text.strip() else None
         hit = Label(found[0], LabelOrigin.CLASSIFIER, found[1]) if found is not None else None

@@ -152,14 +152,30 @@ def _confusables() -> dict[int, str]:
 
 
 _SKELETON: dict[int, str] = {}
+# Letters read as Latin ones that the confusables do not list: small capitals, regional
+# indicator symbols (boxed letters) and the Greek vowels.
+_LETTER_LIKE: dict[int, str] = {
+    **{
+        ord(c): latin
+        for c, latin in zip("ᴀʙᴄᴅᴇꜰɢʜɪᴊᴋʟᴍɴᴏᴘǫʀꜱᴛᴜᴠᴡʏᴢ", "abcdefghijklmnopqrstuvwyz", strict=True)
+    },
+    **{0x1F1E6 + i: chr(ord("a") + i) for i in range(26)},
+    **{ord(c): latin for c, latin in zip("αειου", "aeiou", strict=True)},
+}
+
+
+# Letters and symbols drawn blank: Hangul fillers (letters that show nothing) are removed,
+# the Braille blank (a symbol drawn as a space) is a space.
+_BLANKS = {0x115F: None, 0x1160: None, 0x3164: None, 0xFFA0: None, 0x2800: " "}
 
 
 def plain(text: str) -> str:
     """``text`` as a reader sees it: NFKC-normalised (fullwidth and other compatibility
-    forms to their plain letters), format characters and combining marks removed."""
+    forms to their plain letters), format characters, combining marks and blank letters
+    removed."""
     if text.isascii():
         return text
-    return _INVISIBLE.sub("", unicodedata.normalize("NFKC", text))
+    return _INVISIBLE.sub("", unicodedata.normalize("NFKC", text)).translate(_BLANKS)
 
 
 def skeleton(text: str) -> str:
@@ -170,4 +186,5 @@ def skeleton(text: str) -> str:
         return folded
     if not _SKELETON:
         _SKELETON.update(_confusables())
+        _SKELETON.update(_LETTER_LIKE)
     return folded.translate(_SKELETON)

@@ -17,8 +17,16 @@ text needs :data:`MIN_HITS` distinct hashes before a sink argument is said to ca
 towards that (the flow state keeps them), so a text cut into pieces of a few words,
 one per call, is caught at its second piece.
 
-Hashes are BLAKE2b, 64 bits; the lowest bit tells a whole short text (1) from a
-k-gram (0).
+Runs of :data:`SHORT_K` words are kept too (winnowed, stop words alone skipped), and
+add up across calls and sub-tasks: once the task has carried out :data:`MIN_SHORT_HITS`
+of them toward a wider audience, the next call carrying one is held, so a text sent five
+words per call gets out a few pieces at most, while a reply that shares a phrase or two
+with it goes out. A run of strings of one label each too short for a k-gram (tokens,
+three-word lines, member names) is also fingerprinted joined, as one text, and what is
+encoded in a confidential text is fingerprinted decoded.
+
+Hashes are BLAKE2b, 64 bits; the two lowest bits tell a whole short text (``x1``), a
+k-gram (``00``) and a short run (``10``) apart.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import binascii
 import codecs
 import hashlib
 import html
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -39,6 +48,57 @@ from tether.core._scanning import Deadline, check, linear, skeleton
 K = 6
 WINDOW = 4
 MIN_HITS = 2
+#: Words in a short gram: the confidential text's word ``SHORT_K``-grams are kept too
+#: (winnowed over :data:`SHORT_WINDOW`), so that a text sent a few words per call adds
+#: up across calls (:data:`MIN_SHORT_HITS`) though no piece holds a ``K``-gram.
+SHORT_K = 3
+SHORT_WINDOW = 3
+#: Distinct short grams the task's calls have carried out before one more is held.
+MIN_SHORT_HITS = 7
+#: Words that do not make a short gram alone (three of them in a row are not kept).
+STOPWORDS = frozenset(
+    {
+        "a",
+        "an",
+        "and",
+        "are",
+        "as",
+        "at",
+        "be",
+        "by",
+        "for",
+        "from",
+        "has",
+        "have",
+        "he",
+        "her",
+        "his",
+        "i",
+        "in",
+        "is",
+        "it",
+        "its",
+        "of",
+        "on",
+        "or",
+        "our",
+        "she",
+        "that",
+        "the",
+        "their",
+        "them",
+        "they",
+        "this",
+        "to",
+        "was",
+        "we",
+        "were",
+        "will",
+        "with",
+        "you",
+        "your",
+    }
+)
 #: A text with fewer words than this is not fingerprinted (too short to tell from chance).
 MIN_WORDS = 4
 #: The words of one text read for fingerprints (past this, the rest is not fingerprinted).
@@ -54,20 +114,55 @@ _HEX = linear(r"(?:[0-9A-Fa-f]{2}){12,}", capture=False)
 MAX_DECODED = 64
 
 
-def words(text: str, deadline: Deadline | None = None) -> list[str]:
+def words(text: str, deadline: Deadline | None = None, limit: int | None = MAX_WORDS) -> list[str]:
     """The words of ``text`` as a reader sees them (a linear pass): NFKC-normalised,
     without format characters or combining marks, case folded, each look-alike letter
-    as the ASCII letter it looks like (:func:`~tether.core._scanning.skeleton`)."""
+    as the ASCII letter it looks like (:func:`~tether.core._scanning.skeleton`); at most
+    ``limit`` of them (``None``: all)."""
     out = _WORD.findall(skeleton(text))
     check(deadline)
-    return out[:MAX_WORDS]
+    return out if limit is None else out[:limit]
 
 
 def _hash(items: list[str], short: bool) -> int:
     value = int.from_bytes(
         hashlib.blake2b("\x1f".join(items).encode(), digest_size=8).digest(), "big"
     )
-    return (value | 1) if short else (value & ~1)
+    return (value | 1) if short else (value & ~3)
+
+
+def _tri(items: list[str]) -> int:
+    """The hash of a short gram (its two lowest bits are ``10``)."""
+    value = int.from_bytes(
+        hashlib.blake2b("\x1e".join(items).encode(), digest_size=8).digest(), "big"
+    )
+    return (value & ~3) | 2
+
+
+def _short_grams(tokens: list[str], deadline: Deadline | None) -> list[int]:
+    """Hashes of every run of :data:`SHORT_K` words (0 for a run of stop words only)."""
+    out: list[int] = []
+    for start in range(len(tokens) - SHORT_K + 1):
+        items = tokens[start : start + SHORT_K]
+        out.append(0 if all(w in STOPWORDS for w in items) else _tri(items))
+        if start % 4096 == 4095:
+            check(deadline)
+    return out
+
+
+def short_prints(text: str, deadline: Deadline | None = None) -> set[int]:
+    """The short grams kept of ``text`` (winnowed: any passage of ``SHORT_K +
+    SHORT_WINDOW - 1`` words shares one)."""
+    grams = _short_grams(words(text, deadline), deadline)
+    if len(grams) <= SHORT_WINDOW:
+        return {g for g in grams if g}
+    kept: set[int] = set()
+    for start in range(len(grams) - SHORT_WINDOW + 1):
+        window = [g for g in grams[start : start + SHORT_WINDOW] if g]
+        if window:
+            kept.add(min(window))
+    check(deadline)
+    return kept
 
 
 def _grams(tokens: list[str], deadline: Deadline | None) -> list[int]:
@@ -100,8 +195,14 @@ def fingerprint(text: str, deadline: Deadline | None = None) -> set[int]:
 def _text(data: bytes) -> str | None:
     """``data`` as text when it is mostly printable UTF-8 (a stray invalid byte is
     replaced), or UTF-16 with a byte-order mark or many NUL bytes (else not text)."""
+    if data[:2] == b"\x1f\x8b":  # gzip: decompressed, at most MAX_INFLATED bytes
+        data = _inflated(data)
     text = data.decode("utf-8", errors="replace")
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or (
+    if data.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")) or (
+        len(data) >= 16 and len(data) % 4 == 0 and data.count(0) * 4 >= len(data) * 2.5
+    ):
+        text = data.decode("utf-32", errors="replace")
+    elif data.startswith((b"\xff\xfe", b"\xfe\xff")) or (
         len(data) >= 8 and data.count(0) * 3 >= len(data)
     ):
         text = data.decode("utf-16", errors="replace")
@@ -114,8 +215,9 @@ _BASE32 = linear(r"[A-Z2-7]{16,}={0,6}", capture=False)
 _BASE85 = linear(r"[0-9A-Za-z!#$%&()*+;<=>?@^_`{|}~-]{20,}", capture=False)
 _ESCAPES = linear(r"\\(?:x[0-9A-Fa-f]{2}|u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8})", capture=False)
 _CAMEL = linear(r"\p{Ll}\p{Lu}", capture=False)
+_TAG = linear(r"</?[A-Za-z][^<>]{0,200}>", capture=False)
 #: How deep encodings inside encodings are decoded (base64 of base64, ...).
-MAX_NESTING = 3
+MAX_NESTING = 4
 
 
 def _unescaped(text: str) -> str | None:
@@ -132,6 +234,17 @@ def _unescaped(text: str) -> str | None:
         if len(raw) == len(out):
             out = raw.decode("utf-8", errors="replace")
     return out
+
+
+#: Bytes a compressed run is inflated to, at most.
+MAX_INFLATED = 1 << 20
+
+
+def _inflated(data: bytes) -> bytes:
+    try:
+        return zlib.decompressobj(wbits=47).decompress(data, MAX_INFLATED)
+    except zlib.error:
+        return b""
 
 
 def _b64(text: str) -> bytes:
@@ -217,11 +330,28 @@ def views(text: str) -> list[str]:
     CamelCase word starts."""
     if len(text) < 16:
         return []
+    out: list[str] = []
+    if "<" in text and ">" in text:  # markup, as an HTML mail shows it
+        untagged = _TAG.sub("", text)
+        if untagged != text:
+            out.append(untagged)
+            text = untagged
     separators = sum(1 for c in text if not c.isalnum())
     if separators * 12 < len(text):
         letters = sum(1 for c in text if c.isalpha())
-        return [_camel(text)] if letters * 20 >= len(text) * 19 and _CAMEL.search(text) else []
-    out = [codecs.encode(text, "rot13"), text[::-1]]
+        if letters * 20 >= len(text) * 19 and _CAMEL.search(text):
+            out.append(_camel(text))
+        return out
+    out += [
+        codecs.encode(text, "rot13"),
+        text[::-1],
+        " ".join(word[::-1] for word in text.split()),
+    ]
+    # One separator after every character (a hyphen, a line break, a blank symbol).
+    for offset in (1, 0):
+        between = text[offset::2]
+        if len(set(between)) == 1 and not between.isalnum():
+            out.append(text[1 - offset :: 2])
     parts = text.split()
     if parts and sum(1 for p in parts if len(p) == 1) * 2 >= len(parts):
         out.append(" ".join(seg.replace(" ", "") for seg in text.split("  ")))
@@ -289,7 +419,9 @@ def _natural(key: str) -> tuple[str, int]:
     return ("".join(c for c in key if not c.isdigit()), int(digits[:18]) if digits else -1)
 
 
-def carried(value: Any, prints: Mapping[int, str], min_hits: int = MIN_HITS) -> dict[int, str]:
+def carried(
+    value: Any, prints: Mapping[int, str], min_hits: int = MIN_HITS, short: bool = False
+) -> dict[int, str]:
     """The fingerprints in ``prints`` that an argument carries (empty: none, or fewer
     than ``min_hits`` k-gram hashes and no whole short text). Every k-gram of its text
     is hashed (not only the kept ones), and every run of ``MIN_WORDS`` to ``K - 1``
@@ -310,10 +442,14 @@ def carried(value: Any, prints: Mapping[int, str], min_hits: int = MIN_HITS) -> 
     orders: list[list[str]] = []  # other orders of the same words: read for k-grams
     hits: dict[int, str] = {}
     for text in reading.strings:
-        tokens.extend(words(text))
+        tokens.extend(words(text, limit=None))  # what is sent is read whole
         for inner in decoded(text):
-            streams.append(words(inner))
+            inner_words = words(inner)
+            streams.append(inner_words)
             _exact(inner, prints, hits)
+            # Transforms applied before the encoding (reversed, ROT13, ...) are undone too.
+            orders.extend(words(view) for view in views(inner))
+            orders.extend((inner_words[::-1], inner_words[::2], inner_words[1::2]))
         orders.extend(words(inner) for inner in views(text))
         _exact(text, prints, hits)
     streams.extend(words(text) for text in reading.extra)
@@ -321,12 +457,14 @@ def carried(value: Any, prints: Mapping[int, str], min_hits: int = MIN_HITS) -> 
     if len(names) >= MIN_WORDS:
         streams.append(names)
         streams.append([w for text in reading.values for w in words(text)])
-    orders.extend((tokens[::-1], tokens[::2], tokens[1::2]))
+    orders.extend((tokens[::-1], tokens[::2], tokens[1::2], tokens[::3], tokens[1::3]))
+    orders.append(tokens[2::3])
     for stream in (tokens, *streams):
-        _match(stream, prints, hits)
+        _match(stream, prints, hits, grams=short)
     for stream in orders:
         _match(stream, prints, hits, short=False)
-    if long_hits(hits) < min_hits and not any(h & 1 for h in hits):
+    strong = long_hits(hits) >= min_hits or any(h & 1 for h in hits)
+    if not strong and not (short and min_hits <= 1 and hits):
         return {}
     return hits
 
@@ -352,7 +490,11 @@ def _exact(text: str, prints: Mapping[int, str], hits: dict[int, str]) -> None:
 
 
 def _match(
-    tokens: list[str], prints: Mapping[int, str], hits: dict[int, str], short: bool = True
+    tokens: list[str],
+    prints: Mapping[int, str],
+    hits: dict[int, str],
+    short: bool = True,
+    grams: bool = False,
 ) -> None:
     if len(tokens) < MIN_WORDS:
         return
@@ -361,6 +503,10 @@ def _match(
             hits[gram] = prints[gram]
     if not short:
         return
+    if grams:
+        for gram in _short_grams(tokens, None):
+            if gram in prints:
+                hits[gram] = prints[gram]
     for size in range(MIN_WORDS, K):
         for start in range(len(tokens) - size + 1):
             whole = _hash(tokens[start : start + size], True)
@@ -369,8 +515,13 @@ def _match(
 
 
 def long_hits(hits: Iterable[int]) -> int:
-    """How many of ``hits`` are k-gram hashes (not whole short texts)."""
-    return sum(1 for h in hits if not h & 1)
+    """How many of ``hits`` are k-gram hashes (not whole short texts nor short grams)."""
+    return sum(1 for h in hits if not h & 3)
+
+
+def short_hits(hits: Iterable[int]) -> int:
+    """How many of ``hits`` are short-gram hashes."""
+    return sum(1 for h in hits if h & 3 == 2)
 
 
 def fingerprints_of(
@@ -381,9 +532,29 @@ def fingerprints_of(
     """Fingerprints of several ``(text, tag)``, and of exact ``(value, tag)`` a
     classifier found: each kept hash names its text's tag."""
     out: dict[int, str] = {}
-    for text, tag in texts:
-        for value in fingerprint(text, deadline):
+
+    def keep(text: str, tag: str) -> None:
+        for value in fingerprint(text, deadline) | short_prints(text, deadline):
             out.setdefault(value, tag)
+
+    # A run of texts too short to hold a k-gram (tokens, three-word lines, member names)
+    # is also one document, joined in order.
+    run: list[str] = []
+    run_tag = ""
+    for text, tag in texts:
+        # What is encoded in the text (the agent decodes it as well) is read as text too.
+        for item in (text, *decoded(text)):
+            keep(item, tag)
+        short = len(words(text, deadline)) < K
+        if run and (not short or tag != run_tag):
+            if len(run) > 1:
+                keep(" ".join(run), run_tag)
+            run = []
+        if short:
+            run.append(text)
+            run_tag = tag
+    if len(run) > 1:
+        keep(" ".join(run), run_tag)
     for exact, tag in values:
         out.setdefault(value_print(exact), tag)
     return out
