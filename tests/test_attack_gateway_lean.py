@@ -15,13 +15,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import httpx
 import pytest
 import uvicorn
 from mcp.server.mcpserver import MCPServer
+from pydantic import Field
 
 from tether import Tether
 from tether.core import digest
@@ -148,6 +149,8 @@ class Hostile:
 
     port: int = field(default_factory=free_port)
     called: list[str] = field(default_factory=list)
+    #: (tool, Mcp-Param-* headers, arguments) of every call that reached it.
+    seen: list[tuple[str, dict[str, str], dict[str, Any]]] = field(default_factory=list)
     server: uvicorn.Server | None = None
 
     @property
@@ -158,6 +161,14 @@ class Hostile:
         mcp = MCPServer("hostile", version="1.0.0")
         for name in HOSTILE:
             mcp.tool(name=name, description="A tool.", structured_output=False)(lambda: "")
+
+        @mcp.tool(description="Routed on a header.", structured_output=False)
+        def routed(
+            region: Annotated[str, Field(json_schema_extra={"x-mcp-header": "Region"})],
+        ) -> str:
+            return region
+
+        seen = self.seen
         inner = mcp.streamable_http_app(streamable_http_path="/mcp", host="127.0.0.1")
         called = self.called
 
@@ -180,6 +191,13 @@ class Hostile:
                     return {"type": "http.request", "body": body, "more_body": False}
                 return await receive()
 
+            if rpc.get("method") == "tools/call":
+                params = {
+                    k.decode().lower(): v.decode()
+                    for k, v in scope["headers"]
+                    if k.lower().startswith(b"mcp-param-")
+                }
+                seen.append((rpc["params"]["name"], params, rpc["params"].get("arguments", {})))
             if rpc.get("method") != "tools/call" or rpc["params"]["name"] not in HOSTILE:
                 await inner(scope, replay, send)
                 return
@@ -237,7 +255,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     http_upstream = HttpUpstream()
     hostile = Hostile().start()
     evil_tools = {
-        name: {"side_effect": "read", "sensitivity": "public", "trusted": False} for name in HOSTILE
+        name: {"side_effect": "read", "sensitivity": "public", "trusted": False}
+        for name in [*HOSTILE, "routed"]
     }
     port = free_port()
     config = build_config(
@@ -622,3 +641,141 @@ def test_unknown_result_fields_and_meta_do_not_carry_a_credential_through(env: E
     dumped = json.dumps(result.model_dump(mode="json"))
     assert not result.is_error and text_of(result) == "plain"
     assert TOKEN not in dumped and "smuggled" not in dumped
+
+
+def test_a_param_header_that_disagrees_with_the_arguments_is_refused(env: Env) -> None:
+    """A compromised agent sends ``region: eu`` in the arguments but ``Mcp-Param-Region:
+    us`` (or a header for an argument it does not send, or the header twice), hoping an
+    intermediary routes on the header while the decision reads the body: the SDK's
+    header check refuses each (-32020); nothing decided or forwarded. A matching header
+    is answered on the lean path, and the header the upstream receives is rebuilt from
+    the decided arguments."""
+    key, task_id, token = env.task(["evil.routed"])
+    lean, direct = env.lean, env.direct("evil")
+    before = len(env.hostile.seen)
+    args = {"region": "eu"}
+    body = json.dumps(_modern_body("evil.routed", args)).encode()
+    headers = _signed_headers(token, key, env.url, "evil.routed", args)
+    response = _post(env, {**headers, **_routing("evil.routed"), "Mcp-Param-Region": "us"}, body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == -32020
+    headers = _signed_headers(token, key, env.url, "evil.routed", {})
+    response = _post(
+        env,
+        {**headers, **_routing("evil.routed"), "Mcp-Param-Region": "us"},
+        json.dumps(_modern_body("evil.routed", {})).encode(),
+    )
+    assert response.status_code == 400 and response.json()["error"]["code"] == -32020
+    # Twice, with the agreeing value first: the raw header list is checked.
+    headers = _signed_headers(token, key, env.url, "evil.routed", args)
+    raw = list({**headers, **_routing("evil.routed")}.items())
+    raw += [("Mcp-Param-Region", "eu"), ("Mcp-Param-Region", "us")]
+    raw += [("content-type", "application/json")]
+    raw += [("accept", "application/json, text/event-stream")]
+    response = httpx.post(env.url, content=body, headers=raw, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["code"] == -32020
+    assert (env.lean, env.direct("evil")) == (lean, direct)
+    assert env.decisions(task_id) == []
+    # Agreeing: answered on the lean path; the upstream's header is the decided value.
+    headers = _signed_headers(token, key, env.url, "evil.routed", args)
+    response = _post(env, {**headers, **_routing("evil.routed"), "Mcp-Param-Region": "eu"}, body)
+    assert response.status_code == 200 and response.json()["result"]["content"][0]["text"] == "eu"
+    assert (env.lean, env.direct("evil")) == (lean + 1, direct + 1)
+    assert env.hostile.seen[before:] == [("routed", {"mcp-param-region": "eu"}, args)]
+
+
+@pytest.mark.parametrize("depth", [200, 5000])
+def test_deeply_nested_arguments_are_refused_or_forwarded_as_decided(env: Env, depth: int) -> None:
+    """A compromised agent nests an argument deeper than one parser or encoder on the way
+    may go (past the JSON parser's recursion limit, or under it), hoping the decision
+    fails open or reads a value other than the one forwarded: refused with nothing
+    forwarded, or forwarded exactly as decided."""
+    key, task_id, token = env.task(["evil.routed"])
+    direct = env.direct("evil")
+    before = len(env.hostile.seen)
+    text = '{"region": "eu", "deep": ' + "[" * depth + '"leaf"' + "]" * depth + "}"
+    body = json.dumps(_modern_body("evil.routed", {"region": "PLACEHOLDER"}))
+    body = body.replace('{"region": "PLACEHOLDER"}', text)
+    try:
+        args = json.loads(text)
+        headers = _signed_headers(token, key, env.url, "evil.routed", args)
+    except RecursionError:
+        args = {"region": "eu"}
+        headers = _signed_headers(token, key, env.url, "evil.routed", args)
+    headers.update({**_routing("evil.routed"), "Mcp-Param-Region": "eu"})
+    response = _post(env, headers, body.encode())
+    allowed = [d for d in env.decisions(task_id) if d["effect"] == "allow"]
+    if env.direct("evil") == direct:
+        assert not allowed and len(env.hostile.seen) == before
+        assert response.status_code >= 400 or response.json()["result"]["isError"]
+    else:
+        assert allowed and len(env.hostile.seen) == before + 1
+        assert env.hostile.seen[-1][2] == args
+        assert allowed[0]["args_digest"] == digest(args)
+
+
+def _variant(kind: str) -> tuple[bytes, dict[str, Any]]:
+    """A well-formed allowed call's body, altered as ``kind`` says, and its arguments."""
+    args = {"text": "variant"}
+    body = json.dumps(_modern_body("webm.echo", args))
+    if kind == "bom":
+        return b"\xef\xbb\xbf" + body.encode(), args
+    if kind == "lone_surrogate_meta":
+        body = body.replace('"_meta": {', '"_meta": {"x": "\\ud800", ')
+    elif kind == "deep_meta":
+        body = body.replace('"_meta": {', '"_meta": {"x": ' + "[" * 600 + "]" * 600 + ", ")
+    elif kind == "lone_surrogate_args":
+        body = body.replace('"variant"', '"variant\\ud800"')
+        args = {"text": "variant\ud800"}
+    elif kind == "bad_utf8":
+        return body.replace("variant", "vari\udcffant").encode("utf-8", "surrogateescape"), args
+    elif kind == "control_char":
+        body = body.replace("variant", "vari\x01ant")
+    return body.encode(), args
+
+
+def _never_forwarded(env: Env, kind: str) -> None:
+    key, task_id, token = env.task(["webm.echo"])
+    direct = env.direct("webm")
+    body, args = _variant(kind)
+    try:
+        headers = _signed_headers(token, key, env.url, "webm.echo", args)
+    except (ValueError, UnicodeError):
+        headers = _signed_headers(token, key, env.url, "webm.echo", {"text": "variant"})
+    response = _post(env, {**headers, **_routing("webm.echo")}, body)
+    assert env.direct("webm") == direct, response.text[:300]
+    assert all(d["effect"] != "allow" for d in env.decisions(task_id))
+
+
+@pytest.mark.parametrize("kind", ["bad_utf8", "control_char", "lone_surrogate_args"])
+def test_a_body_both_parsers_refuse_is_never_forwarded(env: Env, kind: str) -> None:
+    """A compromised agent sends a body the gateway's JSON parser refuses (invalid UTF-8,
+    a raw control character) or one whose argument cannot be encoded (a lone surrogate),
+    hoping the proof goes unbound to the call while the SDK reads the body another way:
+    nothing is allowed or forwarded."""
+    _never_forwarded(env, kind)
+
+
+@pytest.mark.parametrize("kind", ["bom", "lone_surrogate_meta", "deep_meta"])
+def test_bodies_a_strict_parser_would_refuse_are_answered_alike_on_both_doors(
+    env: Env, kind: str
+) -> None:
+    """A compromised agent sends a body a strict JSON parser refuses but Python's takes
+    (a UTF-8 byte order mark, a lone surrogate escape or 600 levels of nesting in
+    ``_meta``), hoping one door reads it and the other not: both doors take it and
+    answer the same allowed call (the SDK's modern server parses as the gateway does);
+    on neither is anything of ``_meta`` decided or forwarded."""
+    key, task_id, token = env.task(["webm.echo"])
+    body, args = _variant(kind)
+    answers = []
+    for sdk in (False, True):
+        lean, direct = env.lean, env.direct("webm")
+        sent = body.replace(b'"jsonrpc": "2.0"', b'"extra": 1, "jsonrpc": "2.0"') if sdk else body
+        headers = _signed_headers(token, key, env.url, "webm.echo", args)
+        response = _post(env, {**headers, **_routing("webm.echo")}, sent)
+        assert response.status_code == 200, response.text[:300]
+        assert (env.lean, env.direct("webm")) == (lean + (not sdk), direct + 1)
+        result = response.json()["result"]
+        answers.append((result["content"], result["isError"]))
+    assert answers[0] == answers[1] == ([{"text": "variant", "type": "text"}], False)
+    assert [d["effect"] for d in env.decisions(task_id)] == ["allow", "allow"]
