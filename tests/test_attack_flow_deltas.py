@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import pytest
 
-from tether import Tether
+from tether import ProofKey, Tether, parse_intent
 from tether.audit._rows import FLOW
 
-from .test_attack_store_writer import _sql
-from .test_flow_state_delta import _deltas, _refused, _rows, _states
+from .conftest import AGENT
+from .test_attack_store_writer import _call, _sql
+from .test_attack_store_writer_more import FLOW_CATALOGUE
+from .test_flow_state_cache import INJECTED
+from .test_flow_state_cache import REQUEST as CACHE_REQUEST
+from .test_flow_state_delta import _deltas, _other_node, _pay, _refused, _rows, _states
 
 
 def _head(t: Tether, task_id: str) -> tuple[bytes, str]:
@@ -158,3 +162,79 @@ def test_a_head_and_deltas_rolled_back_together_are_refused(tether: Tether) -> N
     assert len(_deltas(tether.store, "task-1")) > 1
     _put_head(tether, "task-1", early_raw, early_tag)
     _refused(tether)
+
+
+def _open_paying_task(t: Tether) -> tuple[ProofKey, str, str]:
+    t.catalogue.load(FLOW_CATALOGUE)
+    key = ProofKey()
+    intent = parse_intent(
+        {
+            "purpose": "pay invoice 7",
+            "capabilities": [{"tool": "web.fetch"}, {"tool": "bank.pay"}],
+            "budget": {"max_calls": 40, "max_spend": 100},
+            "request": CACHE_REQUEST,
+        }
+    )
+    task = t.open_task(AGENT, proof_jwk=key.jwk, intent=intent, request=CACHE_REQUEST)
+    return key, task.token, task.task_id
+
+
+def _read_injected_page(t: Tether, key: ProofKey, token: str) -> None:
+    fetch = _call(t, key, token, "web.fetch", {"url": "https://news.example/1"})
+    assert fetch.decision.effect == "allow"
+    proof = key.prove_result(
+        token,
+        "web.fetch",
+        fetch.seq,
+        INJECTED,
+        now=t.clock.now(),
+        htm="POST",
+        htu="urn:tether:decide",
+    )
+    t.observe(token=token, proof=proof, tool="web.fetch", receipt=fetch.seq, result=INJECTED)
+
+
+def test_a_rolled_back_flow_state_refuses_the_injected_payment_not_only_the_state(
+    permissive: Tether,
+) -> None:
+    """Store writer: the consequence of a refused tamper is a deny. After the task read an
+    injected page, the deltas that recorded it are replaced by the (authentic) deltas of
+    an earlier point while the newest head stays: the injected payment is denied
+    (``store.row_tampered``) on a node that reads the state anew."""
+    t = permissive
+    key, token, task_id = _open_paying_task(t)
+    fetch = _call(t, key, token, "web.fetch", {"url": "https://news.example/0"})
+    assert fetch.decision.effect == "allow"
+    early = _deltas(t.store, task_id)
+    _read_injected_page(t, key, token)
+    assert len(_deltas(t.store, task_id)) > len(early)
+    _sql(t, "DELETE FROM task_flow_deltas WHERE task_id = ?", task_id)
+    for seq, delta in early:
+        t.store.put_task_flow_delta(task_id, seq, delta, 1.0)
+    receipt = _pay(_other_node(t), key, token)
+    assert receipt.decision.effect == "deny"
+    assert receipt.decision.reasons[0].code == "store.row_tampered"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bypass: a head+tag copied before the task read injected content and put back "
+    "after loads (no freshness in the tag); the injected payment is then allowed",
+)
+def test_a_head_rolled_back_to_before_the_injected_read_denies_the_payment(
+    permissive: Tether,
+) -> None:
+    """Store writer: copies the task's head and tag before it reads an injected page,
+    and puts them back after; on another node (and on this one, whose remembered row no
+    longer matches) the task has forgotten the page, and the payment to the injected
+    payee is allowed unless something else remembers the read."""
+    t = permissive
+    key, token, task_id = _open_paying_task(t)
+    fetch = _call(t, key, token, "web.fetch", {"url": "https://news.example/0"})
+    assert fetch.decision.effect == "allow"
+    raw, tag = _head(t, task_id)
+    _read_injected_page(t, key, token)
+    assert _head(t, task_id) != (raw, tag)
+    _put_head(t, task_id, raw, tag)
+    receipt = _pay(_other_node(t), key, token)
+    assert receipt.decision.effect != "allow"
