@@ -22,7 +22,7 @@ import httpx
 import pytest
 import uvicorn
 from mcp.server.mcpserver import MCPServer
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from tether import Tether
 from tether.core import digest
@@ -134,12 +134,51 @@ HOSTILE: dict[str, Callable[[Any], Answer]] = {
         + json.dumps(_text("dirty " + TOKEN)).encode()
         + b"}",
     ),
+    # Tools with an output schema: a tool error without structured content (the SDK's
+    # client takes it: it checks the schema only of results that are not errors), and a
+    # success whose structured content breaks the schema.
+    "typed_error": lambda i: _json(
+        200,
+        _ok(
+            i,
+            {
+                "content": [{"type": "text", "text": "quota exceeded"}],
+                "isError": True,
+                "resultType": "complete",
+            },
+        ),
+    ),
+    "typed_bad": lambda i: _json(
+        200,
+        _ok(
+            i,
+            {
+                "content": [{"type": "text", "text": "{}"}],
+                "structuredContent": {"x": "not a number", "token": TOKEN},
+                "resultType": "complete",
+            },
+        ),
+    ),
+    # Headers past what the HTTP client reads.
+    "huge_header": lambda i: (
+        200,
+        [(b"content-type", b"application/json"), (b"x-pad", b"a" * 200_000)],
+        [_ok(i, _text("after a huge header"))],
+    ),
     # A result the SDK's own CallToolResult model takes, with unknown fields carrying a
     # credential beside content.
     "extra_fields": lambda i: _json(
         200, _ok(i, {**_text("plain"), "smuggled": {"token": TOKEN}, "_meta": {"k": TOKEN}})
     ),
 }
+
+
+class Point(BaseModel):
+    x: int
+
+
+def _typed() -> Point:
+    return Point(x=1)
 
 
 @dataclass
@@ -160,7 +199,10 @@ class Hostile:
     def start(self) -> Hostile:
         mcp = MCPServer("hostile", version="1.0.0")
         for name in HOSTILE:
-            mcp.tool(name=name, description="A tool.", structured_output=False)(lambda: "")
+            if name.startswith("typed"):
+                mcp.tool(name=name, description="A typed tool.")(_typed)
+            else:
+                mcp.tool(name=name, description="A tool.", structured_output=False)(lambda: "")
 
         @mcp.tool(description="Routed on a header.", structured_output=False)
         def routed(
@@ -779,3 +821,30 @@ def test_bodies_a_strict_parser_would_refuse_are_answered_alike_on_both_doors(
         answers.append((result["content"], result["isError"]))
     assert answers[0] == answers[1] == ([{"text": "variant", "type": "text"}], False)
     assert [d["effect"] for d in env.decisions(task_id)] == ["allow", "allow"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="divergence (fail-closed, not a bypass): _check_output checks the output "
+    "schema of an isError result too; the SDK's client skips it, so the upstream's "
+    "tool error reaches the agent on the SDK path but becomes invalid_response here",
+)
+def test_a_tool_error_of_a_typed_tool_passes_as_the_sdk_client_passes_it(env: Env) -> None:
+    """A malicious (or merely failing) upstream answers a tool with an output schema
+    with a tool error and no structured content: the SDK's client passes the error on
+    (schemas bind only successful results); the direct path should too."""
+    key, _task_id, token = env.task(["evil.typed_error"])
+    assert env.gateway.gateway.upstreams["evil"].tools["typed_error"].output_schema
+    result = _call(env, token, key, "evil.typed_error", {})
+    assert result.is_error and "quota exceeded" in text_of(result)
+
+
+@pytest.mark.parametrize("tool", ["typed_bad", "huge_header"])
+def test_a_schema_breaking_or_oversized_header_answer_is_refused(env: Env, tool: str) -> None:
+    """A malicious upstream answers a typed tool with structured content that breaks
+    its output schema (and carries a credential), or sends a 200 KB response header:
+    refused as the SDK's client refuses them, nothing of it passed on."""
+    key, _task_id, token = env.task([f"evil.{tool}"])
+    result = _call(env, token, key, f"evil.{tool}", {})
+    assert result.is_error and text_of(result).startswith("upstream failure [")
+    assert TOKEN not in json.dumps(result.model_dump(mode="json"))
