@@ -848,3 +848,47 @@ def test_a_schema_breaking_or_oversized_header_answer_is_refused(env: Env, tool:
     result = _call(env, token, key, f"evil.{tool}", {})
     assert result.is_error and text_of(result).startswith("upstream failure [")
     assert TOKEN not in json.dumps(result.model_dump(mode="json"))
+
+
+@pytest.mark.parametrize("meta_version", ["2025-11-25", "2099-01-01", None])
+def test_a_meta_protocol_version_that_disagrees_with_the_header_is_not_lean(
+    env: Env, meta_version: str | None
+) -> None:
+    """A compromised agent sends the 2026-07-28 routing headers with another protocol
+    version in ``params._meta`` (an older one, an unknown one, none), hoping the lean
+    door takes the header and the SDK the body: the lean path leaves it to the SDK, which
+    refuses it; nothing decided or forwarded."""
+    key, task_id, token = env.task(["webm.echo"])
+    lean, direct = env.lean, env.direct("webm")
+    args = {"text": "v"}
+    body = _modern_body("webm.echo", args)
+    if meta_version is None:
+        del body["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"]
+    else:
+        body["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"] = meta_version
+    headers = {**_signed_headers(token, key, env.url, "webm.echo", args), **_routing("webm.echo")}
+    response = _post(env, headers, json.dumps(body).encode())
+    assert response.status_code == 400, response.text[:300]
+    assert "error" in response.json()
+    assert (env.lean, env.direct("webm")) == (lean, direct)
+    assert env.decisions(task_id) == []
+
+
+def test_a_proof_spent_on_an_unknown_tool_is_not_spent_again(env: Env) -> None:
+    """A compromised agent sends a proof for a tool no upstream offers (denied on the
+    lean path before any pipeline decision), then replays the very request: refused as
+    a replay, never forwarded."""
+    key, task_id, token = env.task(["webm.*"])
+    direct = env.direct("webm")
+    args = {"text": "x"}
+    body = json.dumps(_modern_body("webm.nonexistent", args)).encode()
+    headers = _signed_headers(token, key, env.url, "webm.nonexistent", args)
+    headers.update(_routing("webm.nonexistent"))
+    first = _post(env, headers, body)
+    assert first.status_code == 200
+    assert first.json()["result"]["_meta"]["tether/decision"]["code"] == "gateway.unknown_tool"
+    again = _post(env, headers, body)
+    assert again.status_code == 401
+    assert again.json()["error"]["data"]["reason"] == "proof.replayed"
+    assert env.direct("webm") == direct
+    assert [d["effect"] for d in env.decisions(task_id)] == ["deny"]
