@@ -44,6 +44,7 @@ from .test_gateway_fastpath import MODERN, _modern_body, _signed_headers
 
 WEBM = "spiffe://acme.example/tool/webm"
 EVIL = "spiffe://acme.example/tool/evil"
+EVIL_SDK = "spiffe://acme.example/tool/evilsdk"
 TOKEN = tool_server.GITHUB_TOKEN
 
 Answer = tuple[int, list[tuple[bytes, bytes]], list[bytes]]
@@ -293,7 +294,7 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     base = tmp_path_factory.mktemp("gateway-lean-attack")
     home = base / "home"
-    tether = init_home(home, {"webm": WEBM, "evil": EVIL})
+    tether = init_home(home, {"webm": WEBM, "evil": EVIL, "evilsdk": EVIL_SDK})
     http_upstream = HttpUpstream()
     hostile = Hostile().start()
     evil_tools = {
@@ -316,6 +317,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 "name": "evil",
                 "identity": EVIL,
                 "protocol": MODERN,
+                "http": {"url": hostile.url},
+                "tools": evil_tools,
+            },
+            {  # the same hostile server, called through the SDK's client (a session)
+                "name": "evilsdk",
+                "identity": EVIL_SDK,
+                "protocol": "legacy",
                 "http": {"url": hostile.url},
                 "tools": evil_tools,
             },
@@ -892,3 +900,19 @@ def test_a_proof_spent_on_an_unknown_tool_is_not_spent_again(env: Env) -> None:
     assert again.json()["error"]["data"]["reason"] == "proof.replayed"
     assert env.direct("webm") == direct
     assert [d["effect"] for d in env.decisions(task_id)] == ["deny"]
+
+
+@pytest.mark.parametrize("tool", ["status500", "redirect302", "accepted202", "typed_error"])
+def test_the_sdk_client_path_is_the_reference_for_the_divergences(env: Env, tool: str) -> None:
+    """The reference for the bypass and divergence above, from the same malicious upstream
+    called through the SDK's client: an answer at a non-2xx status, a redirect or a 202
+    is refused; a typed tool's error is passed on as the tool's error."""
+    key, _task_id, token = env.task([f"evilsdk.{tool}"])
+    direct = env.direct("evilsdk")
+    result = _call(env, token, key, f"evilsdk.{tool}", {})
+    assert env.direct("evilsdk") == direct  # not called directly
+    assert result.is_error
+    if tool == "typed_error":
+        assert text_of(result) == "quota exceeded"
+    else:
+        assert text_of(result).startswith("upstream failure ["), text_of(result)
