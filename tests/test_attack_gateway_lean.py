@@ -587,20 +587,7 @@ def test_nan_arguments_are_not_decided_as_one_value_and_forwarded_as_another(env
 # -- a malicious upstream MCP server --------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "tool",
-    [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bypass: _call_direct reads the body of any HTTP status as the "
-                "answer; the SDK's client refuses non-2xx, 202 and unfollowed redirects",
-            ),
-        )
-        for name in ("status500", "redirect302", "accepted202")
-    ],
-)
+@pytest.mark.parametrize("tool", ["status500", "redirect302", "accepted202"])
 def test_an_answer_at_an_error_status_is_refused_as_the_sdk_client_refuses_it(
     env: Env, tool: str
 ) -> None:
@@ -831,12 +818,6 @@ def test_bodies_a_strict_parser_would_refuse_are_answered_alike_on_both_doors(
     assert [d["effect"] for d in env.decisions(task_id)] == ["allow", "allow"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="divergence (fail-closed, not a bypass): _check_output checks the output "
-    "schema of an isError result too; the SDK's client skips it, so the upstream's "
-    "tool error reaches the agent on the SDK path but becomes invalid_response here",
-)
 def test_a_tool_error_of_a_typed_tool_passes_as_the_sdk_client_passes_it(env: Env) -> None:
     """A malicious (or merely failing) upstream answers a tool with an output schema
     with a tool error and no structured content: the SDK's client passes the error on
