@@ -224,6 +224,7 @@ def test_no_backtracking_pattern_reads_untrusted_text() -> None:
         "gateway/_auth.py": "one character class over a header value",
         "gateway/_config.py": "configuration values",
         "identity/_credentials.py": "admin credential format, fixed lengths",
+        "identity/_federation.py": "a JWT-SVID segment: one character class, no nesting",
         "observability/_tracing.py": "reason codes Tether writes: bounded, anchored",
         "identity/_registry.py": "owner addresses: bounded classes, anchored",
         "sdk/_gateway_refusal.py": "a gateway refusal's status line: classes, no nesting",

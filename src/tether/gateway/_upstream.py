@@ -447,7 +447,11 @@ class Upstream:
             "POST", self.config.http.url, content=body, headers=headers
         ) as response:
             kind = response.headers.get("content-type", "").partition(";")[0].strip().lower()
-            if kind == "text/event-stream" and response.status_code == 200:
+            # An answer comes with 200, as the SDK's client takes it: an error page, a
+            # redirect or an "accepted" with a body is no answer, whatever its type.
+            if response.status_code != 200:
+                raise ValueError(f"HTTP {response.status_code} {kind or 'without a type'}")
+            if kind == "text/event-stream":
                 raw = await self._from_events(response, request_id)
             else:
                 raw = await self._read_bounded(response)
@@ -510,10 +514,11 @@ class Upstream:
         return 4 * self.max_answer_bytes + ANSWER_SLACK
 
     def _check_output(self, tool: str, answer: types.CallToolResult) -> None:
-        """The tool's declared output schema holds, as the SDK's client checks it."""
+        """The tool's declared output schema holds, as the SDK's client checks it (not on a
+        tool's own error, which carries no structured result)."""
         listed = self.tools.get(tool)
         schema = listed.output_schema if listed is not None else None
-        if schema is None:
+        if schema is None or answer.is_error:
             return
         if answer.structured_content is None:
             raise RuntimeError(f"tool {tool!r} has an output schema but no structured content")
