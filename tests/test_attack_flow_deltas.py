@@ -103,10 +103,11 @@ def test_a_head_and_deltas_swapped_with_another_task_are_refused(tether: Tether)
     _refused(tether)
 
 
-def test_a_delta_planted_past_the_head_is_ignored_then_overwritten(tether: Tether) -> None:
+def test_a_delta_planted_past_the_head_is_refused_then_overwritten(tether: Tether) -> None:
     """Store writer: plants a delta numbered after the head's last one (an untrusted
     value the task never read, or a claim that it sent nothing) hoping the next write
-    chains over it: it is not read, and the next write replaces it with its own."""
+    chains over it: a reader refuses the state (a delta past the head is what a head put
+    back to an earlier state leaves), and the writer's next write replaces it."""
     states = _states(6)
     writer = _rows(tether)
     for state in states[:-1]:
@@ -114,8 +115,7 @@ def test_a_delta_planted_past_the_head_is_ignored_then_overwritten(tether: Tethe
     count = len(_deltas(tether.store, "task-1"))
     planted = b'{"untrusted":{"attacker-chosen":"web.fetch"}}'
     tether.store.put_task_flow_delta("task-1", count + 1, planted, 1.0)
-    seen = _rows(tether).flow_state("task-1")
-    assert seen == states[-2] and "attacker-chosen" not in seen.untrusted_values
+    _refused(tether)
     writer.put_flow_state("task-1", states[-1], 2.0)
     assert _rows(tether).flow_state("task-1") == states[-1]
     assert all(d != planted for _, d in _deltas(tether.store, "task-1"))
@@ -142,17 +142,12 @@ def test_a_head_claiming_fewer_deltas_cannot_be_forged(tether: Tether) -> None:
     _refused(tether)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bypass: the head's tag binds task and chain but no freshness; a head+tag "
-    "replayed with the deltas it named (extra later deltas are simply not read) loads",
-)
 def test_a_head_and_deltas_rolled_back_together_are_refused(tether: Tether) -> None:
     """Store writer: copies a task's head and tag after its first page, lets the task
-    read injected pages (more deltas), then puts the early head and tag back. The later
-    deltas need not even be deleted (a reader stops at the head's count). A reader on
-    another node, and the writer itself (its remembered row differs, so it checks the
-    row anew), load the early state: the task has forgotten the injected pages."""
+    read injected pages (more deltas), then puts the early head and tag back. A reader
+    reads one delta past the head's count (there is one: refused), and the writer itself
+    refuses a head counting fewer calls than it saw. What no tag shows: the later deltas
+    deleted too, read by a node that never saw them (see docs/security.md)."""
     states = _states(6)
     writer = _rows(tether)
     writer.put_flow_state("task-1", states[0], 1.0)
@@ -216,18 +211,13 @@ def test_a_rolled_back_flow_state_refuses_the_injected_payment_not_only_the_stat
     assert receipt.decision.reasons[0].code == "store.row_tampered"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bypass: a head+tag copied before the task read injected content and put back "
-    "after loads (no freshness in the tag); the injected payment is then allowed",
-)
 def test_a_head_rolled_back_to_before_the_injected_read_denies_the_payment(
     permissive: Tether,
 ) -> None:
     """Store writer: copies the task's head and tag before it reads an injected page,
-    and puts them back after; on another node (and on this one, whose remembered row no
-    longer matches) the task has forgotten the page, and the payment to the injected
-    payee is allowed unless something else remembers the read."""
+    and puts them back after, hoping the task forgets the page: the deltas the page
+    added lie past the put-back head, so another node refuses the state and the payment
+    to the injected payee is denied (``store.row_tampered``)."""
     t = permissive
     key, token, task_id = _open_paying_task(t)
     fetch = _call(t, key, token, "web.fetch", {"url": "https://news.example/0"})

@@ -263,6 +263,11 @@ class RowTags:
             raise RowTampered(FLOW, task_id)
         assert tag is not None  # mac_ok refuses a missing tag
         head = msgspec.json.decode(raw, type=FlowHead)
+        if held is not None and head.calls_made < held.state.calls_made:
+            # A task's calls only ever add up: a head that counts fewer than this process
+            # saw was put back, with its tag, to an earlier state it really had.
+            self._report(FLOW, task_id, "it counts fewer calls than this node saw")
+            raise RowTampered(FLOW, task_id)
         if not head.chain:  # written whole, before deltas: all of it is in its row
             whole = _plain(head, None)
             self._remember_flow(task_id, _Held(raw, tag, 0, "", whole, legacy=True))
@@ -283,7 +288,9 @@ class RowTags:
     ) -> FlowState | None:
         """The state ``head`` names from ``base`` (the state after delta ``after``, whose
         chain is ``chain``) and the deltas after it; ``None`` unless they chain to it."""
-        rows = self._store.task_flow_deltas(task_id, after, head.deltas)
+        # One row past the head's count is asked for too: a delta beyond the head means
+        # the head was put back to an earlier state than its deltas show.
+        rows = self._store.task_flow_deltas(task_id, after, head.deltas + 1)
         if [seq for seq, _ in rows] != list(range(after + 1, head.deltas + 1)):
             return None
         for _, encoded in rows:
