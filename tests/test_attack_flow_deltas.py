@@ -10,8 +10,6 @@ authentic as it was then (the bypass test below records it).
 
 from __future__ import annotations
 
-import pytest
-
 from tether import ProofKey, Tether, parse_intent
 from tether.audit._rows import FLOW
 
